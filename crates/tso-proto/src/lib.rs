@@ -1,0 +1,14 @@
+//! Generated protobuf and gRPC code. `tsoracle.v1` is the public, wire-compatible service;
+//! packages under `tso.*` are this project's own extensions.
+
+/// The public `tsoracle.v1` protocol (see `PROTOCOL.md`).
+pub mod tsoracle {
+    pub mod v1 {
+        tonic::include_proto!("tsoracle.v1");
+    }
+}
+
+pub use tsoracle::v1;
+
+/// Metadata key of the leader hint carried in the trailers of a "not leader" status.
+pub const LEADER_HINT_KEY: &str = "tsoracle-leader-hint-bin";

@@ -1,0 +1,101 @@
+//! The one seam between the oracle and durability/leadership (SEMANTICS §4).
+//!
+//! A backend tells the server who leads and stores one number, the durable high-water. The
+//! server never reads or writes storage any other way, so a backend that keeps this contract
+//! keeps every guarantee of the oracle.
+
+use std::future::Future;
+use std::pin::Pin;
+
+use tokio::sync::watch;
+use tso_core::Epoch;
+
+pub mod conformance;
+
+/// A boxed future, so that backends can be chosen at run time (`Arc<dyn Consensus>`).
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// What a node knows of leadership.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Leadership {
+    /// This node leads in `epoch`.
+    Leader { epoch: Epoch },
+    /// Another node leads; its client address (`host:port`) and epoch when known.
+    Follower {
+        leader_endpoint: Option<String>,
+        leader_epoch: Option<Epoch>,
+    },
+    /// No leader is known (election in progress, start-up).
+    Unknown,
+}
+
+/// A classified backend error. The class decides what the server does (SEMANTICS §5, §6).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConsensusError {
+    /// Leadership moved away from this node.
+    #[error("not leader (leader {leader_endpoint:?}, epoch {leader_epoch:?})")]
+    NotLeader {
+        leader_endpoint: Option<String>,
+        leader_epoch: Option<Epoch>,
+    },
+    /// A call made under `expected` was refused because the backend is at `current`.
+    #[error("fenced: call made in epoch {expected}, backend is at epoch {current}")]
+    Fenced { expected: Epoch, current: Epoch },
+    /// May succeed if retried: momentary quorum loss, a transport flap, a timeout.
+    #[error("transient consensus error: {0}")]
+    Transient(String),
+    /// Will not succeed: corruption, a read-only disk, a fatal raft error, an out-of-range value.
+    #[error("permanent consensus error: {0}")]
+    Permanent(String),
+}
+
+/// Durability and leadership, as the oracle needs them.
+///
+/// To be correct, an implementation must:
+///
+/// - **leadership**: return a watch whose current value is ready at once; report `Leader`
+///   only while this node may persist under that epoch; never report an epoch lower than one it
+///   reported before. Closing the watch (dropping the sender) means the backend is gone: the
+///   server then stops serving for good.
+/// - **load_high_water**: return the durable high-water as of a linearizable read (0 when
+///   nothing was ever stored). On a replicated backend this is a read barrier through the
+///   current leader, never a possibly stale local copy.
+/// - **persist_high_water**: make `max(stored, at_least_ms)` durable (fsync'd, or committed by a
+///   quorum) *before* returning it; never return less than `at_least_ms`; never lower the
+///   stored value; refuse `epoch` other than this node's current leader epoch with `Fenced` or
+///   `NotLeader`; refuse values above [`tso_core::PHYSICAL_MAX_MS`] with `Permanent` before
+///   writing anything.
+/// - **classify** every error honestly: `Transient` only if a retry may succeed.
+/// - be **cancel-safe**: a dropped persist may still complete later (harmless, persists only
+///   ratchet up), but must never corrupt the stored value.
+///
+/// Run [`conformance::run_all`] against every implementation.
+pub trait Consensus: Send + Sync + 'static {
+    fn leadership(&self) -> watch::Receiver<Leadership>;
+
+    fn load_high_water(&self) -> BoxFuture<'_, Result<u64, ConsensusError>>;
+
+    fn persist_high_water(
+        &self,
+        at_least_ms: u64,
+        epoch: Epoch,
+    ) -> BoxFuture<'_, Result<u64, ConsensusError>>;
+}
+
+impl<T: Consensus + ?Sized> Consensus for std::sync::Arc<T> {
+    fn leadership(&self) -> watch::Receiver<Leadership> {
+        (**self).leadership()
+    }
+
+    fn load_high_water(&self) -> BoxFuture<'_, Result<u64, ConsensusError>> {
+        (**self).load_high_water()
+    }
+
+    fn persist_high_water(
+        &self,
+        at_least_ms: u64,
+        epoch: Epoch,
+    ) -> BoxFuture<'_, Result<u64, ConsensusError>> {
+        (**self).persist_high_water(at_least_ms, epoch)
+    }
+}
