@@ -178,7 +178,7 @@ mod tests {
             logical_start,
             count,
             epoch_hi: 0,
-            epoch_lo: 7,
+            epoch_lo: 1,
         }
     }
 
@@ -212,7 +212,7 @@ mod tests {
         assert_eq!(validate_reply(3, &reply(100, 4, 3)), Ok(range(100, 4, 3)));
         assert_eq!(
             validate_reply(3, &reply(100, 4, 3)).unwrap().epoch(),
-            Epoch::new(7)
+            Epoch::new(1)
         );
         assert!(
             validate_reply(3, &reply(100, 4, 4)).is_err(),
