@@ -44,6 +44,10 @@ pub struct ServeArgs {
     /// How long shutdown waits for in-flight calls and background work.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,
+    /// FOR FAULT TESTS ONLY: shift this server's clock by the signed number of milliseconds
+    /// written in this file (re-read every 50 ms). Never set it in production.
+    #[arg(long, hide = true)]
+    pub unsafe_clock_offset_file: Option<PathBuf>,
     /// Log filter (tracing syntax, e.g. `info`, `tso_server=debug`). Logs go to stderr.
     #[arg(long, default_value = "info", env = "TSO_LOG")]
     pub log: String,

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use tokio::net::TcpListener;
 use tso_server::backend::file::{self, FileBackend};
+use tso_server::clock::{Clock, OffsetClock, SystemClock};
 use tso_server::{Config, OracleGuard, serve_listener};
 
 use crate::cli::{InitArgs, ServeArgs};
@@ -29,7 +30,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         failover_advance: args.failover_advance,
         shutdown_grace: args.shutdown_grace,
     };
-    let guard = OracleGuard::start(Arc::new(backend), config);
+    let guard = OracleGuard::start_with_clock(Arc::new(backend), config, clock(&args));
     if !guard.wait_serving().await {
         return guard
             .shutdown()
@@ -41,6 +42,34 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     serve_listener(listener, guard, shutdown_signal()).await?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The system clock, or, for fault tests, one shifted by the offset in a file.
+fn clock(args: &ServeArgs) -> Arc<dyn Clock> {
+    let Some(path) = args.unsafe_clock_offset_file.clone() else {
+        return Arc::new(SystemClock);
+    };
+    tracing::warn!(path = %path.display(), "UNSAFE: the clock follows an offset file; for fault tests only");
+    let clock = Arc::new(OffsetClock::new(read_offset(&path)));
+    let shifted = Arc::clone(&clock);
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(CLOCK_OFFSET_POLL).await;
+            shifted.set_offset_ms(read_offset(&path));
+        }
+    });
+    clock
+}
+
+/// How often the offset file is re-read.
+const CLOCK_OFFSET_POLL: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// The offset in the file; 0 when the file is missing or unreadable.
+fn read_offset(path: &std::path::Path) -> i64 {
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0)
 }
 
 /// Resolves on SIGINT or SIGTERM.
