@@ -1,0 +1,3 @@
+//! Consensus backends: implementations of [`crate::consensus::Consensus`].
+
+pub mod file;
