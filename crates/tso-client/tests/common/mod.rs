@@ -8,6 +8,8 @@
 
 #![allow(dead_code)]
 
+pub mod real;
+
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
