@@ -3,7 +3,7 @@
 //! latency of one raw `GetTs` RPC on an idle connection.
 //!
 //! ```text
-//! cargo run --release -p tso-client --example load -- 127.0.0.1:50551 256 5
+//! cargo run --release -p tso-client --example load -- 127.0.0.1:50551 256 5 [in_flight]
 //! ```
 
 use std::time::{Duration, Instant};
@@ -22,11 +22,19 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let endpoint = args.next().unwrap_or_else(|| "127.0.0.1:50551".into());
     let callers: usize = args.next().map(|n| n.parse()).transpose()?.unwrap_or(16);
     let seconds: u64 = args.next().map(|n| n.parse()).transpose()?.unwrap_or(5);
+    let in_flight: usize = args
+        .next()
+        .map(|n| n.parse())
+        .transpose()?
+        .unwrap_or(tso_client::IN_FLIGHT_RPCS_MAX_DEFAULT);
 
     let raw = raw_rpc_latencies(&endpoint).await?;
     report("raw GetTs RPC, 1 caller", &raw, None);
 
-    let client = Client::connect([endpoint.as_str()]).await?;
+    let client = Client::builder()
+        .in_flight_rpcs_max(in_flight)
+        .connect([endpoint.as_str()])
+        .await?;
     for _ in 0..1000 {
         client.get_ts().await?;
     }

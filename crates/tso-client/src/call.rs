@@ -99,7 +99,7 @@ impl<'a> Call<'a> {
             return Step::RetryNow;
         }
         self.router.forget_leader(&self.target);
-        self.last_error = format!("{} is not leader and knows no leader", self.target);
+        self.last_error = format!("{} is not leader and gave no usable hint", self.target);
         self.target = self.router.next_configured();
         self.leaderless_replies += 1;
         let endpoints = self.router.config().endpoints.len() as u32;

@@ -446,3 +446,70 @@ async fn dropping_the_client_stops_its_background_work() {
     });
     settled.await.expect("background tasks outlived the client");
 }
+
+#[tokio::test]
+async fn a_hint_older_than_the_cached_leader_is_not_followed() {
+    let old_leader = TestServer::start_with(
+        Shared::new(Mode::Leader, Epoch::new(3)),
+        "127.0.0.1:0".parse().unwrap(),
+    );
+    let current = TestServer::start_with(
+        Shared::new(Mode::Leader, Epoch::new(5)),
+        "127.0.0.1:0".parse().unwrap(),
+    );
+    let client = builder()
+        .overall_timeout(Duration::from_secs(2))
+        .connect([current.endpoint()])
+        .await
+        .unwrap();
+    client.get_ts().await.unwrap();
+    assert_eq!(client.leader().1, Epoch::new(5));
+
+    current.shared().set_mode(Mode::Follower {
+        endpoint: Some(old_leader.endpoint()),
+        epoch: Some(Epoch::new(3)),
+    });
+    let error = client.get_ts().await.unwrap_err();
+    assert!(matches!(error, Error::DeadlineExceeded { .. }), "{error}");
+    assert_eq!(old_leader.shared().rpcs(), 0, "followed a stale hint");
+    assert_eq!(
+        client.leader().1,
+        Epoch::new(5),
+        "the cache went back an epoch"
+    );
+
+    let newer = TestServer::start_with(
+        Shared::new(Mode::Leader, Epoch::new(6)),
+        "127.0.0.1:0".parse().unwrap(),
+    );
+    current.shared().set_mode(Mode::Follower {
+        endpoint: Some(newer.endpoint()),
+        epoch: Some(Epoch::new(6)),
+    });
+    client.get_ts().await.unwrap();
+    assert_eq!(
+        client.leader(),
+        (Some(format!("http://{}", newer.endpoint())), Epoch::new(6))
+    );
+}
+
+#[tokio::test]
+async fn a_hint_cycle_ends_at_the_overall_deadline() {
+    let a = TestServer::start(Mode::Leader);
+    let b = TestServer::start(Mode::Follower {
+        endpoint: Some(a.endpoint()),
+        epoch: None,
+    });
+    a.shared().set_mode(Mode::Follower {
+        endpoint: Some(b.endpoint()),
+        epoch: None,
+    });
+    let client = builder()
+        .overall_timeout(Duration::from_millis(300))
+        .connect([a.endpoint()])
+        .await
+        .unwrap();
+    let call = tokio::time::timeout(HANG_GUARD, client.get_ts());
+    let error = call.await.expect("the hint cycle never ended").unwrap_err();
+    assert!(matches!(error, Error::DeadlineExceeded { .. }), "{error}");
+}
