@@ -228,6 +228,71 @@ fn hint_of(target: &Target, status: &tonic::Status) -> Result<Hint, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ClientBuilder;
+    use crate::endpoint::{Scheme, parse_address};
+
+    fn router(endpoints: &[&str], attempts_max: u32) -> Router {
+        let builder = ClientBuilder::default().attempts_max(attempts_max);
+        Router::new(builder.validate(endpoints.iter()).unwrap())
+    }
+
+    fn hint_to(raw: &str) -> Outcome {
+        Outcome::NotLeader(Hint::Leader {
+            target: parse_address(raw, Scheme::Http).unwrap(),
+            epoch: None,
+        })
+    }
+
+    #[test]
+    fn redirects_are_free_up_to_the_cap_then_rotation_takes_over() {
+        let router = router(&["a:1"], 1);
+        let mut call = Call::new(&router);
+        for _ in 0..REDIRECTS_PER_CALL_MAX {
+            assert!(matches!(call.next_step(hint_to("h:9")), Ok(Step::RetryNow)));
+            assert_eq!(call.target.uri(), "http://h:9");
+        }
+        assert!(matches!(
+            call.next_step(hint_to("h:9")),
+            Ok(Step::RetryAfter(_))
+        ));
+        assert_eq!(
+            call.target.uri(),
+            "http://a:1",
+            "the cycle goes on after the cap"
+        );
+        assert_eq!(call.attempts_failed, 0, "redirects spent an attempt");
+    }
+
+    #[test]
+    fn transient_errors_spend_the_attempt_budget() {
+        let router = router(&["a:1", "b:2"], 3);
+        let mut call = Call::new(&router);
+        for _ in 0..2 {
+            let step = call.next_step(Outcome::Transient("refused".into()));
+            assert!(matches!(step, Ok(Step::RetryAfter(_))));
+        }
+        let last = call.next_step(Outcome::Transient("refused".into()));
+        assert!(matches!(last, Err(Error::Unavailable { attempts: 3, .. })));
+    }
+
+    #[test]
+    fn no_leader_rotates_and_backs_off_after_each_full_pass() {
+        let router = router(&["a:1", "b:2"], 1);
+        let mut call = Call::new(&router);
+        let first = call.target.clone();
+        assert!(matches!(
+            call.next_step(Outcome::NotLeader(Hint::None)),
+            Ok(Step::RetryNow)
+        ));
+        assert_ne!(call.target, first);
+        for _ in 0..10 {
+            let step = call.next_step(Outcome::NotLeader(Hint::None));
+            assert!(matches!(step, Ok(Step::RetryAfter(_))));
+            let step = call.next_step(Outcome::NotLeader(Hint::None));
+            assert!(matches!(step, Ok(Step::RetryNow)));
+        }
+        assert_eq!(call.attempts_failed, 0, "an election spends no attempt");
+    }
 
     #[test]
     fn full_jitter_stays_under_the_capped_ceiling() {
