@@ -195,3 +195,36 @@ pub async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
         tokio::time::sleep(std::time::Duration::from_millis(1)).await;
     }
 }
+
+/// Shutdown lets an in-flight call finish: a call waiting on an extension when the stop is
+/// asked is answered once the extension completes, and the serve call returns Ok.
+#[tokio::test]
+async fn shutdown_lets_in_flight_calls_finish() {
+    let clock = ManualClock::new(1_000_000);
+    let backend = FaultBackend::leader(1, 0);
+    let mut server = TestServer::start(backend.clone(), test_config(), clock.clone()).await;
+    server.wait_serving().await;
+    let mut client = server.client().await;
+    wait_until("the first extension", || backend.stored() >= 1_004_001).await;
+    backend.inject(Op::Persist, Fault::Stall, 1);
+    clock.advance(60_000);
+    let before = backend.persists.load(std::sync::atomic::Ordering::SeqCst);
+    let call = tokio::spawn(async move { get_ts(&mut client, 1).await });
+    wait_until("the call to wait on the stalled extension", || {
+        backend.persists.load(std::sync::atomic::Ordering::SeqCst) > before
+    })
+    .await;
+    let stop_taken = Arc::clone(&server.stop_taken);
+    let stop = tokio::spawn(server.stop());
+    wait_until("the server to take the stop", || {
+        stop_taken.load(std::sync::atomic::Ordering::SeqCst)
+    })
+    .await;
+    // Give the gRPC server time to act on the stop; the call must survive whatever it does.
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    assert!(!call.is_finished(), "the call is in flight during shutdown");
+    backend.release();
+    let reply = call.await.unwrap().expect("the in-flight call is answered");
+    assert_eq!(reply.physical_ms, 1_060_000);
+    stop.await.unwrap().expect("serve returns Ok");
+}

@@ -202,6 +202,8 @@ pub struct TestServer {
     pub addr: SocketAddr,
     pub serving: watch::Receiver<ServingState>,
     stop: Option<oneshot::Sender<()>>,
+    /// Set once the server has taken the stop request (its shutdown future resolved).
+    pub stop_taken: Arc<std::sync::atomic::AtomicBool>,
     pub task: JoinHandle<Result<(), ServeError>>,
 }
 
@@ -216,13 +218,17 @@ impl TestServer {
         let guard = OracleGuard::start_with_clock(backend, config, clock);
         let serving = guard.serving();
         let (stop, stopped) = oneshot::channel();
-        let task = tokio::spawn(tso_server::serve_listener(listener, guard, async {
+        let stop_taken = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let taken = Arc::clone(&stop_taken);
+        let task = tokio::spawn(tso_server::serve_listener(listener, guard, async move {
             let _ = stopped.await;
+            taken.store(true, Ordering::SeqCst);
         }));
         TestServer {
             addr,
             serving,
             stop: Some(stop),
+            stop_taken,
             task,
         }
     }
