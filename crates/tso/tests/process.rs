@@ -172,7 +172,7 @@ async fn sigterm_under_load_drains_and_exits_zero() {
                             served.send(()).await.unwrap();
                         }
                     }
-                    Err(status) => return (ok, status.code()),
+                    Err(status) => return (ok, status.code(), status.message().to_string()),
                 }
             }
         }));
@@ -186,14 +186,17 @@ async fn sigterm_under_load_drains_and_exits_zero() {
         .unwrap();
     assert!(status.success(), "exit status {status}");
     for caller in callers {
-        let (ok, code) = caller.await.unwrap();
+        let (ok, code, message) = caller.await.unwrap();
         assert!(ok > 0, "every caller was served before the stop");
+        // A call started as the server sends GOAWAY is refused by HTTP/2 itself, which tonic
+        // reports as an "h2 protocol error"; the server's own statuses never say that.
+        let transport = matches!(
+            code,
+            tonic::Code::Unavailable | tonic::Code::Cancelled | tonic::Code::Unknown
+        ) || message.contains("h2 protocol error");
         assert!(
-            matches!(
-                code,
-                tonic::Code::Unavailable | tonic::Code::Cancelled | tonic::Code::Unknown
-            ),
-            "a call cut by shutdown fails as a transport error, got {code:?}"
+            transport,
+            "a call cut by shutdown fails as a transport error, got {code:?}: {message}"
         );
     }
 }
