@@ -228,3 +228,42 @@ async fn shutdown_lets_in_flight_calls_finish() {
     assert_eq!(reply.physical_ms, 1_060_000);
     stop.await.unwrap().expect("serve returns Ok");
 }
+
+/// The old term may have granted up to `(H, 262143)`; with the clock behind, a new term must
+/// still start above it: the `+ 1` of the fence floor.
+#[tokio::test]
+async fn a_new_term_starts_above_a_fully_used_window() {
+    let clock = ManualClock::new(1_000_000);
+    let backend = FaultBackend::leader(1, 0);
+    // The fence's persist passes; every extension after it hangs, so H stays at the fence's.
+    backend.inject(Op::Persist, Fault::Pass, 1);
+    backend.inject(Op::Persist, Fault::Hang, 1_000);
+    let mut server = TestServer::start(backend.clone(), test_config(), clock.clone()).await;
+    server.wait_serving().await;
+    let mut client = server.client().await;
+    let high_water = backend.stored();
+    let mut last = 0;
+    for _ in 1_000_000..=high_water {
+        let reply = get_ts(&mut client, LOGICAL_COUNT).await.unwrap();
+        last = *values(&reply).end();
+    }
+    assert_eq!(
+        last,
+        high_water << 18 | (LOGICAL_COUNT as u64 - 1),
+        "the whole window was used"
+    );
+    server.stop().await.unwrap();
+
+    backend.clear_faults();
+    backend.set_leadership(tso_server::consensus::Leadership::Leader {
+        epoch: tso_core::Epoch::new(2),
+    });
+    let mut server = TestServer::start(backend.clone(), test_config(), clock).await;
+    server.wait_serving().await;
+    let first = get_ts(&mut server.client().await, 1).await.unwrap();
+    assert!(
+        *values(&first).start() > last,
+        "new term reissued at or below {last}"
+    );
+    server.stop().await.unwrap();
+}

@@ -52,6 +52,8 @@ pub enum Op {
 /// What the fault backend does on one call.
 #[derive(Debug, Clone)]
 pub enum Fault {
+    /// Do the call for real (a placeholder to fault a later call).
+    Pass,
     Fail(ConsensusError),
     /// Wait until [`FaultBackend::release`] before doing the call for real.
     Stall,
@@ -110,6 +112,10 @@ impl FaultBackend {
         queue.extend(std::iter::repeat_n(fault, times));
     }
 
+    pub fn clear_faults(&self) {
+        *self.faults.lock().unwrap() = Faults::default();
+    }
+
     pub fn set_leadership(&self, state: Leadership) {
         self.leadership
             .lock()
@@ -146,7 +152,7 @@ impl FaultBackend {
 
     async fn apply(&self, fault: Option<Fault>) -> Result<(), ConsensusError> {
         match fault {
-            None => Ok(()),
+            None | Some(Fault::Pass) => Ok(()),
             Some(Fault::Fail(err)) => Err(err),
             Some(Fault::Stall) => {
                 self.release.notified().await;
