@@ -14,6 +14,8 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
+use tonic_health::ServingStatus;
+use tonic_health::pb::health_server::{Health, HealthServer};
 use tracing::{error, info, warn};
 use tso_proto::v1::tso_service_server::TsoServiceServer;
 
@@ -23,6 +25,9 @@ use crate::error::ServeError;
 use crate::oracle::{Config, ServingState, Shared};
 use crate::service::TsoHandler;
 use crate::watch as leadership_watch;
+
+/// The gRPC name of the oracle's service, as health checks name it.
+pub const TSO_SERVICE_NAME: &str = "tsoracle.v1.TsoService";
 
 /// Owns the oracle's background work. Mount [`OracleGuard::service`] in a tonic server, then
 /// call [`OracleGuard::shutdown`] when it stops; [`OracleGuard::failed`] resolves if serving is
@@ -59,6 +64,35 @@ impl OracleGuard {
     /// The gRPC service, to add to a tonic server or router.
     pub fn service(&self) -> TsoServiceServer<TsoHandler> {
         TsoServiceServer::new(TsoHandler::new(Arc::clone(&self.shared)))
+    }
+
+    /// The standard `grpc.health.v1` service, following the serving state: the overall status
+    /// (`""`) is SERVING unless serving is poisoned (a follower is healthy: it redirects), and
+    /// `tsoracle.v1.TsoService` is SERVING only while this node grants timestamps.
+    pub fn health_service(&self) -> HealthServer<impl Health> {
+        let (reporter, server) = tonic_health::server::health_reporter();
+        let mut serving = self.serving();
+        tokio::spawn(async move {
+            loop {
+                let (overall, tso) = match &*serving.borrow_and_update() {
+                    ServingState::Serving { .. } => {
+                        (ServingStatus::Serving, ServingStatus::Serving)
+                    }
+                    ServingState::NotServing { .. } => {
+                        (ServingStatus::Serving, ServingStatus::NotServing)
+                    }
+                    ServingState::Failed { .. } => {
+                        (ServingStatus::NotServing, ServingStatus::NotServing)
+                    }
+                };
+                reporter.set_service_status("", overall).await;
+                reporter.set_service_status(TSO_SERVICE_NAME, tso).await;
+                if serving.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
+        server
     }
 
     /// The serving state, updated on every change.
@@ -153,6 +187,7 @@ pub async fn serve_listener(
     let stop = CancellationToken::new();
     let server = Server::builder()
         .add_service(guard.service())
+        .add_service(guard.health_service())
         .serve_with_incoming_shutdown(incoming, stop.clone().cancelled_owned());
     tokio::pin!(server);
     let served = tokio::select! {

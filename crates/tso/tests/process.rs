@@ -203,3 +203,47 @@ async fn sigterm_under_load_drains_and_exits_zero() {
 
 /// A way to damage a record file's bytes.
 type Damage = fn(&mut Vec<u8>);
+
+/// Operators see the state: gRPC health reports SERVING, and `/metrics` shows the serving gauge
+/// and window extensions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_and_metrics_report_serving() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_client::HealthClient;
+
+    let dir = tempfile::tempdir().unwrap();
+    let metrics_addr = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap().to_string()
+    };
+    let server = Server::start(dir.path(), &["--metrics-listen", &metrics_addr]);
+    last_of(&mut server.client().await, 1).await;
+
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", server.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = HealthClient::new(channel);
+    for service in ["", "tsoracle.v1.TsoService"] {
+        let reply = health
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(reply.status, 1, "service {service:?} is SERVING");
+    }
+
+    let mut body = String::new();
+    let mut stream = tokio::net::TcpStream::connect(&metrics_addr).await.unwrap();
+    stream
+        .write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    stream.read_to_string(&mut body).await.unwrap();
+    assert!(body.contains("tso_serving 1"), "{body}");
+    assert!(body.contains("tso_fences_total"), "{body}");
+}
