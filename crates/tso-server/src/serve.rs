@@ -29,6 +29,14 @@ use crate::watch as leadership_watch;
 /// The gRPC name of the oracle's service, as health checks name it.
 pub const TSO_SERVICE_NAME: &str = "tsoracle.v1.TsoService";
 
+/// Concurrent calls on one HTTP/2 connection. A call holds nothing but a few hundred bytes while
+/// it waits (at most [`crate::EXHAUSTED_WAIT_MAX`]), so 1024 callers sharing one connection cost
+/// well under a megabyte; more queue at the client.
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 1024;
+/// Pings on an idle connection find dead peers: every 30 s, dropped after 10 s without a reply.
+pub const KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
+pub const KEEPALIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Owns the oracle's background work. Mount [`OracleGuard::service`] in a tonic server, then
 /// call [`OracleGuard::shutdown`] when it stops; [`OracleGuard::failed`] resolves if serving is
 /// poisoned, so a host can stop its own server on it.
@@ -186,6 +194,9 @@ pub async fn serve_listener(
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     let stop = CancellationToken::new();
     let server = Server::builder()
+        .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
+        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
         .add_service(guard.service())
         .add_service(guard.health_service())
         .serve_with_incoming_shutdown(incoming, stop.clone().cancelled_owned());
