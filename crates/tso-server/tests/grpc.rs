@@ -183,15 +183,3 @@ async fn grants_do_not_wait_for_an_extension_in_flight() {
     backend.release();
     server.stop().await.unwrap();
 }
-
-/// Polls `cond` every millisecond, bounded by the hang guard.
-pub async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + HANG_GUARD;
-    while !cond() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
-    }
-}
