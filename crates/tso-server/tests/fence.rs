@@ -104,6 +104,17 @@ fn is_failed(state: &ServingState) -> bool {
     matches!(state, ServingState::Failed { .. })
 }
 
+/// The reason a poisoned node publishes to embedders and operators: `error`'s own message,
+/// not a relabelled one.
+fn assert_failed_for(state: &ServingState, error: &ServeError) {
+    assert_eq!(
+        *state,
+        ServingState::Failed {
+            reason: error.to_string()
+        }
+    );
+}
+
 /// Every timestamp issued in a test: all unique, each grant above every earlier one.
 #[derive(Default)]
 struct History {
@@ -341,16 +352,12 @@ async fn permanent_fence_error_poisons_and_the_serve_call_returns_it() {
     let mut server =
         TestServer::start(backend.clone(), quiet_config(), ManualClock::new(START_MS)).await;
     let state = server.wait_for("Failed", is_failed).await;
-    assert!(
-        format!("{state:?}").contains("disk is read-only"),
-        "{state:?}"
-    );
-
     let err = server.finished().await.unwrap_err();
     assert!(
         matches!(&err, ServeError::Consensus(ConsensusError::Permanent(m)) if m == "disk is read-only"),
         "{err:?}"
     );
+    assert_failed_for(&state, &err);
     assert!(err.to_string().contains("disk is read-only"), "{err}");
     assert_eq!(persists(&backend), 1, "a permanent error is not retried");
     assert_eq!(fence_retries(&recorder), 0);
@@ -575,11 +582,15 @@ async fn extension_permanent_error_answers_internal_and_poisons() {
     assert_eq!(status.code(), Code::Internal, "{status:?}");
     assert!(status.message().contains("fatal raft error"), "{status:?}");
     server.wait_for("Failed", is_failed).await;
+    let serving = server.serving.clone();
     let err = server.finished().await.unwrap_err();
+    let server_state = serving.borrow().clone();
     assert!(
         matches!(&err, ServeError::Consensus(ConsensusError::Permanent(m)) if m == "fatal raft error"),
         "{err:?}"
     );
+    // Read after the serve call returned: the watch's own end must not relabel the cause.
+    assert_failed_for(&server_state, &err);
 }
 
 /// Scenario 10, NotLeader: the waiting call gets "not leader" naming the new leader, the node
@@ -657,12 +668,9 @@ async fn leadership_stream_closing_poisons_and_the_serve_call_names_it() {
         }
         backend.close_leadership();
         let state = server.wait_for("Failed", is_failed).await;
-        assert!(
-            format!("{state:?}").contains("leadership stream"),
-            "{state:?}"
-        );
         let err = server.finished().await.unwrap_err();
         assert!(matches!(err, ServeError::LeadershipClosed), "{err:?}");
+        assert_failed_for(&state, &err);
         assert!(err.to_string().contains("leadership stream"), "{err}");
     }
 }
@@ -678,12 +686,12 @@ async fn panic_in_the_watch_poisons_and_the_serve_call_names_it() {
     backend.inject(Op::Load, Fault::Panic, 1);
     backend.set_leadership(leader(2));
     let state = server.wait_for("Failed", is_failed).await;
-    assert!(format!("{state:?}").contains("panicked"), "{state:?}");
     let err = server.finished().await.unwrap_err();
     assert!(
         matches!(&err, ServeError::WatchPanicked(m) if m.contains("injected panic")),
         "{err:?}"
     );
+    assert_failed_for(&state, &err);
 }
 
 /// Scenario 12, hung fence: shutdown while the fence's load hangs forever returns within the
