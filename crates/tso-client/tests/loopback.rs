@@ -8,7 +8,7 @@ use std::pin::Pin;
 use std::task::Poll;
 use std::time::Duration;
 
-use common::{HANG_GUARD, Mode, Shared, TestServer, dead_endpoint, seed};
+use common::{DeadEndpoint, HANG_GUARD, Mode, Shared, TestServer, seed};
 use futures_util::future::join_all;
 use futures_util::poll;
 use rand::rngs::StdRng;
@@ -286,7 +286,8 @@ async fn a_follower_address_leads_to_the_leader_through_the_hint() {
 #[tokio::test]
 async fn a_dead_address_before_a_live_server_is_skipped() {
     let server = TestServer::start(Mode::Leader);
-    let client = client(&[dead_endpoint(), server.endpoint()]).await;
+    let dead = DeadEndpoint::new();
+    let client = client(&[dead.endpoint(), server.endpoint()]).await;
     for _ in 0..3 {
         client.get_ts().await.unwrap();
     }
@@ -294,8 +295,9 @@ async fn a_dead_address_before_a_live_server_is_skipped() {
 
 #[tokio::test]
 async fn only_dead_addresses_fail_with_a_retryable_error() {
-    let dead = [dead_endpoint(), dead_endpoint()];
-    let client = builder().attempts_max(5).connect(&dead).await.unwrap();
+    let dead = [DeadEndpoint::new(), DeadEndpoint::new()];
+    let endpoints = dead.each_ref().map(DeadEndpoint::endpoint);
+    let client = builder().attempts_max(5).connect(&endpoints).await.unwrap();
     let error = client.get_ts().await.unwrap_err();
     assert!(
         matches!(error, Error::Unavailable { attempts: 5, .. }),
@@ -307,10 +309,11 @@ async fn only_dead_addresses_fail_with_a_retryable_error() {
 #[tokio::test]
 async fn only_dead_addresses_fail_within_the_overall_deadline() {
     let overall = Duration::from_millis(500);
+    let dead = DeadEndpoint::new();
     let client = builder()
         .attempts_max(u32::MAX)
         .overall_timeout(overall)
-        .connect([dead_endpoint()])
+        .connect([dead.endpoint()])
         .await
         .unwrap();
     let call = tokio::time::timeout(HANG_GUARD, client.get_ts());
