@@ -109,13 +109,14 @@ impl<'a> Call<'a> {
         Step::RetryAfter(self.backoff(self.leaderless_replies / endpoints))
     }
 
-    /// The hinted leader, unless the redirect budget is spent or the hint names an epoch older
-    /// than a leader already seen (a stale hint).
+    /// The hinted leader, unless the redirect budget is spent, the hint names the node that
+    /// sent it (it is about to serve: wait as for an election), or it names an epoch older than
+    /// a leader already seen (a stale hint).
     fn usable_hint(&self, hint: Hint) -> Option<Target> {
         let Hint::Leader { target, epoch } = hint else {
             return None;
         };
-        if self.redirects >= REDIRECTS_PER_CALL_MAX {
+        if self.redirects >= REDIRECTS_PER_CALL_MAX || target == self.target {
             return None;
         }
         match epoch {
@@ -247,12 +248,16 @@ mod tests {
     fn redirects_are_free_up_to_the_cap_then_rotation_takes_over() {
         let router = router(&["a:1"], 1);
         let mut call = Call::new(&router);
-        for _ in 0..REDIRECTS_PER_CALL_MAX {
-            assert!(matches!(call.next_step(hint_to("h:9")), Ok(Step::RetryNow)));
-            assert_eq!(call.target.uri(), "http://h:9");
+        // Two followers naming each other.
+        let cycle = ["h:8", "h:9"];
+        for i in 0..REDIRECTS_PER_CALL_MAX as usize {
+            let next = cycle[i % 2];
+            assert!(matches!(call.next_step(hint_to(next)), Ok(Step::RetryNow)));
+            assert_eq!(call.target.uri(), format!("http://{next}"));
         }
+        let next = cycle[REDIRECTS_PER_CALL_MAX as usize % 2];
         assert!(matches!(
-            call.next_step(hint_to("h:9")),
+            call.next_step(hint_to(next)),
             Ok(Step::RetryAfter(_))
         ));
         assert_eq!(
@@ -261,6 +266,17 @@ mod tests {
             "the cycle goes on after the cap"
         );
         assert_eq!(call.attempts_failed, 0, "redirects spent an attempt");
+    }
+
+    #[test]
+    fn a_hint_naming_its_sender_is_waited_on_like_an_election() {
+        let router = router(&["a:1"], 1);
+        let mut call = Call::new(&router);
+        assert!(matches!(
+            call.next_step(hint_to("a:1")),
+            Ok(Step::RetryAfter(_))
+        ));
+        assert_eq!(call.redirects, 0);
     }
 
     #[test]
