@@ -61,7 +61,10 @@ struct Call<'a> {
     target: Target,
     attempts_failed: u32,
     redirects: u32,
-    leaderless_replies: u32,
+    /// "No leader" replies in the current pass over the configured endpoints.
+    leaderless_in_pass: u32,
+    /// Full passes that found no leader: the backoff exponent while an election lasts.
+    leaderless_passes: u32,
     last_error: String,
 }
 
@@ -72,7 +75,8 @@ impl<'a> Call<'a> {
             target: router.first_target(),
             attempts_failed: 0,
             redirects: 0,
-            leaderless_replies: 0,
+            leaderless_in_pass: 0,
+            leaderless_passes: 0,
             last_error: "none".into(),
         }
     }
@@ -101,12 +105,13 @@ impl<'a> Call<'a> {
         self.router.forget_leader(&self.target);
         self.last_error = format!("{} is not leader and gave no usable hint", self.target);
         self.target = self.router.next_configured();
-        self.leaderless_replies += 1;
-        let endpoints = self.router.config().endpoints.len() as u32;
-        if !self.leaderless_replies.is_multiple_of(endpoints) {
+        self.leaderless_in_pass += 1;
+        if (self.leaderless_in_pass as usize) < self.router.config().endpoints.len() {
             return Step::RetryNow;
         }
-        Step::RetryAfter(self.backoff(self.leaderless_replies / endpoints))
+        self.leaderless_in_pass = 0;
+        self.leaderless_passes += 1;
+        Step::RetryAfter(self.backoff(self.leaderless_passes))
     }
 
     /// The hinted leader, unless the redirect budget is spent, the hint names the node that

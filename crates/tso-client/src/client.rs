@@ -33,6 +33,18 @@ struct Inner {
     dispatcher: AbortHandle,
 }
 
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let config = self.inner.router.config();
+        let endpoints: Vec<String> = config.endpoints.iter().map(|t| t.to_string()).collect();
+        f.debug_struct("Client")
+            .field("endpoints", &endpoints)
+            .field("leader", &self.leader())
+            .field("queued_callers", &self.queued_callers())
+            .finish()
+    }
+}
+
 impl Drop for Inner {
     fn drop(&mut self) {
         self.dispatcher.abort();
