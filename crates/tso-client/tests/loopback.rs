@@ -516,3 +516,40 @@ async fn a_hint_cycle_ends_at_the_overall_deadline() {
     let error = call.await.expect("the hint cycle never ended").unwrap_err();
     assert!(matches!(error, Error::DeadlineExceeded { .. }), "{error}");
 }
+
+#[tokio::test]
+async fn a_silent_server_spends_one_attempt_per_attempt_deadline() {
+    let server = TestServer::start(Mode::Stall);
+    let client = builder()
+        .attempt_timeout(Duration::from_millis(100))
+        .attempts_max(2)
+        .connect([server.endpoint()])
+        .await
+        .unwrap();
+    let error = client.get_ts().await.unwrap_err();
+    assert!(
+        matches!(error, Error::Unavailable { attempts: 2, .. }),
+        "{error}"
+    );
+    assert_eq!(server.shared().rpcs(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_server_fails_every_queued_caller_by_its_deadline() {
+    let server = TestServer::start(Mode::Stall);
+    let client = builder()
+        .overall_timeout(Duration::from_millis(300))
+        .in_flight_rpcs_max(1)
+        .connect([server.endpoint()])
+        .await
+        .unwrap();
+    let calls = join_all((0..50).map(|_| client.get_ts()));
+    let results = tokio::time::timeout(HANG_GUARD, calls)
+        .await
+        .expect("a caller outlived its deadline");
+    for result in results {
+        let error = result.unwrap_err();
+        assert!(matches!(error, Error::DeadlineExceeded { .. }), "{error}");
+        assert!(error.is_retryable());
+    }
+}
