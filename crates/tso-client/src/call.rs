@@ -172,15 +172,16 @@ fn full_jitter(base: Duration, cap: Duration, retry: u32) -> Duration {
 
 /// One `GetTs` RPC to `target`, bounded by the per-attempt deadline and the call's deadline.
 async fn attempt(router: &Router, target: &Target, count: u32, deadline: Instant) -> Outcome {
-    let timeout = router.config().attempt_timeout;
-    let attempt_deadline = deadline.min(Instant::now() + timeout);
+    let now = Instant::now();
+    let attempt_deadline = deadline.min(now + router.config().attempt_timeout);
+    let budget = attempt_deadline.saturating_duration_since(now);
     let mut request = tonic::Request::new(GetTsRequest { count });
-    request.set_timeout(attempt_deadline.saturating_duration_since(Instant::now()));
+    request.set_timeout(budget);
     let mut client = TsoServiceClient::new(router.channel(target));
     match tokio::time::timeout_at(attempt_deadline, client.get_ts(request)).await {
         Err(_) => {
             router.drop_channel(target);
-            Outcome::Transient(format!("{target} did not answer within {timeout:?}"))
+            Outcome::Transient(format!("{target} did not answer within {budget:?}"))
         }
         Ok(Ok(reply)) => match validate_reply(count, reply.get_ref()) {
             Ok(range) => Outcome::Granted(range),
