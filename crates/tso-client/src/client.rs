@@ -164,5 +164,16 @@ mod tests {
             grant_counts(u64::from(l) * 2 + 5).collect::<Vec<_>>(),
             [l, l, 5]
         );
+        for count in [
+            2,
+            u64::from(l) - 1,
+            u64::from(l) + 1,
+            10 * u64::from(l) + 3,
+            1 << 30,
+        ] {
+            let chunks: Vec<u32> = grant_counts(count).collect();
+            assert!(chunks.iter().all(|&c| (1..=l).contains(&c)));
+            assert_eq!(chunks.iter().map(|&c| u64::from(c)).sum::<u64>(), count);
+        }
     }
 }
