@@ -140,8 +140,11 @@ mod tests {
     #[test]
     fn random_queues_drain_in_order_into_batches_of_at_most_one_grant() {
         use rand::{Rng, SeedableRng};
-        let seed: u64 = rand::random();
-        println!("seed: {seed}");
+        let seed: u64 = std::env::var("TSO_TEST_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(rand::random);
+        println!("seed: {seed} (replay with TSO_TEST_SEED={seed})");
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let counts: Vec<u32> = (0..500)
             .map(|_| match rng.random_range(0..10) {
