@@ -1,0 +1,4 @@
+//! Consensus backends: implementations of [`crate::consensus::Consensus`].
+
+#[cfg(feature = "raft")]
+pub mod raft;
