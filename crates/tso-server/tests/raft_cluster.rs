@@ -1,0 +1,129 @@
+//! Three raft nodes in one process over real loopback gRPC: election, persist on the leader,
+//! the follower's hint, failover without regression, and a restarted node rejoining.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{client_addr, start_cluster, wait_for_follower_of, wait_for_leader};
+use tso_core::Epoch;
+use tso_server::backend::raft::Links;
+use tso_server::consensus::{Consensus, ConsensusError};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_elect_persist_hint_and_fail_over_without_regression() {
+    let dir = tempfile::tempdir().unwrap();
+    let links = Links::default();
+    let mut nodes = start_cluster(dir.path(), 3, &links).await;
+    let all = [0, 1, 2];
+
+    let (leader, epoch) = wait_for_leader(&nodes, &all, Epoch::ZERO).await;
+    let leader_id = nodes[leader].id;
+    assert_eq!(epoch.lo(), leader_id, "epoch = (term, leader id)");
+    let base = nodes[leader].backend.load_high_water().await.unwrap();
+    assert_eq!(base, 0, "a fresh cluster loads 0");
+    let persisted = nodes[leader]
+        .backend
+        .persist_high_water(1_000, epoch)
+        .await
+        .unwrap();
+    assert_eq!(persisted, 1_000);
+
+    for &f in all.iter().filter(|&&i| i != leader) {
+        wait_for_follower_of(&nodes[f], &client_addr(leader_id)).await;
+        match nodes[f].backend.persist_high_water(5_000, epoch).await {
+            Err(ConsensusError::NotLeader {
+                leader_endpoint: Some(addr),
+                leader_epoch,
+            }) => {
+                assert_eq!(
+                    addr,
+                    client_addr(leader_id),
+                    "hint names the leader's client address"
+                );
+                assert_eq!(leader_epoch, Some(epoch));
+            }
+            other => panic!("a follower must refuse with a hint, got {other:?}"),
+        }
+    }
+    assert!(
+        nodes[leader].backend.lease_is_valid(),
+        "a leader in contact with its peers holds a lease"
+    );
+
+    nodes[leader].stop().await;
+    let rest: Vec<usize> = all.iter().copied().filter(|&i| i != leader).collect();
+    let (next, next_epoch) = wait_for_leader(&nodes, &rest, epoch).await;
+    assert!(next_epoch > epoch);
+    let loaded = nodes[next].backend.load_high_water().await.unwrap();
+    assert!(
+        loaded >= 1_000,
+        "the new leader sees every persisted value: {loaded}"
+    );
+    let higher = nodes[next]
+        .backend
+        .persist_high_water(2_000, next_epoch)
+        .await
+        .unwrap();
+    assert_eq!(higher, 2_000);
+    assert_eq!(
+        nodes[next]
+            .backend
+            .persist_high_water(1_500, next_epoch)
+            .await
+            .unwrap(),
+        2_000,
+        "never lowered"
+    );
+    match nodes[next].backend.persist_high_water(3_000, epoch).await {
+        Err(ConsensusError::Fenced { .. } | ConsensusError::NotLeader { .. }) => {}
+        other => panic!("the old epoch must be refused on the new leader, got {other:?}"),
+    }
+    for n in &mut nodes {
+        n.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn losing_quorum_fails_transiently_and_service_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let links = Links::default();
+    let mut nodes = start_cluster(dir.path(), 3, &links).await;
+    let all = [0, 1, 2];
+    let (leader, epoch) = wait_for_leader(&nodes, &all, Epoch::ZERO).await;
+    nodes[leader]
+        .backend
+        .persist_high_water(1_000, epoch)
+        .await
+        .unwrap();
+
+    // Cut the leader off: no quorum on its side.
+    links.isolate(nodes[leader].id, nodes.iter().map(|n| n.id));
+    let started = std::time::Instant::now();
+    match nodes[leader].backend.persist_high_water(9_000, epoch).await {
+        Err(ConsensusError::Transient(_) | ConsensusError::NotLeader { .. }) => {}
+        other => panic!("a leader without quorum must fail transiently, got {other:?}"),
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "the failure is bounded by the call timeout"
+    );
+
+    let rest: Vec<usize> = all.iter().copied().filter(|&i| i != leader).collect();
+    let (next, next_epoch) = wait_for_leader(&nodes, &rest, epoch).await;
+    links.heal_all();
+    let loaded = nodes[next].backend.load_high_water().await.unwrap();
+    assert!(
+        loaded >= 1_000,
+        "no regression after the partition: {loaded}"
+    );
+    let resumed = nodes[next]
+        .backend
+        .persist_high_water(loaded + 1, next_epoch)
+        .await
+        .unwrap();
+    assert!(resumed > loaded);
+    for n in &mut nodes {
+        n.stop().await;
+    }
+}
