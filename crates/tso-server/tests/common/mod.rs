@@ -118,9 +118,16 @@ pub async fn wait_for_leader(
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     };
-    tokio::time::timeout(CLUSTER_WAIT, wait)
-        .await
-        .expect("no single leader elected in time")
+    match tokio::time::timeout(CLUSTER_WAIT, wait).await {
+        Ok(found) => found,
+        Err(_) => {
+            let states: Vec<String> = nodes
+                .iter()
+                .map(|n| format!("node {}: {:?}", n.id, n.leadership()))
+                .collect();
+            panic!("no single leader above epoch {after} in time: {states:?}")
+        }
+    }
 }
 
 /// Waits until node `i` reports `Follower` naming `leader_client_addr`.
@@ -142,4 +149,35 @@ pub async fn wait_for_follower_of(node: &TestNode, leader_client_addr: &str) {
     tokio::time::timeout(CLUSTER_WAIT, wait)
         .await
         .expect("follower never named the leader");
+}
+
+/// Restarts node `id` on its data directory under `dir` without a members list (a restarted
+/// node learns the members from its log), serving peers again on `peer_addr`.
+pub async fn restart_node(dir: &Path, id: u64, peer_addr: &str, links: &Links) -> TestNode {
+    let listener = tokio::net::TcpListener::bind(peer_addr).await.unwrap();
+    let config = RaftConfig {
+        node_id: id,
+        data_dir: dir.join(format!("node-{id}")),
+        initial_members: BTreeMap::new(),
+        timings: RaftTimings::default(),
+        links: links.clone(),
+    };
+    start_node(config, listener).await
+}
+
+/// The peer address node `i` advertises.
+pub fn peer_addr(node: &TestNode) -> String {
+    node.backend.members()[&node.id].peer_addr.clone()
+}
+
+/// Waits until `check` holds, polling; panics after [`CLUSTER_WAIT`] with `what`.
+pub async fn wait_until(what: &str, mut check: impl FnMut() -> bool) {
+    let wait = async {
+        while !check() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    if tokio::time::timeout(CLUSTER_WAIT, wait).await.is_err() {
+        panic!("timed out waiting until {what}");
+    }
 }

@@ -124,7 +124,7 @@ pub struct RaftBackend {
     timings: RaftTimings,
     tasks: Vec<JoinHandle<()>>,
     /// Released only after raft has stopped (see `Drop`).
-    dir_guard: Option<DirGuard>,
+    dir_guard: Mutex<Option<DirGuard>>,
 }
 
 impl RaftBackend {
@@ -180,7 +180,7 @@ impl RaftBackend {
             lease,
             timings: config.timings,
             tasks,
-            dir_guard: Some(dir_guard),
+            dir_guard: Mutex::new(Some(dir_guard)),
         }
     }
 
@@ -241,12 +241,14 @@ impl RaftBackend {
         self.sm.high_water_ms()
     }
 
-    /// Stops raft and waits for its tasks; the leadership watch closes.
+    /// Stops raft and waits for it; the leadership watch closes and the data directory may be
+    /// opened again.
     pub async fn shutdown(&self) {
         let _ = self.raft.shutdown().await;
         for t in &self.tasks {
             t.abort();
         }
+        self.dir_guard.lock().expect("dir guard lock").take();
     }
 
     fn current_leadership(&self) -> Leadership {
@@ -362,7 +364,7 @@ impl Drop for RaftBackend {
             t.abort();
         }
         let raft = self.raft.clone();
-        let guard = self.dir_guard.take();
+        let guard = self.dir_guard.lock().expect("dir guard lock").take();
         if let Ok(handle) = tokio::runtime::Handle::try_current() {
             handle.spawn(async move {
                 let _ = raft.shutdown().await;
