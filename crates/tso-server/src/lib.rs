@@ -1,5 +1,22 @@
 //! The tso server: the `tsoracle.v1` gRPC service, the leadership watch and failover fence, the
 //! serving state, and the consensus backends behind one narrow seam ([`consensus::Consensus`]).
+//!
+//! Embedders either call [`serve_with_shutdown`], or start an [`OracleGuard`] and add
+//! [`OracleGuard::service`] to their own tonic server.
 
 pub mod backend;
+mod backoff;
+pub mod clock;
 pub mod consensus;
+mod error;
+mod extend;
+pub mod metrics;
+mod oracle;
+mod serve;
+mod service;
+mod watch;
+
+pub use error::ServeError;
+pub use oracle::{Config, EXHAUSTED_WAIT_MAX, LeaderHint, ServingState};
+pub use serve::{OracleGuard, serve_listener, serve_with_shutdown};
+pub use service::{NOT_LEADER_MESSAGE, TsoHandler, not_leader};

@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{client_addr, start_cluster, wait_for_follower_of, wait_for_leader};
+use common::raft::{client_addr, start_cluster, wait_for_follower_of, wait_for_leader};
 use tso_core::Epoch;
 use tso_server::backend::raft::Links;
 use tso_server::consensus::{Consensus, ConsensusError};
@@ -136,7 +136,7 @@ async fn a_restarted_follower_catches_up_and_a_full_restart_keeps_the_high_water
     let all = [0, 1, 2];
     let (leader, epoch) = wait_for_leader(&nodes, &all, Epoch::ZERO).await;
     let follower = (leader + 1) % 3;
-    let follower_peer = common::peer_addr(&nodes[follower]);
+    let follower_peer = common::raft::peer_addr(&nodes[follower]);
     nodes[follower].stop().await;
 
     let mut last = 0;
@@ -148,21 +148,21 @@ async fn a_restarted_follower_catches_up_and_a_full_restart_keeps_the_high_water
             .expect("two of three nodes are a quorum");
     }
     let id = nodes[follower].id;
-    nodes[follower] = common::restart_node(dir.path(), id, &follower_peer, &links).await;
+    nodes[follower] = common::raft::restart_node(dir.path(), id, &follower_peer, &links).await;
     let rejoined = &nodes[follower];
-    common::wait_until(
+    common::raft::wait_until(
         "the restarted follower applies the leader's high-water",
         || rejoined.backend.applied_high_water_ms() == last,
     )
     .await;
 
-    let peers: Vec<String> = nodes.iter().map(common::peer_addr).collect();
+    let peers: Vec<String> = nodes.iter().map(common::raft::peer_addr).collect();
     for n in &mut nodes {
         n.stop().await;
     }
     let mut restarted = Vec::new();
     for (i, peer) in peers.iter().enumerate() {
-        restarted.push(common::restart_node(dir.path(), i as u64 + 1, peer, &links).await);
+        restarted.push(common::raft::restart_node(dir.path(), i as u64 + 1, peer, &links).await);
     }
     // openraft restores a committed vote: the old leader may resume in its own term, so the
     // epoch after a full restart is at least, not above, the one before.

@@ -5,7 +5,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{start_cluster, wait_until};
+use common::raft::{start_cluster, wait_until};
 use tso_core::Epoch;
 use tso_server::backend::raft::Links;
 use tso_server::consensus::Leadership;
@@ -16,7 +16,7 @@ async fn an_isolated_leader_loses_its_lease_before_a_new_leader_is_elected() {
     let links = Links::default();
     let mut nodes = start_cluster(dir.path(), 3, &links).await;
     let all = [0usize, 1, 2];
-    let (leader, epoch) = common::wait_for_leader(&nodes, &all, Epoch::ZERO).await;
+    let (leader, epoch) = common::raft::wait_for_leader(&nodes, &all, Epoch::ZERO).await;
     wait_until("the leader holds a lease", || {
         nodes[leader].backend.lease_is_valid()
     })
@@ -25,7 +25,7 @@ async fn an_isolated_leader_loses_its_lease_before_a_new_leader_is_elected() {
     links.isolate(nodes[leader].id, nodes.iter().map(|n| n.id));
     let rest: Vec<usize> = all.iter().copied().filter(|&i| i != leader).collect();
     // Poll every millisecond: the new leader appeared after the last poll that did not see it.
-    let elected_after = tokio::time::timeout(common::CLUSTER_WAIT, async {
+    let elected_after = tokio::time::timeout(common::raft::CLUSTER_WAIT, async {
         loop {
             let polled = Instant::now();
             let elected = rest.iter().any(

@@ -1,1 +1,29 @@
-fn main() {}
+//! `tso`: the timestamp oracle's one binary. Parses flags, wires parts, maps errors to exit
+//! codes; everything else is library code.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+mod cli;
+mod get;
+mod serve;
+
+/// Exit code of a failure at run time (clap uses 2 for usage errors).
+const EXIT_FAILURE: u8 = 1;
+
+fn main() -> ExitCode {
+    let cli = cli::Cli::parse();
+    let result = match cli.command {
+        cli::Command::Serve(args) => serve::run(args),
+        cli::Command::Init(args) => serve::init(args),
+        cli::Command::Get(args) => get::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("tso: error: {err:#}");
+            ExitCode::from(EXIT_FAILURE)
+        }
+    }
+}

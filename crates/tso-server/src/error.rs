@@ -1,0 +1,31 @@
+//! The server's error type: why serving stopped, or could not start.
+
+use crate::backend::file::FileError;
+use crate::consensus::ConsensusError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("could not listen on {addr}: {source}")]
+    Bind {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("gRPC transport failed: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    #[error(transparent)]
+    File(#[from] FileError),
+    /// A permanent backend error: serving is poisoned.
+    #[error("stopped serving on a permanent consensus error: {0}")]
+    Consensus(ConsensusError),
+    /// A broken invariant (a backend that broke its contract, a value past the layout).
+    #[error("stopped serving on a broken invariant: {0}")]
+    Invariant(String),
+    #[error(
+        "the leadership stream of the consensus backend closed; the node cannot know whether it leads"
+    )]
+    LeadershipClosed,
+    #[error("the leadership watch task panicked: {0}")]
+    WatchPanicked(String),
+    #[error("the leadership watch did not stop within the shutdown grace of {grace_ms} ms")]
+    GraceExceeded { grace_ms: u64 },
+}

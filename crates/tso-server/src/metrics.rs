@@ -1,0 +1,38 @@
+//! Metric names and the small helpers that record them, so control flow stays free of them.
+
+use std::time::Duration;
+
+pub const FENCE_RETRIES: &str = "tso_fence_retries_total";
+pub const FENCES: &str = "tso_fences_total";
+pub const EXTENSIONS: &str = "tso_window_extensions_total";
+pub const EXTENSION_ERRORS: &str = "tso_window_extension_errors_total";
+pub const EXTENSION_SECONDS: &str = "tso_window_extension_seconds";
+pub const EXHAUSTED_WAITS: &str = "tso_window_exhausted_waits_total";
+pub const SERVING: &str = "tso_serving";
+pub const HIGH_WATER_MS: &str = "tso_high_water_ms";
+
+pub fn fence_retry(class: &'static str) {
+    metrics::counter!(FENCE_RETRIES, "class" => class).increment(1);
+}
+
+pub fn fence_done(outcome: &'static str) {
+    metrics::counter!(FENCES, "outcome" => outcome).increment(1);
+}
+
+pub fn extension_done(took: Duration, high_water_ms: u64) {
+    metrics::counter!(EXTENSIONS).increment(1);
+    metrics::histogram!(EXTENSION_SECONDS).record(took.as_secs_f64());
+    metrics::gauge!(HIGH_WATER_MS).set(high_water_ms as f64);
+}
+
+pub fn extension_failed(class: &'static str) {
+    metrics::counter!(EXTENSION_ERRORS, "class" => class).increment(1);
+}
+
+pub fn exhausted_wait() {
+    metrics::counter!(EXHAUSTED_WAITS).increment(1);
+}
+
+pub fn serving(on: bool) {
+    metrics::gauge!(SERVING).set(if on { 1.0 } else { 0.0 });
+}

@@ -1,0 +1,426 @@
+//! Serving state and the grant path.
+//!
+//! One mutex guards the mode (not serving, serving a term, poisoned). A term owns the window
+//! allocator of one fence; when the term ends its allocator is dropped with it, so nothing from
+//! an older term (a late extension) can raise the high-water of a newer one. The grant path is
+//! one lock, one allocator call and, rarely, a wake of the extender: it never waits on storage
+//! unless a burst exhausts the window.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::sync::{Notify, watch};
+use tokio_util::sync::CancellationToken;
+use tso_core::{Epoch, Error as CoreError, Grant, Window};
+
+use crate::clock::Clock;
+use crate::consensus::{Consensus, ConsensusError};
+use crate::error::ServeError;
+use crate::metrics;
+
+/// Callers that found the window exhausted wait at most this long for the extension, then get
+/// `UNAVAILABLE`; it bounds a request on a stalled backend below common client deadlines.
+pub const EXHAUSTED_WAIT_MAX: Duration = Duration::from_secs(5);
+/// Extensions a single request waits through before giving up: one covers `now + ahead`, so
+/// a second is only needed when the clock jumps during the first.
+pub const EXHAUSTED_ROUNDS_MAX: usize = 3;
+
+/// Tunables of the oracle.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// How far ahead of the clock each window extension reaches (SEMANTICS §3).
+    pub window_ahead: Duration,
+    /// How far above the fence floor a new term persists before serving (SEMANTICS §5).
+    pub failover_advance: Duration,
+    /// How long shutdown waits for the leadership watch to stop.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            window_ahead: Duration::from_secs(3),
+            failover_advance: Duration::from_secs(1),
+            shutdown_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+impl Config {
+    pub(crate) fn window_ahead_ms(&self) -> u64 {
+        self.window_ahead.as_millis() as u64
+    }
+
+    /// Room left below which an extension starts: half a window, so that in steady state the
+    /// extension finishes long before a request could find the window exhausted.
+    pub(crate) fn low_water_ms(&self) -> u64 {
+        self.window_ahead_ms() / 2
+    }
+}
+
+/// What this node knows of the leader, as sent in a "not leader" hint.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LeaderHint {
+    pub endpoint: Option<String>,
+    pub epoch: Option<Epoch>,
+}
+
+/// The serving state, observable by embedders and operators.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ServingState {
+    NotServing {
+        leader_endpoint: Option<String>,
+        leader_epoch: Option<Epoch>,
+    },
+    Serving {
+        epoch: Epoch,
+    },
+    /// Poisoned: a fatal error stopped serving for good; every call fails fast.
+    Failed {
+        reason: String,
+    },
+}
+
+/// Why a request was not served; the service maps each to a gRPC status.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    NotLeader(LeaderHint),
+    InvalidArgument(String),
+    OutOfRange(String),
+    Unavailable(String),
+    Internal(String),
+}
+
+/// The outcome of the latest extension of a term, broadcast to callers waiting on it.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct ExtensionOutcome {
+    pub error: Option<ConsensusError>,
+}
+
+pub(crate) struct Term {
+    pub id: u64,
+    pub epoch: Epoch,
+    pub window: Window,
+    /// An extension is requested or under way; the grant path does not wake the extender again.
+    pub extension_wanted: bool,
+    pub wake: Arc<Notify>,
+    pub outcome: watch::Sender<ExtensionOutcome>,
+}
+
+enum Mode {
+    NotServing(LeaderHint),
+    Serving(Term),
+    Poisoned,
+}
+
+struct State {
+    mode: Mode,
+    /// The highest epoch this node has reported; hints never name a lower one.
+    reported_epoch: Epoch,
+    next_term_id: u64,
+}
+
+/// State shared by the service, the leadership watch and the extender.
+pub(crate) struct Shared {
+    pub config: Config,
+    pub clock: Arc<dyn Clock>,
+    pub backend: Arc<dyn Consensus>,
+    state: Mutex<State>,
+    serving: watch::Sender<ServingState>,
+    /// Cancelled when serving is poisoned; the watch and the server stop on it.
+    pub failed: CancellationToken,
+    fatal: Mutex<Option<ServeError>>,
+}
+
+enum Attempt {
+    Granted(Grant, Epoch),
+    Exhausted(watch::Receiver<ExtensionOutcome>),
+}
+
+/// What the extender should do next.
+pub(crate) enum Plan {
+    Extend { target_ms: u64, epoch: Epoch },
+    Idle,
+    Gone,
+}
+
+impl Shared {
+    pub fn new(backend: Arc<dyn Consensus>, config: Config, clock: Arc<dyn Clock>) -> Shared {
+        let not_serving = ServingState::NotServing {
+            leader_endpoint: None,
+            leader_epoch: None,
+        };
+        Shared {
+            config,
+            clock,
+            backend,
+            state: Mutex::new(State {
+                mode: Mode::NotServing(LeaderHint::default()),
+                reported_epoch: Epoch::ZERO,
+                next_term_id: 1,
+            }),
+            serving: watch::channel(not_serving).0,
+            failed: CancellationToken::new(),
+            fatal: Mutex::new(None),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock leaves the allocator in an unknown state; refusing to
+        // go on (panicking again) is the only safe answer.
+        self.state.lock().expect("oracle state lock poisoned")
+    }
+
+    pub fn serving(&self) -> watch::Receiver<ServingState> {
+        self.serving.subscribe()
+    }
+
+    /// Grants `count` timestamps, waiting for an extension only if the window is exhausted.
+    pub async fn grant(&self, count: u32) -> Result<(Grant, Epoch), Refusal> {
+        for _ in 0..EXHAUSTED_ROUNDS_MAX {
+            let mut outcome = match self.try_grant(count)? {
+                Attempt::Granted(grant, epoch) => return Ok((grant, epoch)),
+                Attempt::Exhausted(outcome) => outcome,
+            };
+            metrics::exhausted_wait();
+            match tokio::time::timeout(EXHAUSTED_WAIT_MAX, outcome.changed()).await {
+                Err(_) => {
+                    return Err(Refusal::Unavailable(format!(
+                        "window extension did not finish within {} ms; retry",
+                        EXHAUSTED_WAIT_MAX.as_millis()
+                    )));
+                }
+                Ok(Err(_)) => return Err(Refusal::NotLeader(self.hint())),
+                Ok(Ok(())) => {}
+            }
+            if let Some(err) = outcome.borrow().error.clone() {
+                return Err(refusal_for(err, self));
+            }
+        }
+        Err(Refusal::Unavailable(
+            "window still exhausted after repeated extensions; the clock may be jumping; retry"
+                .into(),
+        ))
+    }
+
+    fn try_grant(&self, count: u32) -> Result<Attempt, Refusal> {
+        let now_ms = self.clock.now_ms();
+        let low_water_ms = self.config.low_water_ms();
+        let mut state = self.lock();
+        let term = match &mut state.mode {
+            Mode::Serving(term) => term,
+            Mode::NotServing(hint) => return Err(Refusal::NotLeader(hint.clone())),
+            Mode::Poisoned => return Err(Refusal::NotLeader(LeaderHint::default())),
+        };
+        match term.window.grant(count, now_ms) {
+            Ok(grant) => {
+                if !term.extension_wanted && term.window.wants_extension(now_ms, low_water_ms) {
+                    term.extension_wanted = true;
+                    term.wake.notify_one();
+                }
+                Ok(Attempt::Granted(grant, term.epoch))
+            }
+            Err(CoreError::WindowExhausted { .. }) => {
+                let outcome = term.outcome.subscribe();
+                term.extension_wanted = true;
+                term.wake.notify_one();
+                Ok(Attempt::Exhausted(outcome))
+            }
+            Err(e @ CoreError::InvalidCount { .. }) => Err(Refusal::InvalidArgument(e.to_string())),
+            Err(e @ CoreError::PhysicalOutOfRange { .. }) => {
+                Err(Refusal::OutOfRange(e.to_string()))
+            }
+            Err(e) => Err(Refusal::Internal(e.to_string())),
+        }
+    }
+
+    /// The closed watermark of GetCurrentMaxSafe: `(0, zero epoch)` unless serving.
+    pub fn max_safe(&self) -> (u64, Epoch) {
+        let now_ms = self.clock.now_ms();
+        let mut state = self.lock();
+        match &mut state.mode {
+            Mode::Serving(term) => (term.window.close_through(now_ms), term.epoch),
+            _ => (0, Epoch::ZERO),
+        }
+    }
+
+    /// The hint to send with "not leader" now.
+    pub fn hint(&self) -> LeaderHint {
+        match &self.lock().mode {
+            Mode::NotServing(hint) => hint.clone(),
+            _ => LeaderHint::default(),
+        }
+    }
+
+    /// Stops serving (the term and its allocator are dropped) and publishes what is known of
+    /// the leader. A hint naming an epoch below one already reported is dropped as stale.
+    pub fn step_down(&self, hint: LeaderHint) {
+        let mut state = self.lock();
+        if matches!(state.mode, Mode::Poisoned) {
+            return;
+        }
+        let hint = match hint.epoch {
+            Some(epoch) if epoch < state.reported_epoch => LeaderHint::default(),
+            Some(epoch) => {
+                state.reported_epoch = epoch;
+                hint
+            }
+            None => hint,
+        };
+        state.mode = Mode::NotServing(hint.clone());
+        drop(state);
+        metrics::serving(false);
+        self.serving.send_replace(ServingState::NotServing {
+            leader_endpoint: hint.endpoint,
+            leader_epoch: hint.epoch,
+        });
+    }
+
+    /// Installs a freshly fenced window and publishes Serving. Returns the term's id and wake.
+    pub fn start_serving(&self, epoch: Epoch, window: Window) -> Option<(u64, Arc<Notify>)> {
+        let mut state = self.lock();
+        if matches!(state.mode, Mode::Poisoned) {
+            return None;
+        }
+        let id = state.next_term_id;
+        state.next_term_id += 1;
+        state.reported_epoch = state.reported_epoch.max(epoch);
+        let wake = Arc::new(Notify::new());
+        metrics::extension_done(Default::default(), window.high_water_ms());
+        state.mode = Mode::Serving(Term {
+            id,
+            epoch,
+            window,
+            extension_wanted: false,
+            wake: Arc::clone(&wake),
+            outcome: watch::channel(ExtensionOutcome::default()).0,
+        });
+        drop(state);
+        metrics::serving(true);
+        self.serving.send_replace(ServingState::Serving { epoch });
+        Some((id, wake))
+    }
+
+    /// Poisons serving for good and records why; the first fatal error wins.
+    pub fn poison(&self, error: ServeError) {
+        let reason = error.to_string();
+        self.lock().mode = Mode::Poisoned;
+        self.fatal.lock().expect("fatal lock").get_or_insert(error);
+        metrics::serving(false);
+        self.serving.send_replace(ServingState::Failed { reason });
+        self.failed.cancel();
+    }
+
+    /// The fatal error recorded by [`Shared::poison`].
+    pub fn take_fatal(&self) -> ServeError {
+        self.fatal
+            .lock()
+            .expect("fatal lock")
+            .take()
+            .unwrap_or_else(|| ServeError::Invariant("poisoned without a recorded cause".into()))
+    }
+
+    /// Decides whether term `term_id` should extend now, and to what.
+    pub fn plan_extension(&self, term_id: u64) -> Plan {
+        let now_ms = self.clock.now_ms();
+        let mut state = self.lock();
+        let Mode::Serving(term) = &mut state.mode else {
+            return Plan::Gone;
+        };
+        if term.id != term_id {
+            return Plan::Gone;
+        }
+        if !term.extension_wanted
+            && !term
+                .window
+                .wants_extension(now_ms, self.config.low_water_ms())
+        {
+            return Plan::Idle;
+        }
+        term.extension_wanted = true;
+        Plan::Extend {
+            target_ms: term
+                .window
+                .extension_target_ms(now_ms, self.config.window_ahead_ms()),
+            epoch: term.epoch,
+        }
+    }
+
+    /// Applies an extension's result to term `term_id`, if it is still the current term.
+    /// Returns the error class, or `None` on success.
+    pub fn finish_extension(
+        &self,
+        term_id: u64,
+        target_ms: u64,
+        result: Result<u64, ConsensusError>,
+    ) -> Result<(), ConsensusError> {
+        let mut state = self.lock();
+        let Mode::Serving(term) = &mut state.mode else {
+            return Ok(());
+        };
+        if term.id != term_id {
+            return Ok(());
+        }
+        term.extension_wanted = false;
+        let error = match result {
+            Ok(durable_ms) if durable_ms >= target_ms => {
+                term.window.raise_high_water(durable_ms);
+                None
+            }
+            Ok(durable_ms) => Some(ConsensusError::Permanent(
+                CoreError::DurableBelowTarget {
+                    durable_ms,
+                    target_ms,
+                }
+                .to_string(),
+            )),
+            Err(e) => Some(e),
+        };
+        // On NotLeader/Fenced the extender steps down, which drops the term and its sender:
+        // waiters then answer "not leader" with the hint of the step-down.
+        if !matches!(
+            error,
+            Some(ConsensusError::NotLeader { .. } | ConsensusError::Fenced { .. })
+        ) {
+            term.outcome.send_replace(ExtensionOutcome {
+                error: error.clone(),
+            });
+        }
+        if term
+            .window
+            .wants_extension(self.clock.now_ms(), self.config.low_water_ms())
+        {
+            term.wake.notify_one();
+        }
+        error.map_or(Ok(()), Err)
+    }
+}
+
+/// Maps an extension error to the caller's answer, stepping down on NotLeader/Fenced.
+pub(crate) fn refusal_for(err: ConsensusError, shared: &Shared) -> Refusal {
+    match err {
+        ConsensusError::NotLeader { .. } | ConsensusError::Fenced { .. } => {
+            Refusal::NotLeader(shared.hint())
+        }
+        ConsensusError::Transient(msg) => Refusal::Unavailable(format!(
+            "extending the window failed transiently: {msg}; retry"
+        )),
+        ConsensusError::Permanent(msg) => {
+            Refusal::Internal(format!("extending the window failed: {msg}"))
+        }
+    }
+}
+
+/// The hint carried by a NotLeader error.
+pub(crate) fn hint_of(err: &ConsensusError) -> LeaderHint {
+    match err {
+        ConsensusError::NotLeader {
+            leader_endpoint,
+            leader_epoch,
+        } => LeaderHint {
+            endpoint: leader_endpoint.clone(),
+            epoch: *leader_epoch,
+        },
+        _ => LeaderHint::default(),
+    }
+}

@@ -1,0 +1,183 @@
+//! Starting and stopping the oracle: the guard that owns the leadership watch, and
+//! `serve_with_shutdown` for a ready-made gRPC server.
+//!
+//! Shutdown is written once here: a cancellation token stops the watch, the gRPC server drains
+//! in-flight calls, and the whole stop is bounded by the configured grace.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Server;
+use tonic::transport::server::TcpIncoming;
+use tracing::{error, info, warn};
+use tso_proto::v1::tso_service_server::TsoServiceServer;
+
+use crate::clock::{Clock, SystemClock};
+use crate::consensus::Consensus;
+use crate::error::ServeError;
+use crate::oracle::{Config, ServingState, Shared};
+use crate::service::TsoHandler;
+use crate::watch as leadership_watch;
+
+/// Owns the oracle's background work. Mount [`OracleGuard::service`] in a tonic server, then
+/// call [`OracleGuard::shutdown`] when it stops; [`OracleGuard::failed`] resolves if serving is
+/// poisoned, so a host can stop its own server on it.
+pub struct OracleGuard {
+    shared: Arc<Shared>,
+    shutdown: CancellationToken,
+    supervisor: JoinHandle<Result<(), ServeError>>,
+}
+
+impl OracleGuard {
+    /// Starts the oracle over `backend` with the system clock.
+    pub fn start(backend: Arc<dyn Consensus>, config: Config) -> OracleGuard {
+        Self::start_with_clock(backend, config, Arc::new(SystemClock))
+    }
+
+    /// Starts the oracle with an injected clock (tests, fault injection).
+    pub fn start_with_clock(
+        backend: Arc<dyn Consensus>,
+        config: Config,
+        clock: Arc<dyn Clock>,
+    ) -> OracleGuard {
+        let shared = Arc::new(Shared::new(backend, config, clock));
+        let shutdown = CancellationToken::new();
+        let watch_task = tokio::spawn(leadership_watch::run(Arc::clone(&shared), shutdown.clone()));
+        let supervisor = tokio::spawn(supervise(Arc::clone(&shared), watch_task));
+        OracleGuard {
+            shared,
+            shutdown,
+            supervisor,
+        }
+    }
+
+    /// The gRPC service, to add to a tonic server or router.
+    pub fn service(&self) -> TsoServiceServer<TsoHandler> {
+        TsoServiceServer::new(TsoHandler::new(Arc::clone(&self.shared)))
+    }
+
+    /// The serving state, updated on every change.
+    pub fn serving(&self) -> watch::Receiver<ServingState> {
+        self.shared.serving()
+    }
+
+    /// Resolves once serving is poisoned (a fatal error; [`OracleGuard::shutdown`] returns it).
+    pub async fn failed(&self) {
+        self.shared.failed.cancelled().await
+    }
+
+    /// Waits until the node serves, or fails. Returns whether it serves.
+    pub async fn wait_serving(&self) -> bool {
+        let mut rx = self.serving();
+        let state = rx
+            .wait_for(|s| !matches!(s, ServingState::NotServing { .. }))
+            .await;
+        matches!(state.as_deref(), Ok(ServingState::Serving { .. }))
+    }
+
+    /// Stops the watch within the grace and returns why serving ended: `Ok` for a requested
+    /// stop, the fatal error if serving was poisoned.
+    pub async fn shutdown(self) -> Result<(), ServeError> {
+        self.shutdown.cancel();
+        let grace = self.shared.config.shutdown_grace;
+        let abort = self.supervisor.abort_handle();
+        match tokio::time::timeout(grace, self.supervisor).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(join)) => Err(ServeError::WatchPanicked(join.to_string())),
+            Err(_) => {
+                abort.abort();
+                Err(ServeError::GraceExceeded {
+                    grace_ms: grace.as_millis() as u64,
+                })
+            }
+        }
+    }
+}
+
+/// Waits for the watch task; whatever ends it other than a requested stop poisons serving, so
+/// an embedder is never left with a silently dead watch.
+async fn supervise(
+    shared: Arc<Shared>,
+    watch_task: JoinHandle<Result<(), ServeError>>,
+) -> Result<(), ServeError> {
+    let result = match watch_task.await {
+        Ok(result) => result,
+        Err(join) if join.is_panic() => {
+            Err(ServeError::WatchPanicked(panic_message(join.into_panic())))
+        }
+        Err(join) => Err(ServeError::WatchPanicked(join.to_string())),
+    };
+    if let Err(err) = &result {
+        error!(error = %err, "leadership watch ended: serving is poisoned");
+        shared.poison(ServeError::Invariant(err.to_string()));
+    }
+    result
+}
+
+fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "non-string panic payload".into())
+}
+
+/// Binds `addr` and serves until `shutdown` resolves or serving is poisoned.
+pub async fn serve_with_shutdown(
+    addr: SocketAddr,
+    backend: Arc<dyn Consensus>,
+    config: Config,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServeError> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServeError::Bind { addr, source })?;
+    let guard = OracleGuard::start(backend, config);
+    serve_listener(listener, guard, shutdown).await
+}
+
+/// Serves the oracle of `guard` on `listener` until `shutdown` resolves or serving is
+/// poisoned; then drains in-flight calls and stops the guard, all within the grace.
+pub async fn serve_listener(
+    listener: TcpListener,
+    guard: OracleGuard,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServeError> {
+    // Nagle's algorithm would hold small replies for a delayed ACK (tens of ms).
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let stop = CancellationToken::new();
+    let server = Server::builder()
+        .add_service(guard.service())
+        .serve_with_incoming_shutdown(incoming, stop.clone().cancelled_owned());
+    tokio::pin!(server);
+    let served = tokio::select! {
+        result = &mut server => Some(result),
+        _ = shutdown => { info!("shutdown requested: draining in-flight calls"); None }
+        _ = guard.failed() => None,
+    };
+    let served = match served {
+        Some(result) => result,
+        None => {
+            stop.cancel();
+            let grace = guard.shared.config.shutdown_grace;
+            match tokio::time::timeout(grace, &mut server).await {
+                Ok(result) => result,
+                Err(_) => {
+                    warn!(
+                        grace_ms = grace.as_millis() as u64,
+                        "in-flight calls did not finish within the grace"
+                    );
+                    Ok(())
+                }
+            }
+        }
+    };
+    let stopped = guard.shutdown().await;
+    served?;
+    stopped
+}

@@ -1,0 +1,141 @@
+//! The `tsoracle.v1.TsoService` gRPC handler: argument checks, the grant call, and the mapping
+//! of refusals to gRPC statuses with the leader-hint trailer (PROTOCOL.md).
+
+use std::sync::Arc;
+
+use prost::Message;
+use tonic::metadata::{MetadataMap, MetadataValue};
+use tonic::{Code, Request, Response, Status};
+use tso_core::{Epoch, LOGICAL_COUNT};
+use tso_proto::LEADER_HINT_KEY;
+use tso_proto::v1::tso_service_server::TsoService;
+use tso_proto::v1::*;
+
+use crate::oracle::{LeaderHint as Hint, Refusal, Shared};
+
+/// The gRPC handler; mount it with [`crate::OracleGuard::service`].
+#[derive(Clone)]
+pub struct TsoHandler {
+    shared: Arc<Shared>,
+}
+
+impl TsoHandler {
+    pub(crate) fn new(shared: Arc<Shared>) -> Self {
+        Self { shared }
+    }
+}
+
+/// The message of every "not leader" status; clients match on the code, not the text.
+pub const NOT_LEADER_MESSAGE: &str = "not leader";
+
+fn status_of(refusal: Refusal) -> Status {
+    match refusal {
+        Refusal::NotLeader(hint) => not_leader(&hint),
+        Refusal::InvalidArgument(msg) => Status::invalid_argument(msg),
+        Refusal::OutOfRange(msg) => Status::out_of_range(msg),
+        Refusal::Unavailable(msg) => Status::unavailable(msg),
+        Refusal::Internal(msg) => Status::internal(msg),
+    }
+}
+
+/// `FAILED_PRECONDITION "not leader"` with the hint trailer (fields absent when unknown).
+pub fn not_leader(hint: &Hint) -> Status {
+    let wire = tso_proto::v1::LeaderHint {
+        leader_endpoint: hint.endpoint.clone(),
+        leader_epoch: hint.epoch.map(epoch_wire),
+    };
+    let mut metadata = MetadataMap::new();
+    metadata.insert_bin(
+        LEADER_HINT_KEY,
+        MetadataValue::from_bytes(&wire.encode_to_vec()),
+    );
+    Status::with_metadata(Code::FailedPrecondition, NOT_LEADER_MESSAGE, metadata)
+}
+
+fn epoch_wire(epoch: Epoch) -> EpochWire {
+    EpochWire {
+        hi: epoch.hi(),
+        lo: epoch.lo(),
+    }
+}
+
+fn unimplemented(rpc: &str) -> Status {
+    Status::unimplemented(format!("{rpc} is not implemented by this server"))
+}
+
+#[tonic::async_trait]
+impl TsoService for TsoHandler {
+    async fn get_ts(
+        &self,
+        request: Request<GetTsRequest>,
+    ) -> Result<Response<GetTsResponse>, Status> {
+        let count = request.into_inner().count;
+        if count == 0 || count > LOGICAL_COUNT {
+            return Err(Status::invalid_argument(format!(
+                "count {count} is out of range: ask for 1 to {LOGICAL_COUNT}"
+            )));
+        }
+        let (grant, epoch) = self.shared.grant(count).await.map_err(status_of)?;
+        Ok(Response::new(GetTsResponse {
+            physical_ms: grant.physical_ms(),
+            logical_start: grant.logical_start(),
+            count: grant.count(),
+            epoch_hi: epoch.hi(),
+            epoch_lo: epoch.lo(),
+        }))
+    }
+
+    async fn get_current_max_safe(
+        &self,
+        _request: Request<GetCurrentMaxSafeRequest>,
+    ) -> Result<Response<GetCurrentMaxSafeResponse>, Status> {
+        let (max_safe_physical_ms, epoch) = self.shared.max_safe();
+        Ok(Response::new(GetCurrentMaxSafeResponse {
+            max_safe_physical_ms,
+            epoch_hi: epoch.hi(),
+            epoch_lo: epoch.lo(),
+        }))
+    }
+
+    async fn get_seq(
+        &self,
+        _request: Request<GetSeqRequest>,
+    ) -> Result<Response<GetSeqResponse>, Status> {
+        Err(unimplemented("GetSeq"))
+    }
+
+    async fn get_seq_batch(
+        &self,
+        _request: Request<GetSeqBatchRequest>,
+    ) -> Result<Response<GetSeqBatchResponse>, Status> {
+        Err(unimplemented("GetSeqBatch"))
+    }
+
+    async fn acquire_lease(
+        &self,
+        _request: Request<AcquireLeaseRequest>,
+    ) -> Result<Response<AcquireLeaseResponse>, Status> {
+        Err(unimplemented("AcquireLease"))
+    }
+
+    async fn renew_lease(
+        &self,
+        _request: Request<RenewLeaseRequest>,
+    ) -> Result<Response<RenewLeaseResponse>, Status> {
+        Err(unimplemented("RenewLease"))
+    }
+
+    async fn release_lease(
+        &self,
+        _request: Request<ReleaseLeaseRequest>,
+    ) -> Result<Response<ReleaseLeaseResponse>, Status> {
+        Err(unimplemented("ReleaseLease"))
+    }
+
+    async fn get_safe_frontier(
+        &self,
+        _request: Request<GetSafeFrontierRequest>,
+    ) -> Result<Response<GetSafeFrontierResponse>, Status> {
+        Err(unimplemented("GetSafeFrontier"))
+    }
+}

@@ -1,0 +1,87 @@
+//! Command-line flags.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "tso",
+    version,
+    about = "A distributed timestamp oracle speaking tsoracle.v1"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a server.
+    Serve(ServeArgs),
+    /// Seed a fresh data directory so the first timestamps are above a given millisecond.
+    Init(InitArgs),
+    /// Ask a server for timestamps and print them, one per line.
+    Get(GetArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Client address to listen on (port 0 picks a free one; the real address is printed).
+    #[arg(long, default_value = "127.0.0.1:50551", env = "TSO_LISTEN")]
+    pub listen: SocketAddr,
+    /// Data directory (created if missing; locked while the server runs).
+    #[arg(long, default_value = "./tso-data", env = "TSO_DATA_DIR")]
+    pub data_dir: PathBuf,
+    /// How far ahead of the clock each durable window extension reaches.
+    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+    pub window_ahead: Duration,
+    /// How far above the fence floor a new leader persists before serving.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    pub failover_advance: Duration,
+    /// How long shutdown waits for in-flight calls and background work.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub shutdown_grace: Duration,
+    /// FOR FAULT TESTS ONLY: shift this server's clock by the signed number of milliseconds
+    /// written in this file (re-read every 50 ms). Never set it in production.
+    #[arg(long, hide = true)]
+    pub unsafe_clock_offset_file: Option<PathBuf>,
+    /// Log filter (tracing syntax, e.g. `info`, `tso_server=debug`). Logs go to stderr.
+    #[arg(long, default_value = "info", env = "TSO_LOG")]
+    pub log: String,
+}
+
+#[derive(Debug, Args)]
+pub struct InitArgs {
+    /// Data directory to seed (must not hold a record yet).
+    #[arg(long)]
+    pub data_dir: PathBuf,
+    /// Millisecond the first timestamps must be above (for example the last physical ms issued
+    /// by the oracle this one replaces).
+    #[arg(long)]
+    pub seed_physical_ms: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct GetArgs {
+    /// How many timestamps.
+    #[arg(short = 'n', long = "count", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    pub count: u32,
+    /// Server addresses, comma-separated (`host:port` or `http://host:port`); the leader is
+    /// found through hints.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "127.0.0.1:50551",
+        env = "TSO_ENDPOINTS"
+    )]
+    pub endpoints: Vec<String>,
+    /// Print physical ms, logical and epoch beside each timestamp.
+    #[arg(long, short)]
+    pub verbose: bool,
+    /// Give up after this long.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
+}

@@ -1,0 +1,106 @@
+//! `tso serve` and `tso init`.
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tso_server::backend::file::{self, FileBackend};
+use tso_server::clock::{Clock, OffsetClock, SystemClock};
+use tso_server::{Config, OracleGuard, serve_listener};
+
+use crate::cli::{InitArgs, ServeArgs};
+
+pub fn run(args: ServeArgs) -> anyhow::Result<()> {
+    init_logging(&args.log)?;
+    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    runtime.block_on(serve(args))
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let backend = FileBackend::open(&args.data_dir)?;
+    let listener = TcpListener::bind(args.listen).await.with_context(|| {
+        format!(
+            "cannot listen on {}: is another server using it? pick another --listen",
+            args.listen
+        )
+    })?;
+    let addr = listener.local_addr()?;
+    let config = Config {
+        window_ahead: args.window_ahead,
+        failover_advance: args.failover_advance,
+        shutdown_grace: args.shutdown_grace,
+    };
+    let guard = OracleGuard::start_with_clock(Arc::new(backend), config, clock(&args));
+    if !guard.wait_serving().await {
+        return guard
+            .shutdown()
+            .await
+            .context("the server failed before serving");
+    }
+    tracing::info!(%addr, data_dir = %args.data_dir.display(), "serving");
+    println!("serving on {addr}");
+    serve_listener(listener, guard, shutdown_signal()).await?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// The system clock, or, for fault tests, one shifted by the offset in a file.
+fn clock(args: &ServeArgs) -> Arc<dyn Clock> {
+    let Some(path) = args.unsafe_clock_offset_file.clone() else {
+        return Arc::new(SystemClock);
+    };
+    tracing::warn!(path = %path.display(), "UNSAFE: the clock follows an offset file; for fault tests only");
+    let clock = Arc::new(OffsetClock::new(read_offset(&path)));
+    let shifted = Arc::clone(&clock);
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(CLOCK_OFFSET_POLL).await;
+            shifted.set_offset_ms(read_offset(&path));
+        }
+    });
+    clock
+}
+
+/// How often the offset file is re-read.
+const CLOCK_OFFSET_POLL: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// The offset in the file; 0 when the file is missing or unreadable.
+fn read_offset(path: &std::path::Path) -> i64 {
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("installing the SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+fn init_logging(filter: &str) -> anyhow::Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter).with_context(|| {
+        format!("invalid --log filter {filter:?}: use e.g. `info` or `tso_server=debug`")
+    })?;
+    use std::io::IsTerminal;
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr)
+        .init();
+    Ok(())
+}
+
+pub fn init(args: InitArgs) -> anyhow::Result<()> {
+    file::init(&args.data_dir, args.seed_physical_ms)?;
+    println!(
+        "initialized {} at {} ms",
+        args.data_dir.display(),
+        args.seed_physical_ms
+    );
+    Ok(())
+}
