@@ -7,6 +7,7 @@
 //! openraft's generics stay inside this module: callers see [`RaftBackend`], [`RaftConfig`],
 //! [`NodeAddrs`] and [`Links`].
 
+mod identity;
 mod lease;
 mod log_store;
 mod network;
@@ -106,6 +107,24 @@ pub enum RaftOpenError {
          (the same list on every node)"
     )]
     NotAMember { node_id: u64, members: Vec<u64> },
+    #[error(
+        "data directory {dir} belongs to node {stored}, not node {node_id}; \
+         use that node's id, or another directory"
+    )]
+    WrongNode {
+        dir: PathBuf,
+        stored: u64,
+        node_id: u64,
+    },
+    #[error(
+        "data directory {dir} belongs to a cluster of members {stored:?}, but the members given \
+         are {given:?}; pass the original members (or none, on a restart), or use a fresh directory"
+    )]
+    OtherCluster {
+        dir: PathBuf,
+        stored: Vec<u64>,
+        given: Vec<u64>,
+    },
     #[error("invalid raft timings: {0}")]
     Config(String),
     #[error("data directory {0} is still in use by another raft node in this process")]
@@ -146,6 +165,7 @@ impl RaftBackend {
                 members: config.initial_members.keys().copied().collect(),
             });
         }
+        identity::check_or_write(&config.data_dir, config.node_id, &config.initial_members)?;
         let raft_config = openraft_config(&config.timings)?;
         let network = Network::new(config.node_id, config.links.clone());
         let raft = Raft::new(config.node_id, raft_config, network, log, sm.clone())
