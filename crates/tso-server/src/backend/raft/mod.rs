@@ -1,7 +1,7 @@
 //! The replicated backend: the consensus seam ([`Consensus`]) on an openraft cluster.
 //!
-//! The replicated state is the high-water, applied as `max` ([`state_machine`]); the log and
-//! vote are an fsync'd record file ([`log_store`]); peers talk gRPC ([`network`]). Leadership
+//! The replicated state is the high-water, applied as `max` (`state_machine.rs`); the log and
+//! vote are an fsync'd record file (`log_store.rs`); peers talk gRPC (`network.rs`). Leadership
 //! comes from openraft's metrics: `Leader` at epoch `(term, node id)` while this node leads,
 //! `Follower` naming the leader's *client* address from the membership, else `Unknown`.
 //! openraft's generics stay inside this module: callers see [`RaftBackend`], [`RaftConfig`],
