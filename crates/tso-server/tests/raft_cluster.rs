@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use common::raft::{client_addr, start_cluster, wait_for_follower_of, wait_for_leader};
 use tso_core::Epoch;
-use tso_server::backend::raft::Links;
+use tso_server::backend::raft::{Links, SnapshotOptions};
 use tso_server::consensus::{Consensus, ConsensusError};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -174,6 +174,49 @@ async fn a_restarted_follower_catches_up_and_a_full_restart_keeps_the_high_water
         "all three killed and restarted: nothing acknowledged is lost"
     );
     for n in &mut restarted {
+        n.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_behind_the_purged_log_catches_up_by_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let links = Links::default();
+    let snapshot = SnapshotOptions {
+        every_entries: 10,
+        entries_kept: 0,
+    };
+    let mut nodes = common::raft::start_cluster_with(dir.path(), 3, &links, snapshot).await;
+    let all = [0, 1, 2];
+    let (leader, epoch) = wait_for_leader(&nodes, &all, Epoch::ZERO).await;
+    let follower = (leader + 1) % 3;
+    let follower_peer = common::raft::peer_addr(&nodes[follower]);
+    nodes[follower].stop().await;
+    let behind = nodes[follower].backend.applied_high_water_ms();
+
+    let mut last = 0;
+    // Past one purge batch (64 entries) beyond the snapshot interval.
+    for i in 1..=100u64 {
+        last = nodes[leader]
+            .backend
+            .persist_high_water(behind + i * 10, epoch)
+            .await
+            .unwrap();
+    }
+    let leader_backend = nodes[leader].backend.clone();
+    common::raft::wait_until("the leader purges the log the follower lacks", || {
+        leader_backend.purged_index().is_some_and(|p| p > 10)
+    })
+    .await;
+
+    let id = nodes[follower].id;
+    nodes[follower] = common::raft::restart_node(dir.path(), id, &follower_peer, &links).await;
+    let rejoined = nodes[follower].backend.clone();
+    common::raft::wait_until("the follower installs the snapshot and catches up", || {
+        rejoined.applied_high_water_ms() == last && rejoined.snapshot_index().is_some()
+    })
+    .await;
+    for n in &mut nodes {
         n.stop().await;
     }
 }

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 
 use tso_server::backend::raft::{
-    Links, NodeAddrs, RaftBackend, RaftConfig, RaftOpenError, RaftTimings,
+    Links, NodeAddrs, RaftBackend, RaftConfig, RaftOpenError, RaftTimings, SnapshotOptions,
 };
 use tso_server::consensus::conformance;
 
@@ -22,6 +22,7 @@ async fn one_node_raft_cluster_keeps_the_consensus_contract() {
         data_dir: dir.path().to_owned(),
         initial_members: members,
         timings: RaftTimings::default(),
+        snapshot: SnapshotOptions::default(),
         links: Links::default(),
     };
     conformance::run_all(|| {
@@ -47,6 +48,7 @@ fn config(dir: &std::path::Path, node_id: u64, members: BTreeMap<u64, NodeAddrs>
         data_dir: dir.to_owned(),
         initial_members: members,
         timings: RaftTimings::default(),
+        snapshot: SnapshotOptions::default(),
         links: Links::default(),
     }
 }

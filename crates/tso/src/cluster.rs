@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 
 use anyhow::{Context, bail};
-use tso_server::backend::raft::{Links, NodeAddrs, RaftConfig, RaftTimings};
+use tso_server::backend::raft::{Links, NodeAddrs, RaftConfig, RaftTimings, SnapshotOptions};
 
 use crate::cli::ServeArgs;
 
@@ -63,6 +63,7 @@ pub fn raft_config(args: &ServeArgs) -> anyhow::Result<(RaftConfig, SocketAddr)>
         node_id,
         data_dir: args.data_dir.clone(),
         initial_members: members,
+        snapshot: SnapshotOptions::default(),
         timings: RaftTimings {
             heartbeat_interval: c.heartbeat_interval,
             election_timeout_min: c.election_timeout_min,

@@ -8,7 +8,9 @@ use std::time::Duration;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tso_core::Epoch;
-use tso_server::backend::raft::{Links, NodeAddrs, RaftBackend, RaftConfig, RaftTimings};
+use tso_server::backend::raft::{
+    Links, NodeAddrs, RaftBackend, RaftConfig, RaftTimings, SnapshotOptions,
+};
 use tso_server::consensus::{Consensus, Leadership};
 
 /// Bound on any wait for a cluster to reach a state (elections take well under a second; the
@@ -47,6 +49,16 @@ impl TestNode {
 
 /// Starts `n` nodes (ids 1..=n) with data under `dir`, peers on fresh loopback ports.
 pub async fn start_cluster(dir: &Path, n: u64, links: &Links) -> Vec<TestNode> {
+    start_cluster_with(dir, n, links, SnapshotOptions::default()).await
+}
+
+/// [`start_cluster`] with the given snapshot options on every node.
+pub async fn start_cluster_with(
+    dir: &Path,
+    n: u64,
+    links: &Links,
+    snapshot: SnapshotOptions,
+) -> Vec<TestNode> {
     let mut listeners = BTreeMap::new();
     let mut members = BTreeMap::new();
     for id in 1..=n {
@@ -65,6 +77,7 @@ pub async fn start_cluster(dir: &Path, n: u64, links: &Links) -> Vec<TestNode> {
             data_dir: dir.join(format!("node-{id}")),
             initial_members: members.clone(),
             timings: RaftTimings::default(),
+            snapshot,
             links: links.clone(),
         };
         nodes.push(start_node(config, listener).await);
@@ -158,6 +171,7 @@ pub async fn restart_node(dir: &Path, id: u64, peer_addr: &str, links: &Links) -
         data_dir: dir.join(format!("node-{id}")),
         initial_members: BTreeMap::new(),
         timings: RaftTimings::default(),
+        snapshot: SnapshotOptions::default(),
         links: links.clone(),
     };
     start_node(config, listener).await

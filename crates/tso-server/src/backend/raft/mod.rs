@@ -44,11 +44,31 @@ use types::{Command, NodeId, Raft};
 
 /// Entries between snapshots. An entry is written once per window extension (seconds apart),
 /// so 1000 entries is most of an hour of log: replay at start stays instant and snapshots rare.
-const SNAPSHOT_LOGS_SINCE_LAST: u64 = 1000;
+const SNAPSHOT_EVERY_ENTRIES: u64 = 1000;
 
 /// Entries kept behind a snapshot, so that a briefly lagging follower catches up from the log
 /// rather than by a snapshot transfer.
-const LOGS_KEPT_AFTER_SNAPSHOT: u64 = 100;
+const ENTRIES_KEPT_AFTER_SNAPSHOT: u64 = 100;
+
+/// When to snapshot the state machine, and how much log to keep behind a snapshot (the rest is
+/// purged; a follower that needs purged entries gets the snapshot).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SnapshotOptions {
+    pub every_entries: u64,
+    pub entries_kept: u64,
+}
+
+impl Default for SnapshotOptions {
+    fn default() -> Self {
+        Self {
+            every_entries: SNAPSHOT_EVERY_ENTRIES,
+            entries_kept: ENTRIES_KEPT_AFTER_SNAPSHOT,
+        }
+    }
+}
+
+/// Entries purged per purge call: one call, one record and one fsync, whatever the count.
+const PURGE_BATCH_ENTRIES: u64 = 64;
 
 /// How long [`RaftBackend::open`] waits for a previous backend on the same directory in this
 /// process to finish shutting down (openraft stops its tasks within a heartbeat or two).
@@ -88,6 +108,7 @@ pub struct RaftConfig {
     /// data directory; a restarted node learns the members from its log.
     pub initial_members: BTreeMap<u64, NodeAddrs>,
     pub timings: RaftTimings,
+    pub snapshot: SnapshotOptions,
     /// Link switches for in-process partitions; `Links::default()` in production.
     pub links: Links,
 }
@@ -166,7 +187,7 @@ impl RaftBackend {
             });
         }
         identity::check_or_write(&config.data_dir, config.node_id, &config.initial_members)?;
-        let raft_config = openraft_config(&config.timings)?;
+        let raft_config = openraft_config(&config.timings, &config.snapshot)?;
         let network = Network::new(config.node_id, config.links.clone());
         let raft = Raft::new(config.node_id, raft_config, network, log, sm.clone())
             .await
@@ -254,6 +275,16 @@ impl RaftBackend {
             .nodes()
             .map(|(id, n)| (*id, n.clone()))
             .collect()
+    }
+
+    /// The index of the last purged log entry, if any (for diagnostics and tests).
+    pub fn purged_index(&self) -> Option<u64> {
+        self.raft.metrics().borrow().purged.map(|l| l.index)
+    }
+
+    /// The index of the last snapshot this node holds, if any (for diagnostics and tests).
+    pub fn snapshot_index(&self) -> Option<u64> {
+        self.raft.metrics().borrow().snapshot.map(|l| l.index)
     }
 
     /// The high-water applied on this node (possibly stale on a follower; for diagnostics).
@@ -418,15 +449,19 @@ fn transient_timeout(what: &str, after: Duration) -> ConsensusError {
     ))
 }
 
-fn openraft_config(t: &RaftTimings) -> Result<std::sync::Arc<openraft::Config>, RaftOpenError> {
+fn openraft_config(
+    t: &RaftTimings,
+    snapshot: &SnapshotOptions,
+) -> Result<std::sync::Arc<openraft::Config>, RaftOpenError> {
     let ms = |d: Duration| d.as_millis() as u64;
     let config = openraft::Config {
         cluster_name: "tso".to_owned(),
         heartbeat_interval: ms(t.heartbeat_interval),
         election_timeout_min: ms(t.election_timeout_min),
         election_timeout_max: ms(t.election_timeout_max),
-        snapshot_policy: SnapshotPolicy::LogsSinceLast(SNAPSHOT_LOGS_SINCE_LAST),
-        max_in_snapshot_log_to_keep: LOGS_KEPT_AFTER_SNAPSHOT,
+        snapshot_policy: SnapshotPolicy::LogsSinceLast(snapshot.every_entries),
+        max_in_snapshot_log_to_keep: snapshot.entries_kept,
+        purge_batch_size: PURGE_BATCH_ENTRIES,
         ..Default::default()
     };
     let config = config
