@@ -95,6 +95,14 @@ async fn start_up_refuses_a_foreign_directory_or_a_missing_member() {
     let restarted = RaftBackend::open(config(dir.path(), 1, BTreeMap::new()))
         .await
         .expect("a restart without members reads them from the log");
-    assert!(restarted.members().contains_key(&1));
+    let known = async {
+        while !restarted.members().contains_key(&1) {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(30), known)
+        .await
+        .expect("the restarted node knows its members from the log");
+    conformance::wait_for_leader(&restarted).await;
     restarted.shutdown().await;
 }

@@ -54,6 +54,9 @@ pub struct ServeArgs {
     /// How long shutdown waits for in-flight calls and background work.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,
+    /// Serve Prometheus metrics on this address (`/metrics`); off when not set.
+    #[arg(long, env = "TSO_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
     /// FOR FAULT TESTS ONLY: shift this server's clock by the signed number of milliseconds
     /// written in this file (re-read every 50 ms). Never set it in production.
     #[arg(long, hide = true)]
@@ -120,8 +123,8 @@ pub struct InitArgs {
 #[derive(Debug, Args)]
 pub struct GetArgs {
     /// How many timestamps.
-    #[arg(short = 'n', long = "count", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
-    pub count: u32,
+    #[arg(short = 'n', long = "count", default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+    pub count: u64,
     /// Server addresses, comma-separated (`host:port` or `http://host:port`); the leader is
     /// found through hints.
     #[arg(

@@ -19,6 +19,14 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    if let Some(addr) = args.metrics_listen {
+        metrics_exporter_prometheus::PrometheusBuilder::new()
+            .with_http_listener(addr)
+            .install()
+            .with_context(|| {
+                format!("cannot serve metrics on {addr}: pick another --metrics-listen")
+            })?;
+    }
     match args.backend {
         BackendKind::File => serve_file(args).await,
         BackendKind::Raft => serve_raft(args).await,

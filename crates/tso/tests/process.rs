@@ -203,3 +203,85 @@ async fn sigterm_under_load_drains_and_exits_zero() {
 
 /// A way to damage a record file's bytes.
 type Damage = fn(&mut Vec<u8>);
+
+/// Operators see the state: gRPC health reports SERVING, and `/metrics` shows the serving gauge
+/// and window extensions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_and_metrics_report_serving() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_client::HealthClient;
+
+    let dir = tempfile::tempdir().unwrap();
+    let metrics_addr = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap().to_string()
+    };
+    let server = Server::start(dir.path(), &["--metrics-listen", &metrics_addr]);
+    last_of(&mut server.client().await, 1).await;
+
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", server.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = HealthClient::new(channel);
+    for service in ["", "tsoracle.v1.TsoService"] {
+        let reply = health
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(reply.status, 1, "service {service:?} is SERVING");
+    }
+
+    let mut body = String::new();
+    let mut stream = tokio::net::TcpStream::connect(&metrics_addr).await.unwrap();
+    stream
+        .write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    stream.read_to_string(&mut body).await.unwrap();
+    assert!(body.contains("tso_serving 1"), "{body}");
+    assert!(body.contains("tso_fences_total"), "{body}");
+}
+
+#[test]
+fn tso_get_prints_increasing_timestamps() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &[]);
+    let (status, out, err) = run_tso(&["get", "-n", "5", "--endpoints", &server.addr]);
+    assert!(status.success(), "{err}");
+    let values: Vec<u64> = out.lines().map(|l| l.parse().unwrap()).collect();
+    assert_eq!(values.len(), 5);
+    assert!(values.windows(2).all(|w| w[0] < w[1]), "{values:?}");
+
+    let (status, out, _) = run_tso(&[
+        "get",
+        "-n",
+        "2",
+        "--verbose",
+        "--endpoints",
+        &format!("http://{}", server.addr),
+    ]);
+    assert!(status.success());
+    let line = out.lines().next().unwrap();
+    let ts: u64 = line.split('\t').next().unwrap().parse().unwrap();
+    assert!(
+        line.contains(&format!("physical_ms={}", ts >> 18))
+            && line.contains("logical=")
+            && line.contains("epoch=1"),
+        "{line}"
+    );
+}
+
+#[test]
+fn tso_get_against_nothing_fails_with_one_line() {
+    let (status, out, err) = run_tso(&["get", "--endpoints", "127.0.0.1:1", "--timeout", "2s"]);
+    assert_eq!(status.code(), Some(1));
+    assert!(out.is_empty());
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("is a server running there?"), "{err}");
+}

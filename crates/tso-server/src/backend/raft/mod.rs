@@ -266,7 +266,8 @@ impl RaftBackend {
         self.id
     }
 
-    /// The current members (id → advertised addresses), as the log says.
+    /// The current members (id → advertised addresses), as the log says (empty until raft has
+    /// loaded its log, shortly after [`Self::open`]).
     pub fn members(&self) -> BTreeMap<u64, NodeAddrs> {
         let metrics = self.raft.metrics();
         let m = metrics.borrow();
