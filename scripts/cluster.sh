@@ -26,7 +26,13 @@ members() {
     echo "${list[*]}"
 }
 
-running() { [ -f "$dir/node-$1.pid" ] && kill -0 "$(cat "$dir/node-$1.pid")" 2>/dev/null; }
+# A node runs if its pid is alive and not a zombie awaiting reaping.
+running() {
+    [ -f "$dir/node-$1.pid" ] || return 1
+    local state
+    state=$(ps -o stat= -p "$(cat "$dir/node-$1.pid")" 2>/dev/null) || return 1
+    [[ $state != Z* ]]
+}
 
 start_node() {
     local n=$1
