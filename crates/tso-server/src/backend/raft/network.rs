@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use openraft::error::{
     InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Timeout, Unreachable,
 };
-use openraft::network::RPCOption;
+use openraft::network::{Backoff, RPCOption};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
     VoteRequest, VoteResponse,
@@ -33,6 +33,12 @@ use super::types::{NodeAddrs, NodeId, Raft, TypeConfig};
 /// under a millisecond; 500 ms leaves room for a busy machine while staying below the shortest
 /// election timeout we accept, so a dead peer never stalls an election.
 const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// How long openraft waits before retrying a peer it found unreachable. openraft's default,
+/// 500 ms, leaves a restarted node behind for that long, and a stale node that campaigns splits
+/// the next election's votes. At 100 ms a dead peer costs one refused connection per 100 ms
+/// (or one connect timeout per attempt, if blackholed).
+const UNREACHABLE_BACKOFF: Duration = Duration::from_millis(100);
 
 /// Switches for the directed links between nodes of one process, for deterministic partitions
 /// in tests. A cut link fails every call at once as `Unreachable`. Cheap to clone; clones share
@@ -258,6 +264,10 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         option: RPCOption,
     ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, NodeAddrs, RaftError<NodeId>>> {
         self.rpc(RPCTypes::Vote, &rpc, &option).await
+    }
+
+    fn backoff(&self) -> Backoff {
+        Backoff::new(std::iter::repeat(UNREACHABLE_BACKOFF))
     }
 }
 
