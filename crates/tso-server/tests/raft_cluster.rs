@@ -46,10 +46,11 @@ async fn three_nodes_elect_persist_hint_and_fail_over_without_regression() {
             other => panic!("a follower must refuse with a hint, got {other:?}"),
         }
     }
-    assert!(
-        nodes[leader].backend.lease_is_valid(),
-        "a leader in contact with its peers holds a lease"
-    );
+    let leader_backend = nodes[leader].backend.clone();
+    common::raft::wait_until("a leader in contact with its peers holds a lease", || {
+        leader_backend.lease_is_valid()
+    })
+    .await;
 
     nodes[leader].stop().await;
     let rest: Vec<usize> = all.iter().copied().filter(|&i| i != leader).collect();

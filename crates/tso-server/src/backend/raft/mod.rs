@@ -363,17 +363,28 @@ impl RaftBackend {
         }
     }
 
+    /// The read barrier, retried within `call_timeout` when a quorum did not answer in time:
+    /// openraft gives its confirmation heartbeats one heartbeat interval, which a busy machine
+    /// can overrun now and then.
     async fn load(&self) -> Result<u64, ConsensusError> {
-        let term = self.raft.metrics().borrow().current_term;
-        let sent = Instant::now();
-        let read = tokio::time::timeout(self.timings.call_timeout, self.raft.ensure_linearizable());
-        match read.await {
-            Err(_) => Err(transient_timeout("read barrier", self.timings.call_timeout)),
-            Ok(Err(e)) => Err(self.map_read_error(e)),
-            Ok(Ok(_)) => {
-                self.lease.extend(term, sent);
-                Ok(self.sm.high_water_ms())
+        let deadline = tokio::time::Instant::now() + self.timings.call_timeout;
+        loop {
+            let term = self.raft.metrics().borrow().current_term;
+            let sent = Instant::now();
+            let read = tokio::time::timeout_at(deadline, self.raft.ensure_linearizable());
+            let error = match read.await {
+                Err(_) => return Err(transient_timeout("read barrier", self.timings.call_timeout)),
+                Ok(Ok(_)) => {
+                    self.lease.extend(term, sent);
+                    return Ok(self.sm.high_water_ms());
+                }
+                Ok(Err(e)) => self.map_read_error(e),
+            };
+            let retry_at = tokio::time::Instant::now() + self.timings.heartbeat_interval;
+            if !matches!(error, ConsensusError::Transient(_)) || retry_at >= deadline {
+                return Err(error);
             }
+            tokio::time::sleep_until(retry_at).await;
         }
     }
 
