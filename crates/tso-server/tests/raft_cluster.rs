@@ -140,13 +140,10 @@ async fn a_restarted_follower_catches_up_and_a_full_restart_keeps_the_high_water
     let follower_peer = common::raft::peer_addr(&nodes[follower]);
     nodes[follower].stop().await;
 
+    let running: Vec<usize> = all.iter().copied().filter(|&i| i != follower).collect();
     let mut last = 0;
     for i in 1..=20u64 {
-        last = nodes[leader]
-            .backend
-            .persist_high_water(i * 100, epoch)
-            .await
-            .expect("two of three nodes are a quorum");
+        last = common::raft::persist_on_leader(&nodes, &running, i * 100).await;
     }
     let id = nodes[follower].id;
     nodes[follower] = common::raft::restart_node(dir.path(), id, &follower_peer, &links).await;
@@ -189,24 +186,22 @@ async fn a_follower_behind_the_purged_log_catches_up_by_snapshot() {
     };
     let mut nodes = common::raft::start_cluster_with(dir.path(), 3, &links, snapshot).await;
     let all = [0, 1, 2];
-    let (leader, epoch) = wait_for_leader(&nodes, &all, Epoch::ZERO).await;
+    let (leader, _) = wait_for_leader(&nodes, &all, Epoch::ZERO).await;
     let follower = (leader + 1) % 3;
     let follower_peer = common::raft::peer_addr(&nodes[follower]);
     nodes[follower].stop().await;
     let behind = nodes[follower].backend.applied_high_water_ms();
 
+    let running: Vec<usize> = all.iter().copied().filter(|&i| i != follower).collect();
     let mut last = 0;
     // Past one purge batch (64 entries) beyond the snapshot interval.
     for i in 1..=100u64 {
-        last = nodes[leader]
-            .backend
-            .persist_high_water(behind + i * 10, epoch)
-            .await
-            .unwrap();
+        last = common::raft::persist_on_leader(&nodes, &running, behind + i * 10).await;
     }
-    let leader_backend = nodes[leader].backend.clone();
-    common::raft::wait_until("the leader purges the log the follower lacks", || {
-        leader_backend.purged_index().is_some_and(|p| p > 10)
+    common::raft::wait_until("a running node purges the log the follower lacks", || {
+        running
+            .iter()
+            .all(|&i| nodes[i].backend.purged_index().is_some_and(|p| p > 10))
     })
     .await;
 

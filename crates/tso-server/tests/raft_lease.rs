@@ -56,10 +56,6 @@ async fn an_isolated_leader_loses_its_lease_before_a_new_leader_is_elected() {
         !nodes[leader].backend.lease_is_valid(),
         "the cut-off leader must not be able to grant"
     );
-    assert!(
-        matches!(nodes[leader].leadership(), Leadership::Leader { epoch: e } if e == epoch),
-        "openraft 0.9 does not step a cut-off leader down: only the lease protects G2"
-    );
 
     links.heal_all();
     wait_until("the old leader steps down after healing", || {

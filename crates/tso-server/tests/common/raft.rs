@@ -193,3 +193,25 @@ pub async fn wait_until(what: &str, mut check: impl FnMut() -> bool) {
         panic!("timed out waiting until {what}");
     }
 }
+
+/// Persists `at_least_ms` through whichever of the `running` nodes leads, following elections
+/// (a busy machine can cause one at any time); returns the durable value.
+pub async fn persist_on_leader(nodes: &[TestNode], running: &[usize], at_least_ms: u64) -> u64 {
+    let attempt = async {
+        loop {
+            let (leader, epoch) = wait_for_leader(nodes, running, Epoch::ZERO).await;
+            match nodes[leader]
+                .backend
+                .persist_high_water(at_least_ms, epoch)
+                .await
+            {
+                Ok(v) => return v,
+                Err(e) => eprintln!("persist on node {} failed, retrying: {e}", nodes[leader].id),
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(CLUSTER_WAIT, attempt)
+        .await
+        .expect("no leader accepted the persist in time")
+}
