@@ -184,7 +184,14 @@ async fn a_follower_behind_the_purged_log_catches_up_by_snapshot() {
         every_entries: 10,
         entries_kept: 0,
     };
-    let mut nodes = common::raft::start_cluster_with(dir.path(), 3, &links, snapshot).await;
+    let mut nodes = common::raft::start_cluster_with(
+        dir.path(),
+        3,
+        &links,
+        snapshot,
+        common::raft::test_timings(),
+    )
+    .await;
     let all = [0, 1, 2];
     let (leader, _) = wait_for_leader(&nodes, &all, Epoch::ZERO).await;
     let follower = (leader + 1) % 3;

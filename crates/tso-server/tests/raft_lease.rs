@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use common::raft::{start_cluster, wait_until};
 use tso_core::Epoch;
-use tso_server::backend::raft::Links;
+use tso_server::backend::raft::{Links, RaftTimings, SnapshotOptions};
 use tso_server::consensus::{Consensus, Leadership};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -96,7 +96,15 @@ async fn random_partitions_never_give_two_nodes_a_lease() {
 
     let dir = tempfile::tempdir().unwrap();
     let links = Links::default();
-    let mut nodes = start_cluster(dir.path(), 3, &links).await;
+    // The default timings: this test assumes no stable leader, and elections are what it needs.
+    let mut nodes = common::raft::start_cluster_with(
+        dir.path(),
+        3,
+        &links,
+        SnapshotOptions::default(),
+        RaftTimings::default(),
+    )
+    .await;
     let ids: Vec<u64> = nodes.iter().map(|n| n.id).collect();
     let mut durable = 0u64;
     let mut leases_seen = 0usize;

@@ -17,6 +17,19 @@ use tso_server::consensus::{Consensus, Leadership};
 /// rest is slack for a busy 2-core machine).
 pub const CLUSTER_WAIT: Duration = Duration::from_secs(30);
 
+/// Timings for in-process clusters: three nodes share one test process on a busy 2-core
+/// machine, where a debug build can stall a node for a few hundred milliseconds; a wider
+/// election timeout than the default keeps such stalls from causing elections the test did not
+/// ask for. (The process tests run the defaults.)
+pub fn test_timings() -> RaftTimings {
+    RaftTimings {
+        election_timeout_min: Duration::from_millis(400),
+        election_timeout_max: Duration::from_millis(700),
+        call_timeout: Duration::from_secs(2),
+        ..RaftTimings::default()
+    }
+}
+
 /// The advertised client address of node `id` (never dialled by these tests).
 pub fn client_addr(id: u64) -> String {
     format!("tso-{id}.test:7000")
@@ -49,15 +62,16 @@ impl TestNode {
 
 /// Starts `n` nodes (ids 1..=n) with data under `dir`, peers on fresh loopback ports.
 pub async fn start_cluster(dir: &Path, n: u64, links: &Links) -> Vec<TestNode> {
-    start_cluster_with(dir, n, links, SnapshotOptions::default()).await
+    start_cluster_with(dir, n, links, SnapshotOptions::default(), test_timings()).await
 }
 
-/// [`start_cluster`] with the given snapshot options on every node.
+/// [`start_cluster`] with the given snapshot options and timings on every node.
 pub async fn start_cluster_with(
     dir: &Path,
     n: u64,
     links: &Links,
     snapshot: SnapshotOptions,
+    timings: RaftTimings,
 ) -> Vec<TestNode> {
     let mut listeners = BTreeMap::new();
     let mut members = BTreeMap::new();
@@ -76,7 +90,7 @@ pub async fn start_cluster_with(
             node_id: id,
             data_dir: dir.join(format!("node-{id}")),
             initial_members: members.clone(),
-            timings: RaftTimings::default(),
+            timings,
             snapshot,
             links: links.clone(),
         };
@@ -170,7 +184,7 @@ pub async fn restart_node(dir: &Path, id: u64, peer_addr: &str, links: &Links) -
         node_id: id,
         data_dir: dir.join(format!("node-{id}")),
         initial_members: BTreeMap::new(),
-        timings: RaftTimings::default(),
+        timings: test_timings(),
         snapshot: SnapshotOptions::default(),
         links: links.clone(),
     };
