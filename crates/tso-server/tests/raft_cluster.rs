@@ -1,5 +1,6 @@
 //! Three raft nodes in one process over real loopback gRPC: election, persist on the leader,
 //! the follower's hint, failover without regression, and a restarted node rejoining.
+#![cfg(feature = "raft")]
 
 mod common;
 

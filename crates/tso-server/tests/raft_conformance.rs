@@ -1,4 +1,5 @@
 //! The consensus-seam conformance suite against a one-node raft cluster on disk.
+#![cfg(feature = "raft")]
 
 use std::collections::BTreeMap;
 

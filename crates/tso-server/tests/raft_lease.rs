@@ -1,5 +1,6 @@
 //! The leader lease (SEMANTICS G3): a leader cut off from its peers sees its lease expire
 //! before the others can elect a new leader.
+#![cfg(feature = "raft")]
 
 mod common;
 
