@@ -29,6 +29,11 @@ async fn an_isolated_leader_loses_its_lease_before_a_new_leader_is_elected() {
         panic!("a lease holder leads");
     };
 
+    let view = nodes[leader].backend.lease_view();
+    assert!(
+        view.is_valid(),
+        "the view shows the lease the backend reports"
+    );
     links.isolate(nodes[leader].id, nodes.iter().map(|n| n.id));
     let rest: Vec<usize> = all.iter().copied().filter(|&i| i != leader).collect();
     // Poll every millisecond: the new leader appeared after the last poll that did not see it.
@@ -60,7 +65,7 @@ async fn an_isolated_leader_loses_its_lease_before_a_new_leader_is_elected() {
         lease_end - elected_after
     );
     assert!(
-        !nodes[leader].backend.lease_is_valid(),
+        !nodes[leader].backend.lease_is_valid() && !view.is_valid(),
         "the cut-off leader must not be able to grant"
     );
 

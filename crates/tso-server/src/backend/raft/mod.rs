@@ -154,6 +154,28 @@ pub enum RaftOpenError {
     Start(String),
 }
 
+/// The leader lease of one node (see [`RaftBackend::lease_valid_until`]). Clones share it.
+#[derive(Debug, Clone)]
+pub struct LeaseView {
+    clock: Arc<LeaseClock>,
+    leadership: watch::Receiver<Leadership>,
+}
+
+impl LeaseView {
+    /// The end of the lease held in the current leader term, if any (it may be in the past).
+    pub fn valid_until(&self) -> Option<Instant> {
+        match *self.leadership.borrow() {
+            Leadership::Leader { epoch } => self.clock.valid_until(epoch.hi()),
+            _ => None,
+        }
+    }
+
+    /// True while this node leads under an unexpired lease: the check for the grant path.
+    pub fn is_valid(&self) -> bool {
+        self.valid_until().is_some_and(|t| Instant::now() < t)
+    }
+}
+
 /// One node of a tso raft cluster, implementing the consensus seam.
 pub struct RaftBackend {
     id: NodeId,
@@ -250,15 +272,20 @@ impl RaftBackend {
     /// current term. Grant only while `Instant::now() < lease_valid_until()`: until then no
     /// other node can have been elected (see `docs/raft-lease.md`).
     pub fn lease_valid_until(&self) -> Option<Instant> {
-        match *self.leadership.borrow() {
-            Leadership::Leader { epoch } => self.lease.valid_until(epoch.hi()),
-            _ => None,
-        }
+        self.lease_view().valid_until()
     }
 
     /// True while this node leads under an unexpired lease.
     pub fn lease_is_valid(&self) -> bool {
-        self.lease_valid_until().is_some_and(|t| Instant::now() < t)
+        self.lease_view().is_valid()
+    }
+
+    /// A cheap, cloneable view of the lease, for a grant path that does not hold the backend.
+    pub fn lease_view(&self) -> LeaseView {
+        LeaseView {
+            clock: Arc::clone(&self.lease),
+            leadership: self.leadership.clone(),
+        }
     }
 
     /// This node's id.
