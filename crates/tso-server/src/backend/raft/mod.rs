@@ -7,7 +7,9 @@
 //! openraft's generics stay inside this module: callers see [`RaftBackend`], [`RaftConfig`],
 //! [`NodeAddrs`] and [`Links`].
 
+mod dir_guard;
 mod identity;
+mod leadership;
 mod lease;
 mod log_store;
 mod network;
@@ -18,21 +20,23 @@ mod types;
 #[cfg(test)]
 mod storage_tests;
 
-use std::collections::{BTreeMap, HashSet};
-use std::path::{Path, PathBuf};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use openraft::SnapshotPolicy;
 use openraft::error::{
     CheckIsLeaderError, ClientWriteError, ForwardToLeader, InitializeError, RaftError,
 };
-use openraft::{RaftMetrics, ServerState, SnapshotPolicy};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tso_core::{Epoch, PHYSICAL_MAX_MS};
 use tso_proto::tso::raft_v1::raft_peer_server::RaftPeerServer;
 
 use crate::consensus::{BoxFuture, Consensus, ConsensusError, Leadership};
+use dir_guard::DirGuard;
+use leadership::{leadership_of, renew_lease, watch_leadership};
 use lease::LeaseClock;
 use log_store::LogStore;
 use network::Network;
@@ -69,10 +73,6 @@ impl Default for SnapshotOptions {
 
 /// Entries purged per purge call: one call, one record and one fsync, whatever the count.
 const PURGE_BATCH_ENTRIES: u64 = 64;
-
-/// How long [`RaftBackend::open`] waits for a previous backend on the same directory in this
-/// process to finish shutting down (openraft stops its tasks within a heartbeat or two).
-const REOPEN_WAIT: Duration = Duration::from_secs(10);
 
 /// Raft timings. The defaults fail a dead leader over in about
 /// `election_timeout_max + election_timeout_min..max` = 550..700 ms (followers wait out the
@@ -516,130 +516,5 @@ async fn initialize(raft: &Raft, members: BTreeMap<u64, NodeAddrs>) -> Result<()
         // exists, which is what initialize wants.
         Err(RaftError::APIError(InitializeError::NotAllowed(_))) => Ok(()),
         Err(e) => Err(RaftOpenError::Start(e.to_string())),
-    }
-}
-
-/// What this node knows of leadership, from one metrics snapshot.
-fn leadership_of(m: &RaftMetrics<NodeId, NodeAddrs>) -> Leadership {
-    if m.running_state.is_err() {
-        return Leadership::Unknown;
-    }
-    match m.current_leader {
-        Some(leader) if leader == m.id && m.state == ServerState::Leader => Leadership::Leader {
-            epoch: Epoch::from_parts(m.current_term, m.id),
-        },
-        Some(leader) if leader != m.id => Leadership::Follower {
-            leader_endpoint: m
-                .membership_config
-                .membership()
-                .get_node(&leader)
-                .map(|n| n.client_addr.clone()),
-            leader_epoch: Some(Epoch::from_parts(m.current_term, leader)),
-        },
-        _ => Leadership::Unknown,
-    }
-}
-
-fn epoch_of(l: &Leadership) -> Option<Epoch> {
-    match l {
-        Leadership::Leader { epoch } => Some(*epoch),
-        Leadership::Follower { leader_epoch, .. } => *leader_epoch,
-        Leadership::Unknown => None,
-    }
-}
-
-/// Mirrors openraft's metrics into the leadership watch until raft stops; then the watch closes.
-/// Epochs never go back: a state naming an older epoch than one already published is `Unknown`.
-async fn watch_leadership(
-    mut metrics: watch::Receiver<RaftMetrics<NodeId, NodeAddrs>>,
-    tx: watch::Sender<Leadership>,
-) {
-    let mut highest: Option<Epoch> = None;
-    loop {
-        let (mut next, stopped) = {
-            let m = metrics.borrow_and_update();
-            (leadership_of(&m), m.running_state.is_err())
-        };
-        match (epoch_of(&next), highest) {
-            (Some(e), Some(h)) if e < h => next = Leadership::Unknown,
-            (Some(e), _) => highest = Some(e),
-            (None, _) => {}
-        }
-        tx.send_if_modified(|current| {
-            let changed = *current != next;
-            *current = next;
-            changed
-        });
-        if stopped || metrics.changed().await.is_err() {
-            return;
-        }
-    }
-}
-
-/// While this node leads, confirms leadership with a quorum every heartbeat interval and
-/// extends the lease from the instant read *before* each confirmation was sent.
-async fn renew_lease(
-    raft: Raft,
-    mut leadership: watch::Receiver<Leadership>,
-    lease: Arc<LeaseClock>,
-    timings: RaftTimings,
-) {
-    loop {
-        let epoch = match *leadership.borrow_and_update() {
-            Leadership::Leader { epoch } => Some(epoch),
-            _ => None,
-        };
-        let Some(epoch) = epoch else {
-            if leadership.changed().await.is_err() {
-                return;
-            }
-            continue;
-        };
-        let sent = Instant::now();
-        let confirm = tokio::time::timeout(timings.call_timeout, raft.get_read_log_id()).await;
-        let term_after = raft.metrics().borrow().current_term;
-        if matches!(confirm, Ok(Ok(_))) && term_after == epoch.hi() {
-            lease.extend(epoch.hi(), sent);
-        }
-        tokio::time::sleep(timings.heartbeat_interval).await;
-    }
-}
-
-/// Directories opened by a live backend of this process. A directory is released when the
-/// raft that owned it has stopped, so a reopen never has two writers on one log.
-static OPEN_DIRS: Mutex<Option<HashSet<PathBuf>>> = Mutex::new(None);
-
-/// Holds a data directory for one backend; released on drop.
-struct DirGuard {
-    path: PathBuf,
-}
-
-impl DirGuard {
-    async fn acquire(dir: &Path) -> Result<Self, RaftOpenError> {
-        let path = std::path::absolute(dir).unwrap_or_else(|_| dir.to_owned());
-        let deadline = tokio::time::Instant::now() + REOPEN_WAIT;
-        loop {
-            if Self::try_insert(&path) {
-                return Ok(Self { path });
-            }
-            if tokio::time::Instant::now() >= deadline {
-                return Err(RaftOpenError::DirInUse(path));
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-
-    fn try_insert(path: &Path) -> bool {
-        let mut dirs = OPEN_DIRS.lock().expect("open dirs lock");
-        dirs.get_or_insert_with(HashSet::new)
-            .insert(path.to_owned())
-    }
-}
-
-impl Drop for DirGuard {
-    fn drop(&mut self) {
-        if let Some(dirs) = OPEN_DIRS.lock().expect("open dirs lock").as_mut() {
-            dirs.remove(&self.path);
-        }
     }
 }
