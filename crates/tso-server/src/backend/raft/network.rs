@@ -338,3 +338,30 @@ impl RaftPeer for PeerService {
         reply(&self.raft.install_snapshot(req).await)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_map_to_openraft_classes() {
+        let ttl = Duration::from_millis(50);
+        let unavailable = classify_status(tonic::Status::unavailable("refused"), ttl);
+        assert!(matches!(unavailable, CallError::Unavailable(_)));
+        let deadline = classify_status(tonic::Status::deadline_exceeded("slow"), ttl);
+        assert!(matches!(deadline, CallError::Deadline(d) if d == ttl));
+        let other = classify_status(tonic::Status::internal("bug"), ttl);
+        assert!(matches!(other, CallError::Status(_)));
+    }
+
+    #[test]
+    fn links_cut_one_direction_and_isolate_both() {
+        let links = Links::default();
+        links.cut(1, 2);
+        assert!(links.is_cut(1, 2) && !links.is_cut(2, 1));
+        links.isolate(3, [1, 2, 3]);
+        assert!(links.is_cut(3, 1) && links.is_cut(1, 3) && links.is_cut(2, 3));
+        links.heal_all();
+        assert!(!links.is_cut(1, 2) && !links.is_cut(3, 1));
+    }
+}

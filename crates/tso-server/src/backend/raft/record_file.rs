@@ -274,6 +274,37 @@ mod tests {
     }
 
     #[test]
+    fn a_record_at_the_size_bound_round_trips_and_a_length_past_it_is_damage() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log");
+        let (mut f, _) = RecordFile::open(&path).unwrap();
+        let biggest = vec![7u8; RECORD_BYTES_MAX];
+        f.append(std::slice::from_ref(&biggest)).unwrap();
+        f.append(&[b"after".to_vec()]).unwrap();
+        drop(f);
+        assert_eq!(reopen(&path), vec![biggest, b"after".to_vec()]);
+
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[0..4].copy_from_slice(&(RECORD_BYTES_MAX as u32 + 1).to_le_bytes());
+        std::fs::write(&path, &bytes).unwrap();
+        assert!(
+            matches!(
+                RecordFile::open(&path),
+                Err(RecordFileError::Corrupt { offset: 0, .. })
+            ),
+            "a length past the bound, followed by data, is damage"
+        );
+    }
+
+    #[test]
+    #[should_panic(expected = "outside 1..=")]
+    fn appending_past_the_size_bound_is_a_programmer_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut f, _) = RecordFile::open(&dir.path().join("log")).unwrap();
+        let _ = f.append(&[vec![0u8; RECORD_BYTES_MAX + 1]]);
+    }
+
+    #[test]
     fn rewrite_replaces_the_content() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("log");
