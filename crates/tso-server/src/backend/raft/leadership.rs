@@ -52,20 +52,24 @@ pub async fn watch_leadership(
 ) {
     let mut highest: Option<Epoch> = None;
     loop {
-        let (mut next, stopped) = {
+        let (mut next, stopped, term) = {
             let m = metrics.borrow_and_update();
-            (leadership_of(&m), m.running_state.is_err())
+            (leadership_of(&m), m.running_state.is_err(), m.current_term)
         };
         match (epoch_of(&next), highest) {
             (Some(e), Some(h)) if e < h => next = Leadership::Unknown,
             (Some(e), _) => highest = Some(e),
             (None, _) => {}
         }
-        tx.send_if_modified(|current| {
+        let leads = matches!(next, Leadership::Leader { .. });
+        let changed = tx.send_if_modified(|current| {
             let changed = *current != next;
             *current = next;
             changed
         });
+        if changed {
+            crate::metrics::raft_leadership(term, leads);
+        }
         if stopped || metrics.changed().await.is_err() {
             return;
         }
@@ -94,9 +98,11 @@ pub async fn renew_lease(
         let sent = Instant::now();
         let confirm = tokio::time::timeout(timings.call_timeout, raft.get_read_log_id()).await;
         let term_after = raft.metrics().borrow().current_term;
-        if matches!(confirm, Ok(Ok(_))) && term_after == epoch.hi() {
+        let confirmed = matches!(confirm, Ok(Ok(_))) && term_after == epoch.hi();
+        if confirmed {
             lease.extend(epoch.hi(), sent);
         }
+        crate::metrics::raft_lease_renewal(confirmed);
         tokio::time::sleep(timings.heartbeat_interval).await;
     }
 }
