@@ -106,3 +106,19 @@ pub async fn renew_lease(
         tokio::time::sleep(timings.heartbeat_interval).await;
     }
 }
+
+/// Keeps a restarted node from campaigning for `quiet` (its `election_timeout_max`).
+///
+/// Before a crash this node may have acknowledged the leader at some instant `r`, helping it to
+/// a lease until `r + election_timeout_max`. openraft forgets `r` on restart and would let the
+/// node campaign at once, voting for itself: with a peer whose own lease has expired that makes
+/// a quorum while the old leader still grants. Waiting out `quiet` after the restart (which is
+/// after `r`) closes that; the peer service refuses incoming votes for the same span.
+pub fn hold_elections(raft: &Raft, quiet: std::time::Duration) {
+    raft.runtime_config().elect(false);
+    let raft = raft.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(quiet).await;
+        raft.runtime_config().elect(true);
+    });
+}

@@ -36,7 +36,7 @@ use tso_proto::tso::raft_v1::raft_peer_server::RaftPeerServer;
 
 use crate::consensus::{BoxFuture, Consensus, ConsensusError, Leadership};
 use dir_guard::DirGuard;
-use leadership::{leadership_of, renew_lease, watch_leadership};
+use leadership::{hold_elections, leadership_of, renew_lease, watch_leadership};
 use lease::LeaseClock;
 use log_store::LogStore;
 use network::Network;
@@ -216,6 +216,8 @@ impl RaftBackend {
             .map_err(|e| RaftOpenError::Start(e.to_string()))?;
         if fresh {
             initialize(&raft, config.initial_members.clone()).await?;
+        } else {
+            hold_elections(&raft, config.timings.election_timeout_max);
         }
         Ok(Self::start_tasks(config, raft, sm, dir_guard))
     }
