@@ -80,6 +80,16 @@ pub trait Consensus: Send + Sync + 'static {
         at_least_ms: u64,
         epoch: Epoch,
     ) -> BoxFuture<'_, Result<u64, ConsensusError>>;
+
+    /// Whether this node may still grant under `epoch` right now (SEMANTICS G3). A replicated
+    /// backend returns false once a newer leader could have been elected without this node
+    /// knowing (its leader lease, renewed by quorum acknowledgements, ran out); the server then
+    /// refuses grants until the lease is renewed. Checked on every grant: it must be cheap (a
+    /// lock-free read and a clock read). A single-node backend is always leader: the default.
+    fn lease_valid(&self, epoch: Epoch) -> bool {
+        let _ = epoch;
+        true
+    }
 }
 
 impl<T: Consensus + ?Sized> Consensus for std::sync::Arc<T> {
@@ -97,5 +107,9 @@ impl<T: Consensus + ?Sized> Consensus for std::sync::Arc<T> {
         epoch: Epoch,
     ) -> BoxFuture<'_, Result<u64, ConsensusError>> {
         (**self).persist_high_water(at_least_ms, epoch)
+    }
+
+    fn lease_valid(&self, epoch: Epoch) -> bool {
+        (**self).lease_valid(epoch)
     }
 }

@@ -212,6 +212,10 @@ impl Shared {
             Mode::NotServing(hint) => return Err(Refusal::NotLeader(hint.clone())),
             Mode::Poisoned => return Err(Refusal::NotLeader(LeaderHint::default())),
         };
+        // A leader cut off from its peers stops granting before a new leader can start.
+        if !self.backend.lease_valid(term.epoch) {
+            return Err(Refusal::NotLeader(LeaderHint::default()));
+        }
         match term.window.grant(count, now_ms) {
             Ok(grant) => {
                 if !term.extension_wanted && term.window.wants_extension(now_ms, low_water_ms) {

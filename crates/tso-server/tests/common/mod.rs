@@ -311,8 +311,13 @@ impl TestServer {
         clock: Arc<dyn Clock>,
     ) -> TestServer {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
         let guard = OracleGuard::start_with_clock(backend, config, clock);
+        Self::from_guard(listener, guard)
+    }
+
+    /// Serves an already started guard on `listener`.
+    pub fn from_guard(listener: tokio::net::TcpListener, guard: OracleGuard) -> TestServer {
+        let addr = listener.local_addr().unwrap();
         let serving = guard.serving();
         let (stop, stopped) = oneshot::channel();
         let stop_taken = Arc::new(std::sync::atomic::AtomicBool::new(false));

@@ -490,6 +490,12 @@ impl Consensus for RaftBackend {
     ) -> BoxFuture<'_, Result<u64, ConsensusError>> {
         Box::pin(self.persist(at_least_ms, epoch))
     }
+
+    fn lease_valid(&self, epoch: Epoch) -> bool {
+        self.lease
+            .valid_until(epoch.hi())
+            .is_some_and(|until| Instant::now() < until)
+    }
 }
 
 fn transient_timeout(what: &str, after: Duration) -> ConsensusError {
