@@ -6,6 +6,7 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 use tso_server::backend::file::{self, FileBackend};
 use tso_server::clock::{Clock, OffsetClock, SystemClock};
+use tso_server::consensus::{BoxFuture, Consensus, ConsensusError, Leadership};
 use tso_server::{Config, OracleGuard, serve_listener};
 
 use crate::cli::{InitArgs, ServeArgs};
@@ -30,7 +31,15 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         failover_advance: args.failover_advance,
         shutdown_grace: args.shutdown_grace,
     };
-    let guard = OracleGuard::start_with_clock(Arc::new(backend), config, clock(&args));
+    let backend: Arc<dyn Consensus> = if args.unsafe_forget_high_water {
+        tracing::warn!(
+            "UNSAFE: the fence forgets the durable high-water; this server breaks its guarantees on purpose"
+        );
+        Arc::new(ForgetHighWater(backend))
+    } else {
+        Arc::new(backend)
+    };
+    let guard = OracleGuard::start_with_clock(backend, config, clock(&args));
     if !guard.wait_serving().await {
         return guard
             .shutdown()
@@ -42,6 +51,29 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     serve_listener(listener, guard, shutdown_signal()).await?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The positive control of `tso check`: a backend that reads the durable high-water as 0, as
+/// if its record were lost, so the fence starts from the clock alone. Persisting still
+/// ratchets the real record; only the fence's view of it is wrong.
+struct ForgetHighWater<B>(B);
+
+impl<B: Consensus> Consensus for ForgetHighWater<B> {
+    fn leadership(&self) -> tokio::sync::watch::Receiver<Leadership> {
+        self.0.leadership()
+    }
+
+    fn load_high_water(&self) -> BoxFuture<'_, Result<u64, ConsensusError>> {
+        Box::pin(async { Ok(0) })
+    }
+
+    fn persist_high_water(
+        &self,
+        at_least_ms: u64,
+        epoch: tso_core::Epoch,
+    ) -> BoxFuture<'_, Result<u64, ConsensusError>> {
+        self.0.persist_high_water(at_least_ms, epoch)
+    }
 }
 
 /// The system clock, or, for fault tests, one shifted by the offset in a file.

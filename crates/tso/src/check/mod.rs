@@ -1,0 +1,398 @@
+//! `tso check`: a Jepsen-style checker for the oracle.
+//!
+//! It starts a local cluster (or attaches to endpoints, load only), runs sequential clients
+//! that record every call, applies a seeded nemesis schedule, and then checks the whole history
+//! (duplicates, per-client regression, real-time order, grant shape) and liveness (a successful
+//! reply within a bound after each fault heals). Exit codes: 0 clean, 1 violation, 2 usage or
+//! setup error. The seed is printed first, and the schedule and history summary go to a file.
+
+pub mod clients;
+pub mod cluster;
+pub mod history;
+pub mod schedule;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+
+use self::clients::{CALLS_MAX, Client, Shared};
+use self::cluster::Cluster;
+use self::history::{Call, Outcome, check, check_liveness, monotonic_ns};
+use self::schedule::{Plan, Step};
+use crate::cli::CheckArgs;
+use crate::targets::Targets;
+
+/// Exit code of a clean history.
+pub const EXIT_CLEAN: u8 = 0;
+/// Exit code of a violation (history or liveness).
+pub const EXIT_VIOLATION: u8 = 1;
+/// Exit code of a usage or setup error.
+pub const EXIT_SETUP: u8 = 2;
+/// Clients in one run at most: each is a task with its own connection.
+pub const CLIENTS_MAX: usize = 256;
+/// Violations printed on the terminal (the file has up to `VIOLATIONS_KEPT_MAX` per kind).
+const VIOLATIONS_PRINTED_MAX: usize = 5;
+
+/// What a run found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Clean,
+    Violation,
+}
+
+/// Runs `tso check` and maps the outcome to its exit code.
+pub fn main(args: CheckArgs) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("tso check: error: starting the async runtime: {err}");
+            return ExitCode::from(EXIT_SETUP);
+        }
+    };
+    match runtime.block_on(run(args)) {
+        Ok(Verdict::Clean) => ExitCode::from(EXIT_CLEAN),
+        Ok(Verdict::Violation) => ExitCode::from(EXIT_VIOLATION),
+        Err(err) => {
+            eprintln!("tso check: error: {err:#}");
+            ExitCode::from(EXIT_SETUP)
+        }
+    }
+}
+
+/// One applied fault, as written to the result file.
+struct Event {
+    step: Step,
+    applied: bool,
+    start_ms: u64,
+    heal_ms: Option<u64>,
+    heal_ns: Option<u64>,
+    error: Option<String>,
+}
+
+async fn run(args: CheckArgs) -> anyhow::Result<Verdict> {
+    validate(&args)?;
+    let seed = args.seed.unwrap_or_else(rand::random);
+    println!("tso check: seed {seed} (replay with --seed {seed})");
+    let work = WorkDir::new(args.work_dir.clone())?;
+    let attached = !args.endpoints.is_empty();
+    let mut cluster = None;
+    let endpoints = if attached {
+        args.endpoints.clone()
+    } else {
+        let bin = std::env::current_exe().context("finding this binary")?;
+        let started =
+            Cluster::start(&bin, work.path(), args.nodes, args.unsafe_positive_control).await?;
+        let endpoints = started.endpoints();
+        cluster = Some(started);
+        endpoints
+    };
+    let plan = Plan {
+        seed,
+        nodes: args.nodes,
+        kinds: if attached {
+            vec![]
+        } else {
+            args.faults.clone()
+        },
+        duration: args.duration,
+        interval: args.fault_interval,
+        pause_max: args.liveness_bound / 2,
+        positive_control: args.unsafe_positive_control,
+    };
+    let steps = schedule::draw(&plan);
+    println!(
+        "tso check: {} client(s) against {} for {}, {} fault(s) scheduled; work dir {}",
+        args.clients,
+        endpoints.join(","),
+        humantime::format_duration(args.duration),
+        steps.len(),
+        work.path().display()
+    );
+    let targets = Arc::new(Targets::new(&endpoints, args.clients, args.call_timeout)?);
+    let shared = Arc::new(Shared::default());
+    let mut tasks = Vec::with_capacity(args.clients);
+    for id in 0..args.clients {
+        let client = Client {
+            id: id as u32,
+            seed,
+            count_max: args.count_max,
+            calls_max: CALLS_MAX / args.clients,
+            targets: Arc::clone(&targets),
+            shared: Arc::clone(&shared),
+        };
+        tasks.push(tokio::spawn(client.run()));
+    }
+    let origin = Instant::now();
+    let events = match cluster.as_mut() {
+        Some(cluster) => nemesis(cluster, &steps, origin).await,
+        None => Vec::new(),
+    };
+    tokio::time::sleep_until((origin + args.duration).into()).await;
+    let heals: Vec<u64> = events.iter().filter_map(|e| e.heal_ns).collect();
+    wait_for_recovery(&shared, heals.last().copied(), args.liveness_bound).await;
+    shared.stop.store(true, Ordering::Relaxed);
+    let mut calls = Vec::new();
+    for task in tasks {
+        calls.extend(task.await.context("a client panicked")??);
+    }
+    if let Some(cluster) = cluster.as_mut() {
+        cluster.stop().await;
+    }
+    let verdict = judge(&args, seed, &endpoints, &events, &calls, &heals, &work)?;
+    if verdict == Verdict::Clean {
+        work.clean_up();
+    }
+    Ok(verdict)
+}
+
+fn validate(args: &CheckArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        (1..=CLIENTS_MAX).contains(&args.clients),
+        "--clients must be 1 to {CLIENTS_MAX}"
+    );
+    anyhow::ensure!(
+        (1..=tso_core::LOGICAL_COUNT).contains(&args.count_max),
+        "--count-max must be 1 to {}",
+        tso_core::LOGICAL_COUNT
+    );
+    anyhow::ensure!(matches!(args.nodes, 1 | 3 | 5), "--nodes must be 1, 3 or 5");
+    anyhow::ensure!(
+        args.endpoints.is_empty() || !args.unsafe_positive_control,
+        "the positive control needs a local cluster: drop --endpoints"
+    );
+    anyhow::ensure!(
+        !args.fault_interval.is_zero(),
+        "--fault-interval must be above 0"
+    );
+    Ok(())
+}
+
+/// Applies the schedule in real time; every fault heals before the next one starts.
+async fn nemesis(cluster: &mut Cluster, steps: &[Step], origin: Instant) -> Vec<Event> {
+    let since = |at: Instant| (at - origin).as_millis() as u64;
+    let mut events = Vec::with_capacity(steps.len());
+    for &step in steps {
+        tokio::time::sleep_until((origin + Duration::from_millis(step.at_ms)).into()).await;
+        let start_ms = since(Instant::now());
+        let mut event = Event {
+            step,
+            applied: false,
+            start_ms,
+            heal_ms: None,
+            heal_ns: None,
+            error: None,
+        };
+        match cluster.apply(step.fault).await {
+            Ok(applied) => event.applied = applied,
+            Err(err) => event.error = Some(format!("{err:#}")),
+        }
+        if event.applied {
+            tokio::time::sleep(Duration::from_millis(step.fault.length_ms())).await;
+            event.heal_ms = Some(since(Instant::now()));
+            event.heal_ns = Some(monotonic_ns());
+            if let Err(err) = cluster.heal(step.fault).await {
+                event.error = Some(format!("{err:#}"));
+            }
+        }
+        eprintln!(
+            "tso check: {:>7} ms  {}{}",
+            start_ms,
+            step.fault.describe(),
+            event
+                .error
+                .as_deref()
+                .map(|e| format!(": FAILED: {e}"))
+                .unwrap_or_default()
+        );
+        events.push(event);
+    }
+    events
+}
+
+/// After the last heal, runs on until a reply succeeds after it, or the bound passes.
+async fn wait_for_recovery(shared: &Shared, last_heal_ns: Option<u64>, bound: Duration) {
+    let Some(heal_ns) = last_heal_ns else {
+        return;
+    };
+    let deadline = Instant::now() + bound;
+    while Instant::now() < deadline && shared.last_ok_ns.load(Ordering::Relaxed) <= heal_ns {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Checks the history, prints the verdict, and writes the result file.
+fn judge(
+    args: &CheckArgs,
+    seed: u64,
+    endpoints: &[String],
+    events: &[Event],
+    calls: &[Call],
+    heals: &[u64],
+    work: &WorkDir,
+) -> anyhow::Result<Verdict> {
+    let report = check(calls);
+    let bound_ns = args.liveness_bound.as_nanos() as u64;
+    let (recoveries, stalls) = check_liveness(calls, heals, bound_ns);
+    let granted = calls
+        .iter()
+        .filter(|c| matches!(c.outcome, Outcome::Granted(_)))
+        .count();
+    let mut errors: BTreeMap<String, u64> = BTreeMap::new();
+    for call in calls {
+        if let Outcome::Failed(code) = &call.outcome {
+            *errors.entry(code.clone()).or_default() += 1;
+        }
+    }
+    let fault_errors = events.iter().filter(|e| e.error.is_some()).count();
+    let clean = report.is_clean() && stalls.is_empty() && granted > 0 && fault_errors == 0;
+    let worst_recovery_ms = recoveries.iter().flatten().max().map(|&ns| ns as f64 / 1e6);
+    println!(
+        "tso check: {} calls, {granted} granted, errors {errors:?}",
+        calls.len()
+    );
+    println!(
+        "tso check: history: {} ({})",
+        if report.is_clean() {
+            "clean"
+        } else {
+            "VIOLATION"
+        },
+        report.counts
+    );
+    for violation in report.violations.iter().take(VIOLATIONS_PRINTED_MAX) {
+        println!("  {}", violation.describe(calls));
+    }
+    match (stalls.is_empty(), worst_recovery_ms) {
+        (true, Some(worst)) => println!(
+            "tso check: liveness: {} heal(s), every one answered within {} (worst {worst:.1} ms)",
+            heals.len(),
+            humantime::format_duration(args.liveness_bound)
+        ),
+        (true, None) => println!("tso check: liveness: no faults healed"),
+        (false, _) => println!(
+            "tso check: liveness: VIOLATION: {} heal(s) without a reply within {}",
+            stalls.len(),
+            humantime::format_duration(args.liveness_bound)
+        ),
+    }
+    if granted == 0 {
+        println!("tso check: VIOLATION: no call succeeded at all");
+    }
+    if fault_errors > 0 {
+        println!(
+            "tso check: VIOLATION: {fault_errors} fault(s) failed to apply or heal (a node did not restart?)"
+        );
+    }
+    let out = args
+        .out
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(format!("tso-check-{seed}.json")));
+    let result = serde_json::json!({
+        "seed": seed,
+        "verdict": if clean { "clean" } else { "violation" },
+        "endpoints": endpoints,
+        "nodes": args.nodes,
+        "clients": args.clients,
+        "count_max": args.count_max,
+        "duration_s": args.duration.as_secs_f64(),
+        "positive_control": args.unsafe_positive_control,
+        "work_dir": work.path(),
+        "schedule": events.iter().map(|e| serde_json::json!({
+            "planned_ms": e.step.at_ms,
+            "fault": e.step.fault.describe(),
+            "applied": e.applied,
+            "start_ms": e.start_ms,
+            "heal_ms": e.heal_ms,
+            "error": e.error,
+        })).collect::<Vec<_>>(),
+        "history": {
+            "calls": calls.len(),
+            "granted": granted,
+            "timestamps": calls.iter().filter_map(|c| match c.outcome { Outcome::Granted(g) => Some(u64::from(g.count)), _ => None }).sum::<u64>(),
+            "errors": errors,
+        },
+        "violations": {
+            "duplicate": report.counts.duplicate,
+            "regression": report.counts.regression,
+            "real_time": report.counts.real_time,
+            "shape": report.counts.shape,
+            "examples": report.violations.iter().map(|v| v.describe(calls)).collect::<Vec<_>>(),
+        },
+        "liveness": {
+            "bound_ms": args.liveness_bound.as_millis() as u64,
+            "recoveries_ms": recoveries.iter().map(|r| r.map(|ns| ns as f64 / 1e6)).collect::<Vec<_>>(),
+            "stalls": stalls.iter().map(|s| s.heal).collect::<Vec<_>>(),
+        },
+    });
+    std::fs::write(&out, serde_json::to_string_pretty(&result)? + "\n")
+        .with_context(|| format!("writing {}", out.display()))?;
+    println!(
+        "tso check: {}; schedule and summary in {}",
+        if clean { "CLEAN" } else { "VIOLATION" },
+        out.display()
+    );
+    Ok(if clean {
+        Verdict::Clean
+    } else {
+        Verdict::Violation
+    })
+}
+
+/// The run's directory: the one given, or a temporary one removed after a clean run (kept,
+/// with the servers' logs, when something was found).
+struct WorkDir {
+    path: PathBuf,
+    temporary: Option<tempfile::TempDir>,
+}
+
+impl WorkDir {
+    fn new(given: Option<PathBuf>) -> anyhow::Result<WorkDir> {
+        match given {
+            Some(path) => {
+                std::fs::create_dir_all(&path)
+                    .with_context(|| format!("creating {}", path.display()))?;
+                Ok(WorkDir {
+                    path,
+                    temporary: None,
+                })
+            }
+            None => {
+                let dir = tempfile::Builder::new()
+                    .prefix("tso-check-")
+                    .tempdir()
+                    .context("creating a work directory")?;
+                Ok(WorkDir {
+                    path: dir.path().to_path_buf(),
+                    temporary: Some(dir),
+                })
+            }
+        }
+    }
+
+    fn path(&self) -> &std::path::Path {
+        &self.path
+    }
+
+    fn clean_up(mut self) {
+        if let Some(dir) = self.temporary.take() {
+            let _ = dir.close();
+        }
+    }
+}
+
+impl Drop for WorkDir {
+    fn drop(&mut self) {
+        // Keep a temporary directory unless `clean_up` consumed it: it holds the logs.
+        if let Some(dir) = self.temporary.take() {
+            let _ = dir.keep();
+        }
+    }
+}

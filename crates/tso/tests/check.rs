@@ -1,0 +1,114 @@
+//! `tso check` as a user runs it, on real processes: a short run against one file-backed node
+//! with kills, pauses and clock jumps comes out clean (exit 0); the positive control, whose
+//! server really forgets its high-water, is caught (exit 1); bad usage exits 2.
+//!
+//! Nothing here depends on timing: the liveness bound is far above any restart, and the
+//! positive control's violation follows from its schedule, not from luck.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn tso_check(dir: &Path, extra: &[&str]) -> (Output, serde_json::Value) {
+    let out = dir.join("result.json");
+    let output = Command::new(env!("CARGO_BIN_EXE_tso"))
+        .arg("check")
+        .arg("--out")
+        .arg(&out)
+        .arg("--work-dir")
+        .arg(dir.join("work"))
+        .args(["--liveness-bound", "60s"])
+        .args(extra)
+        .output()
+        .expect("running tso check");
+    let result = std::fs::read_to_string(&out)
+        .ok()
+        .and_then(|text| serde_json::from_str(&text).ok())
+        .unwrap_or(serde_json::Value::Null);
+    (output, result)
+}
+
+fn explain(output: &Output) -> String {
+    format!(
+        "exit {:?}\n--- stdout\n{}\n--- stderr\n{}",
+        output.status.code(),
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+#[test]
+fn a_short_check_with_kills_pauses_and_clock_jumps_is_clean() {
+    let dir = tempfile::tempdir().unwrap();
+    let (output, result) = tso_check(
+        dir.path(),
+        &[
+            "--seed",
+            "20261126",
+            "--clients",
+            "4",
+            "--duration",
+            "15s",
+            "--fault-interval",
+            "1s",
+            "--faults",
+            "kill,pause,clock",
+        ],
+    );
+    assert_eq!(output.status.code(), Some(0), "{}", explain(&output));
+    assert!(String::from_utf8_lossy(&output.stdout).contains("seed 20261126"));
+    assert_eq!(result["verdict"], "clean", "{result:#}");
+    assert_eq!(result["seed"], 20261126);
+    let faults: Vec<String> = result["schedule"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|step| step["fault"].as_str().unwrap().to_string())
+        .collect();
+    assert!(
+        faults.iter().any(|f| f.starts_with("kill -9")),
+        "{faults:?}"
+    );
+    assert!(
+        faults.iter().any(|f| f.contains("clock offset")),
+        "{faults:?}"
+    );
+    assert!(result["history"]["granted"].as_u64().unwrap() > 0);
+}
+
+#[test]
+fn the_positive_control_is_reported_as_a_violation() {
+    let dir = tempfile::tempdir().unwrap();
+    let (output, result) = tso_check(
+        dir.path(),
+        &[
+            "--unsafe-positive-control",
+            "--seed",
+            "1",
+            "--clients",
+            "4",
+            "--duration",
+            "5s",
+            "--fault-interval",
+            "1s",
+            "--faults",
+            "kill",
+        ],
+    );
+    assert_eq!(output.status.code(), Some(1), "{}", explain(&output));
+    assert_eq!(result["verdict"], "violation", "{result:#}");
+    assert!(
+        result["violations"]["real_time"].as_u64().unwrap() > 0,
+        "{result:#}"
+    );
+}
+
+#[test]
+fn usage_and_setup_errors_exit_with_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let (output, _) = tso_check(dir.path(), &["--nodes", "4"]);
+    assert_eq!(output.status.code(), Some(2), "{}", explain(&output));
+    let (output, _) = tso_check(dir.path(), &["--clients", "0"]);
+    assert_eq!(output.status.code(), Some(2), "{}", explain(&output));
+    let (output, _) = tso_check(dir.path(), &["--no-such-flag"]);
+    assert_eq!(output.status.code(), Some(2), "{}", explain(&output));
+}
