@@ -18,5 +18,5 @@ mod watch;
 
 pub use error::ServeError;
 pub use oracle::{Config, EXHAUSTED_WAIT_MAX, LeaderHint, ServingState};
-pub use serve::{OracleGuard, serve_listener, serve_with_shutdown};
+pub use serve::{OracleGuard, TSO_SERVICE_NAME, serve_listener, serve_with_shutdown};
 pub use service::{NOT_LEADER_MESSAGE, TsoHandler, not_leader};

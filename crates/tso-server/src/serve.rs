@@ -14,6 +14,8 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
+use tonic_health::ServingStatus;
+use tonic_health::pb::health_server::{Health, HealthServer};
 use tracing::{error, info, warn};
 use tso_proto::v1::tso_service_server::TsoServiceServer;
 
@@ -23,6 +25,17 @@ use crate::error::ServeError;
 use crate::oracle::{Config, ServingState, Shared};
 use crate::service::TsoHandler;
 use crate::watch as leadership_watch;
+
+/// The gRPC name of the oracle's service, as health checks name it.
+pub const TSO_SERVICE_NAME: &str = "tsoracle.v1.TsoService";
+
+/// Concurrent calls on one HTTP/2 connection. A call holds nothing but a few hundred bytes while
+/// it waits (at most [`crate::EXHAUSTED_WAIT_MAX`]), so 1024 callers sharing one connection cost
+/// well under a megabyte; more queue at the client.
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 1024;
+/// Pings on an idle connection find dead peers: every 30 s, dropped after 10 s without a reply.
+pub const KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
+pub const KEEPALIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Owns the oracle's background work. Mount [`OracleGuard::service`] in a tonic server, then
 /// call [`OracleGuard::shutdown`] when it stops; [`OracleGuard::failed`] resolves if serving is
@@ -59,6 +72,35 @@ impl OracleGuard {
     /// The gRPC service, to add to a tonic server or router.
     pub fn service(&self) -> TsoServiceServer<TsoHandler> {
         TsoServiceServer::new(TsoHandler::new(Arc::clone(&self.shared)))
+    }
+
+    /// The standard `grpc.health.v1` service, following the serving state: the overall status
+    /// (`""`) is SERVING unless serving is poisoned (a follower is healthy: it redirects), and
+    /// `tsoracle.v1.TsoService` is SERVING only while this node grants timestamps.
+    pub fn health_service(&self) -> HealthServer<impl Health> {
+        let (reporter, server) = tonic_health::server::health_reporter();
+        let mut serving = self.serving();
+        tokio::spawn(async move {
+            loop {
+                let (overall, tso) = match &*serving.borrow_and_update() {
+                    ServingState::Serving { .. } => {
+                        (ServingStatus::Serving, ServingStatus::Serving)
+                    }
+                    ServingState::NotServing { .. } => {
+                        (ServingStatus::Serving, ServingStatus::NotServing)
+                    }
+                    ServingState::Failed { .. } => {
+                        (ServingStatus::NotServing, ServingStatus::NotServing)
+                    }
+                };
+                reporter.set_service_status("", overall).await;
+                reporter.set_service_status(TSO_SERVICE_NAME, tso).await;
+                if serving.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
+        server
     }
 
     /// The serving state, updated on every change.
@@ -152,7 +194,11 @@ pub async fn serve_listener(
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     let stop = CancellationToken::new();
     let server = Server::builder()
+        .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
+        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
         .add_service(guard.service())
+        .add_service(guard.health_service())
         .serve_with_incoming_shutdown(incoming, stop.clone().cancelled_owned());
     tokio::pin!(server);
     let served = tokio::select! {

@@ -195,3 +195,75 @@ pub async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
         tokio::time::sleep(std::time::Duration::from_millis(1)).await;
     }
 }
+
+/// Shutdown lets an in-flight call finish: a call waiting on an extension when the stop is
+/// asked is answered once the extension completes, and the serve call returns Ok.
+#[tokio::test]
+async fn shutdown_lets_in_flight_calls_finish() {
+    let clock = ManualClock::new(1_000_000);
+    let backend = FaultBackend::leader(1, 0);
+    let mut server = TestServer::start(backend.clone(), test_config(), clock.clone()).await;
+    server.wait_serving().await;
+    let mut client = server.client().await;
+    wait_until("the first extension", || backend.stored() >= 1_004_001).await;
+    backend.inject(Op::Persist, Fault::Stall, 1);
+    clock.advance(60_000);
+    let before = backend.persists.load(std::sync::atomic::Ordering::SeqCst);
+    let call = tokio::spawn(async move { get_ts(&mut client, 1).await });
+    wait_until("the call to wait on the stalled extension", || {
+        backend.persists.load(std::sync::atomic::Ordering::SeqCst) > before
+    })
+    .await;
+    let stop_taken = Arc::clone(&server.stop_taken);
+    let stop = tokio::spawn(server.stop());
+    wait_until("the server to take the stop", || {
+        stop_taken.load(std::sync::atomic::Ordering::SeqCst)
+    })
+    .await;
+    // Give the gRPC server time to act on the stop; the call must survive whatever it does.
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    assert!(!call.is_finished(), "the call is in flight during shutdown");
+    backend.release();
+    let reply = call.await.unwrap().expect("the in-flight call is answered");
+    assert_eq!(reply.physical_ms, 1_060_000);
+    stop.await.unwrap().expect("serve returns Ok");
+}
+
+/// The old term may have granted up to `(H, 262143)`; with the clock behind, a new term must
+/// still start above it: the `+ 1` of the fence floor.
+#[tokio::test]
+async fn a_new_term_starts_above_a_fully_used_window() {
+    let clock = ManualClock::new(1_000_000);
+    let backend = FaultBackend::leader(1, 0);
+    // The fence's persist passes; every extension after it hangs, so H stays at the fence's.
+    backend.inject(Op::Persist, Fault::Pass, 1);
+    backend.inject(Op::Persist, Fault::Hang, 1_000);
+    let mut server = TestServer::start(backend.clone(), test_config(), clock.clone()).await;
+    server.wait_serving().await;
+    let mut client = server.client().await;
+    let high_water = backend.stored();
+    let mut last = 0;
+    for _ in 1_000_000..=high_water {
+        let reply = get_ts(&mut client, LOGICAL_COUNT).await.unwrap();
+        last = *values(&reply).end();
+    }
+    assert_eq!(
+        last,
+        high_water << 18 | (LOGICAL_COUNT as u64 - 1),
+        "the whole window was used"
+    );
+    server.stop().await.unwrap();
+
+    backend.clear_faults();
+    backend.set_leadership(tso_server::consensus::Leadership::Leader {
+        epoch: tso_core::Epoch::new(2),
+    });
+    let mut server = TestServer::start(backend.clone(), test_config(), clock).await;
+    server.wait_serving().await;
+    let first = get_ts(&mut server.client().await, 1).await.unwrap();
+    assert!(
+        *values(&first).start() > last,
+        "new term reissued at or below {last}"
+    );
+    server.stop().await.unwrap();
+}

@@ -49,6 +49,9 @@ pub struct ServeArgs {
     /// How long shutdown waits for in-flight calls and background work.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,
+    /// Serve Prometheus metrics on this address (`/metrics`); off when not set.
+    #[arg(long, env = "TSO_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
     /// FOR THE CHECKER'S POSITIVE CONTROL ONLY: the failover fence reads the durable
     /// high-water as 0, as if the backend had lost its record, so a restart under a clock set
     /// back reissues timestamps. This breaks the oracle on purpose. Never set it.

@@ -18,6 +18,14 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    if let Some(addr) = args.metrics_listen {
+        metrics_exporter_prometheus::PrometheusBuilder::new()
+            .with_http_listener(addr)
+            .install()
+            .with_context(|| {
+                format!("cannot serve metrics on {addr}: pick another --metrics-listen")
+            })?;
+    }
     let backend = FileBackend::open(&args.data_dir)?;
     let listener = TcpListener::bind(args.listen).await.with_context(|| {
         format!(

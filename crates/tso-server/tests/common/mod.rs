@@ -52,6 +52,8 @@ pub enum Op {
 /// What the fault backend does on one call.
 #[derive(Debug, Clone)]
 pub enum Fault {
+    /// Do the call for real (a placeholder to fault a later call).
+    Pass,
     Fail(ConsensusError),
     /// Wait until [`FaultBackend::release`] before doing the call for real.
     Stall,
@@ -110,6 +112,10 @@ impl FaultBackend {
         queue.extend(std::iter::repeat_n(fault, times));
     }
 
+    pub fn clear_faults(&self) {
+        *self.faults.lock().unwrap() = Faults::default();
+    }
+
     pub fn set_leadership(&self, state: Leadership) {
         self.leadership
             .lock()
@@ -146,7 +152,7 @@ impl FaultBackend {
 
     async fn apply(&self, fault: Option<Fault>) -> Result<(), ConsensusError> {
         match fault {
-            None => Ok(()),
+            None | Some(Fault::Pass) => Ok(()),
             Some(Fault::Fail(err)) => Err(err),
             Some(Fault::Stall) => {
                 self.release.notified().await;
@@ -202,6 +208,8 @@ pub struct TestServer {
     pub addr: SocketAddr,
     pub serving: watch::Receiver<ServingState>,
     stop: Option<oneshot::Sender<()>>,
+    /// Set once the server has taken the stop request (its shutdown future resolved).
+    pub stop_taken: Arc<std::sync::atomic::AtomicBool>,
     pub task: JoinHandle<Result<(), ServeError>>,
 }
 
@@ -216,13 +224,17 @@ impl TestServer {
         let guard = OracleGuard::start_with_clock(backend, config, clock);
         let serving = guard.serving();
         let (stop, stopped) = oneshot::channel();
-        let task = tokio::spawn(tso_server::serve_listener(listener, guard, async {
+        let stop_taken = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let taken = Arc::clone(&stop_taken);
+        let task = tokio::spawn(tso_server::serve_listener(listener, guard, async move {
             let _ = stopped.await;
+            taken.store(true, Ordering::SeqCst);
         }));
         TestServer {
             addr,
             serving,
             stop: Some(stop),
+            stop_taken,
             task,
         }
     }

@@ -1,0 +1,176 @@
+//! The file backend: the conformance suite, and what it does with locks, damage and new
+//! directories. Real files and fsync in temporary directories.
+
+use std::fs;
+use std::path::Path;
+
+use tso_core::Epoch;
+use tso_server::backend::file::{self, FileBackend, FileError};
+use tso_server::consensus::{Consensus, ConsensusError, Leadership, conformance};
+
+#[tokio::test]
+async fn conformance_suite() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().to_path_buf();
+    conformance::run_all(|| {
+        let path = path.clone();
+        async move { FileBackend::open(&path).unwrap() }
+    })
+    .await;
+}
+
+#[test]
+fn creates_nested_directories() {
+    let dir = tempfile::tempdir().unwrap();
+    let nested = dir.path().join("a/b/c");
+    let backend = FileBackend::open(&nested).unwrap();
+    assert!(nested.join("high-water").exists());
+    assert_eq!(backend.epoch(), Epoch::new(1));
+}
+
+#[test]
+fn epoch_grows_on_every_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let epochs: Vec<Epoch> = (0..3)
+        .map(|_| FileBackend::open(dir.path()).unwrap().epoch())
+        .collect();
+    assert_eq!(epochs, [Epoch::new(1), Epoch::new(2), Epoch::new(3)]);
+    let backend = FileBackend::open(dir.path()).unwrap();
+    assert_eq!(
+        *backend.leadership().borrow(),
+        Leadership::Leader {
+            epoch: Epoch::new(4)
+        }
+    );
+}
+
+#[test]
+fn a_second_open_of_a_locked_directory_fails_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let _held = FileBackend::open(dir.path()).unwrap();
+    let err = FileBackend::open(dir.path())
+        .err()
+        .expect("second open must fail");
+    assert!(matches!(err, FileError::Locked { .. }), "{err}");
+    assert!(
+        err.to_string().contains("in use by another tso process"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn a_persisted_value_survives_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let backend = FileBackend::open(dir.path()).unwrap();
+    backend
+        .persist_high_water(123_456, backend.epoch())
+        .await
+        .unwrap();
+    drop(backend);
+    let backend = FileBackend::open(dir.path()).unwrap();
+    assert_eq!(backend.load_high_water().await.unwrap(), 123_456);
+}
+
+#[tokio::test]
+async fn a_stale_epoch_is_fenced() {
+    let dir = tempfile::tempdir().unwrap();
+    let backend = FileBackend::open(dir.path()).unwrap();
+    let err = backend
+        .persist_high_water(5, Epoch::new(99))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err,
+        ConsensusError::Fenced {
+            expected: Epoch::new(99),
+            current: backend.epoch()
+        }
+    );
+}
+
+/// Every kind of damage stops the open with an error that names the file and the problem.
+#[tokio::test]
+async fn damaged_records_are_refused_never_reset() {
+    let damages: [(&str, Damage); 6] = [
+        ("bit flip in the value", |b| b[9] ^= 0x10),
+        ("bit flip in the checksum", |b| b[27] ^= 0x01),
+        ("truncated", |b| b.truncate(20)),
+        ("empty", |b| b.clear()),
+        ("extra byte", |b| b.push(0)),
+        ("wrong magic", |b| b[0..4].copy_from_slice(b"XXXX")),
+    ];
+    for (what, damage) in damages {
+        let dir = tempfile::tempdir().unwrap();
+        seed(dir.path(), 777_000).await;
+        let record = dir.path().join("high-water");
+        let mut bytes = fs::read(&record).unwrap();
+        damage(&mut bytes);
+        fs::write(&record, &bytes).unwrap();
+        let err = FileBackend::open(dir.path())
+            .err()
+            .unwrap_or_else(|| panic!("{what}: open must fail"));
+        let msg = err.to_string();
+        assert!(matches!(err, FileError::Damaged { .. }), "{what}: {msg}");
+        assert!(
+            msg.contains("high-water"),
+            "{what}: the error names the file: {msg}"
+        );
+        assert_eq!(
+            fs::read(&record).unwrap(),
+            bytes,
+            "{what}: the damaged file is left as it was"
+        );
+    }
+}
+
+#[test]
+fn wrong_version_is_refused_with_its_number() {
+    let dir = tempfile::tempdir().unwrap();
+    drop(FileBackend::open(dir.path()).unwrap());
+    let record = dir.path().join("high-water");
+    let mut bytes = fs::read(&record).unwrap();
+    bytes[4] = 9;
+    fs::write(&record, &bytes).unwrap();
+    let msg = FileBackend::open(dir.path()).err().unwrap().to_string();
+    assert!(msg.contains("unsupported record version 9"), "{msg}");
+}
+
+#[test]
+fn a_leftover_temp_file_is_ignored() {
+    let dir = tempfile::tempdir().unwrap();
+    drop(FileBackend::open(dir.path()).unwrap());
+    fs::write(dir.path().join("high-water.tmp"), b"half-written garbage").unwrap();
+    FileBackend::open(dir.path()).unwrap();
+    assert!(!dir.path().join("high-water.tmp").exists());
+}
+
+#[tokio::test]
+async fn init_seeds_a_fresh_directory_and_refuses_to_overwrite() {
+    let dir = tempfile::tempdir().unwrap();
+    file::init(dir.path(), 1_900_000_000_000).unwrap();
+    let err = file::init(dir.path(), 5).unwrap_err();
+    assert!(matches!(err, FileError::AlreadyInitialized { .. }), "{err}");
+    let backend = FileBackend::open(dir.path()).unwrap();
+    assert_eq!(backend.load_high_water().await.unwrap(), 1_900_000_000_000);
+    drop(backend);
+    assert!(matches!(
+        file::init(dir.path(), 5),
+        Err(FileError::AlreadyInitialized { .. })
+    ));
+    let fresh = tempfile::tempdir().unwrap();
+    assert!(matches!(
+        file::init(fresh.path(), u64::MAX),
+        Err(FileError::OutOfRange { .. })
+    ));
+}
+
+async fn seed(dir: &Path, value: u64) {
+    let backend = FileBackend::open(dir).unwrap();
+    backend
+        .persist_high_water(value, backend.epoch())
+        .await
+        .unwrap();
+}
+
+/// A way to damage a record file's bytes.
+type Damage = fn(&mut Vec<u8>);
