@@ -22,6 +22,8 @@ use crate::targets::{Targets, code_name, leader_hint};
 
 /// Callers at most: each is one task with a ~60 KiB histogram.
 pub const CALLERS_MAX: usize = 4096;
+/// Worker threads of the load generator at most.
+pub const THREADS_MAX: usize = 256;
 /// Latencies above this are recorded as this (a call times out long before).
 pub const LATENCY_MAX_US: u64 = 60_000_000;
 /// Grants kept for the duplicate check across all callers: 16 bytes each, 128 MiB in all. Past
@@ -83,7 +85,15 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         tso_core::LOGICAL_COUNT
     );
     anyhow::ensure!(!args.duration.is_zero(), "--duration must be above 0");
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if let Some(threads) = args.threads {
+        anyhow::ensure!(
+            (1..=THREADS_MAX).contains(&threads),
+            "--threads must be 1 to {THREADS_MAX}"
+        );
+        runtime.worker_threads(threads);
+    }
+    let runtime = runtime
         .enable_all()
         .build()
         .context("starting the async runtime")?;
@@ -258,6 +268,7 @@ struct Report {
     callers: usize,
     connections: usize,
     count: u32,
+    threads: Option<usize>,
     duration: Duration,
     warmup: Duration,
     calls: u64,
@@ -306,6 +317,7 @@ impl Report {
             callers: args.callers,
             connections: args.connections,
             count: args.count,
+            threads: args.threads,
             duration: args.duration,
             warmup: args.warmup,
             calls,
@@ -394,6 +406,7 @@ impl Report {
             "callers": self.callers,
             "connections": self.connections,
             "count": self.count,
+            "threads": self.threads,
             "duration_s": self.duration.as_secs_f64(),
             "warmup_s": self.warmup.as_secs_f64(),
             "calls": self.calls,
