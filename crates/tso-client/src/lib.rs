@@ -1,1 +1,41 @@
+//! Client of the tso timestamp oracle (SEMANTICS §10, PROTOCOL.md).
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), tso_client::Error> {
+//! let client = tso_client::Client::connect(["127.0.0.1:50551"]).await?;
+//! let ts = client.get_ts().await?;
+//! let batch = client.get_ts_batch(1000).await?;
+//! assert!(batch.first() > ts);
+//! # Ok(()) }
+//! ```
+//!
+//! - **Coalescing** ([`dispatch`](crate::dispatch) module): concurrent callers share RPCs. A lone
+//!   caller's request goes out at once; under load, the callers queued at that moment share one
+//!   `GetTs`, and each gets a contiguous slice. Nothing is fetched ahead (G2): every timestamp
+//!   returned was granted after its caller asked.
+//! - **Leader discovery**: a "not leader" reply's hint is followed within the same call without
+//!   spending an attempt; the leader is cached and the cache never goes back an epoch; without
+//!   a hint, the configured endpoints are tried in rotation and an election is waited out.
+//! - **Bounded**: per-attempt and overall deadlines, an attempt budget, full-jitter backoff on
+//!   transport errors and `UNAVAILABLE`, and a bounded queue of callers ([`Error::QueueFull`]).
+//! - **Errors** are one `Clone` type; [`Error::is_retryable`] tells "retry later" from "the
+//!   request or configuration is wrong". Malformed replies and hints are errors, never panics.
+//! - Dropping the last [`Client`] clone stops its background task.
 
+mod call;
+mod client;
+mod config;
+mod dispatch;
+mod endpoint;
+mod error;
+mod grant;
+mod router;
+
+pub use client::Client;
+pub use config::{
+    ATTEMPT_TIMEOUT_DEFAULT, ATTEMPTS_MAX_DEFAULT, BACKOFF_BASE_DEFAULT, BACKOFF_CAP_DEFAULT,
+    ClientBuilder, IN_FLIGHT_RPCS_MAX_DEFAULT, OVERALL_TIMEOUT_DEFAULT, QUEUED_CALLERS_MAX_DEFAULT,
+};
+pub use error::{Error, Result};
+pub use grant::{Batch, TsRange};
+pub use tso_core::{Epoch, LOGICAL_COUNT, Timestamp};

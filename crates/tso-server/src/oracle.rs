@@ -301,11 +301,22 @@ impl Shared {
         Some((id, wake))
     }
 
-    /// Poisons serving for good and records why; the first fatal error wins.
+    /// Poisons serving for good and records why, for [`Shared::take_fatal`].
     pub fn poison(&self, error: ServeError) {
         let reason = error.to_string();
-        self.lock().mode = Mode::Poisoned;
         self.fatal.lock().expect("fatal lock").get_or_insert(error);
+        self.mark_poisoned(reason);
+    }
+
+    /// Poisons serving for good and publishes `reason`, unless it already is poisoned: the
+    /// first cause is the one embedders and operators see.
+    pub fn mark_poisoned(&self, reason: String) {
+        let mut state = self.lock();
+        if matches!(state.mode, Mode::Poisoned) {
+            return;
+        }
+        state.mode = Mode::Poisoned;
+        drop(state);
         metrics::serving(false);
         self.serving.send_replace(ServingState::Failed { reason });
         self.failed.cancel();

@@ -156,7 +156,8 @@ async fn supervise(
     };
     if let Err(err) = &result {
         error!(error = %err, "leadership watch ended: serving is poisoned");
-        shared.poison(ServeError::Invariant(err.to_string()));
+        // The supervisor returns the error itself; the state only needs its message.
+        shared.mark_poisoned(err.to_string());
     }
     result
 }

@@ -108,9 +108,11 @@ impl Watcher {
         }
     }
 
+    /// Stops serving first (the term and its allocator are dropped, so nothing more is granted
+    /// under it), then waits for the term's extender to end.
     async fn step_down(&mut self, hint: LeaderHint) {
-        self.end_term().await;
         self.shared.step_down(hint);
+        self.end_term().await;
     }
 
     /// Ends the current term's extender and waits for it, so no extension of an older term is

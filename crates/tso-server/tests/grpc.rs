@@ -184,18 +184,6 @@ async fn grants_do_not_wait_for_an_extension_in_flight() {
     server.stop().await.unwrap();
 }
 
-/// Polls `cond` every millisecond, bounded by the hang guard.
-pub async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + HANG_GUARD;
-    while !cond() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
-    }
-}
-
 /// Shutdown lets an in-flight call finish: a call waiting on an extension when the stop is
 /// asked is answered once the extension completes, and the serve call returns Ok.
 #[tokio::test]

@@ -80,8 +80,8 @@ pub struct InitArgs {
 #[derive(Debug, Args)]
 pub struct GetArgs {
     /// How many timestamps.
-    #[arg(short = 'n', long = "count", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
-    pub count: u32,
+    #[arg(short = 'n', long = "count", default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+    pub count: u64,
     /// Server addresses, comma-separated (`host:port` or `http://host:port`); the leader is
     /// found through hints.
     #[arg(

@@ -1,7 +1,49 @@
-//! `tso get`.
+//! `tso get`: timestamps from any server speaking `tsoracle.v1`, through the client library
+//! (leader hints followed, bounded retries), one per line.
+
+use std::io::{BufWriter, Write};
+
+use anyhow::Context;
+use tso_client::Client;
 
 use crate::cli::GetArgs;
 
-pub fn run(_args: GetArgs) -> anyhow::Result<()> {
-    anyhow::bail!("tso get needs the client library")
+pub fn run(args: GetArgs) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(get(args))
+}
+
+async fn get(args: GetArgs) -> anyhow::Result<()> {
+    let client = Client::builder()
+        .overall_timeout(args.timeout)
+        .connect(&args.endpoints)
+        .await
+        .context("bad --endpoints")?;
+    let batch = client.get_ts_batch(args.count).await.with_context(|| {
+        format!(
+            "no timestamps from {}: is a server running there? (start one with `tso serve`)",
+            args.endpoints.join(",")
+        )
+    })?;
+    let mut out = BufWriter::new(std::io::stdout().lock());
+    for range in batch.ranges() {
+        for ts in range.iter() {
+            if args.verbose {
+                writeln!(
+                    out,
+                    "{ts}\tphysical_ms={}\tlogical={}\tepoch={}",
+                    ts.physical_ms(),
+                    ts.logical(),
+                    range.epoch()
+                )?;
+            } else {
+                writeln!(out, "{ts}")?;
+            }
+        }
+    }
+    out.flush()?;
+    Ok(())
 }

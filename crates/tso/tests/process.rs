@@ -247,3 +247,41 @@ async fn health_and_metrics_report_serving() {
     assert!(body.contains("tso_serving 1"), "{body}");
     assert!(body.contains("tso_fences_total"), "{body}");
 }
+
+#[test]
+fn tso_get_prints_increasing_timestamps() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &[]);
+    let (status, out, err) = run_tso(&["get", "-n", "5", "--endpoints", &server.addr]);
+    assert!(status.success(), "{err}");
+    let values: Vec<u64> = out.lines().map(|l| l.parse().unwrap()).collect();
+    assert_eq!(values.len(), 5);
+    assert!(values.windows(2).all(|w| w[0] < w[1]), "{values:?}");
+
+    let (status, out, _) = run_tso(&[
+        "get",
+        "-n",
+        "2",
+        "--verbose",
+        "--endpoints",
+        &format!("http://{}", server.addr),
+    ]);
+    assert!(status.success());
+    let line = out.lines().next().unwrap();
+    let ts: u64 = line.split('\t').next().unwrap().parse().unwrap();
+    assert!(
+        line.contains(&format!("physical_ms={}", ts >> 18))
+            && line.contains("logical=")
+            && line.contains("epoch=1"),
+        "{line}"
+    );
+}
+
+#[test]
+fn tso_get_against_nothing_fails_with_one_line() {
+    let (status, out, err) = run_tso(&["get", "--endpoints", "127.0.0.1:1", "--timeout", "2s"]);
+    assert_eq!(status.code(), Some(1));
+    assert!(out.is_empty());
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("is a server running there?"), "{err}");
+}

@@ -1,17 +1,20 @@
-//! Shared test helpers: a fault-injecting backend at the consensus seam, a manual clock, and a
-//! real gRPC server on loopback.
+//! Shared test helpers: a fault-injecting backend at the consensus seam, a manual clock, a real
+//! gRPC server on loopback, and a metrics recorder local to one test's thread.
 #![allow(dead_code)]
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
-use tokio::sync::{Notify, oneshot, watch};
+use metrics::{Counter, Gauge, Histogram, Key, KeyName, Metadata, Recorder, SharedString, Unit};
+use prost::Message;
+use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 use tonic::transport::Channel;
 use tso_core::{Epoch, PHYSICAL_MAX_MS};
+use tso_proto::LEADER_HINT_KEY;
 use tso_proto::v1::tso_service_client::TsoServiceClient;
 use tso_proto::v1::{GetTsRequest, GetTsResponse};
 use tso_server::clock::Clock;
@@ -55,8 +58,13 @@ pub enum Fault {
     /// Do the call for real (a placeholder to fault a later call).
     Pass,
     Fail(ConsensusError),
-    /// Wait until [`FaultBackend::release`] before doing the call for real.
+    /// Wait until [`FaultBackend::release`] before doing the call for real. A stalled call
+    /// that its caller drops does nothing.
     Stall,
+    /// A persist already on its way to storage (say, appended to a raft log): it waits until
+    /// [`FaultBackend::release`], then commits even if its caller dropped the call meanwhile.
+    /// Load calls treat it as [`Fault::Stall`].
+    StallCommit,
     /// Never return.
     Hang,
     Panic,
@@ -71,25 +79,35 @@ struct Faults {
 /// A backend at the consensus seam whose faults the test scripts: errors of each class on the
 /// next N calls, stalled or hung calls, panics, and leadership events.
 pub struct FaultBackend {
+    me: Weak<FaultBackend>,
     stored: Mutex<u64>,
     leadership: Mutex<Option<watch::Sender<Leadership>>>,
     faults: Mutex<Faults>,
-    release: Notify,
+    /// Release generation: a stalled call waits for it to pass the value it saw when it began,
+    /// so a release is never lost to a call that has not been polled yet.
+    released: watch::Sender<u64>,
     pub loads: AtomicU64,
     pub persists: AtomicU64,
+    /// Calls (load or persist) whose result reached the caller.
+    pub returned: AtomicU64,
+    /// Calls (load or persist) the caller dropped before they returned.
+    pub abandoned: AtomicU64,
     /// Persists that reached storage, with the value asked and the epoch.
     pub persisted: Mutex<Vec<(u64, Epoch)>>,
 }
 
 impl FaultBackend {
     pub fn new(initial: Leadership, stored_ms: u64) -> Arc<Self> {
-        Arc::new(FaultBackend {
+        Arc::new_cyclic(|me| FaultBackend {
+            me: me.clone(),
             stored: Mutex::new(stored_ms),
             leadership: Mutex::new(Some(watch::channel(initial).0)),
             faults: Mutex::default(),
-            release: Notify::new(),
+            released: watch::channel(0).0,
             loads: AtomicU64::new(0),
             persists: AtomicU64::new(0),
+            returned: AtomicU64::new(0),
+            abandoned: AtomicU64::new(0),
             persisted: Mutex::default(),
         })
     }
@@ -112,10 +130,6 @@ impl FaultBackend {
         queue.extend(std::iter::repeat_n(fault, times));
     }
 
-    pub fn clear_faults(&self) {
-        *self.faults.lock().unwrap() = Faults::default();
-    }
-
     pub fn set_leadership(&self, state: Leadership) {
         self.leadership
             .lock()
@@ -130,8 +144,21 @@ impl FaultBackend {
         self.leadership.lock().unwrap().take();
     }
 
+    /// Drops every fault not yet used.
+    pub fn clear_faults(&self) {
+        *self.faults.lock().unwrap() = Faults::default();
+    }
+
+    /// Lets every call stalled so far go on.
     pub fn release(&self) {
-        self.release.notify_waiters();
+        self.released.send_modify(|generation| *generation += 1);
+    }
+
+    /// Whether every call begun so far has returned or been dropped by its caller.
+    pub fn settled(&self) -> bool {
+        let begun = self.loads.load(Ordering::SeqCst) + self.persists.load(Ordering::SeqCst);
+        let ended = self.returned.load(Ordering::SeqCst) + self.abandoned.load(Ordering::SeqCst);
+        begun == ended
     }
 
     pub fn stored(&self) -> u64 {
@@ -150,12 +177,21 @@ impl FaultBackend {
         }
     }
 
+    /// A future that resolves at the next [`FaultBackend::release`] after this call.
+    fn released_later(&self) -> impl Future<Output = ()> + Send + 'static {
+        let mut released = self.released.subscribe();
+        let seen = *released.borrow_and_update();
+        async move {
+            let _ = released.wait_for(|generation| *generation > seen).await;
+        }
+    }
+
     async fn apply(&self, fault: Option<Fault>) -> Result<(), ConsensusError> {
         match fault {
             None | Some(Fault::Pass) => Ok(()),
             Some(Fault::Fail(err)) => Err(err),
-            Some(Fault::Stall) => {
-                self.release.notified().await;
+            Some(Fault::Stall | Fault::StallCommit) => {
+                self.released_later().await;
                 Ok(())
             }
             Some(Fault::Hang) => std::future::pending().await,
@@ -182,8 +218,10 @@ impl Consensus for FaultBackend {
     fn load_high_water(&self) -> BoxFuture<'_, Result<u64, ConsensusError>> {
         Box::pin(async move {
             self.loads.fetch_add(1, Ordering::SeqCst);
-            self.apply(self.next_fault(Op::Load)).await?;
-            Ok(self.stored())
+            let call = CallGuard::new(self);
+            let result = self.apply(self.next_fault(Op::Load)).await;
+            call.returned();
+            result.map(|()| self.stored())
         })
     }
 
@@ -194,12 +232,65 @@ impl Consensus for FaultBackend {
     ) -> BoxFuture<'_, Result<u64, ConsensusError>> {
         Box::pin(async move {
             self.persists.fetch_add(1, Ordering::SeqCst);
+            let call = CallGuard::new(self);
             if at_least_ms > PHYSICAL_MAX_MS {
+                call.returned();
                 return Err(ConsensusError::Permanent("out of range".into()));
             }
-            self.apply(self.next_fault(Op::Persist)).await?;
-            Ok(self.commit(at_least_ms, epoch))
+            let result = match self.next_fault(Op::Persist) {
+                Some(Fault::StallCommit) => self.commit_detached(at_least_ms, epoch).await,
+                fault => match self.apply(fault).await {
+                    Ok(()) => Ok(self.commit(at_least_ms, epoch)),
+                    Err(err) => Err(err),
+                },
+            };
+            call.returned();
+            result
         })
+    }
+}
+
+impl FaultBackend {
+    /// Commits at the next release in a task of its own, so dropping the call does not stop it.
+    async fn commit_detached(&self, at_least_ms: u64, epoch: Epoch) -> Result<u64, ConsensusError> {
+        let me = self.me.upgrade().expect("backend alive during a call");
+        let released = self.released_later();
+        let (done, durable) = oneshot::channel();
+        tokio::spawn(async move {
+            released.await;
+            let _ = done.send(me.commit(at_least_ms, epoch));
+        });
+        durable
+            .await
+            .map_err(|_| ConsensusError::Transient("runtime shutting down".into()))
+    }
+}
+
+/// Counts a backend call as returned, or as abandoned if its caller drops it first.
+struct CallGuard<'a> {
+    backend: &'a FaultBackend,
+    returned: bool,
+}
+
+impl<'a> CallGuard<'a> {
+    fn new(backend: &'a FaultBackend) -> Self {
+        Self {
+            backend,
+            returned: false,
+        }
+    }
+
+    fn returned(mut self) {
+        self.returned = true;
+        self.backend.returned.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+impl Drop for CallGuard<'_> {
+    fn drop(&mut self) {
+        if !self.returned {
+            self.backend.abandoned.fetch_add(1, Ordering::SeqCst);
+        }
     }
 }
 
@@ -277,6 +368,14 @@ impl TestServer {
         }
     }
 
+    /// Waits for the serve call to return by itself (no shutdown asked) and returns its result.
+    pub async fn finished(self) -> Result<(), ServeError> {
+        tokio::time::timeout(HANG_GUARD, self.task)
+            .await
+            .expect("serve did not return by itself")
+            .expect("serve task panicked")
+    }
+
     /// Asks for shutdown and returns the serve call's result.
     pub async fn stop(mut self) -> Result<(), ServeError> {
         if let Some(stop) = self.stop.take() {
@@ -305,11 +404,112 @@ pub async fn get_ts(
         .map(|r| r.into_inner())
 }
 
+/// Windows so wide that the extender's idle tick (a quarter window) never fires during a test:
+/// with a [`ManualClock`], an extension starts only when a grant asks for one, so a test decides
+/// exactly which call meets which injected fault. A fence leaves 400 s of room, above the 300 s
+/// low-water mark, so no extension follows it either.
+pub fn quiet_config() -> Config {
+    Config {
+        window_ahead: Duration::from_secs(600),
+        failover_advance: Duration::from_secs(400),
+        shutdown_grace: Duration::from_secs(5),
+    }
+}
+
 /// Small windows so tests exercise extensions quickly.
 pub fn test_config() -> Config {
     Config {
         window_ahead: Duration::from_millis(3_000),
         failover_advance: Duration::from_millis(1_000),
         shutdown_grace: Duration::from_secs(5),
+    }
+}
+
+/// Polls `cond` every millisecond, bounded by the hang guard.
+pub async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + HANG_GUARD;
+    while !cond() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+/// The leader hint in the trailers of a "not leader" status.
+pub fn hint_in(status: &tonic::Status) -> tso_proto::v1::LeaderHint {
+    let value = status
+        .metadata()
+        .get_bin(LEADER_HINT_KEY)
+        .unwrap_or_else(|| panic!("no leader-hint trailer in {status:?}"));
+    tso_proto::v1::LeaderHint::decode(value.to_bytes().unwrap()).unwrap()
+}
+
+/// The epoch of a wire hint, as a number.
+pub fn hint_epoch(hint: &tso_proto::v1::LeaderHint) -> Option<u128> {
+    hint.leader_epoch
+        .as_ref()
+        .map(|e| Epoch::from_parts(e.hi, e.lo).get())
+}
+
+/// Asserts that `status` is the "not leader" refusal, and returns its hint.
+pub fn assert_not_leader(status: &tonic::Status) -> tso_proto::v1::LeaderHint {
+    assert_eq!(
+        status.code(),
+        tonic::Code::FailedPrecondition,
+        "expected not leader: {status:?}"
+    );
+    assert_eq!(status.message(), tso_server::NOT_LEADER_MESSAGE);
+    hint_in(status)
+}
+
+/// Counts counters, for the thread it is installed on. A `#[tokio::test]` runs the server and
+/// the test on one thread, so installing it with `metrics::set_default_local_recorder` sees
+/// exactly this test's metrics, whatever other tests run in parallel.
+#[derive(Default)]
+pub struct TestRecorder {
+    counters: Mutex<HashMap<String, Arc<AtomicU64>>>,
+}
+
+impl TestRecorder {
+    /// The value of counter `name` with exactly `labels` (0 if never incremented).
+    pub fn counter(&self, name: &str, labels: &[(&str, &str)]) -> u64 {
+        let mut labels: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        labels.sort();
+        let id = format!("{name}{{{}}}", labels.join(","));
+        self.counters
+            .lock()
+            .unwrap()
+            .get(&id)
+            .map_or(0, |c| c.load(Ordering::SeqCst))
+    }
+
+    fn id(key: &Key) -> String {
+        let mut labels: Vec<String> = key
+            .labels()
+            .map(|l| format!("{}={}", l.key(), l.value()))
+            .collect();
+        labels.sort();
+        format!("{}{{{}}}", key.name(), labels.join(","))
+    }
+}
+
+impl Recorder for TestRecorder {
+    fn describe_counter(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+    fn describe_gauge(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+    fn describe_histogram(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+
+    fn register_counter(&self, key: &Key, _: &Metadata<'_>) -> Counter {
+        let mut counters = self.counters.lock().unwrap();
+        Counter::from_arc(Arc::clone(counters.entry(Self::id(key)).or_default()))
+    }
+
+    fn register_gauge(&self, _: &Key, _: &Metadata<'_>) -> Gauge {
+        Gauge::noop()
+    }
+
+    fn register_histogram(&self, _: &Key, _: &Metadata<'_>) -> Histogram {
+        Histogram::noop()
     }
 }

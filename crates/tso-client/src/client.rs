@@ -1,0 +1,156 @@
+//! The public handle. Cloning is cheap and shares one queue, one background task and one set
+//! of connections; dropping the last clone stops the background task and its RPCs.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::{StreamExt, TryStreamExt, stream};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::AbortHandle;
+use tokio::time::Instant;
+use tso_core::{Epoch, LOGICAL_COUNT, Timestamp};
+
+use crate::config::Config;
+use crate::dispatch::{self, Waiter};
+use crate::grant::{Batch, TsRange};
+use crate::router::Router;
+use crate::{ClientBuilder, Error, Result};
+
+/// How long after its deadline a caller stops waiting on its own. The dispatcher reports a
+/// missed deadline itself, with the last error seen; the caller's timer is the backstop for a
+/// waiter still queued behind the in-flight limit.
+const CALLER_DEADLINE_GRACE: Duration = Duration::from_millis(100);
+
+/// A timestamp oracle client. See the crate documentation.
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    queue: mpsc::Sender<Waiter>,
+    router: Arc<Router>,
+    dispatcher: AbortHandle,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.dispatcher.abort();
+    }
+}
+
+impl Client {
+    /// Options with their defaults (see the `*_DEFAULT` constants).
+    pub fn builder() -> ClientBuilder {
+        ClientBuilder::default()
+    }
+
+    /// A client with default options over `endpoints` (`host:port` or `http://host:port`).
+    /// Dials lazily; must run inside a tokio runtime.
+    pub async fn connect<I, S>(endpoints: I) -> Result<Client>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        Self::builder().connect(endpoints).await
+    }
+
+    pub(crate) fn start(config: Config) -> Client {
+        let (queue, waiters) = mpsc::channel(config.queued_callers_max);
+        let router = Arc::new(Router::new(config));
+        let dispatcher = tokio::spawn(dispatch::run(waiters, Arc::clone(&router))).abort_handle();
+        Client {
+            inner: Arc::new(Inner {
+                queue,
+                router,
+                dispatcher,
+            }),
+        }
+    }
+
+    /// One timestamp, granted after this call started.
+    pub async fn get_ts(&self) -> Result<Timestamp> {
+        let deadline = Instant::now() + self.inner.router.config().overall_timeout;
+        Ok(self.request(1, deadline).await?.first())
+    }
+
+    /// `count` timestamps (any count from 1), all granted after this call started. Up to
+    /// `LOGICAL_COUNT` come from one grant; more are split across grants, each range carrying
+    /// its own epoch. The whole call shares one overall deadline.
+    pub async fn get_ts_batch(&self, count: u64) -> Result<Batch> {
+        if count == 0 {
+            return Err(Error::InvalidCount { count });
+        }
+        let deadline = Instant::now() + self.inner.router.config().overall_timeout;
+        let ranges: Vec<TsRange> = stream::iter(grant_counts(count))
+            .map(|chunk| self.request(chunk, deadline))
+            .buffer_unordered(self.inner.router.config().in_flight_rpcs_max)
+            .try_collect()
+            .await?;
+        Batch::new(ranges).map_err(|reason| Error::MalformedReply {
+            endpoint: "several servers".into(),
+            reason,
+        })
+    }
+
+    /// The leader this client currently sends to (`http://host:port`) and the highest epoch
+    /// it has seen; `None` until a leader answered or was named.
+    pub fn leader(&self) -> (Option<String>, Epoch) {
+        let (target, epoch) = self.inner.router.leader();
+        (target.map(|t| t.to_string()), epoch)
+    }
+
+    /// Callers queued and not yet taken into an RPC.
+    pub fn queued_callers(&self) -> usize {
+        let queue = &self.inner.queue;
+        queue.max_capacity() - queue.capacity()
+    }
+
+    async fn request(&self, count: u32, deadline: Instant) -> Result<TsRange> {
+        let (reply, receive) = oneshot::channel();
+        let waiter = Waiter {
+            count,
+            deadline,
+            reply,
+        };
+        self.inner.queue.try_send(waiter).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => Error::QueueFull {
+                capacity: self.inner.queue.max_capacity(),
+            },
+            mpsc::error::TrySendError::Closed(_) => Error::Closed,
+        })?;
+        match tokio::time::timeout_at(deadline + CALLER_DEADLINE_GRACE, receive).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(Error::Closed),
+            Err(_) => Err(Error::DeadlineExceeded {
+                timeout: self.inner.router.config().overall_timeout,
+                last: "still queued: every in-flight slot stayed busy".into(),
+            }),
+        }
+    }
+}
+
+/// Splits `count` into grant-sized chunks of at most `LOGICAL_COUNT`.
+fn grant_counts(count: u64) -> impl Iterator<Item = u32> {
+    let full = count / u64::from(LOGICAL_COUNT);
+    let rest = (count % u64::from(LOGICAL_COUNT)) as u32;
+    (0..full)
+        .map(|_| LOGICAL_COUNT)
+        .chain((rest > 0).then_some(rest))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_split_into_grants_of_at_most_logical_count() {
+        let l = LOGICAL_COUNT;
+        assert_eq!(grant_counts(1).collect::<Vec<_>>(), [1]);
+        assert_eq!(grant_counts(u64::from(l)).collect::<Vec<_>>(), [l]);
+        assert_eq!(
+            grant_counts(u64::from(l) * 2 + 5).collect::<Vec<_>>(),
+            [l, l, 5]
+        );
+    }
+}

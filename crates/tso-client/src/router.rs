@@ -1,0 +1,166 @@
+//! Where the next attempt goes: the cached leader, else the configured endpoints in rotation;
+//! and one lazily dialed gRPC channel per address.
+//!
+//! Invariant: the cached leader's epoch never goes back. A leader is cached only at an epoch at
+//! least the highest one seen; forgetting a leader (it failed) keeps that floor.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use tonic::transport::{Channel, Endpoint};
+use tso_core::Epoch;
+
+use crate::config::{CHANNELS_MAX, Config};
+use crate::endpoint::Target;
+
+#[derive(Debug, Default)]
+struct LeaderCache {
+    target: Option<Target>,
+    epoch_floor: Epoch,
+}
+
+pub(crate) struct Router {
+    config: Config,
+    rotation: AtomicUsize,
+    leader: Mutex<LeaderCache>,
+    channels: Mutex<HashMap<Target, Channel>>,
+}
+
+impl Router {
+    pub(crate) fn new(config: Config) -> Self {
+        Self {
+            config,
+            rotation: AtomicUsize::new(0),
+            leader: Mutex::new(LeaderCache::default()),
+            channels: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub(crate) fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The cached leader, else the next configured endpoint.
+    pub(crate) fn first_target(&self) -> Target {
+        let cached = self.lock_leader().target.clone();
+        cached.unwrap_or_else(|| self.next_configured())
+    }
+
+    /// The next configured endpoint in rotation.
+    pub(crate) fn next_configured(&self) -> Target {
+        let endpoints = &self.config.endpoints;
+        let index = self.rotation.fetch_add(1, Ordering::Relaxed) % endpoints.len();
+        endpoints[index].clone()
+    }
+
+    /// The cached leader and its epoch floor.
+    pub(crate) fn leader(&self) -> (Option<Target>, Epoch) {
+        let cache = self.lock_leader();
+        (cache.target.clone(), cache.epoch_floor)
+    }
+
+    /// True when `epoch` is not older than the newest leader seen, so a hint naming it may be
+    /// followed.
+    pub(crate) fn is_current(&self, epoch: Epoch) -> bool {
+        epoch >= self.lock_leader().epoch_floor
+    }
+
+    /// Records that `target` served (or was named leader) at `epoch`; ignored when older than
+    /// the newest leader seen.
+    pub(crate) fn observe_leader(&self, target: &Target, epoch: Epoch) {
+        let mut cache = self.lock_leader();
+        if epoch >= cache.epoch_floor {
+            cache.epoch_floor = epoch;
+            cache.target = Some(target.clone());
+        }
+    }
+
+    /// Stops preferring `target` after it failed; the epoch floor stays.
+    pub(crate) fn forget_leader(&self, target: &Target) {
+        let mut cache = self.lock_leader();
+        if cache.target.as_ref() == Some(target) {
+            cache.target = None;
+        }
+    }
+
+    /// The channel to `target`, created (without dialing) on first use.
+    pub(crate) fn channel(&self, target: &Target) -> Channel {
+        let mut channels = self.channels.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(channel) = channels.get(target) {
+            return channel.clone();
+        }
+        if channels.len() >= CHANNELS_MAX {
+            channels.retain(|t, _| self.config.endpoints.contains(t));
+        }
+        let channel = self.dial_lazily(target);
+        channels.insert(target.clone(), channel.clone());
+        channel
+    }
+
+    /// Drops the channel to `target` so that the next attempt dials afresh.
+    pub(crate) fn drop_channel(&self, target: &Target) {
+        let mut channels = self.channels.lock().unwrap_or_else(|e| e.into_inner());
+        channels.remove(target);
+    }
+
+    fn dial_lazily(&self, target: &Target) -> Channel {
+        // A `Target` is a validated `scheme://host:port`, which always parses as a URI.
+        let endpoint = Endpoint::from_shared(target.uri().to_string())
+            .expect("a validated target is a valid URI")
+            .connect_timeout(self.config.attempt_timeout)
+            .tcp_nodelay(true);
+        endpoint.connect_lazy()
+    }
+
+    fn lock_leader(&self) -> std::sync::MutexGuard<'_, LeaderCache> {
+        self.leader.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ClientBuilder;
+
+    fn router(endpoints: &[&str]) -> Router {
+        Router::new(ClientBuilder::default().validate(endpoints.iter()).unwrap())
+    }
+
+    #[test]
+    fn rotation_cycles_through_configured_endpoints() {
+        let r = router(&["a:1", "b:2"]);
+        let seen: Vec<String> = (0..4).map(|_| r.next_configured().to_string()).collect();
+        assert_eq!(
+            seen,
+            ["http://a:1", "http://b:2", "http://a:1", "http://b:2"]
+        );
+    }
+
+    #[test]
+    fn the_cached_leader_never_goes_back_an_epoch() {
+        let r = router(&["a:1", "b:2", "c:3"]);
+        let [a, b, c] = ["a:1", "b:2", "c:3"].map(|s| {
+            r.config
+                .endpoints
+                .iter()
+                .find(|t| t.uri().ends_with(s))
+                .unwrap()
+                .clone()
+        });
+        r.observe_leader(&b, Epoch::new(5));
+        assert_eq!(r.first_target(), b);
+        r.observe_leader(&c, Epoch::new(4));
+        assert_eq!(r.leader(), (Some(b.clone()), Epoch::new(5)));
+        assert!(!r.is_current(Epoch::new(4)));
+        r.forget_leader(&b);
+        r.observe_leader(&a, Epoch::new(3));
+        assert_eq!(
+            r.leader(),
+            (None, Epoch::new(5)),
+            "forgetting keeps the floor"
+        );
+        r.observe_leader(&a, Epoch::new(6));
+        assert_eq!(r.first_target(), a);
+    }
+}

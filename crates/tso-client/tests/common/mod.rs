@@ -1,0 +1,386 @@
+//! A small real gRPC `TsoService` over loopback, for the client's tests. Each server runs on
+//! its own thread and tokio runtime, so stopping it closes every connection at once (like a
+//! killed process) and the client's runtime holds only the client's own tasks.
+//!
+//! The allocator is correct (unique, increasing, never past 262143 logicals) and lives in
+//! [`Shared`], which outlives a server: restarting on the same address continues above every
+//! earlier grant, as a durable server would. [`Mode`] makes it misbehave on purpose.
+
+#![allow(dead_code)]
+
+pub mod real;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use prost::Message;
+use tokio::sync::{Notify, Semaphore, oneshot};
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::metadata::{MetadataMap, MetadataValue};
+use tonic::{Request, Response, Status};
+use tso_core::{Epoch, LOGICAL_COUNT};
+use tso_proto::LEADER_HINT_KEY;
+use tso_proto::v1::tso_service_server::{TsoService, TsoServiceServer};
+use tso_proto::v1::*;
+
+/// Generous bound for anything a test awaits: only a hang guard, never what a test measures.
+pub const HANG_GUARD: Duration = Duration::from_secs(60);
+
+/// How a test server answers `GetTs`.
+#[derive(Clone, Debug)]
+pub enum Mode {
+    /// Grants correctly.
+    Leader,
+    /// "not leader" with a hint naming `endpoint` at `epoch` (both optional, as on the wire).
+    Follower {
+        endpoint: Option<String>,
+        epoch: Option<Epoch>,
+    },
+    /// "not leader" with a trailer that is not a `LeaderHint`.
+    HintNotProtobuf,
+    /// "not leader" with a hint whose endpoint is not `host:port`.
+    HintBadEndpoint,
+    /// Grants one timestamp more than asked.
+    CountMismatch,
+    /// Grants a range that passes the last logical of the millisecond.
+    LogicalOverflow,
+    /// `UNAVAILABLE` this many times, then grants.
+    UnavailableTimes(u32),
+    /// "not leader" without a hint (an election) this many times, then grants.
+    NoLeaderTimes(u32),
+    /// Waits for a permit of [`Shared::release`] before granting.
+    Stall,
+    /// `INVALID_ARGUMENT`, as a server answers a count of 0.
+    InvalidArgument,
+}
+
+/// State that outlives one server incarnation.
+pub struct Shared {
+    mode: Mutex<Mode>,
+    cursor: Mutex<(u64, u32)>,
+    epoch: Epoch,
+    rpcs: AtomicU64,
+    counts: Mutex<Vec<u32>>,
+    gate: Semaphore,
+    arrived: Notify,
+}
+
+impl Shared {
+    pub fn new(mode: Mode, epoch: Epoch) -> Arc<Self> {
+        Arc::new(Self {
+            mode: Mutex::new(mode),
+            cursor: Mutex::new((0, 0)),
+            epoch,
+            rpcs: AtomicU64::new(0),
+            counts: Mutex::new(Vec::new()),
+            gate: Semaphore::new(0),
+            arrived: Notify::new(),
+        })
+    }
+
+    pub fn set_mode(&self, mode: Mode) {
+        *self.mode.lock().unwrap() = mode;
+    }
+
+    /// `GetTs` RPCs received so far, in any mode.
+    pub fn rpcs(&self) -> u64 {
+        self.rpcs.load(Ordering::SeqCst)
+    }
+
+    /// The `count` of every `GetTs` received, in arrival order.
+    pub fn counts(&self) -> Vec<u32> {
+        self.counts.lock().unwrap().clone()
+    }
+
+    /// Lets `n` stalled RPCs proceed.
+    pub fn release(&self, n: usize) {
+        self.gate.add_permits(n);
+    }
+
+    /// Waits until at least `n` RPCs have arrived.
+    pub async fn wait_for_rpcs(&self, n: u64) {
+        loop {
+            let notified = self.arrived.notified();
+            if self.rpcs() >= n {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// A correct grant: the cursor moves to the wall clock when it is ahead, and to the next
+    /// millisecond when the logicals would overflow.
+    fn grant(&self, count: u32) -> (u64, u32) {
+        let now_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64;
+        let mut cursor = self.cursor.lock().unwrap();
+        if now_ms > cursor.0 {
+            *cursor = (now_ms, 0);
+        }
+        if cursor.1 + count > LOGICAL_COUNT {
+            *cursor = (cursor.0 + 1, 0);
+        }
+        let start = *cursor;
+        cursor.1 += count;
+        start
+    }
+
+    /// Takes one step of a counting mode: true while the misbehaviour lasts.
+    fn count_down(&self) -> bool {
+        let mut mode = self.mode.lock().unwrap();
+        match &mut *mode {
+            Mode::UnavailableTimes(n) | Mode::NoLeaderTimes(n) if *n > 0 => {
+                *n -= 1;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    fn reply(&self, physical_ms: u64, logical_start: u32, count: u32) -> GetTsResponse {
+        GetTsResponse {
+            physical_ms,
+            logical_start,
+            count,
+            epoch_hi: self.epoch.hi(),
+            epoch_lo: self.epoch.lo(),
+        }
+    }
+}
+
+fn not_leader(trailer: Option<Vec<u8>>) -> Status {
+    let mut metadata = MetadataMap::new();
+    if let Some(bytes) = trailer {
+        metadata.insert_bin(LEADER_HINT_KEY, MetadataValue::from_bytes(&bytes));
+    }
+    Status::with_metadata(tonic::Code::FailedPrecondition, "not leader", metadata)
+}
+
+fn hint(endpoint: Option<String>, epoch: Option<Epoch>) -> Vec<u8> {
+    LeaderHint {
+        leader_endpoint: endpoint,
+        leader_epoch: epoch.map(|e| EpochWire {
+            hi: e.hi(),
+            lo: e.lo(),
+        }),
+    }
+    .encode_to_vec()
+}
+
+struct Service(Arc<Shared>);
+
+impl Service {
+    async fn get_ts(&self, count: u32) -> Result<GetTsResponse, Status> {
+        let shared = &self.0;
+        let mode = shared.mode.lock().unwrap().clone();
+        match mode {
+            Mode::Leader => {}
+            Mode::Follower { endpoint, epoch } => {
+                return Err(not_leader(Some(hint(endpoint, epoch))));
+            }
+            Mode::HintNotProtobuf => return Err(not_leader(Some(vec![0x0a, 0x05, b'a']))),
+            Mode::HintBadEndpoint => {
+                return Err(not_leader(Some(hint(Some("::garbage::".into()), None))));
+            }
+            Mode::CountMismatch => {
+                let (p, l) = shared.grant(count + 1);
+                return Ok(shared.reply(p, l, count + 1));
+            }
+            Mode::LogicalOverflow => return Ok(shared.reply(1, LOGICAL_COUNT - 1, count.max(2))),
+            Mode::UnavailableTimes(_) if shared.count_down() => {
+                return Err(Status::unavailable("transient consensus error"));
+            }
+            Mode::NoLeaderTimes(_) if shared.count_down() => {
+                return Err(not_leader(Some(hint(None, None))));
+            }
+            Mode::UnavailableTimes(_) | Mode::NoLeaderTimes(_) => {}
+            Mode::Stall => shared.gate.acquire().await.expect("gate open").forget(),
+            Mode::InvalidArgument => return Err(Status::invalid_argument("count out of range")),
+        }
+        if count == 0 || count > LOGICAL_COUNT {
+            return Err(Status::invalid_argument(format!("count {count}")));
+        }
+        let (p, l) = shared.grant(count);
+        Ok(shared.reply(p, l, count))
+    }
+}
+
+#[tonic::async_trait]
+impl TsoService for Service {
+    async fn get_ts(
+        &self,
+        request: Request<GetTsRequest>,
+    ) -> Result<Response<GetTsResponse>, Status> {
+        let count = request.get_ref().count;
+        self.0.counts.lock().unwrap().push(count);
+        self.0.rpcs.fetch_add(1, Ordering::SeqCst);
+        self.0.arrived.notify_waiters();
+        Service::get_ts(self, count).await.map(Response::new)
+    }
+
+    async fn get_current_max_safe(
+        &self,
+        _: Request<GetCurrentMaxSafeRequest>,
+    ) -> Result<Response<GetCurrentMaxSafeResponse>, Status> {
+        Err(Status::unimplemented("test server"))
+    }
+
+    async fn get_seq(&self, _: Request<GetSeqRequest>) -> Result<Response<GetSeqResponse>, Status> {
+        Err(Status::unimplemented("test server"))
+    }
+
+    async fn get_seq_batch(
+        &self,
+        _: Request<GetSeqBatchRequest>,
+    ) -> Result<Response<GetSeqBatchResponse>, Status> {
+        Err(Status::unimplemented("test server"))
+    }
+
+    async fn acquire_lease(
+        &self,
+        _: Request<AcquireLeaseRequest>,
+    ) -> Result<Response<AcquireLeaseResponse>, Status> {
+        Err(Status::unimplemented("test server"))
+    }
+
+    async fn renew_lease(
+        &self,
+        _: Request<RenewLeaseRequest>,
+    ) -> Result<Response<RenewLeaseResponse>, Status> {
+        Err(Status::unimplemented("test server"))
+    }
+
+    async fn release_lease(
+        &self,
+        _: Request<ReleaseLeaseRequest>,
+    ) -> Result<Response<ReleaseLeaseResponse>, Status> {
+        Err(Status::unimplemented("test server"))
+    }
+
+    async fn get_safe_frontier(
+        &self,
+        _: Request<GetSafeFrontierRequest>,
+    ) -> Result<Response<GetSafeFrontierResponse>, Status> {
+        Err(Status::unimplemented("test server"))
+    }
+}
+
+/// One running server. Dropping it stops it.
+pub struct TestServer {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    stop: Option<oneshot::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl TestServer {
+    /// A server in `mode` at epoch 1 on a fresh loopback port.
+    pub fn start(mode: Mode) -> Self {
+        Self::start_with(
+            Shared::new(mode, Epoch::new(1)),
+            "127.0.0.1:0".parse().unwrap(),
+        )
+    }
+
+    /// A server over `shared` on `addr` (port 0 picks a free one; a used port is re-bound).
+    pub fn start_with(shared: Arc<Shared>, addr: SocketAddr) -> Self {
+        let (stop, stopped) = oneshot::channel();
+        let (bound, bound_rx) = std::sync::mpsc::channel();
+        let service = TsoServiceServer::new(Service(Arc::clone(&shared)));
+        let thread = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(serve(service, addr, bound, stopped));
+        });
+        let addr = bound_rx.recv().expect("the server thread binds or panics");
+        Self {
+            addr,
+            shared,
+            stop: Some(stop),
+            thread: Some(thread),
+        }
+    }
+
+    /// `127.0.0.1:port`, without a scheme, as a user would configure it.
+    pub fn endpoint(&self) -> String {
+        self.addr.to_string()
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// Stops the server and closes its connections; returns once the port is free.
+    pub fn stop(mut self) {
+        self.stop_now();
+    }
+
+    fn stop_now(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            thread.join().expect("server thread panicked");
+        }
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        self.stop_now();
+    }
+}
+
+async fn serve(
+    service: TsoServiceServer<Service>,
+    addr: SocketAddr,
+    bound: std::sync::mpsc::Sender<SocketAddr>,
+    stopped: oneshot::Receiver<()>,
+) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_reuseaddr(true).unwrap();
+    socket.bind(addr).expect("bind the test server");
+    let listener = socket.listen(1024).unwrap();
+    bound.send(listener.local_addr().unwrap()).unwrap();
+    let server = tonic::transport::Server::builder()
+        .add_service(service)
+        .serve_with_incoming(TcpListenerStream::new(listener));
+    // Not graceful on purpose: returning drops the runtime and every connection with it.
+    tokio::select! {
+        result = server => result.expect("test server failed"),
+        _ = stopped => {}
+    }
+}
+
+/// An address where nothing listens: bound, then released.
+pub fn dead_endpoint() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().to_string()
+}
+
+/// The seed of a randomized test: `TSO_TEST_SEED` when set, else the clock. Printed so a
+/// failure can be replayed.
+pub fn seed() -> u64 {
+    let seed = std::env::var("TSO_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+        });
+    println!("seed: {seed} (replay with TSO_TEST_SEED={seed})");
+    seed
+}

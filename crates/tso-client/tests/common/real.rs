@@ -1,0 +1,193 @@
+//! The project's real server (`tso-server`) on loopback, for the client's tests: over the file
+//! backend, or over [`ClusterBackend`], an in-memory "replicated" high-water shared by several
+//! nodes whose leadership the test sets, so a follower's hint and a failover are the real
+//! server's own.
+//!
+//! Each node runs on its own thread and runtime; stopping it drops every connection at once.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use tokio::sync::{oneshot, watch};
+use tso_core::Epoch;
+use tso_server::backend::file::FileBackend;
+use tso_server::consensus::{BoxFuture, Consensus, ConsensusError, Leadership};
+use tso_server::{Config, OracleGuard, ServingState};
+
+use super::HANG_GUARD;
+
+/// One high-water shared by every node of a pretend cluster: what a quorum would store.
+#[derive(Default)]
+pub struct ClusterStore {
+    high_water_ms: Mutex<u64>,
+}
+
+/// One node's view of the [`ClusterStore`], with leadership set by the test.
+pub struct ClusterBackend {
+    store: Arc<ClusterStore>,
+    leadership: watch::Sender<Leadership>,
+}
+
+impl ClusterBackend {
+    pub fn new(store: Arc<ClusterStore>, initial: Leadership) -> Arc<Self> {
+        Arc::new(Self {
+            store,
+            leadership: watch::channel(initial).0,
+        })
+    }
+
+    pub fn set_leadership(&self, state: Leadership) {
+        self.leadership.send_replace(state);
+    }
+
+    fn not_leader(&self) -> ConsensusError {
+        match &*self.leadership.borrow() {
+            Leadership::Follower {
+                leader_endpoint,
+                leader_epoch,
+            } => ConsensusError::NotLeader {
+                leader_endpoint: leader_endpoint.clone(),
+                leader_epoch: *leader_epoch,
+            },
+            _ => ConsensusError::NotLeader {
+                leader_endpoint: None,
+                leader_epoch: None,
+            },
+        }
+    }
+}
+
+impl Consensus for ClusterBackend {
+    fn leadership(&self) -> watch::Receiver<Leadership> {
+        self.leadership.subscribe()
+    }
+
+    fn load_high_water(&self) -> BoxFuture<'_, Result<u64, ConsensusError>> {
+        let value = *self.store.high_water_ms.lock().unwrap();
+        Box::pin(async move { Ok(value) })
+    }
+
+    fn persist_high_water(
+        &self,
+        at_least_ms: u64,
+        epoch: Epoch,
+    ) -> BoxFuture<'_, Result<u64, ConsensusError>> {
+        let leads = *self.leadership.borrow() == Leadership::Leader { epoch };
+        let result = if leads {
+            let mut stored = self.store.high_water_ms.lock().unwrap();
+            *stored = (*stored).max(at_least_ms);
+            Ok(*stored)
+        } else {
+            Err(self.not_leader())
+        };
+        Box::pin(async move { result })
+    }
+}
+
+/// A real server node. Dropping it stops it.
+pub struct RealServer {
+    addr: SocketAddr,
+    serving: watch::Receiver<ServingState>,
+    stop: Option<oneshot::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl RealServer {
+    /// A node over `backend` on a fresh loopback port.
+    pub fn start(backend: Arc<dyn Consensus>) -> Self {
+        Self::start_on(backend, "127.0.0.1:0".parse().unwrap())
+    }
+
+    /// A single node over the file backend in `dir`, on `addr` (port 0 picks one).
+    pub fn start_file(dir: &Path, addr: SocketAddr) -> Self {
+        let backend = FileBackend::open(dir).expect("open the file backend");
+        Self::start_on(Arc::new(backend), addr)
+    }
+
+    fn start_on(backend: Arc<dyn Consensus>, addr: SocketAddr) -> Self {
+        let (stop, stopped) = oneshot::channel::<()>();
+        let (ready, ready_rx) = std::sync::mpsc::channel();
+        let thread = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async move {
+                let socket = tokio::net::TcpSocket::new_v4().unwrap();
+                socket.set_reuseaddr(true).unwrap();
+                socket.bind(addr).expect("bind the real server");
+                let listener = socket.listen(1024).unwrap();
+                let guard = OracleGuard::start(backend, Config::default());
+                ready
+                    .send((listener.local_addr().unwrap(), guard.serving()))
+                    .unwrap();
+                // Not graceful on purpose: returning drops the runtime, every connection and the
+                // backend at once, like a killed process.
+                let serve = tso_server::serve_listener(listener, guard, std::future::pending());
+                tokio::select! {
+                    _ = serve => {}
+                    _ = stopped => {}
+                }
+            });
+        });
+        let (addr, serving) = ready_rx.recv().expect("the server thread binds or panics");
+        Self {
+            addr,
+            serving,
+            stop: Some(stop),
+            thread: Some(thread),
+        }
+    }
+
+    pub fn endpoint(&self) -> String {
+        self.addr.to_string()
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Waits (hang guard only) until the node serves at an epoch of at least `epoch`.
+    pub async fn wait_serving(&mut self, epoch: Epoch) {
+        let serving = self
+            .serving
+            .wait_for(|s| matches!(s, ServingState::Serving { epoch: e } if *e >= epoch));
+        tokio::time::timeout(HANG_GUARD, serving)
+            .await
+            .expect("the node never served")
+            .expect("the node stopped");
+    }
+
+    /// Waits (hang guard only) until the node has stopped serving.
+    pub async fn wait_not_serving(&mut self) {
+        let not_serving = self
+            .serving
+            .wait_for(|s| !matches!(s, ServingState::Serving { .. }));
+        tokio::time::timeout(HANG_GUARD, not_serving)
+            .await
+            .expect("the node kept serving")
+            .expect("the node stopped");
+    }
+
+    /// Stops the node; returns once its thread (and its backend) is gone.
+    pub fn stop(mut self) {
+        self.stop_now();
+    }
+
+    fn stop_now(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            thread.join().expect("server thread panicked");
+        }
+    }
+}
+
+impl Drop for RealServer {
+    fn drop(&mut self) {
+        self.stop_now();
+    }
+}

@@ -1,0 +1,448 @@
+//! The client against real gRPC servers over loopback (`tests/common`). Deadlines here are
+//! hang guards only: no assertion depends on timing or machine speed.
+
+mod common;
+
+use std::collections::HashSet;
+use std::pin::Pin;
+use std::task::Poll;
+use std::time::Duration;
+
+use common::{HANG_GUARD, Mode, Shared, TestServer, dead_endpoint, seed};
+use futures_util::future::join_all;
+use futures_util::poll;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use tokio::task::JoinSet;
+use tso_client::{Client, ClientBuilder, Epoch, Error, LOGICAL_COUNT, Timestamp};
+
+/// Options for tests: deadlines far beyond any real wait, short backoff so retries are quick.
+fn builder() -> ClientBuilder {
+    Client::builder()
+        .overall_timeout(HANG_GUARD)
+        .attempt_timeout(Duration::from_secs(10))
+        .backoff(Duration::from_millis(1), Duration::from_millis(10))
+}
+
+async fn client(endpoints: &[String]) -> Client {
+    builder().connect(endpoints).await.unwrap()
+}
+
+/// `callers` concurrent tasks make `calls_each` calls; every value is unique and each caller's
+/// values increase.
+async fn callers_get_unique_increasing(callers: usize, calls_each: usize) {
+    let server = TestServer::start(Mode::Leader);
+    let client = client(&[server.endpoint()]).await;
+    let mut tasks = JoinSet::new();
+    for _ in 0..callers {
+        let client = client.clone();
+        tasks.spawn(async move {
+            let mut got = Vec::with_capacity(calls_each);
+            for _ in 0..calls_each {
+                got.push(client.get_ts().await.expect("get_ts"));
+            }
+            got
+        });
+    }
+    let mut all = HashSet::new();
+    while let Some(got) = tasks.join_next().await {
+        let got = got.unwrap();
+        assert!(
+            got.windows(2).all(|w| w[0] < w[1]),
+            "a caller's values went back"
+        );
+        all.extend(got);
+    }
+    assert_eq!(all.len(), callers * calls_each, "duplicate timestamps");
+    assert!(server.shared().rpcs() <= (callers * calls_each) as u64);
+}
+
+#[tokio::test]
+async fn one_caller_gets_increasing_timestamps() {
+    callers_get_unique_increasing(1, 200).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thirty_two_callers_get_unique_increasing_timestamps() {
+    callers_get_unique_increasing(32, 50).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eight_thousand_callers_get_unique_increasing_timestamps() {
+    callers_get_unique_increasing(8192, 3).await;
+}
+
+/// Polls each future once (which queues its caller) without yielding to the dispatcher.
+async fn queue_callers<'a, F>(futures: Vec<Pin<Box<F>>>) -> (Vec<Pin<Box<F>>>, Vec<Error>)
+where
+    F: Future<Output = Result<Timestamp, Error>> + 'a,
+{
+    let mut pending = Vec::new();
+    let mut refused = Vec::new();
+    for mut future in futures {
+        match poll!(future.as_mut()) {
+            Poll::Pending => pending.push(future),
+            Poll::Ready(Err(error)) => refused.push(error),
+            Poll::Ready(Ok(ts)) => panic!("{ts:?} granted before the server was released"),
+        }
+    }
+    (pending, refused)
+}
+
+#[tokio::test]
+async fn callers_queued_behind_a_busy_slot_share_one_rpc() {
+    let server = TestServer::start(Mode::Stall);
+    let client = builder()
+        .in_flight_rpcs_max(1)
+        .connect([server.endpoint()])
+        .await
+        .unwrap();
+    let first = tokio::spawn({
+        let client = client.clone();
+        async move { client.get_ts().await }
+    });
+    server.shared().wait_for_rpcs(1).await;
+    let futures = (0..100).map(|_| Box::pin(client.get_ts())).collect();
+    let (pending, refused) = queue_callers(futures).await;
+    assert!(refused.is_empty(), "{refused:?}");
+    server.shared().release(2);
+    let first = first.await.unwrap().unwrap();
+    let rest: Vec<Timestamp> = join_all(pending)
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(
+        server.shared().counts(),
+        [1, 100],
+        "the 100 queued callers share one RPC"
+    );
+    assert!(rest.iter().all(|&ts| ts > first));
+    let unique: HashSet<_> = rest.iter().collect();
+    assert_eq!(unique.len(), 100);
+}
+
+#[tokio::test]
+async fn a_full_queue_is_an_error_not_a_hang() {
+    let server = TestServer::start(Mode::Stall);
+    let client = builder()
+        .in_flight_rpcs_max(1)
+        .queued_callers_max(4)
+        .connect([server.endpoint()])
+        .await
+        .unwrap();
+    let first = tokio::spawn({
+        let client = client.clone();
+        async move { client.get_ts().await }
+    });
+    server.shared().wait_for_rpcs(1).await;
+    let futures = (0..5).map(|_| Box::pin(client.get_ts())).collect();
+    let (pending, refused) = queue_callers(futures).await;
+    assert_eq!(pending.len(), 4);
+    assert!(
+        matches!(refused[..], [Error::QueueFull { capacity: 4 }]),
+        "{refused:?}"
+    );
+    assert!(refused[0].is_retryable());
+    assert_eq!(client.queued_callers(), 4);
+    server.shared().release(2);
+    first.await.unwrap().unwrap();
+    for result in join_all(pending).await {
+        result.unwrap();
+    }
+    assert_eq!(server.shared().counts(), [1, 4]);
+}
+
+#[tokio::test]
+async fn batches_split_at_the_logical_boundary() {
+    let server = TestServer::start(Mode::Leader);
+    let client = client(&[server.endpoint()]).await;
+    let count = 2 * u64::from(LOGICAL_COUNT) + 7;
+    let batch = client.get_ts_batch(count).await.unwrap();
+    assert_eq!(batch.count(), count);
+    assert!(batch.ranges().iter().all(|r| r.count() <= LOGICAL_COUNT));
+    let all: Vec<Timestamp> = batch.iter().collect();
+    assert_eq!(all.len() as u64, count);
+    assert!(all.windows(2).all(|w| w[0] < w[1]));
+    assert_eq!(batch.first(), all[0]);
+    assert_eq!(batch.last(), all[all.len() - 1]);
+    let mut counts = server.shared().counts();
+    counts.sort();
+    assert_eq!(counts, [7, LOGICAL_COUNT, LOGICAL_COUNT]);
+
+    // Two grants that do not fit one millisecond together: the second starts a new one.
+    let a = client.get_ts_batch(200_000).await.unwrap();
+    let b = client.get_ts_batch(200_000).await.unwrap();
+    assert_eq!(a.ranges().len(), 1);
+    assert!(b.first() > a.last());
+    assert_eq!(b.first().logical(), 0);
+    assert!(b.first().physical_ms() > a.first().physical_ms());
+    assert_eq!(b.ranges()[0].epoch(), Epoch::new(1));
+
+    assert!(matches!(
+        client.get_ts_batch(0).await,
+        Err(Error::InvalidCount { count: 0 })
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_random_batches_never_overlap() {
+    let mut rng = StdRng::seed_from_u64(seed());
+    let server = TestServer::start(Mode::Leader);
+    let client = client(&[server.endpoint()]).await;
+    let mut tasks = JoinSet::new();
+    let mut expected = 0;
+    for _ in 0..64 {
+        let count = if rng.random_bool(0.1) {
+            rng.random_range(1..=600_000)
+        } else {
+            rng.random_range(1..=1000)
+        };
+        expected += count;
+        let client = client.clone();
+        tasks.spawn(async move { client.get_ts_batch(count).await.unwrap() });
+    }
+    let mut ranges = Vec::new();
+    while let Some(batch) = tasks.join_next().await {
+        ranges.extend(
+            batch
+                .unwrap()
+                .ranges()
+                .iter()
+                .map(|r| (r.first(), r.last())),
+        );
+    }
+    ranges.sort();
+    assert!(
+        ranges.windows(2).all(|w| w[0].1 < w[1].0),
+        "two callers share a timestamp"
+    );
+    let total: u64 = ranges
+        .iter()
+        .map(|(f, l)| l.as_u64() - f.as_u64() + 1)
+        .sum();
+    assert_eq!(total, expected);
+}
+
+#[tokio::test]
+async fn real_time_order_holds_across_two_clients() {
+    let mut rng = StdRng::seed_from_u64(seed());
+    let server = TestServer::start(Mode::Leader);
+    let clients = [
+        client(&[server.endpoint()]).await,
+        client(&[server.endpoint()]).await,
+    ];
+    for pair in 0..500 {
+        let first = rng.random_range(0..2);
+        let a = clients[first]
+            .get_ts_batch(rng.random_range(1..=3000))
+            .await
+            .unwrap();
+        let b = clients[1 - first]
+            .get_ts_batch(rng.random_range(1..=3000))
+            .await
+            .unwrap();
+        assert!(
+            b.first() > a.last(),
+            "pair {pair}: {:?} after {:?}",
+            b.first(),
+            a.last()
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_follower_address_leads_to_the_leader_through_the_hint() {
+    let leader = TestServer::start_with(
+        Shared::new(Mode::Leader, Epoch::new(3)),
+        "127.0.0.1:0".parse().unwrap(),
+    );
+    let follower = TestServer::start(Mode::Follower {
+        endpoint: Some(leader.endpoint()),
+        epoch: Some(Epoch::new(3)),
+    });
+    // One attempt only: following the hint must not spend it.
+    let client = builder()
+        .attempts_max(1)
+        .connect([follower.endpoint()])
+        .await
+        .unwrap();
+    let ts = client.get_ts().await.unwrap();
+    let batch = client.get_ts_batch(10).await.unwrap();
+    assert!(batch.first() > ts);
+    assert_eq!(batch.ranges()[0].epoch(), Epoch::new(3));
+    assert_eq!(
+        client.leader(),
+        (Some(format!("http://{}", leader.endpoint())), Epoch::new(3))
+    );
+    assert_eq!(
+        follower.shared().rpcs(),
+        1,
+        "the leader is cached after the first redirect"
+    );
+    assert_eq!(leader.shared().rpcs(), 2);
+}
+
+#[tokio::test]
+async fn a_dead_address_before_a_live_server_is_skipped() {
+    let server = TestServer::start(Mode::Leader);
+    let client = client(&[dead_endpoint(), server.endpoint()]).await;
+    for _ in 0..3 {
+        client.get_ts().await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn only_dead_addresses_fail_with_a_retryable_error() {
+    let dead = [dead_endpoint(), dead_endpoint()];
+    let client = builder().attempts_max(5).connect(&dead).await.unwrap();
+    let error = client.get_ts().await.unwrap_err();
+    assert!(
+        matches!(error, Error::Unavailable { attempts: 5, .. }),
+        "{error}"
+    );
+    assert!(error.is_retryable());
+}
+
+#[tokio::test]
+async fn only_dead_addresses_fail_within_the_overall_deadline() {
+    let overall = Duration::from_millis(500);
+    let client = builder()
+        .attempts_max(u32::MAX)
+        .overall_timeout(overall)
+        .connect([dead_endpoint()])
+        .await
+        .unwrap();
+    let call = tokio::time::timeout(HANG_GUARD, client.get_ts());
+    let error = call
+        .await
+        .expect("the call ignored its deadline")
+        .unwrap_err();
+    assert!(
+        matches!(error, Error::DeadlineExceeded { timeout, .. } if timeout == overall),
+        "{error}"
+    );
+    assert!(error.is_retryable());
+}
+
+#[tokio::test]
+async fn an_election_without_hint_is_waited_out() {
+    let server = TestServer::start(Mode::NoLeaderTimes(5));
+    let client = builder()
+        .attempts_max(1)
+        .connect([server.endpoint()])
+        .await
+        .unwrap();
+    client.get_ts().await.unwrap();
+    assert_eq!(server.shared().rpcs(), 6);
+}
+
+#[tokio::test]
+async fn unavailable_is_retried_within_the_attempt_budget() {
+    let server = TestServer::start(Mode::UnavailableTimes(3));
+    let client = builder()
+        .attempts_max(4)
+        .connect([server.endpoint()])
+        .await
+        .unwrap();
+    client.get_ts().await.unwrap();
+    assert_eq!(server.shared().rpcs(), 4);
+
+    server.shared().set_mode(Mode::UnavailableTimes(100));
+    let client = builder()
+        .attempts_max(3)
+        .connect([server.endpoint()])
+        .await
+        .unwrap();
+    let error = client.get_ts().await.unwrap_err();
+    assert!(
+        matches!(error, Error::Unavailable { attempts: 3, .. }),
+        "{error}"
+    );
+    assert_eq!(server.shared().rpcs(), 4 + 3);
+}
+
+#[tokio::test]
+async fn a_garbage_reply_is_an_error() {
+    for mode in [Mode::CountMismatch, Mode::LogicalOverflow] {
+        let server = TestServer::start(mode.clone());
+        let client = client(&[server.endpoint()]).await;
+        let error = client.get_ts_batch(3).await.unwrap_err();
+        assert!(
+            matches!(error, Error::MalformedReply { .. }),
+            "{mode:?}: {error}"
+        );
+        assert!(!error.is_retryable());
+    }
+}
+
+#[tokio::test]
+async fn a_malformed_hint_is_an_error() {
+    for mode in [Mode::HintNotProtobuf, Mode::HintBadEndpoint] {
+        let server = TestServer::start(mode.clone());
+        let client = client(&[server.endpoint()]).await;
+        let error = client.get_ts().await.unwrap_err();
+        assert!(
+            matches!(error, Error::MalformedHint { .. }),
+            "{mode:?}: {error}"
+        );
+        assert!(!error.is_retryable());
+    }
+}
+
+#[tokio::test]
+async fn invalid_argument_reaches_every_coalesced_caller_unretried() {
+    let server = TestServer::start(Mode::InvalidArgument);
+    let client = client(&[server.endpoint()]).await;
+    let results = join_all((0..20).map(|_| client.get_ts())).await;
+    for result in results {
+        let error = result.unwrap_err();
+        assert!(matches!(error, Error::InvalidArgument { .. }), "{error}");
+        assert!(!error.is_retryable());
+    }
+    assert!(
+        server.shared().rpcs() <= 20,
+        "an invalid request was retried"
+    );
+}
+
+#[tokio::test]
+async fn the_client_survives_a_server_restart_on_the_same_address() {
+    let shared = Shared::new(Mode::Leader, Epoch::new(1));
+    let server = TestServer::start_with(shared.clone(), "127.0.0.1:0".parse().unwrap());
+    let addr = server.addr();
+    let client = builder()
+        .attempts_max(2)
+        .connect([server.endpoint()])
+        .await
+        .unwrap();
+    let before = client.get_ts().await.unwrap();
+    server.stop();
+
+    let down = client.get_ts().await.unwrap_err();
+    assert!(down.is_retryable(), "{down}");
+
+    let _server = TestServer::start_with(shared, addr);
+    let after = client.get_ts().await.unwrap();
+    assert!(after > before);
+}
+
+#[tokio::test]
+async fn dropping_the_client_stops_its_background_work() {
+    let server = TestServer::start(Mode::Leader);
+    let metrics = tokio::runtime::Handle::current().metrics();
+    let baseline = metrics.num_alive_tasks();
+    let client = client(&[server.endpoint()]).await;
+    client.get_ts_batch(5).await.unwrap();
+    assert!(
+        metrics.num_alive_tasks() > baseline,
+        "the client runs a background task"
+    );
+    drop(client);
+    let settled = tokio::time::timeout(HANG_GUARD, async {
+        while metrics.num_alive_tasks() > baseline {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    });
+    settled.await.expect("background tasks outlived the client");
+}
