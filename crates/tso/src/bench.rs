@@ -13,12 +13,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use hdrhistogram::Histogram;
-use tonic::Code;
-use tso_proto::v1::GetTsRequest;
 
 use crate::cli::BenchArgs;
+use crate::cli::BenchMode;
 use crate::node::Node;
-use crate::targets::{Targets, code_name, leader_hint};
+use crate::targets::{Route, Targets};
 
 /// Callers at most: each is one task with a ~60 KiB histogram.
 pub const CALLERS_MAX: usize = 4096;
@@ -29,9 +28,6 @@ pub const LATENCY_MAX_US: u64 = 60_000_000;
 /// Grants kept for the duplicate check across all callers: 16 bytes each, 128 MiB in all. Past
 /// it, later grants are still checked per caller but not across callers (the report says so).
 pub const RANGES_KEPT_MAX: usize = 8 << 20;
-/// A caller whose target is unreachable waits this long before the next try, so a dead server
-/// is not spun on.
-const UNREACHABLE_PAUSE: Duration = Duration::from_millis(10);
 
 /// When the run measures.
 #[derive(Clone, Copy)]
@@ -115,6 +111,16 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         args.endpoints.clone()
     };
     let targets = Arc::new(Targets::new(&endpoints, args.connections, args.timeout)?);
+    let library = match args.mode {
+        BenchMode::Raw => None,
+        BenchMode::Library => Some(
+            tso_client::Client::builder()
+                .overall_timeout(args.timeout)
+                .connect(&endpoints)
+                .await
+                .context("starting the client library")?,
+        ),
+    };
     let origin = Instant::now();
     let phases = Phases {
         origin,
@@ -125,10 +131,13 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
     let ranges_per_caller = RANGES_KEPT_MAX / args.callers;
     let mut callers = Vec::with_capacity(args.callers);
     for id in 0..args.callers {
+        let route = match &library {
+            Some(client) => Route::Library(client.clone()),
+            None => Route::raw(Arc::clone(&targets), id)?,
+        };
         let caller = Caller {
-            id,
+            route,
             count: args.count,
-            targets: Arc::clone(&targets),
             live: Arc::clone(&live),
             phases,
             ranges_max: ranges_per_caller,
@@ -165,16 +174,15 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
 }
 
 struct Caller {
-    id: usize,
-    count: u32,
-    targets: Arc<Targets>,
+    route: Route,
     live: Arc<Live>,
     phases: Phases,
+    count: u32,
     ranges_max: usize,
 }
 
 impl Caller {
-    async fn run(self) -> anyhow::Result<CallerStats> {
+    async fn run(mut self) -> anyhow::Result<CallerStats> {
         let mut stats = CallerStats {
             latency_us: Histogram::new_with_bounds(1, LATENCY_MAX_US, 3)
                 .expect("valid histogram bounds"),
@@ -185,40 +193,27 @@ impl Caller {
             ranges: Vec::new(),
             ranges_dropped: 0,
         };
-        let endpoints = self.targets.endpoints().to_vec();
-        let mut rotation = self.id % endpoints.len();
-        let mut client = self.targets.client(&endpoints[rotation], self.id)?;
         let mut highest: u64 = 0;
-        let request = GetTsRequest { count: self.count };
         loop {
             let start = Instant::now();
             if start >= self.phases.deadline {
                 break;
             }
-            let reply = client.get_ts(request).await;
+            let reply = self.route.get(self.count).await;
             let end = Instant::now();
             let measured = start >= self.phases.warmup_end;
-            let reply = match reply {
-                Ok(reply) => reply.into_inner(),
-                Err(status) => {
+            let grant = match reply {
+                Ok(grant) => grant,
+                Err(code) => {
                     self.live.errors.fetch_add(1, Ordering::Relaxed);
                     if measured {
-                        *stats.errors.entry(code_name(status.code())).or_default() += 1;
-                    }
-                    if let Some(leader) = leader_hint(&status) {
-                        client = self.targets.client(&leader, self.id)?;
-                    } else if status.code() == Code::Unavailable {
-                        rotation = (rotation + 1) % endpoints.len();
-                        client = self.targets.client(&endpoints[rotation], self.id)?;
-                        tokio::time::sleep(UNREACHABLE_PAUSE).await;
+                        *stats.errors.entry(code).or_default() += 1;
                     }
                     continue;
                 }
             };
-            let first =
-                reply.physical_ms << tso_core::LOGICAL_BITS | u64::from(reply.logical_start);
-            let last = first + u64::from(reply.count.max(1)) - 1;
-            if first <= highest || reply.count != self.count {
+            let (first, last) = (grant.first(), grant.last());
+            if first <= highest || grant.shape_error(self.count).is_some() {
                 stats.regressions += 1;
             }
             highest = highest.max(last);
@@ -232,7 +227,7 @@ impl Caller {
                 let micros = (end - start).as_micros() as u64;
                 stats.latency_us.saturating_record(micros.max(1));
                 stats.calls += 1;
-                stats.timestamps += u64::from(reply.count);
+                stats.timestamps += u64::from(grant.count);
                 self.live
                     .success((end - self.phases.warmup_end).as_nanos() as u64);
             }
@@ -268,6 +263,7 @@ struct Report {
     callers: usize,
     connections: usize,
     count: u32,
+    mode: BenchMode,
     threads: Option<usize>,
     duration: Duration,
     warmup: Duration,
@@ -317,6 +313,7 @@ impl Report {
             callers: args.callers,
             connections: args.connections,
             count: args.count,
+            mode: args.mode,
             threads: args.threads,
             duration: args.duration,
             warmup: args.warmup,
@@ -374,7 +371,7 @@ impl Report {
         };
         format!(
             "target       {}\n\
-             load         {} callers over {} connection(s), {} timestamp(s) per call, {} after {} warm-up\n\
+             load         {} callers, {}, {} timestamp(s) per call, {} after {} warm-up\n\
              calls        {} ({}/s)\n\
              timestamps   {} ({}/s)\n\
              latency      p50 {:.3} ms  p90 {:.3} ms  p99 {:.3} ms  p99.9 {:.3} ms  max {:.3} ms\n\
@@ -383,7 +380,10 @@ impl Report {
              check        {check}{unchecked}\n",
             self.target,
             self.callers,
-            self.connections,
+            match self.mode {
+                BenchMode::Raw => format!("raw RPCs over {} connection(s)", self.connections),
+                BenchMode::Library => "through the client library (coalescing)".to_string(),
+            },
             self.count,
             humantime::format_duration(self.duration),
             humantime::format_duration(self.warmup),
@@ -406,6 +406,7 @@ impl Report {
             "callers": self.callers,
             "connections": self.connections,
             "count": self.count,
+            "mode": self.mode.name(),
             "threads": self.threads,
             "duration_s": self.duration.as_secs_f64(),
             "warmup_s": self.warmup.as_secs_f64(),

@@ -122,6 +122,10 @@ pub struct BenchArgs {
     /// Timestamps per call.
     #[arg(long, short = 'n', default_value_t = 1)]
     pub count: u32,
+    /// Raw `GetTs` RPCs, or calls through the client library (coalescing, one client shared by
+    /// every caller; `--connections` does not apply).
+    #[arg(long, value_enum, default_value = "raw")]
+    pub mode: BenchMode,
     /// How long to measure, after the warm-up.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub duration: Duration,
@@ -155,6 +159,10 @@ pub struct CheckArgs {
     /// Each call asks for a random count from 1 to this.
     #[arg(long, default_value_t = 16)]
     pub count_max: u32,
+    /// Raw `GetTs` RPCs, or calls through the client library (one client shared by every
+    /// checker client, so calls are coalesced: the history then checks the library too).
+    #[arg(long, value_enum, default_value = "raw")]
+    pub mode: BenchMode,
     /// How long the clients and the nemesis run.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     pub duration: Duration,
@@ -184,4 +192,22 @@ pub struct CheckArgs {
     /// clocks back and kill them. A working checker reports a violation (exit 1).
     #[arg(long)]
     pub unsafe_positive_control: bool,
+}
+
+/// How `tso bench` and `tso check` callers reach the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BenchMode {
+    /// One `GetTs` RPC per call.
+    Raw,
+    /// Through `tso-client`, which coalesces concurrent callers into shared RPCs.
+    Library,
+}
+
+impl BenchMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            BenchMode::Raw => "raw",
+            BenchMode::Library => "library",
+        }
+    }
 }

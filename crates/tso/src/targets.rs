@@ -6,7 +6,7 @@
 //! configured list).
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -14,7 +14,10 @@ use prost::Message;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 use tso_proto::LEADER_HINT_KEY;
+use tso_proto::v1::GetTsRequest;
 use tso_proto::v1::tso_service_client::TsoServiceClient;
+
+use crate::check::history::WireGrant;
 
 /// Connections per endpoint at most: each is one HTTP/2 connection with its own task.
 pub const CONNECTIONS_MAX: usize = 64;
@@ -99,4 +102,103 @@ pub fn leader_hint(status: &Status) -> Option<String> {
 /// A short, stable name for a status code (`Unavailable`, `FailedPrecondition`, ...).
 pub fn code_name(code: Code) -> String {
     format!("{code:?}")
+}
+
+/// How a caller reaches the oracle: raw `GetTs` RPCs over the shared connections (following
+/// hints itself), or the project's client library (coalescing, its own leader discovery).
+pub enum Route {
+    Raw {
+        targets: Arc<Targets>,
+        slot: usize,
+        rotation: usize,
+        client: TsoServiceClient<Channel>,
+    },
+    Library(tso_client::Client),
+}
+
+/// A caller whose raw target is unreachable waits this long before its next try, so a dead
+/// server is not spun on (the library has its own backoff).
+const UNREACHABLE_PAUSE: Duration = Duration::from_millis(5);
+
+impl Route {
+    /// Raw RPCs on connection `slot` of the first reachable endpoint.
+    pub fn raw(targets: Arc<Targets>, slot: usize) -> anyhow::Result<Route> {
+        let rotation = slot % targets.endpoints().len();
+        let client = targets.client(&targets.endpoints()[rotation].clone(), slot)?;
+        Ok(Route::Raw {
+            targets,
+            slot,
+            rotation,
+            client,
+        })
+    }
+
+    /// One `count`-timestamp grant, or the name of the error (a gRPC code, or the client
+    /// library's error kind).
+    pub async fn get(&mut self, count: u32) -> Result<WireGrant, String> {
+        match self {
+            Route::Raw {
+                targets,
+                slot,
+                rotation,
+                client,
+            } => match client.get_ts(GetTsRequest { count }).await {
+                Ok(reply) => {
+                    let reply = reply.into_inner();
+                    Ok(WireGrant {
+                        physical_ms: reply.physical_ms,
+                        logical_start: reply.logical_start,
+                        count: reply.count,
+                    })
+                }
+                Err(status) => {
+                    if let Some(leader) = leader_hint(&status) {
+                        if let Ok(next) = targets.client(&leader, *slot) {
+                            *client = next;
+                        }
+                    } else if status.code() == Code::Unavailable {
+                        *rotation = (*rotation + 1) % targets.endpoints().len();
+                        let endpoint = targets.endpoints()[*rotation].clone();
+                        if let Ok(next) = targets.client(&endpoint, *slot) {
+                            *client = next;
+                        }
+                        tokio::time::sleep(UNREACHABLE_PAUSE).await;
+                    }
+                    Err(code_name(status.code()))
+                }
+            },
+            Route::Library(client) => match client.get_ts_batch(u64::from(count)).await {
+                Ok(batch) => library_grant(&batch),
+                Err(err) => Err(library_error_name(&err)),
+            },
+        }
+    }
+}
+
+/// A library batch as one grant: its first range. For a count one grant can hold the library
+/// returns one range; a split batch shows as a short grant, which the checks flag.
+fn library_grant(batch: &tso_client::Batch) -> Result<WireGrant, String> {
+    let range = batch.ranges().first().ok_or("EmptyBatch")?;
+    Ok(WireGrant {
+        physical_ms: range.first().physical_ms(),
+        logical_start: range.first().logical(),
+        count: range.count(),
+    })
+}
+
+fn library_error_name(err: &tso_client::Error) -> String {
+    use tso_client::Error as E;
+    match err {
+        E::InvalidCount { .. } => "InvalidCount".into(),
+        E::InvalidArgument { .. } => "InvalidArgument".into(),
+        E::InvalidEndpoint { .. } => "InvalidEndpoint".into(),
+        E::InvalidConfig { .. } => "InvalidConfig".into(),
+        E::QueueFull { .. } => "QueueFull".into(),
+        E::Unavailable { .. } => "Unavailable".into(),
+        E::DeadlineExceeded { .. } => "DeadlineExceeded".into(),
+        E::MalformedReply { .. } => "MalformedReply".into(),
+        E::MalformedHint { .. } => "MalformedHint".into(),
+        E::Server { code, .. } => code_name(*code),
+        E::Closed => "Closed".into(),
+    }
 }

@@ -4,17 +4,19 @@
 use std::process::Command;
 
 #[test]
-fn bench_against_a_spawned_server_reports_json() {
+fn raw_bench_against_a_spawned_server_reports_json() {
+    bench_reports_json("raw");
+}
+
+#[test]
+fn library_bench_against_a_spawned_server_reports_json() {
+    bench_reports_json("library");
+}
+
+fn bench_reports_json(mode: &str) {
     let output = Command::new(env!("CARGO_BIN_EXE_tso"))
-        .args([
-            "bench",
-            "--spawn",
-            "--json",
-            "--callers",
-            "4",
-            "--connections",
-            "2",
-        ])
+        .args(["bench", "--spawn", "--json", "--callers", "4"])
+        .args(["--connections", "2", "--mode", mode])
         .args(["--count", "3", "--duration", "1s", "--warmup", "200ms"])
         .output()
         .expect("running tso bench");
@@ -27,6 +29,7 @@ fn bench_against_a_spawned_server_reports_json() {
     );
     let report: serde_json::Value = serde_json::from_str(stdout.trim()).expect("one JSON object");
     assert_eq!(report["callers"], 4);
+    assert_eq!(report["mode"], mode);
     assert_eq!(report["count"], 3);
     assert!(report["calls"].as_u64().unwrap() > 0, "{report:#}");
     assert_eq!(

@@ -76,6 +76,31 @@ fn a_short_check_with_kills_pauses_and_clock_jumps_is_clean() {
 }
 
 #[test]
+fn a_check_through_the_client_library_is_clean() {
+    let dir = tempfile::tempdir().unwrap();
+    let (output, result) = tso_check(
+        dir.path(),
+        &[
+            "--mode",
+            "library",
+            "--seed",
+            "7",
+            "--clients",
+            "8",
+            "--duration",
+            "8s",
+            "--fault-interval",
+            "1s",
+            "--faults",
+            "kill,clock",
+        ],
+    );
+    assert_eq!(output.status.code(), Some(0), "{}", explain(&output));
+    assert_eq!(result["verdict"], "clean", "{result:#}");
+    assert_eq!(result["mode"], "library");
+}
+
+#[test]
 fn the_positive_control_is_reported_as_a_violation() {
     let dir = tempfile::tempdir().unwrap();
     let (output, result) = tso_check(

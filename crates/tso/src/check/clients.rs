@@ -10,11 +10,9 @@ use std::time::Duration;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use tonic::Code;
-use tso_proto::v1::GetTsRequest;
 
-use super::history::{Call, Outcome, WireGrant, monotonic_ns};
-use crate::targets::{Targets, code_name, leader_hint};
+use super::history::{Call, Outcome, monotonic_ns};
+use crate::targets::Route;
 
 /// Calls recorded in one run at most, over all clients: about 60 bytes each, under 300 MiB.
 /// A client that reaches its share stops calling.
@@ -36,45 +34,30 @@ pub struct Client {
     pub seed: u64,
     pub count_max: u32,
     pub calls_max: usize,
-    pub targets: Arc<Targets>,
+    pub route: Route,
     pub shared: Arc<Shared>,
 }
 
 impl Client {
     /// Calls until told to stop; returns every call it made.
-    pub async fn run(self) -> anyhow::Result<Vec<Call>> {
+    pub async fn run(mut self) -> anyhow::Result<Vec<Call>> {
         let mut rng = StdRng::seed_from_u64(
             self.seed ^ u64::from(self.id).wrapping_mul(0x9E37_79B9_7F4A_7C15),
         );
-        let endpoints = self.targets.endpoints().to_vec();
-        let mut rotation = self.id as usize % endpoints.len();
-        let slot = self.id as usize;
-        let mut client = self.targets.client(&endpoints[rotation], slot)?;
         let mut calls = Vec::new();
         while !self.shared.stop.load(Ordering::Relaxed) && calls.len() < self.calls_max {
             let requested = rng.random_range(1..=self.count_max);
             let start_ns = monotonic_ns();
-            let reply = client.get_ts(GetTsRequest { count: requested }).await;
+            let reply = self.route.get(requested).await;
             let end_ns = monotonic_ns();
             let outcome = match reply {
-                Ok(reply) => {
-                    let reply = reply.into_inner();
+                Ok(grant) => {
                     self.shared.last_ok_ns.fetch_max(end_ns, Ordering::Relaxed);
-                    Outcome::Granted(WireGrant {
-                        physical_ms: reply.physical_ms,
-                        logical_start: reply.logical_start,
-                        count: reply.count,
-                    })
+                    Outcome::Granted(grant)
                 }
-                Err(status) => {
-                    if let Some(leader) = leader_hint(&status) {
-                        client = self.targets.client(&leader, slot)?;
-                    } else if status.code() == Code::Unavailable && endpoints.len() > 1 {
-                        rotation = (rotation + 1) % endpoints.len();
-                        client = self.targets.client(&endpoints[rotation], slot)?;
-                    }
+                Err(code) => {
                     tokio::time::sleep(FAILED_PAUSE).await;
-                    Outcome::Failed(code_name(status.code()))
+                    Outcome::Failed(code)
                 }
             };
             calls.push(Call {

@@ -24,8 +24,8 @@ use self::clients::{CALLS_MAX, Client, Shared};
 use self::cluster::Cluster;
 use self::history::{Call, Outcome, check, check_liveness, monotonic_ns};
 use self::schedule::{Plan, Step};
-use crate::cli::CheckArgs;
-use crate::targets::Targets;
+use crate::cli::{BenchMode, CheckArgs};
+use crate::targets::{Route, Targets};
 
 /// Exit code of a clean history.
 pub const EXIT_CLEAN: u8 = 0;
@@ -109,14 +109,25 @@ async fn run(args: CheckArgs) -> anyhow::Result<Verdict> {
     };
     let steps = schedule::draw(&plan);
     println!(
-        "tso check: {} client(s) against {} for {}, {} fault(s) scheduled; work dir {}",
+        "tso check: {} {} client(s) against {} for {}, {} fault(s) scheduled; work dir {}",
         args.clients,
+        args.mode.name(),
         endpoints.join(","),
         humantime::format_duration(args.duration),
         steps.len(),
         work.path().display()
     );
     let targets = Arc::new(Targets::new(&endpoints, args.clients, args.call_timeout)?);
+    let library = match args.mode {
+        BenchMode::Raw => None,
+        BenchMode::Library => Some(
+            tso_client::Client::builder()
+                .overall_timeout(args.call_timeout)
+                .connect(&endpoints)
+                .await
+                .context("starting the client library")?,
+        ),
+    };
     let shared = Arc::new(Shared::default());
     let mut tasks = Vec::with_capacity(args.clients);
     for id in 0..args.clients {
@@ -125,7 +136,10 @@ async fn run(args: CheckArgs) -> anyhow::Result<Verdict> {
             seed,
             count_max: args.count_max,
             calls_max: CALLS_MAX / args.clients,
-            targets: Arc::clone(&targets),
+            route: match &library {
+                Some(client) => Route::Library(client.clone()),
+                None => Route::raw(Arc::clone(&targets), id)?,
+            },
             shared: Arc::clone(&shared),
         };
         tasks.push(tokio::spawn(client.run()));
@@ -301,6 +315,7 @@ fn judge(
         "endpoints": endpoints,
         "nodes": args.nodes,
         "clients": args.clients,
+        "mode": args.mode.name(),
         "count_max": args.count_max,
         "duration_s": args.duration.as_secs_f64(),
         "positive_control": args.unsafe_positive_control,
