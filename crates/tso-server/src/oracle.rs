@@ -435,3 +435,82 @@ pub(crate) fn hint_of(err: &ConsensusError) -> LeaderHint {
         _ => LeaderHint::default(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::consensus::{BoxFuture, Leadership};
+    use tso_core::Fence;
+
+    /// A backend the test never calls: the state is driven by hand.
+    struct Unused;
+
+    impl Consensus for Unused {
+        fn leadership(&self) -> watch::Receiver<Leadership> {
+            watch::channel(Leadership::Unknown).1
+        }
+
+        fn load_high_water(&self) -> BoxFuture<'_, Result<u64, ConsensusError>> {
+            unreachable!("not called")
+        }
+
+        fn persist_high_water(
+            &self,
+            _: u64,
+            _: Epoch,
+        ) -> BoxFuture<'_, Result<u64, ConsensusError>> {
+            unreachable!("not called")
+        }
+    }
+
+    struct FrozenClock(u64);
+
+    impl Clock for FrozenClock {
+        fn now_ms(&self) -> u64 {
+            self.0
+        }
+    }
+
+    fn high_water_ms(shared: &Shared) -> u64 {
+        match &shared.lock().mode {
+            Mode::Serving(term) => term.window.high_water_ms(),
+            _ => panic!("not serving"),
+        }
+    }
+
+    /// Defence in depth behind the watch ending the old extender before a new fence: even if an
+    /// older term's extension reports late, it never raises the current term's high-water.
+    #[test]
+    fn a_late_extension_of_an_older_term_is_ignored() {
+        let now_ms = 1_000_000;
+        let shared = Shared::new(
+            Arc::new(Unused),
+            Config::default(),
+            Arc::new(FrozenClock(now_ms)),
+        );
+        let fence_1 = Fence::plan(0, now_ms, 1_000).unwrap();
+        let (term_1, _) = shared
+            .start_serving(
+                Epoch::new(1),
+                fence_1.complete(fence_1.target_ms()).unwrap(),
+            )
+            .unwrap();
+        shared.step_down(LeaderHint::default());
+        let fence_2 = Fence::plan(fence_1.target_ms(), now_ms, 1_000).unwrap();
+        let (term_2, _) = shared
+            .start_serving(
+                Epoch::new(2),
+                fence_2.complete(fence_2.target_ms()).unwrap(),
+            )
+            .unwrap();
+        assert_ne!(term_1, term_2);
+
+        let late_ms = fence_2.target_ms() + 50_000;
+        assert_eq!(
+            shared.finish_extension(term_1, late_ms, Ok(late_ms)),
+            Ok(())
+        );
+        assert_eq!(high_water_ms(&shared), fence_2.target_ms());
+        assert!(matches!(shared.plan_extension(term_1), Plan::Gone));
+    }
+}

@@ -6,7 +6,9 @@
 //! node stays leader, each wait racing the stream; NotLeader/Fenced step down; Permanent errors
 //! and broken invariants end the task with an error, which poisons serving.
 
+use std::convert::Infallible;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -29,6 +31,61 @@ enum Next {
     Handle,
     /// Shutdown was asked.
     Stop,
+}
+
+/// How a wait that races the leadership stream ended.
+enum Raced<T> {
+    /// The work finished first.
+    Done(T),
+    /// A leadership change or a shutdown came first.
+    Interrupted(Next),
+}
+
+/// Where a fence attempt leaves the fence.
+enum Settled {
+    /// Serving, or stepped down: wait for the next leadership change.
+    Done,
+    /// Failed transiently: retry after a backoff.
+    Retry(String),
+}
+
+/// Retries of one fence: the backoff, the retry metric and an occasional warning.
+struct FenceRetry {
+    epoch: Epoch,
+    backoff: Backoff,
+    retries: u64,
+    warn_at: u64,
+}
+
+/// Warnings go out at retry 1, 2, 4 ... 256, then once per this many retries: at the 250 ms
+/// backoff cap, 240 retries are about a minute.
+const FENCE_RETRY_WARN_EVERY: u64 = 240;
+
+impl FenceRetry {
+    fn new(epoch: Epoch) -> Self {
+        Self {
+            epoch,
+            backoff: Backoff::fence(),
+            retries: 0,
+            warn_at: 1,
+        }
+    }
+
+    /// Counts a transient failure and returns how long to wait before the next attempt.
+    fn next_delay(&mut self, error: &str) -> Duration {
+        self.retries += 1;
+        metrics::fence_retry("transient");
+        if self.retries == self.warn_at {
+            self.warn_at = if self.warn_at < FENCE_RETRY_WARN_EVERY {
+                self.warn_at * 2
+            } else {
+                self.warn_at + FENCE_RETRY_WARN_EVERY
+            };
+            let (epoch, retries) = (self.epoch, self.retries);
+            warn!(%epoch, retries, error, "fence failed transiently; still leader, retrying");
+        }
+        self.backoff.next_delay()
+    }
 }
 
 /// Why a fence attempt failed.
@@ -100,11 +157,24 @@ impl Watcher {
     }
 
     async fn wait_for_change(&mut self) -> Result<Next, ServeError> {
+        match self.race(std::future::pending::<Infallible>()).await? {
+            Raced::Interrupted(next) => Ok(next),
+            Raced::Done(never) => match never {},
+        }
+    }
+
+    /// Runs `work` until it finishes, unless a leadership change, a shutdown or a poisoning
+    /// comes first; `work` is then dropped, which backend calls allow (they are cancel-safe).
+    async fn race<T>(&mut self, work: impl Future<Output = T>) -> Result<Raced<T>, ServeError> {
         tokio::select! {
             biased;
-            _ = self.shutdown.cancelled() => Ok(Next::Stop),
+            _ = self.shutdown.cancelled() => Ok(Raced::Interrupted(Next::Stop)),
             _ = self.shared.failed.cancelled() => Err(self.shared.take_fatal()),
-            changed = self.leadership.changed() => changed.map(|()| Next::Handle).map_err(|_| ServeError::LeadershipClosed),
+            changed = self.leadership.changed() => match changed {
+                Ok(()) => Ok(Raced::Interrupted(Next::Handle)),
+                Err(_) => Err(ServeError::LeadershipClosed),
+            },
+            done = work => Ok(Raced::Done(done)),
         }
     }
 
@@ -124,54 +194,56 @@ impl Watcher {
         }
     }
 
+    /// Fences for `epoch` and serves, retrying transient failures for as long as no other
+    /// leadership state arrives.
     async fn fence(&mut self, epoch: Epoch) -> Result<Next, ServeError> {
         info!(%epoch, "leader: fencing before serving");
         self.step_down(LeaderHint::default()).await;
-        let mut backoff = Backoff::fence();
-        let mut retries: u64 = 0;
+        let mut retry = FenceRetry::new(epoch);
         loop {
-            let attempt = fence_attempt(&self.shared, epoch);
-            let result = tokio::select! {
-                biased;
-                _ = self.shutdown.cancelled() => return Ok(Next::Stop),
-                _ = self.shared.failed.cancelled() => return Err(self.shared.take_fatal()),
-                changed = self.leadership.changed() => return changed.map(|()| Next::Handle).map_err(|_| ServeError::LeadershipClosed),
-                result = attempt => result,
+            let attempt = fence_attempt(Arc::clone(&self.shared), epoch);
+            let result = match self.race(attempt).await? {
+                Raced::Done(result) => result,
+                Raced::Interrupted(next) => return Ok(next),
             };
-            let err = match result {
-                Ok(window) => {
-                    self.serve(epoch, window);
-                    return Ok(Next::Wait);
-                }
-                Err(FenceFailure::Invariant(msg)) => return Err(ServeError::Invariant(msg)),
-                Err(FenceFailure::Backend(err)) => err,
+            let delay = match self.settle(epoch, result)? {
+                Settled::Done => return Ok(Next::Wait),
+                Settled::Retry(error) => retry.next_delay(&error),
             };
-            match err {
-                ConsensusError::Transient(msg) => {
-                    retries += 1;
-                    metrics::fence_retry("transient");
-                    // Warn on the 1st, 2nd, 4th, 8th... retry: visible, never a flood.
-                    if retries.is_power_of_two() {
-                        warn!(%epoch, retries, error = %msg, "fence failed transiently; still leader, retrying");
-                    }
-                    let delay = backoff.next_delay();
-                    tokio::select! {
-                        biased;
-                        _ = self.shutdown.cancelled() => return Ok(Next::Stop),
-                        changed = self.leadership.changed() => return changed.map(|()| Next::Handle).map_err(|_| ServeError::LeadershipClosed),
-                        _ = tokio::time::sleep(delay) => {}
-                    }
-                }
-                ConsensusError::NotLeader { .. } | ConsensusError::Fenced { .. } => {
-                    metrics::fence_done("stepped_down");
-                    warn!(%epoch, error = %err, "fence refused: stepping down");
-                    self.shared.step_down(hint_of(&err));
-                    return Ok(Next::Wait);
-                }
-                ConsensusError::Permanent(_) => {
-                    metrics::fence_done("fatal");
-                    return Err(ServeError::Consensus(err));
-                }
+            if let Raced::Interrupted(next) = self.race(tokio::time::sleep(delay)).await? {
+                return Ok(next);
+            }
+        }
+    }
+
+    /// Acts on one fence attempt: serve, step down, retry, or fail (SEMANTICS §5).
+    fn settle(
+        &mut self,
+        epoch: Epoch,
+        result: Result<Window, FenceFailure>,
+    ) -> Result<Settled, ServeError> {
+        let err = match result {
+            Ok(window) => {
+                self.serve(epoch, window);
+                return Ok(Settled::Done);
+            }
+            Err(FenceFailure::Invariant(msg)) => {
+                metrics::fence_done("fatal");
+                return Err(ServeError::Invariant(msg));
+            }
+            Err(FenceFailure::Backend(err)) => err,
+        };
+        match err {
+            ConsensusError::Transient(msg) => Ok(Settled::Retry(msg)),
+            ConsensusError::NotLeader { .. } | ConsensusError::Fenced { .. } => {
+                metrics::fence_done("stepped_down");
+                warn!(%epoch, error = %err, "fence refused: stepping down");
+                self.shared.step_down(hint_of(&err));
+                Ok(Settled::Done)
+            }
+            ConsensusError::Permanent(_) => {
+                metrics::fence_done("fatal");
+                Err(ServeError::Consensus(err))
             }
         }
     }
@@ -194,7 +266,7 @@ impl Watcher {
 }
 
 /// One fence attempt: load, plan, persist, seed.
-async fn fence_attempt(shared: &Shared, epoch: Epoch) -> Result<Window, FenceFailure> {
+async fn fence_attempt(shared: Arc<Shared>, epoch: Epoch) -> Result<Window, FenceFailure> {
     let prior_ms = shared
         .backend
         .load_high_water()

@@ -722,3 +722,27 @@ async fn shutdown_with_a_hung_extension_returns_within_the_grace() {
     server.stop().await.unwrap();
     assert_eq!(backend.abandoned.load(Ordering::SeqCst), 1);
 }
+
+/// Scenario 12, hung extension with a caller waiting on it: the call still gets an answer
+/// (UNAVAILABLE once its bounded wait for the extension ends, which is shorter than the grace),
+/// and the serve call reports a clean stop.
+#[tokio::test]
+async fn shutdown_with_a_caller_waiting_on_a_hung_extension_answers_it_and_returns() {
+    let clock = ManualClock::new(START_MS);
+    let backend = FaultBackend::leader(1, 0);
+    let config = tso_server::Config {
+        shutdown_grace: 2 * tso_server::EXHAUSTED_WAIT_MAX,
+        ..quiet_config()
+    };
+    let mut server = TestServer::start(backend.clone(), config, clock.clone()).await;
+    serving_at(&mut server, 1).await;
+    backend.inject(Op::Persist, Fault::Hang, 1);
+    clock.set(START_MS + ADVANCE_MS + 100_000);
+    let mut client = server.client().await;
+    let waiting = tokio::spawn(async move { get_ts(&mut client, 1).await });
+    wait_until("the hung extension", || persists(&backend) == 2).await;
+
+    server.stop().await.unwrap();
+    let status = waiting.await.unwrap().unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+}
