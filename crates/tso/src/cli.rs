@@ -184,6 +184,11 @@ pub struct CheckArgs {
     /// Where to write the schedule and the history summary (JSON) [default: tso-check-SEED.json].
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Also write every recorded call here, one JSON object per line (`client`, `start_ns` and
+    /// `end_ns` on CLOCK_MONOTONIC, `requested`, and `physical_ms`/`logical_start`/`count` or
+    /// `error`).
+    #[arg(long)]
+    pub history: Option<PathBuf>,
     /// Directory for the nodes' data and logs [default: a temporary one, removed after a clean
     /// run].
     #[arg(long)]

@@ -52,6 +52,8 @@ fn a_short_check_with_kills_pauses_and_clock_jumps_is_clean() {
             "1s",
             "--faults",
             "kill,pause,clock",
+            "--history",
+            dir.path().join("history.jsonl").to_str().unwrap(),
         ],
     );
     assert_eq!(output.status.code(), Some(0), "{}", explain(&output));
@@ -72,7 +74,21 @@ fn a_short_check_with_kills_pauses_and_clock_jumps_is_clean() {
         faults.iter().any(|f| f.contains("clock offset")),
         "{faults:?}"
     );
-    assert!(result["history"]["granted"].as_u64().unwrap() > 0);
+    let granted = result["history"]["granted"].as_u64().unwrap();
+    assert!(granted > 0);
+    let history = std::fs::read_to_string(dir.path().join("history.jsonl")).unwrap();
+    let lines: Vec<serde_json::Value> = history
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    assert_eq!(
+        lines.len() as u64,
+        result["history"]["calls"].as_u64().unwrap()
+    );
+    assert_eq!(
+        lines.iter().filter(|l| l["count"].is_number()).count() as u64,
+        granted
+    );
 }
 
 #[test]

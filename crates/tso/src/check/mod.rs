@@ -35,6 +35,9 @@ pub const EXIT_VIOLATION: u8 = 1;
 pub const EXIT_SETUP: u8 = 2;
 /// Clients in one run at most: each is a task with its own connection.
 pub const CLIENTS_MAX: usize = 256;
+/// The longest pause drawn (and never more than half the liveness bound): long enough that
+/// calls time out and clients reconnect, short enough to leave room for other faults.
+const PAUSE_MAX: Duration = Duration::from_secs(3);
 /// Violations printed on the terminal (the file has up to `VIOLATIONS_KEPT_MAX` per kind).
 const VIOLATIONS_PRINTED_MAX: usize = 5;
 
@@ -104,7 +107,7 @@ async fn run(args: CheckArgs) -> anyhow::Result<Verdict> {
         },
         duration: args.duration,
         interval: args.fault_interval,
-        pause_max: args.liveness_bound / 2,
+        pause_max: (args.liveness_bound / 2).min(PAUSE_MAX),
         positive_control: args.unsafe_positive_control,
     };
     let steps = schedule::draw(&plan);
@@ -159,6 +162,9 @@ async fn run(args: CheckArgs) -> anyhow::Result<Verdict> {
     }
     if let Some(cluster) = cluster.as_mut() {
         cluster.stop().await;
+    }
+    if let Some(path) = &args.history {
+        write_history(path, &calls)?;
     }
     let verdict = judge(&args, seed, &endpoints, &events, &calls, &heals, &work)?;
     if verdict == Verdict::Clean {
@@ -359,6 +365,33 @@ fn judge(
     } else {
         Verdict::Violation
     })
+}
+
+/// Every call as one JSON line.
+fn write_history(path: &std::path::Path, calls: &[Call]) -> anyhow::Result<()> {
+    use std::io::Write;
+    let file =
+        std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
+    let mut out = std::io::BufWriter::new(file);
+    for call in calls {
+        let mut line = serde_json::json!({
+            "client": call.client,
+            "start_ns": call.start_ns,
+            "end_ns": call.end_ns,
+            "requested": call.requested,
+        });
+        match &call.outcome {
+            Outcome::Granted(grant) => {
+                line["physical_ms"] = grant.physical_ms.into();
+                line["logical_start"] = grant.logical_start.into();
+                line["count"] = grant.count.into();
+            }
+            Outcome::Failed(code) => line["error"] = code.as_str().into(),
+        }
+        writeln!(out, "{line}")?;
+    }
+    out.flush()
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 /// The run's directory: the one given, or a temporary one removed after a clean run (kept,
