@@ -61,6 +61,13 @@ impl Node {
         Ok(node)
     }
 
+    /// Starts on `listen` instead of a port the OS picks (a raft cluster's members list names
+    /// every client address before any node starts).
+    pub fn with_listen(mut self, listen: SocketAddr) -> Node {
+        self.listen = listen;
+        self
+    }
+
     /// The client address (`http://host:port`), known once the node has started.
     pub fn endpoint(&self) -> String {
         format!("http://{}", self.listen)

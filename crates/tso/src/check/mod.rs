@@ -73,6 +73,8 @@ pub fn main(args: CheckArgs) -> ExitCode {
 /// One applied fault, as written to the result file.
 struct Event {
     step: Step,
+    /// The node it hit, once the target was resolved.
+    node: Option<usize>,
     applied: bool,
     start_ms: u64,
     heal_ms: Option<u64>,
@@ -204,21 +206,26 @@ async fn nemesis(cluster: &mut Cluster, steps: &[Step], origin: Instant) -> Vec<
         let start_ms = since(Instant::now());
         let mut event = Event {
             step,
+            node: None,
             applied: false,
             start_ms,
             heal_ms: None,
             heal_ns: None,
             error: None,
         };
-        match cluster.apply(step.fault).await {
-            Ok(applied) => event.applied = applied,
-            Err(err) => event.error = Some(format!("{err:#}")),
+        let at = cluster.resolve(step.fault.target()).await;
+        event.node = at;
+        if let Some(at) = at {
+            match cluster.apply(step.fault, at).await {
+                Ok(applied) => event.applied = applied,
+                Err(err) => event.error = Some(format!("{err:#}")),
+            }
         }
-        if event.applied {
+        if let (true, Some(at)) = (event.applied, at) {
             tokio::time::sleep(Duration::from_millis(step.fault.length_ms())).await;
             event.heal_ms = Some(since(Instant::now()));
             event.heal_ns = Some(monotonic_ns());
-            if let Err(err) = cluster.heal(step.fault).await {
+            if let Err(err) = cluster.heal(step.fault, at).await {
                 event.error = Some(format!("{err:#}"));
             }
         }
@@ -329,6 +336,7 @@ fn judge(
         "schedule": events.iter().map(|e| serde_json::json!({
             "planned_ms": e.step.at_ms,
             "fault": e.step.fault.describe(),
+            "node": e.node,
             "applied": e.applied,
             "start_ms": e.start_ms,
             "heal_ms": e.heal_ms,

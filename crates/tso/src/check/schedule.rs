@@ -30,12 +30,28 @@ pub enum FaultKind {
     Clock,
 }
 
+/// Which node a fault hits: a fixed one, or whoever leads when the fault starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    Leader,
+    Node(usize),
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Target::Leader => write!(f, "the leader"),
+            Target::Node(i) => write!(f, "node {i}"),
+        }
+    }
+}
+
 /// One fault.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fault {
-    Kill { node: usize, down_ms: u64 },
-    Pause { node: usize, for_ms: u64 },
-    Clock { node: usize, offset_ms: i64 },
+    Kill { node: Target, down_ms: u64 },
+    Pause { node: Target, for_ms: u64 },
+    Clock { node: Target, offset_ms: i64 },
 }
 
 impl Fault {
@@ -45,6 +61,15 @@ impl Fault {
             Fault::Kill { down_ms, .. } => down_ms,
             Fault::Pause { for_ms, .. } => for_ms,
             Fault::Clock { .. } => 0,
+        }
+    }
+
+    /// The node the fault hits.
+    pub fn target(&self) -> Target {
+        match *self {
+            Fault::Kill { node, .. } | Fault::Pause { node, .. } | Fault::Clock { node, .. } => {
+                node
+            }
         }
     }
 
@@ -95,7 +120,7 @@ pub fn draw(plan: &Plan) -> Vec<Step> {
             steps.push(Step {
                 at_ms: t,
                 fault: Fault::Clock {
-                    node,
+                    node: Target::Node(node),
                     offset_ms: POSITIVE_CONTROL_SHIFT_MS,
                 },
             });
@@ -104,7 +129,7 @@ pub fn draw(plan: &Plan) -> Vec<Step> {
         steps.push(Step {
             at_ms: t,
             fault: Fault::Kill {
-                node: 0,
+                node: Target::Leader,
                 down_ms: 100,
             },
         });
@@ -115,7 +140,12 @@ pub fn draw(plan: &Plan) -> Vec<Step> {
     }
     while steps.len() < FAULTS_MAX {
         t += rng.random_range(interval_ms / 2..=interval_ms * 3 / 2);
-        let node = rng.random_range(0..plan.nodes);
+        // A single node is its own leader; only a cluster draws between the leader and a node.
+        let node = if plan.nodes > 1 && rng.random_bool(0.5) {
+            Target::Leader
+        } else {
+            Target::Node(rng.random_range(0..plan.nodes))
+        };
         let fault = match plan.kinds[rng.random_range(0..plan.kinds.len())] {
             FaultKind::Kill => Fault::Kill {
                 node,
