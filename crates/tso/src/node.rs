@@ -30,6 +30,9 @@ pub struct Node {
     extra_args: Vec<String>,
     /// Whether the server follows the test-only clock offset file.
     clock_offset: bool,
+    /// A file bind-mounted over `/etc/hosts` in the node's own mount namespace, so that peer
+    /// names resolve to this node's link proxies.
+    hosts_file: Option<PathBuf>,
     child: Option<Child>,
     paused: bool,
 }
@@ -54,6 +57,7 @@ impl Node {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             extra_args,
             clock_offset,
+            hosts_file: None,
             child: None,
             paused: false,
         };
@@ -65,6 +69,13 @@ impl Node {
     /// every client address before any node starts).
     pub fn with_listen(mut self, listen: SocketAddr) -> Node {
         self.listen = listen;
+        self
+    }
+
+    /// Runs the node in its own mount namespace with `hosts` as its `/etc/hosts` (needs root
+    /// and `unshare`).
+    pub fn with_hosts_file(mut self, hosts: PathBuf) -> Node {
+        self.hosts_file = Some(hosts);
         self
     }
 
@@ -107,7 +118,19 @@ impl Node {
             .append(true)
             .open(self.log_file())
             .context("opening the node log")?;
-        let mut command = Command::new(&self.bin);
+        let mut command = match &self.hosts_file {
+            None => Command::new(&self.bin),
+            Some(hosts) => {
+                // unshare(1) and `exec` keep one process, so signals reach the server itself.
+                let mut c = Command::new("unshare");
+                c.args(["-m", "--", "sh", "-c"])
+                    .arg(r#"mount --bind "$1" /etc/hosts && shift && exec "$@""#)
+                    .arg("sh")
+                    .arg(hosts)
+                    .arg(&self.bin);
+                c
+            }
+        };
         command
             .arg("serve")
             .arg("--listen")

@@ -16,6 +16,7 @@ use std::time::Duration;
 use tso_proto::v1::GetCurrentMaxSafeRequest;
 use tso_proto::v1::tso_service_client::TsoServiceClient;
 
+use super::proxy::LinkProxy;
 use super::schedule::{Fault, Target};
 use crate::node::Node;
 
@@ -27,6 +28,8 @@ pub const FORGET_HIGH_WATER_FLAG: &str = "--unsafe-forget-high-water";
 
 pub struct Cluster {
     pub nodes: Vec<Node>,
+    /// The proxy of every directed peer link `(from, to)` of a raft cluster.
+    links: Vec<((usize, usize), LinkProxy)>,
 }
 
 impl Cluster {
@@ -44,12 +47,20 @@ impl Cluster {
             common.push(FORGET_HIGH_WATER_FLAG.to_string());
         }
         let mut started = Vec::with_capacity(nodes);
+        let mut links = Vec::new();
         if nodes == 1 {
             started.push(Node::new(bin, &dir.join("n0"), "n0", common, true)?);
         } else {
             let ports = free_ports(2 * nodes)?;
             let (clients, peers) = ports.split_at(nodes);
             let members = raft_members(clients, peers);
+            for from in 0..nodes {
+                for to in (0..nodes).filter(|&to| to != from) {
+                    let proxy =
+                        LinkProxy::start(link_addr(from, to, peers[to].port()), peers[to]).await?;
+                    links.push(((from, to), proxy));
+                }
+            }
             for i in 0..nodes {
                 let mut extra = vec![
                     "--backend".to_string(),
@@ -63,8 +74,10 @@ impl Cluster {
                 ];
                 extra.extend(common.iter().cloned());
                 let name = format!("n{i}");
-                let node =
-                    Node::new(bin, &dir.join(&name), &name, extra, true)?.with_listen(clients[i]);
+                let node_dir = dir.join(&name);
+                let node = Node::new(bin, &node_dir, &name, extra, true)?
+                    .with_listen(clients[i])
+                    .with_hosts_file(write_hosts(&node_dir, i, nodes)?);
                 started.push(node);
             }
         }
@@ -73,7 +86,10 @@ impl Cluster {
                 .await
                 .with_context(|| format!("starting node {}", node.name))?;
         }
-        Ok(Cluster { nodes: started })
+        Ok(Cluster {
+            nodes: started,
+            links,
+        })
     }
 
     /// The node a target names now; `None` when no running node leads.
@@ -115,6 +131,7 @@ impl Cluster {
                 node.pause()?;
             }
             Fault::Clock { offset_ms, .. } => self.nodes[at].set_clock_offset_ms(offset_ms)?,
+            Fault::Partition { .. } => self.cut(at, true),
         }
         Ok(true)
     }
@@ -126,9 +143,19 @@ impl Cluster {
                 self.nodes[at].start().await?;
             }
             Fault::Pause { .. } => self.nodes[at].resume()?,
+            Fault::Partition { .. } => self.cut(at, false),
             Fault::Clock { .. } => {}
         }
         Ok(())
+    }
+
+    /// Cuts (or heals) every peer link to and from node `at`.
+    fn cut(&self, at: usize, cut: bool) {
+        for ((from, to), proxy) in &self.links {
+            if *from == at || *to == at {
+                proxy.set_cut(cut);
+            }
+        }
     }
 
     /// Stops every node gracefully (bounded).
@@ -170,15 +197,44 @@ fn free_ports(count: usize) -> anyhow::Result<Vec<SocketAddr>> {
         .collect()
 }
 
-/// The raft `--members` list: `ID=CLIENT_ADDR/PEER_ADDR`, ids from 1.
+/// The name node `i` has in the members list; each node resolves it through its own hosts file.
+fn peer_name(i: usize) -> String {
+    format!("n{i}")
+}
+
+/// The raft `--members` list: `ID=CLIENT_ADDR/PEER_NAME:PORT`, ids from 1. Peers are named, so
+/// that each node reaches each other node through the proxy of that one link.
 fn raft_members(clients: &[SocketAddr], peers: &[SocketAddr]) -> String {
     clients
         .iter()
         .zip(peers)
         .enumerate()
-        .map(|(i, (client, peer))| format!("{}={client}/{peer}", i + 1))
+        .map(|(i, (client, peer))| format!("{}={client}/{}:{}", i + 1, peer_name(i), peer.port()))
         .collect::<Vec<_>>()
         .join(",")
+}
+
+/// Where the proxy of the link `from → to` listens: its own loopback address (any 127.x.y.z
+/// is loopback on Linux), on the target's peer port.
+fn link_addr(from: usize, to: usize, port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 10 + from as u8, 10 + to as u8, 1], port))
+}
+
+/// Node `i`'s `/etc/hosts`: itself on 127.0.0.1, every other node at the proxy of the link
+/// from `i` to it.
+fn hosts_file(i: usize, nodes: usize) -> String {
+    let mut text = format!("127.0.0.1 localhost\n127.0.0.1 {}\n", peer_name(i));
+    for to in (0..nodes).filter(|&to| to != i) {
+        text.push_str(&format!("{} {}\n", link_addr(i, to, 0).ip(), peer_name(to)));
+    }
+    text
+}
+
+fn write_hosts(dir: &Path, i: usize, nodes: usize) -> anyhow::Result<std::path::PathBuf> {
+    std::fs::create_dir_all(dir)?;
+    let path = dir.join("hosts");
+    std::fs::write(&path, hosts_file(i, nodes)).context("writing a node's hosts file")?;
+    Ok(path)
 }
 
 #[cfg(test)]
@@ -193,8 +249,17 @@ mod tests {
         let d: SocketAddr = "127.0.0.1:7102".parse().unwrap();
         assert_eq!(
             raft_members(&[a, c], &[b, d]),
-            "1=127.0.0.1:7001/127.0.0.1:7101,2=127.0.0.1:7002/127.0.0.1:7102"
+            "1=127.0.0.1:7001/n0:7101,2=127.0.0.1:7002/n1:7102"
         );
+    }
+
+    #[test]
+    fn each_node_reaches_each_peer_through_its_own_link() {
+        assert_eq!(
+            hosts_file(1, 3),
+            "127.0.0.1 localhost\n127.0.0.1 n1\n127.11.10.1 n0\n127.11.12.1 n2\n"
+        );
+        assert_ne!(link_addr(0, 1, 7000), link_addr(1, 0, 7000));
     }
 
     #[test]

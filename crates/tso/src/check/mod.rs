@@ -9,6 +9,7 @@
 pub mod clients;
 pub mod cluster;
 pub mod history;
+pub mod proxy;
 pub mod schedule;
 
 use std::collections::BTreeMap;

@@ -15,6 +15,9 @@ use rand::{Rng, SeedableRng};
 pub const FAULTS_MAX: usize = 10_000;
 /// The largest clock shift drawn, either way.
 pub const CLOCK_SHIFT_MAX_MS: i64 = 20_000;
+/// A partition lasts from about one election timeout to several.
+pub const PARTITION_MIN_MS: u64 = 200;
+pub const PARTITION_MAX_MS: u64 = 5_000;
 /// The positive control sets clocks back this far before its kills: far more than a restart
 /// takes, so a server that forgets its high-water reissues values it already gave out.
 pub const POSITIVE_CONTROL_SHIFT_MS: i64 = -60_000;
@@ -28,6 +31,8 @@ pub enum FaultKind {
     Pause,
     /// Shift the server's clock forward or backward (test-only offset file).
     Clock,
+    /// Cut every peer link to and from one node (clusters only).
+    Partition,
 }
 
 /// Which node a fault hits: a fixed one, or whoever leads when the fault starts.
@@ -52,6 +57,7 @@ pub enum Fault {
     Kill { node: Target, down_ms: u64 },
     Pause { node: Target, for_ms: u64 },
     Clock { node: Target, offset_ms: i64 },
+    Partition { node: Target, for_ms: u64 },
 }
 
 impl Fault {
@@ -61,26 +67,29 @@ impl Fault {
             Fault::Kill { down_ms, .. } => down_ms,
             Fault::Pause { for_ms, .. } => for_ms,
             Fault::Clock { .. } => 0,
+            Fault::Partition { for_ms, .. } => for_ms,
         }
     }
 
     /// The node the fault hits.
     pub fn target(&self) -> Target {
         match *self {
-            Fault::Kill { node, .. } | Fault::Pause { node, .. } | Fault::Clock { node, .. } => {
-                node
-            }
+            Fault::Kill { node, .. }
+            | Fault::Pause { node, .. }
+            | Fault::Clock { node, .. }
+            | Fault::Partition { node, .. } => node,
         }
     }
 
     pub fn describe(&self) -> String {
         match *self {
-            Fault::Kill { node, down_ms } => {
-                format!("kill -9 node {node}, restart after {down_ms} ms")
-            }
-            Fault::Pause { node, for_ms } => format!("SIGSTOP node {node} for {for_ms} ms"),
+            Fault::Kill { node, down_ms } => format!("kill -9 {node}, restart after {down_ms} ms"),
+            Fault::Pause { node, for_ms } => format!("SIGSTOP {node} for {for_ms} ms"),
             Fault::Clock { node, offset_ms } => {
-                format!("set node {node}'s clock offset to {offset_ms:+} ms")
+                format!("set the clock offset of {node} to {offset_ms:+} ms")
+            }
+            Fault::Partition { node, for_ms } => {
+                format!("cut every peer link of {node} for {for_ms} ms")
             }
         }
     }
@@ -159,6 +168,10 @@ pub fn draw(plan: &Plan) -> Vec<Step> {
                 node,
                 offset_ms: rng.random_range(-CLOCK_SHIFT_MAX_MS..=CLOCK_SHIFT_MAX_MS),
             },
+            FaultKind::Partition => Fault::Partition {
+                node,
+                for_ms: rng.random_range(PARTITION_MIN_MS..=PARTITION_MAX_MS),
+            },
         };
         if t + fault.length_ms() >= end_ms {
             break;
@@ -177,7 +190,12 @@ mod tests {
         Plan {
             seed,
             nodes: 3,
-            kinds: vec![FaultKind::Kill, FaultKind::Pause, FaultKind::Clock],
+            kinds: vec![
+                FaultKind::Kill,
+                FaultKind::Pause,
+                FaultKind::Clock,
+                FaultKind::Partition,
+            ],
             duration: Duration::from_secs(60),
             interval: Duration::from_secs(1),
             pause_max: Duration::from_secs(2),
@@ -207,6 +225,9 @@ mod tests {
                     Fault::Kill { down_ms, .. } => assert!(down_ms <= 1_000),
                     Fault::Clock { offset_ms, .. } => {
                         assert!(offset_ms.abs() <= CLOCK_SHIFT_MAX_MS)
+                    }
+                    Fault::Partition { for_ms, .. } => {
+                        assert!((PARTITION_MIN_MS..=PARTITION_MAX_MS).contains(&for_ms))
                     }
                 }
             }
