@@ -39,15 +39,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         failover_advance: args.failover_advance,
         shutdown_grace: args.shutdown_grace,
     };
-    let backend: Arc<dyn Consensus> = if args.unsafe_forget_high_water {
-        tracing::warn!(
-            "UNSAFE: the fence forgets the durable high-water; this server breaks its guarantees on purpose"
-        );
-        Arc::new(ForgetHighWater(backend))
-    } else {
-        Arc::new(backend)
-    };
-    let guard = OracleGuard::start_with_clock(backend, config, clock(&args));
+    let guard = OracleGuard::start_with_clock(
+        positive_control(&args, Arc::new(backend)),
+        config,
+        clock(&args),
+    );
     if !guard.wait_serving().await {
         return guard
             .shutdown()
@@ -82,6 +78,18 @@ impl<B: Consensus> Consensus for ForgetHighWater<B> {
     ) -> BoxFuture<'_, Result<u64, ConsensusError>> {
         self.0.persist_high_water(at_least_ms, epoch)
     }
+}
+
+/// `backend`, or, for the checker's positive control, the same backend with its high-water
+/// forgotten by the fence.
+fn positive_control(args: &ServeArgs, backend: Arc<dyn Consensus>) -> Arc<dyn Consensus> {
+    if !args.unsafe_forget_high_water {
+        return backend;
+    }
+    tracing::warn!(
+        "UNSAFE: the fence forgets the durable high-water; this server breaks its guarantees on purpose"
+    );
+    Arc::new(ForgetHighWater(backend))
 }
 
 /// The system clock, or, for fault tests, one shifted by the offset in a file.

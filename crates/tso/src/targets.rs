@@ -156,7 +156,9 @@ impl Route {
                         if let Ok(next) = targets.client(&leader, *slot) {
                             *client = next;
                         }
-                    } else if status.code() == Code::Unavailable {
+                    } else if status.code() != Code::InvalidArgument {
+                        // Unreachable, timed out, or "not leader" without a hint (an election,
+                        // or a node cut off from its peers): try the next endpoint.
                         *rotation = (*rotation + 1) % targets.endpoints().len();
                         let endpoint = targets.endpoints()[*rotation].clone();
                         if let Ok(next) = targets.client(&endpoint, *slot) {
