@@ -150,6 +150,8 @@ fn usage_and_setup_errors_exit_with_2() {
     assert_eq!(output.status.code(), Some(2), "{}", explain(&output));
     let (output, _) = tso_check(dir.path(), &["--clients", "0"]);
     assert_eq!(output.status.code(), Some(2), "{}", explain(&output));
+    let (output, _) = tso_check(dir.path(), &["--faults", "partition"]);
+    assert_eq!(output.status.code(), Some(2), "{}", explain(&output));
     let (output, _) = tso_check(dir.path(), &["--no-such-flag"]);
     assert_eq!(output.status.code(), Some(2), "{}", explain(&output));
 }

@@ -152,7 +152,7 @@ async fn run(args: CheckArgs) -> anyhow::Result<Verdict> {
     }
     let origin = Instant::now();
     let events = match cluster.as_mut() {
-        Some(cluster) => nemesis(cluster, &steps, origin).await,
+        Some(cluster) => nemesis(cluster, &steps, origin, &shared, args.liveness_bound).await,
         None => Vec::new(),
     };
     tokio::time::sleep_until((origin + args.duration).into()).await;
@@ -195,15 +195,30 @@ fn validate(args: &CheckArgs) -> anyhow::Result<()> {
         !args.fault_interval.is_zero(),
         "--fault-interval must be above 0"
     );
+    anyhow::ensure!(
+        args.nodes > 1 || !args.faults.contains(&schedule::FaultKind::Partition),
+        "partition faults need a cluster: add --nodes 3 or 5"
+    );
     Ok(())
 }
 
-/// Applies the schedule in real time; every fault heals before the next one starts.
-async fn nemesis(cluster: &mut Cluster, steps: &[Step], origin: Instant) -> Vec<Event> {
+/// Applies the schedule in real time; every fault heals before the next one starts, and a
+/// fault starts only once a call has succeeded since the previous heal (or the liveness bound
+/// passed): faults never pile up on a service that has not recovered, and every fault has
+/// replies on both sides of it to compare, whatever the machine's speed.
+async fn nemesis(
+    cluster: &mut Cluster,
+    steps: &[Step],
+    origin: Instant,
+    shared: &Shared,
+    bound: Duration,
+) -> Vec<Event> {
     let since = |at: Instant| (at - origin).as_millis() as u64;
-    let mut events = Vec::with_capacity(steps.len());
+    let mut events: Vec<Event> = Vec::with_capacity(steps.len());
     for &step in steps {
         tokio::time::sleep_until((origin + Duration::from_millis(step.at_ms)).into()).await;
+        let healed_ns = events.iter().rev().find_map(|e| e.heal_ns).unwrap_or(0);
+        wait_for_recovery(shared, Some(healed_ns), bound).await;
         let start_ms = since(Instant::now());
         let mut event = Event {
             step,
