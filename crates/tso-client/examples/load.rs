@@ -3,8 +3,11 @@
 //! latency of one raw `GetTs` RPC on an idle connection.
 //!
 //! ```text
-//! cargo run --release -p tso-client --example load -- 127.0.0.1:50551 256 5
+//! cargo run --release -p tso-client --example load -- 127.0.0.1:50551 256 5 [in_flight] [multi|current]
 //! ```
+//!
+//! The last argument picks the tokio runtime of the load generator (and so of the client):
+//! multi-threaded (the default) or current-thread.
 
 use std::time::{Duration, Instant};
 
@@ -16,17 +19,39 @@ use tso_proto::v1::tso_service_client::TsoServiceClient;
 /// Raw RPCs timed for the baseline, after as many warm-up calls.
 const RAW_CALLS: usize = 2000;
 
-#[tokio::main]
-async fn main() -> Result<(), Box<dyn std::error::Error>> {
+fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
     let endpoint = args.next().unwrap_or_else(|| "127.0.0.1:50551".into());
     let callers: usize = args.next().map(|n| n.parse()).transpose()?.unwrap_or(16);
     let seconds: u64 = args.next().map(|n| n.parse()).transpose()?.unwrap_or(5);
+    let in_flight: usize = args
+        .next()
+        .map(|n| n.parse())
+        .transpose()?
+        .unwrap_or(tso_client::IN_FLIGHT_RPCS_MAX_DEFAULT);
+    let runtime = match args.next().as_deref() {
+        None | Some("multi") => tokio::runtime::Builder::new_multi_thread(),
+        Some("current") => tokio::runtime::Builder::new_current_thread(),
+        Some(other) => return Err(format!("runtime {other:?}: use multi or current").into()),
+    }
+    .enable_all()
+    .build()?;
+    runtime.block_on(run(endpoint, callers, seconds, in_flight))
+}
 
+async fn run(
+    endpoint: String,
+    callers: usize,
+    seconds: u64,
+    in_flight: usize,
+) -> Result<(), Box<dyn std::error::Error>> {
     let raw = raw_rpc_latencies(&endpoint).await?;
     report("raw GetTs RPC, 1 caller", &raw, None);
 
-    let client = Client::connect([endpoint.as_str()]).await?;
+    let client = Client::builder()
+        .in_flight_rpcs_max(in_flight)
+        .connect([endpoint.as_str()])
+        .await?;
     for _ in 0..1000 {
         client.get_ts().await?;
     }
@@ -50,11 +75,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         latencies.extend(got?);
     }
     let elapsed = start.elapsed();
-    report(
-        &format!("client get_ts, {callers} callers"),
-        &latencies,
-        Some(elapsed),
-    );
+    let runtime = match tokio::runtime::Handle::current().runtime_flavor() {
+        tokio::runtime::RuntimeFlavor::CurrentThread => "current-thread",
+        _ => "multi-thread",
+    };
+    let what =
+        format!("client get_ts, {callers} callers, {in_flight} in flight, {runtime} runtime");
+    report(&what, &latencies, Some(elapsed));
     Ok(())
 }
 

@@ -61,7 +61,10 @@ struct Call<'a> {
     target: Target,
     attempts_failed: u32,
     redirects: u32,
-    leaderless_replies: u32,
+    /// "No leader" replies in the current pass over the configured endpoints.
+    leaderless_in_pass: u32,
+    /// Full passes that found no leader: the backoff exponent while an election lasts.
+    leaderless_passes: u32,
     last_error: String,
 }
 
@@ -72,7 +75,8 @@ impl<'a> Call<'a> {
             target: router.first_target(),
             attempts_failed: 0,
             redirects: 0,
-            leaderless_replies: 0,
+            leaderless_in_pass: 0,
+            leaderless_passes: 0,
             last_error: "none".into(),
         }
     }
@@ -99,23 +103,25 @@ impl<'a> Call<'a> {
             return Step::RetryNow;
         }
         self.router.forget_leader(&self.target);
-        self.last_error = format!("{} is not leader and knows no leader", self.target);
+        self.last_error = format!("{} is not leader and gave no usable hint", self.target);
         self.target = self.router.next_configured();
-        self.leaderless_replies += 1;
-        let endpoints = self.router.config().endpoints.len() as u32;
-        if !self.leaderless_replies.is_multiple_of(endpoints) {
+        self.leaderless_in_pass += 1;
+        if (self.leaderless_in_pass as usize) < self.router.config().endpoints.len() {
             return Step::RetryNow;
         }
-        Step::RetryAfter(self.backoff(self.leaderless_replies / endpoints))
+        self.leaderless_in_pass = 0;
+        self.leaderless_passes += 1;
+        Step::RetryAfter(self.backoff(self.leaderless_passes))
     }
 
-    /// The hinted leader, unless the redirect budget is spent or the hint names an epoch older
-    /// than a leader already seen (a stale hint).
+    /// The hinted leader, unless the redirect budget is spent, the hint names the node that
+    /// sent it (it is about to serve: wait as for an election), or it names an epoch older than
+    /// a leader already seen (a stale hint).
     fn usable_hint(&self, hint: Hint) -> Option<Target> {
         let Hint::Leader { target, epoch } = hint else {
             return None;
         };
-        if self.redirects >= REDIRECTS_PER_CALL_MAX {
+        if self.redirects >= REDIRECTS_PER_CALL_MAX || target == self.target {
             return None;
         }
         match epoch {
@@ -166,15 +172,16 @@ fn full_jitter(base: Duration, cap: Duration, retry: u32) -> Duration {
 
 /// One `GetTs` RPC to `target`, bounded by the per-attempt deadline and the call's deadline.
 async fn attempt(router: &Router, target: &Target, count: u32, deadline: Instant) -> Outcome {
-    let timeout = router.config().attempt_timeout;
-    let attempt_deadline = deadline.min(Instant::now() + timeout);
+    let now = Instant::now();
+    let attempt_deadline = deadline.min(now + router.config().attempt_timeout);
+    let budget = attempt_deadline.saturating_duration_since(now);
     let mut request = tonic::Request::new(GetTsRequest { count });
-    request.set_timeout(attempt_deadline.saturating_duration_since(Instant::now()));
+    request.set_timeout(budget);
     let mut client = TsoServiceClient::new(router.channel(target));
     match tokio::time::timeout_at(attempt_deadline, client.get_ts(request)).await {
         Err(_) => {
             router.drop_channel(target);
-            Outcome::Transient(format!("{target} did not answer within {timeout:?}"))
+            Outcome::Transient(format!("{target} did not answer within {budget:?}"))
         }
         Ok(Ok(reply)) => match validate_reply(count, reply.get_ref()) {
             Ok(range) => Outcome::Granted(range),
@@ -228,6 +235,86 @@ fn hint_of(target: &Target, status: &tonic::Status) -> Result<Hint, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ClientBuilder;
+    use crate::endpoint::{Scheme, parse_address};
+
+    fn router(endpoints: &[&str], attempts_max: u32) -> Router {
+        let builder = ClientBuilder::default().attempts_max(attempts_max);
+        Router::new(builder.validate(endpoints.iter()).unwrap())
+    }
+
+    fn hint_to(raw: &str) -> Outcome {
+        Outcome::NotLeader(Hint::Leader {
+            target: parse_address(raw, Scheme::Http).unwrap(),
+            epoch: None,
+        })
+    }
+
+    #[test]
+    fn redirects_are_free_up_to_the_cap_then_rotation_takes_over() {
+        let router = router(&["a:1"], 1);
+        let mut call = Call::new(&router);
+        // Two followers naming each other.
+        let cycle = ["h:8", "h:9"];
+        for i in 0..REDIRECTS_PER_CALL_MAX as usize {
+            let next = cycle[i % 2];
+            assert!(matches!(call.next_step(hint_to(next)), Ok(Step::RetryNow)));
+            assert_eq!(call.target.uri(), format!("http://{next}"));
+        }
+        let next = cycle[REDIRECTS_PER_CALL_MAX as usize % 2];
+        assert!(matches!(
+            call.next_step(hint_to(next)),
+            Ok(Step::RetryAfter(_))
+        ));
+        assert_eq!(
+            call.target.uri(),
+            "http://a:1",
+            "the cycle goes on after the cap"
+        );
+        assert_eq!(call.attempts_failed, 0, "redirects spent an attempt");
+    }
+
+    #[test]
+    fn a_hint_naming_its_sender_is_waited_on_like_an_election() {
+        let router = router(&["a:1"], 1);
+        let mut call = Call::new(&router);
+        assert!(matches!(
+            call.next_step(hint_to("a:1")),
+            Ok(Step::RetryAfter(_))
+        ));
+        assert_eq!(call.redirects, 0);
+    }
+
+    #[test]
+    fn transient_errors_spend_the_attempt_budget() {
+        let router = router(&["a:1", "b:2"], 3);
+        let mut call = Call::new(&router);
+        for _ in 0..2 {
+            let step = call.next_step(Outcome::Transient("refused".into()));
+            assert!(matches!(step, Ok(Step::RetryAfter(_))));
+        }
+        let last = call.next_step(Outcome::Transient("refused".into()));
+        assert!(matches!(last, Err(Error::Unavailable { attempts: 3, .. })));
+    }
+
+    #[test]
+    fn no_leader_rotates_and_backs_off_after_each_full_pass() {
+        let router = router(&["a:1", "b:2"], 1);
+        let mut call = Call::new(&router);
+        let first = call.target.clone();
+        assert!(matches!(
+            call.next_step(Outcome::NotLeader(Hint::None)),
+            Ok(Step::RetryNow)
+        ));
+        assert_ne!(call.target, first);
+        for _ in 0..10 {
+            let step = call.next_step(Outcome::NotLeader(Hint::None));
+            assert!(matches!(step, Ok(Step::RetryAfter(_))));
+            let step = call.next_step(Outcome::NotLeader(Hint::None));
+            assert!(matches!(step, Ok(Step::RetryNow)));
+        }
+        assert_eq!(call.attempts_failed, 0, "an election spends no attempt");
+    }
 
     #[test]
     fn full_jitter_stays_under_the_capped_ceiling() {

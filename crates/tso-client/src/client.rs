@@ -33,6 +33,18 @@ struct Inner {
     dispatcher: AbortHandle,
 }
 
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let config = self.inner.router.config();
+        let endpoints: Vec<String> = config.endpoints.iter().map(|t| t.to_string()).collect();
+        f.debug_struct("Client")
+            .field("endpoints", &endpoints)
+            .field("leader", &self.leader())
+            .field("queued_callers", &self.queued_callers())
+            .finish()
+    }
+}
+
 impl Drop for Inner {
     fn drop(&mut self) {
         self.dispatcher.abort();
@@ -152,5 +164,16 @@ mod tests {
             grant_counts(u64::from(l) * 2 + 5).collect::<Vec<_>>(),
             [l, l, 5]
         );
+        for count in [
+            2,
+            u64::from(l) - 1,
+            u64::from(l) + 1,
+            10 * u64::from(l) + 3,
+            1 << 30,
+        ] {
+            let chunks: Vec<u32> = grant_counts(count).collect();
+            assert!(chunks.iter().all(|&c| (1..=l).contains(&c)));
+            assert_eq!(chunks.iter().map(|&c| u64::from(c)).sum::<u64>(), count);
+        }
     }
 }

@@ -136,4 +136,44 @@ mod tests {
         assert_eq!(batch.len(), 1);
         assert!(rest.is_none());
     }
+
+    #[test]
+    fn random_queues_drain_in_order_into_batches_of_at_most_one_grant() {
+        use rand::{Rng, SeedableRng};
+        let seed: u64 = std::env::var("TSO_TEST_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(rand::random);
+        println!("seed: {seed} (replay with TSO_TEST_SEED={seed})");
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let counts: Vec<u32> = (0..500)
+            .map(|_| match rng.random_range(0..10) {
+                0 => rng.random_range(1..=LOGICAL_COUNT),
+                _ => rng.random_range(1..=1000),
+            })
+            .collect();
+        let (tx, mut queue) = mpsc::channel(counts.len());
+        let mut receivers = Vec::new();
+        for &count in &counts {
+            let (w, rx) = waiter(count);
+            assert!(tx.try_send(w).is_ok());
+            receivers.push(rx);
+        }
+        let mut drained = Vec::new();
+        let mut carry = None;
+        while let Some(first) = carry.take().or_else(|| queue.try_recv().ok()) {
+            let (batch, rest) = drain(first, &mut queue);
+            let total: u64 = batch.iter().map(|w| u64::from(w.count)).sum();
+            assert!(
+                (1..=u64::from(LOGICAL_COUNT)).contains(&total),
+                "seed {seed}"
+            );
+            drained.extend(batch.iter().map(|w| w.count));
+            carry = rest;
+        }
+        assert_eq!(
+            drained, counts,
+            "seed {seed}: a waiter was lost or reordered"
+        );
+    }
 }

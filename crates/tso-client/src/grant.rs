@@ -163,6 +163,15 @@ impl Batch {
     }
 }
 
+impl<'a> IntoIterator for &'a Batch {
+    type Item = Timestamp;
+    type IntoIter = Box<dyn Iterator<Item = Timestamp> + 'a>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        Box::new(self.iter())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -235,6 +244,7 @@ mod tests {
         assert_eq!(batch.count(), 5);
         let all: Vec<_> = batch.iter().collect();
         assert!(all.windows(2).all(|w| w[0] < w[1]));
+        assert_eq!((&batch).into_iter().count(), 5);
         assert!(Batch::new(vec![range(1, 0, 4), range(1, 3, 1)]).is_err());
     }
 }

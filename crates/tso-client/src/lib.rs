@@ -9,7 +9,7 @@
 //! # Ok(()) }
 //! ```
 //!
-//! - **Coalescing** ([`dispatch`](crate::dispatch) module): concurrent callers share RPCs. A lone
+//! - **Coalescing** (`dispatch.rs`): concurrent callers share RPCs. A lone
 //!   caller's request goes out at once; under load, the callers queued at that moment share one
 //!   `GetTs`, and each gets a contiguous slice. Nothing is fetched ahead (G2): every timestamp
 //!   returned was granted after its caller asked.

@@ -127,6 +127,25 @@ mod tests {
         Router::new(ClientBuilder::default().validate(endpoints.iter()).unwrap())
     }
 
+    #[tokio::test]
+    async fn channels_stay_bounded_under_a_stream_of_hinted_addresses() {
+        let r = router(&["a:1"]);
+        let configured = r.config.endpoints[0].clone();
+        r.channel(&configured);
+        for port in 1..=3 * CHANNELS_MAX as u16 {
+            let hinted =
+                crate::endpoint::parse_address(&format!("h:{port}"), crate::endpoint::Scheme::Http)
+                    .unwrap();
+            r.channel(&hinted);
+            let channels = r.channels.lock().unwrap();
+            assert!(channels.len() <= CHANNELS_MAX);
+            assert!(
+                channels.contains_key(&configured),
+                "a configured endpoint was evicted"
+            );
+        }
+    }
+
     #[test]
     fn rotation_cycles_through_configured_endpoints() {
         let r = router(&["a:1", "b:2"]);

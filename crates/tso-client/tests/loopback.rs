@@ -8,7 +8,7 @@ use std::pin::Pin;
 use std::task::Poll;
 use std::time::Duration;
 
-use common::{HANG_GUARD, Mode, Shared, TestServer, dead_endpoint, seed};
+use common::{DeadEndpoint, HANG_GUARD, Mode, Shared, TestServer, seed};
 use futures_util::future::join_all;
 use futures_util::poll;
 use rand::rngs::StdRng;
@@ -286,7 +286,8 @@ async fn a_follower_address_leads_to_the_leader_through_the_hint() {
 #[tokio::test]
 async fn a_dead_address_before_a_live_server_is_skipped() {
     let server = TestServer::start(Mode::Leader);
-    let client = client(&[dead_endpoint(), server.endpoint()]).await;
+    let dead = DeadEndpoint::new();
+    let client = client(&[dead.endpoint(), server.endpoint()]).await;
     for _ in 0..3 {
         client.get_ts().await.unwrap();
     }
@@ -294,8 +295,9 @@ async fn a_dead_address_before_a_live_server_is_skipped() {
 
 #[tokio::test]
 async fn only_dead_addresses_fail_with_a_retryable_error() {
-    let dead = [dead_endpoint(), dead_endpoint()];
-    let client = builder().attempts_max(5).connect(&dead).await.unwrap();
+    let dead = [DeadEndpoint::new(), DeadEndpoint::new()];
+    let endpoints = dead.each_ref().map(DeadEndpoint::endpoint);
+    let client = builder().attempts_max(5).connect(&endpoints).await.unwrap();
     let error = client.get_ts().await.unwrap_err();
     assert!(
         matches!(error, Error::Unavailable { attempts: 5, .. }),
@@ -307,10 +309,11 @@ async fn only_dead_addresses_fail_with_a_retryable_error() {
 #[tokio::test]
 async fn only_dead_addresses_fail_within_the_overall_deadline() {
     let overall = Duration::from_millis(500);
+    let dead = DeadEndpoint::new();
     let client = builder()
         .attempts_max(u32::MAX)
         .overall_timeout(overall)
-        .connect([dead_endpoint()])
+        .connect([dead.endpoint()])
         .await
         .unwrap();
     let call = tokio::time::timeout(HANG_GUARD, client.get_ts());
@@ -445,4 +448,108 @@ async fn dropping_the_client_stops_its_background_work() {
         }
     });
     settled.await.expect("background tasks outlived the client");
+}
+
+#[tokio::test]
+async fn a_hint_older_than_the_cached_leader_is_not_followed() {
+    let old_leader = TestServer::start_with(
+        Shared::new(Mode::Leader, Epoch::new(3)),
+        "127.0.0.1:0".parse().unwrap(),
+    );
+    let current = TestServer::start_with(
+        Shared::new(Mode::Leader, Epoch::new(5)),
+        "127.0.0.1:0".parse().unwrap(),
+    );
+    let client = builder()
+        .overall_timeout(Duration::from_secs(2))
+        .connect([current.endpoint()])
+        .await
+        .unwrap();
+    client.get_ts().await.unwrap();
+    assert_eq!(client.leader().1, Epoch::new(5));
+
+    current.shared().set_mode(Mode::Follower {
+        endpoint: Some(old_leader.endpoint()),
+        epoch: Some(Epoch::new(3)),
+    });
+    let error = client.get_ts().await.unwrap_err();
+    assert!(matches!(error, Error::DeadlineExceeded { .. }), "{error}");
+    assert_eq!(old_leader.shared().rpcs(), 0, "followed a stale hint");
+    assert_eq!(
+        client.leader().1,
+        Epoch::new(5),
+        "the cache went back an epoch"
+    );
+
+    let newer = TestServer::start_with(
+        Shared::new(Mode::Leader, Epoch::new(6)),
+        "127.0.0.1:0".parse().unwrap(),
+    );
+    current.shared().set_mode(Mode::Follower {
+        endpoint: Some(newer.endpoint()),
+        epoch: Some(Epoch::new(6)),
+    });
+    client.get_ts().await.unwrap();
+    assert_eq!(
+        client.leader(),
+        (Some(format!("http://{}", newer.endpoint())), Epoch::new(6))
+    );
+}
+
+#[tokio::test]
+async fn a_hint_cycle_ends_at_the_overall_deadline() {
+    let a = TestServer::start(Mode::Leader);
+    let b = TestServer::start(Mode::Follower {
+        endpoint: Some(a.endpoint()),
+        epoch: None,
+    });
+    a.shared().set_mode(Mode::Follower {
+        endpoint: Some(b.endpoint()),
+        epoch: None,
+    });
+    let client = builder()
+        .overall_timeout(Duration::from_millis(300))
+        .connect([a.endpoint()])
+        .await
+        .unwrap();
+    let call = tokio::time::timeout(HANG_GUARD, client.get_ts());
+    let error = call.await.expect("the hint cycle never ended").unwrap_err();
+    assert!(matches!(error, Error::DeadlineExceeded { .. }), "{error}");
+}
+
+#[tokio::test]
+async fn a_silent_server_spends_one_attempt_per_attempt_deadline() {
+    let server = TestServer::start(Mode::Stall);
+    let client = builder()
+        .attempt_timeout(Duration::from_millis(100))
+        .attempts_max(2)
+        .connect([server.endpoint()])
+        .await
+        .unwrap();
+    let error = client.get_ts().await.unwrap_err();
+    assert!(
+        matches!(error, Error::Unavailable { attempts: 2, .. }),
+        "{error}"
+    );
+    assert_eq!(server.shared().rpcs(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_server_fails_every_queued_caller_by_its_deadline() {
+    let server = TestServer::start(Mode::Stall);
+    let client = builder()
+        .overall_timeout(Duration::from_millis(300))
+        .in_flight_rpcs_max(1)
+        .connect([server.endpoint()])
+        .await
+        .unwrap();
+    let calls = join_all((0..50).map(|_| client.get_ts()));
+    let results = tokio::time::timeout(HANG_GUARD, calls)
+        .await
+        .expect("a caller outlived its deadline");
+    for result in results {
+        let error = result.unwrap_err();
+        assert!(matches!(error, Error::DeadlineExceeded { .. }), "{error}");
+        assert!(error.is_retryable());
+    }
 }

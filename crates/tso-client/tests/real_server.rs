@@ -5,6 +5,7 @@ mod common;
 
 use std::collections::HashSet;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use common::HANG_GUARD;
@@ -143,5 +144,65 @@ async fn the_client_follows_a_failover_between_real_servers() {
     assert_eq!(
         client.leader(),
         (Some(format!("http://{}", b.endpoint())), two)
+    );
+}
+
+/// Waits (hang guard only) until `counter` reaches `target`.
+async fn wait_for_count(counter: &AtomicU64, target: u64) {
+    let reached = async {
+        while counter.load(Ordering::SeqCst) < target {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    };
+    tokio::time::timeout(HANG_GUARD, reached)
+        .await
+        .expect("callers stopped getting timestamps");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callers_under_load_ride_through_a_real_server_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = RealServer::start_file(dir.path(), "127.0.0.1:0".parse().unwrap());
+    let addr = server.addr();
+    let client = builder().connect([server.endpoint()]).await.unwrap();
+    let granted = Arc::new(AtomicU64::new(0));
+    let done = Arc::new(AtomicBool::new(false));
+    let mut tasks = JoinSet::new();
+    for _ in 0..32 {
+        let (client, granted, done) = (client.clone(), granted.clone(), done.clone());
+        tasks.spawn(async move {
+            let mut got = Vec::new();
+            while !done.load(Ordering::SeqCst) {
+                match client.get_ts().await {
+                    Ok(ts) => {
+                        got.push(ts);
+                        granted.fetch_add(1, Ordering::SeqCst);
+                    }
+                    Err(error) => assert!(error.is_retryable(), "{error}"),
+                }
+            }
+            got
+        });
+    }
+    wait_for_count(&granted, 2_000).await;
+    server.stop();
+    let _server = RealServer::start_file(dir.path(), addr);
+    let after_restart = granted.load(Ordering::SeqCst) + 2_000;
+    wait_for_count(&granted, after_restart).await;
+    done.store(true, Ordering::SeqCst);
+
+    let mut all = HashSet::new();
+    while let Some(got) = tasks.join_next().await {
+        let got = got.unwrap();
+        assert!(
+            got.windows(2).all(|w| w[0] < w[1]),
+            "a caller's values went back"
+        );
+        all.extend(got);
+    }
+    assert_eq!(
+        all.len() as u64,
+        granted.load(Ordering::SeqCst),
+        "duplicates"
     );
 }

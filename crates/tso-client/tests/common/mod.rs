@@ -363,10 +363,22 @@ async fn serve(
     }
 }
 
-/// An address where nothing listens: bound, then released.
-pub fn dead_endpoint() -> String {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.local_addr().unwrap().to_string()
+/// An address that refuses connections: a socket bound but never listening, which keeps any
+/// other test from taking the port while this value lives.
+pub struct DeadEndpoint {
+    socket: tokio::net::TcpSocket,
+}
+
+impl DeadEndpoint {
+    pub fn new() -> Self {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        Self { socket }
+    }
+
+    pub fn endpoint(&self) -> String {
+        self.socket.local_addr().unwrap().to_string()
+    }
 }
 
 /// The seed of a randomized test: `TSO_TEST_SEED` when set, else the clock. Printed so a
