@@ -121,6 +121,7 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
                 .context("starting the client library")?,
         ),
     };
+    let load_before = load_average();
     let origin = Instant::now();
     let phases = Phases {
         origin,
@@ -160,7 +161,8 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
     }
     let end_gap_ns = (phases.deadline - phases.warmup_end).as_nanos() as u64;
     live.success(end_gap_ns);
-    let report = Report::merge(&args, &endpoints, stats, &live);
+    let mut report = Report::merge(&args, &endpoints, stats, &live);
+    report.load_average = (load_before, load_average());
     if args.json {
         println!("{}", report.json());
     } else {
@@ -272,6 +274,9 @@ struct Report {
     latency_us: Histogram<u32>,
     errors: BTreeMap<String, u64>,
     longest_gap: Duration,
+    /// The machine's 1-minute load average before and after: figures from a busy machine
+    /// are lower bounds.
+    load_average: (Option<f64>, Option<f64>),
     checked: u64,
     unchecked: u64,
     duplicates: u64,
@@ -322,6 +327,7 @@ impl Report {
             latency_us,
             errors,
             longest_gap: Duration::from_nanos(live.longest_gap_ns.load(Ordering::Relaxed)),
+            load_average: (None, None),
             checked,
             unchecked,
             duplicates: duplicates(ranges),
@@ -377,6 +383,7 @@ impl Report {
              latency      p50 {:.3} ms  p90 {:.3} ms  p99 {:.3} ms  p99.9 {:.3} ms  max {:.3} ms\n\
              errors       {errors}\n\
              longest gap  {:.3} ms without a successful reply\n\
+             machine      load average {} before, {} after, {} cores\n\
              check        {check}{unchecked}\n",
             self.target,
             self.callers,
@@ -397,6 +404,9 @@ impl Report {
             self.percentile_ms(0.999),
             self.latency_us.max() as f64 / 1000.0,
             self.longest_gap.as_secs_f64() * 1000.0,
+            show_load(self.load_average.0),
+            show_load(self.load_average.1),
+            cores(),
         )
     }
 
@@ -423,6 +433,9 @@ impl Report {
             },
             "errors": self.errors,
             "longest_gap_ms": self.longest_gap.as_secs_f64() * 1000.0,
+            "load_average_before": self.load_average.0,
+            "load_average_after": self.load_average.1,
+            "cores": cores(),
             "check": {
                 "ok": self.duplicates == 0 && self.regressions == 0,
                 "grants_checked": self.checked,
@@ -432,6 +445,24 @@ impl Report {
             },
         })
     }
+}
+
+/// The 1-minute load average (Linux), if readable.
+fn load_average() -> Option<f64> {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+fn show_load(load: Option<f64>) -> String {
+    load.map_or("unknown".into(), |l| format!("{l:.2}"))
+}
+
+fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 /// Overlapping grants among `ranges` (each `(first, last)`).

@@ -41,4 +41,5 @@ fn bench_reports_json(mode: &str) {
         assert!(report["latency_ms"][key].is_number(), "{key} in {report:#}");
     }
     assert!(report["longest_gap_ms"].is_number());
+    assert!(report["cores"].as_u64().unwrap() >= 1);
 }
