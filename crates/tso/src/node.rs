@@ -142,6 +142,17 @@ impl Node {
                 .arg("--unsafe-clock-offset-file")
                 .arg(self.offset_file());
         }
+        // SAFETY: prctl(2) is async-signal-safe; it only marks the child to be killed when
+        // this process's spawning thread (a runtime worker, alive as long as the run) ends, so
+        // an interrupted bench or check leaves no server behind.
+        unsafe {
+            command.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
         let mut child = command
             .args(&self.extra_args)
             .stdin(Stdio::null())
