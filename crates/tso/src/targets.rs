@@ -204,3 +204,55 @@ fn library_error_name(err: &tso_client::Error) -> String {
         E::Closed => "Closed".into(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use tonic::metadata::{MetadataMap, MetadataValue};
+
+    use super::*;
+
+    fn not_leader(hint: tso_proto::v1::LeaderHint) -> Status {
+        let mut metadata = MetadataMap::new();
+        metadata.insert_bin(
+            LEADER_HINT_KEY,
+            MetadataValue::from_bytes(&hint.encode_to_vec()),
+        );
+        Status::with_metadata(Code::FailedPrecondition, "not leader", metadata)
+    }
+
+    #[test]
+    fn reads_the_leader_hint_trailer() {
+        let hinted = not_leader(tso_proto::v1::LeaderHint {
+            leader_endpoint: Some("127.0.0.1:7002".into()),
+            leader_epoch: None,
+        });
+        assert_eq!(leader_hint(&hinted).as_deref(), Some("127.0.0.1:7002"));
+        let unknown = not_leader(tso_proto::v1::LeaderHint::default());
+        assert_eq!(leader_hint(&unknown), None);
+        assert_eq!(leader_hint(&Status::unavailable("down")), None);
+    }
+
+    #[test]
+    fn endpoints_get_a_scheme() {
+        assert_eq!(uri("127.0.0.1:1"), "http://127.0.0.1:1");
+        assert_eq!(uri("http://h:2"), "http://h:2");
+    }
+
+    #[tokio::test]
+    async fn callers_share_a_bounded_pool_per_endpoint() {
+        let targets = Targets::new(&["127.0.0.1:1".into()], 2, Duration::from_secs(1)).unwrap();
+        for slot in 0..5 {
+            targets.client("127.0.0.1:1", slot).unwrap();
+            targets.client("http://127.0.0.1:9", slot).unwrap();
+        }
+        let pools = targets.pools.lock().unwrap();
+        assert_eq!(pools.len(), 2);
+        assert!(pools.values().all(|pool| pool.len() == 2));
+        drop(pools);
+        assert!(Targets::new(&["a:1".into()], 0, Duration::from_secs(1)).is_err());
+        assert!(
+            Targets::new(&["a:1".into()], CONNECTIONS_MAX + 1, Duration::from_secs(1)).is_err()
+        );
+        assert!(Targets::new(&[], 1, Duration::from_secs(1)).is_err());
+    }
+}
