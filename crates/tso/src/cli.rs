@@ -153,7 +153,8 @@ pub struct CheckArgs {
     /// no faults.
     #[arg(long, value_delimiter = ',')]
     pub endpoints: Vec<String>,
-    /// Concurrent clients, each making one call at a time over its own connection.
+    /// Concurrent clients, each making one call at a time over its own connection (clients
+    /// share connections past 64).
     #[arg(long, default_value_t = 8)]
     pub clients: usize,
     /// Each call asks for a random count from 1 to this.

@@ -26,7 +26,7 @@ use self::cluster::Cluster;
 use self::history::{Call, Outcome, check, check_liveness, monotonic_ns};
 use self::schedule::{Plan, Step};
 use crate::cli::{BenchMode, CheckArgs};
-use crate::targets::{Route, Targets};
+use crate::targets::{CONNECTIONS_MAX, Route, Targets};
 
 /// Exit code of a clean history.
 pub const EXIT_CLEAN: u8 = 0;
@@ -123,7 +123,11 @@ async fn run(args: CheckArgs) -> anyhow::Result<Verdict> {
         steps.len(),
         work.path().display()
     );
-    let targets = Arc::new(Targets::new(&endpoints, args.clients, args.call_timeout)?);
+    let targets = Arc::new(Targets::new(
+        &endpoints,
+        args.clients.min(CONNECTIONS_MAX),
+        args.call_timeout,
+    )?);
     let library = match args.mode {
         BenchMode::Raw => None,
         BenchMode::Library => Some(
