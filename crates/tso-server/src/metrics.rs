@@ -11,6 +11,18 @@ pub const EXHAUSTED_WAITS: &str = "tso_window_exhausted_waits_total";
 pub const SERVING: &str = "tso_serving";
 pub const HIGH_WATER_MS: &str = "tso_high_water_ms";
 
+/// Registers every counter at zero, so dashboards and alerts see a 0, not a missing series.
+pub fn register() {
+    for name in [FENCES, EXTENSIONS, EXHAUSTED_WAITS] {
+        metrics::counter!(name).increment(0);
+    }
+    metrics::counter!(FENCE_RETRIES, "class" => "transient").increment(0);
+    for class in ["transient", "not_leader", "permanent"] {
+        metrics::counter!(EXTENSION_ERRORS, "class" => class).increment(0);
+    }
+    serving(false);
+}
+
 pub fn fence_retry(class: &'static str) {
     metrics::counter!(FENCE_RETRIES, "class" => class).increment(1);
 }

@@ -246,6 +246,10 @@ async fn health_and_metrics_report_serving() {
     stream.read_to_string(&mut body).await.unwrap();
     assert!(body.contains("tso_serving 1"), "{body}");
     assert!(body.contains("tso_fences_total"), "{body}");
+    assert!(
+        body.contains("tso_window_exhausted_waits_total 0"),
+        "{body}"
+    );
 }
 
 #[test]
