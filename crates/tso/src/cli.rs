@@ -190,6 +190,11 @@ pub struct CheckArgs {
     /// `error`).
     #[arg(long)]
     pub history: Option<PathBuf>,
+    /// Check histories written by `--history` (one or several, e.g. from several processes on
+    /// one machine: they share CLOCK_MONOTONIC) instead of running anything: merged, then
+    /// checked for duplicates, regression, real-time order and grant shape.
+    #[arg(long, value_delimiter = ',', conflicts_with_all = ["endpoints", "unsafe_positive_control"])]
+    pub verify: Vec<PathBuf>,
     /// Directory for the nodes' data and logs [default: a temporary one, removed after a clean
     /// run].
     #[arg(long)]

@@ -89,6 +89,22 @@ fn a_short_check_with_kills_pauses_and_clock_jumps_is_clean() {
         lines.iter().filter(|l| l["count"].is_number()).count() as u64,
         granted
     );
+
+    // The history verifies on its own, and two copies of it merged are caught: the second
+    // copy's calls repeat every value.
+    let history = dir.path().join("history.jsonl");
+    let verify = |files: &[&Path]| {
+        let list: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
+        Command::new(env!("CARGO_BIN_EXE_tso"))
+            .args(["check", "--verify", &list.join(",")])
+            .output()
+            .expect("running tso check --verify")
+    };
+    let alone = verify(&[&history]);
+    assert_eq!(alone.status.code(), Some(0), "{}", explain(&alone));
+    let twice = verify(&[&history, &history]);
+    assert_eq!(twice.status.code(), Some(1), "{}", explain(&twice));
+    assert!(String::from_utf8_lossy(&twice.stdout).contains("duplicate"));
 }
 
 #[test]

@@ -12,7 +12,7 @@ pub mod history;
 pub mod proxy;
 pub mod schedule;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -23,7 +23,7 @@ use anyhow::Context;
 
 use self::clients::{CALLS_MAX, Client, Shared};
 use self::cluster::Cluster;
-use self::history::{Call, Outcome, check, check_liveness, monotonic_ns};
+use self::history::{Call, Outcome, WireGrant, check, check_liveness, monotonic_ns};
 use self::schedule::{Plan, Step};
 use crate::cli::{BenchMode, CheckArgs};
 use crate::targets::{CONNECTIONS_MAX, Route, Targets};
@@ -85,6 +85,9 @@ struct Event {
 
 async fn run(args: CheckArgs) -> anyhow::Result<Verdict> {
     validate(&args)?;
+    if !args.verify.is_empty() {
+        return verify(&args.verify);
+    }
     let seed = args.seed.unwrap_or_else(rand::random);
     println!("tso check: seed {seed} (replay with --seed {seed})");
     let work = WorkDir::new(args.work_dir.clone())?;
@@ -392,6 +395,76 @@ fn judge(
         Verdict::Clean
     } else {
         Verdict::Violation
+    })
+}
+
+/// Checks recorded histories, merged: each file's clients become distinct clients.
+fn verify(paths: &[PathBuf]) -> anyhow::Result<Verdict> {
+    let mut calls = Vec::new();
+    let mut clients: HashMap<(usize, u64), u32> = HashMap::new();
+    for (file, path) in paths.iter().enumerate() {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        for (n, line) in text
+            .lines()
+            .enumerate()
+            .filter(|(_, l)| !l.trim().is_empty())
+        {
+            let mut call = parse_call(line)
+                .with_context(|| format!("{}:{}: not a recorded call", path.display(), n + 1))?;
+            let next = clients.len() as u32;
+            call.client = *clients
+                .entry((file, u64::from(call.client)))
+                .or_insert(next);
+            calls.push(call);
+        }
+    }
+    let report = check(&calls);
+    println!(
+        "tso check: {} calls from {} file(s), {} client(s); history: {} ({})",
+        calls.len(),
+        paths.len(),
+        clients.len(),
+        if report.is_clean() {
+            "clean"
+        } else {
+            "VIOLATION"
+        },
+        report.counts
+    );
+    for violation in report.violations.iter().take(VIOLATIONS_PRINTED_MAX) {
+        println!("  {}", violation.describe(&calls));
+    }
+    Ok(if report.is_clean() {
+        Verdict::Clean
+    } else {
+        Verdict::Violation
+    })
+}
+
+/// One line of a `--history` file.
+fn parse_call(line: &str) -> anyhow::Result<Call> {
+    let v: serde_json::Value = serde_json::from_str(line)?;
+    let int = |key: &str| {
+        v[key]
+            .as_u64()
+            .with_context(|| format!("missing or bad {key:?}"))
+    };
+    let small = |key: &str| -> anyhow::Result<u32> { Ok(u32::try_from(int(key)?)?) };
+    let outcome = match v["error"].as_str() {
+        Some(code) => Outcome::Failed(code.to_string()),
+        None => Outcome::Granted(WireGrant {
+            physical_ms: int("physical_ms")?,
+            logical_start: small("logical_start")?,
+            count: small("count")?,
+        }),
+    };
+    Ok(Call {
+        client: small("client")?,
+        start_ns: int("start_ns")?,
+        end_ns: int("end_ns")?,
+        requested: small("requested")?,
+        outcome,
     })
 }
 
