@@ -92,16 +92,14 @@ async fn run(args: CheckArgs) -> anyhow::Result<Verdict> {
     println!("tso check: seed {seed} (replay with --seed {seed})");
     let work = WorkDir::new(args.work_dir.clone())?;
     let attached = !args.endpoints.is_empty();
-    let mut cluster = None;
-    let endpoints = if attached {
-        args.endpoints.clone()
+    let mut cluster = if attached {
+        None
     } else {
-        let bin = std::env::current_exe().context("finding this binary")?;
-        let started =
-            Cluster::start(&bin, work.path(), args.nodes, args.unsafe_positive_control).await?;
-        let endpoints = started.endpoints();
-        cluster = Some(started);
-        endpoints
+        Some(start_cluster(&args, &work).await?)
+    };
+    let endpoints = match &cluster {
+        Some(cluster) => cluster.endpoints(),
+        None => args.endpoints.clone(),
     };
     let plan = Plan {
         seed,
@@ -126,37 +124,7 @@ async fn run(args: CheckArgs) -> anyhow::Result<Verdict> {
         steps.len(),
         work.path().display()
     );
-    let targets = Arc::new(Targets::new(
-        &endpoints,
-        args.clients.min(CONNECTIONS_MAX),
-        args.call_timeout,
-    )?);
-    let library = match args.mode {
-        BenchMode::Raw => None,
-        BenchMode::Library => Some(
-            tso_client::Client::builder()
-                .overall_timeout(args.call_timeout)
-                .connect(&endpoints)
-                .await
-                .context("starting the client library")?,
-        ),
-    };
-    let shared = Arc::new(Shared::default());
-    let mut tasks = Vec::with_capacity(args.clients);
-    for id in 0..args.clients {
-        let client = Client {
-            id: id as u32,
-            seed,
-            count_max: args.count_max,
-            calls_max: CALLS_MAX / args.clients,
-            route: match &library {
-                Some(client) => Route::Library(client.clone()),
-                None => Route::raw(Arc::clone(&targets), id)?,
-            },
-            shared: Arc::clone(&shared),
-        };
-        tasks.push(tokio::spawn(client.run()));
-    }
+    let (shared, tasks) = start_clients(&args, seed, &endpoints).await?;
     let origin = Instant::now();
     let events = match cluster.as_mut() {
         Some(cluster) => nemesis(cluster, &steps, origin, &shared, args.liveness_bound).await,
@@ -181,6 +149,53 @@ async fn run(args: CheckArgs) -> anyhow::Result<Verdict> {
         work.clean_up();
     }
     Ok(verdict)
+}
+
+async fn start_cluster(args: &CheckArgs, work: &WorkDir) -> anyhow::Result<Cluster> {
+    let bin = std::env::current_exe().context("finding this binary")?;
+    Cluster::start(&bin, work.path(), args.nodes, args.unsafe_positive_control).await
+}
+
+type ClientTask = tokio::task::JoinHandle<anyhow::Result<Vec<Call>>>;
+
+/// Starts the recording clients, raw or through one shared client library.
+async fn start_clients(
+    args: &CheckArgs,
+    seed: u64,
+    endpoints: &[String],
+) -> anyhow::Result<(Arc<Shared>, Vec<ClientTask>)> {
+    let targets = Arc::new(Targets::new(
+        endpoints,
+        args.clients.min(CONNECTIONS_MAX),
+        args.call_timeout,
+    )?);
+    let library = match args.mode {
+        BenchMode::Raw => None,
+        BenchMode::Library => Some(
+            tso_client::Client::builder()
+                .overall_timeout(args.call_timeout)
+                .connect(endpoints)
+                .await
+                .context("starting the client library")?,
+        ),
+    };
+    let shared = Arc::new(Shared::default());
+    let mut tasks = Vec::with_capacity(args.clients);
+    for id in 0..args.clients {
+        let client = Client {
+            id: id as u32,
+            seed,
+            count_max: args.count_max,
+            calls_max: CALLS_MAX / args.clients,
+            route: match &library {
+                Some(client) => Route::Library(client.clone()),
+                None => Route::raw(Arc::clone(&targets), id)?,
+            },
+            shared: Arc::clone(&shared),
+        };
+        tasks.push(tokio::spawn(client.run()));
+    }
+    Ok((shared, tasks))
 }
 
 fn validate(args: &CheckArgs) -> anyhow::Result<()> {
