@@ -293,6 +293,90 @@ async fn wait_for_recovery(shared: &Shared, last_heal_ns: Option<u64>, bound: Du
     }
 }
 
+/// Everything a run found.
+struct Findings {
+    report: history::Report,
+    /// Time from each heal to the next successful reply (`None`: none came).
+    recoveries: Vec<Option<u64>>,
+    stalls: Vec<history::Stall>,
+    granted: usize,
+    errors: BTreeMap<String, u64>,
+    /// Faults that could not be applied or healed (a node that did not restart).
+    fault_errors: usize,
+}
+
+impl Findings {
+    fn gather(args: &CheckArgs, events: &[Event], calls: &[Call], heals: &[u64]) -> Findings {
+        let bound_ns = args.liveness_bound.as_nanos() as u64;
+        let (recoveries, stalls) = check_liveness(calls, heals, bound_ns);
+        let mut errors: BTreeMap<String, u64> = BTreeMap::new();
+        for call in calls {
+            if let Outcome::Failed(code) = &call.outcome {
+                *errors.entry(code.clone()).or_default() += 1;
+            }
+        }
+        Findings {
+            report: check(calls),
+            recoveries,
+            stalls,
+            granted: calls.len() - errors.values().sum::<u64>() as usize,
+            errors,
+            fault_errors: events.iter().filter(|e| e.error.is_some()).count(),
+        }
+    }
+
+    fn clean(&self) -> bool {
+        self.report.is_clean()
+            && self.stalls.is_empty()
+            && self.granted > 0
+            && self.fault_errors == 0
+    }
+
+    fn print(&self, args: &CheckArgs, calls: &[Call], heals: usize) {
+        let bound = humantime::format_duration(args.liveness_bound);
+        println!(
+            "tso check: {} calls, {} granted, errors {:?}",
+            calls.len(),
+            self.granted,
+            self.errors
+        );
+        let verdict = if self.report.is_clean() {
+            "clean"
+        } else {
+            "VIOLATION"
+        };
+        println!("tso check: history: {verdict} ({})", self.report.counts);
+        for violation in self.report.violations.iter().take(VIOLATIONS_PRINTED_MAX) {
+            println!("  {}", violation.describe(calls));
+        }
+        let worst_ms = self
+            .recoveries
+            .iter()
+            .flatten()
+            .max()
+            .map(|&ns| ns as f64 / 1e6);
+        match (self.stalls.is_empty(), worst_ms) {
+            (true, Some(worst)) => println!(
+                "tso check: liveness: {heals} heal(s), every one answered within {bound} (worst {worst:.1} ms)"
+            ),
+            (true, None) => println!("tso check: liveness: no faults healed"),
+            (false, _) => println!(
+                "tso check: liveness: VIOLATION: {} heal(s) without a reply within {bound}",
+                self.stalls.len()
+            ),
+        }
+        if self.granted == 0 {
+            println!("tso check: VIOLATION: no call succeeded at all");
+        }
+        if self.fault_errors > 0 {
+            println!(
+                "tso check: VIOLATION: {} fault(s) failed to apply or heal (a node did not restart?)",
+                self.fault_errors
+            );
+        }
+    }
+}
+
 /// Checks the history, prints the verdict, and writes the result file.
 fn judge(
     args: &CheckArgs,
@@ -303,66 +387,49 @@ fn judge(
     heals: &[u64],
     work: &WorkDir,
 ) -> anyhow::Result<Verdict> {
-    let report = check(calls);
-    let bound_ns = args.liveness_bound.as_nanos() as u64;
-    let (recoveries, stalls) = check_liveness(calls, heals, bound_ns);
-    let granted = calls
-        .iter()
-        .filter(|c| matches!(c.outcome, Outcome::Granted(_)))
-        .count();
-    let mut errors: BTreeMap<String, u64> = BTreeMap::new();
-    for call in calls {
-        if let Outcome::Failed(code) = &call.outcome {
-            *errors.entry(code.clone()).or_default() += 1;
-        }
-    }
-    let fault_errors = events.iter().filter(|e| e.error.is_some()).count();
-    let clean = report.is_clean() && stalls.is_empty() && granted > 0 && fault_errors == 0;
-    let worst_recovery_ms = recoveries.iter().flatten().max().map(|&ns| ns as f64 / 1e6);
-    println!(
-        "tso check: {} calls, {granted} granted, errors {errors:?}",
-        calls.len()
-    );
-    println!(
-        "tso check: history: {} ({})",
-        if report.is_clean() {
-            "clean"
-        } else {
-            "VIOLATION"
-        },
-        report.counts
-    );
-    for violation in report.violations.iter().take(VIOLATIONS_PRINTED_MAX) {
-        println!("  {}", violation.describe(calls));
-    }
-    match (stalls.is_empty(), worst_recovery_ms) {
-        (true, Some(worst)) => println!(
-            "tso check: liveness: {} heal(s), every one answered within {} (worst {worst:.1} ms)",
-            heals.len(),
-            humantime::format_duration(args.liveness_bound)
-        ),
-        (true, None) => println!("tso check: liveness: no faults healed"),
-        (false, _) => println!(
-            "tso check: liveness: VIOLATION: {} heal(s) without a reply within {}",
-            stalls.len(),
-            humantime::format_duration(args.liveness_bound)
-        ),
-    }
-    if granted == 0 {
-        println!("tso check: VIOLATION: no call succeeded at all");
-    }
-    if fault_errors > 0 {
-        println!(
-            "tso check: VIOLATION: {fault_errors} fault(s) failed to apply or heal (a node did not restart?)"
-        );
-    }
+    let findings = Findings::gather(args, events, calls, heals);
+    findings.print(args, calls, heals.len());
+    let clean = findings.clean();
     let out = args
         .out
         .clone()
         .unwrap_or_else(|| PathBuf::from(format!("tso-check-{seed}.json")));
-    let result = serde_json::json!({
+    let result = result_json(args, seed, endpoints, events, calls, &findings, work);
+    std::fs::write(&out, serde_json::to_string_pretty(&result)? + "\n")
+        .with_context(|| format!("writing {}", out.display()))?;
+    println!(
+        "tso check: {}; schedule and summary in {}",
+        if clean { "CLEAN" } else { "VIOLATION" },
+        out.display()
+    );
+    Ok(if clean {
+        Verdict::Clean
+    } else {
+        Verdict::Violation
+    })
+}
+
+/// The result file: the run's parameters, the schedule as applied, and the findings.
+fn result_json(
+    args: &CheckArgs,
+    seed: u64,
+    endpoints: &[String],
+    events: &[Event],
+    calls: &[Call],
+    findings: &Findings,
+    work: &WorkDir,
+) -> serde_json::Value {
+    let timestamps: u64 = calls
+        .iter()
+        .filter_map(|c| match c.outcome {
+            Outcome::Granted(g) => Some(u64::from(g.count)),
+            Outcome::Failed(_) => None,
+        })
+        .sum();
+    let report = &findings.report;
+    serde_json::json!({
         "seed": seed,
-        "verdict": if clean { "clean" } else { "violation" },
+        "verdict": if findings.clean() { "clean" } else { "violation" },
         "endpoints": endpoints,
         "nodes": args.nodes,
         "clients": args.clients,
@@ -382,9 +449,9 @@ fn judge(
         })).collect::<Vec<_>>(),
         "history": {
             "calls": calls.len(),
-            "granted": granted,
-            "timestamps": calls.iter().filter_map(|c| match c.outcome { Outcome::Granted(g) => Some(u64::from(g.count)), _ => None }).sum::<u64>(),
-            "errors": errors,
+            "granted": findings.granted,
+            "timestamps": timestamps,
+            "errors": findings.errors,
         },
         "violations": {
             "duplicate": report.counts.duplicate,
@@ -395,21 +462,9 @@ fn judge(
         },
         "liveness": {
             "bound_ms": args.liveness_bound.as_millis() as u64,
-            "recoveries_ms": recoveries.iter().map(|r| r.map(|ns| ns as f64 / 1e6)).collect::<Vec<_>>(),
-            "stalls": stalls.iter().map(|s| s.heal).collect::<Vec<_>>(),
+            "recoveries_ms": findings.recoveries.iter().map(|r| r.map(|ns| ns as f64 / 1e6)).collect::<Vec<_>>(),
+            "stalls": findings.stalls.iter().map(|s| s.heal).collect::<Vec<_>>(),
         },
-    });
-    std::fs::write(&out, serde_json::to_string_pretty(&result)? + "\n")
-        .with_context(|| format!("writing {}", out.display()))?;
-    println!(
-        "tso check: {}; schedule and summary in {}",
-        if clean { "CLEAN" } else { "VIOLATION" },
-        out.display()
-    );
-    Ok(if clean {
-        Verdict::Clean
-    } else {
-        Verdict::Violation
     })
 }
 
