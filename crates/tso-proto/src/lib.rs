@@ -10,5 +10,13 @@ pub mod tsoracle {
 
 pub use tsoracle::v1;
 
+/// This project's own packages.
+pub mod tso {
+    /// Raft messages between the nodes of one cluster (postcard payloads in a protobuf envelope).
+    pub mod raft_v1 {
+        tonic::include_proto!("tso.raft.v1");
+    }
+}
+
 /// Metadata key of the leader hint carried in the trailers of a "not leader" status.
 pub const LEADER_HINT_KEY: &str = "tsoracle-leader-hint-bin";

@@ -48,3 +48,19 @@ pub fn exhausted_wait() {
 pub fn serving(on: bool) {
     metrics::gauge!(SERVING).set(if on { 1.0 } else { 0.0 });
 }
+
+pub const RAFT_TERM: &str = "tso_raft_term";
+pub const RAFT_LEADER: &str = "tso_raft_leader";
+pub const RAFT_LEASE_RENEWALS: &str = "tso_raft_lease_renewals_total";
+
+/// The raft term and whether this node leads in it, on every leadership change.
+pub fn raft_leadership(term: u64, leader: bool) {
+    metrics::gauge!(RAFT_TERM).set(term as f64);
+    metrics::gauge!(RAFT_LEADER).set(if leader { 1.0 } else { 0.0 });
+}
+
+/// One attempt of the leader to renew its lease (`ok`, or `failed`: no quorum in time).
+pub fn raft_lease_renewal(ok: bool) {
+    let outcome = if ok { "ok" } else { "failed" };
+    metrics::counter!(RAFT_LEASE_RENEWALS, "outcome" => outcome).increment(1);
+}

@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -20,7 +20,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run a server.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Seed a fresh data directory so the first timestamps are above a given millisecond.
     Init(InitArgs),
     /// Ask a server for timestamps and print them, one per line.
@@ -35,8 +35,18 @@ pub enum Command {
 #[derive(Debug, Args)]
 pub struct ServeArgs {
     /// Client address to listen on (port 0 picks a free one; the real address is printed).
-    #[arg(long, default_value = "127.0.0.1:50551", env = "TSO_LISTEN")]
+    #[arg(
+        long,
+        visible_alias = "client-addr",
+        default_value = "127.0.0.1:50551",
+        env = "TSO_LISTEN"
+    )]
     pub listen: SocketAddr,
+    /// Where durability and leadership come from: `file` (one node) or `raft` (a cluster).
+    #[arg(long, value_enum, default_value_t = BackendKind::File, env = "TSO_BACKEND")]
+    pub backend: BackendKind,
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
     /// Data directory (created if missing; locked while the server runs).
     #[arg(long, default_value = "./tso-data", env = "TSO_DATA_DIR")]
     pub data_dir: PathBuf,
@@ -62,8 +72,51 @@ pub struct ServeArgs {
     #[arg(long, hide = true)]
     pub unsafe_clock_offset_file: Option<PathBuf>,
     /// Log filter (tracing syntax, e.g. `info`, `tso_server=debug`). Logs go to stderr.
-    #[arg(long, default_value = "info", env = "TSO_LOG")]
+    #[arg(long, default_value = "info,openraft=warn", env = "TSO_LOG")]
     pub log: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BackendKind {
+    /// A single node; the high-water in an fsync'd file in the data directory.
+    File,
+    /// One node of a raft cluster (needs --node-id, --peer-addr and, on first start, --members).
+    Raft,
+}
+
+/// Flags of `--backend raft`.
+#[derive(Debug, Args)]
+pub struct ClusterArgs {
+    /// This node's id in the cluster (one of the ids in --members).
+    #[arg(long, env = "TSO_NODE_ID")]
+    pub node_id: Option<u64>,
+    /// The client address put in leader hints (defaults to this node's entry in --members, else
+    /// --listen). Use it when --listen is `0.0.0.0:…` or behind a proxy.
+    #[arg(long)]
+    pub advertise_client_addr: Option<String>,
+    /// Address to listen on for raft peers.
+    #[arg(long, env = "TSO_PEER_ADDR")]
+    pub peer_addr: Option<SocketAddr>,
+    /// The peer address other nodes dial (defaults to this node's entry in --members, else
+    /// --peer-addr).
+    #[arg(long)]
+    pub advertise_peer_addr: Option<String>,
+    /// The initial members, the same list on every node:
+    /// `ID=HOST:CLIENT_PORT/PEER_PORT` or `ID=CLIENT_HOST:PORT/PEER_HOST:PORT`, comma-separated,
+    /// advertised forms. Used on the first start of a fresh data directory; a restarted node
+    /// reads the members from its log and may omit it.
+    #[arg(long, value_delimiter = ',', env = "TSO_MEMBERS")]
+    pub members: Vec<String>,
+    /// Raft heartbeat period (also the leader lease renewal period).
+    #[arg(long, default_value = "50ms", value_parser = humantime::parse_duration)]
+    pub heartbeat_interval: Duration,
+    /// Lower bound of the randomized election timeout.
+    #[arg(long, default_value = "200ms", value_parser = humantime::parse_duration)]
+    pub election_timeout_min: Duration,
+    /// Upper bound of the randomized election timeout; followers also refuse votes this long
+    /// after hearing from a leader (the leader lease is 90 % of it).
+    #[arg(long, default_value = "350ms", value_parser = humantime::parse_duration)]
+    pub election_timeout_max: Duration,
 }
 
 #[derive(Debug, Args)]

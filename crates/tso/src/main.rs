@@ -8,6 +8,7 @@ use clap::Parser;
 mod bench;
 mod check;
 mod cli;
+mod cluster;
 mod get;
 mod node;
 mod serve;
@@ -19,7 +20,7 @@ const EXIT_FAILURE: u8 = 1;
 fn main() -> ExitCode {
     let cli = cli::Cli::parse();
     let result = match cli.command {
-        cli::Command::Serve(args) => serve::run(args),
+        cli::Command::Serve(args) => serve::run(*args),
         cli::Command::Init(args) => serve::init(args),
         cli::Command::Get(args) => get::run(args),
         cli::Command::Bench(args) => bench::run(args),

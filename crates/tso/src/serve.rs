@@ -5,11 +5,13 @@ use std::sync::Arc;
 use anyhow::Context;
 use tokio::net::TcpListener;
 use tso_server::backend::file::{self, FileBackend};
+use tso_server::backend::raft::RaftBackend;
 use tso_server::clock::{Clock, OffsetClock, SystemClock};
 use tso_server::consensus::{BoxFuture, Consensus, ConsensusError, Leadership};
 use tso_server::{Config, OracleGuard, serve_listener};
 
-use crate::cli::{InitArgs, ServeArgs};
+use crate::cli::{BackendKind, InitArgs, ServeArgs};
+use crate::cluster;
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     init_logging(&args.log)?;
@@ -26,22 +28,77 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 format!("cannot serve metrics on {addr}: pick another --metrics-listen")
             })?;
     }
-    let backend = FileBackend::open(&args.data_dir)?;
-    let listener = TcpListener::bind(args.listen).await.with_context(|| {
+    match args.backend {
+        BackendKind::File => serve_file(args).await,
+        BackendKind::Raft => serve_raft(args).await,
+    }
+}
+
+async fn bind_client(args: &ServeArgs) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(args.listen).await.with_context(|| {
         format!(
             "cannot listen on {}: is another server using it? pick another --listen",
             args.listen
         )
-    })?;
-    let addr = listener.local_addr()?;
-    let config = Config {
+    })
+}
+
+fn oracle_config(args: &ServeArgs) -> Config {
+    Config {
         window_ahead: args.window_ahead,
         failover_advance: args.failover_advance,
         shutdown_grace: args.shutdown_grace,
+    }
+}
+
+/// One node of a raft cluster: peers on `--peer-addr`, clients on `--listen`. Followers serve
+/// too (they answer "not leader" with the leader's address), so nothing waits for leadership.
+async fn serve_raft(args: ServeArgs) -> anyhow::Result<()> {
+    let (raft_config, peer_listen) = cluster::raft_config(&args)?;
+    let node_id = raft_config.node_id;
+    let peer_listener = TcpListener::bind(peer_listen).await.with_context(|| {
+        format!("cannot listen for peers on {peer_listen}: pick another --peer-addr")
+    })?;
+    let listener = bind_client(&args).await?;
+    let addr = listener.local_addr()?;
+    let backend = Arc::new(
+        RaftBackend::open(raft_config)
+            .await
+            .context("starting the raft node")?,
+    );
+    let (stop_peers, peers_stopped) = tokio::sync::oneshot::channel::<()>();
+    let peers = {
+        let backend = Arc::clone(&backend);
+        tokio::spawn(async move {
+            let stopped = async {
+                let _ = peers_stopped.await;
+            };
+            backend.serve_peers(peer_listener, stopped).await
+        })
     };
     let guard = OracleGuard::start_with_clock(
+        positive_control(&args, backend.clone()),
+        oracle_config(&args),
+        clock(&args),
+    );
+    tracing::info!(%addr, node_id, peers = %peer_listen, data_dir = %args.data_dir.display(), "serving");
+    println!("serving on {addr}");
+    let served = serve_listener(listener, guard, shutdown_signal()).await;
+    let _ = stop_peers.send(());
+    let _ = peers.await;
+    backend.shutdown().await;
+    served?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn serve_file(args: ServeArgs) -> anyhow::Result<()> {
+    let backend = FileBackend::open(&args.data_dir)?;
+    let listener = bind_client(&args).await?;
+    let addr = listener.local_addr()?;
+    let guard = OracleGuard::start_with_clock(
         positive_control(&args, Arc::new(backend)),
-        config,
+        oracle_config(&args),
         clock(&args),
     );
     if !guard.wait_serving().await {

@@ -513,3 +513,7 @@ impl Recorder for TestRecorder {
         Histogram::noop()
     }
 }
+
+/// Clusters of in-process raft nodes on loopback gRPC.
+#[cfg(feature = "raft")]
+pub mod raft;

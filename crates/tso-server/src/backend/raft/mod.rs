@@ -1,0 +1,522 @@
+//! The replicated backend: the consensus seam ([`Consensus`]) on an openraft cluster.
+//!
+//! The replicated state is the high-water, applied as `max` (`state_machine.rs`); the log and
+//! vote are an fsync'd record file (`log_store.rs`); peers talk gRPC (`network.rs`). Leadership
+//! comes from openraft's metrics: `Leader` at epoch `(term, node id)` while this node leads,
+//! `Follower` naming the leader's *client* address from the membership, else `Unknown`.
+//! openraft's generics stay inside this module: callers see [`RaftBackend`], [`RaftConfig`],
+//! [`NodeAddrs`] and [`Links`].
+
+mod dir_guard;
+mod identity;
+mod leadership;
+mod lease;
+mod log_store;
+mod network;
+mod record_file;
+mod state_machine;
+mod types;
+
+#[cfg(test)]
+mod storage_tests;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use openraft::SnapshotPolicy;
+use openraft::error::{
+    CheckIsLeaderError, ClientWriteError, ForwardToLeader, InitializeError, RaftError,
+};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tso_core::{Epoch, PHYSICAL_MAX_MS};
+use tso_proto::tso::raft_v1::raft_peer_server::RaftPeerServer;
+
+use crate::consensus::{BoxFuture, Consensus, ConsensusError, Leadership};
+use dir_guard::DirGuard;
+use leadership::{hold_elections, leadership_of, renew_lease, watch_leadership};
+use lease::LeaseClock;
+use log_store::LogStore;
+use network::Network;
+pub use network::{Links, PeerService};
+pub use record_file::RecordFileError;
+use state_machine::StateMachine;
+pub use types::NodeAddrs;
+use types::{Command, NodeId, Raft};
+
+/// Entries between snapshots. An entry is written once per window extension (seconds apart),
+/// so 1000 entries is most of an hour of log: replay at start stays instant and snapshots rare.
+const SNAPSHOT_EVERY_ENTRIES: u64 = 1000;
+
+/// Entries kept behind a snapshot, so that a briefly lagging follower catches up from the log
+/// rather than by a snapshot transfer.
+const ENTRIES_KEPT_AFTER_SNAPSHOT: u64 = 100;
+
+/// When to snapshot the state machine, and how much log to keep behind a snapshot (the rest is
+/// purged; a follower that needs purged entries gets the snapshot).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SnapshotOptions {
+    pub every_entries: u64,
+    pub entries_kept: u64,
+}
+
+impl Default for SnapshotOptions {
+    fn default() -> Self {
+        Self {
+            every_entries: SNAPSHOT_EVERY_ENTRIES,
+            entries_kept: ENTRIES_KEPT_AFTER_SNAPSHOT,
+        }
+    }
+}
+
+/// Entries purged per purge call: one call, one record and one fsync, whatever the count.
+const PURGE_BATCH_ENTRIES: u64 = 64;
+
+/// Raft timings. The defaults fail a dead leader over in about
+/// `election_timeout_max + election_timeout_min..max` = 550..700 ms (followers wait out the
+/// leader lease, then a randomized election timeout), and tolerate a node that stalls for up
+/// to six heartbeats (300 ms) on a busy machine before anyone campaigns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RaftTimings {
+    pub heartbeat_interval: Duration,
+    pub election_timeout_min: Duration,
+    pub election_timeout_max: Duration,
+    /// Bound on one write or read barrier; past it the call fails as `Transient` (no quorum).
+    pub call_timeout: Duration,
+}
+
+impl Default for RaftTimings {
+    fn default() -> Self {
+        Self {
+            heartbeat_interval: Duration::from_millis(50),
+            election_timeout_min: Duration::from_millis(200),
+            election_timeout_max: Duration::from_millis(350),
+            call_timeout: Duration::from_secs(1),
+        }
+    }
+}
+
+/// How to open one raft node.
+#[derive(Debug, Clone)]
+pub struct RaftConfig {
+    pub node_id: u64,
+    /// Holds the log, the vote and the snapshot.
+    pub data_dir: PathBuf,
+    /// The initial members (id → advertised addresses). Used only on the first start of a fresh
+    /// data directory; a restarted node learns the members from its log.
+    pub initial_members: BTreeMap<u64, NodeAddrs>,
+    pub timings: RaftTimings,
+    pub snapshot: SnapshotOptions,
+    /// Link switches for in-process partitions; `Links::default()` in production.
+    pub links: Links,
+}
+
+/// Why a raft node could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum RaftOpenError {
+    #[error("raft storage: {0}")]
+    Storage(#[from] RecordFileError),
+    #[error("cannot create data directory {path}: {source}")]
+    DataDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "node {node_id} is not in the initial members {members:?}; add it to the members list \
+         (the same list on every node)"
+    )]
+    NotAMember { node_id: u64, members: Vec<u64> },
+    #[error(
+        "data directory {dir} belongs to node {stored}, not node {node_id}; \
+         use that node's id, or another directory"
+    )]
+    WrongNode {
+        dir: PathBuf,
+        stored: u64,
+        node_id: u64,
+    },
+    #[error(
+        "data directory {dir} belongs to a cluster of members {stored:?}, but the members given \
+         are {given:?}; pass the original members (or none, on a restart), or use a fresh directory"
+    )]
+    OtherCluster {
+        dir: PathBuf,
+        stored: Vec<u64>,
+        given: Vec<u64>,
+    },
+    #[error("invalid raft timings: {0}")]
+    Config(String),
+    #[error("data directory {0} is still in use by another raft node in this process")]
+    DirInUse(PathBuf),
+    #[error("raft failed to start: {0}")]
+    Start(String),
+}
+
+/// The leader lease of one node (see [`RaftBackend::lease_valid_until`]). Clones share it.
+#[derive(Debug, Clone)]
+pub struct LeaseView {
+    clock: Arc<LeaseClock>,
+    leadership: watch::Receiver<Leadership>,
+}
+
+impl LeaseView {
+    /// The end of the lease held in the current leader term, if any (it may be in the past).
+    pub fn valid_until(&self) -> Option<Instant> {
+        match *self.leadership.borrow() {
+            Leadership::Leader { epoch } => self.clock.valid_until(epoch.hi()),
+            _ => None,
+        }
+    }
+
+    /// True while this node leads under an unexpired lease: the check for the grant path.
+    pub fn is_valid(&self) -> bool {
+        self.valid_until().is_some_and(|t| Instant::now() < t)
+    }
+}
+
+/// One node of a tso raft cluster, implementing the consensus seam.
+pub struct RaftBackend {
+    id: NodeId,
+    raft: Raft,
+    sm: StateMachine,
+    leadership: watch::Receiver<Leadership>,
+    lease: Arc<LeaseClock>,
+    timings: RaftTimings,
+    tasks: Vec<JoinHandle<()>>,
+    /// Released only after raft has stopped (see `Drop`).
+    dir_guard: Mutex<Option<DirGuard>>,
+}
+
+impl RaftBackend {
+    /// Opens the node's storage, starts its raft, and on a fresh directory forms the cluster
+    /// from `initial_members`. Returns once raft runs; leadership arrives on [`Self::leadership`].
+    /// Peers reach this node only once [`Self::peer_service`] is served on its peer address.
+    pub async fn open(config: RaftConfig) -> Result<Self, RaftOpenError> {
+        let dir_guard = DirGuard::acquire(&config.data_dir).await?;
+        std::fs::create_dir_all(&config.data_dir).map_err(|source| RaftOpenError::DataDir {
+            path: config.data_dir.clone(),
+            source,
+        })?;
+        let log = LogStore::open(&config.data_dir)?;
+        let sm = StateMachine::open(&config.data_dir)?;
+        let fresh = log.is_pristine();
+        if fresh && !config.initial_members.contains_key(&config.node_id) {
+            return Err(RaftOpenError::NotAMember {
+                node_id: config.node_id,
+                members: config.initial_members.keys().copied().collect(),
+            });
+        }
+        identity::check_or_write(&config.data_dir, config.node_id, &config.initial_members)?;
+        let raft_config = openraft_config(&config.timings, &config.snapshot)?;
+        let network = Network::new(config.node_id, config.links.clone());
+        let raft = Raft::new(config.node_id, raft_config, network, log, sm.clone())
+            .await
+            .map_err(|e| RaftOpenError::Start(e.to_string()))?;
+        if fresh {
+            initialize(&raft, config.initial_members.clone()).await?;
+        } else {
+            hold_elections(&raft, config.timings.election_timeout_max);
+        }
+        Ok(Self::start_tasks(config, raft, sm, dir_guard))
+    }
+
+    fn start_tasks(config: RaftConfig, raft: Raft, sm: StateMachine, dir_guard: DirGuard) -> Self {
+        let metrics = raft.metrics();
+        let (tx, leadership) = watch::channel(leadership_of(&metrics.borrow()));
+        let lease = Arc::new(LeaseClock::new(lease::lease_duration(
+            config.timings.election_timeout_max,
+        )));
+        let tasks = vec![
+            tokio::spawn(watch_leadership(metrics, tx)),
+            tokio::spawn(renew_lease(
+                raft.clone(),
+                leadership.clone(),
+                lease.clone(),
+                config.timings,
+            )),
+        ];
+        Self {
+            id: config.node_id,
+            raft,
+            sm,
+            leadership,
+            lease,
+            timings: config.timings,
+            tasks,
+            dir_guard: Mutex::new(Some(dir_guard)),
+        }
+    }
+
+    /// The `tso.raft.v1.RaftPeer` service of this node, to be served on its peer address
+    /// (alone, or next to other services on one tonic server).
+    pub fn peer_service(&self) -> RaftPeerServer<PeerService> {
+        PeerService::new(self.raft.clone(), self.timings.election_timeout_max).into_server()
+    }
+
+    /// Serves [`Self::peer_service`] on `listener` until `shutdown` completes.
+    pub async fn serve_peers(
+        &self,
+        listener: tokio::net::TcpListener,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> Result<(), tonic::transport::Error> {
+        tonic::transport::Server::builder()
+            .add_service(self.peer_service())
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::TcpListenerStream::new(listener),
+                shutdown,
+            )
+            .await
+    }
+
+    /// The end of this node's leader lease, if it leads and a quorum acknowledged it in its
+    /// current term. Grant only while `Instant::now() < lease_valid_until()`: until then no
+    /// other node can have been elected (see `docs/raft-lease.md`).
+    pub fn lease_valid_until(&self) -> Option<Instant> {
+        self.lease_view().valid_until()
+    }
+
+    /// True while this node leads under an unexpired lease.
+    pub fn lease_is_valid(&self) -> bool {
+        self.lease_view().is_valid()
+    }
+
+    /// A cheap, cloneable view of the lease, for a grant path that does not hold the backend.
+    pub fn lease_view(&self) -> LeaseView {
+        LeaseView {
+            clock: Arc::clone(&self.lease),
+            leadership: self.leadership.clone(),
+        }
+    }
+
+    /// This node's id.
+    pub fn node_id(&self) -> u64 {
+        self.id
+    }
+
+    /// The current members (id → advertised addresses), as the log says (empty until raft has
+    /// loaded its log, shortly after [`Self::open`]).
+    pub fn members(&self) -> BTreeMap<u64, NodeAddrs> {
+        let metrics = self.raft.metrics();
+        let m = metrics.borrow();
+        m.membership_config
+            .membership()
+            .nodes()
+            .map(|(id, n)| (*id, n.clone()))
+            .collect()
+    }
+
+    /// The index of the last purged log entry, if any (for diagnostics and tests).
+    pub fn purged_index(&self) -> Option<u64> {
+        self.raft.metrics().borrow().purged.map(|l| l.index)
+    }
+
+    /// The index of the last snapshot this node holds, if any (for diagnostics and tests).
+    pub fn snapshot_index(&self) -> Option<u64> {
+        self.raft.metrics().borrow().snapshot.map(|l| l.index)
+    }
+
+    /// The high-water applied on this node (possibly stale on a follower; for diagnostics).
+    pub fn applied_high_water_ms(&self) -> u64 {
+        self.sm.high_water_ms()
+    }
+
+    /// Stops raft and waits for it; the leadership watch closes and the data directory may be
+    /// opened again.
+    pub async fn shutdown(&self) {
+        let _ = self.raft.shutdown().await;
+        for t in &self.tasks {
+            t.abort();
+        }
+        self.dir_guard.lock().expect("dir guard lock").take();
+    }
+
+    fn current_leadership(&self) -> Leadership {
+        self.leadership.borrow().clone()
+    }
+
+    fn not_leader(&self, forward: &ForwardToLeader<NodeId, NodeAddrs>) -> ConsensusError {
+        let term = self.raft.metrics().borrow().current_term;
+        ConsensusError::NotLeader {
+            leader_endpoint: forward.leader_node.as_ref().map(|n| n.client_addr.clone()),
+            leader_epoch: forward.leader_id.map(|id| Epoch::from_parts(term, id)),
+        }
+    }
+
+    fn map_read_error(
+        &self,
+        e: RaftError<NodeId, CheckIsLeaderError<NodeId, NodeAddrs>>,
+    ) -> ConsensusError {
+        match e {
+            RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f)) => self.not_leader(&f),
+            RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(q)) => {
+                ConsensusError::Transient(format!("read barrier: {q}"))
+            }
+            RaftError::Fatal(f) => ConsensusError::Permanent(format!("raft stopped: {f}")),
+        }
+    }
+
+    fn map_write_error(
+        &self,
+        e: RaftError<NodeId, ClientWriteError<NodeId, NodeAddrs>>,
+    ) -> ConsensusError {
+        match e {
+            RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => self.not_leader(&f),
+            RaftError::APIError(ClientWriteError::ChangeMembershipError(c)) => {
+                ConsensusError::Permanent(format!("unexpected membership error: {c}"))
+            }
+            RaftError::Fatal(f) => ConsensusError::Permanent(format!("raft stopped: {f}")),
+        }
+    }
+
+    /// Refuses a persist under any epoch but this node's current leader epoch.
+    fn check_epoch(&self, epoch: Epoch) -> Result<(), ConsensusError> {
+        match self.current_leadership() {
+            Leadership::Leader { epoch: current } if current == epoch => Ok(()),
+            Leadership::Leader { epoch: current } => Err(ConsensusError::Fenced {
+                expected: epoch,
+                current,
+            }),
+            Leadership::Follower {
+                leader_endpoint,
+                leader_epoch,
+            } => Err(ConsensusError::NotLeader {
+                leader_endpoint,
+                leader_epoch,
+            }),
+            Leadership::Unknown => Err(ConsensusError::NotLeader {
+                leader_endpoint: None,
+                leader_epoch: None,
+            }),
+        }
+    }
+
+    /// The read barrier, retried within `call_timeout` when a quorum did not answer in time:
+    /// openraft gives its confirmation heartbeats one heartbeat interval, which a busy machine
+    /// can overrun now and then.
+    async fn load(&self) -> Result<u64, ConsensusError> {
+        let deadline = tokio::time::Instant::now() + self.timings.call_timeout;
+        loop {
+            let term = self.raft.metrics().borrow().current_term;
+            let sent = Instant::now();
+            let read = tokio::time::timeout_at(deadline, self.raft.ensure_linearizable());
+            let error = match read.await {
+                Err(_) => return Err(transient_timeout("read barrier", self.timings.call_timeout)),
+                Ok(Ok(_)) => {
+                    self.lease.extend(term, sent);
+                    return Ok(self.sm.high_water_ms());
+                }
+                Ok(Err(e)) => self.map_read_error(e),
+            };
+            let retry_at = tokio::time::Instant::now() + self.timings.heartbeat_interval;
+            if !matches!(error, ConsensusError::Transient(_)) || retry_at >= deadline {
+                return Err(error);
+            }
+            tokio::time::sleep_until(retry_at).await;
+        }
+    }
+
+    async fn persist(&self, at_least_ms: u64, epoch: Epoch) -> Result<u64, ConsensusError> {
+        if at_least_ms > PHYSICAL_MAX_MS {
+            return Err(ConsensusError::Permanent(format!(
+                "high-water {at_least_ms} ms is past the 46-bit timestamp layout ({PHYSICAL_MAX_MS} ms)"
+            )));
+        }
+        self.check_epoch(epoch)?;
+        let sent = Instant::now();
+        let write = self
+            .raft
+            .client_write(Command::AdvanceHighWater { at_least_ms });
+        let reply = match tokio::time::timeout(self.timings.call_timeout, write).await {
+            Err(_) => return Err(transient_timeout("write", self.timings.call_timeout)),
+            Ok(r) => r.map_err(|e| self.map_write_error(e))?,
+        };
+        let committed_term = reply.log_id.leader_id.term;
+        if committed_term != epoch.hi() {
+            let current = Epoch::from_parts(committed_term, reply.log_id.leader_id.node_id);
+            return Err(ConsensusError::Fenced {
+                expected: epoch,
+                current,
+            });
+        }
+        self.lease.extend(committed_term, sent);
+        let applied = reply.data.high_water_ms;
+        assert!(
+            applied >= at_least_ms,
+            "applied high-water {applied} < requested {at_least_ms}"
+        );
+        Ok(applied)
+    }
+}
+
+impl Drop for RaftBackend {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+        let raft = self.raft.clone();
+        let guard = self.dir_guard.lock().expect("dir guard lock").take();
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            handle.spawn(async move {
+                let _ = raft.shutdown().await;
+                drop(guard);
+            });
+        }
+    }
+}
+
+impl Consensus for RaftBackend {
+    fn leadership(&self) -> watch::Receiver<Leadership> {
+        self.leadership.clone()
+    }
+
+    fn load_high_water(&self) -> BoxFuture<'_, Result<u64, ConsensusError>> {
+        Box::pin(self.load())
+    }
+
+    fn persist_high_water(
+        &self,
+        at_least_ms: u64,
+        epoch: Epoch,
+    ) -> BoxFuture<'_, Result<u64, ConsensusError>> {
+        Box::pin(self.persist(at_least_ms, epoch))
+    }
+}
+
+fn transient_timeout(what: &str, after: Duration) -> ConsensusError {
+    ConsensusError::Transient(format!(
+        "raft {what} not confirmed by a quorum within {after:?}; retry"
+    ))
+}
+
+fn openraft_config(
+    t: &RaftTimings,
+    snapshot: &SnapshotOptions,
+) -> Result<std::sync::Arc<openraft::Config>, RaftOpenError> {
+    let ms = |d: Duration| d.as_millis() as u64;
+    let config = openraft::Config {
+        cluster_name: "tso".to_owned(),
+        heartbeat_interval: ms(t.heartbeat_interval),
+        election_timeout_min: ms(t.election_timeout_min),
+        election_timeout_max: ms(t.election_timeout_max),
+        snapshot_policy: SnapshotPolicy::LogsSinceLast(snapshot.every_entries),
+        max_in_snapshot_log_to_keep: snapshot.entries_kept,
+        purge_batch_size: PURGE_BATCH_ENTRIES,
+        ..Default::default()
+    };
+    let config = config
+        .validate()
+        .map_err(|e| RaftOpenError::Config(e.to_string()))?;
+    Ok(std::sync::Arc::new(config))
+}
+
+async fn initialize(raft: &Raft, members: BTreeMap<u64, NodeAddrs>) -> Result<(), RaftOpenError> {
+    match raft.initialize(members).await {
+        Ok(()) => Ok(()),
+        // Another member initialized first and this node already heard from it: the cluster
+        // exists, which is what initialize wants.
+        Err(RaftError::APIError(InitializeError::NotAllowed(_))) => Ok(()),
+        Err(e) => Err(RaftOpenError::Start(e.to_string())),
+    }
+}

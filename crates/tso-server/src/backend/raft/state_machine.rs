@@ -1,0 +1,213 @@
+//! The replicated state machine: the high-water, applied as `max`, plus what openraft needs
+//! (last applied log id, membership) and its snapshot.
+//!
+//! The state itself lives in memory; durability comes from the log (entries are fsync'd before
+//! they count) and from the snapshot file, written atomically before openraft may purge the log
+//! it covers. At open the state is the snapshot's; openraft re-applies the log after it.
+//! Invariant: the high-water never decreases, whatever order or repetition of entries.
+
+use std::io::Cursor;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use openraft::storage::RaftStateMachine;
+use openraft::{EntryPayload, RaftSnapshotBuilder, StorageIOError};
+use serde::{Deserialize, Serialize};
+
+use super::record_file::{RecordFile, RecordFileError};
+use super::types::{
+    Applied, Command, Entry, LogId, Snapshot, SnapshotMeta, StorageError, StoredMembership,
+    TypeConfig,
+};
+
+/// File name of the snapshot inside the raft data directory.
+pub const SNAPSHOT_FILE: &str = "raft-snapshot";
+
+/// The whole replicated state; a snapshot is this, encoded.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+struct State {
+    last_applied: Option<LogId>,
+    membership: StoredMembership,
+    high_water_ms: u64,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct StoredSnapshot {
+    meta: SnapshotMeta,
+    data: Vec<u8>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    state: State,
+    snapshot: Option<StoredSnapshot>,
+    file: RecordFile,
+    /// Counts snapshots built by this process, to keep snapshot ids unique.
+    built_count: u64,
+}
+
+/// The state machine handed to openraft; clones share the state.
+#[derive(Debug, Clone)]
+pub struct StateMachine {
+    inner: Arc<Mutex<Inner>>,
+}
+
+impl StateMachine {
+    /// Opens the state machine in `dir`, starting from the stored snapshot if there is one.
+    pub fn open(dir: &Path) -> Result<Self, RecordFileError> {
+        let path = dir.join(SNAPSHOT_FILE);
+        let (file, payloads) = RecordFile::open(&path)?;
+        let corrupt = || RecordFileError::Corrupt {
+            path: path.clone(),
+            offset: 0,
+        };
+        let snapshot: Option<StoredSnapshot> = match payloads.last() {
+            Some(p) => Some(postcard::from_bytes(p).map_err(|_| corrupt())?),
+            None => None,
+        };
+        let state = match &snapshot {
+            Some(s) => decode_state(&s.data).ok_or_else(corrupt)?,
+            None => State::default(),
+        };
+        let inner = Inner {
+            state,
+            snapshot,
+            file,
+            built_count: 0,
+        };
+        Ok(Self {
+            inner: Arc::new(Mutex::new(inner)),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().expect("state machine mutex poisoned")
+    }
+
+    /// The applied high-water, in milliseconds.
+    pub fn high_water_ms(&self) -> u64 {
+        self.lock().state.high_water_ms
+    }
+}
+
+fn decode_state(data: &[u8]) -> Option<State> {
+    postcard::from_bytes(data).ok()
+}
+
+fn apply_one(state: &mut State, entry: Entry) -> Applied {
+    state.last_applied = Some(entry.log_id);
+    match entry.payload {
+        EntryPayload::Blank => {}
+        EntryPayload::Normal(Command::AdvanceHighWater { at_least_ms }) => {
+            state.high_water_ms = state.high_water_ms.max(at_least_ms);
+        }
+        EntryPayload::Membership(m) => {
+            state.membership = StoredMembership::new(Some(entry.log_id), m);
+        }
+    }
+    Applied {
+        high_water_ms: state.high_water_ms,
+    }
+}
+
+impl Inner {
+    /// Makes `snapshot` the current one, durably, then replaces the state with its content.
+    fn store_snapshot(
+        &mut self,
+        snapshot: StoredSnapshot,
+        state: State,
+    ) -> Result<(), Box<StorageError>> {
+        let bytes = postcard::to_stdvec(&snapshot).expect("a snapshot always encodes");
+        self.file.rewrite(&[bytes]).map_err(|e| {
+            Box::new(StorageIOError::write_snapshot(Some(snapshot.meta.signature()), &e).into())
+        })?;
+        self.state = state;
+        self.snapshot = Some(snapshot);
+        Ok(())
+    }
+
+    fn current(&self) -> Option<Snapshot> {
+        self.snapshot.as_ref().map(|s| Snapshot {
+            meta: s.meta.clone(),
+            snapshot: Box::new(Cursor::new(s.data.clone())),
+        })
+    }
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
+    async fn build_snapshot(&mut self) -> Result<Snapshot, StorageError> {
+        let mut inner = self.lock();
+        inner.built_count += 1;
+        let state = inner.state.clone();
+        let data = postcard::to_stdvec(&state).expect("the state always encodes");
+        let snapshot_id = match state.last_applied {
+            Some(l) => format!("{}-{}-{}", l.leader_id, l.index, inner.built_count),
+            None => format!("none-{}", inner.built_count),
+        };
+        let meta = SnapshotMeta {
+            last_log_id: state.last_applied,
+            last_membership: state.membership.clone(),
+            snapshot_id,
+        };
+        inner
+            .store_snapshot(StoredSnapshot { meta, data }, state)
+            .map_err(|e| *e)?;
+        Ok(inner.current().expect("just stored"))
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachine {
+    type SnapshotBuilder = Self;
+
+    async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), StorageError> {
+        let inner = self.lock();
+        Ok((inner.state.last_applied, inner.state.membership.clone()))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Applied>, StorageError>
+    where
+        I: IntoIterator<Item = Entry> + Send,
+        I::IntoIter: Send,
+    {
+        let mut inner = self.lock();
+        Ok(entries
+            .into_iter()
+            .map(|e| apply_one(&mut inner.state, e))
+            .collect())
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> Result<(), StorageError> {
+        let data = snapshot.into_inner();
+        let mut state = decode_state(&data).ok_or_else(|| -> StorageError {
+            StorageIOError::read_snapshot(Some(meta.signature()), &DecodeError).into()
+        })?;
+        // The meta is authoritative for what the snapshot covers.
+        state.last_applied = meta.last_log_id;
+        state.membership = meta.last_membership.clone();
+        let stored = StoredSnapshot {
+            meta: meta.clone(),
+            data,
+        };
+        self.lock().store_snapshot(stored, state).map_err(|e| *e)
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, StorageError> {
+        Ok(self.lock().current())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("snapshot data does not decode as the oracle's state")]
+struct DecodeError;

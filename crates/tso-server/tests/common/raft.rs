@@ -1,0 +1,231 @@
+//! Helpers shared by the raft tests: clusters of in-process nodes on real loopback gRPC.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tso_core::Epoch;
+use tso_server::backend::raft::{
+    Links, NodeAddrs, RaftBackend, RaftConfig, RaftTimings, SnapshotOptions,
+};
+use tso_server::consensus::{Consensus, Leadership};
+
+/// Bound on any wait for a cluster to reach a state (elections take well under a second; the
+/// rest is slack for a busy 2-core machine).
+pub const CLUSTER_WAIT: Duration = Duration::from_secs(30);
+
+/// Timings for in-process clusters: three nodes share one test process on a busy 2-core
+/// machine, where a debug build can stall a node for a few hundred milliseconds; a wider
+/// election timeout than the default keeps such stalls from causing elections the test did not
+/// ask for. (The process tests run the defaults.)
+pub fn test_timings() -> RaftTimings {
+    RaftTimings {
+        election_timeout_min: Duration::from_millis(400),
+        election_timeout_max: Duration::from_millis(700),
+        call_timeout: Duration::from_secs(2),
+        ..RaftTimings::default()
+    }
+}
+
+/// The advertised client address of node `id` (never dialled by these tests).
+pub fn client_addr(id: u64) -> String {
+    format!("tso-{id}.test:7000")
+}
+
+/// One running node: its backend and the task serving its peer port.
+pub struct TestNode {
+    pub id: u64,
+    pub backend: Arc<RaftBackend>,
+    stop_peers: Option<oneshot::Sender<()>>,
+    peer_task: Option<JoinHandle<()>>,
+}
+
+impl TestNode {
+    /// Stops the node: its peer server first (peers see it vanish), then its raft.
+    pub async fn stop(&mut self) {
+        if let Some(tx) = self.stop_peers.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.peer_task.take() {
+            let _ = task.await;
+        }
+        self.backend.shutdown().await;
+    }
+
+    pub fn leadership(&self) -> Leadership {
+        self.backend.leadership().borrow().clone()
+    }
+}
+
+/// Starts `n` nodes (ids 1..=n) with data under `dir`, peers on fresh loopback ports.
+pub async fn start_cluster(dir: &Path, n: u64, links: &Links) -> Vec<TestNode> {
+    start_cluster_with(dir, n, links, SnapshotOptions::default(), test_timings()).await
+}
+
+/// [`start_cluster`] with the given snapshot options and timings on every node.
+pub async fn start_cluster_with(
+    dir: &Path,
+    n: u64,
+    links: &Links,
+    snapshot: SnapshotOptions,
+    timings: RaftTimings,
+) -> Vec<TestNode> {
+    let mut listeners = BTreeMap::new();
+    let mut members = BTreeMap::new();
+    for id in 1..=n {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addrs = NodeAddrs {
+            client_addr: client_addr(id),
+            peer_addr: listener.local_addr().unwrap().to_string(),
+        };
+        members.insert(id, addrs);
+        listeners.insert(id, listener);
+    }
+    let mut nodes = Vec::new();
+    for (id, listener) in listeners {
+        let config = RaftConfig {
+            node_id: id,
+            data_dir: dir.join(format!("node-{id}")),
+            initial_members: members.clone(),
+            timings,
+            snapshot,
+            links: links.clone(),
+        };
+        nodes.push(start_node(config, listener).await);
+    }
+    nodes
+}
+
+/// Opens one node and serves its peer port on `listener`.
+pub async fn start_node(config: RaftConfig, listener: tokio::net::TcpListener) -> TestNode {
+    let id = config.node_id;
+    let backend = Arc::new(RaftBackend::open(config).await.expect("open raft node"));
+    let (tx, rx) = oneshot::channel::<()>();
+    let serving = backend.clone();
+    let peer_task = tokio::spawn(async move {
+        serving
+            .serve_peers(listener, async {
+                let _ = rx.await;
+            })
+            .await
+            .expect("serve peers");
+    });
+    TestNode {
+        id,
+        backend,
+        stop_peers: Some(tx),
+        peer_task: Some(peer_task),
+    }
+}
+
+/// Waits until exactly one of the `running` nodes reports `Leader` at an epoch above `after`,
+/// and returns its index and epoch.
+pub async fn wait_for_leader(
+    nodes: &[TestNode],
+    running: &[usize],
+    after: Epoch,
+) -> (usize, Epoch) {
+    let wait = async {
+        loop {
+            let leaders: Vec<(usize, Epoch)> = running
+                .iter()
+                .filter_map(|&i| match nodes[i].leadership() {
+                    Leadership::Leader { epoch } if epoch > after => Some((i, epoch)),
+                    _ => None,
+                })
+                .collect();
+            if let [one] = leaders[..] {
+                return one;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    match tokio::time::timeout(CLUSTER_WAIT, wait).await {
+        Ok(found) => found,
+        Err(_) => {
+            let states: Vec<String> = nodes
+                .iter()
+                .map(|n| format!("node {}: {:?}", n.id, n.leadership()))
+                .collect();
+            panic!("no single leader above epoch {after} in time: {states:?}")
+        }
+    }
+}
+
+/// Waits until node `i` reports `Follower` naming `leader_client_addr`.
+pub async fn wait_for_follower_of(node: &TestNode, leader_client_addr: &str) {
+    let mut rx = node.backend.leadership();
+    let wait = async {
+        loop {
+            if let Leadership::Follower {
+                leader_endpoint: Some(addr),
+                ..
+            } = &*rx.borrow_and_update()
+                && addr == leader_client_addr
+            {
+                return;
+            }
+            rx.changed().await.expect("leadership watch closed");
+        }
+    };
+    tokio::time::timeout(CLUSTER_WAIT, wait)
+        .await
+        .expect("follower never named the leader");
+}
+
+/// Restarts node `id` on its data directory under `dir` without a members list (a restarted
+/// node learns the members from its log), serving peers again on `peer_addr`.
+pub async fn restart_node(dir: &Path, id: u64, peer_addr: &str, links: &Links) -> TestNode {
+    let listener = tokio::net::TcpListener::bind(peer_addr).await.unwrap();
+    let config = RaftConfig {
+        node_id: id,
+        data_dir: dir.join(format!("node-{id}")),
+        initial_members: BTreeMap::new(),
+        timings: test_timings(),
+        snapshot: SnapshotOptions::default(),
+        links: links.clone(),
+    };
+    start_node(config, listener).await
+}
+
+/// The peer address node `i` advertises.
+pub fn peer_addr(node: &TestNode) -> String {
+    node.backend.members()[&node.id].peer_addr.clone()
+}
+
+/// Waits until `check` holds, polling; panics after [`CLUSTER_WAIT`] with `what`.
+pub async fn wait_until(what: &str, mut check: impl FnMut() -> bool) {
+    let wait = async {
+        while !check() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    if tokio::time::timeout(CLUSTER_WAIT, wait).await.is_err() {
+        panic!("timed out waiting until {what}");
+    }
+}
+
+/// Persists `at_least_ms` through whichever of the `running` nodes leads, following elections
+/// (a busy machine can cause one at any time); returns the durable value.
+pub async fn persist_on_leader(nodes: &[TestNode], running: &[usize], at_least_ms: u64) -> u64 {
+    let attempt = async {
+        loop {
+            let (leader, epoch) = wait_for_leader(nodes, running, Epoch::ZERO).await;
+            match nodes[leader]
+                .backend
+                .persist_high_water(at_least_ms, epoch)
+                .await
+            {
+                Ok(v) => return v,
+                Err(e) => eprintln!("persist on node {} failed, retrying: {e}", nodes[leader].id),
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(CLUSTER_WAIT, attempt)
+        .await
+        .expect("no leader accepted the persist in time")
+}

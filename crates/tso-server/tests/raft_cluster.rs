@@ -1,0 +1,226 @@
+//! Three raft nodes in one process over real loopback gRPC: election, persist on the leader,
+//! the follower's hint, failover without regression, and a restarted node rejoining.
+#![cfg(feature = "raft")]
+
+mod common;
+
+use std::time::Duration;
+
+use common::raft::{client_addr, start_cluster, wait_for_follower_of, wait_for_leader};
+use tso_core::Epoch;
+use tso_server::backend::raft::{Links, SnapshotOptions};
+use tso_server::consensus::{Consensus, ConsensusError};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_elect_persist_hint_and_fail_over_without_regression() {
+    let dir = tempfile::tempdir().unwrap();
+    let links = Links::default();
+    let mut nodes = start_cluster(dir.path(), 3, &links).await;
+    let all = [0, 1, 2];
+
+    let (leader, epoch) = wait_for_leader(&nodes, &all, Epoch::ZERO).await;
+    let leader_id = nodes[leader].id;
+    assert_eq!(epoch.lo(), leader_id, "epoch = (term, leader id)");
+    let base = nodes[leader].backend.load_high_water().await.unwrap();
+    assert_eq!(base, 0, "a fresh cluster loads 0");
+    let persisted = nodes[leader]
+        .backend
+        .persist_high_water(1_000, epoch)
+        .await
+        .unwrap();
+    assert_eq!(persisted, 1_000);
+
+    for &f in all.iter().filter(|&&i| i != leader) {
+        wait_for_follower_of(&nodes[f], &client_addr(leader_id)).await;
+        match nodes[f].backend.persist_high_water(5_000, epoch).await {
+            Err(ConsensusError::NotLeader {
+                leader_endpoint: Some(addr),
+                leader_epoch,
+            }) => {
+                assert_eq!(
+                    addr,
+                    client_addr(leader_id),
+                    "hint names the leader's client address"
+                );
+                assert_eq!(leader_epoch, Some(epoch));
+            }
+            other => panic!("a follower must refuse with a hint, got {other:?}"),
+        }
+    }
+    let leader_backend = nodes[leader].backend.clone();
+    common::raft::wait_until("a leader in contact with its peers holds a lease", || {
+        leader_backend.lease_is_valid()
+    })
+    .await;
+
+    nodes[leader].stop().await;
+    let rest: Vec<usize> = all.iter().copied().filter(|&i| i != leader).collect();
+    let (next, next_epoch) = wait_for_leader(&nodes, &rest, epoch).await;
+    assert!(next_epoch > epoch);
+    let loaded = nodes[next].backend.load_high_water().await.unwrap();
+    assert!(
+        loaded >= 1_000,
+        "the new leader sees every persisted value: {loaded}"
+    );
+    let higher = nodes[next]
+        .backend
+        .persist_high_water(2_000, next_epoch)
+        .await
+        .unwrap();
+    assert_eq!(higher, 2_000);
+    assert_eq!(
+        nodes[next]
+            .backend
+            .persist_high_water(1_500, next_epoch)
+            .await
+            .unwrap(),
+        2_000,
+        "never lowered"
+    );
+    match nodes[next].backend.persist_high_water(3_000, epoch).await {
+        Err(ConsensusError::Fenced { .. } | ConsensusError::NotLeader { .. }) => {}
+        other => panic!("the old epoch must be refused on the new leader, got {other:?}"),
+    }
+    for n in &mut nodes {
+        n.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn losing_quorum_fails_transiently_and_service_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let links = Links::default();
+    let mut nodes = start_cluster(dir.path(), 3, &links).await;
+    let all = [0, 1, 2];
+    let (leader, epoch) = wait_for_leader(&nodes, &all, Epoch::ZERO).await;
+    nodes[leader]
+        .backend
+        .persist_high_water(1_000, epoch)
+        .await
+        .unwrap();
+
+    // Cut the leader off: no quorum on its side.
+    links.isolate(nodes[leader].id, nodes.iter().map(|n| n.id));
+    let started = std::time::Instant::now();
+    match nodes[leader].backend.persist_high_water(9_000, epoch).await {
+        Err(ConsensusError::Transient(_) | ConsensusError::NotLeader { .. }) => {}
+        other => panic!("a leader without quorum must fail transiently, got {other:?}"),
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "the failure is bounded by the call timeout"
+    );
+
+    let rest: Vec<usize> = all.iter().copied().filter(|&i| i != leader).collect();
+    let (next, next_epoch) = wait_for_leader(&nodes, &rest, epoch).await;
+    links.heal_all();
+    let loaded = nodes[next].backend.load_high_water().await.unwrap();
+    assert!(
+        loaded >= 1_000,
+        "no regression after the partition: {loaded}"
+    );
+    let resumed = nodes[next]
+        .backend
+        .persist_high_water(loaded + 1, next_epoch)
+        .await
+        .unwrap();
+    assert!(resumed > loaded);
+    for n in &mut nodes {
+        n.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_follower_catches_up_and_a_full_restart_keeps_the_high_water() {
+    let dir = tempfile::tempdir().unwrap();
+    let links = Links::default();
+    let mut nodes = start_cluster(dir.path(), 3, &links).await;
+    let all = [0, 1, 2];
+    let (leader, epoch) = wait_for_leader(&nodes, &all, Epoch::ZERO).await;
+    let follower = (leader + 1) % 3;
+    let follower_peer = common::raft::peer_addr(&nodes[follower]);
+    nodes[follower].stop().await;
+
+    let running: Vec<usize> = all.iter().copied().filter(|&i| i != follower).collect();
+    let mut last = 0;
+    for i in 1..=20u64 {
+        last = common::raft::persist_on_leader(&nodes, &running, i * 100).await;
+    }
+    let id = nodes[follower].id;
+    nodes[follower] = common::raft::restart_node(dir.path(), id, &follower_peer, &links).await;
+    let rejoined = &nodes[follower];
+    common::raft::wait_until(
+        "the restarted follower applies the leader's high-water",
+        || rejoined.backend.applied_high_water_ms() == last,
+    )
+    .await;
+
+    let peers: Vec<String> = nodes.iter().map(common::raft::peer_addr).collect();
+    for n in &mut nodes {
+        n.stop().await;
+    }
+    let mut restarted = Vec::new();
+    for (i, peer) in peers.iter().enumerate() {
+        restarted.push(common::raft::restart_node(dir.path(), i as u64 + 1, peer, &links).await);
+    }
+    // openraft restores a committed vote: the old leader may resume in its own term, so the
+    // epoch after a full restart is at least, not above, the one before.
+    let (leader, restarted_epoch) = wait_for_leader(&restarted, &all, Epoch::ZERO).await;
+    assert!(restarted_epoch >= epoch, "epochs never go back");
+    let loaded = restarted[leader].backend.load_high_water().await.unwrap();
+    assert_eq!(
+        loaded, last,
+        "all three killed and restarted: nothing acknowledged is lost"
+    );
+    for n in &mut restarted {
+        n.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_behind_the_purged_log_catches_up_by_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let links = Links::default();
+    let snapshot = SnapshotOptions {
+        every_entries: 10,
+        entries_kept: 0,
+    };
+    let mut nodes = common::raft::start_cluster_with(
+        dir.path(),
+        3,
+        &links,
+        snapshot,
+        common::raft::test_timings(),
+    )
+    .await;
+    let all = [0, 1, 2];
+    let (leader, _) = wait_for_leader(&nodes, &all, Epoch::ZERO).await;
+    let follower = (leader + 1) % 3;
+    let follower_peer = common::raft::peer_addr(&nodes[follower]);
+    nodes[follower].stop().await;
+    let behind = nodes[follower].backend.applied_high_water_ms();
+
+    let running: Vec<usize> = all.iter().copied().filter(|&i| i != follower).collect();
+    let mut last = 0;
+    // Past one purge batch (64 entries) beyond the snapshot interval.
+    for i in 1..=100u64 {
+        last = common::raft::persist_on_leader(&nodes, &running, behind + i * 10).await;
+    }
+    common::raft::wait_until("a running node purges the log the follower lacks", || {
+        running
+            .iter()
+            .all(|&i| nodes[i].backend.purged_index().is_some_and(|p| p > 10))
+    })
+    .await;
+
+    let id = nodes[follower].id;
+    nodes[follower] = common::raft::restart_node(dir.path(), id, &follower_peer, &links).await;
+    let rejoined = nodes[follower].backend.clone();
+    common::raft::wait_until("the follower installs the snapshot and catches up", || {
+        rejoined.applied_high_water_ms() == last && rejoined.snapshot_index().is_some()
+    })
+    .await;
+    for n in &mut nodes {
+        n.stop().await;
+    }
+}
