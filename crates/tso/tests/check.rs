@@ -1,6 +1,8 @@
-//! `tso check` as a user runs it, on real processes: a short run against one file-backed node
-//! with kills, pauses and clock jumps comes out clean (exit 0); the positive control, whose
-//! server really forgets its high-water, is caught (exit 1); bad usage exits 2.
+//! `tso check` as a user runs it, on real processes: short runs against one file-backed node
+//! (kills, pauses, clock jumps; raw and through the client library) and against 3 raft nodes
+//! (kills and partitions of the leader) come out clean (exit 0); the positive controls, whose
+//! servers really forget their high-water, are caught (exit 1); bad usage exits 2. The cluster
+//! tests need root and `unshare` (each node runs in its own mount namespace), as CI has.
 //!
 //! Nothing here depends on timing: the liveness bound is far above any restart, and the
 //! positive control's violation follows from its schedule, not from luck.
@@ -159,10 +161,82 @@ fn the_positive_control_is_reported_as_a_violation() {
     );
 }
 
+/// The short cluster check of the CI: 3 raft nodes, kills and partitions, seed 3 (whose
+/// schedule kills the leader 4 times and cuts it off 3 times, among 13 faults in 30 s).
+#[test]
+fn a_raft_cluster_under_kills_and_partitions_is_clean() {
+    let dir = tempfile::tempdir().unwrap();
+    let (output, result) = tso_check(
+        dir.path(),
+        &[
+            "--nodes",
+            "3",
+            "--seed",
+            "3",
+            "--clients",
+            "6",
+            "--duration",
+            "30s",
+            "--fault-interval",
+            "1s",
+            "--faults",
+            "kill,partition",
+        ],
+    );
+    assert_eq!(output.status.code(), Some(0), "{}", explain(&output));
+    assert_eq!(result["verdict"], "clean", "{result:#}");
+    let faults: Vec<&str> = result["schedule"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|step| step["fault"].as_str().unwrap())
+        .collect();
+    assert!(
+        faults
+            .iter()
+            .any(|f| f.starts_with("cut every peer link of the leader")),
+        "{faults:?}"
+    );
+    assert!(
+        faults.iter().any(|f| f.starts_with("kill -9 the leader")),
+        "{faults:?}"
+    );
+}
+
+#[test]
+fn the_raft_positive_control_is_reported_as_a_violation() {
+    let dir = tempfile::tempdir().unwrap();
+    let (output, result) = tso_check(
+        dir.path(),
+        &[
+            "--nodes",
+            "3",
+            "--unsafe-positive-control",
+            "--seed",
+            "3",
+            "--clients",
+            "4",
+            "--duration",
+            "5s",
+            "--fault-interval",
+            "1s",
+            "--faults",
+            "kill",
+        ],
+    );
+    assert_eq!(output.status.code(), Some(1), "{}", explain(&output));
+    assert!(
+        result["violations"]["real_time"].as_u64().unwrap() > 0,
+        "{result:#}"
+    );
+}
+
 #[test]
 fn usage_and_setup_errors_exit_with_2() {
     let dir = tempfile::tempdir().unwrap();
     let (output, _) = tso_check(dir.path(), &["--nodes", "4"]);
+    assert_eq!(output.status.code(), Some(2), "{}", explain(&output));
+    let (output, _) = tso_check(dir.path(), &["--nodes", "2"]);
     assert_eq!(output.status.code(), Some(2), "{}", explain(&output));
     let (output, _) = tso_check(dir.path(), &["--clients", "0"]);
     assert_eq!(output.status.code(), Some(2), "{}", explain(&output));
