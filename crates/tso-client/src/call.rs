@@ -84,6 +84,7 @@ impl<'a> Call<'a> {
     fn next_step(&mut self, outcome: Outcome) -> Result<Step> {
         match outcome {
             Outcome::Granted(range) => {
+                self.router.mark_reachable(&self.target);
                 self.router.observe_leader(&self.target, range.epoch());
                 Ok(Step::Done(range))
             }
@@ -121,7 +122,10 @@ impl<'a> Call<'a> {
         let Hint::Leader { target, epoch } = hint else {
             return None;
         };
-        if self.redirects >= REDIRECTS_PER_CALL_MAX || target == self.target {
+        if self.redirects >= REDIRECTS_PER_CALL_MAX
+            || target == self.target
+            || self.router.is_unreachable(&target)
+        {
             return None;
         }
         match epoch {
@@ -139,6 +143,8 @@ impl<'a> Call<'a> {
         self.attempts_failed += 1;
         self.last_error = error;
         self.router.forget_leader(&self.target);
+        // Rotation passes over it for a while; a hint can still lead back to it.
+        self.router.mark_unreachable(&self.target);
         if self.attempts_failed >= self.router.config().attempts_max {
             return Err(Error::Unavailable {
                 attempts: self.attempts_failed,

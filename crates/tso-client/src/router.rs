@@ -7,6 +7,9 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use tonic::transport::{Channel, Endpoint};
 use tso_core::Epoch;
@@ -25,7 +28,14 @@ pub(crate) struct Router {
     rotation: AtomicUsize,
     leader: Mutex<LeaderCache>,
     channels: Mutex<HashMap<Target, Channel>>,
+    /// Configured endpoints that failed at the transport level, and until when rotation skips
+    /// them: during a failover the dead leader would otherwise spend one attempt per pass.
+    unreachable_until: Mutex<HashMap<Target, Instant>>,
 }
+
+/// How long rotation passes over an endpoint after a transport error. Long enough to cover an
+/// election (hundreds of ms), short enough that a restarted node is soon tried again.
+pub(crate) const UNREACHABLE_SKIP: Duration = Duration::from_secs(1);
 
 impl Router {
     pub(crate) fn new(config: Config) -> Self {
@@ -34,6 +44,7 @@ impl Router {
             rotation: AtomicUsize::new(0),
             leader: Mutex::new(LeaderCache::default()),
             channels: Mutex::new(HashMap::new()),
+            unreachable_until: Mutex::new(HashMap::new()),
         }
     }
 
@@ -47,11 +58,61 @@ impl Router {
         cached.unwrap_or_else(|| self.next_configured())
     }
 
-    /// The next configured endpoint in rotation.
+    /// The next configured endpoint in rotation, passing over those that recently failed at
+    /// the transport level unless every endpoint did.
     pub(crate) fn next_configured(&self) -> Target {
         let endpoints = &self.config.endpoints;
-        let index = self.rotation.fetch_add(1, Ordering::Relaxed) % endpoints.len();
-        endpoints[index].clone()
+        let now = Instant::now();
+        let unreachable = self
+            .unreachable_until
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let mut first = None;
+        for _ in 0..endpoints.len() {
+            let index = self.rotation.fetch_add(1, Ordering::Relaxed) % endpoints.len();
+            let target = &endpoints[index];
+            if unreachable.get(target).is_none_or(|until| *until <= now) {
+                return target.clone();
+            }
+            first.get_or_insert(target);
+        }
+        first.expect("at least one endpoint is configured").clone()
+    }
+
+    /// True while `target` is passed over after a transport failure. A follower that still
+    /// names a dead leader (it has not noticed yet) is then treated as knowing no leader.
+    pub(crate) fn is_unreachable(&self, target: &Target) -> bool {
+        let unreachable = self
+            .unreachable_until
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        unreachable
+            .get(target)
+            .is_some_and(|until| *until > Instant::now())
+    }
+
+    /// Records a transport failure of `target`: rotation passes over it for a while.
+    pub(crate) fn mark_unreachable(&self, target: &Target) {
+        let mut unreachable = self
+            .unreachable_until
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if unreachable.len() >= CHANNELS_MAX {
+            let now = Instant::now();
+            unreachable.retain(|_, until| *until > now);
+        }
+        if unreachable.len() < CHANNELS_MAX {
+            unreachable.insert(target.clone(), Instant::now() + UNREACHABLE_SKIP);
+        }
+    }
+
+    /// Forgets a transport failure of `target`: it answered.
+    pub(crate) fn mark_reachable(&self, target: &Target) {
+        let mut unreachable = self
+            .unreachable_until
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        unreachable.remove(target);
     }
 
     /// The cached leader and its epoch floor.
@@ -154,6 +215,22 @@ mod tests {
             seen,
             ["http://a:1", "http://b:2", "http://a:1", "http://b:2"]
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn rotation_passes_over_unreachable_endpoints_for_a_while() {
+        let r = router(&["a:1", "b:2", "c:3"]);
+        let a = r.next_configured();
+        r.mark_unreachable(&a);
+        let seen: Vec<Target> = (0..4).map(|_| r.next_configured()).collect();
+        assert!(!seen.contains(&a), "{seen:?}");
+        for t in r.config.endpoints.clone() {
+            r.mark_unreachable(&t);
+        }
+        r.next_configured();
+        tokio::time::advance(UNREACHABLE_SKIP).await;
+        let seen: Vec<Target> = (0..3).map(|_| r.next_configured()).collect();
+        assert!(seen.contains(&a), "tried again after the skip: {seen:?}");
     }
 
     #[test]

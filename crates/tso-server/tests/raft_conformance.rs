@@ -57,6 +57,13 @@ fn config(dir: &std::path::Path, node_id: u64, members: BTreeMap<u64, NodeAddrs>
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn start_up_refuses_a_foreign_directory_or_a_missing_member() {
     let dir = tempfile::tempdir().unwrap();
+    match RaftBackend::open(config(dir.path(), 1, BTreeMap::new())).await {
+        Err(RaftOpenError::NoMembers(_)) => {}
+        other => panic!(
+            "a fresh directory without members must be refused, got {:?}",
+            other.err()
+        ),
+    }
     match RaftBackend::open(config(dir.path(), 2, one_member(1))).await {
         Err(RaftOpenError::NotAMember { node_id: 2, .. }) => {}
         other => panic!(

@@ -180,3 +180,70 @@ async fn random_partitions_never_give_two_nodes_a_lease() {
         n.stop().await;
     }
 }
+
+/// The leader's quorum is itself and one follower (the other is cut off from it); that follower
+/// restarts at once, on the far side of a partition from the leader. It must neither campaign
+/// nor vote before the lease it acknowledged has ended, so no new leader appears while the old
+/// one could still grant.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_restarted_within_the_lease_does_not_elect_a_new_leader_early() {
+    let dir = tempfile::tempdir().unwrap();
+    let links = Links::default();
+    let mut nodes = start_cluster(dir.path(), 3, &links).await;
+    let all = [0usize, 1, 2];
+    let mut holder = None;
+    wait_until("a leader holds a lease", || {
+        holder = all.into_iter().find(|&i| nodes[i].backend.lease_is_valid());
+        holder.is_some()
+    })
+    .await;
+    let leader = holder.expect("the lease holder");
+    let Leadership::Leader { epoch } = nodes[leader].leadership() else {
+        panic!("a lease holder leads");
+    };
+    let (acker, cut) = ((leader + 1) % 3, (leader + 2) % 3);
+    links.cut(nodes[leader].id, nodes[cut].id);
+    links.cut(nodes[cut].id, nodes[leader].id);
+    // Long enough for the cut-off follower's lease on the leader to expire.
+    tokio::time::sleep(common::raft::test_timings().election_timeout_max * 2).await;
+    wait_until(
+        "the leader holds its lease through the other follower",
+        || nodes[leader].backend.lease_is_valid(),
+    )
+    .await;
+
+    let acker_peer = common::raft::peer_addr(&nodes[acker]);
+    let acker_id = nodes[acker].id;
+    nodes[acker].stop().await;
+    // The restarted follower comes back on the other side: the old leader is now cut off from
+    // both, and the two followers may elect a leader, but only once the old lease has ended.
+    links.isolate(nodes[leader].id, nodes.iter().map(|n| n.id));
+    let lease_end = nodes[leader]
+        .backend
+        .lease_valid_until()
+        .expect("the leader held a lease");
+    nodes[acker] = common::raft::restart_node(dir.path(), acker_id, &acker_peer, &links).await;
+
+    let others = [acker, cut];
+    let elected_after = tokio::time::timeout(common::raft::CLUSTER_WAIT, async {
+        loop {
+            let polled = Instant::now();
+            if others.iter().any(
+                |&i| matches!(nodes[i].leadership(), Leadership::Leader { epoch: e } if e > epoch),
+            ) {
+                return polled;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    })
+    .await
+    .expect("the two followers elect a leader");
+    assert!(
+        lease_end < elected_after,
+        "a new leader appeared {:?} before the old lease ended",
+        lease_end - elected_after
+    );
+    for n in &mut nodes {
+        n.stop().await;
+    }
+}

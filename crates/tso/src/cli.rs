@@ -150,6 +150,9 @@ pub struct GetArgs {
     /// Give up after this long.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub timeout: Duration,
+    /// Log filter for the client's own logs on stderr (e.g. `tso_client=debug`).
+    #[arg(long, default_value = "warn", env = "TSO_LOG")]
+    pub log: String,
 }
 
 #[derive(Debug, Args)]

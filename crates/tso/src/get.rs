@@ -9,6 +9,7 @@ use tso_client::Client;
 use crate::cli::GetArgs;
 
 pub fn run(args: GetArgs) -> anyhow::Result<()> {
+    crate::serve::init_logging(&args.log)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -187,7 +187,7 @@ async fn shutdown_signal() {
     }
 }
 
-fn init_logging(filter: &str) -> anyhow::Result<()> {
+pub fn init_logging(filter: &str) -> anyhow::Result<()> {
     let filter = tracing_subscriber::EnvFilter::try_new(filter).with_context(|| {
         format!("invalid --log filter {filter:?}: use e.g. `info` or `tso_server=debug`")
     })?;

@@ -124,6 +124,11 @@ pub enum RaftOpenError {
         source: std::io::Error,
     },
     #[error(
+        "data directory {0} is fresh: the first start of a node needs the initial members \
+         (the same list on every node)"
+    )]
+    NoMembers(PathBuf),
+    #[error(
         "node {node_id} is not in the initial members {members:?}; add it to the members list \
          (the same list on every node)"
     )]
@@ -202,6 +207,9 @@ impl RaftBackend {
         let log = LogStore::open(&config.data_dir)?;
         let sm = StateMachine::open(&config.data_dir)?;
         let fresh = log.is_pristine();
+        if fresh && config.initial_members.is_empty() {
+            return Err(RaftOpenError::NoMembers(config.data_dir.clone()));
+        }
         if fresh && !config.initial_members.contains_key(&config.node_id) {
             return Err(RaftOpenError::NotAMember {
                 node_id: config.node_id,
