@@ -25,6 +25,11 @@ pub enum Command {
     Init(InitArgs),
     /// Ask a server for timestamps and print them, one per line.
     Get(GetArgs),
+    /// Closed-loop load against a server: rate, latency percentiles, errors; checks the replies.
+    Bench(BenchArgs),
+    /// Jepsen-style check: clients recording every call, a seeded nemesis, history checks.
+    /// Exit code 0 clean, 1 violation, 2 usage or setup error.
+    Check(CheckArgs),
 }
 
 #[derive(Debug, Args)]
@@ -57,6 +62,11 @@ pub struct ServeArgs {
     /// Serve Prometheus metrics on this address (`/metrics`); off when not set.
     #[arg(long, env = "TSO_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
+    /// FOR THE CHECKER'S POSITIVE CONTROL ONLY: the failover fence reads the durable
+    /// high-water as 0, as if the backend had lost its record, so a restart under a clock set
+    /// back reissues timestamps. This breaks the oracle on purpose. Never set it.
+    #[arg(long, hide = true)]
+    pub unsafe_forget_high_water: bool,
     /// FOR FAULT TESTS ONLY: shift this server's clock by the signed number of milliseconds
     /// written in this file (re-read every 50 ms). Never set it in production.
     #[arg(long, hide = true)]
@@ -143,4 +153,128 @@ pub struct GetArgs {
     /// Log filter for the client's own logs on stderr (e.g. `tso_client=debug`).
     #[arg(long, default_value = "warn", env = "TSO_LOG")]
     pub log: String,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Server addresses, comma-separated (`host:port` or `http://host:port`); the leader is
+    /// found through hints. Ignored with `--spawn`.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "127.0.0.1:50551",
+        env = "TSO_ENDPOINTS"
+    )]
+    pub endpoints: Vec<String>,
+    /// Start a `tso serve` of this binary on a temporary directory and a free port, and bench it.
+    #[arg(long)]
+    pub spawn: bool,
+    /// Concurrent callers; each waits for its reply before its next call.
+    #[arg(long, short = 'c', default_value_t = 16)]
+    pub callers: usize,
+    /// HTTP/2 connections per endpoint; callers are spread over them.
+    #[arg(long, default_value_t = 1)]
+    pub connections: usize,
+    /// Timestamps per call.
+    #[arg(long, short = 'n', default_value_t = 1)]
+    pub count: u32,
+    /// Raw `GetTs` RPCs, or calls through the client library (coalescing, one client shared by
+    /// every caller; `--connections` does not apply).
+    #[arg(long, value_enum, default_value = "raw")]
+    pub mode: BenchMode,
+    /// How long to measure, after the warm-up.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub duration: Duration,
+    /// How long to run before measuring (replies are still checked).
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    pub warmup: Duration,
+    /// Deadline of each call.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
+    /// Worker threads of the load generator's runtime [default: one per core]. On a machine
+    /// shared with the server, fewer threads leave it more CPU.
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Print one JSON object instead of the human-readable report.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// Nodes of the local cluster (1: file backend).
+    #[arg(long, default_value_t = 1)]
+    pub nodes: usize,
+    /// Attach to these endpoints instead of starting a cluster: load and history checks only,
+    /// no faults.
+    #[arg(long, value_delimiter = ',')]
+    pub endpoints: Vec<String>,
+    /// Concurrent clients, each making one call at a time over its own connection (clients
+    /// share connections past 64).
+    #[arg(long, default_value_t = 8)]
+    pub clients: usize,
+    /// Each call asks for a random count from 1 to this.
+    #[arg(long, default_value_t = 16)]
+    pub count_max: u32,
+    /// Raw `GetTs` RPCs, or calls through the client library (one client shared by every
+    /// checker client, so calls are coalesced: the history then checks the library too).
+    #[arg(long, value_enum, default_value = "raw")]
+    pub mode: BenchMode,
+    /// How long the clients and the nemesis run.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub duration: Duration,
+    /// Faults the nemesis draws from, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "kill,pause,clock")]
+    pub faults: Vec<crate::check::schedule::FaultKind>,
+    /// Mean quiet time between faults (each gap is drawn from half to 1.5 times this).
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    pub fault_interval: Duration,
+    /// Seed of the schedule and of the clients' counts; random when absent, always printed.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// After each fault heals, a call must succeed within this long.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub liveness_bound: Duration,
+    /// Deadline of each call.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    pub call_timeout: Duration,
+    /// Where to write the schedule and the history summary (JSON) [default: tso-check-SEED.json].
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Also write every recorded call here, one JSON object per line (`client`, `start_ns` and
+    /// `end_ns` on CLOCK_MONOTONIC, `requested`, and `physical_ms`/`logical_start`/`count` or
+    /// `error`).
+    #[arg(long)]
+    pub history: Option<PathBuf>,
+    /// Check histories written by `--history` (one or several, e.g. from several processes on
+    /// one machine: they share CLOCK_MONOTONIC) instead of running anything: merged, then
+    /// checked for duplicates, regression, real-time order and grant shape.
+    #[arg(long, value_delimiter = ',', conflicts_with_all = ["endpoints", "unsafe_positive_control"])]
+    pub verify: Vec<PathBuf>,
+    /// Directory for the nodes' data and logs [default: a temporary one, removed after a clean
+    /// run].
+    #[arg(long)]
+    pub work_dir: Option<PathBuf>,
+    /// POSITIVE CONTROL: run servers that forget their durable high-water at start, set their
+    /// clocks back and kill them. A working checker reports a violation (exit 1).
+    #[arg(long)]
+    pub unsafe_positive_control: bool,
+}
+
+/// How `tso bench` and `tso check` callers reach the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BenchMode {
+    /// One `GetTs` RPC per call.
+    Raw,
+    /// Through `tso-client`, which coalesces concurrent callers into shared RPCs.
+    Library,
+}
+
+impl BenchMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            BenchMode::Raw => "raw",
+            BenchMode::Library => "library",
+        }
+    }
 }

@@ -5,10 +5,14 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
+mod bench;
+mod check;
 mod cli;
 mod cluster;
 mod get;
+mod node;
 mod serve;
+mod targets;
 
 /// Exit code of a failure at run time (clap uses 2 for usage errors).
 const EXIT_FAILURE: u8 = 1;
@@ -19,6 +23,8 @@ fn main() -> ExitCode {
         cli::Command::Serve(args) => serve::run(*args),
         cli::Command::Init(args) => serve::init(args),
         cli::Command::Get(args) => get::run(args),
+        cli::Command::Bench(args) => bench::run(args),
+        cli::Command::Check(args) => return check::main(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

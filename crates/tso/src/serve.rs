@@ -7,6 +7,7 @@ use tokio::net::TcpListener;
 use tso_server::backend::file::{self, FileBackend};
 use tso_server::backend::raft::RaftBackend;
 use tso_server::clock::{Clock, OffsetClock, SystemClock};
+use tso_server::consensus::{BoxFuture, Consensus, ConsensusError, Leadership};
 use tso_server::{Config, OracleGuard, serve_listener};
 
 use crate::cli::{BackendKind, InitArgs, ServeArgs};
@@ -75,7 +76,11 @@ async fn serve_raft(args: ServeArgs) -> anyhow::Result<()> {
             backend.serve_peers(peer_listener, stopped).await
         })
     };
-    let guard = OracleGuard::start_with_clock(backend.clone(), oracle_config(&args), clock(&args));
+    let guard = OracleGuard::start_with_clock(
+        positive_control(&args, backend.clone()),
+        oracle_config(&args),
+        clock(&args),
+    );
     tracing::info!(%addr, node_id, peers = %peer_listen, data_dir = %args.data_dir.display(), "serving");
     println!("serving on {addr}");
     let served = serve_listener(listener, guard, shutdown_signal()).await;
@@ -91,8 +96,11 @@ async fn serve_file(args: ServeArgs) -> anyhow::Result<()> {
     let backend = FileBackend::open(&args.data_dir)?;
     let listener = bind_client(&args).await?;
     let addr = listener.local_addr()?;
-    let guard =
-        OracleGuard::start_with_clock(Arc::new(backend), oracle_config(&args), clock(&args));
+    let guard = OracleGuard::start_with_clock(
+        positive_control(&args, Arc::new(backend)),
+        oracle_config(&args),
+        clock(&args),
+    );
     if !guard.wait_serving().await {
         return guard
             .shutdown()
@@ -104,6 +112,41 @@ async fn serve_file(args: ServeArgs) -> anyhow::Result<()> {
     serve_listener(listener, guard, shutdown_signal()).await?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The positive control of `tso check`: a backend that reads the durable high-water as 0, as
+/// if its record were lost, so the fence starts from the clock alone. Persisting still
+/// ratchets the real record; only the fence's view of it is wrong.
+struct ForgetHighWater<B>(B);
+
+impl<B: Consensus> Consensus for ForgetHighWater<B> {
+    fn leadership(&self) -> tokio::sync::watch::Receiver<Leadership> {
+        self.0.leadership()
+    }
+
+    fn load_high_water(&self) -> BoxFuture<'_, Result<u64, ConsensusError>> {
+        Box::pin(async { Ok(0) })
+    }
+
+    fn persist_high_water(
+        &self,
+        at_least_ms: u64,
+        epoch: tso_core::Epoch,
+    ) -> BoxFuture<'_, Result<u64, ConsensusError>> {
+        self.0.persist_high_water(at_least_ms, epoch)
+    }
+}
+
+/// `backend`, or, for the checker's positive control, the same backend with its high-water
+/// forgotten by the fence.
+fn positive_control(args: &ServeArgs, backend: Arc<dyn Consensus>) -> Arc<dyn Consensus> {
+    if !args.unsafe_forget_high_water {
+        return backend;
+    }
+    tracing::warn!(
+        "UNSAFE: the fence forgets the durable high-water; this server breaks its guarantees on purpose"
+    );
+    Arc::new(ForgetHighWater(backend))
 }
 
 /// The system clock, or, for fault tests, one shifted by the offset in a file.

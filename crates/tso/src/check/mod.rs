@@ -1,0 +1,617 @@
+//! `tso check`: a Jepsen-style checker for the oracle.
+//!
+//! It starts a local cluster (or attaches to endpoints, load only), runs sequential clients
+//! that record every call, applies a seeded nemesis schedule, and then checks the whole history
+//! (duplicates, per-client regression, real-time order, grant shape) and liveness (a successful
+//! reply within a bound after each fault heals). Exit codes: 0 clean, 1 violation, 2 usage or
+//! setup error. The seed is printed first, and the schedule and history summary go to a file.
+
+pub mod clients;
+pub mod cluster;
+pub mod history;
+pub mod proxy;
+pub mod schedule;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+
+use self::clients::{CALLS_MAX, Client, Shared};
+use self::cluster::Cluster;
+use self::history::{Call, Outcome, WireGrant, check, check_liveness, monotonic_ns};
+use self::schedule::{Plan, Step};
+use crate::cli::{BenchMode, CheckArgs};
+use crate::targets::{CONNECTIONS_MAX, Route, Targets};
+
+/// Exit code of a clean history.
+pub const EXIT_CLEAN: u8 = 0;
+/// Exit code of a violation (history or liveness).
+pub const EXIT_VIOLATION: u8 = 1;
+/// Exit code of a usage or setup error.
+pub const EXIT_SETUP: u8 = 2;
+/// Clients in one run at most: each is a task with its own connection.
+pub const CLIENTS_MAX: usize = 256;
+/// The longest pause drawn (and never more than half the liveness bound): long enough that
+/// calls time out and clients reconnect, short enough to leave room for other faults.
+const PAUSE_MAX: Duration = Duration::from_secs(3);
+/// Violations printed on the terminal (the file has up to `VIOLATIONS_KEPT_MAX` per kind).
+const VIOLATIONS_PRINTED_MAX: usize = 5;
+
+/// What a run found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Clean,
+    Violation,
+}
+
+/// Runs `tso check` and maps the outcome to its exit code.
+pub fn main(args: CheckArgs) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("tso check: error: starting the async runtime: {err}");
+            return ExitCode::from(EXIT_SETUP);
+        }
+    };
+    match runtime.block_on(run(args)) {
+        Ok(Verdict::Clean) => ExitCode::from(EXIT_CLEAN),
+        Ok(Verdict::Violation) => ExitCode::from(EXIT_VIOLATION),
+        Err(err) => {
+            eprintln!("tso check: error: {err:#}");
+            ExitCode::from(EXIT_SETUP)
+        }
+    }
+}
+
+/// One applied fault, as written to the result file.
+struct Event {
+    step: Step,
+    /// The node it hit, once the target was resolved.
+    node: Option<usize>,
+    applied: bool,
+    start_ms: u64,
+    heal_ms: Option<u64>,
+    heal_ns: Option<u64>,
+    error: Option<String>,
+}
+
+async fn run(args: CheckArgs) -> anyhow::Result<Verdict> {
+    validate(&args)?;
+    if !args.verify.is_empty() {
+        return verify(&args.verify);
+    }
+    let seed = args.seed.unwrap_or_else(rand::random);
+    println!("tso check: seed {seed} (replay with --seed {seed})");
+    let work = WorkDir::new(args.work_dir.clone())?;
+    let attached = !args.endpoints.is_empty();
+    let mut cluster = if attached {
+        None
+    } else {
+        Some(start_cluster(&args, &work).await?)
+    };
+    let endpoints = match &cluster {
+        Some(cluster) => cluster.endpoints(),
+        None => args.endpoints.clone(),
+    };
+    let plan = Plan {
+        seed,
+        nodes: args.nodes,
+        kinds: if attached {
+            vec![]
+        } else {
+            args.faults.clone()
+        },
+        duration: args.duration,
+        interval: args.fault_interval,
+        pause_max: (args.liveness_bound / 2).min(PAUSE_MAX),
+        positive_control: args.unsafe_positive_control,
+    };
+    let steps = schedule::draw(&plan);
+    println!(
+        "tso check: {} {} client(s) against {} for {}, {} fault(s) scheduled; work dir {}",
+        args.clients,
+        args.mode.name(),
+        endpoints.join(","),
+        humantime::format_duration(args.duration),
+        steps.len(),
+        work.path().display()
+    );
+    let (shared, tasks) = start_clients(&args, seed, &endpoints).await?;
+    let origin = Instant::now();
+    let events = match cluster.as_mut() {
+        Some(cluster) => nemesis(cluster, &steps, origin, &shared, args.liveness_bound).await,
+        None => Vec::new(),
+    };
+    tokio::time::sleep_until((origin + args.duration).into()).await;
+    let heals: Vec<u64> = events.iter().filter_map(|e| e.heal_ns).collect();
+    wait_for_recovery(&shared, heals.last().copied(), args.liveness_bound).await;
+    shared.stop.store(true, Ordering::Relaxed);
+    let mut calls = Vec::new();
+    for task in tasks {
+        calls.extend(task.await.context("a client panicked")??);
+    }
+    if let Some(cluster) = cluster.as_mut() {
+        cluster.stop().await;
+    }
+    if let Some(path) = &args.history {
+        write_history(path, &calls)?;
+    }
+    let verdict = judge(&args, seed, &endpoints, &events, &calls, &heals, &work)?;
+    if verdict == Verdict::Clean {
+        work.clean_up();
+    }
+    Ok(verdict)
+}
+
+async fn start_cluster(args: &CheckArgs, work: &WorkDir) -> anyhow::Result<Cluster> {
+    let bin = std::env::current_exe().context("finding this binary")?;
+    Cluster::start(&bin, work.path(), args.nodes, args.unsafe_positive_control).await
+}
+
+type ClientTask = tokio::task::JoinHandle<anyhow::Result<Vec<Call>>>;
+
+/// Starts the recording clients, raw or through one shared client library.
+async fn start_clients(
+    args: &CheckArgs,
+    seed: u64,
+    endpoints: &[String],
+) -> anyhow::Result<(Arc<Shared>, Vec<ClientTask>)> {
+    let targets = Arc::new(Targets::new(
+        endpoints,
+        args.clients.min(CONNECTIONS_MAX),
+        args.call_timeout,
+    )?);
+    let library = match args.mode {
+        BenchMode::Raw => None,
+        BenchMode::Library => Some(
+            tso_client::Client::builder()
+                .overall_timeout(args.call_timeout)
+                .connect(endpoints)
+                .await
+                .context("starting the client library")?,
+        ),
+    };
+    let shared = Arc::new(Shared::default());
+    let mut tasks = Vec::with_capacity(args.clients);
+    for id in 0..args.clients {
+        let client = Client {
+            id: id as u32,
+            seed,
+            count_max: args.count_max,
+            calls_max: CALLS_MAX / args.clients,
+            route: match &library {
+                Some(client) => Route::Library(client.clone()),
+                None => Route::raw(Arc::clone(&targets), id)?,
+            },
+            shared: Arc::clone(&shared),
+        };
+        tasks.push(tokio::spawn(client.run()));
+    }
+    Ok((shared, tasks))
+}
+
+fn validate(args: &CheckArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        (1..=CLIENTS_MAX).contains(&args.clients),
+        "--clients must be 1 to {CLIENTS_MAX}"
+    );
+    anyhow::ensure!(
+        (1..=tso_core::LOGICAL_COUNT).contains(&args.count_max),
+        "--count-max must be 1 to {}",
+        tso_core::LOGICAL_COUNT
+    );
+    anyhow::ensure!(matches!(args.nodes, 1 | 3 | 5), "--nodes must be 1, 3 or 5");
+    anyhow::ensure!(
+        args.endpoints.is_empty() || !args.unsafe_positive_control,
+        "the positive control needs a local cluster: drop --endpoints"
+    );
+    anyhow::ensure!(
+        !args.fault_interval.is_zero(),
+        "--fault-interval must be above 0"
+    );
+    anyhow::ensure!(
+        args.nodes > 1 || !args.faults.contains(&schedule::FaultKind::Partition),
+        "partition faults need a cluster: add --nodes 3 or 5"
+    );
+    Ok(())
+}
+
+/// Applies the schedule in real time; every fault heals before the next one starts, and a
+/// fault starts only once a call has succeeded since the previous heal (or the liveness bound
+/// passed): faults never pile up on a service that has not recovered, and every fault has
+/// replies on both sides of it to compare, whatever the machine's speed.
+async fn nemesis(
+    cluster: &mut Cluster,
+    steps: &[Step],
+    origin: Instant,
+    shared: &Shared,
+    bound: Duration,
+) -> Vec<Event> {
+    let since = |at: Instant| (at - origin).as_millis() as u64;
+    let mut events: Vec<Event> = Vec::with_capacity(steps.len());
+    for &step in steps {
+        tokio::time::sleep_until((origin + Duration::from_millis(step.at_ms)).into()).await;
+        let healed_ns = events.iter().rev().find_map(|e| e.heal_ns).unwrap_or(0);
+        wait_for_recovery(shared, Some(healed_ns), bound).await;
+        let start_ms = since(Instant::now());
+        let mut event = Event {
+            step,
+            node: None,
+            applied: false,
+            start_ms,
+            heal_ms: None,
+            heal_ns: None,
+            error: None,
+        };
+        let at = cluster.resolve(step.fault.target()).await;
+        event.node = at;
+        if let Some(at) = at {
+            match cluster.apply(step.fault, at).await {
+                Ok(applied) => event.applied = applied,
+                Err(err) => event.error = Some(format!("{err:#}")),
+            }
+        }
+        if let (true, Some(at)) = (event.applied, at) {
+            tokio::time::sleep(Duration::from_millis(step.fault.length_ms())).await;
+            event.heal_ms = Some(since(Instant::now()));
+            event.heal_ns = Some(monotonic_ns());
+            if let Err(err) = cluster.heal(step.fault, at).await {
+                event.error = Some(format!("{err:#}"));
+            }
+        }
+        eprintln!(
+            "tso check: {:>7} ms  {}{}",
+            start_ms,
+            step.fault.describe(),
+            event
+                .error
+                .as_deref()
+                .map(|e| format!(": FAILED: {e}"))
+                .unwrap_or_default()
+        );
+        events.push(event);
+    }
+    events
+}
+
+/// After the last heal, runs on until a reply succeeds after it, or the bound passes.
+async fn wait_for_recovery(shared: &Shared, last_heal_ns: Option<u64>, bound: Duration) {
+    let Some(heal_ns) = last_heal_ns else {
+        return;
+    };
+    let deadline = Instant::now() + bound;
+    while Instant::now() < deadline && shared.last_ok_ns.load(Ordering::Relaxed) <= heal_ns {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Everything a run found.
+struct Findings {
+    report: history::Report,
+    /// Time from each heal to the next successful reply (`None`: none came).
+    recoveries: Vec<Option<u64>>,
+    stalls: Vec<history::Stall>,
+    granted: usize,
+    errors: BTreeMap<String, u64>,
+    /// Faults that could not be applied or healed (a node that did not restart).
+    fault_errors: usize,
+}
+
+impl Findings {
+    fn gather(args: &CheckArgs, events: &[Event], calls: &[Call], heals: &[u64]) -> Findings {
+        let bound_ns = args.liveness_bound.as_nanos() as u64;
+        let (recoveries, stalls) = check_liveness(calls, heals, bound_ns);
+        let mut errors: BTreeMap<String, u64> = BTreeMap::new();
+        for call in calls {
+            if let Outcome::Failed(code) = &call.outcome {
+                *errors.entry(code.clone()).or_default() += 1;
+            }
+        }
+        Findings {
+            report: check(calls),
+            recoveries,
+            stalls,
+            granted: calls.len() - errors.values().sum::<u64>() as usize,
+            errors,
+            fault_errors: events.iter().filter(|e| e.error.is_some()).count(),
+        }
+    }
+
+    fn clean(&self) -> bool {
+        self.report.is_clean()
+            && self.stalls.is_empty()
+            && self.granted > 0
+            && self.fault_errors == 0
+    }
+
+    fn print(&self, args: &CheckArgs, calls: &[Call], heals: usize) {
+        let bound = humantime::format_duration(args.liveness_bound);
+        println!(
+            "tso check: {} calls, {} granted, errors {:?}",
+            calls.len(),
+            self.granted,
+            self.errors
+        );
+        let verdict = if self.report.is_clean() {
+            "clean"
+        } else {
+            "VIOLATION"
+        };
+        println!("tso check: history: {verdict} ({})", self.report.counts);
+        for violation in self.report.violations.iter().take(VIOLATIONS_PRINTED_MAX) {
+            println!("  {}", violation.describe(calls));
+        }
+        let worst_ms = self
+            .recoveries
+            .iter()
+            .flatten()
+            .max()
+            .map(|&ns| ns as f64 / 1e6);
+        match (self.stalls.is_empty(), worst_ms) {
+            (true, Some(worst)) => println!(
+                "tso check: liveness: {heals} heal(s), every one answered within {bound} (worst {worst:.1} ms)"
+            ),
+            (true, None) => println!("tso check: liveness: no faults healed"),
+            (false, _) => println!(
+                "tso check: liveness: VIOLATION: {} heal(s) without a reply within {bound}",
+                self.stalls.len()
+            ),
+        }
+        if self.granted == 0 {
+            println!("tso check: VIOLATION: no call succeeded at all");
+        }
+        if self.fault_errors > 0 {
+            println!(
+                "tso check: VIOLATION: {} fault(s) failed to apply or heal (a node did not restart?)",
+                self.fault_errors
+            );
+        }
+    }
+}
+
+/// Checks the history, prints the verdict, and writes the result file.
+fn judge(
+    args: &CheckArgs,
+    seed: u64,
+    endpoints: &[String],
+    events: &[Event],
+    calls: &[Call],
+    heals: &[u64],
+    work: &WorkDir,
+) -> anyhow::Result<Verdict> {
+    let findings = Findings::gather(args, events, calls, heals);
+    findings.print(args, calls, heals.len());
+    let clean = findings.clean();
+    let out = args
+        .out
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(format!("tso-check-{seed}.json")));
+    let result = result_json(args, seed, endpoints, events, calls, &findings, work);
+    std::fs::write(&out, serde_json::to_string_pretty(&result)? + "\n")
+        .with_context(|| format!("writing {}", out.display()))?;
+    println!(
+        "tso check: {}; schedule and summary in {}",
+        if clean { "CLEAN" } else { "VIOLATION" },
+        out.display()
+    );
+    Ok(if clean {
+        Verdict::Clean
+    } else {
+        Verdict::Violation
+    })
+}
+
+/// The result file: the run's parameters, the schedule as applied, and the findings.
+fn result_json(
+    args: &CheckArgs,
+    seed: u64,
+    endpoints: &[String],
+    events: &[Event],
+    calls: &[Call],
+    findings: &Findings,
+    work: &WorkDir,
+) -> serde_json::Value {
+    let timestamps: u64 = calls
+        .iter()
+        .filter_map(|c| match c.outcome {
+            Outcome::Granted(g) => Some(u64::from(g.count)),
+            Outcome::Failed(_) => None,
+        })
+        .sum();
+    let report = &findings.report;
+    serde_json::json!({
+        "seed": seed,
+        "verdict": if findings.clean() { "clean" } else { "violation" },
+        "endpoints": endpoints,
+        "nodes": args.nodes,
+        "clients": args.clients,
+        "mode": args.mode.name(),
+        "count_max": args.count_max,
+        "duration_s": args.duration.as_secs_f64(),
+        "positive_control": args.unsafe_positive_control,
+        "work_dir": work.path(),
+        "schedule": events.iter().map(|e| serde_json::json!({
+            "planned_ms": e.step.at_ms,
+            "fault": e.step.fault.describe(),
+            "node": e.node,
+            "applied": e.applied,
+            "start_ms": e.start_ms,
+            "heal_ms": e.heal_ms,
+            "error": e.error,
+        })).collect::<Vec<_>>(),
+        "history": {
+            "calls": calls.len(),
+            "granted": findings.granted,
+            "timestamps": timestamps,
+            "errors": findings.errors,
+        },
+        "violations": {
+            "duplicate": report.counts.duplicate,
+            "regression": report.counts.regression,
+            "real_time": report.counts.real_time,
+            "shape": report.counts.shape,
+            "examples": report.violations.iter().map(|v| v.describe(calls)).collect::<Vec<_>>(),
+        },
+        "liveness": {
+            "bound_ms": args.liveness_bound.as_millis() as u64,
+            "recoveries_ms": findings.recoveries.iter().map(|r| r.map(|ns| ns as f64 / 1e6)).collect::<Vec<_>>(),
+            "stalls": findings.stalls.iter().map(|s| s.heal).collect::<Vec<_>>(),
+        },
+    })
+}
+
+/// Checks recorded histories, merged: each file's clients become distinct clients.
+fn verify(paths: &[PathBuf]) -> anyhow::Result<Verdict> {
+    let mut calls = Vec::new();
+    let mut clients: HashMap<(usize, u64), u32> = HashMap::new();
+    for (file, path) in paths.iter().enumerate() {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        for (n, line) in text
+            .lines()
+            .enumerate()
+            .filter(|(_, l)| !l.trim().is_empty())
+        {
+            let mut call = parse_call(line)
+                .with_context(|| format!("{}:{}: not a recorded call", path.display(), n + 1))?;
+            let next = clients.len() as u32;
+            call.client = *clients
+                .entry((file, u64::from(call.client)))
+                .or_insert(next);
+            calls.push(call);
+        }
+    }
+    let report = check(&calls);
+    println!(
+        "tso check: {} calls from {} file(s), {} client(s); history: {} ({})",
+        calls.len(),
+        paths.len(),
+        clients.len(),
+        if report.is_clean() {
+            "clean"
+        } else {
+            "VIOLATION"
+        },
+        report.counts
+    );
+    for violation in report.violations.iter().take(VIOLATIONS_PRINTED_MAX) {
+        println!("  {}", violation.describe(&calls));
+    }
+    Ok(if report.is_clean() {
+        Verdict::Clean
+    } else {
+        Verdict::Violation
+    })
+}
+
+/// One line of a `--history` file.
+fn parse_call(line: &str) -> anyhow::Result<Call> {
+    let v: serde_json::Value = serde_json::from_str(line)?;
+    let int = |key: &str| {
+        v[key]
+            .as_u64()
+            .with_context(|| format!("missing or bad {key:?}"))
+    };
+    let small = |key: &str| -> anyhow::Result<u32> { Ok(u32::try_from(int(key)?)?) };
+    let outcome = match v["error"].as_str() {
+        Some(code) => Outcome::Failed(code.to_string()),
+        None => Outcome::Granted(WireGrant {
+            physical_ms: int("physical_ms")?,
+            logical_start: small("logical_start")?,
+            count: small("count")?,
+        }),
+    };
+    Ok(Call {
+        client: small("client")?,
+        start_ns: int("start_ns")?,
+        end_ns: int("end_ns")?,
+        requested: small("requested")?,
+        outcome,
+    })
+}
+
+/// Every call as one JSON line.
+fn write_history(path: &std::path::Path, calls: &[Call]) -> anyhow::Result<()> {
+    use std::io::Write;
+    let file =
+        std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
+    let mut out = std::io::BufWriter::new(file);
+    for call in calls {
+        let mut line = serde_json::json!({
+            "client": call.client,
+            "start_ns": call.start_ns,
+            "end_ns": call.end_ns,
+            "requested": call.requested,
+        });
+        match &call.outcome {
+            Outcome::Granted(grant) => {
+                line["physical_ms"] = grant.physical_ms.into();
+                line["logical_start"] = grant.logical_start.into();
+                line["count"] = grant.count.into();
+            }
+            Outcome::Failed(code) => line["error"] = code.as_str().into(),
+        }
+        writeln!(out, "{line}")?;
+    }
+    out.flush()
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+/// The run's directory: the one given, or a temporary one removed after a clean run (kept,
+/// with the servers' logs, when something was found).
+struct WorkDir {
+    path: PathBuf,
+    temporary: Option<tempfile::TempDir>,
+}
+
+impl WorkDir {
+    fn new(given: Option<PathBuf>) -> anyhow::Result<WorkDir> {
+        match given {
+            Some(path) => {
+                std::fs::create_dir_all(&path)
+                    .with_context(|| format!("creating {}", path.display()))?;
+                Ok(WorkDir {
+                    path,
+                    temporary: None,
+                })
+            }
+            None => {
+                let dir = tempfile::Builder::new()
+                    .prefix("tso-check-")
+                    .tempdir()
+                    .context("creating a work directory")?;
+                Ok(WorkDir {
+                    path: dir.path().to_path_buf(),
+                    temporary: Some(dir),
+                })
+            }
+        }
+    }
+
+    fn path(&self) -> &std::path::Path {
+        &self.path
+    }
+
+    fn clean_up(mut self) {
+        if let Some(dir) = self.temporary.take() {
+            let _ = dir.close();
+        }
+    }
+}
+
+impl Drop for WorkDir {
+    fn drop(&mut self) {
+        // Keep a temporary directory unless `clean_up` consumed it: it holds the logs.
+        if let Some(dir) = self.temporary.take() {
+            let _ = dir.keep();
+        }
+    }
+}

@@ -1,0 +1,257 @@
+//! The nemesis schedule: a list of faults at offsets from the start of a run, drawn from a seed
+//! alone, so `--seed` replays the same faults at the same times.
+//!
+//! Faults run one after another: each heals (restart, SIGCONT) before the next quiet gap starts.
+//! A clock offset stays until the next clock fault, so later kills and pauses happen under a
+//! shifted clock: that is how combinations arise.
+
+use std::time::Duration;
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+/// Faults in one schedule at most: a bound on the run's bookkeeping, far above what a run of
+/// minutes draws with a gap of a second or more.
+pub const FAULTS_MAX: usize = 10_000;
+/// The largest clock shift drawn, either way.
+pub const CLOCK_SHIFT_MAX_MS: i64 = 20_000;
+/// A partition lasts from about one election timeout to several.
+pub const PARTITION_MIN_MS: u64 = 200;
+pub const PARTITION_MAX_MS: u64 = 5_000;
+/// The positive control sets clocks back this far before its kills: far more than a restart
+/// takes, so a server that forgets its high-water reissues values it already gave out.
+pub const POSITIVE_CONTROL_SHIFT_MS: i64 = -60_000;
+
+/// The kinds of fault a run may draw from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, clap::ValueEnum)]
+pub enum FaultKind {
+    /// `kill -9`, then a restart on the same data and address.
+    Kill,
+    /// `SIGSTOP`, then `SIGCONT`.
+    Pause,
+    /// Shift the server's clock forward or backward (test-only offset file).
+    Clock,
+    /// Cut every peer link to and from one node (clusters only).
+    Partition,
+}
+
+/// Which node a fault hits: a fixed one, or whoever leads when the fault starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    Leader,
+    Node(usize),
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Target::Leader => write!(f, "the leader"),
+            Target::Node(i) => write!(f, "node {i}"),
+        }
+    }
+}
+
+/// One fault.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    Kill { node: Target, down_ms: u64 },
+    Pause { node: Target, for_ms: u64 },
+    Clock { node: Target, offset_ms: i64 },
+    Partition { node: Target, for_ms: u64 },
+}
+
+impl Fault {
+    /// How long the fault lasts before it heals.
+    pub fn length_ms(&self) -> u64 {
+        match *self {
+            Fault::Kill { down_ms, .. } => down_ms,
+            Fault::Pause { for_ms, .. } => for_ms,
+            Fault::Clock { .. } => 0,
+            Fault::Partition { for_ms, .. } => for_ms,
+        }
+    }
+
+    /// The node the fault hits.
+    pub fn target(&self) -> Target {
+        match *self {
+            Fault::Kill { node, .. }
+            | Fault::Pause { node, .. }
+            | Fault::Clock { node, .. }
+            | Fault::Partition { node, .. } => node,
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        match *self {
+            Fault::Kill { node, down_ms } => format!("kill -9 {node}, restart after {down_ms} ms"),
+            Fault::Pause { node, for_ms } => format!("SIGSTOP {node} for {for_ms} ms"),
+            Fault::Clock { node, offset_ms } => {
+                format!("set the clock offset of {node} to {offset_ms:+} ms")
+            }
+            Fault::Partition { node, for_ms } => {
+                format!("cut every peer link of {node} for {for_ms} ms")
+            }
+        }
+    }
+}
+
+/// A fault at `at_ms` after the start of the run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Step {
+    pub at_ms: u64,
+    pub fault: Fault,
+}
+
+/// What a schedule is drawn from.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub seed: u64,
+    pub nodes: usize,
+    pub kinds: Vec<FaultKind>,
+    pub duration: Duration,
+    /// Mean quiet gap between faults.
+    pub interval: Duration,
+    /// Upper bound of a pause: kept below the liveness bound so a pause alone is no stall.
+    pub pause_max: Duration,
+    /// Open with clock-back-then-kill steps that a server forgetting its high-water fails.
+    pub positive_control: bool,
+}
+
+/// Draws the schedule of `plan`: same plan, same schedule.
+pub fn draw(plan: &Plan) -> Vec<Step> {
+    let mut rng = StdRng::seed_from_u64(plan.seed);
+    let mut steps = Vec::new();
+    let end_ms = plan.duration.as_millis() as u64;
+    let interval_ms = (plan.interval.as_millis() as u64).max(1);
+    let mut t = interval_ms / 2;
+    if plan.positive_control {
+        for node in 0..plan.nodes {
+            steps.push(Step {
+                at_ms: t,
+                fault: Fault::Clock {
+                    node: Target::Node(node),
+                    offset_ms: POSITIVE_CONTROL_SHIFT_MS,
+                },
+            });
+        }
+        t += interval_ms;
+        steps.push(Step {
+            at_ms: t,
+            fault: Fault::Kill {
+                node: Target::Leader,
+                down_ms: 100,
+            },
+        });
+        t += 100 + interval_ms;
+    }
+    if plan.kinds.is_empty() {
+        return steps;
+    }
+    while steps.len() < FAULTS_MAX {
+        t += rng.random_range(interval_ms / 2..=interval_ms * 3 / 2);
+        // A single node is its own leader; only a cluster draws between the leader and a node.
+        let node = if plan.nodes > 1 && rng.random_bool(0.5) {
+            Target::Leader
+        } else {
+            Target::Node(rng.random_range(0..plan.nodes))
+        };
+        let fault = match plan.kinds[rng.random_range(0..plan.kinds.len())] {
+            FaultKind::Kill => Fault::Kill {
+                node,
+                down_ms: rng.random_range(0..=1_000),
+            },
+            FaultKind::Pause => Fault::Pause {
+                node,
+                for_ms: rng.random_range(50..=(plan.pause_max.as_millis() as u64).max(50)),
+            },
+            FaultKind::Clock => Fault::Clock {
+                node,
+                offset_ms: rng.random_range(-CLOCK_SHIFT_MAX_MS..=CLOCK_SHIFT_MAX_MS),
+            },
+            FaultKind::Partition => Fault::Partition {
+                node,
+                for_ms: rng.random_range(PARTITION_MIN_MS..=PARTITION_MAX_MS),
+            },
+        };
+        if t + fault.length_ms() >= end_ms {
+            break;
+        }
+        steps.push(Step { at_ms: t, fault });
+        t += fault.length_ms();
+    }
+    steps
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan(seed: u64) -> Plan {
+        Plan {
+            seed,
+            nodes: 3,
+            kinds: vec![
+                FaultKind::Kill,
+                FaultKind::Pause,
+                FaultKind::Clock,
+                FaultKind::Partition,
+            ],
+            duration: Duration::from_secs(60),
+            interval: Duration::from_secs(1),
+            pause_max: Duration::from_secs(2),
+            positive_control: false,
+        }
+    }
+
+    #[test]
+    fn a_seed_replays_its_schedule() {
+        assert_eq!(draw(&plan(7)), draw(&plan(7)));
+        assert_ne!(draw(&plan(7)), draw(&plan(8)));
+    }
+
+    #[test]
+    fn faults_do_not_overlap_and_end_in_time() {
+        for seed in 0..50 {
+            let steps = draw(&plan(seed));
+            assert!(!steps.is_empty());
+            for pair in steps.windows(2) {
+                assert!(pair[0].at_ms + pair[0].fault.length_ms() < pair[1].at_ms);
+            }
+            let last = steps.last().unwrap();
+            assert!(last.at_ms + last.fault.length_ms() < 60_000);
+            for step in &steps {
+                match step.fault {
+                    Fault::Pause { for_ms, .. } => assert!((50..=2_000).contains(&for_ms)),
+                    Fault::Kill { down_ms, .. } => assert!(down_ms <= 1_000),
+                    Fault::Clock { offset_ms, .. } => {
+                        assert!(offset_ms.abs() <= CLOCK_SHIFT_MAX_MS)
+                    }
+                    Fault::Partition { for_ms, .. } => {
+                        assert!((PARTITION_MIN_MS..=PARTITION_MAX_MS).contains(&for_ms))
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_positive_control_sets_clocks_back_then_kills() {
+        let steps = draw(&Plan {
+            positive_control: true,
+            kinds: vec![],
+            ..plan(1)
+        });
+        assert_eq!(steps.len(), 4);
+        assert!(matches!(steps[0].fault, Fault::Clock { offset_ms, .. } if offset_ms < 0));
+        assert!(matches!(steps[3].fault, Fault::Kill { .. }));
+    }
+
+    #[test]
+    fn no_kinds_no_faults() {
+        let steps = draw(&Plan {
+            kinds: vec![],
+            ..plan(1)
+        });
+        assert!(steps.is_empty());
+    }
+}

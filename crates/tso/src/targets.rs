@@ -1,0 +1,258 @@
+//! Connections to the configured endpoints, following leader hints (PROTOCOL.md, "Errors").
+//!
+//! Each endpoint gets a fixed number of HTTP/2 connections, made lazily and shared by callers
+//! (`slot % connections`). A caller keeps its client and switches only when the server says
+//! "not leader" with a hint, or when its endpoint is unreachable (then it rotates through the
+//! configured list).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use prost::Message;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Status};
+use tso_proto::LEADER_HINT_KEY;
+use tso_proto::v1::GetTsRequest;
+use tso_proto::v1::tso_service_client::TsoServiceClient;
+
+use crate::check::history::WireGrant;
+
+/// Connections per endpoint at most: each is one HTTP/2 connection with its own task.
+pub const CONNECTIONS_MAX: usize = 64;
+
+pub struct Targets {
+    endpoints: Vec<String>,
+    connections: usize,
+    timeout: Duration,
+    pools: Mutex<HashMap<String, Vec<Channel>>>,
+}
+
+impl Targets {
+    /// `endpoints` as `host:port` or `http://host:port`; `connections` per endpoint; every
+    /// call times out after `timeout`.
+    pub fn new(
+        endpoints: &[String],
+        connections: usize,
+        timeout: Duration,
+    ) -> anyhow::Result<Targets> {
+        anyhow::ensure!(!endpoints.is_empty(), "give at least one endpoint");
+        anyhow::ensure!(
+            (1..=CONNECTIONS_MAX).contains(&connections),
+            "connections must be 1 to {CONNECTIONS_MAX}, not {connections}"
+        );
+        Ok(Targets {
+            endpoints: endpoints.iter().map(|e| uri(e)).collect(),
+            connections,
+            timeout,
+            pools: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn endpoints(&self) -> &[String] {
+        &self.endpoints
+    }
+
+    /// A client on connection `slot % connections` of `endpoint`.
+    pub fn client(&self, endpoint: &str, slot: usize) -> anyhow::Result<TsoServiceClient<Channel>> {
+        let endpoint = uri(endpoint);
+        let mut pools = self.pools.lock().expect("targets lock");
+        if !pools.contains_key(&endpoint) {
+            let mut pool = Vec::with_capacity(self.connections);
+            for _ in 0..self.connections {
+                let channel = Endpoint::from_shared(endpoint.clone())
+                    .with_context(|| format!("bad endpoint {endpoint:?}"))?
+                    .tcp_nodelay(true)
+                    .timeout(self.timeout)
+                    .connect_timeout(self.timeout)
+                    .connect_lazy();
+                pool.push(channel);
+            }
+            pools.insert(endpoint.clone(), pool);
+        }
+        let channel = pools[&endpoint][slot % self.connections].clone();
+        Ok(TsoServiceClient::new(channel))
+    }
+}
+
+/// `http://host:port` for a scheme-less `host:port`.
+pub fn uri(endpoint: &str) -> String {
+    if endpoint.contains("://") {
+        endpoint.to_string()
+    } else {
+        format!("http://{endpoint}")
+    }
+}
+
+/// The leader endpoint named by a "not leader" status, if it names one.
+pub fn leader_hint(status: &Status) -> Option<String> {
+    if status.code() != Code::FailedPrecondition {
+        return None;
+    }
+    let bytes = status
+        .metadata()
+        .get_bin(LEADER_HINT_KEY)?
+        .to_bytes()
+        .ok()?;
+    let hint = tso_proto::v1::LeaderHint::decode(bytes).ok()?;
+    hint.leader_endpoint.filter(|e| !e.is_empty())
+}
+
+/// A short, stable name for a status code (`Unavailable`, `FailedPrecondition`, ...).
+pub fn code_name(code: Code) -> String {
+    format!("{code:?}")
+}
+
+/// How a caller reaches the oracle: raw `GetTs` RPCs over the shared connections (following
+/// hints itself), or the project's client library (coalescing, its own leader discovery).
+pub enum Route {
+    Raw {
+        targets: Arc<Targets>,
+        slot: usize,
+        rotation: usize,
+        client: TsoServiceClient<Channel>,
+    },
+    Library(tso_client::Client),
+}
+
+/// A caller whose raw target is unreachable waits this long before its next try, so a dead
+/// server is not spun on (the library has its own backoff).
+const UNREACHABLE_PAUSE: Duration = Duration::from_millis(5);
+
+impl Route {
+    /// Raw RPCs on connection `slot` of the first reachable endpoint.
+    pub fn raw(targets: Arc<Targets>, slot: usize) -> anyhow::Result<Route> {
+        let rotation = slot % targets.endpoints().len();
+        let client = targets.client(&targets.endpoints()[rotation].clone(), slot)?;
+        Ok(Route::Raw {
+            targets,
+            slot,
+            rotation,
+            client,
+        })
+    }
+
+    /// One `count`-timestamp grant, or the name of the error (a gRPC code, or the client
+    /// library's error kind).
+    pub async fn get(&mut self, count: u32) -> Result<WireGrant, String> {
+        match self {
+            Route::Raw {
+                targets,
+                slot,
+                rotation,
+                client,
+            } => match client.get_ts(GetTsRequest { count }).await {
+                Ok(reply) => {
+                    let reply = reply.into_inner();
+                    Ok(WireGrant {
+                        physical_ms: reply.physical_ms,
+                        logical_start: reply.logical_start,
+                        count: reply.count,
+                    })
+                }
+                Err(status) => {
+                    if let Some(leader) = leader_hint(&status) {
+                        if let Ok(next) = targets.client(&leader, *slot) {
+                            *client = next;
+                        }
+                    } else if status.code() != Code::InvalidArgument {
+                        // Unreachable, timed out, or "not leader" without a hint (an election,
+                        // or a node cut off from its peers): try the next endpoint.
+                        *rotation = (*rotation + 1) % targets.endpoints().len();
+                        let endpoint = targets.endpoints()[*rotation].clone();
+                        if let Ok(next) = targets.client(&endpoint, *slot) {
+                            *client = next;
+                        }
+                        tokio::time::sleep(UNREACHABLE_PAUSE).await;
+                    }
+                    Err(code_name(status.code()))
+                }
+            },
+            Route::Library(client) => match client.get_ts_batch(u64::from(count)).await {
+                Ok(batch) => library_grant(&batch),
+                Err(err) => Err(library_error_name(&err)),
+            },
+        }
+    }
+}
+
+/// A library batch as one grant: its first range. For a count one grant can hold the library
+/// returns one range; a split batch shows as a short grant, which the checks flag.
+fn library_grant(batch: &tso_client::Batch) -> Result<WireGrant, String> {
+    let range = batch.ranges().first().ok_or("EmptyBatch")?;
+    Ok(WireGrant {
+        physical_ms: range.first().physical_ms(),
+        logical_start: range.first().logical(),
+        count: range.count(),
+    })
+}
+
+fn library_error_name(err: &tso_client::Error) -> String {
+    use tso_client::Error as E;
+    match err {
+        E::InvalidCount { .. } => "InvalidCount".into(),
+        E::InvalidArgument { .. } => "InvalidArgument".into(),
+        E::InvalidEndpoint { .. } => "InvalidEndpoint".into(),
+        E::InvalidConfig { .. } => "InvalidConfig".into(),
+        E::QueueFull { .. } => "QueueFull".into(),
+        E::Unavailable { .. } => "Unavailable".into(),
+        E::DeadlineExceeded { .. } => "DeadlineExceeded".into(),
+        E::MalformedReply { .. } => "MalformedReply".into(),
+        E::MalformedHint { .. } => "MalformedHint".into(),
+        E::Server { code, .. } => code_name(*code),
+        E::Closed => "Closed".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tonic::metadata::{MetadataMap, MetadataValue};
+
+    use super::*;
+
+    fn not_leader(hint: tso_proto::v1::LeaderHint) -> Status {
+        let mut metadata = MetadataMap::new();
+        metadata.insert_bin(
+            LEADER_HINT_KEY,
+            MetadataValue::from_bytes(&hint.encode_to_vec()),
+        );
+        Status::with_metadata(Code::FailedPrecondition, "not leader", metadata)
+    }
+
+    #[test]
+    fn reads_the_leader_hint_trailer() {
+        let hinted = not_leader(tso_proto::v1::LeaderHint {
+            leader_endpoint: Some("127.0.0.1:7002".into()),
+            leader_epoch: None,
+        });
+        assert_eq!(leader_hint(&hinted).as_deref(), Some("127.0.0.1:7002"));
+        let unknown = not_leader(tso_proto::v1::LeaderHint::default());
+        assert_eq!(leader_hint(&unknown), None);
+        assert_eq!(leader_hint(&Status::unavailable("down")), None);
+    }
+
+    #[test]
+    fn endpoints_get_a_scheme() {
+        assert_eq!(uri("127.0.0.1:1"), "http://127.0.0.1:1");
+        assert_eq!(uri("http://h:2"), "http://h:2");
+    }
+
+    #[tokio::test]
+    async fn callers_share_a_bounded_pool_per_endpoint() {
+        let targets = Targets::new(&["127.0.0.1:1".into()], 2, Duration::from_secs(1)).unwrap();
+        for slot in 0..5 {
+            targets.client("127.0.0.1:1", slot).unwrap();
+            targets.client("http://127.0.0.1:9", slot).unwrap();
+        }
+        let pools = targets.pools.lock().unwrap();
+        assert_eq!(pools.len(), 2);
+        assert!(pools.values().all(|pool| pool.len() == 2));
+        drop(pools);
+        assert!(Targets::new(&["a:1".into()], 0, Duration::from_secs(1)).is_err());
+        assert!(
+            Targets::new(&["a:1".into()], CONNECTIONS_MAX + 1, Duration::from_secs(1)).is_err()
+        );
+        assert!(Targets::new(&[], 1, Duration::from_secs(1)).is_err());
+    }
+}

@@ -1,0 +1,45 @@
+//! `tso bench --spawn` end to end: it starts its own server, reports one JSON object, and its
+//! check of the replies passes. Asserts the shape of the report, never a rate.
+
+use std::process::Command;
+
+#[test]
+fn raw_bench_against_a_spawned_server_reports_json() {
+    bench_reports_json("raw");
+}
+
+#[test]
+fn library_bench_against_a_spawned_server_reports_json() {
+    bench_reports_json("library");
+}
+
+fn bench_reports_json(mode: &str) {
+    let output = Command::new(env!("CARGO_BIN_EXE_tso"))
+        .args(["bench", "--spawn", "--json", "--callers", "4"])
+        .args(["--connections", "2", "--mode", mode])
+        .args(["--count", "3", "--duration", "1s", "--warmup", "200ms"])
+        .output()
+        .expect("running tso bench");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "exit {:?}\n{stdout}\n{}",
+        output.status.code(),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_str(stdout.trim()).expect("one JSON object");
+    assert_eq!(report["callers"], 4);
+    assert_eq!(report["mode"], mode);
+    assert_eq!(report["count"], 3);
+    assert!(report["calls"].as_u64().unwrap() > 0, "{report:#}");
+    assert_eq!(
+        report["timestamps"].as_u64().unwrap(),
+        3 * report["calls"].as_u64().unwrap()
+    );
+    assert_eq!(report["check"]["ok"], true, "{report:#}");
+    for key in ["p50", "p90", "p99", "p99_9", "max"] {
+        assert!(report["latency_ms"][key].is_number(), "{key} in {report:#}");
+    }
+    assert!(report["longest_gap_ms"].is_number());
+    assert!(report["cores"].as_u64().unwrap() >= 1);
+}
