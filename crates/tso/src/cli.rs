@@ -59,6 +59,9 @@ pub struct ServeArgs {
     /// How long shutdown waits for in-flight calls and background work.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,
+    /// Worker threads of the server's runtime (default: one per core).
+    #[arg(long, env = "TSO_THREADS", value_parser = clap::value_parser!(u16).range(1..))]
+    pub threads: Option<u16>,
     /// Serve Prometheus metrics on this address (`/metrics`); off when not set.
     #[arg(long, env = "TSO_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,

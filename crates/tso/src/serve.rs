@@ -15,7 +15,11 @@ use crate::cluster;
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     init_logging(&args.log)?;
-    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(threads) = args.threads {
+        builder.worker_threads(threads.into());
+    }
+    let runtime = builder.enable_all().build().context("starting the async runtime")?;
     runtime.block_on(serve(args))
 }
 
