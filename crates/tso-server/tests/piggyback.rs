@@ -1,0 +1,197 @@
+//! The piggyback example: three host nodes in one process whose raft log carries both the
+//! store's writes and the oracle's high-water, and the consensus contract on a one-node host.
+
+mod common;
+#[path = "../examples/piggyback.rs"]
+mod piggyback;
+
+use std::collections::BTreeSet;
+use std::io::Cursor;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use openraft::BasicNode;
+use openraft::storage::RaftStateMachine;
+use piggyback::{Cmd, LogStore, Router, StateMachine};
+use tso_proto::tso::example_kv_v1::kv_client::KvClient;
+use tso_proto::tso::example_kv_v1::{GetRequest, PutRequest};
+use tso_proto::v1::GetTsRequest;
+use tso_proto::v1::tso_service_client::TsoServiceClient;
+use tso_server::consensus::conformance;
+
+const DEADLINE: Duration = Duration::from_secs(20);
+
+/// One timestamp from the oracle at `addr`, retried until it serves (it starts serving once
+/// its first high-water is committed after the election).
+async fn ts_from(addr: std::net::SocketAddr) -> u64 {
+    let mut client = TsoServiceClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+    let until = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        match client.get_ts(GetTsRequest { count: 1 }).await {
+            Ok(r) => {
+                let r = r.into_inner();
+                return r.physical_ms << 18 | r.logical_start as u64;
+            }
+            Err(status) => {
+                assert!(
+                    tokio::time::Instant::now() < until,
+                    "oracle at {addr} never served: {status:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+}
+
+async fn put(addr: std::net::SocketAddr, key: &str, value: &str) {
+    let mut kv = KvClient::connect(format!("http://{addr}")).await.unwrap();
+    kv.put(PutRequest {
+        key: key.to_owned(),
+        value: value.to_owned(),
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kv_writes_and_timestamps_share_one_log_snapshot_and_failover() {
+    let mut cluster = piggyback::start_cluster(3).await.unwrap();
+    let leader = cluster.wait_leader(&BTreeSet::new()).await;
+    let leader_addr = cluster.nodes[leader].addr;
+
+    // KV writes and timestamps interleave.
+    let mut stamps = Vec::new();
+    for i in 0..5 {
+        put(leader_addr, &format!("k{i}"), &format!("v{i}")).await;
+        stamps.push(ts_from(leader_addr).await);
+    }
+    assert!(stamps.windows(2).all(|w| w[0] < w[1]), "{stamps:?}");
+
+    // One log carries both kinds of command.
+    let commands = cluster.nodes[leader].log.commands();
+    let puts = commands
+        .iter()
+        .filter(|c| matches!(c, Cmd::Put { .. }))
+        .count();
+    let high_waters = commands
+        .iter()
+        .filter(|c| matches!(c, Cmd::HighWater(_)))
+        .count();
+    assert_eq!(puts, 5, "{commands:?}");
+    assert!(high_waters >= 1, "{commands:?}");
+    let hw = cluster.nodes[leader].sm.high_water_ms();
+    assert!(
+        stamps.iter().all(|ts| ts >> 18 <= hw),
+        "every timestamp is under the replicated high-water {hw}"
+    );
+
+    // A follower refuses with a hint naming the leader's client address (the address of the
+    // tonic server that serves both the oracle and the store).
+    let follower = (leader + 1) % 3;
+    let mut client = TsoServiceClient::connect(format!("http://{}", cluster.nodes[follower].addr))
+        .await
+        .unwrap();
+    let until = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let status = client
+            .get_ts(GetTsRequest { count: 1 })
+            .await
+            .expect_err("a follower does not grant");
+        let hint = common::assert_not_leader(&status);
+        if hint.leader_endpoint.as_deref() == Some(&leader_addr.to_string()) {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < until, "hint {hint:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // One snapshot covers both the map and the high-water, and restoring it restores both.
+    let node = &cluster.nodes[leader];
+    node.raft.trigger().snapshot().await.unwrap();
+    let applied = node.raft.metrics().borrow().last_applied.unwrap().index;
+    node.raft
+        .wait(Some(DEADLINE))
+        .metrics(
+            |m| m.snapshot.is_some_and(|s| s.index >= applied),
+            "snapshot built",
+        )
+        .await
+        .unwrap();
+    let (meta, data) = node.sm.current_snapshot().expect("a snapshot");
+    let state = piggyback::decode_snapshot(&data).expect("snapshot decodes");
+    assert_eq!(state.kv.len(), 5);
+    assert_eq!(state.kv["k3"], "v3");
+    assert!(state.high_water.high_water_ms() >= stamps[4] >> 18);
+    let mut restored = StateMachine::default();
+    restored
+        .install_snapshot(&meta, Box::new(Cursor::new(data)))
+        .await
+        .unwrap();
+    assert_eq!(restored.state(), state, "restoring restores both");
+    assert_eq!(restored.high_water_ms(), state.high_water.high_water_ms());
+
+    // Leader change: the old leader's raft stops; the new leader serves above everything.
+    let last = *stamps.last().unwrap();
+    let old_id = cluster.nodes[leader].id;
+    let router = cluster.router.clone();
+    cluster.nodes[leader].stop(&router).await;
+    let new_leader = cluster.wait_leader(&BTreeSet::from([old_id])).await;
+    let new_addr = cluster.nodes[new_leader].addr;
+    let after = ts_from(new_addr).await;
+    assert!(after > last, "{after} after {last}: a regression");
+    put(new_addr, "k-after", "v").await;
+    let mut kv = KvClient::connect(format!("http://{new_addr}"))
+        .await
+        .unwrap();
+    let got = kv
+        .get(GetRequest { key: "k2".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.value.as_deref(), Some("v2"), "the store survived");
+    assert!(ts_from(new_addr).await > after);
+
+    cluster.stop_all().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_node_piggyback_host_keeps_the_consensus_contract() {
+    // The same storage on each reopen; the previous raft is shut down before the next starts.
+    let log = LogStore::default();
+    let sm = StateMachine::default();
+    let router = Router::default();
+    let previous: Arc<Mutex<Option<piggyback::Raft>>> = Arc::default();
+    conformance::run_all(|| {
+        let (log, sm, router, previous) =
+            (log.clone(), sm.clone(), router.clone(), previous.clone());
+        async move {
+            let old = previous.lock().unwrap().take();
+            let fresh = old.is_none();
+            if let Some(old) = old {
+                old.shutdown().await.unwrap();
+            }
+            let raft = piggyback::open_raft(1, log, sm.clone(), &router)
+                .await
+                .unwrap();
+            if fresh {
+                let member = BasicNode::new("127.0.0.1:7000");
+                raft.initialize(
+                    [(1u64, member)]
+                        .into_iter()
+                        .collect::<std::collections::BTreeMap<_, _>>(),
+                )
+                .await
+                .unwrap();
+            }
+            *previous.lock().unwrap() = Some(raft.clone());
+            piggyback::oracle_consensus(&raft, &sm)
+        }
+    })
+    .await;
+    let raft = previous.lock().unwrap().take();
+    if let Some(raft) = raft {
+        raft.shutdown().await.unwrap();
+    }
+}
