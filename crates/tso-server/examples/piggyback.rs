@@ -429,6 +429,8 @@ pub struct Node {
     pub raft: Raft,
     pub sm: StateMachine,
     pub log: LogStore,
+    /// The oracle's adapter on this node's raft (also held by the oracle).
+    pub consensus: Arc<PiggybackConsensus<KvConfig>>,
     /// The client address of the node's tonic server (`host:port`).
     pub addr: SocketAddr,
     oracle: Option<OracleGuard>,
@@ -515,7 +517,8 @@ pub async fn start_cluster(n: u64) -> Result<Cluster, Box<dyn std::error::Error>
         let log = LogStore::default();
         let sm = StateMachine::default();
         let raft = open_raft(id, log.clone(), sm.clone(), &router).await?;
-        let oracle = OracleGuard::start(Arc::new(oracle_consensus(&raft, &sm)), Config::default());
+        let consensus = Arc::new(oracle_consensus(&raft, &sm));
+        let oracle = OracleGuard::start(consensus.clone(), Config::default());
 
         let stop = CancellationToken::new();
         let server = Server::builder()
@@ -533,6 +536,7 @@ pub async fn start_cluster(n: u64) -> Result<Cluster, Box<dyn std::error::Error>
             raft,
             sm,
             log,
+            consensus,
             addr: addrs[i],
             oracle: Some(oracle),
             stop,

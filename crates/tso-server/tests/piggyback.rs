@@ -17,7 +17,7 @@ use tso_proto::tso::example_kv_v1::kv_client::KvClient;
 use tso_proto::tso::example_kv_v1::{GetRequest, PutRequest};
 use tso_proto::v1::GetTsRequest;
 use tso_proto::v1::tso_service_client::TsoServiceClient;
-use tso_server::consensus::conformance;
+use tso_server::consensus::{Consensus, ConsensusError, Leadership, conformance};
 
 const DEADLINE: Duration = Duration::from_secs(20);
 
@@ -107,6 +107,33 @@ async fn kv_writes_and_timestamps_share_one_log_snapshot_and_failover() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 
+    // The adapter's view: the leader holds a lease, a follower refuses a persist under the
+    // leader's epoch with a hint naming the leader.
+    common::wait_until("the leader holds a lease", || {
+        cluster.nodes[leader].consensus.lease_view().is_valid()
+    })
+    .await;
+    assert!(!cluster.nodes[follower].consensus.lease_view().is_valid());
+    let epoch = match cluster.nodes[leader]
+        .consensus
+        .leadership()
+        .borrow()
+        .clone()
+    {
+        Leadership::Leader { epoch } => epoch,
+        other => panic!("leader reports {other:?}"),
+    };
+    match cluster.nodes[follower]
+        .consensus
+        .persist_high_water(1, epoch)
+        .await
+    {
+        Err(ConsensusError::NotLeader {
+            leader_endpoint, ..
+        }) => assert_eq!(leader_endpoint, Some(leader_addr.to_string())),
+        other => panic!("a follower must refuse with NotLeader, got {other:?}"),
+    }
+
     // One snapshot covers both the map and the high-water, and restoring it restores both.
     let node = &cluster.nodes[leader];
     node.raft.trigger().snapshot().await.unwrap();
@@ -131,6 +158,38 @@ async fn kv_writes_and_timestamps_share_one_log_snapshot_and_failover() {
         .unwrap();
     assert_eq!(restored.state(), state, "restoring restores both");
     assert_eq!(restored.high_water_ms(), state.high_water.high_water_ms());
+
+    // A learner that joins after the log is purged catches up from that snapshot, over raft.
+    node.raft.trigger().purge_log(applied).await.unwrap();
+    node.raft
+        .wait(Some(DEADLINE))
+        .metrics(|m| m.purged.is_some(), "log purged")
+        .await
+        .unwrap();
+    let learner_sm = StateMachine::default();
+    let learner = piggyback::open_raft(4, LogStore::default(), learner_sm.clone(), &cluster.router)
+        .await
+        .unwrap();
+    node.raft
+        .add_learner(4, BasicNode::new("127.0.0.1:1"), true)
+        .await
+        .unwrap();
+    common::wait_until("the learner applies the snapshot", || {
+        learner_sm.state().kv.len() == state.kv.len()
+    })
+    .await;
+    let learned = learner_sm.state();
+    assert_eq!(learned.kv, state.kv, "the learner has the map");
+    assert!(
+        learned.high_water.high_water_ms() >= state.high_water.high_water_ms(),
+        "the learner has the high-water"
+    );
+    assert!(
+        learner.metrics().borrow().snapshot.is_some(),
+        "the learner caught up by snapshot"
+    );
+    cluster.router.remove(4);
+    learner.shutdown().await.unwrap();
 
     // Leader change: the old leader's raft stops; the new leader serves above everything.
     let last = *stamps.last().unwrap();

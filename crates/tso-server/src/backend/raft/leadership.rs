@@ -12,7 +12,7 @@ use tso_core::Epoch;
 
 use super::RaftTimings;
 use super::lease::LeaseClock;
-use super::types::{NodeAddrs, NodeId, Raft};
+use super::types::{NodeAddrs, NodeId};
 use crate::consensus::Leadership;
 
 /// The client address of a tso cluster member: the one its membership entry carries.
@@ -138,7 +138,10 @@ pub async fn renew_lease<C>(
 /// node campaign at once, voting for itself: with a peer whose own lease has expired that makes
 /// a quorum while the old leader still grants. Waiting out `quiet` after the restart (which is
 /// after `r`) closes that; the peer service refuses incoming votes for the same span.
-pub fn hold_elections(raft: &Raft, quiet: std::time::Duration) {
+pub fn hold_elections<C>(raft: &openraft::Raft<C>, quiet: std::time::Duration)
+where
+    C: openraft::RaftTypeConfig,
+{
     raft.runtime_config().elect(false);
     let raft = raft.clone();
     tokio::spawn(async move {

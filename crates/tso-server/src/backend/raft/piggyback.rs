@@ -25,7 +25,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tso_core::{Epoch, PHYSICAL_MAX_MS};
 
-use super::leadership::{leadership_with, renew_lease, watch_leadership};
+use super::leadership::{hold_elections, leadership_with, renew_lease, watch_leadership};
 use super::lease::{LeaseClock, lease_duration};
 use super::{LeaseView, RaftTimings, transient_timeout};
 use crate::consensus::{BoxFuture, Consensus, ConsensusError, Leadership};
@@ -75,6 +75,18 @@ pub type ReadHighWater = Arc<dyn Fn() -> u64 + Send + Sync>;
 pub type ClientAddrOf<C> =
     Arc<dyn Fn(u64, &<C as RaftTypeConfig>::Node) -> Option<String> + Send + Sync>;
 
+/// Holds back elections on a restarted host node for `election_timeout_max` (read from
+/// `raft.config()`); call it right after `Raft::new` on a node that restarts on its storage.
+///
+/// A node that acknowledged a leader just before a crash helped that leader to a lease; if it
+/// campaigned at once after the restart, a new leader could be elected while the old one still
+/// grants. Waiting out `election_timeout_max` closes that (see `docs/raft-lease.md`). Only
+/// [`PiggybackConsensus::lease_view`] relies on it.
+pub fn hold_elections_after_restart<C: RaftTypeConfig>(raft: &openraft::Raft<C>) {
+    let quiet = Duration::from_millis(raft.config().election_timeout_max);
+    hold_elections(raft, quiet);
+}
+
 /// The consensus seam on a host's own openraft node.
 ///
 /// Built with [`PiggybackConsensus::new`] inside a tokio runtime (it starts two tasks: the
@@ -82,8 +94,8 @@ pub type ClientAddrOf<C> =
 /// owning its raft: the adapter never shuts it down, and when the host's raft stops the
 /// leadership watch closes, which stops the oracle.
 ///
-/// The host must start a restarted node with elections held back for its
-/// `election_timeout_max` (see `docs/raft.md`) if it relies on [`Self::lease_view`].
+/// A host that relies on [`Self::lease_view`] must start a restarted node with
+/// [`hold_elections_after_restart`].
 pub struct PiggybackConsensus<C: RaftTypeConfig> {
     raft: openraft::Raft<C>,
     wrap: WrapCommand<C>,
