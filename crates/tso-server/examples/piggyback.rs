@@ -459,12 +459,15 @@ pub struct Cluster {
     pub router: Router,
 }
 
+/// The host's raft timings. The election timeout is wider than the oracle's standalone
+/// default (200..350 ms) so that a debug build on a busy machine does not hold elections
+/// nobody asked for; the adapter reads these from `raft.config()`.
 fn raft_config() -> Arc<openraft::Config> {
     let config = openraft::Config {
         cluster_name: "piggyback-kv".to_owned(),
         heartbeat_interval: 50,
-        election_timeout_min: 200,
-        election_timeout_max: 350,
+        election_timeout_min: 400,
+        election_timeout_max: 700,
         ..Default::default()
     };
     Arc::new(config.validate().expect("valid raft config"))

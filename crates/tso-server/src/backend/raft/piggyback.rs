@@ -114,7 +114,8 @@ where
     /// Adapts `raft`. `wrap` wraps the oracle's command into the host's app data; `read` reads
     /// the applied [`HighWaterState::high_water_ms`] from the host's state machine (it must see
     /// an entry's effect once openraft has applied it); `client_addr` names a member's oracle
-    /// client address. Timings come from `raft.config()`; calls are bounded by one second.
+    /// client address. Timings come from `raft.config()`; calls are bounded by one second (see
+    /// [`Self::with_call_timeout`]).
     pub fn new(
         raft: openraft::Raft<C>,
         wrap: impl Fn(HighWaterCommand) -> C::D + Send + Sync + 'static,
@@ -154,6 +155,13 @@ where
             timings,
             tasks,
         }
+    }
+
+    /// Bounds each write and read barrier by `call_timeout` (default one second); past it the
+    /// call fails as `Transient`.
+    pub fn with_call_timeout(mut self, call_timeout: Duration) -> Self {
+        self.timings.call_timeout = call_timeout;
+        self
     }
 
     /// The leader lease of this node (see [`super::RaftBackend::lease_view`]).
