@@ -45,6 +45,49 @@ async fn ts_from(addr: std::net::SocketAddr) -> u64 {
     }
 }
 
+/// Takes timestamps one at a time until `stop`, from whichever of `addrs` serves: on a "not
+/// leader" refusal it follows the hint, on a transport error it tries the next address.
+async fn ask_following_hints(
+    addrs: Vec<std::net::SocketAddr>,
+    stop: tokio_util::sync::CancellationToken,
+) -> Vec<u64> {
+    let endpoints: Vec<String> = addrs.iter().map(|a| a.to_string()).collect();
+    let mut clients: Vec<_> = endpoints
+        .iter()
+        .map(|e| {
+            let channel = tonic::transport::Endpoint::from_shared(format!("http://{e}"))
+                .unwrap()
+                .timeout(Duration::from_millis(500))
+                .connect_lazy();
+            TsoServiceClient::new(channel)
+        })
+        .collect();
+    let mut at = 0;
+    let mut got = Vec::new();
+    while !stop.is_cancelled() {
+        match clients[at].get_ts(GetTsRequest { count: 1 }).await {
+            Ok(r) => {
+                let r = r.into_inner();
+                got.push(r.physical_ms << 18 | r.logical_start as u64);
+            }
+            Err(status) => {
+                let hinted = status
+                    .metadata()
+                    .get_bin(tso_proto::LEADER_HINT_KEY)
+                    .map(|_| common::hint_in(&status))
+                    .and_then(|h| h.leader_endpoint)
+                    .and_then(|e| endpoints.iter().position(|x| *x == e));
+                at = match hinted {
+                    Some(i) if i != at => i,
+                    _ => (at + 1) % clients.len(),
+                };
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
+    got
+}
+
 async fn put(addr: std::net::SocketAddr, key: &str, value: &str) {
     let mut kv = KvClient::connect(format!("http://{addr}")).await.unwrap();
     kv.put(PutRequest {
@@ -191,8 +234,13 @@ async fn kv_writes_and_timestamps_share_one_log_snapshot_and_failover() {
     cluster.router.remove(4);
     learner.shutdown().await.unwrap();
 
-    // Leader change: the old leader's raft stops; the new leader serves above everything.
+    // Leader change: the old leader's raft stops while a client that knows all three
+    // addresses and follows hints keeps asking; the new leader serves above everything.
     let last = *stamps.last().unwrap();
+    let addrs: Vec<_> = cluster.nodes.iter().map(|n| n.addr).collect();
+    let stop_asking = tokio_util::sync::CancellationToken::new();
+    let asker = tokio::spawn(ask_following_hints(addrs, stop_asking.clone()));
+    tokio::time::sleep(Duration::from_millis(100)).await;
     let old_id = cluster.nodes[leader].id;
     let router = cluster.router.clone();
     cluster.nodes[leader].stop(&router).await;
@@ -210,7 +258,20 @@ async fn kv_writes_and_timestamps_share_one_log_snapshot_and_failover() {
         .unwrap()
         .into_inner();
     assert_eq!(got.value.as_deref(), Some("v2"), "the store survived");
-    assert!(ts_from(new_addr).await > after);
+    let final_ts = ts_from(new_addr).await;
+    assert!(final_ts > after);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    stop_asking.cancel();
+    let asked = asker.await.unwrap();
+    assert!(
+        asked.windows(2).all(|w| w[0] < w[1]),
+        "one client's timestamps across the failover are strictly increasing"
+    );
+    assert!(asked.first().is_some_and(|&t| t > last), "{asked:?}");
+    assert!(
+        asked.last().is_some_and(|&t| t > after),
+        "the client reached the new leader: {asked:?}"
+    );
 
     cluster.stop_all().await;
 }
