@@ -300,7 +300,8 @@ impl RaftStateMachine<KvConfig> for StateMachine {
 pub struct Router(Arc<Mutex<BTreeMap<u64, Raft>>>);
 
 impl Router {
-    fn add(&self, id: u64, raft: Raft) {
+    /// Makes node `id` reachable at `raft`.
+    pub fn add(&self, id: u64, raft: Raft) {
         self.0.lock().unwrap().insert(id, raft);
     }
 

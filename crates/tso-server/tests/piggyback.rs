@@ -315,3 +315,41 @@ async fn one_node_piggyback_host_keeps_the_consensus_contract() {
         raft.shutdown().await.unwrap();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn losing_quorum_is_transient_and_service_resumes() {
+    let mut cluster = piggyback::start_cluster(3).await.unwrap();
+    let leader = cluster.wait_leader(&BTreeSet::new()).await;
+    ts_from(cluster.nodes[leader].addr).await;
+    let consensus = cluster.nodes[leader].consensus.clone();
+    let epoch = match consensus.leadership().borrow().clone() {
+        Leadership::Leader { epoch } => epoch,
+        other => panic!("leader reports {other:?}"),
+    };
+
+    // Every node unreachable: the leader has no quorum.
+    for node in &cluster.nodes {
+        cluster.router.remove(node.id);
+    }
+    let started = std::time::Instant::now();
+    match consensus.persist_high_water(9_000, epoch).await {
+        Err(ConsensusError::Transient(_) | ConsensusError::NotLeader { .. }) => {}
+        other => panic!("a persist without quorum must fail transiently, got {other:?}"),
+    }
+    match consensus.load_high_water().await {
+        Err(ConsensusError::Transient(_) | ConsensusError::NotLeader { .. }) => {}
+        other => panic!("a load without quorum must fail transiently, got {other:?}"),
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "failures are bounded by the call timeout"
+    );
+
+    // Quorum back: a leader serves again.
+    for node in &cluster.nodes {
+        cluster.router.add(node.id, node.raft.clone());
+    }
+    let leader = cluster.wait_leader(&BTreeSet::new()).await;
+    ts_from(cluster.nodes[leader].addr).await;
+    cluster.stop_all().await;
+}
