@@ -39,7 +39,9 @@ use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
 use tso_proto::tso::example_kv_v1::kv_server::{Kv, KvServer};
 use tso_proto::tso::example_kv_v1::{GetReply, GetRequest, PutReply, PutRequest};
-use tso_server::backend::raft::piggyback::{HighWaterCommand, HighWaterState, PiggybackConsensus};
+use tso_server::backend::raft::piggyback::{
+    HighWaterCommand, HighWaterState, PiggybackConsensus, hold_elections_after_restart,
+};
 use tso_server::{Config, OracleGuard};
 
 /// The host's app data: its own command, or the oracle's.
@@ -499,6 +501,44 @@ pub fn oracle_consensus(raft: &Raft, sm: &StateMachine) -> PiggybackConsensus<Kv
     )
 }
 
+/// Starts node `id` on `storage` (its log and state machine), serving the oracle and the
+/// store on `listener`. A node that `restarts` on its storage holds back elections first.
+pub async fn start_node(
+    id: u64,
+    listener: tokio::net::TcpListener,
+    (log, sm): (LogStore, StateMachine),
+    router: &Router,
+    restarts: bool,
+) -> Result<Node, Box<dyn std::error::Error>> {
+    let addr = listener.local_addr()?;
+    let raft = open_raft(id, log.clone(), sm.clone(), router).await?;
+    if restarts {
+        hold_elections_after_restart(&raft);
+    }
+    let consensus = Arc::new(oracle_consensus(&raft, &sm));
+    let oracle = OracleGuard::start(consensus.clone(), Config::default());
+
+    let stop = CancellationToken::new();
+    let server = Server::builder()
+        .add_service(oracle.service())
+        .add_service(KvServer::new(KvApi {
+            raft: raft.clone(),
+            sm: sm.clone(),
+        }))
+        .serve_with_incoming_shutdown(TcpIncoming::from(listener), stop.clone().cancelled_owned());
+    Ok(Node {
+        id,
+        raft,
+        sm,
+        log,
+        consensus,
+        addr,
+        oracle: Some(oracle),
+        stop,
+        server: Some(tokio::spawn(server)),
+    })
+}
+
 /// Starts `n` nodes (ids 1..=n) on loopback, forms the cluster, and serves on each node the
 /// oracle and the store on one tonic server.
 pub async fn start_cluster(n: u64) -> Result<Cluster, Box<dyn std::error::Error>> {
@@ -518,34 +558,8 @@ pub async fn start_cluster(n: u64) -> Result<Cluster, Box<dyn std::error::Error>
     let mut nodes = Vec::new();
     for (i, listener) in listeners.into_iter().enumerate() {
         let id = i as u64 + 1;
-        let log = LogStore::default();
-        let sm = StateMachine::default();
-        let raft = open_raft(id, log.clone(), sm.clone(), &router).await?;
-        let consensus = Arc::new(oracle_consensus(&raft, &sm));
-        let oracle = OracleGuard::start(consensus.clone(), Config::default());
-
-        let stop = CancellationToken::new();
-        let server = Server::builder()
-            .add_service(oracle.service())
-            .add_service(KvServer::new(KvApi {
-                raft: raft.clone(),
-                sm: sm.clone(),
-            }))
-            .serve_with_incoming_shutdown(
-                TcpIncoming::from(listener),
-                stop.clone().cancelled_owned(),
-            );
-        nodes.push(Node {
-            id,
-            raft,
-            sm,
-            log,
-            consensus,
-            addr: addrs[i],
-            oracle: Some(oracle),
-            stop,
-            server: Some(tokio::spawn(server)),
-        });
+        let storage = (LogStore::default(), StateMachine::default());
+        nodes.push(start_node(id, listener, storage, &router, false).await?);
     }
     nodes[0].raft.initialize(members).await?;
     Ok(Cluster { nodes, router })
@@ -571,6 +585,16 @@ impl Cluster {
             );
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
+    }
+
+    /// Restarts the stopped node at `index` on its storage and its address.
+    pub async fn restart(&mut self, index: usize) -> Result<(), Box<dyn std::error::Error>> {
+        let node = &self.nodes[index];
+        let listener = tokio::net::TcpListener::bind(node.addr).await?;
+        let storage = (node.log.clone(), node.sm.clone());
+        let id = node.id;
+        self.nodes[index] = start_node(id, listener, storage, &self.router, true).await?;
+        Ok(())
     }
 
     /// Stops every node still running.

@@ -353,3 +353,25 @@ async fn losing_quorum_is_transient_and_service_resumes() {
     ts_from(cluster.nodes[leader].addr).await;
     cluster.stop_all().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn all_nodes_restarted_on_their_storage_serve_above_everything_before() {
+    let mut cluster = piggyback::start_cluster(3).await.unwrap();
+    let leader = cluster.wait_leader(&BTreeSet::new()).await;
+    put(cluster.nodes[leader].addr, "k", "v").await;
+    let before = ts_from(cluster.nodes[leader].addr).await;
+
+    cluster.stop_all().await;
+    for i in 0..3 {
+        cluster.restart(i).await.unwrap();
+    }
+    let leader = cluster.wait_leader(&BTreeSet::new()).await;
+    let after = ts_from(cluster.nodes[leader].addr).await;
+    assert!(after > before, "{after} after {before}: a regression");
+    let mut kv = KvClient::connect(format!("http://{}", cluster.nodes[leader].addr))
+        .await
+        .unwrap();
+    let got = kv.get(GetRequest { key: "k".into() }).await.unwrap();
+    assert_eq!(got.into_inner().value.as_deref(), Some("v"));
+    cluster.stop_all().await;
+}
