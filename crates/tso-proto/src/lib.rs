@@ -16,6 +16,11 @@ pub mod tso {
     pub mod raft_v1 {
         tonic::include_proto!("tso.raft.v1");
     }
+
+    /// The own API of the piggyback example's key-value store (not a public protocol).
+    pub mod example_kv_v1 {
+        tonic::include_proto!("tso.example.kv.v1");
+    }
 }
 
 /// Metadata key of the leader hint carried in the trailers of a "not leader" status.

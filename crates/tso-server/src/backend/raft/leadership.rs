@@ -12,11 +12,28 @@ use tso_core::Epoch;
 
 use super::RaftTimings;
 use super::lease::LeaseClock;
-use super::types::{NodeAddrs, NodeId, Raft};
+use super::types::{NodeAddrs, NodeId};
 use crate::consensus::Leadership;
+
+/// The client address of a tso cluster member: the one its membership entry carries.
+pub fn tso_client_addr(_id: NodeId, node: &NodeAddrs) -> Option<String> {
+    Some(node.client_addr.clone())
+}
+
+/// Names a member's oracle client address from its id and membership entry.
+pub type ClientAddrFn<N> = Arc<dyn Fn(NodeId, &N) -> Option<String> + Send + Sync>;
 
 /// What this node knows of leadership, from one metrics snapshot.
 pub fn leadership_of(m: &RaftMetrics<NodeId, NodeAddrs>) -> Leadership {
+    leadership_with(m, &tso_client_addr)
+}
+
+/// [`leadership_of`] for any node type: `client_addr` names the oracle client address of a
+/// member (from its membership entry or elsewhere), `None` when unknown.
+pub fn leadership_with<N: openraft::Node>(
+    m: &RaftMetrics<NodeId, N>,
+    client_addr: &(dyn Fn(NodeId, &N) -> Option<String> + Send + Sync),
+) -> Leadership {
     if m.running_state.is_err() {
         return Leadership::Unknown;
     }
@@ -29,7 +46,7 @@ pub fn leadership_of(m: &RaftMetrics<NodeId, NodeAddrs>) -> Leadership {
                 .membership_config
                 .membership()
                 .get_node(&leader)
-                .map(|n| n.client_addr.clone()),
+                .and_then(|n| client_addr(leader, n)),
             leader_epoch: Some(Epoch::from_parts(m.current_term, leader)),
         },
         _ => Leadership::Unknown,
@@ -46,15 +63,20 @@ fn epoch_of(l: &Leadership) -> Option<Epoch> {
 
 /// Mirrors openraft's metrics into the leadership watch until raft stops; then the watch closes.
 /// Epochs never go back: a state naming an older epoch than one already published is `Unknown`.
-pub async fn watch_leadership(
-    mut metrics: watch::Receiver<RaftMetrics<NodeId, NodeAddrs>>,
+pub async fn watch_leadership<N: openraft::Node>(
+    mut metrics: watch::Receiver<RaftMetrics<NodeId, N>>,
     tx: watch::Sender<Leadership>,
+    client_addr: ClientAddrFn<N>,
 ) {
     let mut highest: Option<Epoch> = None;
     loop {
         let (mut next, stopped, term) = {
             let m = metrics.borrow_and_update();
-            (leadership_of(&m), m.running_state.is_err(), m.current_term)
+            (
+                leadership_with(&m, &*client_addr),
+                m.running_state.is_err(),
+                m.current_term,
+            )
         };
         match (epoch_of(&next), highest) {
             (Some(e), Some(h)) if e < h => next = Leadership::Unknown,
@@ -78,12 +100,14 @@ pub async fn watch_leadership(
 
 /// While this node leads, confirms leadership with a quorum every heartbeat interval and
 /// extends the lease from the instant read *before* each confirmation was sent.
-pub async fn renew_lease(
-    raft: Raft,
+pub async fn renew_lease<C>(
+    raft: openraft::Raft<C>,
     mut leadership: watch::Receiver<Leadership>,
     lease: Arc<LeaseClock>,
     timings: RaftTimings,
-) {
+) where
+    C: openraft::RaftTypeConfig<NodeId = NodeId>,
+{
     loop {
         let epoch = match *leadership.borrow_and_update() {
             Leadership::Leader { epoch } => Some(epoch),
@@ -114,7 +138,10 @@ pub async fn renew_lease(
 /// node campaign at once, voting for itself: with a peer whose own lease has expired that makes
 /// a quorum while the old leader still grants. Waiting out `quiet` after the restart (which is
 /// after `r`) closes that; the peer service refuses incoming votes for the same span.
-pub fn hold_elections(raft: &Raft, quiet: std::time::Duration) {
+pub fn hold_elections<C>(raft: &openraft::Raft<C>, quiet: std::time::Duration)
+where
+    C: openraft::RaftTypeConfig,
+{
     raft.runtime_config().elect(false);
     let raft = raft.clone();
     tokio::spawn(async move {

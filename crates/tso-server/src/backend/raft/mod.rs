@@ -5,7 +5,8 @@
 //! comes from openraft's metrics: `Leader` at epoch `(term, node id)` while this node leads,
 //! `Follower` naming the leader's *client* address from the membership, else `Unknown`.
 //! openraft's generics stay inside this module: callers see [`RaftBackend`], [`RaftConfig`],
-//! [`NodeAddrs`] and [`Links`].
+//! [`NodeAddrs`] and [`Links`], and a host that runs its own openraft sees
+//! [`piggyback::PiggybackConsensus`], generic over the host's own type configuration only.
 
 mod dir_guard;
 mod identity;
@@ -13,6 +14,7 @@ mod leadership;
 mod lease;
 mod log_store;
 mod network;
+pub mod piggyback;
 mod record_file;
 mod state_machine;
 mod types;
@@ -237,7 +239,11 @@ impl RaftBackend {
             config.timings.election_timeout_max,
         )));
         let tasks = vec![
-            tokio::spawn(watch_leadership(metrics, tx)),
+            tokio::spawn(watch_leadership(
+                metrics,
+                tx,
+                Arc::new(leadership::tso_client_addr),
+            )),
             tokio::spawn(renew_lease(
                 raft.clone(),
                 leadership.clone(),

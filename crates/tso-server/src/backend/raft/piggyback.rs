@@ -1,0 +1,353 @@
+//! Piggyback mode: the oracle's high-water carried in a host's own openraft log.
+//!
+//! A service that already runs openraft 0.9 (features `serde`, `storage-v2`) embeds the oracle
+//! with three pieces:
+//!
+//! - [`HighWaterCommand`]: the oracle's one command; the host wraps it in its own app-data
+//!   enum (e.g. `enum Cmd { Put { .. }, HighWater(HighWaterCommand) }`);
+//! - [`HighWaterState`]: the state the host embeds in its state machine, applied as `max`,
+//!   serialized with the rest of the host's snapshot;
+//! - [`PiggybackConsensus`]: the adapter from the host's `openraft::Raft<C>` to the consensus
+//!   seam, to hand to [`crate::OracleGuard::start`].
+//!
+//! Leadership, epochs, error classes and the leader lease are those of the standalone raft
+//! backend: epoch `(term, leader id)`, `ForwardToLeader` → `NotLeader` naming the leader's
+//! oracle client address, fatal errors → `Permanent`, quorum loss and timeouts → `Transient`.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use openraft::error::{CheckIsLeaderError, ClientWriteError, ForwardToLeader, RaftError};
+use openraft::impls::OneshotResponder;
+use openraft::{RaftTypeConfig, TokioRuntime};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tso_core::{Epoch, PHYSICAL_MAX_MS};
+
+use super::leadership::{hold_elections, leadership_with, renew_lease, watch_leadership};
+use super::lease::{LeaseClock, lease_duration};
+use super::{LeaseView, RaftTimings, transient_timeout};
+use crate::consensus::{BoxFuture, Consensus, ConsensusError, Leadership};
+
+/// The oracle's command in a host's log: raise the high-water to at least `at_least_ms`.
+///
+/// Apply it with [`HighWaterState::apply`]; apply it on every node, in log order, like any
+/// other entry of the host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct HighWaterCommand {
+    /// The high-water to reach, in milliseconds since the Unix epoch.
+    pub at_least_ms: u64,
+    /// The raft term of the leader that proposed it (for diagnostics; applying ignores it).
+    pub term: u64,
+}
+
+/// The oracle's state inside a host's state machine: the high-water, applied as `max`.
+///
+/// Serialize it with the rest of the host's state into each snapshot, and restore it from the
+/// snapshot on install. It never decreases whatever the order or repetition of commands.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct HighWaterState {
+    high_water_ms: u64,
+}
+
+impl HighWaterState {
+    /// Applies one command and returns the high-water after it.
+    pub fn apply(&mut self, cmd: &HighWaterCommand) -> u64 {
+        self.high_water_ms = self.high_water_ms.max(cmd.at_least_ms);
+        self.high_water_ms
+    }
+
+    /// The applied high-water, in milliseconds (0 when nothing was ever applied).
+    pub fn high_water_ms(&self) -> u64 {
+        self.high_water_ms
+    }
+}
+
+/// Turns the oracle's command into the host's app data (`C::D`).
+pub type WrapCommand<C> = Arc<dyn Fn(HighWaterCommand) -> <C as RaftTypeConfig>::D + Send + Sync>;
+
+/// Reads the high-water applied on this node from the host's state machine.
+pub type ReadHighWater = Arc<dyn Fn() -> u64 + Send + Sync>;
+
+/// Names the oracle client address (`host:port`) of a member, from its id and its membership
+/// entry (`C::Node`); `None` when unknown. Followers put it in their "not leader" hints.
+pub type ClientAddrOf<C> =
+    Arc<dyn Fn(u64, &<C as RaftTypeConfig>::Node) -> Option<String> + Send + Sync>;
+
+/// Holds back elections on a restarted host node for `election_timeout_max` (read from
+/// `raft.config()`); call it right after `Raft::new` on a node that restarts on its storage.
+///
+/// A node that acknowledged a leader just before a crash helped that leader to a lease; if it
+/// campaigned at once after the restart, a new leader could be elected while the old one still
+/// grants. Waiting out `election_timeout_max` closes that (see `docs/raft-lease.md`). Only
+/// [`PiggybackConsensus::lease_view`] relies on it.
+pub fn hold_elections_after_restart<C: RaftTypeConfig>(raft: &openraft::Raft<C>) {
+    let quiet = Duration::from_millis(raft.config().election_timeout_max);
+    hold_elections(raft, quiet);
+}
+
+/// The consensus seam on a host's own openraft node.
+///
+/// Built with [`PiggybackConsensus::new`] inside a tokio runtime (it starts two tasks: the
+/// leadership watch and the lease renewal; dropping the adapter stops them). The host keeps
+/// owning its raft: the adapter never shuts it down, and when the host's raft stops the
+/// leadership watch closes, which stops the oracle.
+///
+/// A host that relies on [`Self::lease_view`] must start a restarted node with
+/// [`hold_elections_after_restart`].
+pub struct PiggybackConsensus<C: RaftTypeConfig> {
+    raft: openraft::Raft<C>,
+    wrap: WrapCommand<C>,
+    read: ReadHighWater,
+    client_addr: ClientAddrOf<C>,
+    leadership: watch::Receiver<Leadership>,
+    lease: Arc<LeaseClock>,
+    timings: RaftTimings,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl<C> PiggybackConsensus<C>
+where
+    C: RaftTypeConfig<NodeId = u64, AsyncRuntime = TokioRuntime, Responder = OneshotResponder<C>>,
+{
+    /// Adapts `raft`. `wrap` wraps the oracle's command into the host's app data; `read` reads
+    /// the applied [`HighWaterState::high_water_ms`] from the host's state machine (it must see
+    /// an entry's effect once openraft has applied it); `client_addr` names a member's oracle
+    /// client address. Timings come from `raft.config()`; calls are bounded by one second (see
+    /// [`Self::with_call_timeout`]).
+    pub fn new(
+        raft: openraft::Raft<C>,
+        wrap: impl Fn(HighWaterCommand) -> C::D + Send + Sync + 'static,
+        read: impl Fn() -> u64 + Send + Sync + 'static,
+        client_addr: impl Fn(u64, &C::Node) -> Option<String> + Send + Sync + 'static,
+    ) -> Self {
+        let config = raft.config();
+        let timings = RaftTimings {
+            heartbeat_interval: Duration::from_millis(config.heartbeat_interval),
+            election_timeout_min: Duration::from_millis(config.election_timeout_min),
+            election_timeout_max: Duration::from_millis(config.election_timeout_max),
+            call_timeout: RaftTimings::default().call_timeout,
+        };
+        let client_addr: ClientAddrOf<C> = Arc::new(client_addr);
+        let metrics = raft.metrics();
+        let initial = leadership_with(&metrics.borrow(), &*client_addr);
+        let (tx, leadership) = watch::channel(initial);
+        let lease = Arc::new(LeaseClock::new(lease_duration(
+            timings.election_timeout_max,
+        )));
+        let tasks = vec![
+            tokio::spawn(watch_leadership(metrics, tx, client_addr.clone())),
+            tokio::spawn(renew_lease(
+                raft.clone(),
+                leadership.clone(),
+                lease.clone(),
+                timings,
+            )),
+        ];
+        Self {
+            raft,
+            wrap: Arc::new(wrap),
+            read: Arc::new(read),
+            client_addr,
+            leadership,
+            lease,
+            timings,
+            tasks,
+        }
+    }
+
+    /// Bounds each write and read barrier by `call_timeout` (default one second); past it the
+    /// call fails as `Transient`.
+    pub fn with_call_timeout(mut self, call_timeout: Duration) -> Self {
+        self.timings.call_timeout = call_timeout;
+        self
+    }
+
+    /// The leader lease of this node (see [`super::RaftBackend::lease_view`]).
+    pub fn lease_view(&self) -> LeaseView {
+        LeaseView {
+            clock: Arc::clone(&self.lease),
+            leadership: self.leadership.clone(),
+        }
+    }
+
+    /// The high-water applied on this node (possibly stale on a follower; for diagnostics).
+    pub fn applied_high_water_ms(&self) -> u64 {
+        (self.read)()
+    }
+
+    fn not_leader(&self, forward: &ForwardToLeader<u64, C::Node>) -> ConsensusError {
+        let term = self.raft.metrics().borrow().current_term;
+        let endpoint = match (forward.leader_id, forward.leader_node.as_ref()) {
+            (Some(id), Some(node)) => (self.client_addr)(id, node),
+            _ => None,
+        };
+        ConsensusError::NotLeader {
+            leader_endpoint: endpoint,
+            leader_epoch: forward.leader_id.map(|id| Epoch::from_parts(term, id)),
+        }
+    }
+
+    fn map_read_error(
+        &self,
+        e: RaftError<u64, CheckIsLeaderError<u64, C::Node>>,
+    ) -> ConsensusError {
+        match e {
+            RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f)) => self.not_leader(&f),
+            RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(q)) => {
+                ConsensusError::Transient(format!("read barrier: {q}"))
+            }
+            RaftError::Fatal(f) => ConsensusError::Permanent(format!("raft stopped: {f}")),
+        }
+    }
+
+    fn map_write_error(&self, e: RaftError<u64, ClientWriteError<u64, C::Node>>) -> ConsensusError {
+        match e {
+            RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => self.not_leader(&f),
+            RaftError::APIError(ClientWriteError::ChangeMembershipError(c)) => {
+                ConsensusError::Permanent(format!("unexpected membership error: {c}"))
+            }
+            RaftError::Fatal(f) => ConsensusError::Permanent(format!("raft stopped: {f}")),
+        }
+    }
+
+    /// Refuses a persist under any epoch but this node's current leader epoch.
+    fn check_epoch(&self, epoch: Epoch) -> Result<(), ConsensusError> {
+        match self.leadership.borrow().clone() {
+            Leadership::Leader { epoch: current } if current == epoch => Ok(()),
+            Leadership::Leader { epoch: current } => Err(ConsensusError::Fenced {
+                expected: epoch,
+                current,
+            }),
+            Leadership::Follower {
+                leader_endpoint,
+                leader_epoch,
+            } => Err(ConsensusError::NotLeader {
+                leader_endpoint,
+                leader_epoch,
+            }),
+            Leadership::Unknown => Err(ConsensusError::NotLeader {
+                leader_endpoint: None,
+                leader_epoch: None,
+            }),
+        }
+    }
+
+    /// The read barrier, retried within the call timeout while a quorum does not answer.
+    async fn load(&self) -> Result<u64, ConsensusError> {
+        let deadline = tokio::time::Instant::now() + self.timings.call_timeout;
+        loop {
+            let term = self.raft.metrics().borrow().current_term;
+            let sent = Instant::now();
+            let read = tokio::time::timeout_at(deadline, self.raft.ensure_linearizable());
+            let error = match read.await {
+                Err(_) => return Err(transient_timeout("read barrier", self.timings.call_timeout)),
+                Ok(Ok(_)) => {
+                    self.lease.extend(term, sent);
+                    return Ok((self.read)());
+                }
+                Ok(Err(e)) => self.map_read_error(e),
+            };
+            let retry_at = tokio::time::Instant::now() + self.timings.heartbeat_interval;
+            if !matches!(error, ConsensusError::Transient(_)) || retry_at >= deadline {
+                return Err(error);
+            }
+            tokio::time::sleep_until(retry_at).await;
+        }
+    }
+
+    async fn persist(&self, at_least_ms: u64, epoch: Epoch) -> Result<u64, ConsensusError> {
+        if at_least_ms > PHYSICAL_MAX_MS {
+            return Err(ConsensusError::Permanent(format!(
+                "high-water {at_least_ms} ms is past the 46-bit timestamp layout ({PHYSICAL_MAX_MS} ms)"
+            )));
+        }
+        self.check_epoch(epoch)?;
+        let sent = Instant::now();
+        let cmd = HighWaterCommand {
+            at_least_ms,
+            term: epoch.hi(),
+        };
+        let write = self.raft.client_write((self.wrap)(cmd));
+        let reply = match tokio::time::timeout(self.timings.call_timeout, write).await {
+            Err(_) => return Err(transient_timeout("write", self.timings.call_timeout)),
+            Ok(r) => r.map_err(|e| self.map_write_error(e))?,
+        };
+        let committed_term = reply.log_id.leader_id.term;
+        if committed_term != epoch.hi() {
+            let current = Epoch::from_parts(committed_term, reply.log_id.leader_id.node_id);
+            return Err(ConsensusError::Fenced {
+                expected: epoch,
+                current,
+            });
+        }
+        self.lease.extend(committed_term, sent);
+        // openraft answers a write once the entry is applied, so the host's state has it.
+        let applied = (self.read)();
+        if applied < at_least_ms {
+            return Err(ConsensusError::Permanent(format!(
+                "the host's state machine reads high-water {applied} ms after applying \
+                 {at_least_ms} ms: it does not apply HighWaterCommand, or reads another state"
+            )));
+        }
+        Ok(applied)
+    }
+}
+
+impl<C: RaftTypeConfig> Drop for PiggybackConsensus<C> {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+impl<C> Consensus for PiggybackConsensus<C>
+where
+    C: RaftTypeConfig<NodeId = u64, AsyncRuntime = TokioRuntime, Responder = OneshotResponder<C>>,
+{
+    fn leadership(&self) -> watch::Receiver<Leadership> {
+        self.leadership.clone()
+    }
+
+    fn load_high_water(&self) -> BoxFuture<'_, Result<u64, ConsensusError>> {
+        Box::pin(self.load())
+    }
+
+    fn persist_high_water(
+        &self,
+        at_least_ms: u64,
+        epoch: Epoch,
+    ) -> BoxFuture<'_, Result<u64, ConsensusError>> {
+        Box::pin(self.persist(at_least_ms, epoch))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn high_water_state_applies_as_max_and_round_trips() {
+        let mut s = HighWaterState::default();
+        assert_eq!(s.high_water_ms(), 0);
+        assert_eq!(
+            s.apply(&HighWaterCommand {
+                at_least_ms: 10,
+                term: 1
+            }),
+            10
+        );
+        assert_eq!(
+            s.apply(&HighWaterCommand {
+                at_least_ms: 5,
+                term: 2
+            }),
+            10
+        );
+        let bytes = postcard::to_stdvec(&s).unwrap();
+        let back: HighWaterState = postcard::from_bytes(&bytes).unwrap();
+        assert_eq!(back.high_water_ms(), 10);
+    }
+}
