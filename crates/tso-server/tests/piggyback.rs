@@ -349,9 +349,30 @@ async fn losing_quorum_is_transient_and_service_resumes() {
     for node in &cluster.nodes {
         cluster.router.add(node.id, node.raft.clone());
     }
-    let leader = cluster.wait_leader(&BTreeSet::new()).await;
-    ts_from(cluster.nodes[leader].addr).await;
+    // Followers that timed out while cut off may hold a new election once healed: take a
+    // timestamp from whichever node ends up serving.
+    ts_from_any(cluster.nodes.iter().map(|n| n.addr).collect()).await;
     cluster.stop_all().await;
+}
+
+/// One timestamp from whichever of `addrs` serves first, retried within [`DEADLINE`].
+async fn ts_from_any(addrs: Vec<std::net::SocketAddr>) -> u64 {
+    let until = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        for addr in &addrs {
+            if let Ok(mut client) = TsoServiceClient::connect(format!("http://{addr}")).await
+                && let Ok(r) = client.get_ts(GetTsRequest { count: 1 }).await
+            {
+                let r = r.into_inner();
+                return r.physical_ms << 18 | r.logical_start as u64;
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < until,
+            "no oracle served within {DEADLINE:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

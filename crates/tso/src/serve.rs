@@ -19,7 +19,10 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(threads) = args.threads {
         builder.worker_threads(threads.into());
     }
-    let runtime = builder.enable_all().build().context("starting the async runtime")?;
+    let runtime = builder
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
     runtime.block_on(serve(args))
 }
 

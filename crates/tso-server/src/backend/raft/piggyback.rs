@@ -322,6 +322,12 @@ where
     ) -> BoxFuture<'_, Result<u64, ConsensusError>> {
         Box::pin(self.persist(at_least_ms, epoch))
     }
+
+    fn lease_valid(&self, epoch: Epoch) -> bool {
+        self.lease
+            .valid_until(epoch.hi())
+            .is_some_and(|until| std::time::Instant::now() < until)
+    }
 }
 
 #[cfg(test)]
