@@ -289,3 +289,24 @@ fn tso_get_against_nothing_fails_with_one_line() {
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(err.contains("is a server running there?"), "{err}");
 }
+
+#[test]
+fn a_second_raft_node_on_a_locked_directory_fails_with_a_clear_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let raft = [
+        "--backend",
+        "raft",
+        "--node-id",
+        "1",
+        "--peer-addr",
+        "127.0.0.1:0",
+        "--members",
+        "1=127.0.0.1:1/2",
+    ];
+    let _first = Server::start(dir.path(), &raft);
+    let (status, log) = Server::try_start(dir.path(), &raft)
+        .err()
+        .expect("the second node must not start");
+    assert_eq!(status.code(), Some(1));
+    assert!(log.contains("in use by another tso process"), "{log}");
+}

@@ -1,5 +1,6 @@
-//! One live backend per data directory in a process: a reopen waits until the previous raft
-//! on the directory has stopped, so a log never has two writers.
+//! One live backend per data directory: a reopen in the same process waits until the previous
+//! raft on the directory has stopped, and an exclusive lock on `LOCK` in the directory refuses
+//! a second process at once, so a log never has two writers.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -22,6 +23,8 @@ static OPEN_DIRS: Mutex<Option<HashSet<PathBuf>>> = Mutex::new(None);
 /// Holds a data directory for one backend; released on drop.
 pub struct DirGuard {
     path: PathBuf,
+    /// Holds the advisory lock for as long as the guard lives.
+    _lock: Option<std::fs::File>,
 }
 
 impl DirGuard {
@@ -30,7 +33,9 @@ impl DirGuard {
         let deadline = tokio::time::Instant::now() + REOPEN_WAIT;
         loop {
             if Self::try_insert(&path) {
-                return Ok(Self { path });
+                let mut guard = Self { path, _lock: None };
+                guard._lock = Some(lock_file(dir)?);
+                return Ok(guard);
             }
             if tokio::time::Instant::now() >= deadline {
                 return Err(RaftOpenError::DirInUse(path));
@@ -43,6 +48,27 @@ impl DirGuard {
         let mut dirs = OPEN_DIRS.lock().expect("open dirs lock");
         dirs.get_or_insert_with(HashSet::new)
             .insert(path.to_owned())
+    }
+}
+
+/// Takes the exclusive lock on `dir/LOCK` (creating the directory), refusing at once if
+/// another process holds it.
+fn lock_file(dir: &Path) -> Result<std::fs::File, RaftOpenError> {
+    let data_dir = |source| RaftOpenError::DataDir {
+        path: dir.to_owned(),
+        source,
+    };
+    std::fs::create_dir_all(dir).map_err(data_dir)?;
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join("LOCK"))
+        .map_err(data_dir)?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(RaftOpenError::Locked(dir.to_owned())),
+        Err(std::fs::TryLockError::Error(source)) => Err(data_dir(source)),
     }
 }
 

@@ -157,6 +157,10 @@ pub enum RaftOpenError {
     Config(String),
     #[error("data directory {0} is still in use by another raft node in this process")]
     DirInUse(PathBuf),
+    #[error(
+        "data directory {0} is in use by another tso process: stop it, or use another --data-dir"
+    )]
+    Locked(PathBuf),
     #[error("raft failed to start: {0}")]
     Start(String),
 }
