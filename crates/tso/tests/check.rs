@@ -161,6 +161,44 @@ fn the_positive_control_is_reported_as_a_violation() {
     );
 }
 
+/// The leader stopped with SIGSTOP (up to 3 s, well past the election timeout), then resumed
+/// while a new leader serves: the merged history stays clean. (On resume the old leader learns
+/// the new term within a round trip; the lease check that closes the remaining window is proven
+/// by `tso-server/tests/raft_partition.rs`, which fails without it.)
+#[test]
+fn a_raft_cluster_with_its_leader_paused_is_clean() {
+    let dir = tempfile::tempdir().unwrap();
+    let (output, result) = tso_check(
+        dir.path(),
+        &[
+            "--nodes",
+            "3",
+            "--seed",
+            "5",
+            "--clients",
+            "6",
+            "--duration",
+            "20s",
+            "--fault-interval",
+            "1s",
+            "--faults",
+            "pause",
+        ],
+    );
+    assert_eq!(output.status.code(), Some(0), "{}", explain(&output));
+    assert_eq!(result["verdict"], "clean", "{result:#}");
+    let faults: Vec<&str> = result["schedule"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|step| step["fault"].as_str().unwrap())
+        .collect();
+    assert!(
+        faults.iter().any(|f| f.starts_with("SIGSTOP the leader")),
+        "{faults:?}"
+    );
+}
+
 /// The short cluster check of the CI: 3 raft nodes, kills and partitions, seed 3 (whose
 /// schedule kills the leader 4 times and cuts it off 3 times, among 13 faults in 30 s).
 #[test]
