@@ -23,8 +23,8 @@ pub const CLUSTER_WAIT: Duration = Duration::from_secs(30);
 /// ask for. (The process tests run the defaults.)
 pub fn test_timings() -> RaftTimings {
     RaftTimings {
-        election_timeout_min: Duration::from_millis(400),
-        election_timeout_max: Duration::from_millis(700),
+        election_timeout_min: Duration::from_millis(800),
+        election_timeout_max: Duration::from_millis(1_400),
         call_timeout: Duration::from_secs(2),
         ..RaftTimings::default()
     }
