@@ -223,3 +223,62 @@ async fn all_three_killed_and_restarted_without_members_continue_above() {
         }
     }
 }
+
+/// Quorum lost (two of three nodes killed): calls to the survivor fail within the client's
+/// deadline instead of hanging, nothing it answers is below what was granted, and service
+/// resumes above everything once the two come back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn losing_quorum_fails_within_the_deadline_and_service_resumes_above() {
+    let dir = tempfile::tempdir().unwrap();
+    let nodes: Vec<Node> = (1..=3)
+        .map(|id| Node {
+            id,
+            client_port: free_port(),
+            peer_port: free_port(),
+        })
+        .collect();
+    let members = members(&nodes);
+    let mut servers: Vec<Option<Server>> = nodes
+        .iter()
+        .map(|n| Some(start(dir.path(), n, &members)))
+        .collect();
+    let (leader, _, mut last) = first_grant(&nodes, &[true; 3]).await;
+
+    // Keep the leader, kill the other two: the leader loses its quorum (and its lease).
+    for (i, server) in servers.iter_mut().enumerate() {
+        if i != leader {
+            server.take().unwrap().kill9();
+        }
+    }
+    let endpoint = format!("127.0.0.1:{}", nodes[leader].client_port);
+    let killed_at = std::time::Instant::now();
+    let mut refused = false;
+    while killed_at.elapsed() < HANG_GUARD {
+        let started = std::time::Instant::now();
+        let (status, out, _) = run_tso(&["get", "--endpoints", &endpoint, "--timeout", "1s"]);
+        assert!(started.elapsed() < HANG_GUARD, "tso get hung");
+        if status.success() {
+            // Granted inside the lease that was still running at the kill: above the past.
+            let value: u64 = out.trim().parse().unwrap();
+            assert!(value > last, "{value} not above {last}");
+            last = value;
+        } else {
+            eprintln!("refused {:?} after the kill", killed_at.elapsed());
+            refused = true;
+            break;
+        }
+    }
+    assert!(refused, "a leader without a quorum kept granting");
+
+    // Quorum back: service resumes above everything granted before.
+    for (i, server) in servers.iter_mut().enumerate() {
+        if i != leader {
+            *server = Some(start(dir.path(), &nodes[i], ""));
+        }
+    }
+    let (_, first, _) = first_grant(&nodes, &[true; 3]).await;
+    assert!(
+        first > last,
+        "{first} not above {last} after the quorum came back"
+    );
+}
