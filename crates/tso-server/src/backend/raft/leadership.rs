@@ -13,7 +13,7 @@ use tso_core::Epoch;
 use super::RaftTimings;
 use super::lease::LeaseClock;
 use super::types::{NodeAddrs, NodeId};
-use crate::consensus::Leadership;
+use crate::consensus::{ConsensusError, Leadership};
 
 /// The client address of a tso cluster member: the one its membership entry carries.
 pub fn tso_client_addr(_id: NodeId, node: &NodeAddrs) -> Option<String> {
@@ -50,6 +50,29 @@ pub fn leadership_with<N: openraft::Node>(
             leader_epoch: Some(Epoch::from_parts(m.current_term, leader)),
         },
         _ => Leadership::Unknown,
+    }
+}
+
+/// Refuses a persist under `epoch` unless `current` is this node leading in exactly that epoch:
+/// another epoch of this node is Fenced, a follower or an unknown leader is NotLeader.
+pub fn check_epoch(current: Leadership, epoch: Epoch) -> Result<(), ConsensusError> {
+    match current {
+        Leadership::Leader { epoch: current } if current == epoch => Ok(()),
+        Leadership::Leader { epoch: current } => Err(ConsensusError::Fenced {
+            expected: epoch,
+            current,
+        }),
+        Leadership::Follower {
+            leader_endpoint,
+            leader_epoch,
+        } => Err(ConsensusError::NotLeader {
+            leader_endpoint,
+            leader_epoch,
+        }),
+        Leadership::Unknown => Err(ConsensusError::NotLeader {
+            leader_endpoint: None,
+            leader_epoch: None,
+        }),
     }
 }
 

@@ -390,24 +390,7 @@ impl RaftBackend {
 
     /// Refuses a persist under any epoch but this node's current leader epoch.
     fn check_epoch(&self, epoch: Epoch) -> Result<(), ConsensusError> {
-        match self.current_leadership() {
-            Leadership::Leader { epoch: current } if current == epoch => Ok(()),
-            Leadership::Leader { epoch: current } => Err(ConsensusError::Fenced {
-                expected: epoch,
-                current,
-            }),
-            Leadership::Follower {
-                leader_endpoint,
-                leader_epoch,
-            } => Err(ConsensusError::NotLeader {
-                leader_endpoint,
-                leader_epoch,
-            }),
-            Leadership::Unknown => Err(ConsensusError::NotLeader {
-                leader_endpoint: None,
-                leader_epoch: None,
-            }),
-        }
+        leadership::check_epoch(self.current_leadership(), epoch)
     }
 
     /// The read barrier, retried within `call_timeout` when a quorum did not answer in time:

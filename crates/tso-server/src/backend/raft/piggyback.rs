@@ -214,24 +214,7 @@ where
 
     /// Refuses a persist under any epoch but this node's current leader epoch.
     fn check_epoch(&self, epoch: Epoch) -> Result<(), ConsensusError> {
-        match self.leadership.borrow().clone() {
-            Leadership::Leader { epoch: current } if current == epoch => Ok(()),
-            Leadership::Leader { epoch: current } => Err(ConsensusError::Fenced {
-                expected: epoch,
-                current,
-            }),
-            Leadership::Follower {
-                leader_endpoint,
-                leader_epoch,
-            } => Err(ConsensusError::NotLeader {
-                leader_endpoint,
-                leader_epoch,
-            }),
-            Leadership::Unknown => Err(ConsensusError::NotLeader {
-                leader_endpoint: None,
-                leader_epoch: None,
-            }),
-        }
+        super::leadership::check_epoch(self.leadership.borrow().clone(), epoch)
     }
 
     /// The read barrier, retried within the call timeout while a quorum does not answer.
