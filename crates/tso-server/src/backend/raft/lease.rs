@@ -62,6 +62,12 @@ impl LeaseClock {
         let lease = *self.lease.lock().expect("lease lock");
         lease.filter(|l| l.term == term).map(|l| l.valid_until)
     }
+
+    /// True while the lease of `term` has not ended: the check on the grant path.
+    pub fn is_valid(&self, term: u64) -> bool {
+        self.valid_until(term)
+            .is_some_and(|until| Instant::now() < until)
+    }
 }
 
 #[cfg(test)]
