@@ -40,7 +40,7 @@ use tonic::transport::server::TcpIncoming;
 use tso_proto::tso::example_kv_v1::kv_server::{Kv, KvServer};
 use tso_proto::tso::example_kv_v1::{GetReply, GetRequest, PutReply, PutRequest};
 use tso_server::backend::raft::piggyback::{
-    HighWaterCommand, HighWaterState, PiggybackConsensus, hold_elections_after_restart,
+    HighWaterCommand, HighWaterState, LeaseHeld, PiggybackConsensus, VoteGate,
 };
 use tso_server::{Config, OracleGuard};
 
@@ -297,14 +297,30 @@ impl RaftStateMachine<KvConfig> for StateMachine {
 
 // ---- in-process raft network ----
 
+/// One reachable node: its raft, and the oracle's vote gate once the oracle runs on it.
+#[derive(Clone)]
+struct Target {
+    raft: Raft,
+    votes: Option<VoteGate>,
+}
+
 /// Delivers raft messages by calling the target node's `Raft` directly.
 #[derive(Clone, Default)]
-pub struct Router(Arc<Mutex<BTreeMap<u64, Raft>>>);
+pub struct Router(Arc<Mutex<BTreeMap<u64, Target>>>);
 
 impl Router {
     /// Makes node `id` reachable at `raft`.
     pub fn add(&self, id: u64, raft: Raft) {
-        self.0.lock().unwrap().insert(id, raft);
+        let target = Target { raft, votes: None };
+        self.0.lock().unwrap().insert(id, target);
+    }
+
+    /// Routes the vote requests node `id` receives through the oracle's gate (a node without
+    /// the oracle's lease has nothing to protect, so until then votes go straight to raft).
+    pub fn gate_votes(&self, id: u64, votes: VoteGate) {
+        if let Some(t) = self.0.lock().unwrap().get_mut(&id) {
+            t.votes = Some(votes);
+        }
     }
 
     /// Makes node `id` unreachable (its raft was shut down).
@@ -320,12 +336,21 @@ pub struct Conn {
 
 impl Conn {
     fn target(&self) -> Option<Raft> {
-        self.router.0.lock().unwrap().get(&self.target).cloned()
+        self.router
+            .0
+            .lock()
+            .unwrap()
+            .get(&self.target)
+            .map(|t| t.raft.clone())
     }
 
     fn unreachable<E: std::error::Error>(&self) -> RPCError<u64, BasicNode, E> {
         let e = std::io::Error::other(format!("node {} is down", self.target));
         RPCError::Unreachable(Unreachable::new(&e))
+    }
+
+    fn refused<E: std::error::Error>(&self, held: LeaseHeld) -> RPCError<u64, BasicNode, E> {
+        RPCError::Unreachable(Unreachable::new(&held))
     }
 
     fn remote<E: std::error::Error>(&self, e: E) -> RPCError<u64, BasicNode, E> {
@@ -370,8 +395,17 @@ impl RaftNetwork<KvConfig> for Conn {
         rpc: VoteRequest<u64>,
         _option: RPCOption,
     ) -> RpcResult<VoteResponse<u64>> {
-        let raft = self.target().ok_or_else(|| self.unreachable())?;
-        raft.vote(rpc).await.map_err(|e| self.remote(e))
+        let target = self.router.0.lock().unwrap().get(&self.target).cloned();
+        let target = target.ok_or_else(|| self.unreachable())?;
+        // The oracle's rule for every host: a vote request passes the gate before raft sees it.
+        let answer = match &target.votes {
+            Some(gate) => gate
+                .vote(&target.raft, rpc)
+                .await
+                .map_err(|held: LeaseHeld| self.refused(held))?,
+            None => target.raft.vote(rpc).await,
+        };
+        answer.map_err(|e| self.remote(e))
     }
 }
 
@@ -502,20 +536,17 @@ pub fn oracle_consensus(raft: &Raft, sm: &StateMachine) -> PiggybackConsensus<Kv
 }
 
 /// Starts node `id` on `storage` (its log and state machine), serving the oracle and the
-/// store on `listener`. A node that `restarts` on its storage holds back elections first.
+/// store on `listener`.
 pub async fn start_node(
     id: u64,
     listener: tokio::net::TcpListener,
     (log, sm): (LogStore, StateMachine),
     router: &Router,
-    restarts: bool,
 ) -> Result<Node, Box<dyn std::error::Error>> {
     let addr = listener.local_addr()?;
     let raft = open_raft(id, log.clone(), sm.clone(), router).await?;
-    if restarts {
-        hold_elections_after_restart(&raft);
-    }
     let consensus = Arc::new(oracle_consensus(&raft, &sm));
+    router.gate_votes(id, consensus.vote_gate());
     let oracle = OracleGuard::start(consensus.clone(), Config::default());
 
     let stop = CancellationToken::new();
@@ -559,7 +590,7 @@ pub async fn start_cluster(n: u64) -> Result<Cluster, Box<dyn std::error::Error>
     for (i, listener) in listeners.into_iter().enumerate() {
         let id = i as u64 + 1;
         let storage = (LogStore::default(), StateMachine::default());
-        nodes.push(start_node(id, listener, storage, &router, false).await?);
+        nodes.push(start_node(id, listener, storage, &router).await?);
     }
     nodes[0].raft.initialize(members).await?;
     Ok(Cluster { nodes, router })
@@ -593,7 +624,7 @@ impl Cluster {
         let listener = tokio::net::TcpListener::bind(node.addr).await?;
         let storage = (node.log.clone(), node.sm.clone());
         let id = node.id;
-        self.nodes[index] = start_node(id, listener, storage, &self.router, true).await?;
+        self.nodes[index] = start_node(id, listener, storage, &self.router).await?;
         Ok(())
     }
 

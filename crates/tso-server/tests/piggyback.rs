@@ -348,6 +348,9 @@ async fn losing_quorum_is_transient_and_service_resumes() {
     // Quorum back: a leader serves again.
     for node in &cluster.nodes {
         cluster.router.add(node.id, node.raft.clone());
+        cluster
+            .router
+            .gate_votes(node.id, node.consensus.vote_gate());
     }
     // Followers that timed out while cut off may hold a new election once healed: take a
     // timestamp from whichever node ends up serving.

@@ -6,7 +6,10 @@ mod common;
 
 use std::time::Duration;
 
-use common::raft::{client_addr, start_cluster, wait_for_follower_of, wait_for_leader};
+use common::raft::{
+    client_addr, start_cluster, start_cluster_with, test_timings, wait_for_follower_of,
+    wait_for_leader,
+};
 use tso_core::Epoch;
 use tso_server::backend::raft::{Links, SnapshotOptions};
 use tso_server::consensus::{Consensus, ConsensusError};
@@ -219,4 +222,126 @@ async fn a_follower_behind_the_purged_log_catches_up_by_snapshot() {
     for n in &mut nodes {
         n.stop().await;
     }
+}
+
+/// SEMANTICS §13: the fence's read reflects every committed write, even on a leader that comes
+/// back in its own term after a restart (openraft restores a committed vote for itself as
+/// leadership at once, without a new blank entry). Its snapshot covers the term's first entry,
+/// so openraft's read point is already applied at start; the extensions committed after the
+/// snapshot must still be in what `load_high_water` returns, or the fence would seed the
+/// cursor from a stale high-water and, with a clock behind the last grants, repeat timestamps.
+/// Replication from the restarted leader is held while heartbeats pass, so its read barrier
+/// wins the race against its log replication (as it can after a power loss): the read must
+/// then wait (and fail as `Transient` when the wait runs out), never return the snapshot's value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_restarted_into_its_own_term_loads_every_committed_high_water() {
+    const ROUNDS: u64 = 3;
+    let dir = tempfile::tempdir().unwrap();
+    let links = Links::default();
+    let snapshot = SnapshotOptions {
+        every_entries: 5,
+        entries_kept: 0,
+    };
+    let mut nodes = start_cluster_with(dir.path(), 3, &links, snapshot, test_timings()).await;
+    let all = [0, 1, 2];
+    let mut last = 0;
+    for round in 1..=ROUNDS {
+        let (leader, epoch) = extend_in_one_term(&nodes, &mut last).await;
+        let peers: Vec<String> = nodes.iter().map(common::raft::peer_addr).collect();
+        for n in &mut nodes {
+            n.stop().await;
+        }
+        let leader_id = leader as u64 + 1;
+        for id in (1..=3).filter(|&id| id != leader_id) {
+            links.hold_replication(leader_id, id);
+        }
+        let mut restarted = Vec::new();
+        for i in std::iter::once(leader).chain(all.into_iter().filter(|&i| i != leader)) {
+            let id = i as u64 + 1;
+            let node =
+                common::raft::restart_node_with(dir.path(), id, &peers[i], &links, snapshot).await;
+            restarted.push((i, node));
+        }
+        restarted.sort_by_key(|(i, _)| *i);
+        nodes = restarted.into_iter().map(|(_, n)| n).collect();
+        let held = load_with_retries(&nodes[leader], 1).await;
+        if let Some(v) = held {
+            assert!(
+                v >= last,
+                "round {round}: node {leader_id} restarted in {epoch} loaded high-water {v} \
+                 below the committed {last} while its replication was held"
+            );
+        }
+        links.heal_all();
+        let loaded = load_with_retries(&nodes[leader], u32::MAX)
+            .await
+            .expect("the load succeeds once replication flows");
+        eprintln!("round {round}: leader {epoch}, last committed {last}, loaded {loaded}");
+        assert!(
+            loaded >= last,
+            "round {round}: node {} restarted in {epoch} loaded high-water {loaded} below the \
+             committed {last}",
+            nodes[leader].id
+        );
+    }
+    for n in &mut nodes {
+        n.stop().await;
+    }
+}
+
+/// Persists at least `EXTENSIONS` rising high-waters on one leader within one term, until its
+/// snapshot covers the term's first entry and at least one committed entry lies past the
+/// snapshot; starts over under a new leader if an election intervenes. Returns the leader.
+async fn extend_in_one_term(nodes: &[common::raft::TestNode], last: &mut u64) -> (usize, Epoch) {
+    /// With a snapshot every 5 entries: two snapshots or more per term.
+    const EXTENSIONS: u64 = 12;
+    let all = [0, 1, 2];
+    'term: loop {
+        let (leader, epoch) = wait_for_leader(nodes, &all, Epoch::ZERO).await;
+        let backend = &nodes[leader].backend;
+        let term_start = backend.last_log_index().unwrap_or(0);
+        let mut extensions = 0;
+        loop {
+            *last += 1_000;
+            if let Err(e) = backend.persist_high_water(*last, epoch).await {
+                eprintln!("persist in {epoch} failed ({e}); starting over");
+                continue 'term;
+            }
+            extensions += 1;
+            let covered = backend.snapshot_index().is_some_and(|s| s > term_start);
+            let past = backend.snapshot_index() < backend.last_log_index();
+            if extensions >= EXTENSIONS && covered && past {
+                return (leader, epoch);
+            }
+            assert!(
+                extensions < 10 * EXTENSIONS,
+                "no snapshot past index {term_start} after {extensions} extensions"
+            );
+        }
+    }
+}
+
+/// The restarted leader's fence read, retried while it fails as `Transient` (its peers coming
+/// back, or its wait for the log to be applied running out), up to `timeouts` times after a
+/// wait ran out (`None` then).
+async fn load_with_retries(node: &common::raft::TestNode, timeouts: u32) -> Option<u64> {
+    let attempt = async {
+        let mut left = timeouts;
+        loop {
+            match node.backend.load_high_water().await {
+                Ok(v) => return Some(v),
+                Err(ConsensusError::Transient(e)) if e.contains("not confirmed") => {
+                    left -= 1;
+                    if left == 0 {
+                        return None;
+                    }
+                }
+                Err(ConsensusError::Transient(_)) => {}
+                Err(e) => panic!("the restarted leader's load failed: {e}"),
+            }
+        }
+    };
+    tokio::time::timeout(common::raft::CLUSTER_WAIT, attempt)
+        .await
+        .expect("the restarted leader loads within the wait")
 }

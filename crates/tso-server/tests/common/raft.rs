@@ -179,13 +179,24 @@ pub async fn wait_for_follower_of(node: &TestNode, leader_client_addr: &str) {
 /// Restarts node `id` on its data directory under `dir` without a members list (a restarted
 /// node learns the members from its log), serving peers again on `peer_addr`.
 pub async fn restart_node(dir: &Path, id: u64, peer_addr: &str, links: &Links) -> TestNode {
+    restart_node_with(dir, id, peer_addr, links, SnapshotOptions::default()).await
+}
+
+/// [`restart_node`] with the given snapshot options.
+pub async fn restart_node_with(
+    dir: &Path,
+    id: u64,
+    peer_addr: &str,
+    links: &Links,
+    snapshot: SnapshotOptions,
+) -> TestNode {
     let listener = tokio::net::TcpListener::bind(peer_addr).await.unwrap();
     let config = RaftConfig {
         node_id: id,
         data_dir: dir.join(format!("node-{id}")),
         initial_members: BTreeMap::new(),
         timings: test_timings(),
-        snapshot: SnapshotOptions::default(),
+        snapshot,
         links: links.clone(),
     };
     start_node(config, listener).await

@@ -8,10 +8,13 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use super::record_file::{RecordFile, RecordFileError};
-use super::{NodeAddrs, RaftOpenError};
+use super::{NodeAddrs, RaftOpenError, RaftTimings};
 
 /// File name of the identity record inside the raft data directory.
 pub const IDENTITY_FILE: &str = "raft-identity";
+
+/// File name of the recorded raft timings inside the raft data directory.
+pub const TIMINGS_FILE: &str = "raft-timings";
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 struct Identity {
@@ -52,6 +55,29 @@ pub fn check_or_write(
             dir: dir.to_owned(),
             stored: stored.member_ids,
             given: member_ids,
+        });
+    }
+    Ok(())
+}
+
+/// Checks this start's raft timings against those recorded at the directory's first start
+/// (recording them then, or on the first start of a directory from before they were recorded):
+/// the leader lease is sound only while every node keeps the same heartbeat and election
+/// timeouts, so a restart with other values is refused.
+pub fn check_or_record_timings(dir: &Path, timings: &RaftTimings) -> Result<(), RaftOpenError> {
+    let path = dir.join(TIMINGS_FILE);
+    let (mut file, payloads) = RecordFile::open(&path)?;
+    let given = timings.cluster_key();
+    let Some(last) = payloads.last() else {
+        return Ok(file.rewrite(&[given.into_bytes()])?);
+    };
+    let stored = std::str::from_utf8(last)
+        .map_err(|_| RaftOpenError::Storage(RecordFileError::Corrupt { path, offset: 0 }))?;
+    if stored != given {
+        return Err(RaftOpenError::TimingsDiffer {
+            dir: dir.to_owned(),
+            stored: stored.to_owned(),
+            given,
         });
     }
     Ok(())

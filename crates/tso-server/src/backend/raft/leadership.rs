@@ -6,6 +6,8 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use openraft::error::{CheckIsLeaderError, RaftError};
+use openraft::raft::{VoteRequest, VoteResponse};
 use openraft::{RaftMetrics, ServerState};
 use tokio::sync::watch;
 use tso_core::Epoch;
@@ -154,21 +156,134 @@ pub async fn renew_lease<C>(
     }
 }
 
-/// Keeps a restarted node from campaigning for `quiet` (its `election_timeout_max`).
+/// A node's peer vote handler: hands a vote request to raft only while this node holds no
+/// unexpired lease, and keeps its lease from being extended while the vote is decided.
 ///
-/// Before a crash this node may have acknowledged the leader at some instant `r`, helping it to
-/// a lease until `r + election_timeout_max`. openraft forgets `r` on restart and would let the
-/// node campaign at once, voting for itself: with a peer whose own lease has expired that makes
-/// a quorum while the old leader still grants. Waiting out `quiet` after the restart (which is
-/// after `r`) closes that; the peer service refuses incoming votes for the same span.
-pub fn hold_elections<C>(raft: &openraft::Raft<C>, quiet: std::time::Duration)
+/// openraft 0.9 refreshes a node's vote-refusal clock whenever it hears from a leader, but a
+/// leader's own clock is set once, when it is elected: after `election_timeout_max` in office
+/// its raft votes for any higher-term candidate with an up-to-date log. The leader counts itself
+/// in the quorum that renews its lease, so that vote would let a candidate win while the old
+/// leader still grants. Every vote request a node receives must pass through this gate.
+#[derive(Debug, Clone)]
+pub struct VoteGate {
+    lease: Arc<LeaseClock>,
+}
+
+/// A vote request refused because this node holds a leader lease that has not ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("this node holds the leader lease of term {term} for another {remaining:?}; not voting")]
+pub struct LeaseHeld {
+    pub term: u64,
+    pub remaining: std::time::Duration,
+}
+
+/// Ends a vote admitted by the gate, even if the task handling it is torn down: the vote term
+/// stays the request's (the vote may have been given) unless raft's answer says otherwise.
+struct VoteInFlight {
+    lease: Arc<LeaseClock>,
+    vote_term: u64,
+}
+
+impl Drop for VoteInFlight {
+    fn drop(&mut self) {
+        self.lease.end_vote(self.vote_term);
+    }
+}
+
+impl VoteGate {
+    pub(super) fn new(lease: Arc<LeaseClock>) -> Self {
+        Self { lease }
+    }
+
+    /// Handles one peer vote request on `raft`: `Err(LeaseHeld)` if refused here, else raft's
+    /// answer. The request is decided in its own task, so a caller that goes away (a cancelled
+    /// RPC) cannot leave lease extensions suspended.
+    pub async fn vote<C>(
+        &self,
+        raft: &openraft::Raft<C>,
+        req: VoteRequest<NodeId>,
+    ) -> Result<Result<VoteResponse<NodeId>, RaftError<NodeId>>, LeaseHeld>
+    where
+        C: openraft::RaftTypeConfig<NodeId = NodeId, AsyncRuntime = openraft::TokioRuntime>,
+    {
+        let now = Instant::now();
+        self.lease.begin_vote(now).map_err(|held| LeaseHeld {
+            term: held.term,
+            remaining: held.valid_until - now,
+        })?;
+        let mut in_flight = VoteInFlight {
+            lease: self.lease.clone(),
+            vote_term: req.vote.leader_id.term,
+        };
+        let raft = raft.clone();
+        let decided = tokio::spawn(async move {
+            let answer = raft.vote(req).await;
+            if let Ok(resp) = &answer {
+                in_flight.vote_term = resp.vote.leader_id.term;
+            }
+            drop(in_flight);
+            answer
+        });
+        match decided.await {
+            Ok(answer) => Ok(answer),
+            Err(e) => {
+                tracing::error!("a vote task failed: {e}");
+                Ok(Err(RaftError::Fatal(openraft::error::Fatal::Panicked)))
+            }
+        }
+    }
+}
+
+/// The fence's read (SEMANTICS §13): a read barrier that confirms leadership with a quorum,
+/// then a wait until the state machine has applied everything in this leader's log, so the
+/// value reflects every write committed before it, even on a leader that restarted into its
+/// own term (whose read point may already be covered by its snapshot while later committed
+/// entries are not applied yet). Each successful barrier extends the lease. A quorum that does
+/// not answer in time is retried within `call_timeout`; past it, `Transient`.
+pub async fn read_applied<C>(
+    raft: &openraft::Raft<C>,
+    lease: &LeaseClock,
+    timings: &RaftTimings,
+    map_read_error: impl Fn(RaftError<NodeId, CheckIsLeaderError<NodeId, C::Node>>) -> ConsensusError,
+    read: impl Fn() -> u64,
+) -> Result<u64, ConsensusError>
 where
-    C: openraft::RaftTypeConfig,
+    C: openraft::RaftTypeConfig<NodeId = NodeId, AsyncRuntime = openraft::TokioRuntime>,
 {
-    raft.runtime_config().elect(false);
-    let raft = raft.clone();
-    tokio::spawn(async move {
-        tokio::time::sleep(quiet).await;
-        raft.runtime_config().elect(true);
-    });
+    let deadline = tokio::time::Instant::now() + timings.call_timeout;
+    let timeout = || transient_timeout("read barrier", timings.call_timeout);
+    loop {
+        let term = raft.metrics().borrow().current_term;
+        let sent = Instant::now();
+        let error = match tokio::time::timeout_at(deadline, raft.ensure_linearizable()).await {
+            Err(_) => return Err(timeout()),
+            Ok(Ok(_)) => {
+                lease.extend(term, sent);
+                let last = raft.metrics().borrow().last_log_index;
+                let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                return match raft
+                    .wait(Some(left))
+                    .applied_index_at_least(last, "fence read")
+                    .await
+                {
+                    Ok(_) => Ok(read()),
+                    Err(openraft::metrics::WaitError::Timeout(..)) => Err(timeout()),
+                    Err(e) => Err(ConsensusError::Permanent(format!("raft stopped: {e}"))),
+                };
+            }
+            Ok(Err(e)) => map_read_error(e),
+        };
+        let retry_at = tokio::time::Instant::now() + timings.heartbeat_interval;
+        if !matches!(error, ConsensusError::Transient(_)) || retry_at >= deadline {
+            return Err(error);
+        }
+        tokio::time::sleep_until(retry_at).await;
+    }
+}
+
+/// A raft call that a quorum did not confirm in time.
+pub fn transient_timeout(what: &str, after: std::time::Duration) -> ConsensusError {
+    ConsensusError::Transient(format!(
+        "raft {what} not confirmed by a quorum within {after:?}; retry"
+    ))
 }

@@ -1,8 +1,9 @@
 //! The durable raft log and vote: one [`RecordFile`] replayed into memory at open.
 //!
-//! Every change (vote, appended entries, truncation, purge) is a record appended and fsync'd
-//! before openraft is told it happened, in call order, so writes are serialized as openraft
-//! requires. The in-memory view always equals the replay of the file. A purge may rewrite the
+//! Every change (vote, appended entries, truncation, purge, commit index) is a record appended
+//! and fsync'd before openraft is told it happened, in call order, so writes are serialized as
+//! openraft requires. The commit index is kept so that a restarted node re-applies everything
+//! committed before it stopped, before it serves (SEMANTICS §13). The in-memory view always equals the replay of the file. A purge may rewrite the
 //! file to drop dead records (atomically: temp file, fsync, rename).
 
 use std::collections::BTreeMap;
@@ -38,6 +39,8 @@ enum Record {
     Purge {
         upto: LogId,
     },
+    /// The last committed log id. Appended last so that older files stay readable.
+    Committed(LogId),
 }
 
 #[derive(Debug)]
@@ -46,6 +49,7 @@ struct Inner {
     entries: BTreeMap<u64, Entry>,
     vote: Option<Vote>,
     last_purged: Option<LogId>,
+    committed: Option<LogId>,
 }
 
 /// The log store handed to openraft; clones share one file.
@@ -64,6 +68,7 @@ impl LogStore {
             entries: BTreeMap::new(),
             vote: None,
             last_purged: None,
+            committed: None,
         };
         for (i, p) in payloads.iter().enumerate() {
             let record: Record = postcard::from_bytes(p).map_err(|_| RecordFileError::Corrupt {
@@ -104,6 +109,11 @@ impl Inner {
                     self.last_purged = Some(upto);
                 }
             }
+            Record::Committed(c) => {
+                if self.committed.is_none_or(|old| old < c) {
+                    self.committed = Some(c);
+                }
+            }
         }
     }
 
@@ -122,6 +132,7 @@ impl Inner {
         let head = [
             self.vote.map(Record::Vote),
             self.last_purged.map(|upto| Record::Purge { upto }),
+            self.committed.map(Record::Committed),
         ];
         let head = head.into_iter().flatten().map(|r| encode(&r));
         let entries = self
@@ -187,6 +198,23 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn read_vote(&mut self) -> Result<Option<Vote>, StorageError> {
         Ok(self.lock().vote)
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
+        let Some(c) = committed else {
+            return Ok(());
+        };
+        let mut inner = self.lock();
+        if inner.committed.is_some_and(|old| old >= c) {
+            return Ok(());
+        }
+        inner
+            .commit(vec![Record::Committed(c)])
+            .map_err(|e| StorageIOError::write(&e).into())
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {
+        Ok(self.lock().committed)
     }
 
     async fn append<I>(

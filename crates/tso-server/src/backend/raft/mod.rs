@@ -38,7 +38,8 @@ use tso_proto::tso::raft_v1::raft_peer_server::RaftPeerServer;
 
 use crate::consensus::{BoxFuture, Consensus, ConsensusError, Leadership};
 use dir_guard::DirGuard;
-use leadership::{hold_elections, leadership_of, renew_lease, watch_leadership};
+pub use leadership::{LeaseHeld, VoteGate};
+use leadership::{leadership_of, read_applied, renew_lease, transient_timeout, watch_leadership};
 use lease::LeaseClock;
 use log_store::LogStore;
 use network::Network;
@@ -88,6 +89,62 @@ pub struct RaftTimings {
     /// Bound on one write or read barrier; past it the call fails as `Transient` (no quorum).
     pub call_timeout: Duration,
 }
+
+impl RaftTimings {
+    /// Refuses timings the leader lease cannot rely on: openraft counts in whole milliseconds
+    /// (a fraction would be dropped there but not from the lease), an election window must
+    /// follow the heartbeat, and the lease (renewed once per heartbeat) must span at least
+    /// [`HEARTBEATS_PER_LEASE_MIN`] heartbeats, so that one late renewal does not end it.
+    pub fn validate(&self) -> Result<(), String> {
+        let named = [
+            ("heartbeat interval", self.heartbeat_interval),
+            ("election timeout min", self.election_timeout_min),
+            ("election timeout max", self.election_timeout_max),
+        ];
+        for (name, d) in named {
+            if d.is_zero() || d.subsec_nanos() % 1_000_000 != 0 {
+                return Err(format!(
+                    "the {name} must be a whole number of milliseconds above 0, not {d:?}"
+                ));
+            }
+        }
+        if self.heartbeat_interval >= self.election_timeout_min
+            || self.election_timeout_min >= self.election_timeout_max
+        {
+            return Err(format!(
+                "need heartbeat interval < election timeout min < election timeout max, got {:?} / {:?} / {:?}",
+                self.heartbeat_interval, self.election_timeout_min, self.election_timeout_max
+            ));
+        }
+        let lease = lease::lease_duration(self.election_timeout_max);
+        if self.heartbeat_interval * HEARTBEATS_PER_LEASE_MIN > lease {
+            return Err(format!(
+                "the heartbeat interval {:?} is not well inside the leader lease {lease:?} \
+                 (90 % of the election timeout max): raise the election timeout max to at least \
+                 {:?}, or lower the heartbeat",
+                self.heartbeat_interval,
+                self.heartbeat_interval * HEARTBEATS_PER_LEASE_MIN * 10 / 9
+            ));
+        }
+        Ok(())
+    }
+
+    /// The cluster-wide part (what the lease depends on), as peers compare it: `hb/min/max` in
+    /// milliseconds.
+    pub fn cluster_key(&self) -> String {
+        let ms = |d: Duration| d.as_millis();
+        format!(
+            "{}/{}/{}",
+            ms(self.heartbeat_interval),
+            ms(self.election_timeout_min),
+            ms(self.election_timeout_max)
+        )
+    }
+}
+
+/// Renewals that fit in one lease at least: with 3, a lease survives two late or lost
+/// heartbeats (defaults: 50 ms heartbeats, 315 ms lease, over 6 renewals per lease).
+pub const HEARTBEATS_PER_LEASE_MIN: u32 = 3;
 
 impl Default for RaftTimings {
     fn default() -> Self {
@@ -155,6 +212,17 @@ pub enum RaftOpenError {
     },
     #[error("invalid raft timings: {0}")]
     Config(String),
+    #[error(
+        "data directory {dir} was first started with raft timings {stored} \
+         (heartbeat/election-min/election-max, ms), but this start gives {given}: every node of \
+         a cluster must keep the same timings, since the leader lease depends on them; pass the \
+         recorded values"
+    )]
+    TimingsDiffer {
+        dir: PathBuf,
+        stored: String,
+        given: String,
+    },
     #[error("data directory {0} is still in use by another raft node in this process")]
     DirInUse(PathBuf),
     #[error(
@@ -222,16 +290,20 @@ impl RaftBackend {
                 members: config.initial_members.keys().copied().collect(),
             });
         }
+        config.timings.validate().map_err(RaftOpenError::Config)?;
         identity::check_or_write(&config.data_dir, config.node_id, &config.initial_members)?;
+        identity::check_or_record_timings(&config.data_dir, &config.timings)?;
         let raft_config = openraft_config(&config.timings, &config.snapshot)?;
-        let network = Network::new(config.node_id, config.links.clone());
+        let network = Network::new(
+            config.node_id,
+            config.timings.cluster_key(),
+            config.links.clone(),
+        );
         let raft = Raft::new(config.node_id, raft_config, network, log, sm.clone())
             .await
             .map_err(|e| RaftOpenError::Start(e.to_string()))?;
         if fresh {
             initialize(&raft, config.initial_members.clone()).await?;
-        } else {
-            hold_elections(&raft, config.timings.election_timeout_max);
         }
         Ok(Self::start_tasks(config, raft, sm, dir_guard))
     }
@@ -270,7 +342,8 @@ impl RaftBackend {
     /// The `tso.raft.v1.RaftPeer` service of this node, to be served on its peer address
     /// (alone, or next to other services on one tonic server).
     pub fn peer_service(&self) -> RaftPeerServer<PeerService> {
-        PeerService::new(self.raft.clone(), self.timings.election_timeout_max).into_server()
+        let votes = VoteGate::new(self.lease.clone());
+        PeerService::new(self.raft.clone(), votes, self.timings.cluster_key()).into_server()
     }
 
     /// Serves [`Self::peer_service`] on `listener` until `shutdown` completes.
@@ -293,6 +366,12 @@ impl RaftBackend {
     /// other node can have been elected (see `docs/raft-lease.md`).
     pub fn lease_valid_until(&self) -> Option<Instant> {
         self.lease_view().valid_until()
+    }
+
+    /// The end of the lease this node held in `epoch`'s term, whatever it leads now; `None` if
+    /// it never held one there, or gave it up by voting for a later term.
+    pub fn lease_end_in(&self, epoch: Epoch) -> Option<Instant> {
+        self.lease.valid_until(epoch.hi())
     }
 
     /// True while this node leads under an unexpired lease.
@@ -323,6 +402,16 @@ impl RaftBackend {
             .nodes()
             .map(|(id, n)| (*id, n.clone()))
             .collect()
+    }
+
+    /// The current raft term of this node (for diagnostics and tests).
+    pub fn current_term(&self) -> u64 {
+        self.raft.metrics().borrow().current_term
+    }
+
+    /// The index of the last entry in this node's log, if any (for diagnostics and tests).
+    pub fn last_log_index(&self) -> Option<u64> {
+        self.raft.metrics().borrow().last_log_index
     }
 
     /// The index of the last purged log entry, if any (for diagnostics and tests).
@@ -393,29 +482,12 @@ impl RaftBackend {
         leadership::check_epoch(self.current_leadership(), epoch)
     }
 
-    /// The read barrier, retried within `call_timeout` when a quorum did not answer in time:
-    /// openraft gives its confirmation heartbeats one heartbeat interval, which a busy machine
-    /// can overrun now and then.
     async fn load(&self) -> Result<u64, ConsensusError> {
-        let deadline = tokio::time::Instant::now() + self.timings.call_timeout;
-        loop {
-            let term = self.raft.metrics().borrow().current_term;
-            let sent = Instant::now();
-            let read = tokio::time::timeout_at(deadline, self.raft.ensure_linearizable());
-            let error = match read.await {
-                Err(_) => return Err(transient_timeout("read barrier", self.timings.call_timeout)),
-                Ok(Ok(_)) => {
-                    self.lease.extend(term, sent);
-                    return Ok(self.sm.high_water_ms());
-                }
-                Ok(Err(e)) => self.map_read_error(e),
-            };
-            let retry_at = tokio::time::Instant::now() + self.timings.heartbeat_interval;
-            if !matches!(error, ConsensusError::Transient(_)) || retry_at >= deadline {
-                return Err(error);
-            }
-            tokio::time::sleep_until(retry_at).await;
-        }
+        let map = |e| self.map_read_error(e);
+        read_applied(&self.raft, &self.lease, &self.timings, map, || {
+            self.sm.high_water_ms()
+        })
+        .await
     }
 
     async fn persist(&self, at_least_ms: u64, epoch: Epoch) -> Result<u64, ConsensusError> {
@@ -487,12 +559,6 @@ impl Consensus for RaftBackend {
     fn lease_valid(&self, epoch: Epoch) -> bool {
         self.lease.is_valid(epoch.hi())
     }
-}
-
-fn transient_timeout(what: &str, after: Duration) -> ConsensusError {
-    ConsensusError::Transient(format!(
-        "raft {what} not confirmed by a quorum within {after:?}; retry"
-    ))
 }
 
 fn openraft_config(

@@ -27,6 +27,7 @@ use tso_proto::tso::raft_v1::RaftMessage;
 use tso_proto::tso::raft_v1::raft_peer_client::RaftPeerClient;
 use tso_proto::tso::raft_v1::raft_peer_server::{RaftPeer, RaftPeerServer};
 
+use super::leadership::VoteGate;
 use super::types::{NodeAddrs, NodeId, Raft, TypeConfig};
 
 /// How long a connection attempt to a peer may take. Loopback and LAN peers connect in well
@@ -46,6 +47,7 @@ const UNREACHABLE_BACKOFF: Duration = Duration::from_millis(100);
 #[derive(Debug, Clone, Default)]
 pub struct Links {
     cut: Arc<RwLock<HashSet<(NodeId, NodeId)>>>,
+    held: Arc<RwLock<HashSet<(NodeId, NodeId)>>>,
 }
 
 impl Links {
@@ -63,9 +65,23 @@ impl Links {
         }
     }
 
+    /// Holds log replication on `from → to` while heartbeats pass: an AppendEntries that
+    /// names a previous log id fails as `Unreachable`, one without (a heartbeat before the
+    /// leader knows where the follower's log matches its own) goes through. This makes a
+    /// leader's read barrier win its race against its log replication after a restart, which
+    /// a busy network does now and then.
+    pub fn hold_replication(&self, from: NodeId, to: NodeId) {
+        self.held.write().expect("links lock").insert((from, to));
+    }
+
     /// Restores every link.
     pub fn heal_all(&self) {
         self.cut.write().expect("links lock").clear();
+        self.held.write().expect("links lock").clear();
+    }
+
+    fn holds_replication(&self, from: NodeId, to: NodeId) -> bool {
+        self.held.read().expect("links lock").contains(&(from, to))
     }
 
     /// True if `from → to` is cut.
@@ -74,18 +90,32 @@ impl Links {
     }
 }
 
+/// The request metadata that carries the sender's cluster-wide raft timings
+/// ([`super::RaftTimings::cluster_key`]); a node refuses requests whose timings differ from its
+/// own, or that carry none, so a node started with other timings is cut off instead of weakening
+/// the leader lease.
+pub const TIMINGS_HEADER: &str = "tso-raft-timings";
+
+/// At most one log line per this interval about peers with other timings (they call many times
+/// per second).
+const MISMATCH_LOG_EVERY: Duration = Duration::from_secs(10);
+
 /// Creates one client per target, sharing one channel per peer address.
 #[derive(Debug, Clone)]
 pub struct Network {
     self_id: NodeId,
+    timings: tonic::metadata::MetadataValue<tonic::metadata::Ascii>,
     links: Links,
     channels: Arc<Mutex<HashMap<String, Channel>>>,
 }
 
 impl Network {
-    pub fn new(self_id: NodeId, links: Links) -> Self {
+    pub fn new(self_id: NodeId, timings_key: String, links: Links) -> Self {
         Self {
             self_id,
+            timings: timings_key
+                .parse()
+                .expect("timings are ASCII digits and slashes"),
             links,
             channels: Arc::default(),
         }
@@ -112,6 +142,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
     async fn new_client(&mut self, target: NodeId, node: &NodeAddrs) -> PeerClient {
         PeerClient {
             self_id: self.self_id,
+            timings: self.timings.clone(),
             target,
             node: node.clone(),
             channel: self.channel(&node.peer_addr),
@@ -123,6 +154,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
 /// A connection to one peer, as openraft uses it.
 pub struct PeerClient {
     self_id: NodeId,
+    timings: tonic::metadata::MetadataValue<tonic::metadata::Ascii>,
     target: NodeId,
     node: NodeAddrs,
     /// `None` when the peer address is not a valid URI authority: every call is `Unreachable`.
@@ -171,6 +203,9 @@ impl PeerClient {
         let payload = postcard::to_stdvec(req).expect("raft messages always encode");
         let mut request = tonic::Request::new(RaftMessage { payload });
         request.set_timeout(ttl);
+        request
+            .metadata_mut()
+            .insert(TIMINGS_HEADER, self.timings.clone());
         let mut client = RaftPeerClient::new(channel);
         let call = async {
             match kind {
@@ -244,6 +279,13 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, NodeAddrs, RaftError<NodeId>>> {
+        if rpc.prev_log_id.is_some() && self.links.holds_replication(self.self_id, self.target) {
+            let held = CallError::Cut {
+                from: self.self_id,
+                to: self.target,
+            };
+            return Err(RPCError::Unreachable(Unreachable::new(&held)));
+        }
         self.rpc(RPCTypes::AppendEntries, &rpc, &option).await
     }
 
@@ -273,23 +315,50 @@ impl RaftNetwork<TypeConfig> for PeerClient {
 
 /// The `tso.raft.v1.RaftPeer` service of one node: decodes peer requests into its raft.
 ///
-/// For `vote_quiet` after it is created it refuses vote requests (as unavailable): a node that
-/// restarts has forgotten when it last heard from the leader, and must not help elect a new
-/// leader while the old one may still hold a lease that this node granted before it crashed.
+/// Vote requests pass through the node's [`VoteGate`]: while the node holds an unexpired leader
+/// lease they are refused (as unavailable), so its vote cannot elect anyone before its lease ends.
+///
+/// Every request must carry the sender's raft timings ([`TIMINGS_HEADER`]) equal to this node's:
+/// others are refused as a failed precondition, and logged.
 #[derive(Clone)]
 pub struct PeerService {
     raft: Raft,
-    created: Instant,
-    vote_quiet: Duration,
+    votes: VoteGate,
+    timings_key: Arc<str>,
+    mismatch_logged: Arc<Mutex<Option<Instant>>>,
 }
 
 impl PeerService {
-    pub fn new(raft: Raft, vote_quiet: Duration) -> Self {
+    pub fn new(raft: Raft, votes: VoteGate, timings_key: String) -> Self {
         Self {
             raft,
-            created: Instant::now(),
-            vote_quiet,
+            votes,
+            timings_key: timings_key.into(),
+            mismatch_logged: Arc::default(),
         }
+    }
+
+    /// Refuses a request from a peer whose raft timings differ from this node's.
+    fn check_timings(&self, request: &tonic::Request<RaftMessage>) -> Result<(), tonic::Status> {
+        let theirs = request
+            .metadata()
+            .get(TIMINGS_HEADER)
+            .and_then(|v| v.to_str().ok());
+        if theirs == Some(&*self.timings_key) {
+            return Ok(());
+        }
+        let message = format!(
+            "raft timings differ: this node runs {} (heartbeat/election-min/election-max, ms), \
+             the caller {}; every node of a cluster must use the same timings",
+            self.timings_key,
+            theirs.unwrap_or("sent none")
+        );
+        let mut logged = self.mismatch_logged.lock().expect("mismatch log lock");
+        if logged.is_none_or(|t| t.elapsed() >= MISMATCH_LOG_EVERY) {
+            *logged = Some(Instant::now());
+            tracing::error!("refusing a raft peer: {message}");
+        }
+        Err(tonic::Status::failed_precondition(message))
     }
 
     pub fn into_server(self) -> RaftPeerServer<Self> {
@@ -313,6 +382,7 @@ impl RaftPeer for PeerService {
         &self,
         request: tonic::Request<RaftMessage>,
     ) -> Result<tonic::Response<RaftMessage>, tonic::Status> {
+        self.check_timings(&request)?;
         let req: AppendEntriesRequest<TypeConfig> = decode(request)?;
         reply(&self.raft.append_entries(req).await)
     }
@@ -321,19 +391,19 @@ impl RaftPeer for PeerService {
         &self,
         request: tonic::Request<RaftMessage>,
     ) -> Result<tonic::Response<RaftMessage>, tonic::Status> {
-        if self.created.elapsed() < self.vote_quiet {
-            return Err(tonic::Status::unavailable(
-                "node restarted within the leader lease; not voting yet",
-            ));
-        }
+        self.check_timings(&request)?;
         let req: VoteRequest<NodeId> = decode(request)?;
-        reply(&self.raft.vote(req).await)
+        match self.votes.vote(&self.raft, req).await {
+            Ok(answer) => reply(&answer),
+            Err(held) => Err(tonic::Status::unavailable(held.to_string())),
+        }
     }
 
     async fn install_snapshot(
         &self,
         request: tonic::Request<RaftMessage>,
     ) -> Result<tonic::Response<RaftMessage>, tonic::Status> {
+        self.check_timings(&request)?;
         let req: InstallSnapshotRequest<TypeConfig> = decode(request)?;
         reply(&self.raft.install_snapshot(req).await)
     }

@@ -25,9 +25,12 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tso_core::{Epoch, PHYSICAL_MAX_MS};
 
-use super::leadership::{hold_elections, leadership_with, renew_lease, watch_leadership};
+pub use super::leadership::{LeaseHeld, VoteGate};
+use super::leadership::{
+    leadership_with, read_applied, renew_lease, transient_timeout, watch_leadership,
+};
 use super::lease::{LeaseClock, lease_duration};
-use super::{LeaseView, RaftTimings, transient_timeout};
+use super::{LeaseView, RaftTimings};
 use crate::consensus::{BoxFuture, Consensus, ConsensusError, Leadership};
 
 /// The oracle's command in a host's log: raise the high-water to at least `at_least_ms`.
@@ -75,18 +78,6 @@ pub type ReadHighWater = Arc<dyn Fn() -> u64 + Send + Sync>;
 pub type ClientAddrOf<C> =
     Arc<dyn Fn(u64, &<C as RaftTypeConfig>::Node) -> Option<String> + Send + Sync>;
 
-/// Holds back elections on a restarted host node for `election_timeout_max` (read from
-/// `raft.config()`); call it right after `Raft::new` on a node that restarts on its storage.
-///
-/// A node that acknowledged a leader just before a crash helped that leader to a lease; if it
-/// campaigned at once after the restart, a new leader could be elected while the old one still
-/// grants. Waiting out `election_timeout_max` closes that (see `docs/raft-lease.md`). Only
-/// [`PiggybackConsensus::lease_view`] relies on it.
-pub fn hold_elections_after_restart<C: RaftTypeConfig>(raft: &openraft::Raft<C>) {
-    let quiet = Duration::from_millis(raft.config().election_timeout_max);
-    hold_elections(raft, quiet);
-}
-
 /// The consensus seam on a host's own openraft node.
 ///
 /// Built with [`PiggybackConsensus::new`] inside a tokio runtime (it starts two tasks: the
@@ -94,8 +85,9 @@ pub fn hold_elections_after_restart<C: RaftTypeConfig>(raft: &openraft::Raft<C>)
 /// owning its raft: the adapter never shuts it down, and when the host's raft stops the
 /// leadership watch closes, which stops the oracle.
 ///
-/// A host that relies on [`Self::lease_view`] must start a restarted node with
-/// [`hold_elections_after_restart`].
+/// For the oracle's guarantees to hold, the host must (see `docs/raft.md`, "What a host must
+/// do"): pass every vote request its node receives through [`Self::vote_gate`], and give the
+/// oracle's commands the same durability as its own entries.
 pub struct PiggybackConsensus<C: RaftTypeConfig> {
     raft: openraft::Raft<C>,
     wrap: WrapCommand<C>,
@@ -164,6 +156,14 @@ where
         self
     }
 
+    /// The gate every vote request this node receives must pass before it reaches the host's
+    /// raft: it refuses while this node holds an unexpired leader lease. A host's
+    /// `RaftNetwork::vote` target calls `gate.vote(&raft, request)` instead of
+    /// `raft.vote(request)` and reports `Err(LeaseHeld)` to the candidate as a failed call.
+    pub fn vote_gate(&self) -> VoteGate {
+        VoteGate::new(self.lease.clone())
+    }
+
     /// The leader lease of this node (see [`super::RaftBackend::lease_view`]).
     pub fn lease_view(&self) -> LeaseView {
         LeaseView {
@@ -217,27 +217,13 @@ where
         super::leadership::check_epoch(self.leadership.borrow().clone(), epoch)
     }
 
-    /// The read barrier, retried within the call timeout while a quorum does not answer.
+    /// The fence's read: see [`read_applied`].
     async fn load(&self) -> Result<u64, ConsensusError> {
-        let deadline = tokio::time::Instant::now() + self.timings.call_timeout;
-        loop {
-            let term = self.raft.metrics().borrow().current_term;
-            let sent = Instant::now();
-            let read = tokio::time::timeout_at(deadline, self.raft.ensure_linearizable());
-            let error = match read.await {
-                Err(_) => return Err(transient_timeout("read barrier", self.timings.call_timeout)),
-                Ok(Ok(_)) => {
-                    self.lease.extend(term, sent);
-                    return Ok((self.read)());
-                }
-                Ok(Err(e)) => self.map_read_error(e),
-            };
-            let retry_at = tokio::time::Instant::now() + self.timings.heartbeat_interval;
-            if !matches!(error, ConsensusError::Transient(_)) || retry_at >= deadline {
-                return Err(error);
-            }
-            tokio::time::sleep_until(retry_at).await;
-        }
+        let map = |e| self.map_read_error(e);
+        read_applied(&self.raft, &self.lease, &self.timings, map, || {
+            (self.read)()
+        })
+        .await
     }
 
     async fn persist(&self, at_least_ms: u64, epoch: Epoch) -> Result<u64, ConsensusError> {
