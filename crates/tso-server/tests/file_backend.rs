@@ -174,3 +174,35 @@ async fn seed(dir: &Path, value: u64) {
 
 /// A way to damage a record file's bytes.
 type Damage = fn(&mut Vec<u8>);
+
+/// A directory that was used (its record written once) and lost its record is refused like a
+/// damaged one: starting it from 0 could repeat timestamps under a clock behind earlier grants.
+#[tokio::test]
+async fn a_used_directory_with_its_record_deleted_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    seed(dir.path(), 888_000).await;
+    let record = dir.path().join("high-water");
+    fs::remove_file(&record).unwrap();
+    let err = FileBackend::open(dir.path())
+        .err()
+        .expect("a used directory without its record must not open");
+    let msg = err.to_string();
+    assert!(matches!(err, FileError::Damaged { .. }), "{msg}");
+    assert!(msg.contains("missing"), "{msg}");
+    assert!(!record.exists(), "nothing is recreated");
+    assert!(
+        matches!(file::init(dir.path(), 5), Err(FileError::Damaged { .. })),
+        "init refuses it too"
+    );
+}
+
+/// A directory from before the initialisation mark (a record, no mark) opens, and is marked.
+#[test]
+fn a_directory_with_a_record_and_no_mark_opens_and_is_marked() {
+    let dir = tempfile::tempdir().unwrap();
+    drop(FileBackend::open(dir.path()).unwrap());
+    fs::remove_file(dir.path().join("INITIALIZED")).unwrap();
+    let backend = FileBackend::open(dir.path()).unwrap();
+    assert_eq!(backend.epoch(), Epoch::new(2));
+    assert!(dir.path().join("INITIALIZED").exists());
+}

@@ -5,7 +5,8 @@
 //! version, high-water, start counter, CRC32C. A write goes to a temporary file, is fsync'd,
 //! renamed over the record and the directory is fsync'd, so the record on disk is always a
 //! whole old one or a whole new one. A damaged record stops start-up with an error naming the
-//! file; the backend never silently restarts from 0.
+//! file; the backend never silently restarts from 0. `INITIALIZED` is written (durably) after
+//! the first record, so a directory whose record went missing is refused too.
 //!
 //! The node is always leader. Its epoch is the start counter, raised and made durable on every
 //! open, so epochs grow across restarts and the fence runs on every start.
@@ -22,6 +23,9 @@ use crate::consensus::{BoxFuture, Consensus, ConsensusError, Leadership};
 
 const LOCK_FILE: &str = "LOCK";
 const RECORD_FILE: &str = "high-water";
+/// Created (and made durable) once the first record is: a directory that has it but no record
+/// lost its record, and is refused rather than treated as new.
+const MARK_FILE: &str = "INITIALIZED";
 const TEMP_FILE: &str = "high-water.tmp";
 const MAGIC: [u8; 4] = *b"TSOH";
 const VERSION: u16 = 1;
@@ -121,15 +125,38 @@ struct Store {
 
 impl Store {
     fn open(dir: &Path) -> Result<Store, FileError> {
-        fs::create_dir_all(dir).map_err(io_at(dir))?;
+        create_dir_durably(dir)?;
         let lock = lock_dir(dir)?;
         remove_stale_temp(dir)?;
-        let record = read_record(dir)?.unwrap_or_default();
-        Ok(Store {
+        let record = read_record(dir)?;
+        let marked = dir.join(MARK_FILE).exists();
+        if record.is_none() && marked {
+            return Err(FileError::Damaged {
+                path: dir.join(RECORD_FILE),
+                problem: format!(
+                    "the record is missing from a directory that held one ({MARK_FILE} is \
+                     there); it was deleted or lost"
+                ),
+            });
+        }
+        let mut store = Store {
             dir: dir.to_path_buf(),
-            record,
+            record: record.unwrap_or_default(),
             _lock: lock,
-        })
+        };
+        if record.is_some() && !marked {
+            store.mark()?;
+        }
+        Ok(store)
+    }
+
+    /// Records durably that this directory holds a record.
+    fn mark(&mut self) -> Result<(), FileError> {
+        let path = self.dir.join(MARK_FILE);
+        File::create(&path)
+            .and_then(|f| f.sync_all())
+            .map_err(io_at(&path))?;
+        sync_dir(&self.dir)
     }
 
     /// Writes `record` durably and only then adopts it.
@@ -141,11 +168,38 @@ impl Store {
         file.sync_all().map_err(io_at(&temp))?;
         drop(file);
         fs::rename(&temp, &path).map_err(io_at(&path))?;
-        File::open(&self.dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io_at(&self.dir))?;
+        sync_dir(&self.dir)?;
+        let first = !self.dir.join(MARK_FILE).exists();
         self.record = record;
+        if first {
+            self.mark()?;
+        }
         Ok(())
+    }
+}
+
+fn sync_dir(dir: &Path) -> Result<(), FileError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_at(dir))
+}
+
+/// Creates `dir` (and missing parents) so that the creation itself survives a crash: each
+/// created directory's parent is fsync'd.
+fn create_dir_durably(dir: &Path) -> Result<(), FileError> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        create_dir_durably(parent)?;
+    }
+    match fs::create_dir(dir) {
+        Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return Err(io_at(dir)(e)),
+        _ => {}
+    }
+    match dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        Some(parent) => sync_dir(parent),
+        None => Ok(()),
     }
 }
 
@@ -253,21 +307,32 @@ impl FileBackend {
 
 fn classify(err: FileError) -> ConsensusError {
     match &err {
-        FileError::Io { source, .. }
-            if matches!(
-                source.kind(),
-                io::ErrorKind::Interrupted
-                    | io::ErrorKind::TimedOut
-                    | io::ErrorKind::WouldBlock
-                    | io::ErrorKind::StorageFull
-            ) =>
-        {
+        FileError::Io { source, .. } if is_transient(source) => {
             ConsensusError::Transient(err.to_string())
         }
         // A failed fsync leaves the page cache in an unknown state: retrying could report a
         // value durable that is not. Everything else is Permanent too.
         _ => ConsensusError::Permanent(err.to_string()),
     }
+}
+
+/// Errors that may pass once load drops or space is freed: interrupted or timed-out calls, a
+/// full disk or quota, and running out of file handles or memory (SEMANTICS §4).
+fn is_transient(e: &io::Error) -> bool {
+    let kind = matches!(
+        e.kind(),
+        io::ErrorKind::Interrupted
+            | io::ErrorKind::TimedOut
+            | io::ErrorKind::WouldBlock
+            | io::ErrorKind::StorageFull
+            | io::ErrorKind::QuotaExceeded
+            | io::ErrorKind::OutOfMemory
+    );
+    let errno = matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::EDQUOT | libc::ENOMEM | libc::ENOSPC)
+    );
+    kind || errno
 }
 
 impl Consensus for FileBackend {
@@ -329,6 +394,36 @@ impl Consensus for FileBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Out of file handles, memory or quota: may succeed once connections close or space is
+    /// freed (SEMANTICS §4), so the node retries instead of stopping.
+    #[test]
+    fn resource_exhaustion_is_transient_and_damage_permanent() {
+        let at = |errno| FileError::Io {
+            path: PathBuf::from("/d/high-water.tmp"),
+            source: io::Error::from_raw_os_error(errno),
+        };
+        for errno in [
+            libc::EMFILE,
+            libc::ENFILE,
+            libc::EDQUOT,
+            libc::ENOMEM,
+            libc::ENOSPC,
+            libc::EINTR,
+            libc::EAGAIN,
+        ] {
+            assert!(
+                matches!(classify(at(errno)), ConsensusError::Transient(_)),
+                "errno {errno} must be transient"
+            );
+        }
+        for errno in [libc::EIO, libc::EROFS, libc::EACCES] {
+            assert!(
+                matches!(classify(at(errno)), ConsensusError::Permanent(_)),
+                "errno {errno} must be permanent"
+            );
+        }
+    }
 
     #[test]
     fn record_round_trips_and_detects_damage() {

@@ -35,6 +35,8 @@ where
     persist_returns_the_maximum(&backend, epoch).await;
     refuses_out_of_range(&backend, epoch).await;
     refuses_a_stale_epoch(&backend, epoch).await;
+    refuses_a_newer_epoch(&backend, epoch).await;
+    a_dropped_persist_is_harmless(&backend, epoch).await;
     let stored = backend.load_high_water().await.expect("load");
     drop(backend);
 
@@ -50,6 +52,7 @@ where
         "durable across reopen"
     );
     concurrent_persists_ratchet(&backend, reopened_epoch, stored).await;
+    the_last_millisecond_is_the_limit(&backend, reopened_epoch).await;
 }
 
 /// Waits until the backend reports `Leader` and returns its epoch.
@@ -155,4 +158,154 @@ async fn concurrent_persists_ratchet<B: Consensus>(backend: &B, epoch: Epoch, ba
         base + 1_600,
         "the highest concurrent persist wins"
     );
+}
+
+async fn refuses_a_newer_epoch<B: Consensus>(backend: &B, epoch: Epoch) {
+    let newer = Epoch::new(epoch.get() + 1);
+    let before = backend.load_high_water().await.unwrap();
+    match backend.persist_high_water(before + 10_000, newer).await {
+        Err(ConsensusError::Fenced { .. } | ConsensusError::NotLeader { .. }) => {}
+        other => panic!(
+            "a persist under an epoch this node does not lead must be refused, got {other:?}"
+        ),
+    }
+    assert_eq!(
+        backend.load_high_water().await.unwrap(),
+        before,
+        "a persist under a newer epoch is not stored"
+    );
+}
+
+/// A persist dropped before it finished may or may not take effect (SEMANTICS §4: cancel-safe),
+/// but it leaves nothing else behind: the store holds the old value or the dropped one, and
+/// the next calls work as usual.
+async fn a_dropped_persist_is_harmless<B: Consensus>(backend: &B, epoch: Epoch) {
+    let before = backend.load_high_water().await.unwrap();
+    let dropped = before + 5_000;
+    {
+        let call = backend.persist_high_water(dropped, epoch);
+        let _ = tokio::time::timeout(Duration::ZERO, call).await;
+    }
+    let after = backend
+        .load_high_water()
+        .await
+        .expect("load after a dropped persist");
+    assert!(
+        after == before || after == dropped,
+        "after a dropped persist of {dropped} over {before}, the store holds {after}"
+    );
+    assert_eq!(
+        backend
+            .persist_high_water(dropped + 1, epoch)
+            .await
+            .unwrap(),
+        dropped + 1,
+        "a persist after a dropped one works"
+    );
+}
+
+/// The last millisecond of the 46-bit layout is storable, and nothing past it ever loads.
+async fn the_last_millisecond_is_the_limit<B: Consensus>(backend: &B, epoch: Epoch) {
+    assert_eq!(
+        backend
+            .persist_high_water(PHYSICAL_MAX_MS, epoch)
+            .await
+            .unwrap(),
+        PHYSICAL_MAX_MS,
+        "the largest physical value is storable"
+    );
+    refuses_out_of_range(backend, epoch).await;
+    let loaded = backend.load_high_water().await.unwrap();
+    assert_eq!(loaded, PHYSICAL_MAX_MS, "values stay in range");
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use tokio::sync::watch;
+
+    use super::*;
+    use crate::consensus::BoxFuture;
+
+    /// An in-memory backend, correct unless told to accept any epoch: the suite must pass the
+    /// one and catch the other.
+    struct Memory {
+        stored: Arc<Mutex<u64>>,
+        epoch: Epoch,
+        any_epoch: bool,
+        leadership: watch::Sender<Leadership>,
+    }
+
+    impl Memory {
+        fn open(stored: Arc<Mutex<u64>>, starts: &Mutex<u128>, any_epoch: bool) -> Self {
+            let mut n = starts.lock().unwrap();
+            *n += 1;
+            let epoch = Epoch::new(*n);
+            let (leadership, _) = watch::channel(Leadership::Leader { epoch });
+            Self {
+                stored,
+                epoch,
+                any_epoch,
+                leadership,
+            }
+        }
+    }
+
+    impl Consensus for Memory {
+        fn leadership(&self) -> watch::Receiver<Leadership> {
+            self.leadership.subscribe()
+        }
+
+        fn load_high_water(&self) -> BoxFuture<'_, Result<u64, ConsensusError>> {
+            let v = *self.stored.lock().unwrap();
+            Box::pin(async move { Ok(v) })
+        }
+
+        fn persist_high_water(
+            &self,
+            at_least_ms: u64,
+            epoch: Epoch,
+        ) -> BoxFuture<'_, Result<u64, ConsensusError>> {
+            Box::pin(async move {
+                if at_least_ms > PHYSICAL_MAX_MS {
+                    return Err(ConsensusError::Permanent("out of range".into()));
+                }
+                if epoch != self.epoch && !(self.any_epoch && epoch > self.epoch) {
+                    return Err(ConsensusError::Fenced {
+                        expected: epoch,
+                        current: self.epoch,
+                    });
+                }
+                let mut v = self.stored.lock().unwrap();
+                *v = (*v).max(at_least_ms);
+                Ok(*v)
+            })
+        }
+
+        fn lease_valid(&self, _epoch: Epoch) -> bool {
+            true
+        }
+    }
+
+    async fn run(any_epoch: bool) {
+        let stored = Arc::new(Mutex::new(0));
+        let starts = Mutex::new(0);
+        run_all(|| {
+            let backend = Memory::open(stored.clone(), &starts, any_epoch);
+            async move { backend }
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn a_correct_backend_passes() {
+        run(false).await;
+    }
+
+    #[tokio::test]
+    #[should_panic(expected = "an epoch this node does not lead must be refused")]
+    async fn a_backend_that_accepts_a_newer_epoch_is_caught() {
+        run(true).await;
+    }
 }
