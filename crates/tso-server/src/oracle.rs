@@ -34,6 +34,10 @@ pub struct Config {
     pub failover_advance: Duration,
     /// How long shutdown waits for the leadership watch to stop.
     pub shutdown_grace: Duration,
+    /// FOR THE CHECKER'S POSITIVE CONTROL ONLY: grant without checking the backend's leader
+    /// lease, so a leader cut off from its peers keeps granting while a new leader serves
+    /// (SEMANTICS G3 broken on purpose). Always `false` outside that test.
+    pub unsafe_skip_lease_check: bool,
 }
 
 impl Default for Config {
@@ -42,6 +46,7 @@ impl Default for Config {
             window_ahead: Duration::from_secs(3),
             failover_advance: Duration::from_secs(1),
             shutdown_grace: Duration::from_secs(10),
+            unsafe_skip_lease_check: false,
         }
     }
 }
@@ -213,7 +218,7 @@ impl Shared {
             Mode::Poisoned => return Err(Refusal::NotLeader(LeaderHint::default())),
         };
         // A leader cut off from its peers stops granting before a new leader can start.
-        if !self.backend.lease_valid(term.epoch) {
+        if !self.config.unsafe_skip_lease_check && !self.backend.lease_valid(term.epoch) {
             return Err(Refusal::NotLeader(LeaderHint::default()));
         }
         match term.window.grant(count, now_ms) {
@@ -516,5 +521,53 @@ mod tests {
         );
         assert_eq!(high_water_ms(&shared), fence_2.target_ms());
         assert!(matches!(shared.plan_extension(term_1), Plan::Gone));
+    }
+
+    /// A backend whose lease has always run out, like a leader cut off from its peers.
+    struct LeaseLost;
+
+    impl Consensus for LeaseLost {
+        fn leadership(&self) -> watch::Receiver<Leadership> {
+            Unused.leadership()
+        }
+
+        fn load_high_water(&self) -> BoxFuture<'_, Result<u64, ConsensusError>> {
+            unreachable!("not called")
+        }
+
+        fn persist_high_water(
+            &self,
+            _: u64,
+            _: Epoch,
+        ) -> BoxFuture<'_, Result<u64, ConsensusError>> {
+            unreachable!("not called")
+        }
+
+        fn lease_valid(&self, _: Epoch) -> bool {
+            false
+        }
+    }
+
+    fn serving_without_lease(config: Config) -> Shared {
+        let now_ms = 1_000_000;
+        let shared = Shared::new(Arc::new(LeaseLost), config, Arc::new(FrozenClock(now_ms)));
+        let fence = Fence::plan(0, now_ms, 1_000).unwrap();
+        shared
+            .start_serving(Epoch::new(1), fence.complete(fence.target_ms()).unwrap())
+            .unwrap();
+        shared
+    }
+
+    /// The grant path refuses once the lease ran out; only the checker's positive control
+    /// (`unsafe_skip_lease_check`) grants anyway.
+    #[test]
+    fn an_expired_lease_refuses_grants_unless_the_check_is_skipped() {
+        let safe = serving_without_lease(Config::default());
+        assert!(matches!(safe.try_grant(1), Err(Refusal::NotLeader(_))));
+        let broken = serving_without_lease(Config {
+            unsafe_skip_lease_check: true,
+            ..Config::default()
+        });
+        assert!(matches!(broken.try_grant(1), Ok(Attempt::Granted(..))));
     }
 }

@@ -2,8 +2,9 @@
 //!
 //! N callers, each waiting for its reply before the next call, spread over K HTTP/2
 //! connections. Each caller keeps its own latency histogram and checks what it receives (its
-//! values rise; no value is seen twice across callers), so the hot loop shares nothing but two
-//! relaxed counters and one `fetch_max`. Calls during the warm-up are checked but not measured.
+//! values rise; no value is seen twice across callers; a reply the client library refuses as
+//! malformed is a violation, not an error), so the hot loop shares nothing but two relaxed
+//! counters and one `fetch_max`. Calls during the warm-up are checked but not measured.
 
 use std::collections::BTreeMap;
 use std::io::IsTerminal;
@@ -17,7 +18,7 @@ use hdrhistogram::Histogram;
 use crate::cli::BenchArgs;
 use crate::cli::BenchMode;
 use crate::node::Node;
-use crate::targets::{Route, Targets};
+use crate::targets::{Failure, Route, Targets};
 
 /// Callers at most: each is one task with a ~60 KiB histogram.
 pub const CALLERS_MAX: usize = 4096;
@@ -65,6 +66,8 @@ struct CallerStats {
     timestamps: u64,
     errors: BTreeMap<String, u64>,
     regressions: u64,
+    /// Replies the client library refused as malformed (warm-up included).
+    malformed: u64,
     /// Every grant received (warm-up included), as `(first, last)`; rising per caller.
     ranges: Vec<(u64, u64)>,
     ranges_dropped: u64,
@@ -169,7 +172,7 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         print!("{}", report.human());
     }
     anyhow::ensure!(
-        report.duplicates == 0 && report.regressions == 0,
+        report.ok(),
         "the server's replies broke the oracle's guarantees (see the check line)"
     );
     Ok(())
@@ -192,6 +195,7 @@ impl Caller {
             timestamps: 0,
             errors: BTreeMap::new(),
             regressions: 0,
+            malformed: 0,
             ranges: Vec::new(),
             ranges_dropped: 0,
         };
@@ -206,7 +210,11 @@ impl Caller {
             let measured = start >= self.phases.warmup_end;
             let grant = match reply {
                 Ok(grant) => grant,
-                Err(code) => {
+                Err(Failure::Malformed(_)) => {
+                    stats.malformed += 1;
+                    continue;
+                }
+                Err(Failure::Error(code)) => {
                     self.live.errors.fetch_add(1, Ordering::Relaxed);
                     if measured {
                         *stats.errors.entry(code).or_default() += 1;
@@ -281,6 +289,7 @@ struct Report {
     unchecked: u64,
     duplicates: u64,
     regressions: u64,
+    malformed: u64,
 }
 
 impl Report {
@@ -294,6 +303,7 @@ impl Report {
             Histogram::new_with_bounds(1, LATENCY_MAX_US, 3).expect("valid histogram bounds");
         let mut errors = BTreeMap::new();
         let (mut calls, mut timestamps, mut regressions, mut unchecked) = (0, 0, 0, 0);
+        let mut malformed = 0;
         let mut ranges = Vec::new();
         for s in stats {
             latency_us
@@ -302,6 +312,7 @@ impl Report {
             calls += s.calls;
             timestamps += s.timestamps;
             regressions += s.regressions;
+            malformed += s.malformed;
             unchecked += s.ranges_dropped;
             for (code, n) in s.errors {
                 *errors.entry(code).or_default() += n;
@@ -332,7 +343,13 @@ impl Report {
             unchecked,
             duplicates: duplicates(ranges),
             regressions,
+            malformed,
         }
+    }
+
+    /// Whether every reply kept the oracle's guarantees.
+    fn ok(&self) -> bool {
+        self.duplicates == 0 && self.regressions == 0 && self.malformed == 0
     }
 
     fn per_second(&self, n: u64) -> f64 {
@@ -354,16 +371,17 @@ impl Report {
                 .collect();
             parts.join(", ")
         };
-        let check = if self.duplicates == 0 && self.regressions == 0 {
+        let check = if self.ok() {
             format!(
                 "ok: {} grants, no duplicates, every caller's values rise",
                 thousands(self.checked)
             )
         } else {
             format!(
-                "VIOLATION: {} duplicates, {} regressions or short grants, in {} grants",
+                "VIOLATION: {} duplicates, {} regressions or short grants, {} malformed replies, in {} grants",
                 self.duplicates,
                 self.regressions,
+                self.malformed,
                 thousands(self.checked)
             )
         };
@@ -437,11 +455,12 @@ impl Report {
             "load_average_after": self.load_average.1,
             "cores": cores(),
             "check": {
-                "ok": self.duplicates == 0 && self.regressions == 0,
+                "ok": self.ok(),
                 "grants_checked": self.checked,
                 "grants_checked_per_caller_only": self.unchecked,
                 "duplicates": self.duplicates,
                 "regressions": self.regressions,
+                "malformed": self.malformed,
             },
         })
     }

@@ -70,6 +70,11 @@ pub struct ServeArgs {
     /// back reissues timestamps. This breaks the oracle on purpose. Never set it.
     #[arg(long, hide = true)]
     pub unsafe_forget_high_water: bool,
+    /// FOR THE CHECKER'S POSITIVE CONTROL ONLY: grant without checking the raft leader lease,
+    /// so a leader cut off from its peers keeps granting while a new leader serves. This breaks
+    /// the oracle on purpose. Never set it.
+    #[arg(long, hide = true)]
+    pub unsafe_no_lease: bool,
     /// FOR FAULT TESTS ONLY: shift this server's clock by the signed number of milliseconds
     /// written in this file (re-read every 50 ms). Never set it in production.
     #[arg(long, hide = true)]
@@ -213,9 +218,14 @@ pub struct CheckArgs {
     #[arg(long, value_delimiter = ',')]
     pub endpoints: Vec<String>,
     /// Concurrent clients, each making one call at a time over its own connection (clients
-    /// share connections past 64).
+    /// share connections past 64). Against several nodes, one client per node is pinned to it
+    /// (raw RPCs to that node only) as long as one is left to follow the leader.
     #[arg(long, default_value_t = 8)]
     pub clients: usize,
+    /// Calls recorded at most, over all clients: when they have made this many, the clients
+    /// and the nemesis stop together and the history is checked.
+    #[arg(long, default_value_t = crate::check::clients::CALLS_MAX)]
+    pub calls_max: usize,
     /// Each call asks for a random count from 1 to this.
     #[arg(long, default_value_t = 16)]
     pub count_max: u32,
@@ -245,14 +255,14 @@ pub struct CheckArgs {
     #[arg(long)]
     pub out: Option<PathBuf>,
     /// Also write every recorded call here, one JSON object per line (`client`, `start_ns` and
-    /// `end_ns` on CLOCK_MONOTONIC, `requested`, and `physical_ms`/`logical_start`/`count` or
-    /// `error`).
+    /// `end_ns` on CLOCK_MONOTONIC, `requested`, and `physical_ms`/`logical_start`/`count`,
+    /// `error`, or `malformed` for a reply the client library refused).
     #[arg(long)]
     pub history: Option<PathBuf>,
     /// Check histories written by `--history` (one or several, e.g. from several processes on
     /// one machine: they share CLOCK_MONOTONIC) instead of running anything: merged, then
     /// checked for duplicates, regression, real-time order and grant shape.
-    #[arg(long, value_delimiter = ',', conflicts_with_all = ["endpoints", "unsafe_positive_control"])]
+    #[arg(long, value_delimiter = ',', conflicts_with_all = ["endpoints", "unsafe_positive_control", "unsafe_no_lease"])]
     pub verify: Vec<PathBuf>,
     /// Directory for the nodes' data and logs [default: a temporary one, removed after a clean
     /// run].
@@ -262,6 +272,11 @@ pub struct CheckArgs {
     /// clocks back and kill them. A working checker reports a violation (exit 1).
     #[arg(long)]
     pub unsafe_positive_control: bool,
+    /// POSITIVE CONTROL of partition safety: run raft servers that grant without checking
+    /// their leader lease, and cut the leader off from its peers. A working checker reports a
+    /// violation (exit 1).
+    #[arg(long, conflicts_with = "unsafe_positive_control")]
+    pub unsafe_no_lease: bool,
 }
 
 /// How `tso bench` and `tso check` callers reach the server.

@@ -51,10 +51,16 @@ async fn bind_client(args: &ServeArgs) -> anyhow::Result<TcpListener> {
 }
 
 fn oracle_config(args: &ServeArgs) -> Config {
+    if args.unsafe_no_lease {
+        tracing::warn!(
+            "UNSAFE: grants skip the leader lease check; this server breaks its guarantees on purpose"
+        );
+    }
     Config {
         window_ahead: args.window_ahead,
         failover_advance: args.failover_advance,
         shutdown_grace: args.shutdown_grace,
+        unsafe_skip_lease_check: args.unsafe_no_lease,
     }
 }
 

@@ -3,7 +3,8 @@
 //! Each endpoint gets a fixed number of HTTP/2 connections, made lazily and shared by callers
 //! (`slot % connections`). A caller keeps its client and switches only when the server says
 //! "not leader" with a hint, or when its endpoint is unreachable (then it rotates through the
-//! configured list).
+//! configured list); a pinned caller never switches. A reply the client library refuses as
+//! malformed is a [`Failure::Malformed`], which the callers count as a violation, not an error.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -105,7 +106,8 @@ pub fn code_name(code: Code) -> String {
 }
 
 /// How a caller reaches the oracle: raw `GetTs` RPCs over the shared connections (following
-/// hints itself), or the project's client library (coalescing, its own leader discovery).
+/// hints itself), raw RPCs to one node only, or the project's client library (coalescing, its
+/// own leader discovery).
 pub enum Route {
     Raw {
         targets: Arc<Targets>,
@@ -113,7 +115,19 @@ pub enum Route {
         rotation: usize,
         client: TsoServiceClient<Channel>,
     },
+    /// Never moves: every call goes to the same node, whatever it answers.
+    Pinned(TsoServiceClient<Channel>),
     Library(tso_client::Client),
+}
+
+/// Why a call brought no grant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Failure {
+    /// An error reply, or none: the name of a gRPC code or of the client library's error kind.
+    /// It constrains nothing.
+    Error(String),
+    /// A reply that breaks the protocol (the client library refused it): a violation.
+    Malformed(String),
 }
 
 /// A caller whose raw target is unreachable waits this long before its next try, so a dead
@@ -133,59 +147,102 @@ impl Route {
         })
     }
 
-    /// One `count`-timestamp grant, or the name of the error (a gRPC code, or the client
-    /// library's error kind).
-    pub async fn get(&mut self, count: u32) -> Result<WireGrant, String> {
+    /// Raw RPCs on connection `slot` of endpoint `node`, and nowhere else.
+    pub fn pinned(targets: &Targets, node: usize, slot: usize) -> anyhow::Result<Route> {
+        let endpoint = targets.endpoints()[node].clone();
+        Ok(Route::Pinned(targets.client(&endpoint, slot)?))
+    }
+
+    /// One `count`-timestamp grant, or why there is none.
+    pub async fn get(&mut self, count: u32) -> Result<WireGrant, Failure> {
         match self {
             Route::Raw {
                 targets,
                 slot,
                 rotation,
                 client,
-            } => match client.get_ts(GetTsRequest { count }).await {
-                Ok(reply) => {
-                    let reply = reply.into_inner();
-                    Ok(WireGrant {
-                        physical_ms: reply.physical_ms,
-                        logical_start: reply.logical_start,
-                        count: reply.count,
-                    })
-                }
+            } => match raw_get(client, count).await {
+                Ok(grant) => Ok(grant),
                 Err(status) => {
-                    if let Some(leader) = leader_hint(&status) {
-                        if let Ok(next) = targets.client(&leader, *slot) {
-                            *client = next;
-                        }
-                    } else if status.code() != Code::InvalidArgument {
-                        // Unreachable, timed out, or "not leader" without a hint (an election,
-                        // or a node cut off from its peers): try the next endpoint.
-                        *rotation = (*rotation + 1) % targets.endpoints().len();
-                        let endpoint = targets.endpoints()[*rotation].clone();
-                        if let Ok(next) = targets.client(&endpoint, *slot) {
-                            *client = next;
-                        }
+                    if follow(targets, *slot, rotation, client, &status) {
                         tokio::time::sleep(UNREACHABLE_PAUSE).await;
                     }
-                    Err(code_name(status.code()))
+                    Err(Failure::Error(code_name(status.code())))
                 }
             },
+            Route::Pinned(client) => raw_get(client, count)
+                .await
+                .map_err(|status| Failure::Error(code_name(status.code()))),
             Route::Library(client) => match client.get_ts_batch(u64::from(count)).await {
                 Ok(batch) => library_grant(&batch),
-                Err(err) => Err(library_error_name(&err)),
+                Err(err) => Err(library_failure(&err)),
             },
         }
     }
 }
 
+/// One raw `GetTs`, its reply taken as it came.
+async fn raw_get(
+    client: &mut TsoServiceClient<Channel>,
+    count: u32,
+) -> Result<WireGrant, tonic::Status> {
+    let reply = client.get_ts(GetTsRequest { count }).await?.into_inner();
+    Ok(WireGrant {
+        physical_ms: reply.physical_ms,
+        logical_start: reply.logical_start,
+        count: reply.count,
+    })
+}
+
+/// Moves a raw caller after an error: to the leader a "not leader" reply names, or to the next
+/// endpoint. Returns whether it rotated (the caller then pauses).
+fn follow(
+    targets: &Targets,
+    slot: usize,
+    rotation: &mut usize,
+    client: &mut TsoServiceClient<Channel>,
+    status: &Status,
+) -> bool {
+    if let Some(leader) = leader_hint(status) {
+        if let Ok(next) = targets.client(&leader, slot) {
+            *client = next;
+        }
+        return false;
+    }
+    if status.code() == Code::InvalidArgument {
+        return false;
+    }
+    // Unreachable, timed out, or "not leader" without a hint (an election, or a node cut off
+    // from its peers): try the next endpoint.
+    *rotation = (*rotation + 1) % targets.endpoints().len();
+    let endpoint = targets.endpoints()[*rotation].clone();
+    if let Ok(next) = targets.client(&endpoint, slot) {
+        *client = next;
+    }
+    true
+}
+
 /// A library batch as one grant: its first range. For a count one grant can hold the library
 /// returns one range; a split batch shows as a short grant, which the checks flag.
-fn library_grant(batch: &tso_client::Batch) -> Result<WireGrant, String> {
-    let range = batch.ranges().first().ok_or("EmptyBatch")?;
+fn library_grant(batch: &tso_client::Batch) -> Result<WireGrant, Failure> {
+    let range = batch
+        .ranges()
+        .first()
+        .ok_or_else(|| Failure::Malformed("the client library returned an empty batch".into()))?;
     Ok(WireGrant {
         physical_ms: range.first().physical_ms(),
         logical_start: range.first().logical(),
         count: range.count(),
     })
+}
+
+/// A library error as a failure: a reply the library refused as malformed is a violation,
+/// everything else an error.
+fn library_failure(err: &tso_client::Error) -> Failure {
+    match err {
+        tso_client::Error::MalformedReply { .. } => Failure::Malformed(err.to_string()),
+        _ => Failure::Error(library_error_name(err)),
+    }
 }
 
 fn library_error_name(err: &tso_client::Error) -> String {
@@ -230,6 +287,23 @@ mod tests {
         let unknown = not_leader(tso_proto::v1::LeaderHint::default());
         assert_eq!(leader_hint(&unknown), None);
         assert_eq!(leader_hint(&Status::unavailable("down")), None);
+    }
+
+    #[test]
+    fn a_malformed_library_reply_is_not_an_error() {
+        let malformed = tso_client::Error::MalformedReply {
+            endpoint: "http://127.0.0.1:1".into(),
+            reason: "granted 2 timestamps for a request of 1".into(),
+        };
+        assert!(matches!(
+            library_failure(&malformed),
+            Failure::Malformed(reason) if reason.contains("granted 2 timestamps")
+        ));
+        let down = tso_client::Error::Unavailable {
+            attempts: 3,
+            last: "refused".into(),
+        };
+        assert_eq!(library_failure(&down), Failure::Error("Unavailable".into()));
     }
 
     #[test]

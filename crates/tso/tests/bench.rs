@@ -1,7 +1,12 @@
 //! `tso bench --spawn` end to end: it starts its own server, reports one JSON object, and its
-//! check of the replies passes. Asserts the shape of the report, never a rate.
+//! check of the replies passes; against a server whose replies break the protocol, the check
+//! fails (exit 1). Asserts the shape of the report, never a rate.
+
+mod common;
 
 use std::process::Command;
+
+use common::malformed::MalformedServer;
 
 #[test]
 fn raw_bench_against_a_spawned_server_reports_json() {
@@ -42,4 +47,30 @@ fn bench_reports_json(mode: &str) {
     }
     assert!(report["longest_gap_ms"].is_number());
     assert!(report["cores"].as_u64().unwrap() >= 1);
+}
+
+/// Through the client library, a reply the library refuses as malformed is a violation of the
+/// check (exit 1), not an error among others.
+#[test]
+fn library_bench_against_a_malformed_server_reports_a_violation() {
+    let server = MalformedServer::start();
+    let output = Command::new(env!("CARGO_BIN_EXE_tso"))
+        .args(["bench", "--json", "--callers", "2", "--mode", "library"])
+        .args(["--endpoints", &server.endpoint()])
+        .args(["--duration", "300ms", "--warmup", "0s"])
+        .output()
+        .expect("running tso bench");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(
+        output.status.code(),
+        Some(1),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_str(stdout.trim()).expect("one JSON object");
+    assert_eq!(report["check"]["ok"], false, "{report:#}");
+    assert!(
+        report["check"]["malformed"].as_u64().unwrap() > 0,
+        "{report:#}"
+    );
 }

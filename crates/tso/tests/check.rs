@@ -1,14 +1,22 @@
 //! `tso check` as a user runs it, on real processes: short runs against one file-backed node
 //! (kills, pauses, clock jumps; raw and through the client library) and against 3 raft nodes
-//! (kills and partitions of the leader) come out clean (exit 0); the positive controls, whose
-//! servers really forget their high-water, are caught (exit 1); bad usage exits 2. The cluster
-//! tests need root and `unshare` (each node runs in its own mount namespace), as CI has.
+//! (kills and partitions of the leader, with clients pinned to each node) come out clean
+//! (exit 0); the positive controls, whose servers really forget their high-water or grant
+//! without their lease, are caught (exit 1), and so is a server whose replies the client
+//! library refuses as malformed; a run that reaches its call cap stops its nemesis too and
+//! reports no stall; bad usage exits 2. The cluster tests need root and `unshare` (each node
+//! runs in its own mount namespace), as CI has.
 //!
 //! Nothing here depends on timing: the liveness bound is far above any restart, and the
-//! positive control's violation follows from its schedule, not from luck.
+//! positive controls' violations follow from their schedules, not from luck (the no-lease
+//! control cuts the leader off three times, each for longer than its window lasts).
+
+mod common;
 
 use std::path::Path;
 use std::process::{Command, Output};
+
+use common::malformed::MalformedServer;
 
 fn tso_check(dir: &Path, extra: &[&str]) -> (Output, serde_json::Value) {
     let out = dir.join("result.json");
@@ -269,6 +277,112 @@ fn the_raft_positive_control_is_reported_as_a_violation() {
     );
 }
 
+/// A cut-off old leader that keeps granting (its lease check skipped) while the new leader
+/// serves: the clients pinned to each node put both leaders' grants in one history, and the
+/// real-time order check catches the old leader's lower values.
+#[test]
+fn the_no_lease_control_is_reported_as_a_violation() {
+    let dir = tempfile::tempdir().unwrap();
+    let (output, result) = tso_check(
+        dir.path(),
+        &[
+            "--nodes",
+            "3",
+            "--unsafe-no-lease",
+            "--faults",
+            "partition",
+            "--seed",
+            "3",
+            "--clients",
+            "6",
+            "--duration",
+            "15s",
+            "--fault-interval",
+            "1s",
+        ],
+    );
+    assert_eq!(output.status.code(), Some(1), "{}", explain(&output));
+    assert_eq!(result["no_lease_control"], true, "{result:#}");
+    assert_eq!(
+        result["pinned_clients"].as_array().unwrap().len(),
+        3,
+        "{result:#}"
+    );
+    assert!(
+        result["violations"]["real_time"].as_u64().unwrap() > 0,
+        "{result:#}"
+    );
+}
+
+/// Through the client library, a reply that breaks the protocol is a violation, not an error.
+#[test]
+fn a_malformed_reply_through_the_client_library_is_a_violation() {
+    let server = MalformedServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (output, result) = tso_check(
+        dir.path(),
+        &[
+            "--endpoints",
+            &server.endpoint(),
+            "--mode",
+            "library",
+            "--seed",
+            "1",
+            "--clients",
+            "2",
+            "--duration",
+            "1s",
+        ],
+    );
+    assert_eq!(output.status.code(), Some(1), "{}", explain(&output));
+    assert!(
+        result["history"]["granted"].as_u64().unwrap() > 0,
+        "{result:#}"
+    );
+    assert!(
+        result["history"]["malformed"].as_u64().unwrap() > 0,
+        "{result:#}"
+    );
+    assert!(
+        result["violations"]["shape"].as_u64().unwrap() > 0,
+        "{result:#}"
+    );
+}
+
+/// Clients that reach `--calls-max` long before the duration stop the nemesis with them: the
+/// run ends early, clean, with no stall reported for faults the clients did not see through.
+#[test]
+fn a_run_that_reaches_its_call_cap_stops_its_nemesis_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let (output, result) = tso_check(
+        dir.path(),
+        &[
+            "--seed",
+            "5",
+            "--clients",
+            "4",
+            "--calls-max",
+            "1000",
+            "--duration",
+            "120s",
+            "--fault-interval",
+            "300ms",
+            "--faults",
+            "kill,pause",
+        ],
+    );
+    assert_eq!(output.status.code(), Some(0), "{}", explain(&output));
+    assert_eq!(result["verdict"], "clean", "{result:#}");
+    assert_eq!(result["history"]["calls"], 1000, "{result:#}");
+    assert!(result["capped_ms"].is_u64(), "{result:#}");
+    let applied = result["schedule"].as_array().unwrap().len() as u64;
+    assert!(
+        applied < result["faults_planned"].as_u64().unwrap(),
+        "{result:#}"
+    );
+    assert_eq!(result["liveness"]["stalls"], serde_json::json!([]));
+}
+
 #[test]
 fn usage_and_setup_errors_exit_with_2() {
     let dir = tempfile::tempdir().unwrap();
@@ -281,5 +395,19 @@ fn usage_and_setup_errors_exit_with_2() {
     let (output, _) = tso_check(dir.path(), &["--faults", "partition"]);
     assert_eq!(output.status.code(), Some(2), "{}", explain(&output));
     let (output, _) = tso_check(dir.path(), &["--no-such-flag"]);
+    assert_eq!(output.status.code(), Some(2), "{}", explain(&output));
+    let (output, _) = tso_check(dir.path(), &["--calls-max", "0"]);
+    assert_eq!(output.status.code(), Some(2), "{}", explain(&output));
+    let (output, _) = tso_check(dir.path(), &["--unsafe-no-lease"]);
+    assert_eq!(output.status.code(), Some(2), "{}", explain(&output));
+    let (output, _) = tso_check(
+        dir.path(),
+        &[
+            "--nodes",
+            "3",
+            "--unsafe-no-lease",
+            "--unsafe-positive-control",
+        ],
+    );
     assert_eq!(output.status.code(), Some(2), "{}", explain(&output));
 }

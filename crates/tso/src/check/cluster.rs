@@ -3,8 +3,8 @@
 //! One node runs the file backend; 3 or 5 run `tso serve --backend raft` on loopback ports
 //! picked at start, with the same members list. A fault aimed at "the leader" finds it through
 //! the public protocol: the serving leader answers `GetCurrentMaxSafe` with a non-zero
-//! watermark, followers with 0. Partitions (a loopback proxy per directed peer link that a
-//! fault blackholes, see TESTING.md) are not here yet; they would plug in as one more fault.
+//! watermark, followers with 0. A partition blackholes the loopback proxies of every directed
+//! peer link of one node (see TESTING.md); clients still reach every node directly.
 
 use std::path::Path;
 
@@ -25,6 +25,8 @@ const LEADER_PROBE_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// Hidden server flag of the positive control: the fence reads the durable high-water as 0.
 pub const FORGET_HIGH_WATER_FLAG: &str = "--unsafe-forget-high-water";
+/// Hidden server flag of the no-lease control: grants skip the leader lease check.
+pub const NO_LEASE_FLAG: &str = "--unsafe-no-lease";
 
 pub struct Cluster {
     pub nodes: Vec<Node>,
@@ -34,18 +36,15 @@ pub struct Cluster {
 
 impl Cluster {
     /// Starts `nodes` local servers under `dir`: one on the file backend, or a raft cluster.
-    /// With `broken`, every server runs the positive control's fault (it forgets its
-    /// high-water at each start).
+    /// Every server also gets `unsafe_flags` (a positive control's broken server).
     pub async fn start(
         bin: &Path,
         dir: &Path,
         nodes: usize,
-        broken: bool,
+        unsafe_flags: &[&str],
     ) -> anyhow::Result<Cluster> {
         let mut common = vec!["--log".to_string(), "info".to_string()];
-        if broken {
-            common.push(FORGET_HIGH_WATER_FLAG.to_string());
-        }
+        common.extend(unsafe_flags.iter().map(|f| f.to_string()));
         let mut started = Vec::with_capacity(nodes);
         let mut links = Vec::new();
         if nodes == 1 {

@@ -5,7 +5,8 @@
 //! process on the machine, so histories of several processes merge). The checks are exact over
 //! the whole history and cost O(n log n): duplicates, per-client regression, real-time order
 //! across all clients, and the shape of each grant (one millisecond, a contiguous logical range,
-//! the count asked for). Failed calls carry no values, so they constrain nothing.
+//! the count asked for). Failed calls carry no values, so they constrain nothing; a reply the
+//! client library refused as malformed is a shape violation.
 
 use std::fmt;
 
@@ -75,6 +76,8 @@ pub enum Outcome {
     Granted(WireGrant),
     /// The gRPC code (or `timeout`, `transport`), as text.
     Failed(String),
+    /// A reply that breaks the protocol, refused by the client library (why, as text).
+    Malformed(String),
 }
 
 /// One recorded call.
@@ -91,7 +94,7 @@ impl Call {
     fn grant(&self) -> Option<&WireGrant> {
         match &self.outcome {
             Outcome::Granted(grant) => Some(grant),
-            Outcome::Failed(_) => None,
+            Outcome::Failed(_) | Outcome::Malformed(_) => None,
         }
     }
 }
@@ -109,7 +112,8 @@ pub enum Violation {
     },
     /// `earlier` returned before `later` started, yet `later` got a value not above it.
     RealTime { earlier: usize, later: usize },
-    /// A grant is not one millisecond, not contiguous, or not the count asked for.
+    /// A grant is not one millisecond, not contiguous, or not the count asked for (or the
+    /// client library refused the reply as malformed).
     Shape { call: usize, reason: String },
 }
 
@@ -213,11 +217,14 @@ pub fn check(calls: &[Call]) -> Report {
     let mut report = Report::default();
     let mut granted = Vec::with_capacity(calls.len());
     for (i, call) in calls.iter().enumerate() {
-        if let Some(grant) = call.grant() {
-            match grant.shape_error(call.requested) {
-                Some(reason) => report.add(Violation::Shape { call: i, reason }),
-                None => granted.push(i),
-            }
+        let shape_error = match &call.outcome {
+            Outcome::Granted(grant) => grant.shape_error(call.requested),
+            Outcome::Malformed(reason) => Some(format!("malformed reply: {reason}")),
+            Outcome::Failed(_) => continue,
+        };
+        match shape_error {
+            Some(reason) => report.add(Violation::Shape { call: i, reason }),
+            None => granted.push(i),
         }
     }
     check_duplicates(calls, &granted, &mut report);
@@ -313,16 +320,28 @@ pub struct Stall {
     pub recovered_after_ns: Option<u64>,
 }
 
-/// For each heal time, the first successful reply must end within `bound_ns` after it.
-/// Returns the recovery time of every heal (`None`: no reply at all) and the stalls.
+/// What liveness is judged on.
+pub struct LivenessScope<F> {
+    /// A successful reply must end within this long after each heal.
+    pub bound_ns: u64,
+    /// When the clients stopped calling: a heal without a reply whose bound runs past it is
+    /// not judged (the clients stopped, not the service).
+    pub until_ns: u64,
+    /// Whether a call counts (the clients that follow the leader; pinned clients may sit on
+    /// a follower for the whole run).
+    pub counts: F,
+}
+
+/// For each heal time, the first successful reply of a counted call must end within the bound
+/// after it. Returns the recovery time of every heal (`None`: no reply at all) and the stalls.
 pub fn check_liveness(
     calls: &[Call],
     heals_ns: &[u64],
-    bound_ns: u64,
+    scope: &LivenessScope<impl Fn(&Call) -> bool>,
 ) -> (Vec<Option<u64>>, Vec<Stall>) {
     let mut ends: Vec<u64> = calls
         .iter()
-        .filter(|c| matches!(c.outcome, Outcome::Granted(_)))
+        .filter(|c| matches!(c.outcome, Outcome::Granted(_)) && (scope.counts)(c))
         .map(|c| c.end_ns)
         .collect();
     ends.sort_unstable();
@@ -331,7 +350,11 @@ pub fn check_liveness(
     for (heal, &at) in heals_ns.iter().enumerate() {
         let next = ends.partition_point(|&e| e < at);
         let recovered = ends.get(next).map(|&e| e - at);
-        if recovered.is_none_or(|r| r > bound_ns) {
+        let stalled = match recovered {
+            Some(after) => after > scope.bound_ns,
+            None => at.saturating_add(scope.bound_ns) <= scope.until_ns,
+        };
+        if stalled {
             stalls.push(Stall {
                 heal,
                 recovered_after_ns: recovered,
@@ -479,7 +502,12 @@ mod tests {
             failed(0, 11, 500),
             ok(0, 501, 600, 101, 0, 1),
         ];
-        let (recoveries, stalls) = check_liveness(&calls, &[20, 550, 700], 100);
+        let scope = LivenessScope {
+            bound_ns: 100,
+            until_ns: 800,
+            counts: |_: &Call| true,
+        };
+        let (recoveries, stalls) = check_liveness(&calls, &[20, 550, 700], &scope);
         assert_eq!(recoveries, vec![Some(580), Some(50), None]);
         assert_eq!(
             stalls,
@@ -493,6 +521,72 @@ mod tests {
                     recovered_after_ns: None
                 }
             ]
+        );
+    }
+
+    /// A heal whose bound runs past the end of the recording (the clients stopped at the call
+    /// cap) is not judged without a reply; a reply that came too late is a stall all the same.
+    #[test]
+    fn liveness_does_not_judge_heals_after_the_clients_stopped() {
+        let calls = vec![ok(0, 0, 10, 100, 0, 1), ok(0, 300, 400, 101, 0, 1)];
+        let scope = LivenessScope {
+            bound_ns: 100,
+            until_ns: 450,
+            counts: |_: &Call| true,
+        };
+        let (recoveries, stalls) = check_liveness(&calls, &[50, 349, 351, 420], &scope);
+        assert_eq!(recoveries, vec![Some(350), Some(51), Some(49), None]);
+        assert_eq!(
+            stalls,
+            vec![Stall {
+                heal: 0,
+                recovered_after_ns: Some(350)
+            }]
+        );
+        let ended_early = LivenessScope {
+            until_ns: 519,
+            ..scope
+        };
+        assert_eq!(check_liveness(&calls, &[420], &ended_early).1, vec![]);
+        let ended_late = LivenessScope {
+            until_ns: 520,
+            ..ended_early
+        };
+        assert_eq!(check_liveness(&calls, &[420], &ended_late).1.len(), 1);
+    }
+
+    /// Pinned clients' replies do not count: a follower's pinned client answering does not
+    /// hide a leader nobody else reached.
+    #[test]
+    fn liveness_counts_only_the_chosen_clients() {
+        let calls = vec![ok(0, 0, 10, 100, 0, 1), ok(1, 20, 30, 101, 0, 1)];
+        let scope = LivenessScope {
+            bound_ns: 100,
+            until_ns: 1_000,
+            counts: |c: &Call| c.client != 1,
+        };
+        let (recoveries, stalls) = check_liveness(&calls, &[15], &scope);
+        assert_eq!(recoveries, vec![None]);
+        assert_eq!(stalls.len(), 1);
+    }
+
+    #[test]
+    fn a_malformed_reply_is_a_shape_violation() {
+        let calls = vec![
+            ok(0, 0, 10, 100, 0, 1),
+            Call {
+                outcome: Outcome::Malformed("granted 2 timestamps for a request of 1".into()),
+                ..failed(1, 0, 10)
+            },
+            failed(2, 0, 10),
+        ];
+        let report = check(&calls);
+        assert_eq!(report.counts.shape, 1, "{report:?}");
+        assert_eq!(report.counts.total(), 1);
+        assert!(
+            report.violations[0]
+                .describe(&calls)
+                .contains("malformed reply")
         );
     }
 

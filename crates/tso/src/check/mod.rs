@@ -21,9 +21,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
-use self::clients::{CALLS_MAX, Client, Shared};
+use self::clients::{CALLS_MAX, Client, Mix, Shared};
 use self::cluster::Cluster;
-use self::history::{Call, Outcome, WireGrant, check, check_liveness, monotonic_ns};
+use self::history::{Call, LivenessScope, Outcome, WireGrant, check, check_liveness, monotonic_ns};
 use self::schedule::{Plan, Step};
 use crate::cli::{BenchMode, CheckArgs};
 use crate::targets::{CONNECTIONS_MAX, Route, Targets};
@@ -91,78 +91,148 @@ async fn run(args: CheckArgs) -> anyhow::Result<Verdict> {
     let seed = args.seed.unwrap_or_else(rand::random);
     println!("tso check: seed {seed} (replay with --seed {seed})");
     let work = WorkDir::new(args.work_dir.clone())?;
-    let attached = !args.endpoints.is_empty();
-    let mut cluster = if attached {
-        None
-    } else {
+    let mut cluster = if args.endpoints.is_empty() {
         Some(start_cluster(&args, &work).await?)
+    } else {
+        None
     };
-    let endpoints = match &cluster {
-        Some(cluster) => cluster.endpoints(),
-        None => args.endpoints.clone(),
-    };
-    let plan = Plan {
-        seed,
-        nodes: args.nodes,
-        kinds: if attached {
-            vec![]
-        } else {
-            args.faults.clone()
-        },
-        duration: args.duration,
-        interval: args.fault_interval,
-        pause_max: (args.liveness_bound / 2).min(PAUSE_MAX),
-        positive_control: args.unsafe_positive_control,
-    };
-    let steps = schedule::draw(&plan);
-    println!(
-        "tso check: {} {} client(s) against {} for {}, {} fault(s) scheduled; work dir {}",
-        args.clients,
-        args.mode.name(),
-        endpoints.join(","),
-        humantime::format_duration(args.duration),
-        steps.len(),
-        work.path().display()
-    );
-    let (shared, tasks) = start_clients(&args, seed, &endpoints).await?;
-    let origin = Instant::now();
-    let events = match cluster.as_mut() {
-        Some(cluster) => nemesis(cluster, &steps, origin, &shared, args.liveness_bound).await,
-        None => Vec::new(),
-    };
-    tokio::time::sleep_until((origin + args.duration).into()).await;
-    let heals: Vec<u64> = events.iter().filter_map(|e| e.heal_ns).collect();
-    wait_for_recovery(&shared, heals.last().copied(), args.liveness_bound).await;
-    shared.stop.store(true, Ordering::Relaxed);
-    let mut calls = Vec::new();
-    for task in tasks {
-        calls.extend(task.await.context("a client panicked")??);
-    }
+    let recorded = record(&args, seed, cluster.as_mut(), &work).await;
     if let Some(cluster) = cluster.as_mut() {
         cluster.stop().await;
     }
+    let recorded = recorded?;
     if let Some(path) = &args.history {
-        write_history(path, &calls)?;
+        write_history(path, &recorded.calls)?;
     }
-    let verdict = judge(&args, seed, &endpoints, &events, &calls, &heals, &work)?;
+    let verdict = judge(&args, &recorded, &work)?;
     if verdict == Verdict::Clean {
         work.clean_up();
     }
     Ok(verdict)
 }
 
+/// What a run recorded: the input of the verdict and of the result file.
+struct Recorded {
+    seed: u64,
+    endpoints: Vec<String>,
+    mix: Mix,
+    faults_planned: usize,
+    events: Vec<Event>,
+    heals: Vec<u64>,
+    calls: Vec<Call>,
+    /// `CLOCK_MONOTONIC` ns when the clients stopped.
+    until_ns: u64,
+    /// Milliseconds into the run when the clients reached `--calls-max`, if they did.
+    capped_ms: Option<u64>,
+}
+
+/// Runs the clients and the nemesis for the duration (or until the call cap), then waits for
+/// the service to answer after the last heal, and collects every call.
+async fn record(
+    args: &CheckArgs,
+    seed: u64,
+    cluster: Option<&mut Cluster>,
+    work: &WorkDir,
+) -> anyhow::Result<Recorded> {
+    let endpoints = match &cluster {
+        Some(cluster) => cluster.endpoints(),
+        None => args.endpoints.clone(),
+    };
+    let steps = schedule::draw(&plan(args, seed, cluster.is_some()));
+    let mix = Mix::new(args.clients, endpoints.len());
+    println!(
+        "tso check: {} against {} for {}, {} fault(s) scheduled; work dir {}",
+        describe_clients(args, mix),
+        endpoints.join(","),
+        humantime::format_duration(args.duration),
+        steps.len(),
+        work.path().display()
+    );
+    let (shared, tasks) = start_clients(args, seed, &endpoints, mix).await?;
+    let origin = Instant::now();
+    let origin_ns = monotonic_ns();
+    let events = match cluster {
+        Some(cluster) => nemesis(cluster, &steps, origin, &shared, args.liveness_bound).await,
+        None => Vec::new(),
+    };
+    shared.sleep_until(origin + args.duration).await;
+    let heals: Vec<u64> = events.iter().filter_map(|e| e.heal_ns).collect();
+    wait_for_recovery(&shared, heals.last().copied(), args.liveness_bound).await;
+    shared.stop();
+    let mut calls = Vec::new();
+    for task in tasks {
+        calls.extend(task.await.context("a client panicked")??);
+    }
+    let until_ns = shared.stopped_ns().expect("the clients were stopped");
+    let capped_ms = shared
+        .capped()
+        .then(|| until_ns.saturating_sub(origin_ns) / 1_000_000);
+    Ok(Recorded {
+        seed,
+        endpoints,
+        mix,
+        faults_planned: steps.len(),
+        events,
+        heals,
+        calls,
+        until_ns,
+        capped_ms,
+    })
+}
+
+/// The nemesis plan of a run; attached runs (no local cluster) draw no faults.
+fn plan(args: &CheckArgs, seed: u64, local: bool) -> Plan {
+    Plan {
+        seed,
+        nodes: args.nodes,
+        kinds: if local { args.faults.clone() } else { vec![] },
+        duration: args.duration,
+        interval: args.fault_interval,
+        pause_max: (args.liveness_bound / 2).min(PAUSE_MAX),
+        positive_control: args.unsafe_positive_control,
+        no_lease_control: args.unsafe_no_lease,
+    }
+}
+
+/// "8 raw client(s) (3 pinned one per node, 5 following the leader)", for the opening line.
+fn describe_clients(args: &CheckArgs, mix: Mix) -> String {
+    let mode = args.mode.name();
+    match (mix.pinned, args.mode) {
+        (0, _) => format!("{} {mode} client(s)", args.clients),
+        (pinned, BenchMode::Raw) => format!(
+            "{} raw client(s) ({pinned} pinned one per node, {} following the leader)",
+            args.clients,
+            args.clients - pinned
+        ),
+        (pinned, BenchMode::Library) => format!(
+            "{} client(s) ({pinned} raw pinned one per node, {} through the client library)",
+            args.clients,
+            args.clients - pinned
+        ),
+    }
+}
+
 async fn start_cluster(args: &CheckArgs, work: &WorkDir) -> anyhow::Result<Cluster> {
     let bin = std::env::current_exe().context("finding this binary")?;
-    Cluster::start(&bin, work.path(), args.nodes, args.unsafe_positive_control).await
+    let mut unsafe_flags = Vec::new();
+    if args.unsafe_positive_control {
+        unsafe_flags.push(cluster::FORGET_HIGH_WATER_FLAG);
+    }
+    if args.unsafe_no_lease {
+        unsafe_flags.push(cluster::NO_LEASE_FLAG);
+    }
+    Cluster::start(&bin, work.path(), args.nodes, &unsafe_flags).await
 }
 
 type ClientTask = tokio::task::JoinHandle<anyhow::Result<Vec<Call>>>;
 
-/// Starts the recording clients, raw or through one shared client library.
+/// Starts the recording clients: the pinned ones on raw RPCs to their node, the others raw or
+/// through one shared client library.
 async fn start_clients(
     args: &CheckArgs,
     seed: u64,
     endpoints: &[String],
+    mix: Mix,
 ) -> anyhow::Result<(Arc<Shared>, Vec<ClientTask>)> {
     let targets = Arc::new(Targets::new(
         endpoints,
@@ -179,18 +249,21 @@ async fn start_clients(
                 .context("starting the client library")?,
         ),
     };
-    let shared = Arc::new(Shared::default());
+    let shared = Arc::new(Shared::new(args.calls_max));
     let mut tasks = Vec::with_capacity(args.clients);
     for id in 0..args.clients {
+        let pinned = mix.node_of(id as u32);
+        let route = match (pinned, &library) {
+            (Some(node), _) => Route::pinned(&targets, node, id)?,
+            (None, Some(client)) => Route::Library(client.clone()),
+            (None, None) => Route::raw(Arc::clone(&targets), id)?,
+        };
         let client = Client {
             id: id as u32,
             seed,
             count_max: args.count_max,
-            calls_max: CALLS_MAX / args.clients,
-            route: match &library {
-                Some(client) => Route::Library(client.clone()),
-                None => Route::raw(Arc::clone(&targets), id)?,
-            },
+            route,
+            pinned: pinned.is_some(),
             shared: Arc::clone(&shared),
         };
         tasks.push(tokio::spawn(client.run()));
@@ -204,14 +277,18 @@ fn validate(args: &CheckArgs) -> anyhow::Result<()> {
         "--clients must be 1 to {CLIENTS_MAX}"
     );
     anyhow::ensure!(
+        (1..=CALLS_MAX).contains(&args.calls_max),
+        "--calls-max must be 1 to {CALLS_MAX}"
+    );
+    anyhow::ensure!(
         (1..=tso_core::LOGICAL_COUNT).contains(&args.count_max),
         "--count-max must be 1 to {}",
         tso_core::LOGICAL_COUNT
     );
     anyhow::ensure!(matches!(args.nodes, 1 | 3 | 5), "--nodes must be 1, 3 or 5");
     anyhow::ensure!(
-        args.endpoints.is_empty() || !args.unsafe_positive_control,
-        "the positive control needs a local cluster: drop --endpoints"
+        args.endpoints.is_empty() || !(args.unsafe_positive_control || args.unsafe_no_lease),
+        "the positive controls need a local cluster: drop --endpoints"
     );
     anyhow::ensure!(
         !args.fault_interval.is_zero(),
@@ -221,13 +298,18 @@ fn validate(args: &CheckArgs) -> anyhow::Result<()> {
         args.nodes > 1 || !args.faults.contains(&schedule::FaultKind::Partition),
         "partition faults need a cluster: add --nodes 3 or 5"
     );
+    anyhow::ensure!(
+        args.nodes > 1 || !args.unsafe_no_lease,
+        "the no-lease control needs a raft cluster: add --nodes 3 or 5"
+    );
     Ok(())
 }
 
 /// Applies the schedule in real time; every fault heals before the next one starts, and a
 /// fault starts only once a call has succeeded since the previous heal (or the liveness bound
 /// passed): faults never pile up on a service that has not recovered, and every fault has
-/// replies on both sides of it to compare, whatever the machine's speed.
+/// replies on both sides of it to compare, whatever the machine's speed. When the clients stop
+/// (at the call cap), the fault under way heals at once and no other starts.
 async fn nemesis(
     cluster: &mut Cluster,
     steps: &[Step],
@@ -235,41 +317,23 @@ async fn nemesis(
     shared: &Shared,
     bound: Duration,
 ) -> Vec<Event> {
-    let since = |at: Instant| (at - origin).as_millis() as u64;
     let mut events: Vec<Event> = Vec::with_capacity(steps.len());
     for &step in steps {
-        tokio::time::sleep_until((origin + Duration::from_millis(step.at_ms)).into()).await;
+        if !shared
+            .sleep_until(origin + Duration::from_millis(step.at_ms))
+            .await
+        {
+            break;
+        }
         let healed_ns = events.iter().rev().find_map(|e| e.heal_ns).unwrap_or(0);
         wait_for_recovery(shared, Some(healed_ns), bound).await;
-        let start_ms = since(Instant::now());
-        let mut event = Event {
-            step,
-            node: None,
-            applied: false,
-            start_ms,
-            heal_ms: None,
-            heal_ns: None,
-            error: None,
-        };
-        let at = cluster.resolve(step.fault.target()).await;
-        event.node = at;
-        if let Some(at) = at {
-            match cluster.apply(step.fault, at).await {
-                Ok(applied) => event.applied = applied,
-                Err(err) => event.error = Some(format!("{err:#}")),
-            }
+        if shared.is_stopped() {
+            break;
         }
-        if let (true, Some(at)) = (event.applied, at) {
-            tokio::time::sleep(Duration::from_millis(step.fault.length_ms())).await;
-            event.heal_ms = Some(since(Instant::now()));
-            event.heal_ns = Some(monotonic_ns());
-            if let Err(err) = cluster.heal(step.fault, at).await {
-                event.error = Some(format!("{err:#}"));
-            }
-        }
+        let event = apply_step(cluster, step, origin, shared).await;
         eprintln!(
             "tso check: {:>7} ms  {}{}",
-            start_ms,
+            event.start_ms,
             step.fault.describe(),
             event
                 .error
@@ -282,13 +346,49 @@ async fn nemesis(
     events
 }
 
-/// After the last heal, runs on until a reply succeeds after it, or the bound passes.
+/// Applies one fault, holds it for its length (or until the clients stop), and heals it.
+async fn apply_step(cluster: &mut Cluster, step: Step, origin: Instant, shared: &Shared) -> Event {
+    let since = |at: Instant| (at - origin).as_millis() as u64;
+    let mut event = Event {
+        step,
+        node: None,
+        applied: false,
+        start_ms: since(Instant::now()),
+        heal_ms: None,
+        heal_ns: None,
+        error: None,
+    };
+    let at = cluster.resolve(step.fault.target()).await;
+    event.node = at;
+    if let Some(at) = at {
+        match cluster.apply(step.fault, at).await {
+            Ok(applied) => event.applied = applied,
+            Err(err) => event.error = Some(format!("{err:#}")),
+        }
+    }
+    if let (true, Some(at)) = (event.applied, at) {
+        let length = Duration::from_millis(step.fault.length_ms());
+        shared.sleep_until(Instant::now() + length).await;
+        event.heal_ms = Some(since(Instant::now()));
+        event.heal_ns = Some(monotonic_ns());
+        if let Err(err) = cluster.heal(step.fault, at).await {
+            event.error = Some(format!("{err:#}"));
+        }
+    }
+    event
+}
+
+/// After the last heal, runs on until a reply succeeds after it, the bound passes, or the
+/// clients stop.
 async fn wait_for_recovery(shared: &Shared, last_heal_ns: Option<u64>, bound: Duration) {
     let Some(heal_ns) = last_heal_ns else {
         return;
     };
     let deadline = Instant::now() + bound;
-    while Instant::now() < deadline && shared.last_ok_ns.load(Ordering::Relaxed) <= heal_ns {
+    while Instant::now() < deadline
+        && !shared.is_stopped()
+        && shared.last_ok_ns.load(Ordering::Relaxed) <= heal_ns
+    {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -299,29 +399,44 @@ struct Findings {
     /// Time from each heal to the next successful reply (`None`: none came).
     recoveries: Vec<Option<u64>>,
     stalls: Vec<history::Stall>,
+    /// Heals without a reply whose bound ran past the clients' stop (at the call cap).
+    unjudged: usize,
     granted: usize,
+    malformed: usize,
     errors: BTreeMap<String, u64>,
     /// Faults that could not be applied or healed (a node that did not restart).
     fault_errors: usize,
 }
 
 impl Findings {
-    fn gather(args: &CheckArgs, events: &[Event], calls: &[Call], heals: &[u64]) -> Findings {
-        let bound_ns = args.liveness_bound.as_nanos() as u64;
-        let (recoveries, stalls) = check_liveness(calls, heals, bound_ns);
+    fn gather(args: &CheckArgs, recorded: &Recorded) -> Findings {
+        let calls = &recorded.calls;
+        let scope = LivenessScope {
+            bound_ns: args.liveness_bound.as_nanos() as u64,
+            until_ns: recorded.until_ns,
+            counts: |call: &Call| recorded.mix.node_of(call.client).is_none(),
+        };
+        let (recoveries, stalls) = check_liveness(calls, &recorded.heals, &scope);
+        let unanswered = recoveries.iter().filter(|r| r.is_none()).count();
+        let stalled_unanswered = stalls.iter().filter(|s| s.recovered_after_ns.is_none());
+        let (mut granted, mut malformed) = (0, 0);
         let mut errors: BTreeMap<String, u64> = BTreeMap::new();
         for call in calls {
-            if let Outcome::Failed(code) = &call.outcome {
-                *errors.entry(code.clone()).or_default() += 1;
+            match &call.outcome {
+                Outcome::Granted(_) => granted += 1,
+                Outcome::Malformed(_) => malformed += 1,
+                Outcome::Failed(code) => *errors.entry(code.clone()).or_default() += 1,
             }
         }
         Findings {
             report: check(calls),
+            unjudged: unanswered - stalled_unanswered.count(),
             recoveries,
             stalls,
-            granted: calls.len() - errors.values().sum::<u64>() as usize,
+            granted,
+            malformed,
             errors,
-            fault_errors: events.iter().filter(|e| e.error.is_some()).count(),
+            fault_errors: recorded.events.iter().filter(|e| e.error.is_some()).count(),
         }
     }
 
@@ -332,12 +447,21 @@ impl Findings {
             && self.fault_errors == 0
     }
 
-    fn print(&self, args: &CheckArgs, calls: &[Call], heals: usize) {
-        let bound = humantime::format_duration(args.liveness_bound);
+    fn print(&self, args: &CheckArgs, recorded: &Recorded) {
+        let calls = &recorded.calls;
+        if let Some(capped_ms) = recorded.capped_ms {
+            println!(
+                "tso check: the clients reached --calls-max ({}) after {capped_ms} ms; the nemesis stopped with them ({} of {} fault(s) applied)",
+                args.calls_max,
+                recorded.events.len(),
+                recorded.faults_planned
+            );
+        }
         println!(
-            "tso check: {} calls, {} granted, errors {:?}",
+            "tso check: {} calls, {} granted, {} malformed, errors {:?}",
             calls.len(),
             self.granted,
+            self.malformed,
             self.errors
         );
         let verdict = if self.report.is_clean() {
@@ -349,22 +473,7 @@ impl Findings {
         for violation in self.report.violations.iter().take(VIOLATIONS_PRINTED_MAX) {
             println!("  {}", violation.describe(calls));
         }
-        let worst_ms = self
-            .recoveries
-            .iter()
-            .flatten()
-            .max()
-            .map(|&ns| ns as f64 / 1e6);
-        match (self.stalls.is_empty(), worst_ms) {
-            (true, Some(worst)) => println!(
-                "tso check: liveness: {heals} heal(s), every one answered within {bound} (worst {worst:.1} ms)"
-            ),
-            (true, None) => println!("tso check: liveness: no faults healed"),
-            (false, _) => println!(
-                "tso check: liveness: VIOLATION: {} heal(s) without a reply within {bound}",
-                self.stalls.len()
-            ),
-        }
+        self.print_liveness(args, recorded.heals.len());
         if self.granted == 0 {
             println!("tso check: VIOLATION: no call succeeded at all");
         }
@@ -375,26 +484,45 @@ impl Findings {
             );
         }
     }
+
+    fn print_liveness(&self, args: &CheckArgs, heals: usize) {
+        let bound = humantime::format_duration(args.liveness_bound);
+        let worst_ms = self
+            .recoveries
+            .iter()
+            .flatten()
+            .max()
+            .map(|&ns| ns as f64 / 1e6);
+        let judged = heals - self.unjudged;
+        match (self.stalls.is_empty(), worst_ms) {
+            (true, Some(worst)) => println!(
+                "tso check: liveness: {judged} heal(s), every one answered within {bound} (worst {worst:.1} ms)"
+            ),
+            (true, None) => println!("tso check: liveness: no faults healed"),
+            (false, _) => println!(
+                "tso check: liveness: VIOLATION: {} heal(s) without a reply within {bound}",
+                self.stalls.len()
+            ),
+        }
+        if self.unjudged > 0 {
+            println!(
+                "tso check: liveness: {} heal(s) not judged: the clients stopped at --calls-max before a reply or the bound",
+                self.unjudged
+            );
+        }
+    }
 }
 
 /// Checks the history, prints the verdict, and writes the result file.
-fn judge(
-    args: &CheckArgs,
-    seed: u64,
-    endpoints: &[String],
-    events: &[Event],
-    calls: &[Call],
-    heals: &[u64],
-    work: &WorkDir,
-) -> anyhow::Result<Verdict> {
-    let findings = Findings::gather(args, events, calls, heals);
-    findings.print(args, calls, heals.len());
+fn judge(args: &CheckArgs, recorded: &Recorded, work: &WorkDir) -> anyhow::Result<Verdict> {
+    let findings = Findings::gather(args, recorded);
+    findings.print(args, recorded);
     let clean = findings.clean();
     let out = args
         .out
         .clone()
-        .unwrap_or_else(|| PathBuf::from(format!("tso-check-{seed}.json")));
-    let result = result_json(args, seed, endpoints, events, calls, &findings, work);
+        .unwrap_or_else(|| PathBuf::from(format!("tso-check-{}.json", recorded.seed)));
+    let result = result_json(args, recorded, &findings, work);
     std::fs::write(&out, serde_json::to_string_pretty(&result)? + "\n")
         .with_context(|| format!("writing {}", out.display()))?;
     println!(
@@ -412,33 +540,40 @@ fn judge(
 /// The result file: the run's parameters, the schedule as applied, and the findings.
 fn result_json(
     args: &CheckArgs,
-    seed: u64,
-    endpoints: &[String],
-    events: &[Event],
-    calls: &[Call],
+    recorded: &Recorded,
     findings: &Findings,
     work: &WorkDir,
 ) -> serde_json::Value {
+    let calls = &recorded.calls;
     let timestamps: u64 = calls
         .iter()
         .filter_map(|c| match c.outcome {
             Outcome::Granted(g) => Some(u64::from(g.count)),
-            Outcome::Failed(_) => None,
+            Outcome::Failed(_) | Outcome::Malformed(_) => None,
         })
         .sum();
+    let pinned: Vec<serde_json::Value> = (0..args.clients as u32)
+        .filter_map(|id| recorded.mix.node_of(id).map(|node| (id, node)))
+        .map(|(client, node)| serde_json::json!({ "client": client, "node": node }))
+        .collect();
     let report = &findings.report;
     serde_json::json!({
-        "seed": seed,
+        "seed": recorded.seed,
         "verdict": if findings.clean() { "clean" } else { "violation" },
-        "endpoints": endpoints,
+        "endpoints": recorded.endpoints,
         "nodes": args.nodes,
         "clients": args.clients,
+        "pinned_clients": pinned,
         "mode": args.mode.name(),
         "count_max": args.count_max,
+        "calls_max": args.calls_max,
         "duration_s": args.duration.as_secs_f64(),
+        "capped_ms": recorded.capped_ms,
         "positive_control": args.unsafe_positive_control,
+        "no_lease_control": args.unsafe_no_lease,
         "work_dir": work.path(),
-        "schedule": events.iter().map(|e| serde_json::json!({
+        "faults_planned": recorded.faults_planned,
+        "schedule": recorded.events.iter().map(|e| serde_json::json!({
             "planned_ms": e.step.at_ms,
             "fault": e.step.fault.describe(),
             "node": e.node,
@@ -450,6 +585,7 @@ fn result_json(
         "history": {
             "calls": calls.len(),
             "granted": findings.granted,
+            "malformed": findings.malformed,
             "timestamps": timestamps,
             "errors": findings.errors,
         },
@@ -464,6 +600,7 @@ fn result_json(
             "bound_ms": args.liveness_bound.as_millis() as u64,
             "recoveries_ms": findings.recoveries.iter().map(|r| r.map(|ns| ns as f64 / 1e6)).collect::<Vec<_>>(),
             "stalls": findings.stalls.iter().map(|s| s.heal).collect::<Vec<_>>(),
+            "unjudged": findings.unjudged,
         },
     })
 }
@@ -521,9 +658,10 @@ fn parse_call(line: &str) -> anyhow::Result<Call> {
             .with_context(|| format!("missing or bad {key:?}"))
     };
     let small = |key: &str| -> anyhow::Result<u32> { Ok(u32::try_from(int(key)?)?) };
-    let outcome = match v["error"].as_str() {
-        Some(code) => Outcome::Failed(code.to_string()),
-        None => Outcome::Granted(WireGrant {
+    let outcome = match (v["error"].as_str(), v["malformed"].as_str()) {
+        (Some(code), _) => Outcome::Failed(code.to_string()),
+        (None, Some(reason)) => Outcome::Malformed(reason.to_string()),
+        (None, None) => Outcome::Granted(WireGrant {
             physical_ms: int("physical_ms")?,
             logical_start: small("logical_start")?,
             count: small("count")?,
@@ -558,6 +696,7 @@ fn write_history(path: &std::path::Path, calls: &[Call]) -> anyhow::Result<()> {
                 line["count"] = grant.count.into();
             }
             Outcome::Failed(code) => line["error"] = code.as_str().into(),
+            Outcome::Malformed(reason) => line["malformed"] = reason.as_str().into(),
         }
         writeln!(out, "{line}")?;
     }

@@ -3,7 +3,8 @@
 //!
 //! Faults run one after another: each heals (restart, SIGCONT) before the next quiet gap starts.
 //! A clock offset stays until the next clock fault, so later kills and pauses happen under a
-//! shifted clock: that is how combinations arise.
+//! shifted clock: that is how combinations arise. The positive controls open with fixed steps
+//! that their broken servers fail, then draw as usual.
 
 use std::time::Duration;
 
@@ -21,6 +22,14 @@ pub const PARTITION_MAX_MS: u64 = 5_000;
 /// The positive control sets clocks back this far before its kills: far more than a restart
 /// takes, so a server that forgets its high-water reissues values it already gave out.
 pub const POSITIVE_CONTROL_SHIFT_MS: i64 = -60_000;
+/// The no-lease control cuts the leader off for this long: past the election (followers
+/// campaign 550 to 700 ms after the last heartbeat, then the new leader fences) and past the
+/// old leader's window (1.5 to 3 s ahead of its clock at the cut with `--window-ahead 3s`), so
+/// the two leaders grant side by side until the old one's window runs dry.
+pub const NO_LEASE_CUT_MS: u64 = 4_000;
+/// Cuts of the leader the no-lease control opens with: each one alone gives the checker a
+/// second or more of two leaders granting; three make a miss on a slow machine unlikely.
+pub const NO_LEASE_CUTS: usize = 3;
 
 /// The kinds of fault a run may draw from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, clap::ValueEnum)]
@@ -115,14 +124,34 @@ pub struct Plan {
     pub pause_max: Duration,
     /// Open with clock-back-then-kill steps that a server forgetting its high-water fails.
     pub positive_control: bool,
+    /// Open with long cuts of the leader that a server granting without its lease fails.
+    pub no_lease_control: bool,
 }
 
 /// Draws the schedule of `plan`: same plan, same schedule.
 pub fn draw(plan: &Plan) -> Vec<Step> {
     let mut rng = StdRng::seed_from_u64(plan.seed);
-    let mut steps = Vec::new();
     let end_ms = plan.duration.as_millis() as u64;
     let interval_ms = (plan.interval.as_millis() as u64).max(1);
+    let (mut steps, mut t) = control_steps(plan, interval_ms);
+    if plan.kinds.is_empty() {
+        return steps;
+    }
+    while steps.len() < FAULTS_MAX {
+        t += rng.random_range(interval_ms / 2..=interval_ms * 3 / 2);
+        let fault = draw_fault(plan, &mut rng);
+        if t + fault.length_ms() >= end_ms {
+            break;
+        }
+        steps.push(Step { at_ms: t, fault });
+        t += fault.length_ms();
+    }
+    steps
+}
+
+/// The fixed opening steps of the positive controls, and the offset after them.
+fn control_steps(plan: &Plan, interval_ms: u64) -> (Vec<Step>, u64) {
+    let mut steps = Vec::new();
     let mut t = interval_ms / 2;
     if plan.positive_control {
         for node in 0..plan.nodes {
@@ -144,42 +173,47 @@ pub fn draw(plan: &Plan) -> Vec<Step> {
         });
         t += 100 + interval_ms;
     }
-    if plan.kinds.is_empty() {
-        return steps;
-    }
-    while steps.len() < FAULTS_MAX {
-        t += rng.random_range(interval_ms / 2..=interval_ms * 3 / 2);
-        // A single node is its own leader; only a cluster draws between the leader and a node.
-        let node = if plan.nodes > 1 && rng.random_bool(0.5) {
-            Target::Leader
-        } else {
-            Target::Node(rng.random_range(0..plan.nodes))
-        };
-        let fault = match plan.kinds[rng.random_range(0..plan.kinds.len())] {
-            FaultKind::Kill => Fault::Kill {
-                node,
-                down_ms: rng.random_range(0..=1_000),
-            },
-            FaultKind::Pause => Fault::Pause {
-                node,
-                for_ms: rng.random_range(50..=(plan.pause_max.as_millis() as u64).max(50)),
-            },
-            FaultKind::Clock => Fault::Clock {
-                node,
-                offset_ms: rng.random_range(-CLOCK_SHIFT_MAX_MS..=CLOCK_SHIFT_MAX_MS),
-            },
-            FaultKind::Partition => Fault::Partition {
-                node,
-                for_ms: rng.random_range(PARTITION_MIN_MS..=PARTITION_MAX_MS),
-            },
-        };
-        if t + fault.length_ms() >= end_ms {
-            break;
+    if plan.no_lease_control {
+        for _ in 0..NO_LEASE_CUTS {
+            steps.push(Step {
+                at_ms: t,
+                fault: Fault::Partition {
+                    node: Target::Leader,
+                    for_ms: NO_LEASE_CUT_MS,
+                },
+            });
+            t += NO_LEASE_CUT_MS + interval_ms;
         }
-        steps.push(Step { at_ms: t, fault });
-        t += fault.length_ms();
     }
-    steps
+    (steps, t)
+}
+
+/// One fault of the kinds `plan` allows, aimed at the leader or at a node.
+fn draw_fault(plan: &Plan, rng: &mut StdRng) -> Fault {
+    // A single node is its own leader; only a cluster draws between the leader and a node.
+    let node = if plan.nodes > 1 && rng.random_bool(0.5) {
+        Target::Leader
+    } else {
+        Target::Node(rng.random_range(0..plan.nodes))
+    };
+    match plan.kinds[rng.random_range(0..plan.kinds.len())] {
+        FaultKind::Kill => Fault::Kill {
+            node,
+            down_ms: rng.random_range(0..=1_000),
+        },
+        FaultKind::Pause => Fault::Pause {
+            node,
+            for_ms: rng.random_range(50..=(plan.pause_max.as_millis() as u64).max(50)),
+        },
+        FaultKind::Clock => Fault::Clock {
+            node,
+            offset_ms: rng.random_range(-CLOCK_SHIFT_MAX_MS..=CLOCK_SHIFT_MAX_MS),
+        },
+        FaultKind::Partition => Fault::Partition {
+            node,
+            for_ms: rng.random_range(PARTITION_MIN_MS..=PARTITION_MAX_MS),
+        },
+    }
 }
 
 #[cfg(test)]
@@ -200,6 +234,7 @@ mod tests {
             interval: Duration::from_secs(1),
             pause_max: Duration::from_secs(2),
             positive_control: false,
+            no_lease_control: false,
         }
     }
 
@@ -244,6 +279,24 @@ mod tests {
         assert_eq!(steps.len(), 4);
         assert!(matches!(steps[0].fault, Fault::Clock { offset_ms, .. } if offset_ms < 0));
         assert!(matches!(steps[3].fault, Fault::Kill { .. }));
+    }
+
+    #[test]
+    fn the_no_lease_control_cuts_the_leader_off_then_draws() {
+        let steps = draw(&Plan {
+            no_lease_control: true,
+            kinds: vec![FaultKind::Partition],
+            ..plan(1)
+        });
+        let cut = Fault::Partition {
+            node: Target::Leader,
+            for_ms: NO_LEASE_CUT_MS,
+        };
+        assert!(steps.len() > NO_LEASE_CUTS);
+        assert!(steps[..NO_LEASE_CUTS].iter().all(|s| s.fault == cut));
+        for pair in steps.windows(2) {
+            assert!(pair[0].at_ms + pair[0].fault.length_ms() < pair[1].at_ms);
+        }
     }
 
     #[test]

@@ -2,6 +2,8 @@
 //! signal it, and talk to it over gRPC.
 #![allow(dead_code)]
 
+pub mod malformed;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
