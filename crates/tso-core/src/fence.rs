@@ -50,6 +50,11 @@ impl Fence {
     /// Seeds the allocator once `durable_ms` is durable. A backend that reports less than the
     /// target broke its contract; serving on it could pass the durable bound.
     pub fn complete(self, durable_ms: u64) -> Result<Window, Error> {
+        if durable_ms > PHYSICAL_MAX_MS {
+            return Err(Error::PhysicalOutOfRange {
+                physical_ms: durable_ms,
+            });
+        }
         if durable_ms < self.target_ms {
             return Err(Error::DurableBelowTarget {
                 durable_ms,
@@ -63,6 +68,15 @@ impl Fence {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_durable_value_past_the_layout_is_refused_not_asserted() {
+        let fence = Fence::plan(100, 50, 10).unwrap();
+        assert!(matches!(
+            fence.complete(PHYSICAL_MAX_MS + 1),
+            Err(Error::PhysicalOutOfRange { .. })
+        ));
+    }
 
     #[test]
     fn floor_is_above_prior_and_not_behind_the_clock() {

@@ -24,6 +24,11 @@ pub enum ServeError {
         "the leadership stream of the consensus backend closed; the node cannot know whether it leads"
     )]
     LeadershipClosed,
+    #[error(
+        "this backend already serves another oracle in this process: two oracles on one backend \
+         would grant the same timestamps; stop the other first"
+    )]
+    BackendInUse,
     #[error("the leadership watch task panicked: {0}")]
     WatchPanicked(String),
     #[error("the leadership watch did not stop within the shutdown grace of {grace_ms} ms")]

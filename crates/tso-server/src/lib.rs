@@ -6,6 +6,7 @@
 
 pub mod backend;
 mod backoff;
+mod claim;
 pub mod clock;
 pub mod consensus;
 mod error;

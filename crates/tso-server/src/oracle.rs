@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
-use tso_core::{Epoch, Error as CoreError, Grant, Window};
+use tso_core::{Epoch, Error as CoreError, Grant, PHYSICAL_MAX_MS, Window};
 
 use crate::clock::Clock;
 use crate::consensus::{Consensus, ConsensusError};
@@ -135,6 +135,8 @@ pub(crate) struct Shared {
     /// Cancelled when serving is poisoned; the watch and the server stop on it.
     pub failed: CancellationToken,
     fatal: Mutex<Option<ServeError>>,
+    /// This oracle's hold on its backend (`None`: another oracle holds it; this one never serves).
+    claim: Option<crate::claim::Claim>,
 }
 
 enum Attempt {
@@ -151,6 +153,7 @@ pub(crate) enum Plan {
 
 impl Shared {
     pub fn new(backend: Arc<dyn Consensus>, config: Config, clock: Arc<dyn Clock>) -> Shared {
+        let claim = crate::claim::Claim::take(&backend);
         let not_serving = ServingState::NotServing {
             leader_endpoint: None,
             leader_epoch: None,
@@ -167,7 +170,13 @@ impl Shared {
             serving: watch::channel(not_serving).0,
             failed: CancellationToken::new(),
             fatal: Mutex::new(None),
+            claim,
         }
+    }
+
+    /// Whether this oracle holds its backend (see `claim.rs`).
+    pub fn claimed(&self) -> bool {
+        self.claim.is_some()
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -277,12 +286,26 @@ impl Shared {
             None => hint,
         };
         state.mode = Mode::NotServing(hint.clone());
-        drop(state);
+        // Published with the lock held, so that states are published in the order they were
+        // taken: a poisoning in between can never be overwritten by a stale NotServing.
         metrics::serving(false);
         self.serving.send_replace(ServingState::NotServing {
             leader_endpoint: hint.endpoint,
             leader_epoch: hint.epoch,
         });
+    }
+
+    /// The epoch of the term being served, if any.
+    pub fn serving_epoch(&self) -> Option<Epoch> {
+        match &self.lock().mode {
+            Mode::Serving(term) => Some(term.epoch),
+            _ => None,
+        }
+    }
+
+    /// True once serving is poisoned.
+    pub fn is_poisoned(&self) -> bool {
+        matches!(self.lock().mode, Mode::Poisoned)
     }
 
     /// Installs a freshly fenced window and publishes Serving. Returns the term's id and wake.
@@ -304,9 +327,9 @@ impl Shared {
             wake: Arc::clone(&wake),
             outcome: watch::channel(ExtensionOutcome::default()).0,
         });
-        drop(state);
         metrics::serving(true);
         self.serving.send_replace(ServingState::Serving { epoch });
+        drop(state);
         Some((id, wake))
     }
 
@@ -325,9 +348,9 @@ impl Shared {
             return;
         }
         state.mode = Mode::Poisoned;
-        drop(state);
         metrics::serving(false);
         self.serving.send_replace(ServingState::Failed { reason });
+        drop(state);
         self.failed.cancel();
     }
 
@@ -374,6 +397,17 @@ impl Shared {
         target_ms: u64,
         result: Result<u64, ConsensusError>,
     ) -> Result<(), ConsensusError> {
+        // Checked before the lock: the allocator asserts the layout, and a panic with the lock
+        // held would leave every later call panicking instead of failing fast.
+        let result = result.and_then(|durable_ms| {
+            if durable_ms > PHYSICAL_MAX_MS {
+                return Err(ConsensusError::Permanent(format!(
+                    "the backend reports high-water {durable_ms} ms, past the 46-bit timestamp \
+                     layout ({PHYSICAL_MAX_MS} ms)"
+                )));
+            }
+            Ok(durable_ms)
+        });
         let mut state = self.lock();
         let Mode::Serving(term) = &mut state.mode else {
             return Ok(());
@@ -569,5 +603,34 @@ mod tests {
             ..Config::default()
         });
         assert!(matches!(broken.try_grant(1), Ok(Attempt::Granted(..))));
+    }
+
+    /// States are published in the order they were taken: a step-down racing a poisoning never
+    /// leaves the published state at NotServing after the node was poisoned.
+    #[test]
+    fn a_poisoning_is_never_overwritten_by_a_step_down() {
+        const ROUNDS: usize = 300;
+        for round in 0..ROUNDS {
+            let shared = Arc::new(Shared::new(
+                Arc::new(Unused),
+                Config::default(),
+                Arc::new(FrozenClock(1)),
+            ));
+            let serving = shared.serving();
+            let stepping = Arc::clone(&shared);
+            let stepper = std::thread::spawn(move || {
+                for _ in 0..ROUNDS {
+                    stepping.step_down(LeaderHint::default());
+                }
+            });
+            std::thread::yield_now();
+            shared.mark_poisoned("poisoned".into());
+            stepper.join().unwrap();
+            assert!(
+                matches!(*serving.borrow(), ServingState::Failed { .. }),
+                "round {round}: published {:?} after poisoning",
+                *serving.borrow()
+            );
+        }
     }
 }

@@ -40,10 +40,20 @@ pub const KEEPALIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_sec
 /// Owns the oracle's background work. Mount [`OracleGuard::service`] in a tonic server, then
 /// call [`OracleGuard::shutdown`] when it stops; [`OracleGuard::failed`] resolves if serving is
 /// poisoned, so a host can stop its own server on it.
+///
+/// Dropping the guard without [`OracleGuard::shutdown`] stops its tasks too (without waiting
+/// for them); the backend is released once they have ended.
 pub struct OracleGuard {
     shared: Arc<Shared>,
     shutdown: CancellationToken,
-    supervisor: JoinHandle<Result<(), ServeError>>,
+    /// Taken by [`OracleGuard::shutdown`].
+    supervisor: Option<JoinHandle<Result<(), ServeError>>>,
+}
+
+impl Drop for OracleGuard {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
 }
 
 impl OracleGuard {
@@ -66,7 +76,7 @@ impl OracleGuard {
         OracleGuard {
             shared,
             shutdown,
-            supervisor,
+            supervisor: Some(supervisor),
         }
     }
 
@@ -125,11 +135,12 @@ impl OracleGuard {
 
     /// Stops the watch within the grace and returns why serving ended: `Ok` for a requested
     /// stop, the fatal error if serving was poisoned.
-    pub async fn shutdown(self) -> Result<(), ServeError> {
+    pub async fn shutdown(mut self) -> Result<(), ServeError> {
         self.shutdown.cancel();
         let grace = self.shared.config.shutdown_grace;
-        let abort = self.supervisor.abort_handle();
-        match tokio::time::timeout(grace, self.supervisor).await {
+        let supervisor = self.supervisor.take().expect("shutdown runs once");
+        let abort = supervisor.abort_handle();
+        match tokio::time::timeout(grace, supervisor).await {
             Ok(Ok(result)) => result,
             Ok(Err(join)) => Err(ServeError::WatchPanicked(join.to_string())),
             Err(_) => {

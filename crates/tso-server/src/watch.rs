@@ -29,6 +29,10 @@ enum Next {
     Wait,
     /// A change already arrived: handle the current state at once.
     Handle,
+    /// The backend refused this node as leader in `Epoch` (a fence or an extension answered
+    /// NotLeader/Fenced): if the stream still says this node leads in that epoch, no change
+    /// will ever come, so fence again after a backoff.
+    Recheck(Epoch),
     /// Shutdown was asked.
     Stop,
 }
@@ -43,8 +47,10 @@ enum Raced<T> {
 
 /// Where a fence attempt leaves the fence.
 enum Settled {
-    /// Serving, or stepped down: wait for the next leadership change.
+    /// Serving: wait for the next leadership change.
     Done,
+    /// Refused as leader: stepped down; recheck.
+    SteppedDown,
     /// Failed transiently: retry after a backoff.
     Retry(String),
 }
@@ -96,6 +102,7 @@ enum FenceFailure {
 
 /// The extender of the current term.
 struct Extender {
+    epoch: Epoch,
     cancel: CancellationToken,
     task: JoinHandle<()>,
 }
@@ -105,6 +112,17 @@ struct Watcher {
     leadership: watch::Receiver<Leadership>,
     shutdown: CancellationToken,
     extender: Option<Extender>,
+    /// Paces fences repeated after a refusal in an epoch the stream still reports; reset by
+    /// every leadership change.
+    recheck: Backoff,
+}
+
+/// Resolves when the current term's extender task ends (never, without one).
+async fn extender_ended(extender: &mut Option<Extender>) -> Result<(), tokio::task::JoinError> {
+    match extender {
+        Some(e) => (&mut e.task).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Follows leadership until shutdown or a fatal error.
@@ -112,15 +130,23 @@ pub(crate) async fn run(
     shared: Arc<Shared>,
     shutdown: CancellationToken,
 ) -> Result<(), ServeError> {
+    if !shared.claimed() {
+        return Err(ServeError::BackendInUse);
+    }
     let leadership = shared.backend.leadership();
     let mut watcher = Watcher {
         shared,
         leadership,
         shutdown,
         extender: None,
+        recheck: Backoff::fence(),
     };
     let result = watcher.follow().await;
     watcher.end_term().await;
+    if result.is_ok() {
+        // A requested stop: nothing is granted any more, and the state says so.
+        watcher.shared.step_down(LeaderHint::default());
+    }
     result
 }
 
@@ -146,13 +172,37 @@ impl Watcher {
                     Next::Wait
                 }
             };
-            let next = match next {
-                Next::Wait => self.wait_for_change().await?,
-                other => other,
-            };
-            if let Next::Stop = next {
+            if !self.settle_next(next).await? {
                 return Ok(());
             }
+        }
+    }
+
+    /// Follows `next` until a state is to be handled (`true`) or shutdown was asked (`false`).
+    async fn settle_next(&mut self, mut next: Next) -> Result<bool, ServeError> {
+        loop {
+            next = match next {
+                Next::Wait => self.wait_for_change().await?,
+                Next::Recheck(epoch) => self.recheck(epoch).await?,
+                Next::Handle => return Ok(true),
+                Next::Stop => return Ok(false),
+            };
+        }
+    }
+
+    /// After a refusal in `epoch`: fence again after a backoff if the stream still reports this
+    /// node leading in `epoch`, else handle what it reports now.
+    async fn recheck(&mut self, epoch: Epoch) -> Result<Next, ServeError> {
+        let still =
+            matches!(*self.leadership.borrow(), Leadership::Leader { epoch: e } if e == epoch);
+        if !still {
+            return Ok(Next::Handle);
+        }
+        let delay = self.recheck.next_delay();
+        warn!(%epoch, ?delay, "refused as leader while the backend still reports this node leading: fencing again");
+        match self.race(tokio::time::sleep(delay)).await? {
+            Raced::Done(()) => Ok(Next::Handle),
+            Raced::Interrupted(next) => Ok(next),
         }
     }
 
@@ -165,17 +215,49 @@ impl Watcher {
 
     /// Runs `work` until it finishes, unless a leadership change, a shutdown or a poisoning
     /// comes first; `work` is then dropped, which backend calls allow (they are cancel-safe).
+    /// The current term's extender ending also interrupts: see [`Self::extender_stopped`].
     async fn race<T>(&mut self, work: impl Future<Output = T>) -> Result<Raced<T>, ServeError> {
-        tokio::select! {
+        let ended = tokio::select! {
             biased;
-            _ = self.shutdown.cancelled() => Ok(Raced::Interrupted(Next::Stop)),
-            _ = self.shared.failed.cancelled() => Err(self.shared.take_fatal()),
+            _ = self.shutdown.cancelled() => return Ok(Raced::Interrupted(Next::Stop)),
+            _ = self.shared.failed.cancelled() => return Err(self.shared.take_fatal()),
             changed = self.leadership.changed() => match changed {
-                Ok(()) => Ok(Raced::Interrupted(Next::Handle)),
-                Err(_) => Err(ServeError::LeadershipClosed),
+                Ok(()) => {
+                    self.recheck.reset();
+                    return Ok(Raced::Interrupted(Next::Handle));
+                }
+                Err(_) => return Err(ServeError::LeadershipClosed),
             },
-            done = work => Ok(Raced::Done(done)),
+            ended = extender_ended(&mut self.extender) => ended,
+            done = work => return Ok(Raced::Done(done)),
+        };
+        let extender = self.extender.take().expect("an extender ended");
+        self.extender_stopped(extender.epoch, ended)
+            .map(Raced::Interrupted)
+    }
+
+    /// The extender stops by itself only after stepping down (NotLeader/Fenced: recheck) or
+    /// poisoning serving. Anything else (a panic, a return while its term still serves) would
+    /// leave a term that serves with no extension ever coming: fatal.
+    fn extender_stopped(
+        &mut self,
+        epoch: Epoch,
+        ended: Result<(), tokio::task::JoinError>,
+    ) -> Result<Next, ServeError> {
+        if let Err(e) = ended {
+            return Err(ServeError::Invariant(format!(
+                "the window extender of epoch {epoch} stopped: {e}"
+            )));
         }
+        if self.shared.is_poisoned() {
+            return Err(self.shared.take_fatal());
+        }
+        if self.shared.serving_epoch().is_some() {
+            return Err(ServeError::Invariant(format!(
+                "the window extender of epoch {epoch} stopped while its term still serves"
+            )));
+        }
+        Ok(Next::Recheck(epoch))
     }
 
     /// Stops serving first (the term and its allocator are dropped, so nothing more is granted
@@ -208,6 +290,7 @@ impl Watcher {
             };
             let delay = match self.settle(epoch, result)? {
                 Settled::Done => return Ok(Next::Wait),
+                Settled::SteppedDown => return Ok(Next::Recheck(epoch)),
                 Settled::Retry(error) => retry.next_delay(&error),
             };
             if let Raced::Interrupted(next) = self.race(tokio::time::sleep(delay)).await? {
@@ -239,7 +322,7 @@ impl Watcher {
                 metrics::fence_done("stepped_down");
                 warn!(%epoch, error = %err, "fence refused: stepping down");
                 self.shared.step_down(hint_of(&err));
-                Ok(Settled::Done)
+                Ok(Settled::SteppedDown)
             }
             ConsensusError::Permanent(_) => {
                 metrics::fence_done("fatal");
@@ -261,7 +344,11 @@ impl Watcher {
             wake,
             cancel.clone(),
         ));
-        self.extender = Some(Extender { cancel, task });
+        self.extender = Some(Extender {
+            epoch,
+            cancel,
+            task,
+        });
     }
 }
 
