@@ -2,10 +2,15 @@
 //! a final error, or the deadline.
 //!
 //! Invariants: following a leader hint spends no attempt (at most `REDIRECTS_PER_CALL_MAX` per
-//! call); only transport errors, timeouts and `UNAVAILABLE` spend attempts and back off; "no
-//! leader known" rotates to the next endpoint and backs off after each full pass; nothing waits
-//! past the call's deadline.
+//! call); transport errors, per-attempt timeouts and `UNAVAILABLE` spend attempts and back off;
+//! only the first two count against the endpoint (`UNAVAILABLE` is a leader's transient refusal,
+//! retried on the same leader); an attempt cut short by the call's own deadline ends the call
+//! and counts against nothing; "no leader known" (or a malformed hint) rotates to the next
+//! endpoint and backs off after each full pass; nothing waits past the call's deadline.
 
+use std::collections::HashSet;
+use std::error::Error as _;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use rand::Rng;
@@ -26,8 +31,14 @@ use crate::{Error, Result};
 enum Outcome {
     Granted(TsRange),
     NotLeader(Hint),
-    /// Worth another attempt elsewhere or later: transport error, timeout, `UNAVAILABLE`.
-    Transient(String),
+    /// "not leader" with a hint that cannot be decoded or used: why.
+    MalformedHint(String),
+    /// The server answered `UNAVAILABLE` (or `UNKNOWN`): still leader, a transient refusal.
+    Refused(String),
+    /// Transport failure (refused, reset, HTTP/2 error) or per-attempt timeout.
+    Unreachable(String),
+    /// The call's own deadline ended the attempt: nothing is known about the endpoint.
+    DeadlinePassed,
     Fatal(Error),
 }
 
@@ -38,9 +49,19 @@ enum Step {
     RetryAfter(Duration),
 }
 
-/// Gets one grant of `count` (1..=LOGICAL_COUNT) timestamps before `deadline`.
-pub(crate) async fn fetch(router: &Router, count: u32, deadline: Instant) -> Result<TsRange> {
-    let mut call = Call::new(router);
+/// The last error a call saw, readable while the call runs (callers coalesced into it whose
+/// own deadline passes first are answered with it).
+pub(crate) type LastError = Mutex<String>;
+
+/// Gets one grant of `count` (1..=LOGICAL_COUNT) timestamps before `deadline`, keeping the last
+/// error seen in `last_error`.
+pub(crate) async fn fetch(
+    router: &Router,
+    count: u32,
+    deadline: Instant,
+    last_error: &LastError,
+) -> Result<TsRange> {
+    let mut call = Call::new(router, last_error);
     loop {
         let outcome = attempt(router, &call.target, count, deadline).await;
         let wait = match call.next_step(outcome)? {
@@ -65,11 +86,13 @@ struct Call<'a> {
     leaderless_in_pass: u32,
     /// Full passes that found no leader: the backoff exponent while an election lasts.
     leaderless_passes: u32,
-    last_error: String,
+    /// Configured endpoints that sent a malformed hint; when all did, the call fails.
+    malformed_hints: HashSet<Target>,
+    last_error: &'a LastError,
 }
 
 impl<'a> Call<'a> {
-    fn new(router: &'a Router) -> Self {
+    fn new(router: &'a Router, last_error: &'a LastError) -> Self {
         Self {
             router,
             target: router.first_target(),
@@ -77,25 +100,43 @@ impl<'a> Call<'a> {
             redirects: 0,
             leaderless_in_pass: 0,
             leaderless_passes: 0,
-            last_error: "none".into(),
+            malformed_hints: HashSet::new(),
+            last_error,
         }
     }
 
     fn next_step(&mut self, outcome: Outcome) -> Result<Step> {
+        if matches!(
+            outcome,
+            Outcome::Granted(_)
+                | Outcome::NotLeader(_)
+                | Outcome::MalformedHint(_)
+                | Outcome::Refused(_)
+        ) {
+            // It answered, so it is reachable whatever it said.
+            self.router.mark_reachable(&self.target);
+        }
         match outcome {
             Outcome::Granted(range) => {
-                self.router.mark_reachable(&self.target);
                 self.router.observe_leader(&self.target, range.epoch());
                 Ok(Step::Done(range))
             }
             Outcome::NotLeader(hint) => Ok(self.on_not_leader(hint)),
-            Outcome::Transient(error) => self.on_transient(error),
+            Outcome::MalformedHint(reason) => self.on_malformed_hint(reason),
+            Outcome::Refused(error) => self.on_refused(error),
+            Outcome::Unreachable(error) => self.on_unreachable(error),
+            Outcome::DeadlinePassed => {
+                self.set_last_error(format!(
+                    "{} had not answered when the deadline passed",
+                    self.target
+                ));
+                Err(self.deadline_exceeded())
+            }
             Outcome::Fatal(error) => Err(error),
         }
     }
 
-    /// Follows a usable hint at once and for free; otherwise rotates, backing off after each
-    /// full pass over the configured endpoints (an election is waited out this way).
+    /// Follows a usable hint at once and for free; otherwise moves on to the next endpoint.
     fn on_not_leader(&mut self, hint: Hint) -> Step {
         if let Some(leader) = self.usable_hint(hint) {
             tracing::debug!(from = %self.target, to = %leader, "following leader hint");
@@ -103,8 +144,38 @@ impl<'a> Call<'a> {
             self.target = leader;
             return Step::RetryNow;
         }
+        self.set_last_error(format!(
+            "{} is not leader and gave no usable hint",
+            self.target
+        ));
+        self.rotate_leaderless()
+    }
+
+    /// One broken follower must not fail the call: move on, unless every configured endpoint
+    /// has sent a malformed hint (nothing in the cluster then follows the protocol).
+    fn on_malformed_hint(&mut self, reason: String) -> Result<Step> {
+        tracing::warn!(endpoint = %self.target, %reason, "ignoring a malformed leader hint");
+        let endpoints = &self.router.config().endpoints;
+        if endpoints.contains(&self.target) {
+            self.malformed_hints.insert(self.target.clone());
+        }
+        if endpoints.iter().all(|t| self.malformed_hints.contains(t)) {
+            return Err(Error::MalformedHint {
+                endpoint: self.target.to_string(),
+                reason,
+            });
+        }
+        self.set_last_error(format!(
+            "{} sent a malformed leader hint: {reason}",
+            self.target
+        ));
+        Ok(self.rotate_leaderless())
+    }
+
+    /// Rotates to the next configured endpoint, backing off after each full pass over them
+    /// (an election is waited out this way).
+    fn rotate_leaderless(&mut self) -> Step {
         self.router.forget_leader(&self.target);
-        self.last_error = format!("{} is not leader and gave no usable hint", self.target);
         self.target = self.router.next_configured();
         self.leaderless_in_pass += 1;
         if (self.leaderless_in_pass as usize) < self.router.config().endpoints.len() {
@@ -116,43 +187,59 @@ impl<'a> Call<'a> {
     }
 
     /// The hinted leader, unless the redirect budget is spent, the hint names the node that
-    /// sent it (it is about to serve: wait as for an election), or it names an epoch older than
-    /// a leader already seen (a stale hint).
+    /// sent it (it is about to serve: wait as for an election), it names an epoch older than a
+    /// leader already seen (a stale hint), or it names an endpoint that recently failed at the
+    /// transport level and the hint brings no newer epoch (the follower has not noticed yet).
     fn usable_hint(&self, hint: Hint) -> Option<Target> {
         let Hint::Leader { target, epoch } = hint else {
             return None;
         };
-        if self.redirects >= REDIRECTS_PER_CALL_MAX
-            || target == self.target
-            || self.router.is_unreachable(&target)
-        {
+        if self.redirects >= REDIRECTS_PER_CALL_MAX || target == self.target {
             return None;
         }
-        match epoch {
-            Some(epoch) if !self.router.is_current(epoch) => None,
-            Some(epoch) => {
-                self.router.observe_leader(&target, epoch);
-                Some(target)
-            }
-            None => Some(target),
+        if epoch.is_some_and(|epoch| !self.router.is_current(epoch)) {
+            return None;
         }
+        if self.router.is_unreachable(&target) {
+            if !epoch.is_some_and(|epoch| self.router.is_newer(epoch)) {
+                return None;
+            }
+            // A leader the client has not seen yet: it was elected after the failure.
+            self.router.mark_reachable(&target);
+        }
+        if let Some(epoch) = epoch {
+            self.router.observe_leader(&target, epoch);
+        }
+        Some(target)
     }
 
-    fn on_transient(&mut self, error: String) -> Result<Step> {
+    /// The leader refused for now (SEMANTICS §6): back off and ask it again.
+    fn on_refused(&mut self, error: String) -> Result<Step> {
+        tracing::debug!(target = %self.target, %error, "leader refused for now");
+        self.spend_attempt(error)?;
+        Ok(Step::RetryAfter(self.backoff(self.attempts_failed)))
+    }
+
+    fn on_unreachable(&mut self, error: String) -> Result<Step> {
         tracing::debug!(target = %self.target, %error, "attempt failed");
-        self.attempts_failed += 1;
-        self.last_error = error;
         self.router.forget_leader(&self.target);
-        // Rotation passes over it for a while; a hint can still lead back to it.
+        // Rotation passes over it for a while; a hint with a newer epoch can still lead back.
         self.router.mark_unreachable(&self.target);
+        self.spend_attempt(error)?;
+        self.target = self.router.next_configured();
+        Ok(Step::RetryAfter(self.backoff(self.attempts_failed)))
+    }
+
+    fn spend_attempt(&mut self, error: String) -> Result<()> {
+        self.attempts_failed += 1;
+        self.set_last_error(error);
         if self.attempts_failed >= self.router.config().attempts_max {
             return Err(Error::Unavailable {
                 attempts: self.attempts_failed,
-                last: self.last_error.clone(),
+                last: self.last_error(),
             });
         }
-        self.target = self.router.next_configured();
-        Ok(Step::RetryAfter(self.backoff(self.attempts_failed)))
+        Ok(())
     }
 
     fn backoff(&self, retry: u32) -> Duration {
@@ -160,10 +247,21 @@ impl<'a> Call<'a> {
         full_jitter(config.backoff_base, config.backoff_cap, retry)
     }
 
+    fn set_last_error(&self, error: String) {
+        *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = error;
+    }
+
+    fn last_error(&self) -> String {
+        self.last_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     fn deadline_exceeded(&self) -> Error {
         Error::DeadlineExceeded {
             timeout: self.router.config().overall_timeout,
-            last: self.last_error.clone(),
+            last: self.last_error(),
         }
     }
 }
@@ -179,16 +277,23 @@ fn full_jitter(base: Duration, cap: Duration, retry: u32) -> Duration {
 /// One `GetTs` RPC to `target`, bounded by the per-attempt deadline and the call's deadline.
 async fn attempt(router: &Router, target: &Target, count: u32, deadline: Instant) -> Outcome {
     let now = Instant::now();
-    let attempt_deadline = deadline.min(now + router.config().attempt_timeout);
+    let attempt_timeout = router.config().attempt_timeout;
+    // When the call's deadline comes first, running out of time says nothing about the server.
+    let cut_by_caller = deadline <= now + attempt_timeout;
+    let attempt_deadline = deadline.min(now + attempt_timeout);
     let budget = attempt_deadline.saturating_duration_since(now);
+    let timed_out = || {
+        if cut_by_caller {
+            return Outcome::DeadlinePassed;
+        }
+        router.drop_channel(target);
+        Outcome::Unreachable(format!("{target} did not answer within {budget:?}"))
+    };
     let mut request = tonic::Request::new(GetTsRequest { count });
     request.set_timeout(budget);
     let mut client = TsoServiceClient::new(router.channel(target));
     match tokio::time::timeout_at(attempt_deadline, client.get_ts(request)).await {
-        Err(_) => {
-            router.drop_channel(target);
-            Outcome::Transient(format!("{target} did not answer within {budget:?}"))
-        }
+        Err(_) => timed_out(),
         Ok(Ok(reply)) => match validate_reply(count, reply.get_ref()) {
             Ok(range) => Outcome::Granted(range),
             Err(reason) => Outcome::Fatal(Error::MalformedReply {
@@ -196,28 +301,45 @@ async fn attempt(router: &Router, target: &Target, count: u32, deadline: Instant
                 reason,
             }),
         },
+        Ok(Err(status)) if is_timeout(&status) => timed_out(),
+        Ok(Err(status)) if status.source().is_some() => {
+            // Made on this side from a transport error; a server's status carries no source.
+            router.drop_channel(target);
+            Outcome::Unreachable(format!("{target}: {status}"))
+        }
         Ok(Err(status)) => classify(target, &status),
     }
 }
 
-/// Sorts an error status into what the call does next (PROTOCOL.md, Errors).
+/// True when the attempt's `grpc-timeout` ran out, on this side (tonic enforces it and reports
+/// `TimeoutExpired`) or on the server (a `DEADLINE_EXCEEDED` or `CANCELLED` status).
+fn is_timeout(status: &tonic::Status) -> bool {
+    let mut source = status.source();
+    while let Some(error) = source {
+        if error.is::<tonic::TimeoutExpired>() {
+            return true;
+        }
+        source = error.source();
+    }
+    status.source().is_none() && matches!(status.code(), Code::DeadlineExceeded | Code::Cancelled)
+}
+
+/// Sorts a status sent by the server into what the call does next (PROTOCOL.md, Errors).
 fn classify(target: &Target, status: &tonic::Status) -> Outcome {
     let endpoint = target.to_string();
     match status.code() {
         Code::FailedPrecondition => match hint_of(target, status) {
             Ok(hint) => Outcome::NotLeader(hint),
-            Err(reason) => Outcome::Fatal(Error::MalformedHint { endpoint, reason }),
+            Err(reason) => Outcome::MalformedHint(reason),
         },
         Code::InvalidArgument => Outcome::Fatal(Error::InvalidArgument {
             message: status.message().into(),
         }),
-        Code::Unavailable | Code::Unknown | Code::DeadlineExceeded | Code::Cancelled => {
-            Outcome::Transient(format!(
-                "{endpoint}: {:?}: {}",
-                status.code(),
-                status.message()
-            ))
-        }
+        Code::Unavailable | Code::Unknown => Outcome::Refused(format!(
+            "{endpoint}: {:?}: {}",
+            status.code(),
+            status.message()
+        )),
         code => Outcome::Fatal(Error::Server {
             endpoint,
             code,
@@ -259,7 +381,8 @@ mod tests {
     #[test]
     fn redirects_are_free_up_to_the_cap_then_rotation_takes_over() {
         let router = router(&["a:1"], 1);
-        let mut call = Call::new(&router);
+        let last_error = LastError::default();
+        let mut call = Call::new(&router, &last_error);
         // Two followers naming each other.
         let cycle = ["h:8", "h:9"];
         for i in 0..REDIRECTS_PER_CALL_MAX as usize {
@@ -283,7 +406,8 @@ mod tests {
     #[test]
     fn a_hint_naming_its_sender_is_waited_on_like_an_election() {
         let router = router(&["a:1"], 1);
-        let mut call = Call::new(&router);
+        let last_error = LastError::default();
+        let mut call = Call::new(&router, &last_error);
         assert!(matches!(
             call.next_step(hint_to("a:1")),
             Ok(Step::RetryAfter(_))
@@ -292,21 +416,98 @@ mod tests {
     }
 
     #[test]
-    fn transient_errors_spend_the_attempt_budget() {
+    fn transport_errors_spend_the_attempt_budget_and_move_on() {
         let router = router(&["a:1", "b:2"], 3);
-        let mut call = Call::new(&router);
+        let last_error = LastError::default();
+        let mut call = Call::new(&router, &last_error);
         for _ in 0..2 {
-            let step = call.next_step(Outcome::Transient("refused".into()));
+            let failed = call.target.clone();
+            let step = call.next_step(Outcome::Unreachable("refused".into()));
             assert!(matches!(step, Ok(Step::RetryAfter(_))));
+            assert!(router.is_unreachable(&failed));
+            assert_ne!(call.target, failed);
         }
-        let last = call.next_step(Outcome::Transient("refused".into()));
+        let last = call.next_step(Outcome::Unreachable("refused".into()));
         assert!(matches!(last, Err(Error::Unavailable { attempts: 3, .. })));
+    }
+
+    #[test]
+    fn a_refusal_spends_an_attempt_and_stays_with_the_leader() {
+        let router = router(&["a:1", "b:2"], 3);
+        let last_error = LastError::default();
+        let mut call = Call::new(&router, &last_error);
+        let leader = call.target.clone();
+        router.observe_leader(&leader, tso_core::Epoch::new(1));
+        for _ in 0..2 {
+            let step = call.next_step(Outcome::Refused("UNAVAILABLE".into()));
+            assert!(matches!(step, Ok(Step::RetryAfter(_))));
+            assert_eq!(call.target, leader);
+        }
+        assert!(!router.is_unreachable(&leader));
+        assert_eq!(router.leader().0, Some(leader));
+        let last = call.next_step(Outcome::Refused("UNAVAILABLE".into()));
+        assert!(matches!(last, Err(Error::Unavailable { attempts: 3, .. })));
+    }
+
+    #[test]
+    fn a_deadline_cut_ends_the_call_and_counts_against_nothing() {
+        let router = router(&["a:1"], 3);
+        let last_error = LastError::default();
+        let mut call = Call::new(&router, &last_error);
+        let leader = call.target.clone();
+        router.observe_leader(&leader, tso_core::Epoch::new(1));
+        let step = call.next_step(Outcome::DeadlinePassed);
+        assert!(matches!(step, Err(Error::DeadlineExceeded { .. })));
+        assert!(!router.is_unreachable(&leader));
+        assert_eq!(router.leader().0, Some(leader));
+        assert_eq!(call.attempts_failed, 0);
+    }
+
+    #[test]
+    fn malformed_hints_rotate_until_every_configured_endpoint_sent_one() {
+        let router = router(&["a:1", "b:2", "c:3"], 1);
+        let [a, b, c] = [0, 1, 2].map(|i| router.config().endpoints[i].clone());
+        let last_error = LastError::default();
+        let mut call = Call::new(&router, &last_error);
+        for (from, fails) in [(&a, false), (&a, false), (&b, false), (&c, true)] {
+            call.target = from.clone();
+            let step = call.next_step(Outcome::MalformedHint("garbage".into()));
+            if fails {
+                assert!(matches!(step, Err(Error::MalformedHint { .. })));
+            } else {
+                assert!(matches!(step, Ok(Step::RetryNow | Step::RetryAfter(_))));
+                assert_ne!(&call.target, from, "did not move on");
+            }
+        }
+        assert_eq!(call.attempts_failed, 0);
+    }
+
+    #[test]
+    fn a_newer_hint_overrides_the_unreachable_skip_and_a_stale_one_does_not() {
+        let router = router(&["a:1"], 1);
+        let last_error = LastError::default();
+        let mut call = Call::new(&router, &last_error);
+        let leader = parse_address("h:9", Scheme::Http).unwrap();
+        router.observe_leader(&leader, tso_core::Epoch::new(3));
+        router.mark_unreachable(&leader);
+        let hint = |epoch| {
+            Outcome::NotLeader(Hint::Leader {
+                target: leader.clone(),
+                epoch: Some(tso_core::Epoch::new(epoch)),
+            })
+        };
+        assert!(matches!(call.next_step(hint(3)), Ok(Step::RetryAfter(_))));
+        assert!(router.is_unreachable(&leader));
+        assert!(matches!(call.next_step(hint(4)), Ok(Step::RetryNow)));
+        assert_eq!(call.target, leader);
+        assert!(!router.is_unreachable(&leader));
     }
 
     #[test]
     fn no_leader_rotates_and_backs_off_after_each_full_pass() {
         let router = router(&["a:1", "b:2"], 1);
-        let mut call = Call::new(&router);
+        let last_error = LastError::default();
+        let mut call = Call::new(&router, &last_error);
         let first = call.target.clone();
         assert!(matches!(
             call.next_step(Outcome::NotLeader(Hint::None)),

@@ -5,10 +5,14 @@
 //!   form only from callers that queued while the in-flight limit was reached.
 //! - Freshness (G2): a waiter is only ever served by an RPC sent after it queued; nothing is
 //!   fetched ahead or kept for later.
+//! - Deadlines are per waiter: a waiter already past its deadline is answered alone, without an
+//!   RPC; a batch's RPC runs until its latest waiter's deadline, and each waiter whose deadline
+//!   passes first is answered then, so one nearly expired caller never cuts short the others.
 //! - Bounds: the queue holds at most `queued_callers_max` waiters, at most
 //!   `in_flight_rpcs_max` RPCs run at once, and one RPC asks for at most `LOGICAL_COUNT`.
 //! - The task ends when the client is dropped; dropping it aborts the RPCs it runs.
 
+use std::pin::pin;
 use std::sync::Arc;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
@@ -16,16 +20,26 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tso_core::LOGICAL_COUNT;
 
-use crate::Result;
-use crate::call::fetch;
+use crate::call::{LastError, fetch};
 use crate::grant::{TsRange, slice_grant};
 use crate::router::Router;
+use crate::{Error, Result};
 
 /// One caller waiting for `count` (1..=LOGICAL_COUNT) timestamps.
 pub(crate) struct Waiter {
     pub(crate) count: u32,
     pub(crate) deadline: Instant,
     pub(crate) reply: oneshot::Sender<Result<TsRange>>,
+}
+
+/// What [`drain`] took from the queue.
+struct Drained {
+    /// Waiters for one RPC, at most `LOGICAL_COUNT` timestamps in all.
+    batch: Vec<Waiter>,
+    /// Waiters already past their deadline: answered without an RPC.
+    expired: Vec<Waiter>,
+    /// The first waiter that did not fit in the batch.
+    rest: Option<Waiter>,
 }
 
 /// Runs until every sender of `queue` is gone.
@@ -46,57 +60,112 @@ pub(crate) async fn run(mut queue: mpsc::Receiver<Waiter>, router: Arc<Router>) 
             .acquire_owned()
             .await
             .expect("the permit semaphore is never closed");
-        let (batch, rest) = drain(first, &mut queue);
-        carry = rest;
+        let drained = drain(first, &mut queue, Instant::now());
+        carry = drained.rest;
+        for waiter in drained.expired {
+            let last = "the deadline passed before an RPC could be sent";
+            let _ = waiter
+                .reply
+                .send(Err(deadline_exceeded(&router, last.into())));
+        }
         while rpcs.try_join_next().is_some() {}
-        if !batch.is_empty() {
-            rpcs.spawn(serve(Arc::clone(&router), batch, permit));
+        if !drained.batch.is_empty() {
+            rpcs.spawn(serve(Arc::clone(&router), drained.batch, permit));
         }
     }
 }
 
-/// Takes `first` and every queued waiter that fits in one grant; returns the batch and the
-/// first waiter that did not fit. Waiters whose caller gave up are dropped.
-fn drain(first: Waiter, queue: &mut mpsc::Receiver<Waiter>) -> (Vec<Waiter>, Option<Waiter>) {
-    let mut batch = Vec::new();
+/// Takes `first` and every queued waiter that fits in one grant, setting aside those already
+/// past their deadline at `now`. Waiters whose caller gave up are dropped.
+fn drain(first: Waiter, queue: &mut mpsc::Receiver<Waiter>, now: Instant) -> Drained {
+    let mut drained = Drained {
+        batch: Vec::new(),
+        expired: Vec::new(),
+        rest: None,
+    };
     let mut total: u32 = 0;
     let mut next = Some(first);
     while let Some(waiter) = next.take().or_else(|| queue.try_recv().ok()) {
         if waiter.reply.is_closed() {
             continue;
         }
+        if waiter.deadline <= now {
+            drained.expired.push(waiter);
+            continue;
+        }
         if total + waiter.count > LOGICAL_COUNT {
-            return (batch, Some(waiter));
+            drained.rest = Some(waiter);
+            break;
         }
         total += waiter.count;
-        batch.push(waiter);
+        drained.batch.push(waiter);
     }
-    (batch, None)
+    drained
 }
 
-/// Sends one RPC for the whole batch and fans the result out: each waiter its slice, or every
-/// waiter the same error.
+/// Sends one RPC for the whole batch and fans the result out: each waiter its slice, or the
+/// same error; a waiter whose deadline passes before the result gets `DeadlineExceeded` then.
 async fn serve(router: Arc<Router>, batch: Vec<Waiter>, permit: OwnedSemaphorePermit) {
-    let count = batch.iter().map(|w| w.count).sum();
+    let counts: Vec<u32> = batch.iter().map(|w| w.count).collect();
     let deadline = batch
         .iter()
         .map(|w| w.deadline)
-        .min()
+        .max()
         .expect("a batch is never empty");
-    let result = fetch(&router, count, deadline).await;
+    let mut waiters: Vec<Option<Waiter>> = batch.into_iter().map(Some).collect();
+    let last_error = LastError::new("none".into());
+    let fetch = fetch(&router, counts.iter().sum(), deadline, &last_error);
+    let result = until_answered(&router, fetch, &mut waiters, &last_error).await;
     drop(permit);
     match result {
-        Ok(grant) => {
-            let counts: Vec<u32> = batch.iter().map(|w| w.count).collect();
-            for (waiter, slice) in batch.into_iter().zip(slice_grant(grant, &counts)) {
-                let _ = waiter.reply.send(Ok(slice));
+        None => {}
+        Some(Ok(grant)) => {
+            for (waiter, slice) in waiters.into_iter().zip(slice_grant(grant, &counts)) {
+                if let Some(waiter) = waiter {
+                    let _ = waiter.reply.send(Ok(slice));
+                }
             }
         }
-        Err(error) => {
-            for waiter in batch {
+        Some(Err(error)) => {
+            for waiter in waiters.into_iter().flatten() {
                 let _ = waiter.reply.send(Err(error.clone()));
             }
         }
+    }
+}
+
+/// Runs `fetch` while answering each waiter whose deadline passes first; `None` when every
+/// waiter was answered that way (the RPC is then dropped).
+async fn until_answered(
+    router: &Router,
+    fetch: impl Future<Output = Result<TsRange>>,
+    waiters: &mut [Option<Waiter>],
+    last_error: &LastError,
+) -> Option<Result<TsRange>> {
+    let mut fetch = pin!(fetch);
+    loop {
+        let next_deadline = waiters.iter().flatten().map(|w| w.deadline).min()?;
+        tokio::select! {
+            biased;
+            result = &mut fetch => return Some(result),
+            () = tokio::time::sleep_until(next_deadline) => {
+                let now = Instant::now();
+                let last = last_error.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                for slot in waiters.iter_mut() {
+                    if let Some(waiter) = slot.take_if(|w| w.deadline <= now) {
+                        let error = deadline_exceeded(router, last.clone());
+                        let _ = waiter.reply.send(Err(error));
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn deadline_exceeded(router: &Router, last: String) -> Error {
+    Error::DeadlineExceeded {
+        timeout: router.config().overall_timeout,
+        last,
     }
 }
 
@@ -105,8 +174,11 @@ mod tests {
     use super::*;
 
     fn waiter(count: u32) -> (Waiter, oneshot::Receiver<Result<TsRange>>) {
+        waiter_until(count, Instant::now() + std::time::Duration::from_secs(60))
+    }
+
+    fn waiter_until(count: u32, deadline: Instant) -> (Waiter, oneshot::Receiver<Result<TsRange>>) {
         let (reply, rx) = oneshot::channel();
-        let deadline = Instant::now();
         (
             Waiter {
                 count,
@@ -128,13 +200,28 @@ mod tests {
         for w in [gone, small, big] {
             assert!(tx.try_send(w).is_ok());
         }
-        let (batch, rest) = drain(first, &mut queue);
-        let counts: Vec<u32> = batch.iter().map(|w| w.count).collect();
+        let drained = drain(first, &mut queue, Instant::now());
+        let counts: Vec<u32> = drained.batch.iter().map(|w| w.count).collect();
         assert_eq!(counts, [200_000, 62_144]);
-        assert_eq!(rest.map(|w| w.count), Some(1));
-        let (batch, rest) = drain(waiter(LOGICAL_COUNT).0, &mut queue);
-        assert_eq!(batch.len(), 1);
-        assert!(rest.is_none());
+        assert_eq!(drained.rest.map(|w| w.count), Some(1));
+        let drained = drain(waiter(LOGICAL_COUNT).0, &mut queue, Instant::now());
+        assert_eq!(drained.batch.len(), 1);
+        assert!(drained.rest.is_none());
+    }
+
+    #[test]
+    fn waiters_past_their_deadline_are_set_aside_and_take_no_room_in_the_batch() {
+        let now = Instant::now();
+        let (tx, mut queue) = mpsc::channel(8);
+        let (expired, _keep_expired) = waiter_until(LOGICAL_COUNT, now);
+        let (fresh, _keep_fresh) = waiter(LOGICAL_COUNT);
+        assert!(tx.try_send(fresh).is_ok());
+        let drained = drain(expired, &mut queue, now);
+        assert_eq!(drained.expired.len(), 1);
+        assert_eq!(drained.expired[0].deadline, now);
+        assert_eq!(drained.batch.len(), 1, "the expired waiter took the room");
+        assert!(drained.batch[0].deadline > now);
+        assert!(drained.rest.is_none());
     }
 
     #[test]
@@ -162,7 +249,7 @@ mod tests {
         let mut drained = Vec::new();
         let mut carry = None;
         while let Some(first) = carry.take().or_else(|| queue.try_recv().ok()) {
-            let (batch, rest) = drain(first, &mut queue);
+            let Drained { batch, rest, .. } = drain(first, &mut queue, Instant::now());
             let total: u64 = batch.iter().map(|w| u64::from(w.count)).sum();
             assert!(
                 (1..=u64::from(LOGICAL_COUNT)).contains(&total),

@@ -33,7 +33,8 @@ pub enum Error {
     /// A server answered with a reply that breaks the protocol.
     #[error("server {endpoint} sent a malformed reply: {reason}")]
     MalformedReply { endpoint: String, reason: String },
-    /// A server answered "not leader" with a leader hint that cannot be decoded or used.
+    /// Every configured endpoint answered "not leader" with a leader hint that cannot be
+    /// decoded or used (one such node alone is skipped); `endpoint` is the last of them.
     #[error("server {endpoint} sent a malformed leader hint: {reason}")]
     MalformedHint { endpoint: String, reason: String },
     /// A server answered with an error status the client does not retry (`INTERNAL`,

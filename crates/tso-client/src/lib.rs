@@ -15,9 +15,12 @@
 //!   returned was granted after its caller asked.
 //! - **Leader discovery**: a "not leader" reply's hint is followed within the same call without
 //!   spending an attempt; the leader is cached and the cache never goes back an epoch; without
-//!   a hint, the configured endpoints are tried in rotation and an election is waited out.
+//!   a usable hint, the configured endpoints are tried in rotation and an election is waited
+//!   out. `UNAVAILABLE` is retried on the same leader; only transport failures and per-attempt
+//!   timeouts make rotation pass over an endpoint for a while.
 //! - **Bounded**: per-attempt and overall deadlines, an attempt budget, full-jitter backoff on
 //!   transport errors and `UNAVAILABLE`, and a bounded queue of callers ([`Error::QueueFull`]).
+//!   Each caller keeps its own deadline inside a shared RPC.
 //! - **Errors** are one `Clone` type; [`Error::is_retryable`] tells "retry later" from "the
 //!   request or configuration is wrong". Malformed replies and hints are errors, never panics.
 //! - Dropping the last [`Client`] clone stops its background task.

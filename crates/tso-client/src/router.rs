@@ -1,12 +1,13 @@
 //! Where the next attempt goes: the cached leader, else the configured endpoints in rotation;
 //! and one lazily dialed gRPC channel per address.
 //!
-//! Invariant: the cached leader's epoch never goes back. A leader is cached only at an epoch at
-//! least the highest one seen; forgetting a leader (it failed) keeps that floor.
+//! Invariants: the cached leader's epoch never goes back. A leader is cached only at an epoch at
+//! least the highest one seen; forgetting a leader (it failed) keeps that floor. Rotation passes
+//! over endpoints that recently failed at the transport level, and when all of them did, it
+//! still moves: it takes the one whose skip ends first.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -23,14 +24,22 @@ struct LeaderCache {
     epoch_floor: Epoch,
 }
 
+/// The rotation over the configured endpoints.
+#[derive(Debug, Default)]
+struct Rotation {
+    /// Index (into the configured endpoints) where the next search starts.
+    next: usize,
+    /// Endpoints that failed at the transport level, and until when rotation skips them: during
+    /// a failover the dead leader would otherwise spend one attempt per pass. At most
+    /// `CHANNELS_MAX` entries.
+    unreachable_until: HashMap<Target, Instant>,
+}
+
 pub(crate) struct Router {
     config: Config,
-    rotation: AtomicUsize,
+    rotation: Mutex<Rotation>,
     leader: Mutex<LeaderCache>,
     channels: Mutex<HashMap<Target, Channel>>,
-    /// Configured endpoints that failed at the transport level, and until when rotation skips
-    /// them: during a failover the dead leader would otherwise spend one attempt per pass.
-    unreachable_until: Mutex<HashMap<Target, Instant>>,
 }
 
 /// How long rotation passes over an endpoint after a transport error. Long enough to cover an
@@ -41,10 +50,9 @@ impl Router {
     pub(crate) fn new(config: Config) -> Self {
         Self {
             config,
-            rotation: AtomicUsize::new(0),
+            rotation: Mutex::new(Rotation::default()),
             leader: Mutex::new(LeaderCache::default()),
             channels: Mutex::new(HashMap::new()),
-            unreachable_until: Mutex::new(HashMap::new()),
         }
     }
 
@@ -59,60 +67,56 @@ impl Router {
     }
 
     /// The next configured endpoint in rotation, passing over those that recently failed at
-    /// the transport level unless every endpoint did.
+    /// the transport level. When every one did, the one whose skip ends first: the failure
+    /// furthest in the past, and each failed attempt moves it to the back.
     pub(crate) fn next_configured(&self) -> Target {
         let endpoints = &self.config.endpoints;
         let now = Instant::now();
-        let unreachable = self
-            .unreachable_until
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        let mut first = None;
-        for _ in 0..endpoints.len() {
-            let index = self.rotation.fetch_add(1, Ordering::Relaxed) % endpoints.len();
-            let target = &endpoints[index];
-            if unreachable.get(target).is_none_or(|until| *until <= now) {
-                return target.clone();
-            }
-            first.get_or_insert(target);
-        }
-        first.expect("at least one endpoint is configured").clone()
+        let mut rotation = self.lock_rotation();
+        let skip_end = |index: usize| {
+            rotation
+                .unreachable_until
+                .get(&endpoints[index])
+                .copied()
+                .filter(|until| *until > now)
+        };
+        let order = (0..endpoints.len()).map(|k| (rotation.next + k) % endpoints.len());
+        let index = order
+            .clone()
+            .find(|&index| skip_end(index).is_none())
+            .or_else(|| order.min_by_key(|&index| skip_end(index)))
+            .expect("at least one endpoint is configured");
+        rotation.next = (index + 1) % endpoints.len();
+        endpoints[index].clone()
     }
 
     /// True while `target` is passed over after a transport failure. A follower that still
     /// names a dead leader (it has not noticed yet) is then treated as knowing no leader.
     pub(crate) fn is_unreachable(&self, target: &Target) -> bool {
-        let unreachable = self
+        let rotation = self.lock_rotation();
+        rotation
             .unreachable_until
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        unreachable
             .get(target)
             .is_some_and(|until| *until > Instant::now())
     }
 
-    /// Records a transport failure of `target`: rotation passes over it for a while.
+    /// Records a transport failure or per-attempt timeout of `target`: rotation passes over it
+    /// for a while.
     pub(crate) fn mark_unreachable(&self, target: &Target) {
-        let mut unreachable = self
-            .unreachable_until
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let mut rotation = self.lock_rotation();
+        let unreachable = &mut rotation.unreachable_until;
         if unreachable.len() >= CHANNELS_MAX {
             let now = Instant::now();
             unreachable.retain(|_, until| *until > now);
         }
-        if unreachable.len() < CHANNELS_MAX {
+        if unreachable.len() < CHANNELS_MAX || unreachable.contains_key(target) {
             unreachable.insert(target.clone(), Instant::now() + UNREACHABLE_SKIP);
         }
     }
 
-    /// Forgets a transport failure of `target`: it answered.
+    /// Forgets a transport failure of `target`: it answered, or a newer leader lives there.
     pub(crate) fn mark_reachable(&self, target: &Target) {
-        let mut unreachable = self
-            .unreachable_until
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        unreachable.remove(target);
+        self.lock_rotation().unreachable_until.remove(target);
     }
 
     /// The cached leader and its epoch floor.
@@ -125,6 +129,11 @@ impl Router {
     /// followed.
     pub(crate) fn is_current(&self, epoch: Epoch) -> bool {
         epoch >= self.lock_leader().epoch_floor
+    }
+
+    /// True when `epoch` is above every leader seen: news of a leader elected since.
+    pub(crate) fn is_newer(&self, epoch: Epoch) -> bool {
+        epoch > self.lock_leader().epoch_floor
     }
 
     /// Records that `target` served (or was named leader) at `epoch`; ignored when older than
@@ -172,6 +181,10 @@ impl Router {
             .connect_timeout(self.config.attempt_timeout)
             .tcp_nodelay(true);
         endpoint.connect_lazy()
+    }
+
+    fn lock_rotation(&self) -> std::sync::MutexGuard<'_, Rotation> {
+        self.rotation.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn lock_leader(&self) -> std::sync::MutexGuard<'_, LeaderCache> {
@@ -231,6 +244,30 @@ mod tests {
         tokio::time::advance(UNREACHABLE_SKIP).await;
         let seen: Vec<Target> = (0..3).map(|_| r.next_configured()).collect();
         assert!(seen.contains(&a), "tried again after the skip: {seen:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn when_all_are_unreachable_the_one_whose_skip_ends_first_goes_next() {
+        let r = router(&["a:1", "b:2", "c:3"]);
+        let [a, b, c] = [0, 1, 2].map(|i| r.config.endpoints[i].clone());
+        for t in [&b, &c, &a] {
+            r.mark_unreachable(t);
+            tokio::time::advance(Duration::from_millis(1)).await;
+        }
+        // Each pick fails again, as an attempt on it would.
+        let mut seen = Vec::new();
+        for _ in 0..6 {
+            let t = r.next_configured();
+            r.mark_unreachable(&t);
+            tokio::time::advance(Duration::from_millis(1)).await;
+            seen.push(t);
+        }
+        assert_eq!(seen, [&b, &c, &a, &b, &c, &a].map(Target::clone));
+        // Without another failure the pick stays the oldest, and rotation resumes after it
+        // once the skips end.
+        assert_eq!(r.next_configured(), b);
+        tokio::time::advance(UNREACHABLE_SKIP).await;
+        assert_eq!(r.next_configured(), c);
     }
 
     #[test]

@@ -4,11 +4,12 @@
 mod common;
 
 use std::collections::HashSet;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::task::Poll;
 use std::time::Duration;
 
-use common::{DeadEndpoint, HANG_GUARD, Mode, Shared, TestServer, seed};
+use common::{DeadEndpoint, HANG_GUARD, Mode, ResetEndpoint, Shared, TestServer, seed};
 use futures_util::future::join_all;
 use futures_util::poll;
 use rand::rngs::StdRng;
@@ -380,17 +381,17 @@ async fn a_garbage_reply_is_an_error() {
 }
 
 #[tokio::test]
-async fn a_malformed_hint_is_an_error() {
-    for mode in [Mode::HintNotProtobuf, Mode::HintBadEndpoint] {
-        let server = TestServer::start(mode.clone());
-        let client = client(&[server.endpoint()]).await;
-        let error = client.get_ts().await.unwrap_err();
-        assert!(
-            matches!(error, Error::MalformedHint { .. }),
-            "{mode:?}: {error}"
-        );
-        assert!(!error.is_retryable());
-    }
+async fn malformed_hints_from_every_endpoint_are_an_error() {
+    let broken = [
+        TestServer::start(Mode::HintNotProtobuf),
+        TestServer::start(Mode::HintBadEndpoint),
+    ];
+    let client = client(&broken.each_ref().map(TestServer::endpoint)).await;
+    let error = client.get_ts().await.unwrap_err();
+    assert!(matches!(error, Error::MalformedHint { .. }), "{error}");
+    assert!(!error.is_retryable());
+    let asked = broken.each_ref().map(|s| s.shared().rpcs());
+    assert_eq!(asked, [1, 1], "each endpoint is asked once");
 }
 
 #[tokio::test]
@@ -551,5 +552,177 @@ async fn a_silent_server_fails_every_queued_caller_by_its_deadline() {
         let error = result.unwrap_err();
         assert!(matches!(error, Error::DeadlineExceeded { .. }), "{error}");
         assert!(error.is_retryable());
+    }
+}
+
+/// Three callers queue a quarter of a deadline apart behind one busy slot: when the holder's
+/// deadline frees the slot, the second is a quarter from its deadline and the third half.
+#[tokio::test]
+async fn a_nearly_expired_caller_does_not_cut_short_a_fresh_callers_rpc() {
+    let overall = Duration::from_secs(3);
+    let server = TestServer::start(Mode::Leader);
+    let client = builder()
+        .overall_timeout(overall)
+        .in_flight_rpcs_max(1)
+        .connect([server.endpoint()])
+        .await
+        .unwrap();
+    client.get_ts().await.unwrap();
+    server.shared().set_mode(Mode::Stall);
+    // The only slot is held until its caller's deadline ends the RPC.
+    let holder = tokio::spawn({
+        let client = client.clone();
+        async move { client.get_ts().await }
+    });
+    server.shared().wait_for_rpcs(2).await;
+    tokio::time::sleep(overall / 4).await;
+    let (mut nearly_expired, refused) = queue_callers(vec![Box::pin(client.get_ts())]).await;
+    assert!(refused.is_empty(), "{refused:?}");
+    tokio::time::sleep(overall / 4).await;
+    let (mut fresh, refused) = queue_callers(vec![Box::pin(client.get_ts())]).await;
+    assert!(refused.is_empty(), "{refused:?}");
+
+    let holder = holder.await.unwrap().unwrap_err();
+    assert!(matches!(holder, Error::DeadlineExceeded { .. }), "{holder}");
+    // The other two share the next RPC, which stalls past the first one's deadline.
+    let expired = nearly_expired.pop().unwrap().await.unwrap_err();
+    assert!(
+        matches!(expired, Error::DeadlineExceeded { .. }),
+        "{expired}"
+    );
+    server.shared().set_mode(Mode::Leader);
+    server.shared().release(16);
+    let fresh = fresh.pop().unwrap().await;
+    assert!(
+        fresh.is_ok(),
+        "a fresh caller failed at its nearly expired neighbour's deadline: {fresh:?}"
+    );
+    assert_eq!(server.shared().counts(), [1, 1, 2]);
+    assert_eq!(
+        client.leader().0,
+        Some(format!("http://{}", server.endpoint())),
+        "a call that ran out of time made the client drop a healthy leader"
+    );
+}
+
+#[tokio::test]
+async fn an_attempt_cut_short_by_the_callers_deadline_is_not_an_endpoint_failure() {
+    let leader = TestServer::start(Mode::Leader);
+    let follower = TestServer::start(Mode::Follower {
+        endpoint: Some(leader.endpoint()),
+        epoch: Some(Epoch::new(1)),
+    });
+    let client = builder()
+        .overall_timeout(Duration::from_secs(1))
+        .connect([follower.endpoint()])
+        .await
+        .unwrap();
+    client.get_ts().await.unwrap();
+    assert_eq!(follower.shared().rpcs(), 1);
+
+    leader.shared().set_mode(Mode::Stall);
+    let error = client.get_ts().await.unwrap_err();
+    assert!(matches!(error, Error::DeadlineExceeded { .. }), "{error}");
+    leader.shared().set_mode(Mode::Leader);
+    leader.shared().release(16);
+
+    client.get_ts().await.unwrap();
+    assert_eq!(
+        follower.shared().rpcs(),
+        1,
+        "the leader was dropped or skipped because a caller ran out of time"
+    );
+}
+
+#[tokio::test]
+async fn unavailable_from_the_leader_is_retried_on_the_same_leader() {
+    let leader = TestServer::start(Mode::Leader);
+    let follower = TestServer::start(Mode::Follower {
+        endpoint: Some(leader.endpoint()),
+        epoch: Some(Epoch::new(1)),
+    });
+    let client = builder()
+        .attempts_max(4)
+        .connect([follower.endpoint(), leader.endpoint()])
+        .await
+        .unwrap();
+    client.get_ts().await.unwrap();
+    assert_eq!((follower.shared().rpcs(), leader.shared().rpcs()), (1, 1));
+
+    leader.shared().set_mode(Mode::UnavailableTimes(3));
+    client.get_ts().await.unwrap();
+    assert_eq!(
+        follower.shared().rpcs(),
+        1,
+        "UNAVAILABLE sent the client away from the leader"
+    );
+    assert_eq!(leader.shared().rpcs(), 1 + 4);
+    assert_eq!(
+        client.leader(),
+        (Some(format!("http://{}", leader.endpoint())), Epoch::new(1))
+    );
+}
+
+#[tokio::test]
+async fn a_fresh_hint_overrides_the_unreachable_skip() {
+    let dead = DeadEndpoint::new();
+    let addr: SocketAddr = dead.endpoint().parse().unwrap();
+    let follower = TestServer::start(Mode::InvalidArgument);
+    let client = client(&[dead.endpoint(), follower.endpoint()]).await;
+    // The dead address is tried first and fails at the transport level; the follower ends the
+    // call at once.
+    let error = client.get_ts().await.unwrap_err();
+    assert!(matches!(error, Error::InvalidArgument { .. }), "{error}");
+    assert_eq!(follower.shared().rpcs(), 1);
+
+    // A leader starts there at an epoch the client has never seen, and the follower names it.
+    drop(dead);
+    let leader = TestServer::start_with(Shared::new(Mode::Leader, Epoch::new(2)), addr);
+    follower.shared().set_mode(Mode::Follower {
+        endpoint: Some(leader.endpoint()),
+        epoch: Some(Epoch::new(2)),
+    });
+    client.get_ts().await.unwrap();
+    let asked = follower.shared().rpcs();
+    assert!(
+        asked <= 2,
+        "the fresh hint was ignored: the follower was asked {asked} times"
+    );
+    assert_eq!(
+        client.leader(),
+        (Some(format!("http://{}", leader.endpoint())), Epoch::new(2))
+    );
+}
+
+#[tokio::test]
+async fn when_every_endpoint_is_unreachable_each_is_tried_in_turn() {
+    let unreachable = [ResetEndpoint::start(), ResetEndpoint::start()];
+    let client = builder()
+        .attempts_max(6)
+        .connect(unreachable.each_ref().map(ResetEndpoint::endpoint))
+        .await
+        .unwrap();
+    let error = client.get_ts().await.unwrap_err();
+    assert!(
+        matches!(error, Error::Unavailable { attempts: 6, .. }),
+        "{error}"
+    );
+    assert_eq!(
+        unreachable.each_ref().map(ResetEndpoint::connections),
+        [3, 3],
+        "attempts did not take turns over the unreachable endpoints"
+    );
+}
+
+#[tokio::test]
+async fn a_malformed_hint_from_one_follower_moves_on_to_the_next_endpoint() {
+    let leader = TestServer::start(Mode::Leader);
+    for mode in [Mode::HintNotProtobuf, Mode::HintBadEndpoint] {
+        let broken = TestServer::start(mode.clone());
+        let client = client(&[broken.endpoint(), leader.endpoint()]).await;
+        for result in join_all((0..20).map(|_| client.get_ts())).await {
+            assert!(result.is_ok(), "{mode:?}: {result:?}");
+        }
+        assert_eq!(broken.shared().rpcs(), 1, "{mode:?}");
     }
 }

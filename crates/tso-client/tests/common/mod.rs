@@ -381,6 +381,73 @@ impl DeadEndpoint {
     }
 }
 
+/// An address that accepts connections and closes them at once, before any HTTP/2 exchange: a
+/// transport failure on every attempt, counted so a test can see which endpoints were tried.
+/// Runs on its own thread and runtime, like [`TestServer`]; dropping it stops it.
+pub struct ResetEndpoint {
+    addr: SocketAddr,
+    connections: Arc<AtomicU64>,
+    stop: Option<oneshot::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl ResetEndpoint {
+    pub fn start() -> Self {
+        let connections = Arc::new(AtomicU64::new(0));
+        let (stop, mut stopped) = oneshot::channel::<()>();
+        let (bound, bound_rx) = std::sync::mpsc::channel();
+        let counter = Arc::clone(&connections);
+        let thread = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async move {
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+                bound.send(listener.local_addr().unwrap()).unwrap();
+                loop {
+                    tokio::select! {
+                        accepted = listener.accept() => {
+                            counter.fetch_add(1, Ordering::SeqCst);
+                            drop(accepted);
+                        }
+                        _ = &mut stopped => break,
+                    }
+                }
+            });
+        });
+        let addr = bound_rx
+            .recv()
+            .expect("the endpoint thread binds or panics");
+        Self {
+            addr,
+            connections,
+            stop: Some(stop),
+            thread: Some(thread),
+        }
+    }
+
+    pub fn endpoint(&self) -> String {
+        self.addr.to_string()
+    }
+
+    /// Connections accepted (and closed) so far.
+    pub fn connections(&self) -> u64 {
+        self.connections.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for ResetEndpoint {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            thread.join().expect("endpoint thread panicked");
+        }
+    }
+}
+
 /// The seed of a randomized test: `TSO_TEST_SEED` when set, else the clock. Printed so a
 /// failure can be replayed.
 pub fn seed() -> u64 {
