@@ -15,6 +15,7 @@ use crate::cluster;
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     init_logging(&args.log)?;
+    raise_open_files_limit();
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     if let Some(threads) = args.threads {
         builder.worker_threads(threads.into());
@@ -24,6 +25,42 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         .build()
         .context("starting the async runtime")?;
     runtime.block_on(serve(args))
+}
+
+/// Open files a server may ask for when the hard limit is unlimited: the kernel's usual
+/// `nr_open` ceiling; far above what one node's connections need.
+const OPEN_FILES_WANTED: libc::rlim_t = 1 << 20;
+
+/// Raises the soft limit on open files to the hard limit, as servers do: Rust keeps the soft
+/// default (often 1024), so about a thousand client connections would leave no handle for the
+/// data directory. Running out stays survivable (the backend retries), this only makes it rare.
+fn raise_open_files_limit() {
+    // SAFETY: getrlimit/setrlimit only read and write the struct passed to them.
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        tracing::warn!(
+            "cannot read the open files limit: {}",
+            std::io::Error::last_os_error()
+        );
+        return;
+    }
+    let wanted = limit.rlim_max.min(OPEN_FILES_WANTED);
+    if limit.rlim_cur >= wanted {
+        return;
+    }
+    let before = limit.rlim_cur;
+    limit.rlim_cur = wanted;
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } != 0 {
+        tracing::warn!(
+            "cannot raise the open files limit from {before}: {}",
+            std::io::Error::last_os_error()
+        );
+        return;
+    }
+    tracing::info!(from = before, to = wanted, "raised the open files limit");
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {

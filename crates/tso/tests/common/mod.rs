@@ -38,14 +38,45 @@ impl Server {
 
     /// Like [`Server::start`], but returns the exit status and stderr if it exits first.
     pub fn try_start(data_dir: &Path, extra: &[&str]) -> Result<Server, (ExitStatus, String)> {
-        let mut child = Command::new(tso_bin())
+        Self::try_start_limited(data_dir, extra, None)
+    }
+
+    /// [`Server::start`] with the process's open files limit set to `(soft, hard)` first.
+    pub fn start_limited(data_dir: &Path, extra: &[&str], open_files: (u64, u64)) -> Server {
+        Self::try_start_limited(data_dir, extra, Some(open_files))
+            .unwrap_or_else(|(status, log)| panic!("tso serve exited with {status}: {log}"))
+    }
+
+    fn try_start_limited(
+        data_dir: &Path,
+        extra: &[&str],
+        open_files: Option<(u64, u64)>,
+    ) -> Result<Server, (ExitStatus, String)> {
+        let mut command = Command::new(tso_bin());
+        command
             .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
             .arg(data_dir)
             .args(extra)
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawning tso serve");
+            .stderr(Stdio::piped());
+        if let Some((soft, hard)) = open_files {
+            use std::os::unix::process::CommandExt;
+            let limit = libc::rlimit {
+                rlim_cur: soft,
+                rlim_max: hard,
+            };
+            // SAFETY: setrlimit is async-signal-safe; nothing else runs between fork and exec.
+            unsafe {
+                command.pre_exec(move || {
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0 {
+                        Ok(())
+                    } else {
+                        Err(std::io::Error::last_os_error())
+                    }
+                });
+            }
+        }
+        let mut child = command.spawn().expect("spawning tso serve");
         let stdout = child.stdout.take().unwrap();
         let stderr = child.stderr.take().unwrap();
         let (err_tx, err_rx) = mpsc::channel();
