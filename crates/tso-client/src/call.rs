@@ -324,7 +324,7 @@ fn is_timeout(status: &tonic::Status) -> bool {
     status.source().is_none() && matches!(status.code(), Code::DeadlineExceeded | Code::Cancelled)
 }
 
-/// Sorts a status sent by the server into what the call does next (PROTOCOL.md, Errors).
+/// Sorts a status sent by the server into what the call does next (docs/protocol.md, errors).
 fn classify(target: &Target, status: &tonic::Status) -> Outcome {
     let endpoint = target.to_string();
     match status.code() {

@@ -1,4 +1,4 @@
-//! Client of the tso timestamp oracle (SEMANTICS §10, PROTOCOL.md).
+//! Client of the tso timestamp oracle (docs/semantics.md §10, docs/protocol.md).
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), tso_client::Error> {

@@ -1,7 +1,7 @@
 //! Generated protobuf and gRPC code. `tsoracle.v1` is the public, wire-compatible service;
 //! packages under `tso.*` are this project's own extensions.
 
-/// The public `tsoracle.v1` protocol (see `PROTOCOL.md`).
+/// The public `tsoracle.v1` protocol (see `docs/protocol.md`).
 pub mod tsoracle {
     pub mod v1 {
         tonic::include_proto!("tsoracle.v1");

@@ -1,5 +1,5 @@
 //! The `tsoracle.v1.TsoService` gRPC handler: argument checks, the grant call, and the mapping
-//! of refusals to gRPC statuses with the leader-hint trailer (PROTOCOL.md).
+//! of refusals to gRPC statuses with the leader-hint trailer (docs/protocol.md).
 
 use std::sync::Arc;
 

@@ -1,4 +1,4 @@
-//! Connections to the configured endpoints, following leader hints (PROTOCOL.md, "Errors").
+//! Connections to the configured endpoints, following leader hints (docs/protocol.md).
 //!
 //! Each endpoint gets a fixed number of HTTP/2 connections, made lazily and shared by callers
 //! (`slot % connections`). A caller keeps its client and switches only when the server says
