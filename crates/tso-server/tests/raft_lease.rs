@@ -6,7 +6,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::raft::{start_cluster, wait_until};
+use common::raft::{start_cluster, wait_for_lease_holder, wait_until};
 use tso_core::Epoch;
 use tso_server::backend::raft::{Links, RaftTimings, SnapshotOptions};
 use tso_server::consensus::{Consensus, Leadership};
@@ -17,17 +17,7 @@ async fn an_isolated_leader_loses_its_lease_before_a_new_leader_is_elected() {
     let links = Links::default();
     let mut nodes = start_cluster(dir.path(), 3, &links).await;
     let all = [0usize, 1, 2];
-    // Whoever leads when a lease is first seen (a busy machine may elect more than once).
-    let mut holder = None;
-    wait_until("a leader holds a lease", || {
-        holder = all.into_iter().find(|&i| nodes[i].backend.lease_is_valid());
-        holder.is_some()
-    })
-    .await;
-    let leader = holder.expect("the lease holder");
-    let Leadership::Leader { epoch } = nodes[leader].leadership() else {
-        panic!("a lease holder leads");
-    };
+    let (leader, epoch) = wait_for_lease_holder(&nodes).await;
 
     let view = nodes[leader].backend.lease_view();
     assert!(
@@ -195,17 +185,7 @@ async fn a_follower_restarted_within_the_lease_does_not_elect_a_new_leader_early
     let dir = tempfile::tempdir().unwrap();
     let links = Links::default();
     let mut nodes = start_cluster(dir.path(), 3, &links).await;
-    let all = [0usize, 1, 2];
-    let mut holder = None;
-    wait_until("a leader holds a lease", || {
-        holder = all.into_iter().find(|&i| nodes[i].backend.lease_is_valid());
-        holder.is_some()
-    })
-    .await;
-    let leader = holder.expect("the lease holder");
-    let Leadership::Leader { epoch } = nodes[leader].leadership() else {
-        panic!("a lease holder leads");
-    };
+    let (leader, epoch) = wait_for_lease_holder(&nodes).await;
     let (acker, cut) = ((leader + 1) % 3, (leader + 2) % 3);
     links.cut(nodes[leader].id, nodes[cut].id);
     links.cut(nodes[cut].id, nodes[leader].id);
@@ -269,17 +249,7 @@ async fn a_leader_holding_its_lease_never_votes_a_new_leader_in() {
     let dir = tempfile::tempdir().unwrap();
     let links = Links::default();
     let mut nodes = start_cluster(dir.path(), 3, &links).await;
-    let all = [0usize, 1, 2];
-    let mut holder = None;
-    wait_until("a leader holds a lease", || {
-        holder = all.into_iter().find(|&i| nodes[i].backend.lease_is_valid());
-        holder.is_some()
-    })
-    .await;
-    let leader = holder.expect("the lease holder");
-    let Leadership::Leader { epoch } = nodes[leader].leadership() else {
-        panic!("a lease holder leads");
-    };
+    let (leader, epoch) = wait_for_lease_holder(&nodes).await;
     let candidate = (leader + 1) % 3;
     links.cut(nodes[leader].id, nodes[candidate].id);
 

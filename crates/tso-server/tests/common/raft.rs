@@ -155,6 +155,24 @@ pub async fn wait_for_leader(
     }
 }
 
+/// Waits until one node leads under a valid lease and returns its index and epoch: whoever holds
+/// one first (a busy machine may elect more than once).
+pub async fn wait_for_lease_holder(nodes: &[TestNode]) -> (usize, Epoch) {
+    let mut found = None;
+    wait_until("a leader holds a lease", || {
+        found = nodes
+            .iter()
+            .enumerate()
+            .find_map(|(i, n)| match n.leadership() {
+                Leadership::Leader { epoch } if n.backend.lease_is_valid() => Some((i, epoch)),
+                _ => None,
+            });
+        found.is_some()
+    })
+    .await;
+    found.expect("a lease holder")
+}
+
 /// Waits until node `i` reports `Follower` naming `leader_client_addr`.
 pub async fn wait_for_follower_of(node: &TestNode, leader_client_addr: &str) {
     let mut rx = node.backend.leadership();
