@@ -74,6 +74,13 @@ impl Default for SnapshotOptions {
     }
 }
 
+/// On a fresh cluster the member with the lowest id forms it at once (its `initialize` starts an
+/// election); the others form it themselves only if they have heard from nobody after this many
+/// `election_timeout_max` (the lowest member is down). Every member campaigning at start would
+/// let one that comes up late, with a higher id, unseat the first leader: openraft orders
+/// `(term 1, node 3)` above `(term 1, node 2)`.
+const INITIALIZE_WAIT_ELECTION_TIMEOUTS: u32 = 2;
+
 /// Entries purged per purge call: one call, one record and one fsync, whatever the count.
 const PURGE_BATCH_ENTRIES: u64 = 64;
 
@@ -302,10 +309,24 @@ impl RaftBackend {
         let raft = Raft::new(config.node_id, raft_config, network, log, sm.clone())
             .await
             .map_err(|e| RaftOpenError::Start(e.to_string()))?;
-        if fresh {
+        let first = config.initial_members.keys().next() == Some(&config.node_id);
+        if fresh && first {
             initialize(&raft, config.initial_members.clone()).await?;
         }
-        Ok(Self::start_tasks(config, raft, sm, dir_guard))
+        let mut backend = Self::start_tasks(config.clone(), raft.clone(), sm, dir_guard);
+        if fresh && !first {
+            let wait = config.timings.election_timeout_max * INITIALIZE_WAIT_ELECTION_TIMEOUTS;
+            let members = config.initial_members;
+            backend.tasks.push(tokio::spawn(async move {
+                tokio::time::sleep(wait).await;
+                if raft.metrics().borrow().current_term == 0
+                    && let Err(e) = initialize(&raft, members).await
+                {
+                    tracing::warn!("forming the cluster from this node failed: {e}");
+                }
+            }));
+        }
+        Ok(backend)
     }
 
     fn start_tasks(config: RaftConfig, raft: Raft, sm: StateMachine, dir_guard: DirGuard) -> Self {
