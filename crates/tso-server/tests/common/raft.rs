@@ -38,6 +38,8 @@ pub fn client_addr(id: u64) -> String {
 /// One running node: its backend and the task serving its peer port.
 pub struct TestNode {
     pub id: u64,
+    /// The address its peer port listens on (and advertises).
+    pub peer_addr: String,
     pub backend: Arc<RaftBackend>,
     stop_peers: Option<oneshot::Sender<()>>,
     peer_task: Option<JoinHandle<()>>,
@@ -102,6 +104,7 @@ pub async fn start_cluster_with(
 /// Opens one node and serves its peer port on `listener`.
 pub async fn start_node(config: RaftConfig, listener: tokio::net::TcpListener) -> TestNode {
     let id = config.node_id;
+    let peer_addr = listener.local_addr().unwrap().to_string();
     let backend = Arc::new(RaftBackend::open(config).await.expect("open raft node"));
     let (tx, rx) = oneshot::channel::<()>();
     let serving = backend.clone();
@@ -115,6 +118,7 @@ pub async fn start_node(config: RaftConfig, listener: tokio::net::TcpListener) -
     });
     TestNode {
         id,
+        peer_addr,
         backend,
         stop_peers: Some(tx),
         peer_task: Some(peer_task),
@@ -220,9 +224,9 @@ pub async fn restart_node_with(
     start_node(config, listener).await
 }
 
-/// The peer address node `i` advertises.
+/// The peer address node `i` advertises (known before it has learnt the membership).
 pub fn peer_addr(node: &TestNode) -> String {
-    node.backend.members()[&node.id].peer_addr.clone()
+    node.peer_addr.clone()
 }
 
 /// Waits until `check` holds, polling; panics after [`CLUSTER_WAIT`] with `what`.
