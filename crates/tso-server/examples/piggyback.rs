@@ -1,8 +1,9 @@
 //! Piggyback mode: a host service that already runs openraft embeds the oracle.
 //!
 //! The host here is a small replicated key-value store. Its raft log carries both its own
-//! `Put` commands and the oracle's [`HighWaterCommand`]; its state machine holds both the map
-//! and a [`HighWaterState`]; one snapshot covers both. Each node runs one tonic server with the
+//! `Put` commands and the oracle's [`HighWaterCommand`] and [`SequenceCommand`]; its state
+//! machine holds the map, a [`HighWaterState`] and a [`SequenceState`]; one snapshot covers
+//! them all. Each node runs one tonic server with the
 //! oracle's `TsoService` and the store's own `Kv` service. The three nodes live in one process
 //! and reach each other's raft through an in-process [`Router`] (a real host would use its own
 //! network). Storage is in memory, to keep the example short; a real host's is durable.
@@ -40,7 +41,8 @@ use tonic::transport::server::TcpIncoming;
 use tso_proto::tso::example_kv_v1::kv_server::{Kv, KvServer};
 use tso_proto::tso::example_kv_v1::{GetReply, GetRequest, PutReply, PutRequest};
 use tso_server::backend::raft::piggyback::{
-    HighWaterCommand, HighWaterState, LeaseHeld, PiggybackConsensus, VoteGate,
+    HighWaterCommand, HighWaterState, LeaseHeld, PiggybackConsensus, SequenceCommand,
+    SequenceState, VoteGate,
 };
 use tso_server::{Config, OracleGuard};
 
@@ -49,6 +51,7 @@ use tso_server::{Config, OracleGuard};
 pub enum Cmd {
     Put { key: String, value: String },
     HighWater(HighWaterCommand),
+    Sequences(SequenceCommand),
 }
 
 openraft::declare_raft_types!(
@@ -67,11 +70,13 @@ openraft::declare_raft_types!(
 pub type Raft = openraft::Raft<KvConfig>;
 type Entry = openraft::Entry<KvConfig>;
 
-/// The replicated state: the host's map and the oracle's high-water. A snapshot is this.
+/// The replicated state: the host's map, the oracle's high-water and its dense-sequence
+/// counters. A snapshot is this.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KvState {
     pub kv: BTreeMap<String, String>,
     pub high_water: HighWaterState,
+    pub sequences: SequenceState,
 }
 
 // ---- log storage (in memory) ----
@@ -186,6 +191,10 @@ impl StateMachine {
     }
 
     /// The applied high-water: what the oracle's adapter reads.
+    pub fn sequences(&self) -> tso_server::consensus::SeqCounters {
+        self.0.lock().unwrap().state.sequences.counters().clone()
+    }
+
     pub fn high_water_ms(&self) -> u64 {
         self.0.lock().unwrap().state.high_water.high_water_ms()
     }
@@ -249,6 +258,9 @@ impl RaftStateMachine<KvConfig> for StateMachine {
                 }
                 EntryPayload::Normal(Cmd::HighWater(cmd)) => {
                     inner.state.high_water.apply(&cmd);
+                }
+                EntryPayload::Normal(Cmd::Sequences(cmd)) => {
+                    inner.state.sequences.apply(&cmd);
                 }
                 EntryPayload::Membership(m) => {
                     inner.membership = StoredMembership::new(Some(entry.log_id), m);
@@ -524,15 +536,17 @@ pub async fn open_raft(
 
 /// The oracle's adapter on this host's raft. The three pieces: the oracle's command wrapped in
 /// the host's enum, the applied high-water read from the host's state machine, and a member's
-/// oracle client address, from its membership entry.
+/// oracle client address, from its membership entry; then, to serve dense sequences too, their
+/// command and counters the same way.
 pub fn oracle_consensus(raft: &Raft, sm: &StateMachine) -> PiggybackConsensus<KvConfig> {
-    let sm = sm.clone();
+    let (high_water, sequences) = (sm.clone(), sm.clone());
     PiggybackConsensus::new(
         raft.clone(),
         Cmd::HighWater,
-        move || sm.high_water_ms(),
+        move || high_water.high_water_ms(),
         |_id, node: &BasicNode| Some(node.addr.clone()),
     )
+    .with_sequences(Cmd::Sequences, move || sequences.sequences())
 }
 
 /// Starts node `id` on `storage` (its log and state machine), serving the oracle and the

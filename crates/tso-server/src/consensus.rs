@@ -4,6 +4,7 @@
 //! server never reads or writes storage any other way, so a backend that keeps this contract
 //! keeps every guarantee of the oracle.
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
 
@@ -14,6 +15,14 @@ pub mod conformance;
 
 /// A boxed future, so that backends can be chosen at run time (`Arc<dyn Consensus>`).
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// The durable dense-sequence counters (SEMANTICS §11): each key's next unissued value. A key
+/// that was never advanced is absent (its next value is 0).
+pub type SeqCounters = BTreeMap<String, u64>;
+
+/// One durable advance of dense-sequence counters: each key's counter becomes at least its
+/// `end` (applied as `max`, like the high-water). Keys are distinct.
+pub type SeqEnds = Vec<(String, u64)>;
 
 /// What a node knows of leadership.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -69,6 +78,18 @@ pub enum ConsensusError {
 /// - be **cancel-safe**: a dropped persist may still complete later (harmless, persists only
 ///   ratchet up), but must never corrupt the stored value.
 ///
+/// Dense sequences (SEMANTICS §11) are optional. A backend that keeps them returns true from
+/// `sequences_supported` and must:
+///
+/// - **load_sequences**: return the durable counters as of a linearizable read, like
+///   `load_high_water` (an empty map when nothing was ever stored);
+/// - **persist_sequences**: make every `max(stored, end)` durable before returning, all keys in
+///   one atomic write (all or none applied); never lower a counter; refuse `epoch` other than
+///   this node's current leader epoch with `Fenced` or `NotLeader`, and answer `NotLeader` only
+///   when nothing was written (the server tells its caller the call is safe to redirect);
+/// - keep the counters in the same durable place as the high-water (same directory, same log
+///   and snapshot), so that they survive exactly what the high-water survives.
+///
 /// Run [`conformance::run_all`] against every implementation.
 pub trait Consensus: Send + Sync + 'static {
     fn leadership(&self) -> watch::Receiver<Leadership>;
@@ -90,6 +111,29 @@ pub trait Consensus: Send + Sync + 'static {
         let _ = epoch;
         true
     }
+
+    /// Whether this backend keeps dense sequences; without them the server answers
+    /// `UNIMPLEMENTED` to `GetSeq` and `GetSeqBatch`.
+    fn sequences_supported(&self) -> bool {
+        false
+    }
+
+    fn load_sequences(&self) -> BoxFuture<'_, Result<SeqCounters, ConsensusError>> {
+        Box::pin(async { Err(sequences_unsupported()) })
+    }
+
+    fn persist_sequences(
+        &self,
+        ends: SeqEnds,
+        epoch: Epoch,
+    ) -> BoxFuture<'_, Result<(), ConsensusError>> {
+        let _ = (ends, epoch);
+        Box::pin(async { Err(sequences_unsupported()) })
+    }
+}
+
+fn sequences_unsupported() -> ConsensusError {
+    ConsensusError::Permanent("this backend does not keep dense sequences".into())
 }
 
 impl<T: Consensus + ?Sized> Consensus for std::sync::Arc<T> {
@@ -111,5 +155,21 @@ impl<T: Consensus + ?Sized> Consensus for std::sync::Arc<T> {
 
     fn lease_valid(&self, epoch: Epoch) -> bool {
         (**self).lease_valid(epoch)
+    }
+
+    fn sequences_supported(&self) -> bool {
+        (**self).sequences_supported()
+    }
+
+    fn load_sequences(&self) -> BoxFuture<'_, Result<SeqCounters, ConsensusError>> {
+        (**self).load_sequences()
+    }
+
+    fn persist_sequences(
+        &self,
+        ends: SeqEnds,
+        epoch: Epoch,
+    ) -> BoxFuture<'_, Result<(), ConsensusError>> {
+        (**self).persist_sequences(ends, epoch)
     }
 }

@@ -13,11 +13,15 @@ mod error;
 mod extend;
 pub mod metrics;
 mod oracle;
+mod sequence;
 mod serve;
 mod service;
 mod watch;
 
 pub use error::ServeError;
 pub use oracle::{Config, EXHAUSTED_WAIT_MAX, LeaderHint, ServingState};
+pub use sequence::{
+    SEQ_BATCH_KEYS_MAX, SEQ_COUNT_MAX_DEFAULT, SEQ_KEY_LEN_MAX, SEQ_KEYS_MAX_DEFAULT, SEQ_QUEUE_MAX,
+};
 pub use serve::{OracleGuard, TSO_SERVICE_NAME, serve_listener, serve_with_shutdown};
 pub use service::{NOT_LEADER_MESSAGE, TsoHandler, not_leader};

@@ -10,6 +10,8 @@ pub const EXTENSION_SECONDS: &str = "tso_window_extension_seconds";
 pub const EXHAUSTED_WAITS: &str = "tso_window_exhausted_waits_total";
 pub const SERVING: &str = "tso_serving";
 pub const HIGH_WATER_MS: &str = "tso_high_water_ms";
+pub const SEQ_WRITES: &str = "tso_seq_writes_total";
+pub const SEQ_WRITE_CALLS: &str = "tso_seq_write_calls";
 
 /// Registers every counter at zero, so dashboards and alerts see a 0, not a missing series.
 pub fn register() {
@@ -19,6 +21,9 @@ pub fn register() {
     metrics::counter!(FENCE_RETRIES, "class" => "transient").increment(0);
     for class in ["transient", "not_leader", "permanent"] {
         metrics::counter!(EXTENSION_ERRORS, "class" => class).increment(0);
+    }
+    for outcome in ["ok", "failed"] {
+        metrics::counter!(SEQ_WRITES, "outcome" => outcome).increment(0);
     }
     serving(false);
 }
@@ -43,6 +48,13 @@ pub fn extension_failed(class: &'static str) {
 
 pub fn exhausted_wait() {
     metrics::counter!(EXHAUSTED_WAITS).increment(1);
+}
+
+/// One group-committed sequence write and the calls it answered.
+pub fn seq_write(ok: bool, calls: usize) {
+    let outcome = if ok { "ok" } else { "failed" };
+    metrics::counter!(SEQ_WRITES, "outcome" => outcome).increment(1);
+    metrics::histogram!(SEQ_WRITE_CALLS).record(calls as f64);
 }
 
 pub fn serving(on: bool) {

@@ -17,6 +17,7 @@ use crate::clock::Clock;
 use crate::consensus::{Consensus, ConsensusError};
 use crate::error::ServeError;
 use crate::metrics;
+use crate::sequence::{SeqCall, SeqStarts, Sequencer};
 
 /// Callers that found the window exhausted wait at most this long for the extension, then get
 /// `UNAVAILABLE`; it bounds a request on a stalled backend below common client deadlines.
@@ -38,6 +39,15 @@ pub struct Config {
     /// lease, so a leader cut off from its peers keeps granting while a new leader serves
     /// (SEMANTICS G3 broken on purpose). Always `false` outside that test.
     pub unsafe_skip_lease_check: bool,
+    /// The largest `count` of one key in one `GetSeq`/`GetSeqBatch` entry (SEMANTICS §11).
+    pub seq_count_max: u32,
+    /// The most distinct sequence keys the server keeps; a new key past it is refused with
+    /// `RESOURCE_EXHAUSTED` (SEMANTICS §11).
+    pub seq_keys_max: usize,
+    /// FOR THE CHECKER'S POSITIVE CONTROL ONLY: start each term's sequences from 0 instead of
+    /// loading the durable counters, so a new leader hands out blocks again (SEMANTICS D1
+    /// broken on purpose). Always `false` outside that test.
+    pub unsafe_seq_skip_load: bool,
 }
 
 impl Default for Config {
@@ -47,6 +57,9 @@ impl Default for Config {
             failover_advance: Duration::from_secs(1),
             shutdown_grace: Duration::from_secs(10),
             unsafe_skip_lease_check: false,
+            seq_count_max: crate::sequence::SEQ_COUNT_MAX_DEFAULT,
+            seq_keys_max: crate::sequence::SEQ_KEYS_MAX_DEFAULT,
+            unsafe_seq_skip_load: false,
         }
     }
 }
@@ -94,6 +107,12 @@ pub enum Refusal {
     OutOfRange(String),
     Unavailable(String),
     Internal(String),
+    /// A configured cap is reached (sequence keys, queued sequence calls).
+    ResourceExhausted(String),
+    /// The request cannot succeed in the current state (a sequence counter at its end).
+    FailedPrecondition(String),
+    /// The backend lacks the feature.
+    Unimplemented(String),
 }
 
 /// The outcome of the latest extension of a term, broadcast to callers waiting on it.
@@ -110,6 +129,8 @@ pub(crate) struct Term {
     pub extension_wanted: bool,
     pub wake: Arc<Notify>,
     pub outcome: watch::Sender<ExtensionOutcome>,
+    /// The term's dense-sequence group committer, made on its first sequence call.
+    pub sequencer: Option<Arc<Sequencer>>,
 }
 
 enum Mode {
@@ -252,6 +273,45 @@ impl Shared {
         }
     }
 
+    /// Hands out the blocks of one dense-sequence call (SEMANTICS §11), group-committed with
+    /// the calls around it. Refuses before anything is written unless this node serves under a
+    /// valid lease.
+    pub async fn sequence(self: &Arc<Self>, call: SeqCall) -> Result<SeqStarts, Refusal> {
+        if !self.backend.sequences_supported() {
+            return Err(Refusal::Unimplemented(
+                "the configured consensus backend does not keep dense sequences".into(),
+            ));
+        }
+        let sequencer = {
+            let mut state = self.lock();
+            let term = match &mut state.mode {
+                Mode::Serving(term) => term,
+                Mode::NotServing(hint) => return Err(Refusal::NotLeader(hint.clone())),
+                Mode::Poisoned => return Err(Refusal::NotLeader(LeaderHint::default())),
+            };
+            if !self.config.unsafe_skip_lease_check && !self.backend.lease_valid(term.epoch) {
+                return Err(Refusal::NotLeader(LeaderHint::default()));
+            }
+            let epoch = term.epoch;
+            Arc::clone(
+                term.sequencer
+                    .get_or_insert_with(|| Arc::new(Sequencer::new(epoch))),
+            )
+        };
+        sequencer.submit(self, call).await
+    }
+
+    /// Sequence calls waiting for the current term's next write (diagnostics and tests).
+    pub fn queued_sequence_calls(&self) -> usize {
+        match &self.lock().mode {
+            Mode::Serving(Term {
+                sequencer: Some(sequencer),
+                ..
+            }) => sequencer.queued(),
+            _ => 0,
+        }
+    }
+
     /// The closed watermark of GetCurrentMaxSafe: `(0, zero epoch)` unless serving.
     pub fn max_safe(&self) -> (u64, Epoch) {
         let now_ms = self.clock.now_ms();
@@ -326,6 +386,7 @@ impl Shared {
             extension_wanted: false,
             wake: Arc::clone(&wake),
             outcome: watch::channel(ExtensionOutcome::default()).0,
+            sequencer: None,
         });
         metrics::serving(true);
         self.serving.send_replace(ServingState::Serving { epoch });

@@ -114,6 +114,11 @@ impl OracleGuard {
         server
     }
 
+    /// Dense-sequence calls waiting for the current term's next group write (diagnostics).
+    pub fn queued_sequence_calls(&self) -> usize {
+        self.shared.queued_sequence_calls()
+    }
+
     /// The serving state, updated on every change.
     pub fn serving(&self) -> watch::Receiver<ServingState> {
         self.shared.serving()

@@ -12,6 +12,7 @@ use tso_proto::v1::tso_service_server::TsoService;
 use tso_proto::v1::*;
 
 use crate::oracle::{LeaderHint as Hint, Refusal, Shared};
+use crate::sequence::{SeqCall, check_call};
 
 /// The gRPC handler; mount it with [`crate::OracleGuard::service`].
 #[derive(Clone)]
@@ -22,6 +23,19 @@ pub struct TsoHandler {
 impl TsoHandler {
     pub(crate) fn new(shared: Arc<Shared>) -> Self {
         Self { shared }
+    }
+
+    /// A sequence call's arguments, checked; `UNIMPLEMENTED` first when the backend lacks
+    /// sequences, so that a client learns that before anything about its arguments.
+    fn checked(&self, entries: Vec<(Vec<u8>, u32)>) -> Result<SeqCall, Status> {
+        if !self.shared.backend.sequences_supported() {
+            return Err(status_of(Refusal::Unimplemented(
+                "GetSeq and GetSeqBatch: the configured consensus backend does not keep dense \
+                 sequences"
+                    .into(),
+            )));
+        }
+        check_call(entries, self.shared.config.seq_count_max).map_err(Status::invalid_argument)
     }
 }
 
@@ -35,6 +49,9 @@ fn status_of(refusal: Refusal) -> Status {
         Refusal::OutOfRange(msg) => Status::out_of_range(msg),
         Refusal::Unavailable(msg) => Status::unavailable(msg),
         Refusal::Internal(msg) => Status::internal(msg),
+        Refusal::ResourceExhausted(msg) => Status::resource_exhausted(msg),
+        Refusal::FailedPrecondition(msg) => Status::failed_precondition(msg),
+        Refusal::Unimplemented(msg) => Status::unimplemented(msg),
     }
 }
 
@@ -99,16 +116,50 @@ impl TsoService for TsoHandler {
 
     async fn get_seq(
         &self,
-        _request: Request<GetSeqRequest>,
+        request: Request<GetSeqRequest>,
     ) -> Result<Response<GetSeqResponse>, Status> {
-        Err(unimplemented("GetSeq"))
+        let GetSeqRequest { key, count } = request.into_inner();
+        let call = self.checked(vec![(key, count)])?;
+        let (starts, epoch) = self
+            .shared
+            .sequence(call.clone())
+            .await
+            .map_err(status_of)?;
+        let (key, count) = call.entries.into_iter().next().expect("one entry");
+        Ok(Response::new(GetSeqResponse {
+            key,
+            start: starts[0],
+            count,
+            epoch: Some(epoch_wire(epoch)),
+        }))
     }
 
     async fn get_seq_batch(
         &self,
-        _request: Request<GetSeqBatchRequest>,
+        request: Request<GetSeqBatchRequest>,
     ) -> Result<Response<GetSeqBatchResponse>, Status> {
-        Err(unimplemented("GetSeqBatch"))
+        let entries = request
+            .into_inner()
+            .entries
+            .into_iter()
+            .map(|e| (e.key, e.count))
+            .collect();
+        let call = self.checked(entries)?;
+        let (starts, epoch) = self
+            .shared
+            .sequence(call.clone())
+            .await
+            .map_err(status_of)?;
+        let grants = call
+            .entries
+            .into_iter()
+            .zip(starts)
+            .map(|((key, count), start)| SeqGrantEntry { key, start, count })
+            .collect();
+        Ok(Response::new(GetSeqBatchResponse {
+            grants,
+            epoch: Some(epoch_wire(epoch)),
+        }))
     }
 
     async fn acquire_lease(

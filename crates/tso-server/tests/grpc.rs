@@ -9,7 +9,7 @@ use std::sync::Arc;
 use common::*;
 use tonic::Code;
 use tso_core::LOGICAL_COUNT;
-use tso_proto::v1::{GetCurrentMaxSafeRequest, GetSafeFrontierRequest, GetSeqRequest};
+use tso_proto::v1::{GetCurrentMaxSafeRequest, GetSafeFrontierRequest};
 use tso_server::backend::file::FileBackend;
 use tso_server::clock::SystemClock;
 
@@ -116,14 +116,6 @@ async fn rpcs_without_an_implementation_say_so() {
     let dir = tempfile::tempdir().unwrap();
     let server = file_server(dir.path()).await;
     let mut client = server.client().await;
-    let seq = client
-        .get_seq(GetSeqRequest {
-            key: "k".into(),
-            count: 1,
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(seq.code(), Code::Unimplemented);
     let frontier = client
         .get_safe_frontier(GetSafeFrontierRequest {})
         .await

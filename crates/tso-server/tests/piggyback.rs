@@ -15,8 +15,8 @@ use openraft::storage::RaftStateMachine;
 use piggyback::{Cmd, LogStore, Router, StateMachine};
 use tso_proto::tso::example_kv_v1::kv_client::KvClient;
 use tso_proto::tso::example_kv_v1::{GetRequest, PutRequest};
-use tso_proto::v1::GetTsRequest;
 use tso_proto::v1::tso_service_client::TsoServiceClient;
+use tso_proto::v1::{GetSeqRequest, GetTsRequest};
 use tso_server::consensus::{Consensus, ConsensusError, Leadership, conformance};
 
 const DEADLINE: Duration = Duration::from_secs(20);
@@ -88,6 +88,20 @@ async fn ask_following_hints(
     got
 }
 
+/// A block of `count` values of `key` from the node at `addr`: `(start, count)`.
+async fn seq_from(addr: std::net::SocketAddr, key: &str, count: u32) -> u64 {
+    let mut client = TsoServiceClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+    let request = GetSeqRequest {
+        key: key.as_bytes().to_vec(),
+        count,
+    };
+    let reply = client.get_seq(request).await.unwrap().into_inner();
+    assert_eq!((reply.key.as_str(), reply.count), (key, count));
+    reply.start
+}
+
 async fn put(addr: std::net::SocketAddr, key: &str, value: &str) {
     let mut kv = KvClient::connect(format!("http://{addr}")).await.unwrap();
     kv.put(PutRequest {
@@ -111,8 +125,10 @@ async fn kv_writes_and_timestamps_share_one_log_snapshot_and_failover() {
         stamps.push(ts_from(leader_addr).await);
     }
     assert!(stamps.windows(2).all(|w| w[0] < w[1]), "{stamps:?}");
+    assert_eq!(seq_from(leader_addr, "invoice", 10).await, 0);
+    assert_eq!(seq_from(leader_addr, "invoice", 5).await, 10);
 
-    // One log carries both kinds of command.
+    // One log carries every kind of command.
     let commands = cluster.nodes[leader].log.commands();
     let puts = commands
         .iter()
@@ -124,6 +140,11 @@ async fn kv_writes_and_timestamps_share_one_log_snapshot_and_failover() {
         .count();
     assert_eq!(puts, 5, "{commands:?}");
     assert!(high_waters >= 1, "{commands:?}");
+    let sequences = commands
+        .iter()
+        .filter(|c| matches!(c, Cmd::Sequences(_)))
+        .count();
+    assert_eq!(sequences, 2, "one entry per group write: {commands:?}");
     let hw = cluster.nodes[leader].sm.high_water_ms();
     assert!(
         stamps.iter().all(|ts| ts >> 18 <= hw),
@@ -194,6 +215,7 @@ async fn kv_writes_and_timestamps_share_one_log_snapshot_and_failover() {
     assert_eq!(state.kv.len(), 5);
     assert_eq!(state.kv["k3"], "v3");
     assert!(state.high_water.high_water_ms() >= stamps[4] >> 18);
+    assert_eq!(state.sequences.counters().get("invoice"), Some(&15));
     let mut restored = StateMachine::default();
     restored
         .install_snapshot(&meta, Box::new(Cursor::new(data)))
@@ -223,6 +245,10 @@ async fn kv_writes_and_timestamps_share_one_log_snapshot_and_failover() {
     .await;
     let learned = learner_sm.state();
     assert_eq!(learned.kv, state.kv, "the learner has the map");
+    assert_eq!(
+        learned.sequences, state.sequences,
+        "the learner has the counters"
+    );
     assert!(
         learned.high_water.high_water_ms() >= state.high_water.high_water_ms(),
         "the learner has the high-water"
@@ -260,6 +286,11 @@ async fn kv_writes_and_timestamps_share_one_log_snapshot_and_failover() {
     assert_eq!(got.value.as_deref(), Some("v2"), "the store survived");
     let final_ts = ts_from(new_addr).await;
     assert!(final_ts > after);
+    assert_eq!(
+        seq_from(new_addr, "invoice", 1).await,
+        15,
+        "the new leader's block follows the old leader's"
+    );
     tokio::time::sleep(Duration::from_millis(100)).await;
     stop_asking.cancel();
     let asked = asker.await.unwrap();

@@ -8,6 +8,11 @@
 //! file; the backend never silently restarts from 0. `INITIALIZED` is written (durably) after
 //! the first record, so a directory whose record went missing is refused too.
 //!
+//! Dense-sequence counters live beside it in `sequences` (magic, version, key count, the keys in
+//! ascending order each with its counter, CRC32C), written the same way and marked the same way
+//! (`SEQUENCES` once the first record is durable), so a damaged or missing record is refused
+//! rather than read as "every counter at 0", which would hand out blocks again.
+//!
 //! The node is always leader. Its epoch is the start counter, raised and made durable on every
 //! open, so epochs grow across restarts and the fence runs on every start.
 
@@ -19,7 +24,7 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::watch;
 use tso_core::{Epoch, PHYSICAL_MAX_MS};
 
-use crate::consensus::{BoxFuture, Consensus, ConsensusError, Leadership};
+use crate::consensus::{BoxFuture, Consensus, ConsensusError, Leadership, SeqCounters, SeqEnds};
 
 const LOCK_FILE: &str = "LOCK";
 const RECORD_FILE: &str = "high-water";
@@ -53,6 +58,16 @@ pub enum FileError {
 }
 
 /// The durable content of the record.
+const SEQ_FILE: &str = "sequences";
+const SEQ_TEMP_FILE: &str = "sequences.tmp";
+const SEQ_MARK_FILE: &str = "SEQUENCES";
+const SEQ_MAGIC: [u8; 4] = *b"TSOQ";
+const SEQ_VERSION: u16 = 1;
+/// magic (4) + version (2) + reserved (2) + key count (4).
+const SEQ_HEADER_LEN: usize = 12;
+/// The longest key a record holds: its length is one byte (SEMANTICS §11 allows 128).
+const SEQ_KEY_LEN_MAX: usize = u8::MAX as usize;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 struct Record {
     high_water_ms: u64,
@@ -113,6 +128,160 @@ impl Record {
             high_water_ms,
             starts,
         })
+    }
+}
+
+/// Encodes the counters as one `sequences` record.
+fn encode_sequences(counters: &SeqCounters) -> Vec<u8> {
+    let mut buf = Vec::with_capacity(SEQ_HEADER_LEN + counters.len() * 24 + 4);
+    buf.extend_from_slice(&SEQ_MAGIC);
+    buf.extend_from_slice(&SEQ_VERSION.to_le_bytes());
+    buf.extend_from_slice(&[0, 0]);
+    let count = u32::try_from(counters.len()).expect("fewer than 2^32 keys");
+    buf.extend_from_slice(&count.to_le_bytes());
+    for (key, next) in counters {
+        assert!(
+            !key.is_empty() && key.len() <= SEQ_KEY_LEN_MAX,
+            "encoding a sequence key of {} bytes",
+            key.len()
+        );
+        buf.push(key.len() as u8);
+        buf.extend_from_slice(key.as_bytes());
+        buf.extend_from_slice(&next.to_le_bytes());
+    }
+    let crc = crc32c::crc32c(&buf);
+    buf.extend_from_slice(&crc.to_le_bytes());
+    buf
+}
+
+/// Decodes a `sequences` record, refusing anything but exactly what [`encode_sequences`]
+/// writes: right magic, version and checksum, UTF-8 keys in strictly ascending order, no byte
+/// left over.
+fn decode_sequences(bytes: &[u8]) -> Result<SeqCounters, String> {
+    if bytes.len() < SEQ_HEADER_LEN + 4 {
+        return Err(format!(
+            "record is {} bytes, shorter than its header and checksum",
+            bytes.len()
+        ));
+    }
+    if bytes[0..4] != SEQ_MAGIC {
+        return Err(format!(
+            "wrong magic {:02x?}, expected {:02x?} (not a tso sequences file)",
+            &bytes[0..4],
+            SEQ_MAGIC
+        ));
+    }
+    let (body, crc) = bytes.split_at(bytes.len() - 4);
+    let stored_crc = u32::from_le_bytes(crc.try_into().expect("4 bytes"));
+    let computed = crc32c::crc32c(body);
+    if stored_crc != computed {
+        return Err(format!(
+            "checksum mismatch (stored {stored_crc:08x}, computed {computed:08x})"
+        ));
+    }
+    let version = u16::from_le_bytes([body[4], body[5]]);
+    if version != SEQ_VERSION {
+        return Err(format!(
+            "unsupported record version {version}, this build reads version {SEQ_VERSION}"
+        ));
+    }
+    let count = u32::from_le_bytes(body[8..12].try_into().expect("4 bytes")) as usize;
+    let mut rest = &body[SEQ_HEADER_LEN..];
+    let mut counters = SeqCounters::new();
+    for i in 0..count {
+        let truncated = || format!("record ends inside key {i} of {count}");
+        let (&len, tail) = rest.split_first().ok_or_else(truncated)?;
+        let len = len as usize;
+        if len == 0 || tail.len() < len + 8 {
+            return Err(if len == 0 {
+                format!("key {i} is empty")
+            } else {
+                truncated()
+            });
+        }
+        let key = std::str::from_utf8(&tail[..len])
+            .map_err(|_| format!("key {i} is not UTF-8"))?
+            .to_owned();
+        let next = u64::from_le_bytes(tail[len..len + 8].try_into().expect("8 bytes"));
+        if counters
+            .last_key_value()
+            .is_some_and(|(last, _)| *last >= key)
+        {
+            return Err(format!("key {i} {key:?} is out of order"));
+        }
+        counters.insert(key, next);
+        rest = &tail[len + 8..];
+    }
+    if !rest.is_empty() {
+        return Err(format!("{} bytes after the last key", rest.len()));
+    }
+    Ok(counters)
+}
+
+/// The open `sequences` record of a data directory: the counters as on disk.
+struct SeqStore {
+    dir: PathBuf,
+    counters: SeqCounters,
+}
+
+impl SeqStore {
+    /// Reads the record (or none yet) of a directory this process has locked.
+    fn open(dir: &Path) -> Result<SeqStore, FileError> {
+        remove_file_if_present(&dir.join(SEQ_TEMP_FILE))?;
+        let path = dir.join(SEQ_FILE);
+        let counters = match fs::read(&path) {
+            Ok(bytes) => {
+                decode_sequences(&bytes).map_err(|problem| FileError::Damaged { path, problem })?
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                if dir.join(SEQ_MARK_FILE).exists() {
+                    return Err(FileError::Damaged {
+                        path,
+                        problem: format!(
+                            "the record is missing from a directory that held one \
+                             ({SEQ_MARK_FILE} is there); it was deleted or lost"
+                        ),
+                    });
+                }
+                SeqCounters::new()
+            }
+            Err(source) => return Err(FileError::Io { path, source }),
+        };
+        Ok(SeqStore {
+            dir: dir.to_path_buf(),
+            counters,
+        })
+    }
+
+    /// Raises each counter to at least its end, durably (temp, fsync, rename, directory
+    /// fsync), and only then adopts the new counters.
+    fn advance(&mut self, ends: &SeqEnds) -> Result<(), FileError> {
+        let mut next = self.counters.clone();
+        for (key, end) in ends {
+            let counter = next.entry(key.clone()).or_insert(0);
+            *counter = (*counter).max(*end);
+        }
+        if next == self.counters {
+            return Ok(());
+        }
+        let temp = self.dir.join(SEQ_TEMP_FILE);
+        let path = self.dir.join(SEQ_FILE);
+        let mut file = File::create(&temp).map_err(io_at(&temp))?;
+        file.write_all(&encode_sequences(&next))
+            .map_err(io_at(&temp))?;
+        file.sync_all().map_err(io_at(&temp))?;
+        drop(file);
+        fs::rename(&temp, &path).map_err(io_at(&path))?;
+        sync_dir(&self.dir)?;
+        self.counters = next;
+        let mark = self.dir.join(SEQ_MARK_FILE);
+        if !mark.exists() {
+            File::create(&mark)
+                .and_then(|f| f.sync_all())
+                .map_err(io_at(&mark))?;
+            sync_dir(&self.dir)?;
+        }
+        Ok(())
     }
 }
 
@@ -229,12 +398,12 @@ fn lock_dir(dir: &Path) -> Result<File, FileError> {
 
 /// A temporary file left by a crash before its rename was never adopted: drop it.
 fn remove_stale_temp(dir: &Path) -> Result<(), FileError> {
-    let temp = dir.join(TEMP_FILE);
-    match fs::remove_file(&temp) {
-        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(FileError::Io {
-            path: temp,
-            source: e,
-        }),
+    remove_file_if_present(&dir.join(TEMP_FILE))
+}
+
+fn remove_file_if_present(path: &Path) -> Result<(), FileError> {
+    match fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(io_at(path)(e)),
         _ => Ok(()),
     }
 }
@@ -273,6 +442,8 @@ pub fn init(dir: &Path, seed_physical_ms: u64) -> Result<(), FileError> {
 /// The file backend. Cheap to share (`Arc`); the directory stays locked until it is dropped.
 pub struct FileBackend {
     store: Arc<Mutex<Store>>,
+    /// Its own lock: a sequence write never delays a window extension behind it.
+    sequences: Arc<Mutex<SeqStore>>,
     epoch: Epoch,
     leadership: watch::Sender<Leadership>,
 }
@@ -286,10 +457,12 @@ impl FileBackend {
             ..store.record
         };
         store.write(record)?;
+        let sequences = SeqStore::open(dir)?;
         let epoch = Epoch::new(record.starts as u128);
         let (leadership, _) = watch::channel(Leadership::Leader { epoch });
         Ok(FileBackend {
             store: Arc::new(Mutex::new(store)),
+            sequences: Arc::new(Mutex::new(sequences)),
             epoch,
             leadership,
         })
@@ -389,6 +562,50 @@ impl Consensus for FileBackend {
                 .map_err(|e| ConsensusError::Permanent(format!("file write task failed: {e}")))?
         })
     }
+
+    fn sequences_supported(&self) -> bool {
+        true
+    }
+
+    fn load_sequences(&self) -> BoxFuture<'_, Result<SeqCounters, ConsensusError>> {
+        // As for the high-water, the directory lock makes memory equal disk.
+        let counters = self
+            .sequences
+            .lock()
+            .expect("sequences lock")
+            .counters
+            .clone();
+        Box::pin(async move { Ok(counters) })
+    }
+
+    fn persist_sequences(
+        &self,
+        ends: SeqEnds,
+        epoch: Epoch,
+    ) -> BoxFuture<'_, Result<(), ConsensusError>> {
+        let sequences = Arc::clone(&self.sequences);
+        let current = self.epoch;
+        Box::pin(async move {
+            if epoch != current {
+                return Err(ConsensusError::Fenced {
+                    expected: epoch,
+                    current,
+                });
+            }
+            // Like the high-water write: a dropped caller leaves the blocking write to finish,
+            // and counters only ratchet up under the mutex.
+            let write = tokio::task::spawn_blocking(move || {
+                sequences
+                    .lock()
+                    .expect("sequences lock")
+                    .advance(&ends)
+                    .map_err(classify)
+            });
+            write
+                .await
+                .map_err(|e| ConsensusError::Permanent(format!("file write task failed: {e}")))?
+        })
+    }
 }
 
 #[cfg(test)]
@@ -423,6 +640,41 @@ mod tests {
                 "errno {errno} must be permanent"
             );
         }
+    }
+
+    #[test]
+    fn the_sequences_record_round_trips_and_refuses_damage() {
+        let counters: SeqCounters = [
+            ("a", 0),
+            ("invoice", 42),
+            ("z".repeat(128).as_str(), u64::MAX),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+        let bytes = encode_sequences(&counters);
+        assert_eq!(decode_sequences(&bytes), Ok(counters));
+        assert_eq!(
+            decode_sequences(&encode_sequences(&SeqCounters::new())),
+            Ok(SeqCounters::new())
+        );
+        for bit in 0..bytes.len() * 8 {
+            let mut damaged = bytes.clone();
+            damaged[bit / 8] ^= 1 << (bit % 8);
+            assert!(
+                decode_sequences(&damaged).is_err(),
+                "bit {bit} flip not detected"
+            );
+        }
+        for len in 0..bytes.len() {
+            assert!(
+                decode_sequences(&bytes[..len]).is_err(),
+                "truncated to {len}"
+            );
+        }
+        let mut long = bytes.clone();
+        long.push(0);
+        assert!(decode_sequences(&long).is_err());
     }
 
     #[test]

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use tso_core::{Epoch, PHYSICAL_MAX_MS};
 
-use super::{Consensus, ConsensusError, Leadership};
+use super::{Consensus, ConsensusError, Leadership, SeqCounters};
 
 /// How long the suite waits for a fresh backend to report `Leader`.
 const LEADER_WAIT: Duration = Duration::from_secs(30);
@@ -38,6 +38,12 @@ where
     refuses_a_newer_epoch(&backend, epoch).await;
     a_dropped_persist_is_harmless(&backend, epoch).await;
     let stored = backend.load_high_water().await.expect("load");
+    let sequences = backend.sequences_supported();
+    let counters = if sequences {
+        sequences_ratchet_per_key(&backend, epoch).await
+    } else {
+        SeqCounters::new()
+    };
     drop(backend);
 
     let backend = open().await;
@@ -53,6 +59,98 @@ where
     );
     concurrent_persists_ratchet(&backend, reopened_epoch, stored).await;
     the_last_millisecond_is_the_limit(&backend, reopened_epoch).await;
+    if sequences {
+        assert_eq!(
+            backend
+                .load_sequences()
+                .await
+                .expect("load sequences after reopen"),
+            counters,
+            "sequence counters are durable across reopen"
+        );
+        concurrent_sequence_persists_ratchet(&backend, reopened_epoch).await;
+    }
+}
+
+fn counters_of(pairs: &[(&str, u64)]) -> SeqCounters {
+    pairs.iter().map(|(k, v)| (k.to_string(), *v)).collect()
+}
+
+fn ends_of(pairs: &[(&str, u64)]) -> Vec<(String, u64)> {
+    pairs.iter().map(|(k, v)| (k.to_string(), *v)).collect()
+}
+
+/// Dense-sequence counters (SEMANTICS §11): a fresh store holds none; a persist applies each
+/// key as `max`, never lowers one, takes the longest key and the largest value, is refused
+/// under another epoch, and a dropped one leaves old-or-new values. Returns what is stored.
+async fn sequences_ratchet_per_key<B: Consensus>(backend: &B, epoch: Epoch) -> SeqCounters {
+    let load = || async { backend.load_sequences().await.expect("load sequences") };
+    assert_eq!(
+        load().await,
+        SeqCounters::new(),
+        "a fresh store has no counters"
+    );
+    let long = "k".repeat(128);
+    backend
+        .persist_sequences(ends_of(&[("a", 5), ("b", 3), (&long, u64::MAX)]), epoch)
+        .await
+        .expect("persist sequences");
+    let expected = counters_of(&[("a", 5), ("b", 3), (&long, u64::MAX)]);
+    assert_eq!(load().await, expected, "persisted counters load back");
+    backend
+        .persist_sequences(ends_of(&[("a", 2), ("b", 4)]), epoch)
+        .await
+        .expect("persist sequences");
+    let expected = counters_of(&[("a", 5), ("b", 4), (&long, u64::MAX)]);
+    assert_eq!(load().await, expected, "a counter never goes down");
+    for other in [
+        Epoch::new(epoch.get() + 1),
+        Epoch::new(epoch.get().saturating_sub(1)),
+    ] {
+        if other == epoch {
+            continue;
+        }
+        match backend
+            .persist_sequences(ends_of(&[("a", 100)]), other)
+            .await
+        {
+            Err(ConsensusError::Fenced { .. } | ConsensusError::NotLeader { .. }) => {}
+            res => panic!("a sequence persist under epoch {other} must be refused, got {res:?}"),
+        }
+        assert_eq!(
+            load().await,
+            expected,
+            "a refused sequence persist stores nothing"
+        );
+    }
+    {
+        let call = backend.persist_sequences(ends_of(&[("a", 50)]), epoch);
+        let _ = tokio::time::timeout(Duration::ZERO, call).await;
+    }
+    let after = load().await;
+    assert!(
+        after["a"] == 5 || after["a"] == 50,
+        "after a dropped sequence persist of 50 over 5, the store holds {}",
+        after["a"]
+    );
+    backend
+        .persist_sequences(ends_of(&[("a", 51)]), epoch)
+        .await
+        .expect("a sequence persist after a dropped one works");
+    load().await
+}
+
+async fn concurrent_sequence_persists_ratchet<B: Consensus>(backend: &B, epoch: Epoch) {
+    let calls = (1..=16u64).map(|i| backend.persist_sequences(ends_of(&[("c", i * 10)]), epoch));
+    for result in futures_util::future::join_all(calls).await {
+        result.expect("concurrent sequence persist");
+    }
+    let loaded = backend.load_sequences().await.expect("load sequences");
+    assert_eq!(
+        loaded.get("c"),
+        Some(&160),
+        "the highest concurrent end wins"
+    );
 }
 
 /// Waits until the backend reports `Leader` and returns its epoch.
@@ -232,23 +330,48 @@ mod tests {
     /// one and catch the other.
     struct Memory {
         stored: Arc<Mutex<u64>>,
+        counters: Arc<Mutex<SeqCounters>>,
         epoch: Epoch,
-        any_epoch: bool,
+        bug: Bug,
         leadership: watch::Sender<Leadership>,
     }
 
+    #[derive(Clone, Copy, PartialEq)]
+    enum Bug {
+        None,
+        AnyNewerEpoch,
+        SequencesOverwrite,
+    }
+
     impl Memory {
-        fn open(stored: Arc<Mutex<u64>>, starts: &Mutex<u128>, any_epoch: bool) -> Self {
+        fn open(
+            stored: Arc<Mutex<u64>>,
+            counters: Arc<Mutex<SeqCounters>>,
+            starts: &Mutex<u128>,
+            bug: Bug,
+        ) -> Self {
             let mut n = starts.lock().unwrap();
             *n += 1;
             let epoch = Epoch::new(*n);
             let (leadership, _) = watch::channel(Leadership::Leader { epoch });
             Self {
                 stored,
+                counters,
                 epoch,
-                any_epoch,
+                bug,
                 leadership,
             }
+        }
+
+        fn check(&self, epoch: Epoch) -> Result<(), ConsensusError> {
+            let any = self.bug == Bug::AnyNewerEpoch && epoch > self.epoch;
+            if epoch != self.epoch && !any {
+                return Err(ConsensusError::Fenced {
+                    expected: epoch,
+                    current: self.epoch,
+                });
+            }
+            Ok(())
         }
     }
 
@@ -271,12 +394,7 @@ mod tests {
                 if at_least_ms > PHYSICAL_MAX_MS {
                     return Err(ConsensusError::Permanent("out of range".into()));
                 }
-                if epoch != self.epoch && !(self.any_epoch && epoch > self.epoch) {
-                    return Err(ConsensusError::Fenced {
-                        expected: epoch,
-                        current: self.epoch,
-                    });
-                }
+                self.check(epoch)?;
                 let mut v = self.stored.lock().unwrap();
                 *v = (*v).max(at_least_ms);
                 Ok(*v)
@@ -286,13 +404,43 @@ mod tests {
         fn lease_valid(&self, _epoch: Epoch) -> bool {
             true
         }
+
+        fn sequences_supported(&self) -> bool {
+            true
+        }
+
+        fn load_sequences(&self) -> BoxFuture<'_, Result<SeqCounters, ConsensusError>> {
+            let counters = self.counters.lock().unwrap().clone();
+            Box::pin(async move { Ok(counters) })
+        }
+
+        fn persist_sequences(
+            &self,
+            ends: crate::consensus::SeqEnds,
+            epoch: Epoch,
+        ) -> BoxFuture<'_, Result<(), ConsensusError>> {
+            Box::pin(async move {
+                self.check(epoch)?;
+                let mut counters = self.counters.lock().unwrap();
+                for (key, end) in ends {
+                    let counter = counters.entry(key).or_insert(0);
+                    *counter = if self.bug == Bug::SequencesOverwrite {
+                        end
+                    } else {
+                        (*counter).max(end)
+                    };
+                }
+                Ok(())
+            })
+        }
     }
 
-    async fn run(any_epoch: bool) {
+    async fn run(bug: Bug) {
         let stored = Arc::new(Mutex::new(0));
+        let counters = Arc::default();
         let starts = Mutex::new(0);
         run_all(|| {
-            let backend = Memory::open(stored.clone(), &starts, any_epoch);
+            let backend = Memory::open(stored.clone(), Arc::clone(&counters), &starts, bug);
             async move { backend }
         })
         .await;
@@ -300,12 +448,18 @@ mod tests {
 
     #[tokio::test]
     async fn a_correct_backend_passes() {
-        run(false).await;
+        run(Bug::None).await;
     }
 
     #[tokio::test]
     #[should_panic(expected = "an epoch this node does not lead must be refused")]
     async fn a_backend_that_accepts_a_newer_epoch_is_caught() {
-        run(true).await;
+        run(Bug::AnyNewerEpoch).await;
+    }
+
+    #[tokio::test]
+    #[should_panic(expected = "a counter never goes down")]
+    async fn a_backend_that_lowers_a_counter_is_caught() {
+        run(Bug::SequencesOverwrite).await;
     }
 }

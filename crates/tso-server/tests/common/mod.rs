@@ -418,7 +418,7 @@ pub fn quiet_config() -> Config {
         window_ahead: Duration::from_secs(600),
         failover_advance: Duration::from_secs(400),
         shutdown_grace: Duration::from_secs(5),
-        unsafe_skip_lease_check: false,
+        ..Config::default()
     }
 }
 
@@ -428,7 +428,7 @@ pub fn test_config() -> Config {
         window_ahead: Duration::from_millis(3_000),
         failover_advance: Duration::from_millis(1_000),
         shutdown_grace: Duration::from_secs(5),
-        unsafe_skip_lease_check: false,
+        ..Config::default()
     }
 }
 

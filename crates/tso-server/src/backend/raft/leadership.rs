@@ -240,13 +240,13 @@ impl VoteGate {
 /// own term (whose read point may already be covered by its snapshot while later committed
 /// entries are not applied yet). Each successful barrier extends the lease. A quorum that does
 /// not answer in time is retried within `call_timeout`; past it, `Transient`.
-pub async fn read_applied<C>(
+pub async fn read_applied<C, T>(
     raft: &openraft::Raft<C>,
     lease: &LeaseClock,
     timings: &RaftTimings,
     map_read_error: impl Fn(RaftError<NodeId, CheckIsLeaderError<NodeId, C::Node>>) -> ConsensusError,
-    read: impl Fn() -> u64,
-) -> Result<u64, ConsensusError>
+    read: impl Fn() -> T,
+) -> Result<T, ConsensusError>
 where
     C: openraft::RaftTypeConfig<NodeId = NodeId, AsyncRuntime = openraft::TokioRuntime>,
 {

@@ -36,7 +36,7 @@ use tokio::task::JoinHandle;
 use tso_core::{Epoch, PHYSICAL_MAX_MS};
 use tso_proto::tso::raft_v1::raft_peer_server::RaftPeerServer;
 
-use crate::consensus::{BoxFuture, Consensus, ConsensusError, Leadership};
+use crate::consensus::{BoxFuture, Consensus, ConsensusError, Leadership, SeqCounters, SeqEnds};
 use dir_guard::DirGuard;
 pub use leadership::{LeaseHeld, VoteGate};
 use leadership::{leadership_of, read_applied, renew_lease, transient_timeout, watch_leadership};
@@ -542,6 +542,42 @@ impl RaftBackend {
         );
         Ok(applied)
     }
+
+    async fn load_sequences(&self) -> Result<SeqCounters, ConsensusError> {
+        let map = |e| self.map_read_error(e);
+        read_applied(&self.raft, &self.lease, &self.timings, map, || {
+            self.sm.sequences()
+        })
+        .await
+    }
+
+    async fn persist_sequences(&self, ends: SeqEnds, epoch: Epoch) -> Result<(), ConsensusError> {
+        self.check_epoch(epoch)?;
+        let sent = Instant::now();
+        let write = self
+            .raft
+            .client_write(Command::AdvanceSequences { ends: ends.clone() });
+        let reply = match tokio::time::timeout(self.timings.call_timeout, write).await {
+            Err(_) => return Err(transient_timeout("write", self.timings.call_timeout)),
+            Ok(r) => r.map_err(|e| self.map_write_error(e))?,
+        };
+        let committed_term = reply.log_id.leader_id.term;
+        if committed_term != epoch.hi() {
+            let current = Epoch::from_parts(committed_term, reply.log_id.leader_id.node_id);
+            return Err(ConsensusError::Fenced {
+                expected: epoch,
+                current,
+            });
+        }
+        self.lease.extend(committed_term, sent);
+        // openraft answers once the entry is applied; counters only grow, so this holds.
+        if let Some((key, applied, end)) = self.sm.sequence_below(&ends) {
+            return Err(ConsensusError::Permanent(format!(
+                "broken invariant: counter {key:?} applied at {applied} after advancing it to {end}"
+            )));
+        }
+        Ok(())
+    }
 }
 
 impl Drop for RaftBackend {
@@ -579,6 +615,22 @@ impl Consensus for RaftBackend {
 
     fn lease_valid(&self, epoch: Epoch) -> bool {
         self.lease.is_valid(epoch.hi())
+    }
+
+    fn sequences_supported(&self) -> bool {
+        true
+    }
+
+    fn load_sequences(&self) -> BoxFuture<'_, Result<SeqCounters, ConsensusError>> {
+        Box::pin(RaftBackend::load_sequences(self))
+    }
+
+    fn persist_sequences(
+        &self,
+        ends: SeqEnds,
+        epoch: Epoch,
+    ) -> BoxFuture<'_, Result<(), ConsensusError>> {
+        Box::pin(RaftBackend::persist_sequences(self, ends, epoch))
     }
 }
 

@@ -10,6 +10,10 @@
 //! - [`PiggybackConsensus`]: the adapter from the host's `openraft::Raft<C>` to the consensus
 //!   seam, to hand to [`crate::OracleGuard::start`].
 //!
+//! Dense sequences (`GetSeq`) are opt-in: a host that also carries [`SequenceCommand`] in its
+//! log and a [`SequenceState`] in its state machine enables them with
+//! [`PiggybackConsensus::with_sequences`]; without it they answer `UNIMPLEMENTED`.
+//!
 //! Leadership, epochs, error classes and the leader lease are those of the standalone raft
 //! backend: epoch `(term, leader id)`, `ForwardToLeader` → `NotLeader` naming the leader's
 //! oracle client address, fatal errors → `Permanent`, quorum loss and timeouts → `Transient`.
@@ -31,7 +35,7 @@ use super::leadership::{
 };
 use super::lease::{LeaseClock, lease_duration};
 use super::{LeaseView, RaftTimings};
-use crate::consensus::{BoxFuture, Consensus, ConsensusError, Leadership};
+use crate::consensus::{BoxFuture, Consensus, ConsensusError, Leadership, SeqCounters, SeqEnds};
 
 /// The oracle's command in a host's log: raise the high-water to at least `at_least_ms`.
 ///
@@ -67,6 +71,45 @@ impl HighWaterState {
     }
 }
 
+/// The oracle's dense-sequence command in a host's log: raise each key's counter to at least
+/// its end (one group commit of the leader). Apply it with [`SequenceState::apply`].
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct SequenceCommand {
+    /// `(key, end)` pairs with distinct keys.
+    pub ends: Vec<(String, u64)>,
+    /// The raft term of the leader that proposed it (for diagnostics; applying ignores it).
+    pub term: u64,
+}
+
+/// The oracle's dense-sequence counters inside a host's state machine, applied as `max` per
+/// key; snapshot and restore it with the rest of the host's state, like [`HighWaterState`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct SequenceState {
+    counters: SeqCounters,
+}
+
+impl SequenceState {
+    /// Applies one command.
+    pub fn apply(&mut self, cmd: &SequenceCommand) {
+        for (key, end) in &cmd.ends {
+            let counter = self.counters.entry(key.clone()).or_insert(0);
+            *counter = (*counter).max(*end);
+        }
+    }
+
+    /// Each key's next unissued value (keys never advanced are absent).
+    pub fn counters(&self) -> &SeqCounters {
+        &self.counters
+    }
+}
+
+/// Turns the oracle's dense-sequence command into the host's app data (`C::D`).
+pub type WrapSequenceCommand<C> =
+    Arc<dyn Fn(SequenceCommand) -> <C as RaftTypeConfig>::D + Send + Sync>;
+
+/// Reads the counters applied on this node from the host's state machine.
+pub type ReadSequences = Arc<dyn Fn() -> SeqCounters + Send + Sync>;
+
 /// Turns the oracle's command into the host's app data (`C::D`).
 pub type WrapCommand<C> = Arc<dyn Fn(HighWaterCommand) -> <C as RaftTypeConfig>::D + Send + Sync>;
 
@@ -92,6 +135,7 @@ pub struct PiggybackConsensus<C: RaftTypeConfig> {
     raft: openraft::Raft<C>,
     wrap: WrapCommand<C>,
     read: ReadHighWater,
+    sequences: Option<(WrapSequenceCommand<C>, ReadSequences)>,
     client_addr: ClientAddrOf<C>,
     leadership: watch::Receiver<Leadership>,
     lease: Arc<LeaseClock>,
@@ -141,6 +185,7 @@ where
             raft,
             wrap: Arc::new(wrap),
             read: Arc::new(read),
+            sequences: None,
             client_addr,
             leadership,
             lease,
@@ -153,6 +198,18 @@ where
     /// call fails as `Transient`.
     pub fn with_call_timeout(mut self, call_timeout: Duration) -> Self {
         self.timings.call_timeout = call_timeout;
+        self
+    }
+
+    /// Enables dense sequences: `wrap` wraps a [`SequenceCommand`] into the host's app data,
+    /// `read` reads the applied [`SequenceState::counters`] (it must see an entry's effect once
+    /// openraft has applied it). The host's snapshots must carry the [`SequenceState`].
+    pub fn with_sequences(
+        mut self,
+        wrap: impl Fn(SequenceCommand) -> C::D + Send + Sync + 'static,
+        read: impl Fn() -> SeqCounters + Send + Sync + 'static,
+    ) -> Self {
+        self.sequences = Some((Arc::new(wrap), Arc::new(read)));
         self
     }
 
@@ -264,6 +321,58 @@ where
     }
 }
 
+impl<C> PiggybackConsensus<C>
+where
+    C: RaftTypeConfig<NodeId = u64, AsyncRuntime = TokioRuntime, Responder = OneshotResponder<C>>,
+{
+    fn sequence_parts(&self) -> Result<(WrapSequenceCommand<C>, ReadSequences), ConsensusError> {
+        self.sequences.clone().ok_or_else(|| {
+            ConsensusError::Permanent("dense sequences are not enabled by the host".into())
+        })
+    }
+
+    async fn load_sequences(&self) -> Result<SeqCounters, ConsensusError> {
+        let (_, read) = self.sequence_parts()?;
+        let map = |e| self.map_read_error(e);
+        read_applied(&self.raft, &self.lease, &self.timings, map, || read()).await
+    }
+
+    async fn persist_sequences(&self, ends: SeqEnds, epoch: Epoch) -> Result<(), ConsensusError> {
+        let (wrap, read) = self.sequence_parts()?;
+        self.check_epoch(epoch)?;
+        let sent = Instant::now();
+        let cmd = SequenceCommand {
+            ends: ends.clone(),
+            term: epoch.hi(),
+        };
+        let write = self.raft.client_write(wrap(cmd));
+        let reply = match tokio::time::timeout(self.timings.call_timeout, write).await {
+            Err(_) => return Err(transient_timeout("write", self.timings.call_timeout)),
+            Ok(r) => r.map_err(|e| self.map_write_error(e))?,
+        };
+        let committed_term = reply.log_id.leader_id.term;
+        if committed_term != epoch.hi() {
+            let current = Epoch::from_parts(committed_term, reply.log_id.leader_id.node_id);
+            return Err(ConsensusError::Fenced {
+                expected: epoch,
+                current,
+            });
+        }
+        self.lease.extend(committed_term, sent);
+        let applied = read();
+        for (key, end) in &ends {
+            let value = applied.get(key).copied().unwrap_or(0);
+            if value < *end {
+                return Err(ConsensusError::Permanent(format!(
+                    "the host's state machine reads counter {key:?} at {value} after applying \
+                     {end}: it does not apply SequenceCommand, or reads another state"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
 impl<C: RaftTypeConfig> Drop for PiggybackConsensus<C> {
     fn drop(&mut self) {
         for t in &self.tasks {
@@ -294,6 +403,22 @@ where
 
     fn lease_valid(&self, epoch: Epoch) -> bool {
         self.lease.is_valid(epoch.hi())
+    }
+
+    fn sequences_supported(&self) -> bool {
+        self.sequences.is_some()
+    }
+
+    fn load_sequences(&self) -> BoxFuture<'_, Result<SeqCounters, ConsensusError>> {
+        Box::pin(PiggybackConsensus::load_sequences(self))
+    }
+
+    fn persist_sequences(
+        &self,
+        ends: SeqEnds,
+        epoch: Epoch,
+    ) -> BoxFuture<'_, Result<(), ConsensusError>> {
+        Box::pin(PiggybackConsensus::persist_sequences(self, ends, epoch))
     }
 }
 

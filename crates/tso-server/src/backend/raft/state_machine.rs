@@ -1,11 +1,13 @@
-//! The replicated state machine: the high-water, applied as `max`, plus what openraft needs
-//! (last applied log id, membership) and its snapshot.
+//! The replicated state machine: the high-water and the dense-sequence counters, each applied
+//! as `max`, plus what openraft needs (last applied log id, membership) and its snapshot.
 //!
 //! The state itself lives in memory; durability comes from the log (entries are fsync'd before
 //! they count) and from the snapshot file, written atomically before openraft may purge the log
 //! it covers. At open the state is the snapshot's; openraft re-applies the log after it.
-//! Invariant: the high-water never decreases, whatever order or repetition of entries.
+//! Invariant: the high-water and every counter never decrease, whatever order or repetition of
+//! entries.
 
+use std::collections::BTreeMap;
 use std::io::Cursor;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -26,6 +28,16 @@ pub const SNAPSHOT_FILE: &str = "raft-snapshot";
 /// The whole replicated state; a snapshot is this, encoded.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 struct State {
+    last_applied: Option<LogId>,
+    membership: StoredMembership,
+    high_water_ms: u64,
+    /// Dense-sequence counters: each key's next unissued value.
+    sequences: BTreeMap<String, u64>,
+}
+
+/// The state as snapshots written before dense sequences encoded it; read, never written.
+#[derive(Debug, Deserialize)]
+struct StateWithoutSequences {
     last_applied: Option<LogId>,
     membership: StoredMembership,
     high_water_ms: u64,
@@ -88,10 +100,41 @@ impl StateMachine {
     pub fn high_water_ms(&self) -> u64 {
         self.lock().state.high_water_ms
     }
+
+    /// The applied dense-sequence counters.
+    pub fn sequences(&self) -> BTreeMap<String, u64> {
+        self.lock().state.sequences.clone()
+    }
+
+    /// The first of `ends` whose counter is applied below it, if any (the check after a write).
+    pub fn sequence_below(&self, ends: &[(String, u64)]) -> Option<(String, u64, u64)> {
+        let inner = self.lock();
+        ends.iter().find_map(|(key, end)| {
+            let applied = inner.state.sequences.get(key).copied().unwrap_or(0);
+            (applied < *end).then(|| (key.clone(), applied, *end))
+        })
+    }
 }
 
+/// Decodes a snapshot's state; one written before dense sequences had none, so it decodes as
+/// the older layout with every counter at 0 (postcard stops short of the missing map).
 fn decode_state(data: &[u8]) -> Option<State> {
-    postcard::from_bytes(data).ok()
+    if let Ok(state) = postcard::from_bytes::<State>(data) {
+        return Some(state);
+    }
+    let old: StateWithoutSequences = postcard::from_bytes(data).ok()?;
+    Some(State {
+        last_applied: old.last_applied,
+        membership: old.membership,
+        high_water_ms: old.high_water_ms,
+        sequences: BTreeMap::new(),
+    })
+}
+
+/// What a decoded snapshot holds: last applied, high-water, number of counters (tests only).
+#[cfg(test)]
+pub(super) fn decode_state_for_tests(data: &[u8]) -> Option<(Option<LogId>, u64, usize)> {
+    decode_state(data).map(|s| (s.last_applied, s.high_water_ms, s.sequences.len()))
 }
 
 fn apply_one(state: &mut State, entry: Entry) -> Applied {
@@ -100,6 +143,12 @@ fn apply_one(state: &mut State, entry: Entry) -> Applied {
         EntryPayload::Blank => {}
         EntryPayload::Normal(Command::AdvanceHighWater { at_least_ms }) => {
             state.high_water_ms = state.high_water_ms.max(at_least_ms);
+        }
+        EntryPayload::Normal(Command::AdvanceSequences { ends }) => {
+            for (key, end) in ends {
+                let counter = state.sequences.entry(key).or_insert(0);
+                *counter = (*counter).max(end);
+            }
         }
         EntryPayload::Membership(m) => {
             state.membership = StoredMembership::new(Some(entry.log_id), m);

@@ -17,11 +17,15 @@ pub struct NodeAddrs {
     pub peer_addr: String,
 }
 
-/// The one command the oracle puts in the log.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// The commands the oracle puts in the log. New variants go at the end: the variant index is
+/// what a stored entry carries.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {
     /// Raise the high-water to at least this many milliseconds (applied as `max`).
     AdvanceHighWater { at_least_ms: u64 },
+    /// Raise each dense-sequence counter to at least its end (applied as `max` per key), one
+    /// group commit of the leader.
+    AdvanceSequences { ends: Vec<(String, u64)> },
 }
 
 /// What applying any entry returns: the high-water after it.
