@@ -98,6 +98,7 @@ fn oracle_config(args: &ServeArgs) -> Config {
         failover_advance: args.failover_advance,
         shutdown_grace: args.shutdown_grace,
         unsafe_skip_lease_check: args.unsafe_no_lease,
+        ..Config::default()
     }
 }
 
