@@ -171,6 +171,12 @@ async fn supervise(
         }
         Err(join) => Err(ServeError::WatchPanicked(join.to_string())),
     };
+    // A stop requested right after a poisoning can end the watch before it saw the poisoning;
+    // the poisoning is still why serving ended.
+    let result = match result {
+        Ok(()) if shared.is_poisoned() => Err(shared.take_fatal()),
+        other => other,
+    };
     if let Err(err) = &result {
         error!(error = %err, "leadership watch ended: serving is poisoned");
         // The supervisor returns the error itself; the state only needs its message.
@@ -244,4 +250,28 @@ pub async fn serve_listener(
     let stopped = guard.shutdown().await;
     served?;
     stopped
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A poisoning that the leadership watch has not seen yet when shutdown is asked for must
+    /// still be what shutdown returns: the process exits 1 for it, never 0.
+    #[tokio::test]
+    async fn a_poisoning_not_yet_seen_by_the_watch_is_what_shutdown_returns() {
+        let dir = tempfile::tempdir().unwrap();
+        let backend = Arc::new(crate::backend::file::FileBackend::open(dir.path()).unwrap());
+        let guard = OracleGuard::start(backend, Config::default());
+        assert!(guard.wait_serving().await);
+        // No await between the poisoning and the shutdown: the watch task cannot run first.
+        guard
+            .shared
+            .poison(ServeError::Invariant("injected for the test".into()));
+        let result = guard.shutdown().await;
+        assert!(
+            matches!(&result, Err(ServeError::Invariant(reason)) if reason.contains("injected")),
+            "shutdown after a poisoning returned {result:?}"
+        );
+    }
 }

@@ -1,9 +1,13 @@
 //! `tso serve` and `tso init`.
 
+mod probes;
+
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use anyhow::Context;
 use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
 use tso_server::backend::file::{self, FileBackend};
 use tso_server::backend::raft::RaftBackend;
 use tso_server::clock::{Clock, OffsetClock, SystemClock};
@@ -12,6 +16,7 @@ use tso_server::{Config, OracleGuard, serve_listener};
 
 use crate::cli::{BackendKind, InitArgs, ServeArgs};
 use crate::cluster;
+use probes::ProbeState;
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     init_logging(&args.log)?;
@@ -64,18 +69,37 @@ fn raise_open_files_limit() {
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let probes = ProbeState::default();
+    let stop_probes = CancellationToken::new();
     if let Some(addr) = args.metrics_listen {
-        metrics_exporter_prometheus::PrometheusBuilder::new()
-            .with_http_listener(addr)
-            .install()
-            .with_context(|| {
-                format!("cannot serve metrics on {addr}: pick another --metrics-listen")
-            })?;
+        start_metrics_endpoint(addr, probes.clone(), stop_probes.clone()).await?;
     }
-    match args.backend {
-        BackendKind::File => serve_file(args).await,
-        BackendKind::Raft => serve_raft(args).await,
-    }
+    let served = match args.backend {
+        BackendKind::File => serve_file(args, &probes).await,
+        BackendKind::Raft => serve_raft(args, &probes).await,
+    };
+    stop_probes.cancel();
+    served
+}
+
+/// Binds `--metrics-listen` and serves `/metrics`, `/healthz` and `/readyz` on it until `stop`.
+async fn start_metrics_endpoint(
+    addr: SocketAddr,
+    probes: ProbeState,
+    stop: CancellationToken,
+) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(addr).await.with_context(|| {
+        format!("cannot serve metrics on {addr}: pick another --metrics-listen")
+    })?;
+    let metrics = probes::install_metrics().context("installing the metrics recorder")?;
+    tokio::spawn(probes::serve(listener, metrics, probes, stop));
+    Ok(())
+}
+
+/// Resolves on SIGINT or SIGTERM, after marking the node as draining for `/readyz`.
+async fn stop_requested(probes: &ProbeState) {
+    shutdown_signal().await;
+    probes.stopping();
 }
 
 async fn bind_client(args: &ServeArgs) -> anyhow::Result<TcpListener> {
@@ -104,7 +128,7 @@ fn oracle_config(args: &ServeArgs) -> Config {
 
 /// One node of a raft cluster: peers on `--peer-addr`, clients on `--listen`. Followers serve
 /// too (they answer "not leader" with the leader's address), so nothing waits for leadership.
-async fn serve_raft(args: ServeArgs) -> anyhow::Result<()> {
+async fn serve_raft(args: ServeArgs, probes: &ProbeState) -> anyhow::Result<()> {
     let (raft_config, peer_listen) = cluster::raft_config(&args)?;
     let node_id = raft_config.node_id;
     let peer_listener = TcpListener::bind(peer_listen).await.with_context(|| {
@@ -132,9 +156,10 @@ async fn serve_raft(args: ServeArgs) -> anyhow::Result<()> {
         oracle_config(&args),
         clock(&args),
     );
+    probes.follow(guard.serving(), backend.clone());
     tracing::info!(%addr, node_id, peers = %peer_listen, data_dir = %args.data_dir.display(), "serving");
     println!("serving on {addr}");
-    let served = serve_listener(listener, guard, shutdown_signal()).await;
+    let served = serve_listener(listener, guard, stop_requested(probes)).await;
     let _ = stop_peers.send(());
     let _ = peers.await;
     backend.shutdown().await;
@@ -143,15 +168,16 @@ async fn serve_raft(args: ServeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn serve_file(args: ServeArgs) -> anyhow::Result<()> {
-    let backend = FileBackend::open(&args.data_dir)?;
+async fn serve_file(args: ServeArgs, probes: &ProbeState) -> anyhow::Result<()> {
+    let backend: Arc<dyn Consensus> = Arc::new(FileBackend::open(&args.data_dir)?);
     let listener = bind_client(&args).await?;
     let addr = listener.local_addr()?;
     let guard = OracleGuard::start_with_clock(
-        positive_control(&args, Arc::new(backend)),
+        positive_control(&args, Arc::clone(&backend)),
         oracle_config(&args),
         clock(&args),
     );
+    probes.follow(guard.serving(), backend);
     if !guard.wait_serving().await {
         return guard
             .shutdown()
@@ -160,7 +186,7 @@ async fn serve_file(args: ServeArgs) -> anyhow::Result<()> {
     }
     tracing::info!(%addr, data_dir = %args.data_dir.display(), "serving");
     println!("serving on {addr}");
-    serve_listener(listener, guard, shutdown_signal()).await?;
+    serve_listener(listener, guard, stop_requested(probes)).await?;
     tracing::info!("stopped");
     Ok(())
 }
