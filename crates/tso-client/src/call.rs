@@ -1,12 +1,14 @@
-//! One `GetTs` call as the dispatcher sees it: attempts, redirects and backoff until a grant,
-//! a final error, or the deadline.
+//! One call as the client sees it: attempts, redirects and backoff until a grant, a final
+//! error, or the deadline. [`drive`] runs the loop for any RPC; [`fetch`] is the `GetTs` call
+//! (the sequence calls' attempts are in `seq_call.rs`).
 //!
 //! Invariants: following a leader hint spends no attempt (at most `REDIRECTS_PER_CALL_MAX` per
 //! call); transport errors, per-attempt timeouts and `UNAVAILABLE` spend attempts and back off;
 //! only the first two count against the endpoint (`UNAVAILABLE` is a leader's transient refusal,
 //! retried on the same leader); an attempt cut short by the call's own deadline ends the call
 //! and counts against nothing; "no leader known" (or a malformed hint) rotates to the next
-//! endpoint and backs off after each full pass; nothing waits past the call's deadline.
+//! endpoint and backs off after each full pass; an uncertain outcome (a sequence request that
+//! may have been granted) ends the call at once; nothing waits past the call's deadline.
 
 use std::collections::HashSet;
 use std::error::Error as _;
@@ -22,29 +24,39 @@ use tso_proto::v1::tso_service_client::TsoServiceClient;
 
 use crate::config::REDIRECTS_PER_CALL_MAX;
 use crate::endpoint::{Hint, Target, decode_hint};
-use crate::grant::{TsRange, validate_reply};
+use crate::grant::{Granted, TsRange, validate_reply};
 use crate::router::Router;
 use crate::{Error, Result};
 
 /// What one attempt came to.
 #[derive(Debug)]
-enum Outcome {
-    Granted(TsRange),
+pub(crate) enum Outcome<G> {
+    Granted(G),
     NotLeader(Hint),
     /// "not leader" with a hint that cannot be decoded or used: why.
     MalformedHint(String),
     /// The server answered `UNAVAILABLE` (or `UNKNOWN`): still leader, a transient refusal.
     Refused(String),
-    /// Transport failure (refused, reset, HTTP/2 error) or per-attempt timeout.
+    /// Nothing reached a server: a transport failure (refused, reset, HTTP/2 error) or a
+    /// per-attempt timeout (for `GetTs`, where a lost request costs nothing), or a failure to
+    /// connect (for sequences).
     Unreachable(String),
-    /// The call's own deadline ended the attempt: nothing is known about the endpoint.
+    /// The call's own deadline ended the attempt before anything that matters was sent: nothing
+    /// is known about the endpoint.
     DeadlinePassed,
+    /// A request that may have been granted failed (SEMANTICS §11, D2): the call ends with
+    /// `error`, unretried. `endpoint_failed` when the transport failed or the attempt timed out:
+    /// the endpoint is then dropped as leader and passed over, as for `Unreachable`.
+    Uncertain {
+        error: Error,
+        endpoint_failed: bool,
+    },
     Fatal(Error),
 }
 
 /// What to do after an attempt.
-enum Step {
-    Done(TsRange),
+enum Step<G> {
+    Done(G),
     RetryNow,
     RetryAfter(Duration),
 }
@@ -61,11 +73,29 @@ pub(crate) async fn fetch(
     deadline: Instant,
     last_error: &LastError,
 ) -> Result<TsRange> {
+    drive(router, deadline, last_error, |target| {
+        attempt(router, target, count, deadline)
+    })
+    .await
+}
+
+/// Runs `attempt` against the endpoint the call points at until it grants, fails for good, or
+/// `deadline` passes; keeps the last error seen in `last_error`.
+pub(crate) async fn drive<G, F>(
+    router: &Router,
+    deadline: Instant,
+    last_error: &LastError,
+    mut attempt: impl FnMut(Target) -> F,
+) -> Result<G>
+where
+    G: Granted,
+    F: Future<Output = Outcome<G>>,
+{
     let mut call = Call::new(router, last_error);
     loop {
-        let outcome = attempt(router, &call.target, count, deadline).await;
+        let outcome = attempt(call.target.clone()).await;
         let wait = match call.next_step(outcome)? {
-            Step::Done(range) => return Ok(range),
+            Step::Done(grant) => return Ok(grant),
             Step::RetryNow => Duration::ZERO,
             Step::RetryAfter(wait) => wait,
         };
@@ -105,21 +135,25 @@ impl<'a> Call<'a> {
         }
     }
 
-    fn next_step(&mut self, outcome: Outcome) -> Result<Step> {
+    fn next_step<G: Granted>(&mut self, outcome: Outcome<G>) -> Result<Step<G>> {
         if matches!(
             outcome,
             Outcome::Granted(_)
                 | Outcome::NotLeader(_)
                 | Outcome::MalformedHint(_)
                 | Outcome::Refused(_)
+                | Outcome::Uncertain {
+                    endpoint_failed: false,
+                    ..
+                }
         ) {
             // It answered, so it is reachable whatever it said.
             self.router.mark_reachable(&self.target);
         }
         match outcome {
-            Outcome::Granted(range) => {
-                self.router.observe_leader(&self.target, range.epoch());
-                Ok(Step::Done(range))
+            Outcome::Granted(grant) => {
+                self.router.observe_leader(&self.target, grant.epoch());
+                Ok(Step::Done(grant))
             }
             Outcome::NotLeader(hint) => Ok(self.on_not_leader(hint)),
             Outcome::MalformedHint(reason) => self.on_malformed_hint(reason),
@@ -132,12 +166,22 @@ impl<'a> Call<'a> {
                 ));
                 Err(self.deadline_exceeded())
             }
+            Outcome::Uncertain {
+                error,
+                endpoint_failed,
+            } => {
+                if endpoint_failed {
+                    self.router.forget_leader(&self.target);
+                    self.router.mark_unreachable(&self.target);
+                }
+                Err(error)
+            }
             Outcome::Fatal(error) => Err(error),
         }
     }
 
     /// Follows a usable hint at once and for free; otherwise moves on to the next endpoint.
-    fn on_not_leader(&mut self, hint: Hint) -> Step {
+    fn on_not_leader<G>(&mut self, hint: Hint) -> Step<G> {
         if let Some(leader) = self.usable_hint(hint) {
             tracing::debug!(from = %self.target, to = %leader, "following leader hint");
             self.redirects += 1;
@@ -153,7 +197,7 @@ impl<'a> Call<'a> {
 
     /// One broken follower must not fail the call: move on, unless every configured endpoint
     /// has sent a malformed hint (nothing in the cluster then follows the protocol).
-    fn on_malformed_hint(&mut self, reason: String) -> Result<Step> {
+    fn on_malformed_hint<G>(&mut self, reason: String) -> Result<Step<G>> {
         tracing::warn!(endpoint = %self.target, %reason, "ignoring a malformed leader hint");
         let endpoints = &self.router.config().endpoints;
         if endpoints.contains(&self.target) {
@@ -174,7 +218,7 @@ impl<'a> Call<'a> {
 
     /// Rotates to the next configured endpoint, backing off after each full pass over them
     /// (an election is waited out this way).
-    fn rotate_leaderless(&mut self) -> Step {
+    fn rotate_leaderless<G>(&mut self) -> Step<G> {
         self.router.forget_leader(&self.target);
         self.target = self.router.next_configured();
         self.leaderless_in_pass += 1;
@@ -214,13 +258,13 @@ impl<'a> Call<'a> {
     }
 
     /// The leader refused for now (SEMANTICS §6): back off and ask it again.
-    fn on_refused(&mut self, error: String) -> Result<Step> {
+    fn on_refused<G>(&mut self, error: String) -> Result<Step<G>> {
         tracing::debug!(target = %self.target, %error, "leader refused for now");
         self.spend_attempt(error)?;
         Ok(Step::RetryAfter(self.backoff(self.attempts_failed)))
     }
 
-    fn on_unreachable(&mut self, error: String) -> Result<Step> {
+    fn on_unreachable<G>(&mut self, error: String) -> Result<Step<G>> {
         tracing::debug!(target = %self.target, %error, "attempt failed");
         self.router.forget_leader(&self.target);
         // Rotation passes over it for a while; a hint with a newer epoch can still lead back.
@@ -275,7 +319,13 @@ fn full_jitter(base: Duration, cap: Duration, retry: u32) -> Duration {
 }
 
 /// One `GetTs` RPC to `target`, bounded by the per-attempt deadline and the call's deadline.
-async fn attempt(router: &Router, target: &Target, count: u32, deadline: Instant) -> Outcome {
+async fn attempt(
+    router: &Router,
+    target: Target,
+    count: u32,
+    deadline: Instant,
+) -> Outcome<TsRange> {
+    let target = &target;
     let now = Instant::now();
     let attempt_timeout = router.config().attempt_timeout;
     // When the call's deadline comes first, running out of time says nothing about the server.
@@ -313,7 +363,7 @@ async fn attempt(router: &Router, target: &Target, count: u32, deadline: Instant
 
 /// True when the attempt's `grpc-timeout` ran out, on this side (tonic enforces it and reports
 /// `TimeoutExpired`) or on the server (a `DEADLINE_EXCEEDED` or `CANCELLED` status).
-fn is_timeout(status: &tonic::Status) -> bool {
+pub(crate) fn is_timeout(status: &tonic::Status) -> bool {
     let mut source = status.source();
     while let Some(error) = source {
         if error.is::<tonic::TimeoutExpired>() {
@@ -325,7 +375,7 @@ fn is_timeout(status: &tonic::Status) -> bool {
 }
 
 /// Sorts a status sent by the server into what the call does next (docs/protocol.md, errors).
-fn classify(target: &Target, status: &tonic::Status) -> Outcome {
+fn classify(target: &Target, status: &tonic::Status) -> Outcome<TsRange> {
     let endpoint = target.to_string();
     match status.code() {
         Code::FailedPrecondition => match hint_of(target, status) {
@@ -348,7 +398,7 @@ fn classify(target: &Target, status: &tonic::Status) -> Outcome {
     }
 }
 
-fn hint_of(target: &Target, status: &tonic::Status) -> Result<Hint, String> {
+pub(crate) fn hint_of(target: &Target, status: &tonic::Status) -> Result<Hint, String> {
     let bytes = match status.metadata().get_bin(LEADER_HINT_KEY) {
         None => None,
         Some(value) => Some(
@@ -366,13 +416,16 @@ mod tests {
     use crate::ClientBuilder;
     use crate::endpoint::{Scheme, parse_address};
 
+    /// The outcome of a `GetTs` attempt.
+    type O = Outcome<TsRange>;
+
     fn router(endpoints: &[&str], attempts_max: u32) -> Router {
         let builder = ClientBuilder::default().attempts_max(attempts_max);
         Router::new(builder.validate(endpoints.iter()).unwrap())
     }
 
-    fn hint_to(raw: &str) -> Outcome {
-        Outcome::NotLeader(Hint::Leader {
+    fn hint_to(raw: &str) -> O {
+        O::NotLeader(Hint::Leader {
             target: parse_address(raw, Scheme::Http).unwrap(),
             epoch: None,
         })
@@ -422,12 +475,12 @@ mod tests {
         let mut call = Call::new(&router, &last_error);
         for _ in 0..2 {
             let failed = call.target.clone();
-            let step = call.next_step(Outcome::Unreachable("refused".into()));
+            let step = call.next_step(O::Unreachable("refused".into()));
             assert!(matches!(step, Ok(Step::RetryAfter(_))));
             assert!(router.is_unreachable(&failed));
             assert_ne!(call.target, failed);
         }
-        let last = call.next_step(Outcome::Unreachable("refused".into()));
+        let last = call.next_step(O::Unreachable("refused".into()));
         assert!(matches!(last, Err(Error::Unavailable { attempts: 3, .. })));
     }
 
@@ -439,13 +492,13 @@ mod tests {
         let leader = call.target.clone();
         router.observe_leader(&leader, tso_core::Epoch::new(1));
         for _ in 0..2 {
-            let step = call.next_step(Outcome::Refused("UNAVAILABLE".into()));
+            let step = call.next_step(O::Refused("UNAVAILABLE".into()));
             assert!(matches!(step, Ok(Step::RetryAfter(_))));
             assert_eq!(call.target, leader);
         }
         assert!(!router.is_unreachable(&leader));
         assert_eq!(router.leader().0, Some(leader));
-        let last = call.next_step(Outcome::Refused("UNAVAILABLE".into()));
+        let last = call.next_step(O::Refused("UNAVAILABLE".into()));
         assert!(matches!(last, Err(Error::Unavailable { attempts: 3, .. })));
     }
 
@@ -456,7 +509,7 @@ mod tests {
         let mut call = Call::new(&router, &last_error);
         let leader = call.target.clone();
         router.observe_leader(&leader, tso_core::Epoch::new(1));
-        let step = call.next_step(Outcome::DeadlinePassed);
+        let step = call.next_step(O::DeadlinePassed);
         assert!(matches!(step, Err(Error::DeadlineExceeded { .. })));
         assert!(!router.is_unreachable(&leader));
         assert_eq!(router.leader().0, Some(leader));
@@ -471,7 +524,7 @@ mod tests {
         let mut call = Call::new(&router, &last_error);
         for (from, fails) in [(&a, false), (&a, false), (&b, false), (&c, true)] {
             call.target = from.clone();
-            let step = call.next_step(Outcome::MalformedHint("garbage".into()));
+            let step = call.next_step(O::MalformedHint("garbage".into()));
             if fails {
                 assert!(matches!(step, Err(Error::MalformedHint { .. })));
             } else {
@@ -491,7 +544,7 @@ mod tests {
         router.observe_leader(&leader, tso_core::Epoch::new(3));
         router.mark_unreachable(&leader);
         let hint = |epoch| {
-            Outcome::NotLeader(Hint::Leader {
+            O::NotLeader(Hint::Leader {
                 target: leader.clone(),
                 epoch: Some(tso_core::Epoch::new(epoch)),
             })
@@ -510,17 +563,41 @@ mod tests {
         let mut call = Call::new(&router, &last_error);
         let first = call.target.clone();
         assert!(matches!(
-            call.next_step(Outcome::NotLeader(Hint::None)),
+            call.next_step(O::NotLeader(Hint::None)),
             Ok(Step::RetryNow)
         ));
         assert_ne!(call.target, first);
         for _ in 0..10 {
-            let step = call.next_step(Outcome::NotLeader(Hint::None));
+            let step = call.next_step(O::NotLeader(Hint::None));
             assert!(matches!(step, Ok(Step::RetryAfter(_))));
-            let step = call.next_step(Outcome::NotLeader(Hint::None));
+            let step = call.next_step(O::NotLeader(Hint::None));
             assert!(matches!(step, Ok(Step::RetryNow)));
         }
         assert_eq!(call.attempts_failed, 0, "an election spends no attempt");
+    }
+
+    #[test]
+    fn an_uncertain_outcome_ends_the_call_and_only_a_failed_endpoint_is_dropped() {
+        let router = router(&["a:1"], 8);
+        let last_error = LastError::default();
+        let uncertain = |endpoint_failed| O::Uncertain {
+            error: Error::SeqUncertain {
+                endpoint: "http://a:1".into(),
+                asked: vec![("k".into(), 1)],
+                reason: "UNAVAILABLE".into(),
+            },
+            endpoint_failed,
+        };
+        for endpoint_failed in [false, true] {
+            let mut call = Call::new(&router, &last_error);
+            let leader = call.target.clone();
+            router.observe_leader(&leader, tso_core::Epoch::new(1));
+            let step = call.next_step(uncertain(endpoint_failed));
+            assert!(matches!(step, Err(Error::SeqUncertain { .. })));
+            assert_eq!(call.attempts_failed, 0);
+            assert_eq!(router.is_unreachable(&leader), endpoint_failed);
+            assert_eq!(router.leader().0.is_none(), endpoint_failed);
+        }
     }
 
     #[test]

@@ -14,7 +14,8 @@ use crate::config::Config;
 use crate::dispatch::{self, Waiter};
 use crate::grant::{Batch, TsRange};
 use crate::router::Router;
-use crate::{ClientBuilder, Error, Result};
+use crate::seq::{SeqBatch, SeqBlock, SeqRequest};
+use crate::{ClientBuilder, Error, Result, seq_call};
 
 /// How long after its deadline a caller stops waiting on its own. The dispatcher reports a
 /// missed deadline itself, with the last error seen; the caller's timer is the backstop for a
@@ -103,6 +104,37 @@ impl Client {
             endpoint: "several servers".into(),
             reason,
         })
+    }
+
+    /// `count` (1 to [`SEQ_COUNT_MAX`](crate::SEQ_COUNT_MAX)) consecutive values of the dense
+    /// sequence `key` (1 to [`SEQ_KEY_BYTES_MAX`](crate::SEQ_KEY_BYTES_MAX) bytes), from one
+    /// `GetSeq` RPC: each call is its own RPC, never shared with another caller. Invalid keys and
+    /// counts are refused before any RPC.
+    ///
+    /// A "not leader" refusal is followed like for timestamps, and a failure to connect is
+    /// retried; a failure after the request was sent is [`Error::SeqUncertain`] and is never
+    /// retried, because the block may have been granted (and is then spent): asking again is
+    /// the caller's decision.
+    pub async fn get_seq(&self, key: &str, count: u32) -> Result<SeqBlock> {
+        let request = SeqRequest::one(key, count)?;
+        let batch = self.sequences(&request).await?;
+        let block = batch.into_blocks().pop();
+        Ok(block.expect("a validated reply holds one block per requested key"))
+    }
+
+    /// Blocks of several distinct keys at once, all or nothing, from one `GetSeqBatch` RPC:
+    /// `entries` are `(key, count)`, at most
+    /// [`SEQ_BATCH_ENTRIES_MAX`](crate::SEQ_BATCH_ENTRIES_MAX), each key once. The blocks come
+    /// back in the order asked. Errors as for [`Client::get_seq`].
+    pub async fn get_seq_batch<K: AsRef<str>>(&self, entries: &[(K, u32)]) -> Result<SeqBatch> {
+        let request = SeqRequest::batch(entries)?;
+        self.sequences(&request).await
+    }
+
+    async fn sequences(&self, request: &SeqRequest) -> Result<SeqBatch> {
+        let router = &self.inner.router;
+        let deadline = Instant::now() + router.config().overall_timeout;
+        seq_call::fetch(router, request, deadline).await
     }
 
     /// The leader this client currently sends to (`http://host:port`) and the highest epoch

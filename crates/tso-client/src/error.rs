@@ -1,7 +1,9 @@
 //! The client's one error type. It is `Clone` so that one failed RPC reaches every caller that
 //! was coalesced into it; [`Error::is_retryable`] separates "retry later" from "your request or
-//! configuration is wrong".
+//! configuration is wrong". A sequence call that failed after its request was sent is
+//! [`Error::SeqUncertain`]: not retryable, because a block may have been spent (SEMANTICS §11).
 
+use std::fmt::Write as _;
 use std::time::Duration;
 
 /// Everything a client call can fail with.
@@ -25,9 +27,11 @@ pub enum Error {
     /// Every attempt of the budget failed with a transport error, a timeout or `UNAVAILABLE`.
     #[error("no server answered after {attempts} attempts, retry later (last error: {last})")]
     Unavailable { attempts: u32, last: String },
-    /// The overall deadline of the call passed before a grant arrived.
+    /// The overall deadline of the call passed before a grant arrived. For a sequence call,
+    /// nothing of it can have been granted: an attempt cut short after its request was sent is
+    /// [`Error::SeqUncertain`] instead.
     #[error(
-        "no timestamp within the overall deadline of {timeout:?}, retry later (last error: {last})"
+        "nothing granted within the overall deadline of {timeout:?}, retry later (last error: {last})"
     )]
     DeadlineExceeded { timeout: Duration, last: String },
     /// A server answered with a reply that breaks the protocol.
@@ -48,6 +52,38 @@ pub enum Error {
     /// The client's background task is gone (its runtime is shutting down).
     #[error("the client is shut down: its runtime stopped")]
     Closed,
+    /// A sequence key the protocol does not allow: empty, or longer than
+    /// [`SEQ_KEY_BYTES_MAX`](crate::SEQ_KEY_BYTES_MAX) bytes. Refused before any RPC.
+    #[error("sequence key {} is invalid: {reason}", show_key(.key))]
+    InvalidSeqKey { key: String, reason: String },
+    /// A sequence count outside `1..=SEQ_COUNT_MAX`. Refused before any RPC.
+    #[error(
+        "count {count} for sequence key {} is out of range: ask for 1 to {}",
+        show_key(.key),
+        crate::SEQ_COUNT_MAX
+    )]
+    InvalidSeqCount { key: String, count: u32 },
+    /// A sequence batch that is empty, has more than
+    /// [`SEQ_BATCH_ENTRIES_MAX`](crate::SEQ_BATCH_ENTRIES_MAX) entries, or names a key twice.
+    /// Refused before any RPC.
+    #[error("a sequence batch of {entries} entries is invalid: {reason}")]
+    InvalidSeqBatch { entries: usize, reason: String },
+    /// A sequence call failed after its request was sent (a timeout, a transport failure, or a
+    /// status such as `UNAVAILABLE`, `DEADLINE_EXCEEDED`, `INTERNAL` or `UNKNOWN`): the server
+    /// may or may not have granted the blocks in `asked`, and a granted block is spent even
+    /// though nobody received it. The client never retries such a call on its own; whether to
+    /// ask again (and accept a gap) is the caller's decision.
+    #[error(
+        "server {endpoint} may have granted {} before the call failed: {reason}; those values \
+         may be spent, so the call was not retried: decide whether to ask again",
+        show_asked(.asked)
+    )]
+    SeqUncertain {
+        endpoint: String,
+        /// What the call asked for: `(key, count)` in request order.
+        asked: Vec<(String, u32)>,
+        reason: String,
+    },
 }
 
 impl Error {
@@ -62,7 +98,12 @@ impl Error {
             Error::Server { code, .. } => {
                 matches!(code, tonic::Code::ResourceExhausted | tonic::Code::Aborted)
             }
+            // The server may have spent the block: retrying on its own would hide a gap.
+            Error::SeqUncertain { .. } => false,
             Error::InvalidCount { .. }
+            | Error::InvalidSeqKey { .. }
+            | Error::InvalidSeqCount { .. }
+            | Error::InvalidSeqBatch { .. }
             | Error::InvalidArgument { .. }
             | Error::InvalidEndpoint { .. }
             | Error::InvalidConfig { .. }
@@ -75,6 +116,38 @@ impl Error {
 
 /// Result with the client's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Characters of a key shown in a message: an invalid key can be of any length.
+const KEY_SHOWN_CHARS_MAX: usize = 40;
+
+/// Entries of an uncertain batch shown in a message; the rest are counted.
+const ASKED_SHOWN_MAX: usize = 3;
+
+/// A key as a message shows it: quoted, cut after `KEY_SHOWN_CHARS_MAX` characters.
+fn show_key(key: &str) -> String {
+    let shown: String = key.chars().take(KEY_SHOWN_CHARS_MAX).collect();
+    if shown.len() < key.len() {
+        format!("{shown:?}... ({} bytes)", key.len())
+    } else {
+        format!("{shown:?}")
+    }
+}
+
+/// `count values of "key"`, or a short list for a batch.
+fn show_asked(asked: &[(String, u32)]) -> String {
+    let mut out = String::new();
+    for (i, (key, count)) in asked.iter().take(ASKED_SHOWN_MAX).enumerate() {
+        let sep = if i == 0 { "" } else { ", " };
+        let _ = write!(out, "{sep}{count} values of {}", show_key(key));
+    }
+    if asked.len() > ASKED_SHOWN_MAX {
+        let _ = write!(out, " and {} more keys", asked.len() - ASKED_SHOWN_MAX);
+    }
+    if asked.is_empty() {
+        out.push_str("nothing");
+    }
+    out
+}
 
 #[cfg(test)]
 mod tests {
@@ -103,5 +176,45 @@ mod tests {
             message: "broken".into(),
         };
         assert!(!internal.is_retryable());
+    }
+
+    #[test]
+    fn an_uncertain_sequence_call_is_not_retryable_and_says_what_may_be_spent() {
+        let uncertain = Error::SeqUncertain {
+            endpoint: "http://a:1".into(),
+            asked: vec![("orders".into(), 5)],
+            reason: "UNAVAILABLE: disk full".into(),
+        };
+        assert!(!uncertain.is_retryable());
+        let text = uncertain.to_string();
+        assert!(text.contains("5 values of \"orders\""), "{text}");
+        assert!(text.contains("may be spent"), "{text}");
+        let many: Vec<(String, u32)> = (0..5).map(|i| (format!("k{i}"), 1)).collect();
+        let text = Error::SeqUncertain {
+            endpoint: "http://a:1".into(),
+            asked: many,
+            reason: "reset".into(),
+        }
+        .to_string();
+        assert!(text.contains("and 2 more keys"), "{text}");
+    }
+
+    #[test]
+    fn long_keys_are_cut_in_messages() {
+        let key = "x".repeat(1000);
+        let text = Error::InvalidSeqKey {
+            key,
+            reason: "too long".into(),
+        }
+        .to_string();
+        assert!(text.len() < 200, "{text}");
+        assert!(text.contains("(1000 bytes)"), "{text}");
+        assert!(
+            !Error::InvalidSeqCount {
+                key: "k".into(),
+                count: 0
+            }
+            .is_retryable()
+        );
     }
 }

@@ -8,6 +8,18 @@
 use tso_core::{Epoch, LOGICAL_COUNT, Timestamp};
 use tso_proto::v1::GetTsResponse;
 
+/// What one successful attempt brings: it names the epoch of the leader that granted it, which
+/// the router caches.
+pub(crate) trait Granted {
+    fn epoch(&self) -> Epoch;
+}
+
+impl Granted for TsRange {
+    fn epoch(&self) -> Epoch {
+        self.epoch
+    }
+}
+
 /// A contiguous run of timestamps granted in one reply: `first, first + 1, ..., last`, all in
 /// one millisecond, issued by the leader of `epoch`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

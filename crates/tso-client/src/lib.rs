@@ -21,6 +21,10 @@
 //! - **Bounded**: per-attempt and overall deadlines, an attempt budget, full-jitter backoff on
 //!   transport errors and `UNAVAILABLE`, and a bounded queue of callers ([`Error::QueueFull`]).
 //!   Each caller keeps its own deadline inside a shared RPC.
+//! - **Dense sequences** (`seq.rs`, `seq_call.rs`): [`Client::get_seq`] and
+//!   [`Client::get_seq_batch`] send one RPC per call, never coalesced. They follow hints like
+//!   `GetTs` and retry only what is known to have written nothing ("not leader", a failure to
+//!   connect); a failure after the request was sent is [`Error::SeqUncertain`], never retried.
 //! - **Errors** are one `Clone` type; [`Error::is_retryable`] tells "retry later" from "the
 //!   request or configuration is wrong". Malformed replies and hints are errors, never panics.
 //! - Dropping the last [`Client`] clone stops its background task.
@@ -33,6 +37,8 @@ mod endpoint;
 mod error;
 mod grant;
 mod router;
+mod seq;
+mod seq_call;
 
 pub use client::Client;
 pub use config::{
@@ -41,4 +47,6 @@ pub use config::{
 };
 pub use error::{Error, Result};
 pub use grant::{Batch, TsRange};
+pub use seq::{SEQ_BATCH_ENTRIES_MAX, SEQ_COUNT_MAX, SEQ_KEY_BYTES_MAX, SeqBatch, SeqBlock};
+pub use seq_call::seq_status_is_uncertain;
 pub use tso_core::{Epoch, LOGICAL_COUNT, Timestamp};

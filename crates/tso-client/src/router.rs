@@ -1,5 +1,6 @@
 //! Where the next attempt goes: the cached leader, else the configured endpoints in rotation;
-//! and one lazily dialed gRPC channel per address.
+//! and the gRPC channels: one lazily dialed channel per address for `GetTs`, and one per
+//! address for sequence calls that is handed out only once connected.
 //!
 //! Invariants: the cached leader's epoch never goes back. A leader is cached only at an epoch at
 //! least the highest one seen; forgetting a leader (it failed) keeps that floor. Rotation passes
@@ -40,6 +41,35 @@ pub(crate) struct Router {
     rotation: Mutex<Rotation>,
     leader: Mutex<LeaderCache>,
     channels: Mutex<HashMap<Target, Channel>>,
+    /// Channels for sequence calls, each handed out only after its connection was made: a
+    /// failure to connect then happens before any request exists, so it is known to have sent
+    /// nothing (a lazy channel connects inside the call, where a timeout cannot tell "never
+    /// connected" from "sent and unanswered"). At most `CHANNELS_MAX` entries.
+    seq_channels: Mutex<HashMap<Target, Channel>>,
+}
+
+/// Why no connected sequence channel could be made; in both cases nothing was sent.
+#[derive(Debug)]
+pub(crate) enum SeqConnectError {
+    /// The deadline passed while connecting.
+    TimedOut,
+    /// The connection failed: the error and its causes.
+    Failed(String),
+}
+
+/// An error and its causes, `: `-separated (transport errors say little on their own).
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let shown = cause.to_string();
+        if !text.ends_with(&shown) {
+            text.push_str(": ");
+            text.push_str(&shown);
+        }
+        source = cause.source();
+    }
+    text
 }
 
 /// How long rotation passes over an endpoint after a transport error. Long enough to cover an
@@ -53,6 +83,7 @@ impl Router {
             rotation: Mutex::new(Rotation::default()),
             leader: Mutex::new(LeaderCache::default()),
             channels: Mutex::new(HashMap::new()),
+            seq_channels: Mutex::new(HashMap::new()),
         }
     }
 
@@ -174,13 +205,50 @@ impl Router {
         channels.remove(target);
     }
 
+    /// A connected channel to `target` for sequence calls: the cached one, else a new
+    /// connection made before `deadline`. An error means nothing was sent; it says why.
+    pub(crate) async fn seq_channel(
+        &self,
+        target: &Target,
+        deadline: Instant,
+    ) -> Result<Channel, SeqConnectError> {
+        if let Some(channel) = self.lock_seq_channels().get(target) {
+            return Ok(channel.clone());
+        }
+        let endpoint = self.endpoint(target);
+        let channel = match tokio::time::timeout_at(deadline, endpoint.connect()).await {
+            Err(_) => return Err(SeqConnectError::TimedOut),
+            Ok(Err(error)) => return Err(SeqConnectError::Failed(error_chain(&error))),
+            Ok(Ok(channel)) => channel,
+        };
+        let mut channels = self.lock_seq_channels();
+        if channels.len() >= CHANNELS_MAX && !channels.contains_key(target) {
+            channels.retain(|t, _| self.config.endpoints.contains(t));
+        }
+        // Two calls may have connected at once: keep the first, so calls share a connection.
+        Ok(channels.entry(target.clone()).or_insert(channel).clone())
+    }
+
+    /// Drops the sequence channel to `target`, so that the next call connects afresh (and a
+    /// failure to connect is again known to have sent nothing).
+    pub(crate) fn drop_seq_channel(&self, target: &Target) {
+        self.lock_seq_channels().remove(target);
+    }
+
     fn dial_lazily(&self, target: &Target) -> Channel {
+        self.endpoint(target).connect_lazy()
+    }
+
+    fn endpoint(&self, target: &Target) -> Endpoint {
         // A `Target` is a validated `scheme://host:port`, which always parses as a URI.
-        let endpoint = Endpoint::from_shared(target.uri().to_string())
+        Endpoint::from_shared(target.uri().to_string())
             .expect("a validated target is a valid URI")
             .connect_timeout(self.config.attempt_timeout)
-            .tcp_nodelay(true);
-        endpoint.connect_lazy()
+            .tcp_nodelay(true)
+    }
+
+    fn lock_seq_channels(&self) -> std::sync::MutexGuard<'_, HashMap<Target, Channel>> {
+        self.seq_channels.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn lock_rotation(&self) -> std::sync::MutexGuard<'_, Rotation> {

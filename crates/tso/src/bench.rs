@@ -1,10 +1,15 @@
-//! `tso bench`: closed-loop load against a `tsoracle.v1` server.
+//! `tso bench`: closed-loop load against a `tsoracle.v1` server, on `GetTs` or `GetSeq`.
 //!
 //! N callers, each waiting for its reply before the next call, spread over K HTTP/2
 //! connections. Each caller keeps its own latency histogram and checks what it receives (its
-//! values rise; no value is seen twice across callers; a reply the client library refuses as
-//! malformed is a violation, not an error), so the hot loop shares nothing but two relaxed
-//! counters and one `fetch_max`. Calls during the warm-up are checked but not measured.
+//! values rise; no value is seen twice across callers sharing a counter; a reply the client
+//! library refuses as malformed is a violation, not an error), so the hot loop shares nothing
+//! but two relaxed counters and one `fetch_max`. Calls during the warm-up are checked but not
+//! measured.
+//!
+//! Sequences are also checked for density (D2): the values between blocks of one key that no
+//! block holds must be covered by calls that failed uncertainly (they may have spent values).
+//! With one key per caller this is exact per caller; with a shared key, over the whole run.
 
 use std::collections::BTreeMap;
 use std::io::IsTerminal;
@@ -15,8 +20,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use hdrhistogram::Histogram;
 
-use crate::cli::BenchArgs;
-use crate::cli::BenchMode;
+use crate::cli::{BenchArgs, BenchMode, BenchRpc, SeqKeys};
 use crate::node::Node;
 use crate::targets::{Failure, Route, Targets};
 
@@ -63,7 +67,8 @@ impl Live {
 struct CallerStats {
     latency_us: Histogram<u32>,
     calls: u64,
-    timestamps: u64,
+    /// Values granted (timestamps or sequence values) in measured calls.
+    values: u64,
     errors: BTreeMap<String, u64>,
     regressions: u64,
     /// Replies the client library refused as malformed (warm-up included).
@@ -71,6 +76,21 @@ struct CallerStats {
     /// Every grant received (warm-up included), as `(first, last)`; rising per caller.
     ranges: Vec<(u64, u64)>,
     ranges_dropped: u64,
+    /// Sequence calls that failed uncertainly, and the values they asked for (warm-up
+    /// included): what may have been spent without reaching anyone.
+    uncertain: u64,
+    uncertain_values: u64,
+    /// With one key per caller: values missing between its blocks beyond what the uncertain
+    /// calls in between may have spent.
+    gaps: u64,
+}
+
+/// What one successful call brought: `first..=last`, and whether its shape is wrong.
+struct Got {
+    first: u64,
+    last: u64,
+    count: u32,
+    bad_shape: bool,
 }
 
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
@@ -78,10 +98,14 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         (1..=CALLERS_MAX).contains(&args.callers),
         "--callers must be 1 to {CALLERS_MAX}"
     );
+    let count_max = match args.rpc {
+        BenchRpc::Ts => tso_core::LOGICAL_COUNT,
+        BenchRpc::Seq => tso_client::SEQ_COUNT_MAX,
+    };
     anyhow::ensure!(
-        (1..=tso_core::LOGICAL_COUNT).contains(&args.count),
-        "--count must be 1 to {}",
-        tso_core::LOGICAL_COUNT
+        (1..=count_max).contains(&args.count),
+        "--count must be 1 to {count_max} with --rpc {}",
+        args.rpc.name()
     );
     anyhow::ensure!(!args.duration.is_zero(), "--duration must be above 0");
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
@@ -145,6 +169,8 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
             live: Arc::clone(&live),
             phases,
             ranges_max: ranges_per_caller,
+            key: (args.rpc == BenchRpc::Seq).then(|| args.seq_keys.key(id)),
+            own_key: args.rpc == BenchRpc::Seq && args.seq_keys == SeqKeys::PerCaller,
         };
         callers.push(tokio::spawn(caller.run()));
     }
@@ -184,6 +210,28 @@ struct Caller {
     phases: Phases,
     count: u32,
     ranges_max: usize,
+    /// The sequence key this caller asks for (`--rpc seq`); `None` for `GetTs`.
+    key: Option<String>,
+    /// Nobody else uses this caller's key, so its blocks must follow each other exactly.
+    own_key: bool,
+}
+
+/// Where the next block of a caller's own key must start, and what uncertain calls since the
+/// last block may have spent.
+#[derive(Default)]
+struct Density {
+    next: Option<u64>,
+    uncertain_values: u64,
+}
+
+impl Density {
+    /// The values before a block starting at `first` that no block holds and the uncertain
+    /// calls since the last block cannot have spent.
+    fn unexplained_gap(&mut self, first: u64, last: u64) -> u64 {
+        let missing = self.next.map_or(0, |next| first.saturating_sub(next));
+        self.next = Some(last + 1);
+        missing.saturating_sub(std::mem::take(&mut self.uncertain_values))
+    }
 }
 
 impl Caller {
@@ -192,43 +240,42 @@ impl Caller {
             latency_us: Histogram::new_with_bounds(1, LATENCY_MAX_US, 3)
                 .expect("valid histogram bounds"),
             calls: 0,
-            timestamps: 0,
+            values: 0,
             errors: BTreeMap::new(),
             regressions: 0,
             malformed: 0,
             ranges: Vec::new(),
             ranges_dropped: 0,
+            uncertain: 0,
+            uncertain_values: 0,
+            gaps: 0,
         };
-        let mut highest: u64 = 0;
+        let mut highest: Option<u64> = None;
+        let mut density = Density::default();
         loop {
             let start = Instant::now();
             if start >= self.phases.deadline {
                 break;
             }
-            let reply = self.route.get(self.count).await;
+            let reply = self.call().await;
             let end = Instant::now();
             let measured = start >= self.phases.warmup_end;
-            let grant = match reply {
-                Ok(grant) => grant,
-                Err(Failure::Malformed(_)) => {
-                    stats.malformed += 1;
-                    continue;
-                }
-                Err(Failure::Error(code)) => {
-                    self.live.errors.fetch_add(1, Ordering::Relaxed);
-                    if measured {
-                        *stats.errors.entry(code).or_default() += 1;
-                    }
+            let got = match reply {
+                Ok(got) => got,
+                Err(failure) => {
+                    self.failed(failure, measured, &mut stats, &mut density);
                     continue;
                 }
             };
-            let (first, last) = (grant.first(), grant.last());
-            if first <= highest || grant.shape_error(self.count).is_some() {
+            if highest.is_some_and(|h| got.first <= h) || got.bad_shape {
                 stats.regressions += 1;
             }
-            highest = highest.max(last);
+            highest = Some(highest.map_or(got.last, |h| h.max(got.last)));
+            if self.own_key {
+                stats.gaps += density.unexplained_gap(got.first, got.last);
+            }
             if stats.ranges.len() < self.ranges_max {
-                stats.ranges.push((first, last));
+                stats.ranges.push((got.first, got.last));
             } else {
                 stats.ranges_dropped += 1;
             }
@@ -237,12 +284,58 @@ impl Caller {
                 let micros = (end - start).as_micros() as u64;
                 stats.latency_us.saturating_record(micros.max(1));
                 stats.calls += 1;
-                stats.timestamps += u64::from(grant.count);
+                stats.values += u64::from(got.count);
                 self.live
                     .success((end - self.phases.warmup_end).as_nanos() as u64);
             }
         }
         Ok(stats)
+    }
+
+    /// One call of the configured RPC.
+    async fn call(&mut self) -> Result<Got, Failure> {
+        match &self.key {
+            None => self.route.get(self.count).await.map(|g| Got {
+                first: g.first(),
+                last: g.last(),
+                count: g.count,
+                bad_shape: g.shape_error(self.count).is_some(),
+            }),
+            Some(key) => self.route.seq(key, self.count).await.map(|b| Got {
+                first: b.start,
+                last: b.last(),
+                count: b.count,
+                bad_shape: false,
+            }),
+        }
+    }
+
+    /// Counts a failed call: malformed replies are violations; uncertain ones may have spent
+    /// values, which the density checks allow for.
+    fn failed(
+        &self,
+        failure: Failure,
+        measured: bool,
+        stats: &mut CallerStats,
+        density: &mut Density,
+    ) {
+        let code = match failure {
+            Failure::Malformed(_) => {
+                stats.malformed += 1;
+                return;
+            }
+            Failure::Error(code) => code,
+            Failure::Uncertain(code) => {
+                stats.uncertain += 1;
+                stats.uncertain_values += u64::from(self.count);
+                density.uncertain_values += u64::from(self.count);
+                format!("{code} (uncertain)")
+            }
+        };
+        self.live.errors.fetch_add(1, Ordering::Relaxed);
+        if measured {
+            *stats.errors.entry(code).or_default() += 1;
+        }
     }
 }
 
@@ -274,52 +367,96 @@ struct Report {
     connections: usize,
     count: u32,
     mode: BenchMode,
+    rpc: BenchRpc,
+    seq_keys: SeqKeys,
     threads: Option<usize>,
     duration: Duration,
     warmup: Duration,
     calls: u64,
-    timestamps: u64,
+    values: u64,
     latency_us: Histogram<u32>,
     errors: BTreeMap<String, u64>,
     longest_gap: Duration,
     /// The machine's 1-minute load average before and after: figures from a busy machine
     /// are lower bounds.
     load_average: (Option<f64>, Option<f64>),
+    checks: Checks,
+}
+
+/// What the checks of every reply found.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Checks {
     checked: u64,
     unchecked: u64,
     duplicates: u64,
     regressions: u64,
     malformed: u64,
+    /// Sequence calls that failed uncertainly, and the values they asked for.
+    uncertain: u64,
+    uncertain_values: u64,
+    /// Sequence values missing between blocks of a key beyond what uncertain calls may have
+    /// spent (D2). Not judged for a shared key when some grants were not kept.
+    gap_values: u64,
+}
+
+impl Checks {
+    /// Merges the callers' findings and checks across callers: every caller's grants for
+    /// `GetTs` or a shared key, each caller's alone for keys of their own.
+    fn merge(stats: &mut [CallerStats], rpc: BenchRpc, seq_keys: SeqKeys) -> Checks {
+        let own_keys = rpc == BenchRpc::Seq && seq_keys == SeqKeys::PerCaller;
+        let mut checks = Checks::default();
+        let mut ranges = Vec::new();
+        for s in stats.iter_mut() {
+            checks.checked += s.ranges.len() as u64;
+            checks.unchecked += s.ranges_dropped;
+            checks.regressions += s.regressions;
+            checks.malformed += s.malformed;
+            checks.uncertain += s.uncertain;
+            checks.uncertain_values += s.uncertain_values;
+            checks.gap_values += s.gaps;
+            let mine = std::mem::take(&mut s.ranges);
+            if own_keys {
+                checks.duplicates += duplicates(mine).0;
+            } else {
+                ranges.extend(mine);
+            }
+        }
+        if !own_keys {
+            let (found, missing) = duplicates(ranges);
+            checks.duplicates += found;
+            if rpc == BenchRpc::Seq && checks.unchecked == 0 {
+                checks.gap_values += missing.saturating_sub(checks.uncertain_values);
+            }
+        }
+        checks
+    }
+
+    fn ok(&self) -> bool {
+        self.duplicates == 0 && self.regressions == 0 && self.malformed == 0 && self.gap_values == 0
+    }
 }
 
 impl Report {
     fn merge(
         args: &BenchArgs,
         endpoints: &[String],
-        stats: Vec<CallerStats>,
+        mut stats: Vec<CallerStats>,
         live: &Live,
     ) -> Report {
         let mut latency_us =
             Histogram::new_with_bounds(1, LATENCY_MAX_US, 3).expect("valid histogram bounds");
         let mut errors = BTreeMap::new();
-        let (mut calls, mut timestamps, mut regressions, mut unchecked) = (0, 0, 0, 0);
-        let mut malformed = 0;
-        let mut ranges = Vec::new();
-        for s in stats {
+        let (mut calls, mut values) = (0, 0);
+        for s in &stats {
             latency_us
                 .add(&s.latency_us)
                 .expect("same histogram bounds");
             calls += s.calls;
-            timestamps += s.timestamps;
-            regressions += s.regressions;
-            malformed += s.malformed;
-            unchecked += s.ranges_dropped;
-            for (code, n) in s.errors {
-                *errors.entry(code).or_default() += n;
+            values += s.values;
+            for (code, n) in &s.errors {
+                *errors.entry(code.clone()).or_default() += n;
             }
-            ranges.extend(s.ranges);
         }
-        let checked = ranges.len() as u64;
         Report {
             target: format!(
                 "{}{}",
@@ -330,26 +467,24 @@ impl Report {
             connections: args.connections,
             count: args.count,
             mode: args.mode,
+            rpc: args.rpc,
+            seq_keys: args.seq_keys,
             threads: args.threads,
             duration: args.duration,
             warmup: args.warmup,
             calls,
-            timestamps,
+            values,
             latency_us,
             errors,
             longest_gap: Duration::from_nanos(live.longest_gap_ns.load(Ordering::Relaxed)),
             load_average: (None, None),
-            checked,
-            unchecked,
-            duplicates: duplicates(ranges),
-            regressions,
-            malformed,
+            checks: Checks::merge(&mut stats, args.rpc, args.seq_keys),
         }
     }
 
     /// Whether every reply kept the oracle's guarantees.
     fn ok(&self) -> bool {
-        self.duplicates == 0 && self.regressions == 0 && self.malformed == 0
+        self.checks.ok()
     }
 
     fn per_second(&self, n: u64) -> f64 {
@@ -358,6 +493,55 @@ impl Report {
 
     fn percentile_ms(&self, quantile: f64) -> f64 {
         self.latency_us.value_at_quantile(quantile) as f64 / 1000.0
+    }
+
+    /// What one call asks for, in words: `timestamp(s)` or `value(s) of key bench-shared`.
+    fn unit(&self) -> String {
+        match (self.rpc, self.seq_keys) {
+            (BenchRpc::Ts, _) => "timestamp(s)".into(),
+            (BenchRpc::Seq, SeqKeys::Shared) => "value(s) of one shared sequence key".into(),
+            (BenchRpc::Seq, SeqKeys::PerCaller) => "value(s) of each caller's own key".into(),
+        }
+    }
+
+    fn check_line(&self) -> String {
+        let c = &self.checks;
+        let uncertain = if c.uncertain > 0 {
+            format!(
+                "; {} uncertain call(s) may have spent up to {} values",
+                thousands(c.uncertain),
+                thousands(c.uncertain_values)
+            )
+        } else {
+            String::new()
+        };
+        let unchecked = if c.unchecked > 0 {
+            format!(
+                " ({} more grants checked per caller only)",
+                thousands(c.unchecked)
+            )
+        } else {
+            String::new()
+        };
+        let dense = if self.rpc == BenchRpc::Seq {
+            ", no unexplained gap"
+        } else {
+            ""
+        };
+        if self.ok() {
+            return format!(
+                "ok: {} grants, no duplicates{dense}, every caller's values rise{uncertain}{unchecked}",
+                thousands(c.checked)
+            );
+        }
+        format!(
+            "VIOLATION: {} duplicates, {} regressions or short grants, {} malformed replies, {} values missing unexplained, in {} grants{uncertain}{unchecked}",
+            c.duplicates,
+            c.regressions,
+            c.malformed,
+            c.gap_values,
+            thousands(c.checked)
+        )
     }
 
     fn human(&self) -> String {
@@ -371,51 +555,39 @@ impl Report {
                 .collect();
             parts.join(", ")
         };
-        let check = if self.ok() {
-            format!(
-                "ok: {} grants, no duplicates, every caller's values rise",
-                thousands(self.checked)
-            )
-        } else {
-            format!(
-                "VIOLATION: {} duplicates, {} regressions or short grants, {} malformed replies, in {} grants",
-                self.duplicates,
-                self.regressions,
-                self.malformed,
-                thousands(self.checked)
-            )
-        };
-        let unchecked = if self.unchecked > 0 {
-            format!(
-                " ({} more grants checked per caller only)",
-                thousands(self.unchecked)
-            )
-        } else {
-            String::new()
+        let values_name = match self.rpc {
+            BenchRpc::Ts => "timestamps",
+            BenchRpc::Seq => "values    ",
         };
         format!(
             "target       {}\n\
-             load         {} callers, {}, {} timestamp(s) per call, {} after {} warm-up\n\
+             load         {} callers, {}, {} {} per call, {} after {} warm-up\n\
              calls        {} ({}/s)\n\
-             timestamps   {} ({}/s)\n\
+             {values_name}   {} ({}/s)\n\
              latency      p50 {:.3} ms  p90 {:.3} ms  p99 {:.3} ms  p99.9 {:.3} ms  max {:.3} ms\n\
              errors       {errors}\n\
              longest gap  {:.3} ms without a successful reply\n\
              machine      load average {} before, {} after, {} cores\n\
-             check        {check}{unchecked}\n",
+             check        {}\n",
             self.target,
             self.callers,
-            match self.mode {
-                BenchMode::Raw => format!("raw RPCs over {} connection(s)", self.connections),
-                BenchMode::Library => "through the client library (coalescing)".to_string(),
+            match (self.mode, self.rpc) {
+                (BenchMode::Raw, _) => format!("raw RPCs over {} connection(s)", self.connections),
+                (BenchMode::Library, BenchRpc::Ts) => {
+                    "through the client library (coalescing)".to_string()
+                }
+                (BenchMode::Library, BenchRpc::Seq) => {
+                    "through the client library (one RPC per call)".to_string()
+                }
             },
             self.count,
+            self.unit(),
             humantime::format_duration(self.duration),
             humantime::format_duration(self.warmup),
             thousands(self.calls),
             thousands(self.per_second(self.calls) as u64),
-            thousands(self.timestamps),
-            thousands(self.per_second(self.timestamps) as u64),
+            thousands(self.values),
+            thousands(self.per_second(self.values) as u64),
             self.percentile_ms(0.5),
             self.percentile_ms(0.9),
             self.percentile_ms(0.99),
@@ -425,23 +597,24 @@ impl Report {
             show_load(self.load_average.0),
             show_load(self.load_average.1),
             cores(),
+            self.check_line(),
         )
     }
 
     fn json(&self) -> serde_json::Value {
-        serde_json::json!({
+        let c = &self.checks;
+        let mut json = serde_json::json!({
             "target": self.target,
             "callers": self.callers,
             "connections": self.connections,
             "count": self.count,
             "mode": self.mode.name(),
+            "rpc": self.rpc.name(),
             "threads": self.threads,
             "duration_s": self.duration.as_secs_f64(),
             "warmup_s": self.warmup.as_secs_f64(),
             "calls": self.calls,
             "calls_per_s": self.per_second(self.calls),
-            "timestamps": self.timestamps,
-            "timestamps_per_s": self.per_second(self.timestamps),
             "latency_ms": {
                 "p50": self.percentile_ms(0.5),
                 "p90": self.percentile_ms(0.9),
@@ -456,13 +629,28 @@ impl Report {
             "cores": cores(),
             "check": {
                 "ok": self.ok(),
-                "grants_checked": self.checked,
-                "grants_checked_per_caller_only": self.unchecked,
-                "duplicates": self.duplicates,
-                "regressions": self.regressions,
-                "malformed": self.malformed,
+                "grants_checked": c.checked,
+                "grants_checked_per_caller_only": c.unchecked,
+                "duplicates": c.duplicates,
+                "regressions": c.regressions,
+                "malformed": c.malformed,
             },
-        })
+        });
+        match self.rpc {
+            BenchRpc::Ts => {
+                json["timestamps"] = self.values.into();
+                json["timestamps_per_s"] = self.per_second(self.values).into();
+            }
+            BenchRpc::Seq => {
+                json["seq_keys"] = self.seq_keys.name().into();
+                json["values"] = self.values.into();
+                json["values_per_s"] = self.per_second(self.values).into();
+                json["check"]["uncertain"] = c.uncertain.into();
+                json["check"]["uncertain_values"] = c.uncertain_values.into();
+                json["check"]["gap_values"] = c.gap_values.into();
+            }
+        }
+        json
     }
 }
 
@@ -484,18 +672,21 @@ fn cores() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
-/// Overlapping grants among `ranges` (each `(first, last)`).
-fn duplicates(mut ranges: Vec<(u64, u64)>) -> u64 {
+/// Overlapping grants among `ranges` (each `(first, last)`), and the values between the lowest
+/// and the highest that no range holds (for a sequence key: its gaps).
+fn duplicates(mut ranges: Vec<(u64, u64)>) -> (u64, u64) {
     ranges.sort_unstable();
-    let mut found = 0;
+    let (mut found, mut missing) = (0, 0);
     let mut highest: Option<u64> = None;
     for (first, last) in ranges {
-        if highest.is_some_and(|h| first <= h) {
-            found += 1;
+        match highest {
+            Some(h) if first <= h => found += 1,
+            Some(h) => missing += first - h - 1,
+            None => {}
         }
         highest = Some(highest.map_or(last, |h| h.max(last)));
     }
-    found
+    (found, missing)
 }
 
 /// `1234567` as `1,234,567`.
@@ -516,10 +707,70 @@ mod tests {
     use super::*;
 
     #[test]
-    fn finds_overlapping_grants() {
-        assert_eq!(duplicates(vec![(1, 3), (4, 4), (10, 20)]), 0);
-        assert_eq!(duplicates(vec![(10, 20), (1, 3), (15, 15)]), 1);
-        assert_eq!(duplicates(vec![(1, 100), (5, 5), (50, 60)]), 2);
+    fn finds_overlapping_grants_and_gaps() {
+        assert_eq!(duplicates(vec![(1, 3), (4, 4), (10, 20)]), (0, 5));
+        assert_eq!(duplicates(vec![(10, 20), (1, 3), (15, 15)]), (1, 6));
+        assert_eq!(duplicates(vec![(1, 100), (5, 5), (50, 60)]), (2, 0));
+        assert_eq!(duplicates(vec![(0, 0), (1, 9), (10, 10)]), (0, 0));
+    }
+
+    #[test]
+    fn a_gap_of_an_own_key_is_judged_against_the_uncertain_calls_before_it() {
+        let mut density = Density::default();
+        assert_eq!(
+            density.unexplained_gap(100, 104),
+            0,
+            "the first block sets the start"
+        );
+        assert_eq!(density.unexplained_gap(105, 105), 0);
+        assert_eq!(density.unexplained_gap(107, 107), 1, "nothing uncertain");
+        density.uncertain_values = 3;
+        assert_eq!(
+            density.unexplained_gap(111, 111),
+            0,
+            "3 missing, 3 may be spent"
+        );
+        density.uncertain_values = 3;
+        assert_eq!(
+            density.unexplained_gap(116, 116),
+            1,
+            "4 missing, 3 may be spent"
+        );
+        assert_eq!(density.unexplained_gap(117, 120), 0);
+    }
+
+    fn stats(ranges: Vec<(u64, u64)>, uncertain_values: u64) -> CallerStats {
+        CallerStats {
+            latency_us: Histogram::new_with_bounds(1, LATENCY_MAX_US, 3).unwrap(),
+            calls: 0,
+            values: 0,
+            errors: BTreeMap::new(),
+            regressions: 0,
+            malformed: 0,
+            ranges,
+            ranges_dropped: 0,
+            uncertain: u64::from(uncertain_values > 0),
+            uncertain_values,
+            gaps: 0,
+        }
+    }
+
+    #[test]
+    fn a_shared_key_is_dense_across_callers_up_to_the_uncertain_values() {
+        let dense = || vec![stats(vec![(0, 4), (10, 19)], 0), stats(vec![(5, 9)], 0)];
+        let checks = Checks::merge(&mut dense(), BenchRpc::Seq, SeqKeys::Shared);
+        assert!(checks.ok(), "{checks:?}");
+        let gappy = || vec![stats(vec![(0, 4), (12, 19)], 0), stats(vec![(5, 9)], 1)];
+        let checks = Checks::merge(&mut gappy(), BenchRpc::Seq, SeqKeys::Shared);
+        assert_eq!(checks.gap_values, 1, "2 missing, 1 may have been spent");
+        // Timestamps have gaps by nature, and keys of their own are judged per caller.
+        assert!(Checks::merge(&mut gappy(), BenchRpc::Ts, SeqKeys::Shared).ok());
+        assert!(Checks::merge(&mut gappy(), BenchRpc::Seq, SeqKeys::PerCaller).ok());
+        let overlap = || vec![stats(vec![(0, 4)], 0), stats(vec![(0, 4)], 0)];
+        let checks = Checks::merge(&mut overlap(), BenchRpc::Seq, SeqKeys::Shared);
+        assert_eq!(checks.duplicates, 1);
+        // Two callers' own keys may hold the same values.
+        assert!(Checks::merge(&mut overlap(), BenchRpc::Seq, SeqKeys::PerCaller).ok());
     }
 
     #[test]

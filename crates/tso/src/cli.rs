@@ -25,6 +25,8 @@ pub enum Command {
     Init(InitArgs),
     /// Ask a server for timestamps and print them, one per line.
     Get(GetArgs),
+    /// Take a block of a dense sequence (GetSeq; several keys: one GetSeqBatch) and print it.
+    Seq(SeqArgs),
     /// Closed-loop load against a server: rate, latency percentiles, errors; checks the replies.
     Bench(BenchArgs),
     /// Jepsen-style check: clients recording every call, a seeded nemesis, history checks.
@@ -164,6 +166,31 @@ pub struct GetArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct SeqArgs {
+    /// The sequence key (1 to 128 bytes). Several keys are granted together, all or nothing.
+    #[arg(required = true, num_args = 1..)]
+    pub keys: Vec<String>,
+    /// How many values per key (1 to 65536).
+    #[arg(short = 'n', long = "count", default_value_t = 1)]
+    pub count: u32,
+    /// Server addresses, comma-separated (`host:port` or `http://host:port`); the leader is
+    /// found through hints.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "127.0.0.1:50551",
+        env = "TSO_ENDPOINTS"
+    )]
+    pub endpoints: Vec<String>,
+    /// Give up after this long (a call already sent is then reported as uncertain).
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
+    /// Log filter for the client's own logs on stderr (e.g. `tso_client=debug`).
+    #[arg(long, default_value = "warn", env = "TSO_LOG")]
+    pub log: String,
+}
+
+#[derive(Debug, Args)]
 pub struct BenchArgs {
     /// Server addresses, comma-separated (`host:port` or `http://host:port`); the leader is
     /// found through hints. Ignored with `--spawn`.
@@ -183,13 +210,20 @@ pub struct BenchArgs {
     /// HTTP/2 connections per endpoint; callers are spread over them.
     #[arg(long, default_value_t = 1)]
     pub connections: usize,
-    /// Timestamps per call.
+    /// Timestamps (or sequence values) per call.
     #[arg(long, short = 'n', default_value_t = 1)]
     pub count: u32,
-    /// Raw `GetTs` RPCs, or calls through the client library (coalescing, one client shared by
-    /// every caller; `--connections` does not apply).
+    /// Raw RPCs, or calls through the client library (one client shared by every caller;
+    /// `--connections` does not apply; `GetTs` callers are coalesced, sequence callers are not).
     #[arg(long, value_enum, default_value = "raw")]
     pub mode: BenchMode,
+    /// The RPC to load: `GetTs`, or `GetSeq` on the keys of `--seq-keys`.
+    #[arg(long, value_enum, default_value = "ts")]
+    pub rpc: BenchRpc,
+    /// With `--rpc seq`: one key shared by every caller (`bench-shared`), or one key per caller
+    /// (`bench-caller-N`). The names are fixed, so repeated runs reuse the same keys.
+    #[arg(long, value_enum, default_value = "shared")]
+    pub seq_keys: SeqKeys,
     /// How long to measure, after the warm-up.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub duration: Duration,
@@ -277,6 +311,50 @@ pub struct CheckArgs {
     /// violation (exit 1).
     #[arg(long, conflicts_with = "unsafe_positive_control")]
     pub unsafe_no_lease: bool,
+}
+
+/// The RPC `tso bench` loads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BenchRpc {
+    /// `GetTs`.
+    Ts,
+    /// `GetSeq`.
+    Seq,
+}
+
+impl BenchRpc {
+    pub fn name(self) -> &'static str {
+        match self {
+            BenchRpc::Ts => "ts",
+            BenchRpc::Seq => "seq",
+        }
+    }
+}
+
+/// Which sequence keys `tso bench --rpc seq` callers use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SeqKeys {
+    /// One key for every caller: they contend on one counter.
+    Shared,
+    /// One key per caller: no two callers share a counter.
+    PerCaller,
+}
+
+impl SeqKeys {
+    pub fn name(self) -> &'static str {
+        match self {
+            SeqKeys::Shared => "shared",
+            SeqKeys::PerCaller => "per-caller",
+        }
+    }
+
+    /// The key caller `id` uses.
+    pub fn key(self, id: usize) -> String {
+        match self {
+            SeqKeys::Shared => "bench-shared".into(),
+            SeqKeys::PerCaller => format!("bench-caller-{id}"),
+        }
+    }
 }
 
 /// How `tso bench` and `tso check` callers reach the server.

@@ -11,6 +11,7 @@ mod cli;
 mod cluster;
 mod get;
 mod node;
+mod seq;
 mod serve;
 mod targets;
 
@@ -23,6 +24,7 @@ fn main() -> ExitCode {
         cli::Command::Serve(args) => serve::run(*args),
         cli::Command::Init(args) => serve::init(args),
         cli::Command::Get(args) => get::run(args),
+        cli::Command::Seq(args) => seq::run(args),
         cli::Command::Bench(args) => bench::run(args),
         cli::Command::Check(args) => return check::main(args),
     };

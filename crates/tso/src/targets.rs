@@ -5,6 +5,8 @@
 //! "not leader" with a hint, or when its endpoint is unreachable (then it rotates through the
 //! configured list); a pinned caller never switches. A reply the client library refuses as
 //! malformed is a [`Failure::Malformed`], which the callers count as a violation, not an error.
+//! A sequence call (`GetSeq`) that failed after it may have been granted is a
+//! [`Failure::Uncertain`]: the checks must allow its values to be spent (SEMANTICS §11, D2).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -15,8 +17,8 @@ use prost::Message;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 use tso_proto::LEADER_HINT_KEY;
-use tso_proto::v1::GetTsRequest;
 use tso_proto::v1::tso_service_client::TsoServiceClient;
+use tso_proto::v1::{GetSeqRequest, GetSeqResponse, GetTsRequest};
 
 use crate::check::history::WireGrant;
 
@@ -126,8 +128,27 @@ pub enum Failure {
     /// An error reply, or none: the name of a gRPC code or of the client library's error kind.
     /// It constrains nothing.
     Error(String),
-    /// A reply that breaks the protocol (the client library refused it): a violation.
+    /// A sequence call that failed after its request may have been granted: its values may be
+    /// spent. The name of the gRPC code or of the client library's error kind.
+    Uncertain(String),
+    /// A reply that breaks the protocol (the client library, or the sequence route's own check,
+    /// refused it): a violation.
     Malformed(String),
+}
+
+/// A sequence block as granted, checked against its request: `start..start + count`, with
+/// `count` what was asked for and no overflow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WireBlock {
+    pub start: u64,
+    pub count: u32,
+}
+
+impl WireBlock {
+    /// The last value of the block.
+    pub fn last(&self) -> u64 {
+        self.start + u64::from(self.count) - 1
+    }
 }
 
 /// A caller whose raw target is unreachable waits this long before its next try, so a dead
@@ -178,6 +199,83 @@ impl Route {
                 Err(err) => Err(library_failure(&err)),
             },
         }
+    }
+}
+
+impl Route {
+    /// One block of `count` values of sequence `key`, or why there is none.
+    pub async fn seq(&mut self, key: &str, count: u32) -> Result<WireBlock, Failure> {
+        match self {
+            Route::Raw {
+                targets,
+                slot,
+                rotation,
+                client,
+            } => match raw_seq(client, key, count).await {
+                Ok(reply) => check_block(key, count, &reply).map_err(Failure::Malformed),
+                Err(status) => {
+                    if follow(targets, *slot, rotation, client, &status) {
+                        tokio::time::sleep(UNREACHABLE_PAUSE).await;
+                    }
+                    Err(seq_failure(&status))
+                }
+            },
+            Route::Pinned(client) => match raw_seq(client, key, count).await {
+                Ok(reply) => check_block(key, count, &reply).map_err(Failure::Malformed),
+                Err(status) => Err(seq_failure(&status)),
+            },
+            Route::Library(client) => match client.get_seq(key, count).await {
+                Ok(block) => Ok(WireBlock {
+                    start: block.start(),
+                    count: block.count(),
+                }),
+                Err(err) => Err(library_failure(&err)),
+            },
+        }
+    }
+}
+
+/// One raw `GetSeq`, its reply taken as it came.
+async fn raw_seq(
+    client: &mut TsoServiceClient<Channel>,
+    key: &str,
+    count: u32,
+) -> Result<GetSeqResponse, Status> {
+    let request = GetSeqRequest {
+        key: key.into(),
+        count,
+    };
+    Ok(client.get_seq(request).await?.into_inner())
+}
+
+/// A raw `GetSeq` reply checked as the client library checks it: the key and count asked for,
+/// an epoch, and no value past `u64::MAX`.
+fn check_block(key: &str, count: u32, reply: &GetSeqResponse) -> Result<WireBlock, String> {
+    if reply.key != key || reply.count != count {
+        return Err(format!(
+            "asked for {count} values of {key:?}, got {} of {:?}",
+            reply.count, reply.key
+        ));
+    }
+    if reply.epoch.is_none() {
+        return Err("the reply has no epoch".into());
+    }
+    if reply.start.checked_add(u64::from(count)).is_none() {
+        return Err(format!("block {}+{count} passes u64::MAX", reply.start));
+    }
+    Ok(WireBlock {
+        start: reply.start,
+        count,
+    })
+}
+
+/// A failed raw `GetSeq`: uncertain unless nothing was sent or the server refused.
+fn seq_failure(status: &Status) -> Failure {
+    let code = code_name(status.code());
+    if tso_client::seq_status_is_uncertain(status) {
+        Failure::Uncertain(code)
+    } else {
+        Failure::Error(code)
     }
 }
 
@@ -241,6 +339,7 @@ fn library_grant(batch: &tso_client::Batch) -> Result<WireGrant, Failure> {
 fn library_failure(err: &tso_client::Error) -> Failure {
     match err {
         tso_client::Error::MalformedReply { .. } => Failure::Malformed(err.to_string()),
+        tso_client::Error::SeqUncertain { .. } => Failure::Uncertain(library_error_name(err)),
         _ => Failure::Error(library_error_name(err)),
     }
 }
@@ -259,6 +358,10 @@ fn library_error_name(err: &tso_client::Error) -> String {
         E::MalformedHint { .. } => "MalformedHint".into(),
         E::Server { code, .. } => code_name(*code),
         E::Closed => "Closed".into(),
+        E::InvalidSeqKey { .. } => "InvalidSeqKey".into(),
+        E::InvalidSeqCount { .. } => "InvalidSeqCount".into(),
+        E::InvalidSeqBatch { .. } => "InvalidSeqBatch".into(),
+        E::SeqUncertain { .. } => "SeqUncertain".into(),
     }
 }
 
@@ -304,6 +407,43 @@ mod tests {
             last: "refused".into(),
         };
         assert_eq!(library_failure(&down), Failure::Error("Unavailable".into()));
+    }
+
+    #[test]
+    fn raw_sequence_replies_and_failures_are_sorted() {
+        let reply = |key: &str, start, count| GetSeqResponse {
+            key: key.into(),
+            start,
+            count,
+            epoch: Some(tso_proto::v1::EpochWire { hi: 0, lo: 1 }),
+        };
+        let block = check_block("k", 3, &reply("k", 10, 3)).unwrap();
+        assert_eq!((block.start, block.last()), (10, 12));
+        assert!(check_block("k", 3, &reply("k", 10, 4)).is_err());
+        assert!(check_block("k", 3, &reply("j", 10, 3)).is_err());
+        assert!(check_block("k", 3, &reply("k", u64::MAX - 1, 3)).is_err());
+        let no_epoch = GetSeqResponse {
+            epoch: None,
+            ..reply("k", 10, 3)
+        };
+        assert!(check_block("k", 3, &no_epoch).is_err());
+        assert_eq!(
+            seq_failure(&Status::unavailable("write failed")),
+            Failure::Uncertain("Unavailable".into())
+        );
+        assert_eq!(
+            seq_failure(&Status::failed_precondition("not leader")),
+            Failure::Error("FailedPrecondition".into())
+        );
+        let uncertain = tso_client::Error::SeqUncertain {
+            endpoint: "http://a:1".into(),
+            asked: vec![("k".into(), 1)],
+            reason: "reset".into(),
+        };
+        assert_eq!(
+            library_failure(&uncertain),
+            Failure::Uncertain("SeqUncertain".into())
+        );
     }
 
     #[test]

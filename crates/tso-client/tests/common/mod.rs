@@ -4,12 +4,15 @@
 //!
 //! The allocator is correct (unique, increasing, never past 262143 logicals) and lives in
 //! [`Shared`], which outlives a server: restarting on the same address continues above every
-//! earlier grant, as a durable server would. [`Mode`] makes it misbehave on purpose.
+//! earlier grant, as a durable server would. So do its dense sequences: one counter per key,
+//! each block granted from it. [`Mode`] makes it misbehave on purpose, for every RPC it
+//! applies to.
 
 #![allow(dead_code)]
 
 pub mod real;
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -29,7 +32,7 @@ use tso_proto::v1::*;
 /// Generous bound for anything a test awaits: only a hang guard, never what a test measures.
 pub const HANG_GUARD: Duration = Duration::from_secs(60);
 
-/// How a test server answers `GetTs`.
+/// How a test server answers `GetTs`, `GetSeq` and `GetSeqBatch`.
 #[derive(Clone, Debug)]
 pub enum Mode {
     /// Grants correctly.
@@ -43,10 +46,14 @@ pub enum Mode {
     HintNotProtobuf,
     /// "not leader" with a hint whose endpoint is not `host:port`.
     HintBadEndpoint,
-    /// Grants one timestamp more than asked.
+    /// Grants one timestamp (or sequence value) more than asked.
     CountMismatch,
-    /// Grants a range that passes the last logical of the millisecond.
+    /// Grants a range that passes the last logical of the millisecond (`GetTs` only).
     LogicalOverflow,
+    /// Answers sequence calls with a reply of the wrong shape (`GetTs` grants correctly).
+    SeqMalformed(SeqFault),
+    /// Answers every call with this status.
+    Status(tonic::Code, &'static str),
     /// `UNAVAILABLE` this many times, then grants.
     UnavailableTimes(u32),
     /// "not leader" without a hint (an election) this many times, then grants.
@@ -57,10 +64,29 @@ pub enum Mode {
     InvalidArgument,
 }
 
+/// How [`Mode::SeqMalformed`] breaks a sequence reply.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SeqFault {
+    /// The (first) grant names another key.
+    WrongKey,
+    /// The (first) block passes `u64::MAX`.
+    Overflow,
+    /// No epoch.
+    NoEpoch,
+    /// A batch's grants in reverse order.
+    Reversed,
+    /// A batch's last grant missing.
+    Missing,
+}
+
 /// State that outlives one server incarnation.
 pub struct Shared {
     mode: Mutex<Mode>,
     cursor: Mutex<(u64, u32)>,
+    /// Each sequence key's next value.
+    counters: Mutex<HashMap<String, u64>>,
+    /// Every sequence request received, in arrival order: `(key, count)` per entry.
+    seq_requests: Mutex<Vec<Vec<(String, u32)>>>,
     epoch: Epoch,
     rpcs: AtomicU64,
     counts: Mutex<Vec<u32>>,
@@ -73,6 +99,8 @@ impl Shared {
         Arc::new(Self {
             mode: Mutex::new(mode),
             cursor: Mutex::new((0, 0)),
+            counters: Mutex::new(HashMap::new()),
+            seq_requests: Mutex::new(Vec::new()),
             epoch,
             rpcs: AtomicU64::new(0),
             counts: Mutex::new(Vec::new()),
@@ -85,7 +113,7 @@ impl Shared {
         *self.mode.lock().unwrap() = mode;
     }
 
-    /// `GetTs` RPCs received so far, in any mode.
+    /// RPCs received so far (`GetTs` and sequences), in any mode.
     pub fn rpcs(&self) -> u64 {
         self.rpcs.load(Ordering::SeqCst)
     }
@@ -93,6 +121,16 @@ impl Shared {
     /// The `count` of every `GetTs` received, in arrival order.
     pub fn counts(&self) -> Vec<u32> {
         self.counts.lock().unwrap().clone()
+    }
+
+    /// Every sequence request received, in arrival order.
+    pub fn seq_requests(&self) -> Vec<Vec<(String, u32)>> {
+        self.seq_requests.lock().unwrap().clone()
+    }
+
+    /// The next value of sequence `key` (0 for a key never granted).
+    pub fn seq_next(&self, key: &str) -> u64 {
+        self.counters.lock().unwrap().get(key).copied().unwrap_or(0)
     }
 
     /// Lets `n` stalled RPCs proceed.
@@ -128,6 +166,27 @@ impl Shared {
         let start = *cursor;
         cursor.1 += count;
         start
+    }
+
+    /// Grants every `(key, count)` at once from the keys' counters: the starts, in order.
+    fn grant_seq(&self, entries: &[(String, u32)]) -> Vec<u64> {
+        let mut counters = self.counters.lock().unwrap();
+        entries
+            .iter()
+            .map(|(key, count)| {
+                let next = counters.entry(key.clone()).or_insert(0);
+                let start = *next;
+                *next += u64::from(*count);
+                start
+            })
+            .collect()
+    }
+
+    fn epoch_wire(&self) -> Option<EpochWire> {
+        Some(EpochWire {
+            hi: self.epoch.hi(),
+            lo: self.epoch.lo(),
+        })
     }
 
     /// Takes one step of a counting mode: true while the misbehaviour lasts.
@@ -198,9 +257,10 @@ impl Service {
             Mode::NoLeaderTimes(_) if shared.count_down() => {
                 return Err(not_leader(Some(hint(None, None))));
             }
-            Mode::UnavailableTimes(_) | Mode::NoLeaderTimes(_) => {}
+            Mode::UnavailableTimes(_) | Mode::NoLeaderTimes(_) | Mode::SeqMalformed(_) => {}
             Mode::Stall => shared.gate.acquire().await.expect("gate open").forget(),
             Mode::InvalidArgument => return Err(Status::invalid_argument("count out of range")),
+            Mode::Status(code, message) => return Err(Status::new(code, message)),
         }
         if count == 0 || count > LOGICAL_COUNT {
             return Err(Status::invalid_argument(format!("count {count}")));
@@ -208,6 +268,80 @@ impl Service {
         let (p, l) = shared.grant(count);
         Ok(shared.reply(p, l, count))
     }
+}
+
+/// A sequence grant before the mode breaks it: `(key, start, count)` per entry.
+type SeqGrants = Vec<(String, u64, u32)>;
+
+impl Service {
+    /// What every sequence RPC does before it grants: refuse, stall, or break the reply.
+    async fn seq_gate(&self, entries: &[(String, u32)]) -> Result<Option<SeqFault>, Status> {
+        let shared = &self.0;
+        let mode = shared.mode.lock().unwrap().clone();
+        match mode {
+            Mode::Leader | Mode::CountMismatch | Mode::LogicalOverflow => {}
+            Mode::Follower { endpoint, epoch } => {
+                return Err(not_leader(Some(hint(endpoint, epoch))));
+            }
+            Mode::HintNotProtobuf => return Err(not_leader(Some(vec![0x0a, 0x05, b'a']))),
+            Mode::HintBadEndpoint => {
+                return Err(not_leader(Some(hint(Some("::garbage::".into()), None))));
+            }
+            Mode::UnavailableTimes(_) if shared.count_down() => {
+                return Err(Status::unavailable("the durable write failed"));
+            }
+            Mode::NoLeaderTimes(_) if shared.count_down() => {
+                return Err(not_leader(Some(hint(None, None))));
+            }
+            Mode::UnavailableTimes(_) | Mode::NoLeaderTimes(_) => {}
+            Mode::Stall => shared.gate.acquire().await.expect("gate open").forget(),
+            Mode::InvalidArgument => return Err(Status::invalid_argument("key out of range")),
+            Mode::Status(code, message) => return Err(Status::new(code, message)),
+            Mode::SeqMalformed(fault) => return Ok(Some(fault)),
+        }
+        if entries.iter().any(|(k, c)| k.is_empty() || *c == 0) {
+            return Err(Status::invalid_argument("empty key or zero count"));
+        }
+        Ok(None)
+    }
+
+    /// Grants `entries` and breaks the grants as the mode says.
+    fn seq_grants(&self, entries: &[(String, u32)], fault: Option<SeqFault>) -> SeqGrants {
+        let starts = self.0.grant_seq(entries);
+        let extra = u32::from(matches!(*self.0.mode.lock().unwrap(), Mode::CountMismatch));
+        let mut grants: SeqGrants = entries
+            .iter()
+            .zip(starts)
+            .map(|((key, count), start)| (key.clone(), start, count + extra))
+            .collect();
+        match fault {
+            None | Some(SeqFault::NoEpoch) => {}
+            Some(SeqFault::WrongKey) => grants[0].0.push_str("-other"),
+            Some(SeqFault::Overflow) => grants[0].1 = u64::MAX - u64::from(grants[0].2) + 1,
+            Some(SeqFault::Reversed) => grants.reverse(),
+            Some(SeqFault::Missing) => drop(grants.pop()),
+        }
+        grants
+    }
+
+    fn epoch_for(&self, fault: Option<SeqFault>) -> Option<EpochWire> {
+        match fault {
+            Some(SeqFault::NoEpoch) => None,
+            _ => self.0.epoch_wire(),
+        }
+    }
+
+    fn arrived_seq(&self, entries: &[(String, u32)]) {
+        let shared = &self.0;
+        shared.seq_requests.lock().unwrap().push(entries.to_vec());
+        shared.rpcs.fetch_add(1, Ordering::SeqCst);
+        shared.arrived.notify_waiters();
+    }
+}
+
+/// A request key as text, whether the generated field is `bytes` or `string`.
+fn key_text(key: impl AsRef<[u8]>) -> String {
+    String::from_utf8_lossy(key.as_ref()).into_owned()
 }
 
 #[tonic::async_trait]
@@ -230,15 +364,41 @@ impl TsoService for Service {
         Err(Status::unimplemented("test server"))
     }
 
-    async fn get_seq(&self, _: Request<GetSeqRequest>) -> Result<Response<GetSeqResponse>, Status> {
-        Err(Status::unimplemented("test server"))
+    async fn get_seq(
+        &self,
+        request: Request<GetSeqRequest>,
+    ) -> Result<Response<GetSeqResponse>, Status> {
+        let request = request.into_inner();
+        let entries = [(key_text(request.key), request.count)];
+        self.arrived_seq(&entries);
+        let fault = self.seq_gate(&entries).await?;
+        let (key, start, count) = self.seq_grants(&entries, fault).remove(0);
+        Ok(Response::new(GetSeqResponse {
+            key,
+            start,
+            count,
+            epoch: self.epoch_for(fault),
+        }))
     }
 
     async fn get_seq_batch(
         &self,
-        _: Request<GetSeqBatchRequest>,
+        request: Request<GetSeqBatchRequest>,
     ) -> Result<Response<GetSeqBatchResponse>, Status> {
-        Err(Status::unimplemented("test server"))
+        let entries: Vec<(String, u32)> = request
+            .into_inner()
+            .entries
+            .into_iter()
+            .map(|e| (key_text(e.key), e.count))
+            .collect();
+        self.arrived_seq(&entries);
+        let fault = self.seq_gate(&entries).await?;
+        let grants = self.seq_grants(&entries, fault).into_iter();
+        let grants = grants.map(|(key, start, count)| SeqGrantEntry { key, start, count });
+        Ok(Response::new(GetSeqBatchResponse {
+            grants: grants.collect(),
+            epoch: self.epoch_for(fault),
+        }))
     }
 
     async fn acquire_lease(

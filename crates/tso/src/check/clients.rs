@@ -180,7 +180,8 @@ impl Client {
                 Outcome::Granted(grant)
             }
             Err(Failure::Malformed(reason)) => Outcome::Malformed(reason),
-            Err(Failure::Error(code)) => {
+            // `GetTs` is never uncertain: a lost request spends nothing that must be dense.
+            Err(Failure::Error(code) | Failure::Uncertain(code)) => {
                 tokio::time::sleep(FAILED_PAUSE).await;
                 Outcome::Failed(code)
             }

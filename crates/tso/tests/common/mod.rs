@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod malformed;
+pub mod seq_server;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
