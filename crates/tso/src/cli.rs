@@ -77,6 +77,20 @@ pub struct ServeArgs {
     /// the oracle on purpose. Never set it.
     #[arg(long, hide = true)]
     pub unsafe_no_lease: bool,
+    /// Largest `count` of one key in one GetSeq/GetSeqBatch entry.
+    #[arg(long, default_value_t = tso_server::SEQ_COUNT_MAX_DEFAULT,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub seq_count_max: u32,
+    /// Most distinct dense-sequence keys this server keeps; a new key past it is refused with
+    /// RESOURCE_EXHAUSTED.
+    #[arg(long, default_value_t = tso_server::SEQ_KEYS_MAX_DEFAULT as u64,
+          value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+    pub seq_keys_max: u64,
+    /// FOR THE CHECKER'S POSITIVE CONTROL ONLY: each new leader starts every sequence from 0
+    /// instead of loading the durable counters, so blocks are handed out twice after a failover
+    /// or restart. This breaks the oracle on purpose. Never set it.
+    #[arg(long, hide = true)]
+    pub unsafe_seq_forget: bool,
     /// FOR FAULT TESTS ONLY: shift this server's clock by the signed number of milliseconds
     /// written in this file (re-read every 50 ms). Never set it in production.
     #[arg(long, hide = true)]

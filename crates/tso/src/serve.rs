@@ -117,12 +117,19 @@ fn oracle_config(args: &ServeArgs) -> Config {
             "UNSAFE: grants skip the leader lease check; this server breaks its guarantees on purpose"
         );
     }
+    if args.unsafe_seq_forget {
+        tracing::warn!(
+            "UNSAFE: sequences restart from 0 in every term; this server breaks its guarantees on purpose"
+        );
+    }
     Config {
         window_ahead: args.window_ahead,
         failover_advance: args.failover_advance,
         shutdown_grace: args.shutdown_grace,
         unsafe_skip_lease_check: args.unsafe_no_lease,
-        ..Config::default()
+        seq_count_max: args.seq_count_max,
+        seq_keys_max: args.seq_keys_max as usize,
+        unsafe_seq_skip_load: args.unsafe_seq_forget,
     }
 }
 

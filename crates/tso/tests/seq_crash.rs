@@ -113,3 +113,69 @@ async fn burst(
         }
     }
 }
+
+/// The sequence limits are serve flags: a third key past `--seq-keys-max 2` is refused with a
+/// clear error and spends nothing; `--seq-count-max` bounds one entry.
+#[test]
+fn the_sequence_limits_are_serve_flags() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(
+        dir.path(),
+        &["--seq-keys-max", "2", "--seq-count-max", "10"],
+    );
+    let endpoint = server.addr.clone();
+    let seq = |args: &[&str]| {
+        let mut all = vec!["seq"];
+        all.extend_from_slice(args);
+        all.extend_from_slice(&["--endpoints", &endpoint]);
+        run_tso(&all)
+    };
+    let (status, out, err) = seq(&["a", "b", "-n", "10"]);
+    assert!(status.success(), "{err}");
+    assert_eq!(
+        out,
+        "a 0..10 (count 10, epoch 1)\nb 0..10 (count 10, epoch 1)\n"
+    );
+    let (status, _, err) = seq(&["c"]);
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(err.contains("maximum of 2 sequence keys"), "{err}");
+    let (status, _, err) = seq(&["a", "-n", "11"]);
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(err.contains("count 11 is out of range"), "{err}");
+    let (status, out, err) = seq(&["a"]);
+    assert!(status.success(), "{err}");
+    assert_eq!(
+        out, "a 10..11 (count 1, epoch 1)\n",
+        "the refusals spent nothing"
+    );
+    let (status, _, err) = run_tso(&["serve", "--seq-keys-max", "0"]);
+    assert_eq!(status.code(), Some(2), "{err}");
+}
+
+/// The positive control of `tso check --workload seq`: with `--unsafe-seq-forget` a restarted
+/// server hands out a block it had handed out before.
+#[test]
+fn the_forgetting_control_reissues_blocks_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = |server: &Server| {
+        let (status, out, err) = run_tso(&["seq", "k", "-n", "5", "--endpoints", &server.addr]);
+        assert!(status.success(), "{err}");
+        out
+    };
+    let server = Server::start(dir.path(), &["--unsafe-seq-forget"]);
+    assert_eq!(first(&server), "k 0..5 (count 5, epoch 1)\n");
+    server.kill9();
+    let server = Server::start(dir.path(), &["--unsafe-seq-forget"]);
+    assert_eq!(
+        first(&server),
+        "k 0..5 (count 5, epoch 2)\n",
+        "the control reissues"
+    );
+    server.kill9();
+    let server = Server::start(dir.path(), &[]);
+    assert_eq!(
+        first(&server),
+        "k 5..10 (count 5, epoch 3)\n",
+        "the durable counter was kept"
+    );
+}
