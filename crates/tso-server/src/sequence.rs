@@ -74,16 +74,18 @@ pub(crate) fn check_call(entries: Vec<(Vec<u8>, u32)>, count_max: u32) -> Result
         let key = String::from_utf8(key).map_err(|_| format!("entry {i}: the key is not UTF-8"))?;
         checked.push((key, count));
     }
-    let mut seen = std::collections::HashSet::with_capacity(checked.len());
-    if let Some((key, _)) = checked.iter().find(|(key, _)| !seen.insert(key.as_str())) {
-        return Err(format!("key {key:?} appears twice in the batch"));
+    // At most 128 entries: comparing each with those before it costs less than hashing.
+    for (i, (key, _)) in checked.iter().enumerate() {
+        if checked[..i].iter().any(|(earlier, _)| earlier == key) {
+            return Err(format!("key {key:?} appears twice in the batch"));
+        }
     }
     Ok(SeqCall { entries: checked })
 }
 
-/// The first value of each entry's block, in request order, and the epoch that made them
-/// durable.
-pub(crate) type SeqStarts = (Vec<u64>, Epoch);
+/// A call's blocks: the call itself, the first value of each entry's block in request order,
+/// and the epoch that made them durable.
+pub(crate) type SeqStarts = (SeqCall, Vec<u64>, Epoch);
 
 struct Waiting {
     call: SeqCall,
@@ -208,9 +210,8 @@ impl Sequencer {
         metrics::seq_write(result.is_ok(), granted.len());
         let answer = result.map_err(|e| write_refusal(e, shared));
         for (waiting, starts) in granted {
-            let _ = waiting
-                .reply
-                .send(answer.clone().map(|()| (starts, self.epoch)));
+            let reply = answer.clone().map(|()| (waiting.call, starts, self.epoch));
+            let _ = waiting.reply.send(reply);
         }
     }
 
@@ -279,7 +280,13 @@ fn plan(
     }
     planned.new_keys += new_keys;
     for ((key, count), start) in call.entries.iter().zip(&starts) {
-        planned.ends.insert(key.clone(), start + u64::from(*count));
+        let end = start + u64::from(*count);
+        match planned.ends.get_mut(key) {
+            Some(planned_end) => *planned_end = end,
+            None => {
+                planned.ends.insert(key.clone(), end);
+            }
+        }
     }
     Ok(starts)
 }

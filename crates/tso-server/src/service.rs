@@ -120,11 +120,7 @@ impl TsoService for TsoHandler {
     ) -> Result<Response<GetSeqResponse>, Status> {
         let GetSeqRequest { key, count } = request.into_inner();
         let call = self.checked(vec![(key, count)])?;
-        let (starts, epoch) = self
-            .shared
-            .sequence(call.clone())
-            .await
-            .map_err(status_of)?;
+        let (call, starts, epoch) = self.shared.sequence(call).await.map_err(status_of)?;
         let (key, count) = call.entries.into_iter().next().expect("one entry");
         Ok(Response::new(GetSeqResponse {
             key,
@@ -145,11 +141,7 @@ impl TsoService for TsoHandler {
             .map(|e| (e.key, e.count))
             .collect();
         let call = self.checked(entries)?;
-        let (starts, epoch) = self
-            .shared
-            .sequence(call.clone())
-            .await
-            .map_err(status_of)?;
+        let (call, starts, epoch) = self.shared.sequence(call).await.map_err(status_of)?;
         let grants = call
             .entries
             .into_iter()

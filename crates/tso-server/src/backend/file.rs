@@ -222,6 +222,8 @@ fn decode_sequences(bytes: &[u8]) -> Result<SeqCounters, String> {
 struct SeqStore {
     dir: PathBuf,
     counters: SeqCounters,
+    /// `SEQUENCES` is known to be durable in the directory.
+    marked: bool,
 }
 
 impl SeqStore {
@@ -250,6 +252,7 @@ impl SeqStore {
         Ok(SeqStore {
             dir: dir.to_path_buf(),
             counters,
+            marked: false,
         })
     }
 
@@ -274,12 +277,15 @@ impl SeqStore {
         fs::rename(&temp, &path).map_err(io_at(&path))?;
         sync_dir(&self.dir)?;
         self.counters = next;
-        let mark = self.dir.join(SEQ_MARK_FILE);
-        if !mark.exists() {
-            File::create(&mark)
-                .and_then(|f| f.sync_all())
-                .map_err(io_at(&mark))?;
-            sync_dir(&self.dir)?;
+        if !self.marked {
+            let mark = self.dir.join(SEQ_MARK_FILE);
+            if !mark.exists() {
+                File::create(&mark)
+                    .and_then(|f| f.sync_all())
+                    .map_err(io_at(&mark))?;
+                sync_dir(&self.dir)?;
+            }
+            self.marked = true;
         }
         Ok(())
     }
