@@ -274,7 +274,11 @@ pub struct CheckArgs {
     /// and the nemesis stop together and the history is checked.
     #[arg(long, default_value_t = crate::check::clients::CALLS_MAX)]
     pub calls_max: usize,
-    /// Each call asks for a random count from 1 to this.
+    /// What the clients call: `GetTs` (timestamps), or `GetSeq` on a few fixed keys (dense
+    /// sequences, checked for D1 and D2).
+    #[arg(long, value_enum, default_value = "ts")]
+    pub workload: Workload,
+    /// Each `GetTs` call asks for a random count from 1 to this (`GetSeq` calls ask for 1 to 4).
     #[arg(long, default_value_t = 16)]
     pub count_max: u32,
     /// Raw `GetTs` RPCs, or calls through the client library (one client shared by every
@@ -304,13 +308,15 @@ pub struct CheckArgs {
     pub out: Option<PathBuf>,
     /// Also write every recorded call here, one JSON object per line (`client`, `start_ns` and
     /// `end_ns` on CLOCK_MONOTONIC, `requested`, and `physical_ms`/`logical_start`/`count`,
-    /// `error`, or `malformed` for a reply the client library refused).
+    /// `error`, or `malformed` for a reply the client library refused; sequence calls have a
+    /// `key`, and `start`/`count`, `error`, `uncertain` or `malformed`).
     #[arg(long)]
     pub history: Option<PathBuf>,
     /// Check histories written by `--history` (one or several, e.g. from several processes on
     /// one machine: they share CLOCK_MONOTONIC) instead of running anything: merged, then
-    /// checked for duplicates, regression, real-time order and grant shape.
-    #[arg(long, value_delimiter = ',', conflicts_with_all = ["endpoints", "unsafe_positive_control", "unsafe_no_lease"])]
+    /// checked for duplicates, regression, real-time order and grant shape (sequence calls: for
+    /// overlaps, gaps above each key's lowest block, and shape).
+    #[arg(long, value_delimiter = ',', conflicts_with_all = ["endpoints", "unsafe_positive_control", "unsafe_no_lease", "unsafe_seq_forget"])]
     pub verify: Vec<PathBuf>,
     /// Directory for the nodes' data and logs [default: a temporary one, removed after a clean
     /// run].
@@ -325,6 +331,29 @@ pub struct CheckArgs {
     /// violation (exit 1).
     #[arg(long, conflicts_with = "unsafe_positive_control")]
     pub unsafe_no_lease: bool,
+    /// POSITIVE CONTROL of dense sequences (with `--workload seq`): run servers whose every new
+    /// leader starts each sequence from 0, and kill the leader. A working checker reports a D1
+    /// violation (exit 1).
+    #[arg(long, conflicts_with_all = ["unsafe_positive_control", "unsafe_no_lease"])]
+    pub unsafe_seq_forget: bool,
+}
+
+/// What `tso check` clients call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Workload {
+    /// `GetTs`: timestamps, checked for duplicates, regression, real-time order and shape.
+    Ts,
+    /// `GetSeq` on a few fixed keys: blocks checked for overlaps (D1), gaps (D2) and shape.
+    Seq,
+}
+
+impl Workload {
+    pub fn name(self) -> &'static str {
+        match self {
+            Workload::Ts => "ts",
+            Workload::Seq => "seq",
+        }
+    }
 }
 
 /// The RPC `tso bench` loads.

@@ -9,6 +9,10 @@
 //! same history. The others follow the leader, and liveness is judged on them alone. All of
 //! them share one budget of calls; when it runs out, they stop together and the run stops with
 //! them.
+//!
+//! With `--workload seq` each call is one `GetSeq` on one of [`SEQ_KEYS`], key and count drawn
+//! from the same seeded generator; a failure is recorded as uncertain when the values may have
+//! been spent (SEMANTICS §11, D2), as refused otherwise.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -18,13 +22,22 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tokio::sync::Notify;
 
+use super::History;
 use super::history::{Call, Outcome, WireGrant, monotonic_ns};
-use crate::targets::{Failure, Route};
+use super::seq::{SeqCall, SeqOutcome};
+use crate::cli::Workload;
+use crate::targets::{Failure, Route, WireBlock};
 
 /// Calls recorded in one run at most, over all clients: about 60 bytes each, under 1 GiB (a
 /// release build against 3 local nodes makes about 13k calls/s, so 10 minutes fit).
 /// When the clients have made this many they stop, and the nemesis with them.
 pub const CALLS_MAX: usize = 16_000_000;
+/// The sequence keys of `--workload seq`: few, so that every key sees many blocks, failures
+/// and failovers; fixed names, so repeated runs against one server do not grow its key set.
+pub const SEQ_KEYS: [&str; 3] = ["check-seq-0", "check-seq-1", "check-seq-2"];
+/// A `GetSeq` call asks for 1 to this many values: small counts keep the D2 subset sums cheap
+/// and make many distinct ways to fill a gap.
+pub const SEQ_COUNT_MAX: u32 = 4;
 /// Pause after a failed call, so a down server (or a pinned client's follower) is not spun on.
 const FAILED_PAUSE: Duration = Duration::from_millis(5);
 
@@ -141,6 +154,7 @@ pub struct Client {
     pub id: u32,
     pub seed: u64,
     pub count_max: u32,
+    pub workload: Workload,
     pub route: Route,
     /// Pinned to one node: its replies do not count for liveness.
     pub pinned: bool,
@@ -149,10 +163,17 @@ pub struct Client {
 
 impl Client {
     /// Calls until told to stop or the budget runs out; returns every call it made.
-    pub async fn run(mut self) -> anyhow::Result<Vec<Call>> {
-        let mut rng = StdRng::seed_from_u64(
+    pub async fn run(self) -> anyhow::Result<History> {
+        let rng = StdRng::seed_from_u64(
             self.seed ^ u64::from(self.id).wrapping_mul(0x9E37_79B9_7F4A_7C15),
         );
+        Ok(match self.workload {
+            Workload::Ts => History::Ts(self.run_ts(rng).await),
+            Workload::Seq => History::Seq(self.run_seq(rng).await),
+        })
+    }
+
+    async fn run_ts(mut self, mut rng: StdRng) -> Vec<Call> {
         let mut calls = Vec::new();
         while !self.shared.is_stopped() && self.shared.take_call() {
             let requested = rng.random_range(1..=self.count_max);
@@ -167,7 +188,47 @@ impl Client {
                 outcome: self.outcome(reply, end_ns).await,
             });
         }
-        Ok(calls)
+        calls
+    }
+
+    async fn run_seq(mut self, mut rng: StdRng) -> Vec<SeqCall> {
+        let mut calls = Vec::new();
+        while !self.shared.is_stopped() && self.shared.take_call() {
+            let key = rng.random_range(0..SEQ_KEYS.len());
+            let requested = rng.random_range(1..=SEQ_COUNT_MAX);
+            let start_ns = monotonic_ns();
+            let reply = self.route.seq(SEQ_KEYS[key], requested).await;
+            let end_ns = monotonic_ns();
+            calls.push(SeqCall {
+                client: self.id,
+                key: key as u32,
+                requested,
+                start_ns,
+                end_ns,
+                outcome: self.seq_outcome(reply, end_ns).await,
+            });
+        }
+        calls
+    }
+
+    /// Records a sequence reply; pauses after a failure.
+    async fn seq_outcome(&self, reply: Result<WireBlock, Failure>, end_ns: u64) -> SeqOutcome {
+        let outcome = match reply {
+            Ok(block) => {
+                if !self.pinned {
+                    self.shared.last_ok_ns.fetch_max(end_ns, Ordering::Relaxed);
+                }
+                return SeqOutcome::Block {
+                    start: block.start,
+                    count: block.count,
+                };
+            }
+            Err(Failure::Malformed(reason)) => return SeqOutcome::Malformed(reason),
+            Err(Failure::Uncertain(code)) => SeqOutcome::Uncertain(code),
+            Err(Failure::Error(code)) => SeqOutcome::Refused(code),
+        };
+        tokio::time::sleep(FAILED_PAUSE).await;
+        outcome
     }
 
     /// Records a reply; pauses after a failure.

@@ -27,6 +27,8 @@ const LEADER_PROBE_TIMEOUT: Duration = Duration::from_millis(500);
 pub const FORGET_HIGH_WATER_FLAG: &str = "--unsafe-forget-high-water";
 /// Hidden server flag of the no-lease control: grants skip the leader lease check.
 pub const NO_LEASE_FLAG: &str = "--unsafe-no-lease";
+/// Hidden server flag of the sequence control: each new leader starts every sequence from 0.
+pub const SEQ_FORGET_FLAG: &str = "--unsafe-seq-forget";
 
 pub struct Cluster {
     pub nodes: Vec<Node>,

@@ -90,6 +90,28 @@ pub struct Call {
     pub outcome: Outcome,
 }
 
+impl Answered for Call {
+    fn client(&self) -> u32 {
+        self.client
+    }
+
+    fn end_ns(&self) -> u64 {
+        self.end_ns
+    }
+
+    fn succeeded(&self) -> bool {
+        matches!(self.outcome, Outcome::Granted(_))
+    }
+}
+
+/// What liveness reads of a recorded call, whatever the workload.
+pub trait Answered {
+    fn client(&self) -> u32;
+    fn end_ns(&self) -> u64;
+    /// Whether the call got what it asked for (a grant, a block).
+    fn succeeded(&self) -> bool;
+}
+
 impl Call {
     fn grant(&self) -> Option<&WireGrant> {
         match &self.outcome {
@@ -334,15 +356,15 @@ pub struct LivenessScope<F> {
 
 /// For each heal time, the first successful reply of a counted call must end within the bound
 /// after it. Returns the recovery time of every heal (`None`: no reply at all) and the stalls.
-pub fn check_liveness(
-    calls: &[Call],
+pub fn check_liveness<C: Answered>(
+    calls: &[C],
     heals_ns: &[u64],
-    scope: &LivenessScope<impl Fn(&Call) -> bool>,
+    scope: &LivenessScope<impl Fn(&C) -> bool>,
 ) -> (Vec<Option<u64>>, Vec<Stall>) {
     let mut ends: Vec<u64> = calls
         .iter()
-        .filter(|c| matches!(c.outcome, Outcome::Granted(_)) && (scope.counts)(c))
-        .map(|c| c.end_ns)
+        .filter(|c| c.succeeded() && (scope.counts)(c))
+        .map(|c| c.end_ns())
         .collect();
     ends.sort_unstable();
     let mut recoveries = Vec::with_capacity(heals_ns.len());

@@ -3,14 +3,17 @@
 //! It starts a local cluster (or attaches to endpoints, load only), runs sequential clients
 //! that record every call, applies a seeded nemesis schedule, and then checks the whole history
 //! (duplicates, per-client regression, real-time order, grant shape) and liveness (a successful
-//! reply within a bound after each fault heals). Exit codes: 0 clean, 1 violation, 2 usage or
-//! setup error. The seed is printed first, and the schedule and history summary go to a file.
+//! reply within a bound after each fault heals). With `--workload seq` the clients take blocks
+//! of dense sequences instead, checked for overlaps (D1), unexplained gaps (D2) and shape
+//! (`seq.rs`). Exit codes: 0 clean, 1 violation, 2 usage or setup error. The seed is printed
+//! first, and the schedule and history summary go to a file.
 
 pub mod clients;
 pub mod cluster;
 pub mod history;
 pub mod proxy;
 pub mod schedule;
+pub mod seq;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -21,11 +24,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
-use self::clients::{CALLS_MAX, Client, Mix, Shared};
+use self::clients::{CALLS_MAX, Client, Mix, SEQ_COUNT_MAX, SEQ_KEYS, Shared};
 use self::cluster::Cluster;
 use self::history::{Call, LivenessScope, Outcome, WireGrant, check, check_liveness, monotonic_ns};
 use self::schedule::{Plan, Step};
-use crate::cli::{BenchMode, CheckArgs};
+use self::seq::{SeqCall, SeqOutcome};
+use crate::cli::{BenchMode, CheckArgs, Workload};
 use crate::targets::{CONNECTIONS_MAX, Route, Targets};
 
 /// Exit code of a clean history.
@@ -102,7 +106,7 @@ async fn run(args: CheckArgs) -> anyhow::Result<Verdict> {
     }
     let recorded = recorded?;
     if let Some(path) = &args.history {
-        write_history(path, &recorded.calls)?;
+        write_history(path, &recorded.history)?;
     }
     let verdict = judge(&args, &recorded, &work)?;
     if verdict == Verdict::Clean {
@@ -119,7 +123,7 @@ struct Recorded {
     faults_planned: usize,
     events: Vec<Event>,
     heals: Vec<u64>,
-    calls: Vec<Call>,
+    history: History,
     /// `CLOCK_MONOTONIC` ns when the clients stopped.
     until_ns: u64,
     /// Milliseconds into the run when the clients reached `--calls-max`, if they did.
@@ -159,9 +163,9 @@ async fn record(
     let heals: Vec<u64> = events.iter().filter_map(|e| e.heal_ns).collect();
     wait_for_recovery(&shared, heals.last().copied(), args.liveness_bound).await;
     shared.stop();
-    let mut calls = Vec::new();
+    let mut history = History::empty(args.workload);
     for task in tasks {
-        calls.extend(task.await.context("a client panicked")??);
+        history.append(task.await.context("a client panicked")??);
     }
     let until_ns = shared.stopped_ns().expect("the clients were stopped");
     let capped_ms = shared
@@ -174,7 +178,7 @@ async fn record(
         faults_planned: steps.len(),
         events,
         heals,
-        calls,
+        history,
         until_ns,
         capped_ms,
     })
@@ -191,11 +195,23 @@ fn plan(args: &CheckArgs, seed: u64, local: bool) -> Plan {
         pause_max: (args.liveness_bound / 2).min(PAUSE_MAX),
         positive_control: args.unsafe_positive_control,
         no_lease_control: args.unsafe_no_lease,
+        seq_forget_control: args.unsafe_seq_forget,
     }
 }
 
 /// "8 raw client(s) (3 pinned one per node, 5 following the leader)", for the opening line.
 fn describe_clients(args: &CheckArgs, mix: Mix) -> String {
+    let clients = describe_mix(args, mix);
+    match args.workload {
+        Workload::Ts => clients,
+        Workload::Seq => format!(
+            "{clients} taking blocks of 1 to {SEQ_COUNT_MAX} values of {}",
+            SEQ_KEYS.join(",")
+        ),
+    }
+}
+
+fn describe_mix(args: &CheckArgs, mix: Mix) -> String {
     let mode = args.mode.name();
     match (mix.pinned, args.mode) {
         (0, _) => format!("{} {mode} client(s)", args.clients),
@@ -221,10 +237,13 @@ async fn start_cluster(args: &CheckArgs, work: &WorkDir) -> anyhow::Result<Clust
     if args.unsafe_no_lease {
         unsafe_flags.push(cluster::NO_LEASE_FLAG);
     }
+    if args.unsafe_seq_forget {
+        unsafe_flags.push(cluster::SEQ_FORGET_FLAG);
+    }
     Cluster::start(&bin, work.path(), args.nodes, &unsafe_flags).await
 }
 
-type ClientTask = tokio::task::JoinHandle<anyhow::Result<Vec<Call>>>;
+type ClientTask = tokio::task::JoinHandle<anyhow::Result<History>>;
 
 /// Starts the recording clients: the pinned ones on raw RPCs to their node, the others raw or
 /// through one shared client library.
@@ -262,6 +281,7 @@ async fn start_clients(
             id: id as u32,
             seed,
             count_max: args.count_max,
+            workload: args.workload,
             route,
             pinned: pinned.is_some(),
             shared: Arc::clone(&shared),
@@ -286,9 +306,18 @@ fn validate(args: &CheckArgs) -> anyhow::Result<()> {
         tso_core::LOGICAL_COUNT
     );
     anyhow::ensure!(matches!(args.nodes, 1 | 3 | 5), "--nodes must be 1, 3 or 5");
+    let control = args.unsafe_positive_control || args.unsafe_no_lease || args.unsafe_seq_forget;
     anyhow::ensure!(
-        args.endpoints.is_empty() || !(args.unsafe_positive_control || args.unsafe_no_lease),
+        args.endpoints.is_empty() || !control,
         "the positive controls need a local cluster: drop --endpoints"
+    );
+    anyhow::ensure!(
+        args.workload == Workload::Seq || !args.unsafe_seq_forget,
+        "the --unsafe-seq-forget control breaks sequences: add --workload seq"
+    );
+    anyhow::ensure!(
+        args.workload == Workload::Ts || !(args.unsafe_positive_control || args.unsafe_no_lease),
+        "the --unsafe-positive-control and --unsafe-no-lease controls break timestamps: use them with --workload ts"
     );
     anyhow::ensure!(
         !args.fault_interval.is_zero(),
@@ -393,62 +422,176 @@ async fn wait_for_recovery(shared: &Shared, last_heal_ns: Option<u64>, bound: Du
     }
 }
 
+/// What the clients recorded, by workload.
+pub enum History {
+    Ts(Vec<Call>),
+    Seq(Vec<SeqCall>),
+}
+
+impl History {
+    fn empty(workload: Workload) -> History {
+        match workload {
+            Workload::Ts => History::Ts(Vec::new()),
+            Workload::Seq => History::Seq(Vec::new()),
+        }
+    }
+
+    /// Adds one client's calls.
+    fn append(&mut self, other: History) {
+        match (self, other) {
+            (History::Ts(all), History::Ts(more)) => all.extend(more),
+            (History::Seq(all), History::Seq(more)) => all.extend(more),
+            _ => unreachable!("every client of a run has the run's workload"),
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            History::Ts(calls) => calls.len(),
+            History::Seq(calls) => calls.len(),
+        }
+    }
+}
+
+/// What the history checks found, by workload.
+enum Checked {
+    Ts(history::Report),
+    Seq(seq::Report),
+}
+
+impl Checked {
+    fn is_clean(&self) -> bool {
+        match self {
+            Checked::Ts(report) => report.is_clean(),
+            Checked::Seq(report) => report.is_clean(),
+        }
+    }
+
+    /// `clean (0 duplicate, ...)` or `VIOLATION (...)`.
+    fn summary(&self) -> String {
+        let verdict = if self.is_clean() {
+            "clean"
+        } else {
+            "VIOLATION"
+        };
+        match self {
+            Checked::Ts(report) => format!("{verdict} ({})", report.counts),
+            Checked::Seq(report) => {
+                let total = report.total();
+                format!(
+                    "{verdict} ({}; {} value(s) skipped in {} gap(s), {} uncertain call(s) asked for {})",
+                    report.counts,
+                    total.skipped,
+                    total.gaps,
+                    total.uncertain,
+                    total.uncertain_values
+                )
+            }
+        }
+    }
+
+    /// Every kept violation, described.
+    fn examples(&self, history: &History) -> Vec<String> {
+        match (self, history) {
+            (Checked::Ts(report), History::Ts(calls)) => report
+                .violations
+                .iter()
+                .map(|v| v.describe(calls))
+                .collect(),
+            (Checked::Seq(report), History::Seq(calls)) => report
+                .violations
+                .iter()
+                .map(|v| v.describe(calls, &SEQ_KEYS))
+                .collect(),
+            _ => unreachable!("a history is checked by its own workload's checks"),
+        }
+    }
+}
+
+/// Checks a sequence history: from 0 on a local cluster (fresh), from each key's lowest block
+/// otherwise.
+fn check_seq(calls: &[SeqCall], fresh: bool) -> seq::Report {
+    let floor = if fresh {
+        seq::Floor::Zero
+    } else {
+        seq::Floor::Unknown
+    };
+    seq::check(calls, SEQ_KEYS.len(), floor)
+}
+
 /// Everything a run found.
 struct Findings {
-    report: history::Report,
+    checked: Checked,
     /// Time from each heal to the next successful reply (`None`: none came).
     recoveries: Vec<Option<u64>>,
     stalls: Vec<history::Stall>,
     /// Heals without a reply whose bound ran past the clients' stop (at the call cap).
     unjudged: usize,
+    /// Calls that got what they asked for: grants, or sequence blocks.
     granted: usize,
     malformed: usize,
+    /// Failed calls by code; for sequences, the definite refusals only.
     errors: BTreeMap<String, u64>,
+    /// Sequence calls that may have spent their values, by code.
+    uncertain: BTreeMap<String, u64>,
     /// Faults that could not be applied or healed (a node that did not restart).
     fault_errors: usize,
 }
 
 impl Findings {
     fn gather(args: &CheckArgs, recorded: &Recorded) -> Findings {
-        let calls = &recorded.calls;
-        let scope = LivenessScope {
-            bound_ns: args.liveness_bound.as_nanos() as u64,
-            until_ns: recorded.until_ns,
-            counts: |call: &Call| recorded.mix.node_of(call.client).is_none(),
-        };
-        let (recoveries, stalls) = check_liveness(calls, &recorded.heals, &scope);
-        let unanswered = recoveries.iter().filter(|r| r.is_none()).count();
-        let stalled_unanswered = stalls.iter().filter(|s| s.recovered_after_ns.is_none());
         let (mut granted, mut malformed) = (0, 0);
         let mut errors: BTreeMap<String, u64> = BTreeMap::new();
-        for call in calls {
-            match &call.outcome {
-                Outcome::Granted(_) => granted += 1,
-                Outcome::Malformed(_) => malformed += 1,
-                Outcome::Failed(code) => *errors.entry(code.clone()).or_default() += 1,
+        let mut uncertain: BTreeMap<String, u64> = BTreeMap::new();
+        let ((recoveries, stalls), checked) = match &recorded.history {
+            History::Ts(calls) => {
+                for call in calls {
+                    match &call.outcome {
+                        Outcome::Granted(_) => granted += 1,
+                        Outcome::Malformed(_) => malformed += 1,
+                        Outcome::Failed(code) => *errors.entry(code.clone()).or_default() += 1,
+                    }
+                }
+                (liveness(args, recorded, calls), Checked::Ts(check(calls)))
             }
-        }
+            History::Seq(calls) => {
+                for call in calls {
+                    match &call.outcome {
+                        SeqOutcome::Block { .. } => granted += 1,
+                        SeqOutcome::Malformed(_) => malformed += 1,
+                        SeqOutcome::Refused(code) => *errors.entry(code.clone()).or_default() += 1,
+                        SeqOutcome::Uncertain(code) => {
+                            *uncertain.entry(code.clone()).or_default() += 1
+                        }
+                    }
+                }
+                let report = check_seq(calls, args.endpoints.is_empty());
+                (liveness(args, recorded, calls), Checked::Seq(report))
+            }
+        };
+        let unanswered = recoveries.iter().filter(|r| r.is_none()).count();
+        let stalled_unanswered = stalls.iter().filter(|s| s.recovered_after_ns.is_none());
         Findings {
-            report: check(calls),
+            checked,
             unjudged: unanswered - stalled_unanswered.count(),
             recoveries,
             stalls,
             granted,
             malformed,
             errors,
+            uncertain,
             fault_errors: recorded.events.iter().filter(|e| e.error.is_some()).count(),
         }
     }
 
     fn clean(&self) -> bool {
-        self.report.is_clean()
+        self.checked.is_clean()
             && self.stalls.is_empty()
             && self.granted > 0
             && self.fault_errors == 0
     }
 
     fn print(&self, args: &CheckArgs, recorded: &Recorded) {
-        let calls = &recorded.calls;
         if let Some(capped_ms) = recorded.capped_ms {
             println!(
                 "tso check: the clients reached --calls-max ({}) after {capped_ms} ms; the nemesis stopped with them ({} of {} fault(s) applied)",
@@ -457,21 +600,29 @@ impl Findings {
                 recorded.faults_planned
             );
         }
-        println!(
-            "tso check: {} calls, {} granted, {} malformed, errors {:?}",
-            calls.len(),
-            self.granted,
-            self.malformed,
-            self.errors
-        );
-        let verdict = if self.report.is_clean() {
-            "clean"
-        } else {
-            "VIOLATION"
-        };
-        println!("tso check: history: {verdict} ({})", self.report.counts);
-        for violation in self.report.violations.iter().take(VIOLATIONS_PRINTED_MAX) {
-            println!("  {}", violation.describe(calls));
+        let calls = recorded.history.len();
+        match &self.checked {
+            Checked::Ts(_) => println!(
+                "tso check: {calls} calls, {} granted, {} malformed, errors {:?}",
+                self.granted, self.malformed, self.errors
+            ),
+            Checked::Seq(report) => println!(
+                "tso check: {calls} calls, {} blocks ({} values), {} malformed, refused {:?}, uncertain {:?}",
+                self.granted,
+                report.total().values,
+                self.malformed,
+                self.errors,
+                self.uncertain
+            ),
+        }
+        println!("tso check: history: {}", self.checked.summary());
+        for example in self
+            .checked
+            .examples(&recorded.history)
+            .iter()
+            .take(VIOLATIONS_PRINTED_MAX)
+        {
+            println!("  {example}");
         }
         self.print_liveness(args, recorded.heals.len());
         if self.granted == 0 {
@@ -537,6 +688,20 @@ fn judge(args: &CheckArgs, recorded: &Recorded, work: &WorkDir) -> anyhow::Resul
     })
 }
 
+/// Recovery after each heal, judged on the calls of the clients that follow the leader.
+fn liveness<C: history::Answered>(
+    args: &CheckArgs,
+    recorded: &Recorded,
+    calls: &[C],
+) -> (Vec<Option<u64>>, Vec<history::Stall>) {
+    let scope = LivenessScope {
+        bound_ns: args.liveness_bound.as_nanos() as u64,
+        until_ns: recorded.until_ns,
+        counts: |call: &C| recorded.mix.node_of(call.client()).is_none(),
+    };
+    check_liveness(calls, &recorded.heals, &scope)
+}
+
 /// The result file: the run's parameters, the schedule as applied, and the findings.
 fn result_json(
     args: &CheckArgs,
@@ -544,33 +709,30 @@ fn result_json(
     findings: &Findings,
     work: &WorkDir,
 ) -> serde_json::Value {
-    let calls = &recorded.calls;
-    let timestamps: u64 = calls
-        .iter()
-        .filter_map(|c| match c.outcome {
-            Outcome::Granted(g) => Some(u64::from(g.count)),
-            Outcome::Failed(_) | Outcome::Malformed(_) => None,
-        })
-        .sum();
     let pinned: Vec<serde_json::Value> = (0..args.clients as u32)
         .filter_map(|id| recorded.mix.node_of(id).map(|node| (id, node)))
         .map(|(client, node)| serde_json::json!({ "client": client, "node": node }))
         .collect();
-    let report = &findings.report;
+    let (history, violations) = history_json(recorded, findings);
     serde_json::json!({
         "seed": recorded.seed,
         "verdict": if findings.clean() { "clean" } else { "violation" },
+        "workload": args.workload.name(),
         "endpoints": recorded.endpoints,
         "nodes": args.nodes,
         "clients": args.clients,
         "pinned_clients": pinned,
         "mode": args.mode.name(),
-        "count_max": args.count_max,
+        "count_max": match args.workload {
+            Workload::Ts => args.count_max,
+            Workload::Seq => SEQ_COUNT_MAX,
+        },
         "calls_max": args.calls_max,
         "duration_s": args.duration.as_secs_f64(),
         "capped_ms": recorded.capped_ms,
         "positive_control": args.unsafe_positive_control,
         "no_lease_control": args.unsafe_no_lease,
+        "seq_forget_control": args.unsafe_seq_forget,
         "work_dir": work.path(),
         "faults_planned": recorded.faults_planned,
         "schedule": recorded.events.iter().map(|e| serde_json::json!({
@@ -582,20 +744,8 @@ fn result_json(
             "heal_ms": e.heal_ms,
             "error": e.error,
         })).collect::<Vec<_>>(),
-        "history": {
-            "calls": calls.len(),
-            "granted": findings.granted,
-            "malformed": findings.malformed,
-            "timestamps": timestamps,
-            "errors": findings.errors,
-        },
-        "violations": {
-            "duplicate": report.counts.duplicate,
-            "regression": report.counts.regression,
-            "real_time": report.counts.real_time,
-            "shape": report.counts.shape,
-            "examples": report.violations.iter().map(|v| v.describe(calls)).collect::<Vec<_>>(),
-        },
+        "history": history,
+        "violations": violations,
         "liveness": {
             "bound_ms": args.liveness_bound.as_millis() as u64,
             "recoveries_ms": findings.recoveries.iter().map(|r| r.map(|ns| ns as f64 / 1e6)).collect::<Vec<_>>(),
@@ -605,9 +755,82 @@ fn result_json(
     })
 }
 
-/// Checks recorded histories, merged: each file's clients become distinct clients.
+/// The result file's `history` and `violations` objects, by workload.
+fn history_json(
+    recorded: &Recorded,
+    findings: &Findings,
+) -> (serde_json::Value, serde_json::Value) {
+    let examples = findings.checked.examples(&recorded.history);
+    match (&findings.checked, &recorded.history) {
+        (Checked::Ts(report), History::Ts(calls)) => {
+            let timestamps: u64 = calls
+                .iter()
+                .filter_map(|c| match c.outcome {
+                    Outcome::Granted(g) => Some(u64::from(g.count)),
+                    Outcome::Failed(_) | Outcome::Malformed(_) => None,
+                })
+                .sum();
+            let history = serde_json::json!({
+                "calls": calls.len(),
+                "granted": findings.granted,
+                "malformed": findings.malformed,
+                "timestamps": timestamps,
+                "errors": findings.errors,
+            });
+            let violations = serde_json::json!({
+                "duplicate": report.counts.duplicate,
+                "regression": report.counts.regression,
+                "real_time": report.counts.real_time,
+                "shape": report.counts.shape,
+                "examples": examples,
+            });
+            (history, violations)
+        }
+        (Checked::Seq(report), History::Seq(calls)) => {
+            let key_json = |name: &str, k: &seq::KeyStats| {
+                serde_json::json!({
+                    "key": name,
+                    "blocks": k.blocks,
+                    "values": k.values,
+                    "top": k.top,
+                    "uncertain": k.uncertain,
+                    "uncertain_values": k.uncertain_values,
+                    "skipped_values": k.skipped,
+                    "gaps": k.gaps,
+                })
+            };
+            let total = report.total();
+            let history = serde_json::json!({
+                "calls": calls.len(),
+                "blocks": total.blocks,
+                "values": total.values,
+                "uncertain": total.uncertain,
+                "uncertain_values": total.uncertain_values,
+                "skipped_values": total.skipped,
+                "gaps": total.gaps,
+                "malformed": findings.malformed,
+                "refused": findings.errors,
+                "uncertain_codes": findings.uncertain,
+                "keys": SEQ_KEYS.iter().zip(&report.keys).map(|(n, k)| key_json(n, k)).collect::<Vec<_>>(),
+            });
+            let violations = serde_json::json!({
+                "overlap": report.counts.overlap,
+                "gap": report.counts.gap,
+                "shape": report.counts.shape,
+                "examples": examples,
+            });
+            (history, violations)
+        }
+        _ => unreachable!("a history is checked by its own workload's checks"),
+    }
+}
+
+/// Checks recorded histories, merged: each file's clients become distinct clients. The files
+/// hold timestamp calls or sequence calls (lines with a `key`), not both.
 fn verify(paths: &[PathBuf]) -> anyhow::Result<Verdict> {
     let mut calls = Vec::new();
+    let mut seq_calls = Vec::new();
+    let mut keys: Vec<String> = Vec::new();
     let mut clients: HashMap<(usize, u64), u32> = HashMap::new();
     for (file, path) in paths.iter().enumerate() {
         let text =
@@ -617,91 +840,175 @@ fn verify(paths: &[PathBuf]) -> anyhow::Result<Verdict> {
             .enumerate()
             .filter(|(_, l)| !l.trim().is_empty())
         {
-            let mut call = parse_call(line)
+            let v: serde_json::Value = serde_json::from_str(line)
+                .with_context(|| format!("{}:{}: not JSON", path.display(), n + 1))?;
+            let client = u64_field(&v, "client")
                 .with_context(|| format!("{}:{}: not a recorded call", path.display(), n + 1))?;
             let next = clients.len() as u32;
-            call.client = *clients
-                .entry((file, u64::from(call.client)))
-                .or_insert(next);
-            calls.push(call);
+            let client = *clients.entry((file, client)).or_insert(next);
+            let parsed = if v.get("key").is_some() {
+                parse_seq_call(&v, &mut keys).map(|call| seq_calls.push(SeqCall { client, ..call }))
+            } else {
+                parse_call(&v).map(|call| calls.push(Call { client, ..call }))
+            };
+            parsed.with_context(|| format!("{}:{}: not a recorded call", path.display(), n + 1))?;
         }
     }
-    let report = check(&calls);
+    anyhow::ensure!(
+        calls.is_empty() || seq_calls.is_empty(),
+        "the files mix timestamp and sequence calls: verify them apart"
+    );
+    let (clean, summary, examples) = if seq_calls.is_empty() {
+        let report = check(&calls);
+        let examples: Vec<String> = report
+            .violations
+            .iter()
+            .map(|v| v.describe(&calls))
+            .collect();
+        (report.is_clean(), report.counts.to_string(), examples)
+    } else {
+        // Histories from elsewhere may not start at a fresh key: below each key's lowest block
+        // nothing is judged.
+        let report = seq::check(&seq_calls, keys.len(), seq::Floor::Unknown);
+        let names: Vec<&str> = keys.iter().map(String::as_str).collect();
+        let examples: Vec<String> = report
+            .violations
+            .iter()
+            .map(|v| v.describe(&seq_calls, &names))
+            .collect();
+        (report.is_clean(), report.counts.to_string(), examples)
+    };
     println!(
-        "tso check: {} calls from {} file(s), {} client(s); history: {} ({})",
-        calls.len(),
+        "tso check: {} calls from {} file(s), {} client(s); history: {} ({summary})",
+        calls.len() + seq_calls.len(),
         paths.len(),
         clients.len(),
-        if report.is_clean() {
-            "clean"
-        } else {
-            "VIOLATION"
-        },
-        report.counts
+        if clean { "clean" } else { "VIOLATION" },
     );
-    for violation in report.violations.iter().take(VIOLATIONS_PRINTED_MAX) {
-        println!("  {}", violation.describe(&calls));
+    for example in examples.iter().take(VIOLATIONS_PRINTED_MAX) {
+        println!("  {example}");
     }
-    Ok(if report.is_clean() {
+    Ok(if clean {
         Verdict::Clean
     } else {
         Verdict::Violation
     })
 }
 
-/// One line of a `--history` file.
-fn parse_call(line: &str) -> anyhow::Result<Call> {
-    let v: serde_json::Value = serde_json::from_str(line)?;
-    let int = |key: &str| {
-        v[key]
-            .as_u64()
-            .with_context(|| format!("missing or bad {key:?}"))
-    };
-    let small = |key: &str| -> anyhow::Result<u32> { Ok(u32::try_from(int(key)?)?) };
+fn u64_field(v: &serde_json::Value, key: &str) -> anyhow::Result<u64> {
+    v[key]
+        .as_u64()
+        .with_context(|| format!("missing or bad {key:?}"))
+}
+
+fn u32_field(v: &serde_json::Value, key: &str) -> anyhow::Result<u32> {
+    Ok(u32::try_from(u64_field(v, key)?)?)
+}
+
+/// One timestamp line of a `--history` file.
+fn parse_call(v: &serde_json::Value) -> anyhow::Result<Call> {
     let outcome = match (v["error"].as_str(), v["malformed"].as_str()) {
         (Some(code), _) => Outcome::Failed(code.to_string()),
         (None, Some(reason)) => Outcome::Malformed(reason.to_string()),
         (None, None) => Outcome::Granted(WireGrant {
-            physical_ms: int("physical_ms")?,
-            logical_start: small("logical_start")?,
-            count: small("count")?,
+            physical_ms: u64_field(v, "physical_ms")?,
+            logical_start: u32_field(v, "logical_start")?,
+            count: u32_field(v, "count")?,
         }),
     };
     Ok(Call {
-        client: small("client")?,
-        start_ns: int("start_ns")?,
-        end_ns: int("end_ns")?,
-        requested: small("requested")?,
+        client: u32_field(v, "client")?,
+        start_ns: u64_field(v, "start_ns")?,
+        end_ns: u64_field(v, "end_ns")?,
+        requested: u32_field(v, "requested")?,
+        outcome,
+    })
+}
+
+/// One sequence line of a `--history` file; its key is numbered in `keys`.
+fn parse_seq_call(v: &serde_json::Value, keys: &mut Vec<String>) -> anyhow::Result<SeqCall> {
+    let name = v["key"].as_str().context("bad \"key\"")?;
+    let key = match keys.iter().position(|k| k == name) {
+        Some(i) => i,
+        None => {
+            keys.push(name.to_string());
+            keys.len() - 1
+        }
+    };
+    let text = |field: &str| v[field].as_str().map(str::to_string);
+    let outcome = match (text("error"), text("uncertain"), text("malformed")) {
+        (Some(code), _, _) => SeqOutcome::Refused(code),
+        (None, Some(code), _) => SeqOutcome::Uncertain(code),
+        (None, None, Some(reason)) => SeqOutcome::Malformed(reason),
+        (None, None, None) => SeqOutcome::Block {
+            start: u64_field(v, "start")?,
+            count: u32_field(v, "count")?,
+        },
+    };
+    Ok(SeqCall {
+        client: u32_field(v, "client")?,
+        key: key as u32,
+        requested: u32_field(v, "requested")?,
+        start_ns: u64_field(v, "start_ns")?,
+        end_ns: u64_field(v, "end_ns")?,
         outcome,
     })
 }
 
 /// Every call as one JSON line.
-fn write_history(path: &std::path::Path, calls: &[Call]) -> anyhow::Result<()> {
+fn write_history(path: &std::path::Path, history: &History) -> anyhow::Result<()> {
     use std::io::Write;
     let file =
         std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
     let mut out = std::io::BufWriter::new(file);
-    for call in calls {
-        let mut line = serde_json::json!({
-            "client": call.client,
-            "start_ns": call.start_ns,
-            "end_ns": call.end_ns,
-            "requested": call.requested,
-        });
-        match &call.outcome {
-            Outcome::Granted(grant) => {
-                line["physical_ms"] = grant.physical_ms.into();
-                line["logical_start"] = grant.logical_start.into();
-                line["count"] = grant.count.into();
-            }
-            Outcome::Failed(code) => line["error"] = code.as_str().into(),
-            Outcome::Malformed(reason) => line["malformed"] = reason.as_str().into(),
-        }
+    let lines: Box<dyn Iterator<Item = serde_json::Value>> = match history {
+        History::Ts(calls) => Box::new(calls.iter().map(call_json)),
+        History::Seq(calls) => Box::new(calls.iter().map(seq_call_json)),
+    };
+    for line in lines {
         writeln!(out, "{line}")?;
     }
     out.flush()
         .with_context(|| format!("writing {}", path.display()))
+}
+
+fn call_json(call: &Call) -> serde_json::Value {
+    let mut line = serde_json::json!({
+        "client": call.client,
+        "start_ns": call.start_ns,
+        "end_ns": call.end_ns,
+        "requested": call.requested,
+    });
+    match &call.outcome {
+        Outcome::Granted(grant) => {
+            line["physical_ms"] = grant.physical_ms.into();
+            line["logical_start"] = grant.logical_start.into();
+            line["count"] = grant.count.into();
+        }
+        Outcome::Failed(code) => line["error"] = code.as_str().into(),
+        Outcome::Malformed(reason) => line["malformed"] = reason.as_str().into(),
+    }
+    line
+}
+
+fn seq_call_json(call: &SeqCall) -> serde_json::Value {
+    let mut line = serde_json::json!({
+        "client": call.client,
+        "start_ns": call.start_ns,
+        "end_ns": call.end_ns,
+        "key": SEQ_KEYS[call.key as usize],
+        "requested": call.requested,
+    });
+    match &call.outcome {
+        SeqOutcome::Block { start, count } => {
+            line["start"] = (*start).into();
+            line["count"] = (*count).into();
+        }
+        SeqOutcome::Refused(code) => line["error"] = code.as_str().into(),
+        SeqOutcome::Uncertain(code) => line["uncertain"] = code.as_str().into(),
+        SeqOutcome::Malformed(reason) => line["malformed"] = reason.as_str().into(),
+    }
+    line
 }
 
 /// The run's directory: the one given, or a temporary one removed after a clean run (kept,

@@ -4,7 +4,8 @@
 //! Faults run one after another: each heals (restart, SIGCONT) before the next quiet gap starts.
 //! A clock offset stays until the next clock fault, so later kills and pauses happen under a
 //! shifted clock: that is how combinations arise. The positive controls open with fixed steps
-//! that their broken servers fail, then draw as usual.
+//! that their broken servers fail (clocks back then a kill; long cuts of the leader; kills of
+//! the leader for the sequence control), then draw as usual.
 
 use std::time::Duration;
 
@@ -30,6 +31,11 @@ pub const NO_LEASE_CUT_MS: u64 = 4_000;
 /// Cuts of the leader the no-lease control opens with: each one alone gives the checker a
 /// second or more of two leaders granting; three make a miss on a slow machine unlikely.
 pub const NO_LEASE_CUTS: usize = 3;
+
+/// Kills of the leader the sequence control opens with: each starts a new term (a new leader,
+/// or the restarted node on one node) whose counters restart from 0, below blocks clients
+/// already hold; two make the catch independent of one kill landing before any block.
+pub const SEQ_FORGET_KILLS: usize = 2;
 
 /// The kinds of fault a run may draw from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, clap::ValueEnum)]
@@ -126,6 +132,8 @@ pub struct Plan {
     pub positive_control: bool,
     /// Open with long cuts of the leader that a server granting without its lease fails.
     pub no_lease_control: bool,
+    /// Open with kills of the leader that a server forgetting its sequences fails.
+    pub seq_forget_control: bool,
 }
 
 /// Draws the schedule of `plan`: same plan, same schedule.
@@ -185,6 +193,18 @@ fn control_steps(plan: &Plan, interval_ms: u64) -> (Vec<Step>, u64) {
             t += NO_LEASE_CUT_MS + interval_ms;
         }
     }
+    if plan.seq_forget_control {
+        for _ in 0..SEQ_FORGET_KILLS {
+            steps.push(Step {
+                at_ms: t,
+                fault: Fault::Kill {
+                    node: Target::Leader,
+                    down_ms: 100,
+                },
+            });
+            t += 100 + interval_ms;
+        }
+    }
     (steps, t)
 }
 
@@ -235,6 +255,7 @@ mod tests {
             pause_max: Duration::from_secs(2),
             positive_control: false,
             no_lease_control: false,
+            seq_forget_control: false,
         }
     }
 
@@ -294,6 +315,24 @@ mod tests {
         };
         assert!(steps.len() > NO_LEASE_CUTS);
         assert!(steps[..NO_LEASE_CUTS].iter().all(|s| s.fault == cut));
+        for pair in steps.windows(2) {
+            assert!(pair[0].at_ms + pair[0].fault.length_ms() < pair[1].at_ms);
+        }
+    }
+
+    #[test]
+    fn the_seq_forget_control_kills_the_leader_then_draws() {
+        let steps = draw(&Plan {
+            seq_forget_control: true,
+            kinds: vec![FaultKind::Kill],
+            ..plan(1)
+        });
+        let kill = Fault::Kill {
+            node: Target::Leader,
+            down_ms: 100,
+        };
+        assert!(steps.len() > SEQ_FORGET_KILLS);
+        assert!(steps[..SEQ_FORGET_KILLS].iter().all(|s| s.fault == kill));
         for pair in steps.windows(2) {
             assert!(pair[0].at_ms + pair[0].fault.length_ms() < pair[1].at_ms);
         }

@@ -1,0 +1,213 @@
+//! `tso check --workload seq` as a user runs it, on real processes: 3 raft nodes whose leader
+//! is killed and cut off while clients take blocks of three dense sequences come out clean
+//! (exit 0: no overlap, every gap explained by uncertain calls), and so does one node through
+//! the client library; the control, whose servers restart every sequence from 0 in each new
+//! term, is caught as a D1 overlap (exit 1); the recorded history verifies on its own; bad
+//! usage exits 2. The cluster tests need root and `unshare` (each node runs in its own mount
+//! namespace), as CI has.
+//!
+//! Nothing here depends on timing: the liveness bound is far above any restart, and the
+//! control's overlap follows from its schedule (it opens with two kills of the leader, each
+//! after a block was granted, and the run goes on until a block is granted after the last).
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn tso_check(dir: &Path, extra: &[&str]) -> (Output, serde_json::Value) {
+    let out = dir.join("result.json");
+    let output = Command::new(env!("CARGO_BIN_EXE_tso"))
+        .args(["check", "--workload", "seq", "--out"])
+        .arg(&out)
+        .arg("--work-dir")
+        .arg(dir.join("work"))
+        .args(["--liveness-bound", "60s"])
+        .args(extra)
+        .output()
+        .expect("running tso check");
+    let result = std::fs::read_to_string(&out)
+        .ok()
+        .and_then(|text| serde_json::from_str(&text).ok())
+        .unwrap_or(serde_json::Value::Null);
+    (output, result)
+}
+
+fn explain(output: &Output) -> String {
+    format!(
+        "exit {:?}\n--- stdout\n{}\n--- stderr\n{}",
+        output.status.code(),
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+/// The faults of a result file that hit the leader and were applied (each one a failover: a
+/// killed or cut-off leader is replaced by an election).
+fn failovers(result: &serde_json::Value) -> Vec<String> {
+    result["schedule"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|step| step["applied"] == true)
+        .map(|step| step["fault"].as_str().unwrap().to_string())
+        .filter(|f| f.contains(" the leader"))
+        .collect()
+}
+
+/// Seed 16's schedule (at `--fault-interval 1s`) kills the leader, cuts it off, kills node 1
+/// and cuts the leader off again.
+#[test]
+fn a_raft_cluster_under_kills_and_partitions_hands_out_dense_blocks() {
+    let dir = tempfile::tempdir().unwrap();
+    let history = dir.path().join("history.jsonl");
+    let (output, result) = tso_check(
+        dir.path(),
+        &[
+            "--nodes",
+            "3",
+            "--faults",
+            "kill,partition",
+            "--duration",
+            "15s",
+            "--seed",
+            "16",
+            "--clients",
+            "6",
+            "--fault-interval",
+            "1s",
+            "--history",
+            history.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(output.status.code(), Some(0), "{}", explain(&output));
+    assert_eq!(result["verdict"], "clean", "{result:#}");
+    assert_eq!(result["workload"], "seq", "{result:#}");
+    assert!(
+        result["history"]["blocks"].as_u64().unwrap() > 0,
+        "{result:#}"
+    );
+    assert_eq!(result["history"]["keys"].as_array().unwrap().len(), 3);
+    let failovers = failovers(&result);
+    assert!(!failovers.is_empty(), "{result:#}");
+    assert_eq!(
+        result["violations"],
+        serde_json::json!({"overlap": 0, "gap": 0, "shape": 0, "examples": []})
+    );
+
+    // The history verifies on its own; two copies merged overlap everywhere.
+    let verify = |files: &[&Path]| {
+        let list: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
+        Command::new(env!("CARGO_BIN_EXE_tso"))
+            .args(["check", "--verify", &list.join(",")])
+            .output()
+            .expect("running tso check --verify")
+    };
+    let alone = verify(&[&history]);
+    assert_eq!(alone.status.code(), Some(0), "{}", explain(&alone));
+    let twice = verify(&[&history, &history]);
+    assert_eq!(twice.status.code(), Some(1), "{}", explain(&twice));
+    assert!(String::from_utf8_lossy(&twice.stdout).contains("D1 overlap"));
+}
+
+/// Through the client library, an uncertain call is `Error::SeqUncertain`; one node killed,
+/// paused and shifted in time.
+#[test]
+fn a_single_node_through_the_client_library_is_clean() {
+    let dir = tempfile::tempdir().unwrap();
+    let (output, result) = tso_check(
+        dir.path(),
+        &[
+            "--mode",
+            "library",
+            "--faults",
+            "kill,pause,clock",
+            "--duration",
+            "8s",
+            "--seed",
+            "7",
+            "--clients",
+            "4",
+            "--fault-interval",
+            "1s",
+        ],
+    );
+    assert_eq!(output.status.code(), Some(0), "{}", explain(&output));
+    assert_eq!(result["verdict"], "clean", "{result:#}");
+    assert_eq!(result["mode"], "library");
+    assert!(
+        result["history"]["blocks"].as_u64().unwrap() > 0,
+        "{result:#}"
+    );
+}
+
+/// Servers that start every sequence from 0 in each new term, and a schedule that opens with
+/// kills of the leader: the new leader hands out blocks already held, a D1 overlap.
+#[test]
+fn the_seq_forget_control_is_reported_as_an_overlap() {
+    let dir = tempfile::tempdir().unwrap();
+    let (output, result) = tso_check(
+        dir.path(),
+        &[
+            "--nodes",
+            "3",
+            "--unsafe-seq-forget",
+            "--faults",
+            "kill",
+            "--duration",
+            "8s",
+            "--seed",
+            "7",
+            "--clients",
+            "6",
+            "--fault-interval",
+            "1s",
+        ],
+    );
+    assert_eq!(output.status.code(), Some(1), "{}", explain(&output));
+    assert_eq!(result["verdict"], "violation", "{result:#}");
+    assert_eq!(result["seq_forget_control"], true, "{result:#}");
+    assert!(
+        result["violations"]["overlap"].as_u64().unwrap() > 0,
+        "{result:#}"
+    );
+    assert!(
+        String::from_utf8_lossy(&output.stdout).contains("D1 overlap on \"check-seq-"),
+        "{}",
+        explain(&output)
+    );
+    assert!(!failovers(&result).is_empty(), "{result:#}");
+}
+
+#[test]
+fn usage_errors_exit_with_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let check = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_tso"))
+            .arg("check")
+            .args(["--work-dir", dir.path().to_str().unwrap()])
+            .args(args)
+            .output()
+            .expect("running tso check")
+    };
+    for args in [
+        &["--unsafe-seq-forget"][..],
+        &["--workload", "ts", "--unsafe-seq-forget"],
+        &["--workload", "seq", "--unsafe-positive-control"],
+        &["--workload", "seq", "--nodes", "3", "--unsafe-no-lease"],
+        &[
+            "--workload",
+            "seq",
+            "--unsafe-seq-forget",
+            "--endpoints",
+            "127.0.0.1:1",
+        ],
+        &["--workload", "sequences"],
+    ] {
+        let output = check(args);
+        assert_eq!(
+            output.status.code(),
+            Some(2),
+            "{args:?}: {}",
+            explain(&output)
+        );
+    }
+}
