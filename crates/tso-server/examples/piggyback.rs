@@ -41,8 +41,8 @@ use tonic::transport::server::TcpIncoming;
 use tso_proto::tso::example_kv_v1::kv_server::{Kv, KvServer};
 use tso_proto::tso::example_kv_v1::{GetReply, GetRequest, PutReply, PutRequest};
 use tso_server::backend::raft::piggyback::{
-    HighWaterCommand, HighWaterState, LeaseHeld, PiggybackConsensus, SequenceCommand,
-    SequenceState, VoteGate,
+    HighWaterCommand, HighWaterState, LeaseCommand, LeaseHeld, LeaseState, PiggybackConsensus,
+    SequenceCommand, SequenceState, VoteGate,
 };
 use tso_server::{Config, OracleGuard};
 
@@ -52,6 +52,7 @@ pub enum Cmd {
     Put { key: String, value: String },
     HighWater(HighWaterCommand),
     Sequences(SequenceCommand),
+    Leases(LeaseCommand),
 }
 
 openraft::declare_raft_types!(
@@ -77,6 +78,7 @@ pub struct KvState {
     pub kv: BTreeMap<String, String>,
     pub high_water: HighWaterState,
     pub sequences: SequenceState,
+    pub leases: LeaseState,
 }
 
 // ---- log storage (in memory) ----
@@ -191,6 +193,12 @@ impl StateMachine {
     }
 
     /// The applied high-water: what the oracle's adapter reads.
+    pub fn leases(&self) -> (u64, Vec<u8>) {
+        let inner = self.0.lock().unwrap();
+        let (term, record) = inner.state.leases.get();
+        (term, record.to_vec())
+    }
+
     pub fn sequences(&self) -> tso_server::consensus::SeqCounters {
         self.0.lock().unwrap().state.sequences.counters().clone()
     }
@@ -261,6 +269,9 @@ impl RaftStateMachine<KvConfig> for StateMachine {
                 }
                 EntryPayload::Normal(Cmd::Sequences(cmd)) => {
                     inner.state.sequences.apply(&cmd);
+                }
+                EntryPayload::Normal(Cmd::Leases(cmd)) => {
+                    inner.state.leases.apply(&cmd);
                 }
                 EntryPayload::Membership(m) => {
                     inner.membership = StoredMembership::new(Some(entry.log_id), m);
@@ -536,10 +547,10 @@ pub async fn open_raft(
 
 /// The oracle's adapter on this host's raft. The three pieces: the oracle's command wrapped in
 /// the host's enum, the applied high-water read from the host's state machine, and a member's
-/// oracle client address, from its membership entry; then, to serve dense sequences too, their
-/// command and counters the same way.
+/// oracle client address, from its membership entry; then, to serve dense sequences and
+/// stamping leases too, their commands and state the same way.
 pub fn oracle_consensus(raft: &Raft, sm: &StateMachine) -> PiggybackConsensus<KvConfig> {
-    let (high_water, sequences) = (sm.clone(), sm.clone());
+    let (high_water, sequences, leases) = (sm.clone(), sm.clone(), sm.clone());
     PiggybackConsensus::new(
         raft.clone(),
         Cmd::HighWater,
@@ -547,6 +558,7 @@ pub fn oracle_consensus(raft: &Raft, sm: &StateMachine) -> PiggybackConsensus<Kv
         |_id, node: &BasicNode| Some(node.addr.clone()),
     )
     .with_sequences(Cmd::Sequences, move || sequences.sequences())
+    .with_leases(Cmd::Leases, move || leases.leases())
 }
 
 /// Starts node `id` on `storage` (its log and state machine), serving the oracle and the

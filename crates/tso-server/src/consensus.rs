@@ -90,6 +90,17 @@ pub enum ConsensusError {
 /// - keep the counters in the same durable place as the high-water (same directory, same log
 ///   and snapshot), so that they survive exactly what the high-water survives.
 ///
+/// Stamping leases (SEMANTICS §14) are optional too. A backend that keeps them returns true
+/// from `leases_supported` and must:
+///
+/// - **load_leases**: return the stored lease record (opaque bytes the server encodes; empty
+///   when nothing was ever stored) as of a linearizable read;
+/// - **persist_leases**: replace the stored record durably before returning, under the same
+///   epoch rules as `persist_high_water`, and never let a record written under an older epoch
+///   replace one written under a newer epoch (a set computed by a deposed leader must not make
+///   a newer leader's leases vanish);
+/// - keep it where the high-water is.
+///
 /// Run [`conformance::run_all`] against every implementation.
 pub trait Consensus: Send + Sync + 'static {
     fn leadership(&self) -> watch::Receiver<Leadership>;
@@ -130,6 +141,29 @@ pub trait Consensus: Send + Sync + 'static {
         let _ = (ends, epoch);
         Box::pin(async { Err(sequences_unsupported()) })
     }
+
+    /// Whether this backend keeps stamping leases; without them the server answers
+    /// `UNIMPLEMENTED` to the lease RPCs and `GetSafeFrontier`.
+    fn leases_supported(&self) -> bool {
+        false
+    }
+
+    fn load_leases(&self) -> BoxFuture<'_, Result<Vec<u8>, ConsensusError>> {
+        Box::pin(async { Err(leases_unsupported()) })
+    }
+
+    fn persist_leases(
+        &self,
+        record: Vec<u8>,
+        epoch: Epoch,
+    ) -> BoxFuture<'_, Result<(), ConsensusError>> {
+        let _ = (record, epoch);
+        Box::pin(async { Err(leases_unsupported()) })
+    }
+}
+
+fn leases_unsupported() -> ConsensusError {
+    ConsensusError::Permanent("this backend does not keep stamping leases".into())
 }
 
 fn sequences_unsupported() -> ConsensusError {
@@ -171,5 +205,21 @@ impl<T: Consensus + ?Sized> Consensus for std::sync::Arc<T> {
         epoch: Epoch,
     ) -> BoxFuture<'_, Result<(), ConsensusError>> {
         (**self).persist_sequences(ends, epoch)
+    }
+
+    fn leases_supported(&self) -> bool {
+        (**self).leases_supported()
+    }
+
+    fn load_leases(&self) -> BoxFuture<'_, Result<Vec<u8>, ConsensusError>> {
+        (**self).load_leases()
+    }
+
+    fn persist_leases(
+        &self,
+        record: Vec<u8>,
+        epoch: Epoch,
+    ) -> BoxFuture<'_, Result<(), ConsensusError>> {
+        (**self).persist_leases(record, epoch)
     }
 }

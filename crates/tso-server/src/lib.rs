@@ -16,6 +16,7 @@ mod oracle;
 mod sequence;
 mod serve;
 mod service;
+mod stamping;
 mod watch;
 
 pub use error::ServeError;
@@ -25,3 +26,6 @@ pub use sequence::{
 };
 pub use serve::{OracleGuard, TSO_SERVICE_NAME, serve_listener, serve_with_shutdown};
 pub use service::{NOT_LEADER_MESSAGE, TsoHandler, not_leader};
+pub use stamping::{
+    LEASE_HOLDER_LEN_MAX, LEASE_TTL_MAX_DEFAULT, LEASE_TTL_MIN_DEFAULT, LEASES_MAX,
+};

@@ -18,6 +18,7 @@ use crate::consensus::{Consensus, ConsensusError};
 use crate::error::ServeError;
 use crate::metrics;
 use crate::sequence::{SeqCall, SeqStarts, Sequencer};
+use crate::stamping::LeaseBook;
 
 /// Callers that found the window exhausted wait at most this long for the extension, then get
 /// `UNAVAILABLE`; it bounds a request on a stalled backend below common client deadlines.
@@ -48,6 +49,13 @@ pub struct Config {
     /// loading the durable counters, so a new leader hands out blocks again (SEMANTICS D1
     /// broken on purpose). Always `false` outside that test.
     pub unsafe_seq_skip_load: bool,
+    /// The shortest and longest TTL a stamping lease may ask for (SEMANTICS §14).
+    pub lease_ttl_min: Duration,
+    pub lease_ttl_max: Duration,
+    /// FOR THE CHECKER'S POSITIVE CONTROL ONLY: start each term's lease set empty instead of
+    /// loading it, so a new leader forgets the leases of the old one and its frontier can pass
+    /// their bounds (SEMANTICS §14 broken on purpose). Always `false` outside that test.
+    pub unsafe_lease_skip_load: bool,
 }
 
 impl Default for Config {
@@ -60,6 +68,9 @@ impl Default for Config {
             seq_count_max: crate::sequence::SEQ_COUNT_MAX_DEFAULT,
             seq_keys_max: crate::sequence::SEQ_KEYS_MAX_DEFAULT,
             unsafe_seq_skip_load: false,
+            lease_ttl_min: crate::stamping::LEASE_TTL_MIN_DEFAULT,
+            lease_ttl_max: crate::stamping::LEASE_TTL_MAX_DEFAULT,
+            unsafe_lease_skip_load: false,
         }
     }
 }
@@ -113,6 +124,8 @@ pub enum Refusal {
     FailedPrecondition(String),
     /// The backend lacks the feature.
     Unimplemented(String),
+    /// The request names something the server does not know (a lease id).
+    NotFound(String),
 }
 
 /// The outcome of the latest extension of a term, broadcast to callers waiting on it.
@@ -131,6 +144,8 @@ pub(crate) struct Term {
     pub outcome: watch::Sender<ExtensionOutcome>,
     /// The term's dense-sequence group committer, made on its first sequence call.
     pub sequencer: Option<Arc<Sequencer>>,
+    /// The term's stamping leases, loaded on its first lease call.
+    pub leases: Option<Arc<tokio::sync::Mutex<LeaseBook>>>,
 }
 
 enum Mode {
@@ -301,6 +316,40 @@ impl Shared {
         sequencer.submit(self, call).await
     }
 
+    /// The current term's lease book and epoch, if this node serves under a valid lease.
+    pub(crate) fn lease_book(
+        &self,
+    ) -> Result<(Arc<tokio::sync::Mutex<LeaseBook>>, Epoch), Refusal> {
+        let mut state = self.lock();
+        let term = match &mut state.mode {
+            Mode::Serving(term) => term,
+            Mode::NotServing(hint) => return Err(Refusal::NotLeader(hint.clone())),
+            Mode::Poisoned => return Err(Refusal::NotLeader(LeaderHint::default())),
+        };
+        if !self.config.unsafe_skip_lease_check && !self.backend.lease_valid(term.epoch) {
+            return Err(Refusal::NotLeader(LeaderHint::default()));
+        }
+        let book = term.leases.get_or_insert_with(Default::default);
+        Ok((Arc::clone(book), term.epoch))
+    }
+
+    /// The durable high-water of the term serving `epoch`, if that term still serves.
+    pub(crate) fn serving_high_water(&self, epoch: Epoch) -> Option<u64> {
+        match &self.lock().mode {
+            Mode::Serving(term) if term.epoch == epoch => Some(term.window.high_water_ms()),
+            _ => None,
+        }
+    }
+
+    /// Raises the window of the term serving `epoch` to a newly durable high-water.
+    pub(crate) fn raise_serving_high_water(&self, epoch: Epoch, durable_ms: u64) {
+        if let Mode::Serving(term) = &mut self.lock().mode
+            && term.epoch == epoch
+        {
+            term.window.raise_high_water(durable_ms);
+        }
+    }
+
     /// Sequence calls waiting for the current term's next write (diagnostics and tests).
     pub fn queued_sequence_calls(&self) -> usize {
         match &self.lock().mode {
@@ -387,6 +436,7 @@ impl Shared {
             wake: Arc::clone(&wake),
             outcome: watch::channel(ExtensionOutcome::default()).0,
             sequencer: None,
+            leases: None,
         });
         metrics::serving(true);
         self.serving.send_replace(ServingState::Serving { epoch });

@@ -25,6 +25,17 @@ impl TsoHandler {
         Self { shared }
     }
 
+    /// `UNIMPLEMENTED` unless the backend keeps stamping leases.
+    fn leases_supported(&self) -> Result<(), Status> {
+        if self.shared.backend.leases_supported() {
+            return Ok(());
+        }
+        Err(Status::unimplemented(
+            "stamping leases and the safe frontier: the configured consensus backend does not \
+             keep leases",
+        ))
+    }
+
     /// A sequence call's arguments, checked; `UNIMPLEMENTED` first when the backend lacks
     /// sequences, so that a client learns that before anything about its arguments.
     fn checked(&self, entries: Vec<(Vec<u8>, u32)>) -> Result<SeqCall, Status> {
@@ -52,6 +63,7 @@ fn status_of(refusal: Refusal) -> Status {
         Refusal::ResourceExhausted(msg) => Status::resource_exhausted(msg),
         Refusal::FailedPrecondition(msg) => Status::failed_precondition(msg),
         Refusal::Unimplemented(msg) => Status::unimplemented(msg),
+        Refusal::NotFound(msg) => Status::not_found(msg),
     }
 }
 
@@ -74,10 +86,6 @@ fn epoch_wire(epoch: Epoch) -> EpochWire {
         hi: epoch.hi(),
         lo: epoch.lo(),
     }
-}
-
-fn unimplemented(rpc: &str) -> Status {
-    Status::unimplemented(format!("{rpc} is not implemented by this server"))
 }
 
 #[tonic::async_trait]
@@ -156,29 +164,66 @@ impl TsoService for TsoHandler {
 
     async fn acquire_lease(
         &self,
-        _request: Request<AcquireLeaseRequest>,
+        request: Request<AcquireLeaseRequest>,
     ) -> Result<Response<AcquireLeaseResponse>, Status> {
-        Err(unimplemented("AcquireLease"))
+        self.leases_supported()?;
+        let AcquireLeaseRequest {
+            holder,
+            holder_epoch,
+            ttl_ms,
+        } = request.into_inner();
+        crate::stamping::check_acquire(&holder, ttl_ms, &self.shared)
+            .map_err(Status::invalid_argument)?;
+        let grant = self
+            .shared
+            .acquire_lease(holder, holder_epoch, ttl_ms)
+            .await
+            .map_err(status_of)?;
+        Ok(Response::new(AcquireLeaseResponse {
+            lease_id: grant.lease_id,
+            ts_upper_bound: grant.bound_ms,
+            expires_at_ms: grant.expires_at_ms,
+            epoch: Some(epoch_wire(grant.epoch)),
+        }))
     }
 
     async fn renew_lease(
         &self,
-        _request: Request<RenewLeaseRequest>,
+        request: Request<RenewLeaseRequest>,
     ) -> Result<Response<RenewLeaseResponse>, Status> {
-        Err(unimplemented("RenewLease"))
+        self.leases_supported()?;
+        let lease_id = request.into_inner().lease_id;
+        let grant = self.shared.renew_lease(lease_id).await.map_err(status_of)?;
+        Ok(Response::new(RenewLeaseResponse {
+            ts_upper_bound: grant.bound_ms,
+            expires_at_ms: grant.expires_at_ms,
+            epoch: Some(epoch_wire(grant.epoch)),
+        }))
     }
 
     async fn release_lease(
         &self,
-        _request: Request<ReleaseLeaseRequest>,
+        request: Request<ReleaseLeaseRequest>,
     ) -> Result<Response<ReleaseLeaseResponse>, Status> {
-        Err(unimplemented("ReleaseLease"))
+        self.leases_supported()?;
+        let lease_id = request.into_inner().lease_id;
+        self.shared
+            .release_lease(lease_id)
+            .await
+            .map_err(status_of)?;
+        Ok(Response::new(ReleaseLeaseResponse {}))
     }
 
     async fn get_safe_frontier(
         &self,
         _request: Request<GetSafeFrontierRequest>,
     ) -> Result<Response<GetSafeFrontierResponse>, Status> {
-        Err(unimplemented("GetSafeFrontier"))
+        self.leases_supported()?;
+        let (frontier_physical_ms, epoch) = self.shared.safe_frontier().await.map_err(status_of)?;
+        Ok(Response::new(GetSafeFrontierResponse {
+            frontier_physical_ms,
+            epoch_hi: epoch.hi(),
+            epoch_lo: epoch.lo(),
+        }))
     }
 }

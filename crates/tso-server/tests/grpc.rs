@@ -9,7 +9,7 @@ use std::sync::Arc;
 use common::*;
 use tonic::Code;
 use tso_core::LOGICAL_COUNT;
-use tso_proto::v1::{GetCurrentMaxSafeRequest, GetSafeFrontierRequest};
+use tso_proto::v1::GetCurrentMaxSafeRequest;
 use tso_server::backend::file::FileBackend;
 use tso_server::clock::SystemClock;
 
@@ -108,19 +108,6 @@ async fn max_safe_closes_what_was_issued_and_never_goes_back() {
         );
         previous = safe.max_safe_physical_ms;
     }
-    server.stop().await.unwrap();
-}
-
-#[tokio::test]
-async fn rpcs_without_an_implementation_say_so() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = file_server(dir.path()).await;
-    let mut client = server.client().await;
-    let frontier = client
-        .get_safe_frontier(GetSafeFrontierRequest {})
-        .await
-        .unwrap_err();
-    assert_eq!(frontier.code(), Code::Unimplemented);
     server.stop().await.unwrap();
 }
 

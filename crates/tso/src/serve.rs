@@ -130,6 +130,7 @@ fn oracle_config(args: &ServeArgs) -> Config {
         seq_count_max: args.seq_count_max,
         seq_keys_max: args.seq_keys_max as usize,
         unsafe_seq_skip_load: args.unsafe_seq_forget,
+        ..Config::default()
     }
 }
 

@@ -11,7 +11,9 @@
 //! Dense-sequence counters live beside it in `sequences` (magic, version, key count, the keys in
 //! ascending order each with its counter, CRC32C), written the same way and marked the same way
 //! (`SEQUENCES` once the first record is durable), so a damaged or missing record is refused
-//! rather than read as "every counter at 0", which would hand out blocks again.
+//! rather than read as "every counter at 0", which would hand out blocks again. Stamping
+//! leases live in `leases` (magic, version, length, the server's encoded lease set, CRC32C),
+//! written and marked (`LEASES`) the same way.
 //!
 //! The node is always leader. Its epoch is the start counter, raised and made durable on every
 //! open, so epochs grow across restarts and the fence runs on every start.
@@ -267,24 +269,147 @@ impl SeqStore {
         if next == self.counters {
             return Ok(());
         }
-        let temp = self.dir.join(SEQ_TEMP_FILE);
-        let path = self.dir.join(SEQ_FILE);
-        let mut file = File::create(&temp).map_err(io_at(&temp))?;
-        file.write_all(&encode_sequences(&next))
-            .map_err(io_at(&temp))?;
-        file.sync_all().map_err(io_at(&temp))?;
-        drop(file);
-        fs::rename(&temp, &path).map_err(io_at(&path))?;
-        sync_dir(&self.dir)?;
+        replace_durably(&self.dir, SEQ_TEMP_FILE, SEQ_FILE, &encode_sequences(&next))?;
         self.counters = next;
         if !self.marked {
-            let mark = self.dir.join(SEQ_MARK_FILE);
-            if !mark.exists() {
-                File::create(&mark)
-                    .and_then(|f| f.sync_all())
-                    .map_err(io_at(&mark))?;
-                sync_dir(&self.dir)?;
+            mark_durably(&self.dir, SEQ_MARK_FILE)?;
+            self.marked = true;
+        }
+        Ok(())
+    }
+}
+
+/// Replaces `dir/name` with `bytes` so that a crash leaves the old content or the new, whole:
+/// a temporary file, fsync, rename over the record, directory fsync.
+fn replace_durably(dir: &Path, temp_name: &str, name: &str, bytes: &[u8]) -> Result<(), FileError> {
+    let temp = dir.join(temp_name);
+    let path = dir.join(name);
+    let mut file = File::create(&temp).map_err(io_at(&temp))?;
+    file.write_all(bytes).map_err(io_at(&temp))?;
+    file.sync_all().map_err(io_at(&temp))?;
+    drop(file);
+    fs::rename(&temp, &path).map_err(io_at(&path))?;
+    sync_dir(dir)
+}
+
+/// Creates the mark file `name` (durably) unless it is there.
+fn mark_durably(dir: &Path, name: &str) -> Result<(), FileError> {
+    let mark = dir.join(name);
+    if !mark.exists() {
+        File::create(&mark)
+            .and_then(|f| f.sync_all())
+            .map_err(io_at(&mark))?;
+        sync_dir(dir)?;
+    }
+    Ok(())
+}
+
+const LEASE_FILE: &str = "leases";
+const LEASE_TEMP_FILE: &str = "leases.tmp";
+const LEASE_MARK_FILE: &str = "LEASES";
+const LEASE_MAGIC: [u8; 4] = *b"TSOL";
+const LEASE_VERSION: u16 = 1;
+/// magic (4) + version (2) + reserved (2) + payload length (4).
+const LEASE_HEADER_LEN: usize = 12;
+
+/// Wraps the server's lease record (opaque here) with magic, version, length and CRC32C.
+fn encode_leases(payload: &[u8]) -> Vec<u8> {
+    let mut buf = Vec::with_capacity(LEASE_HEADER_LEN + payload.len() + 4);
+    buf.extend_from_slice(&LEASE_MAGIC);
+    buf.extend_from_slice(&LEASE_VERSION.to_le_bytes());
+    buf.extend_from_slice(&[0, 0]);
+    let len = u32::try_from(payload.len()).expect("a lease record under 4 GiB");
+    buf.extend_from_slice(&len.to_le_bytes());
+    buf.extend_from_slice(payload);
+    let crc = crc32c::crc32c(&buf);
+    buf.extend_from_slice(&crc.to_le_bytes());
+    buf
+}
+
+fn decode_leases(bytes: &[u8]) -> Result<Vec<u8>, String> {
+    if bytes.len() < LEASE_HEADER_LEN + 4 {
+        return Err(format!(
+            "record is {} bytes, shorter than its header and checksum",
+            bytes.len()
+        ));
+    }
+    if bytes[0..4] != LEASE_MAGIC {
+        return Err(format!(
+            "wrong magic {:02x?}, expected {:02x?} (not a tso leases file)",
+            &bytes[0..4],
+            LEASE_MAGIC
+        ));
+    }
+    let (body, crc) = bytes.split_at(bytes.len() - 4);
+    let stored_crc = u32::from_le_bytes(crc.try_into().expect("4 bytes"));
+    let computed = crc32c::crc32c(body);
+    if stored_crc != computed {
+        return Err(format!(
+            "checksum mismatch (stored {stored_crc:08x}, computed {computed:08x})"
+        ));
+    }
+    let version = u16::from_le_bytes([body[4], body[5]]);
+    if version != LEASE_VERSION {
+        return Err(format!(
+            "unsupported record version {version}, this build reads version {LEASE_VERSION}"
+        ));
+    }
+    let len = u32::from_le_bytes(body[8..12].try_into().expect("4 bytes")) as usize;
+    if body.len() != LEASE_HEADER_LEN + len {
+        return Err(format!(
+            "the header says {len} bytes of leases, the record holds {}",
+            body.len() - LEASE_HEADER_LEN
+        ));
+    }
+    Ok(body[LEASE_HEADER_LEN..].to_vec())
+}
+
+/// The open `leases` record of a data directory.
+struct LeaseStore {
+    dir: PathBuf,
+    record: Vec<u8>,
+    marked: bool,
+}
+
+impl LeaseStore {
+    fn open(dir: &Path) -> Result<LeaseStore, FileError> {
+        remove_file_if_present(&dir.join(LEASE_TEMP_FILE))?;
+        let path = dir.join(LEASE_FILE);
+        let record = match fs::read(&path) {
+            Ok(bytes) => {
+                decode_leases(&bytes).map_err(|problem| FileError::Damaged { path, problem })?
             }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                if dir.join(LEASE_MARK_FILE).exists() {
+                    return Err(FileError::Damaged {
+                        path,
+                        problem: format!(
+                            "the record is missing from a directory that held one \
+                             ({LEASE_MARK_FILE} is there); it was deleted or lost"
+                        ),
+                    });
+                }
+                Vec::new()
+            }
+            Err(source) => return Err(FileError::Io { path, source }),
+        };
+        Ok(LeaseStore {
+            dir: dir.to_path_buf(),
+            record,
+            marked: false,
+        })
+    }
+
+    fn replace(&mut self, record: Vec<u8>) -> Result<(), FileError> {
+        replace_durably(
+            &self.dir,
+            LEASE_TEMP_FILE,
+            LEASE_FILE,
+            &encode_leases(&record),
+        )?;
+        self.record = record;
+        if !self.marked {
+            mark_durably(&self.dir, LEASE_MARK_FILE)?;
             self.marked = true;
         }
         Ok(())
@@ -450,6 +575,7 @@ pub struct FileBackend {
     store: Arc<Mutex<Store>>,
     /// Its own lock: a sequence write never delays a window extension behind it.
     sequences: Arc<Mutex<SeqStore>>,
+    leases: Arc<Mutex<LeaseStore>>,
     epoch: Epoch,
     leadership: watch::Sender<Leadership>,
 }
@@ -464,11 +590,13 @@ impl FileBackend {
         };
         store.write(record)?;
         let sequences = SeqStore::open(dir)?;
+        let leases = LeaseStore::open(dir)?;
         let epoch = Epoch::new(record.starts as u128);
         let (leadership, _) = watch::channel(Leadership::Leader { epoch });
         Ok(FileBackend {
             store: Arc::new(Mutex::new(store)),
             sequences: Arc::new(Mutex::new(sequences)),
+            leases: Arc::new(Mutex::new(leases)),
             epoch,
             leadership,
         })
@@ -612,6 +740,42 @@ impl Consensus for FileBackend {
                 .map_err(|e| ConsensusError::Permanent(format!("file write task failed: {e}")))?
         })
     }
+
+    fn leases_supported(&self) -> bool {
+        true
+    }
+
+    fn load_leases(&self) -> BoxFuture<'_, Result<Vec<u8>, ConsensusError>> {
+        let record = self.leases.lock().expect("leases lock").record.clone();
+        Box::pin(async move { Ok(record) })
+    }
+
+    fn persist_leases(
+        &self,
+        record: Vec<u8>,
+        epoch: Epoch,
+    ) -> BoxFuture<'_, Result<(), ConsensusError>> {
+        let leases = Arc::clone(&self.leases);
+        let current = self.epoch;
+        Box::pin(async move {
+            if epoch != current {
+                return Err(ConsensusError::Fenced {
+                    expected: epoch,
+                    current,
+                });
+            }
+            let write = tokio::task::spawn_blocking(move || {
+                leases
+                    .lock()
+                    .expect("leases lock")
+                    .replace(record)
+                    .map_err(classify)
+            });
+            write
+                .await
+                .map_err(|e| ConsensusError::Permanent(format!("file write task failed: {e}")))?
+        })
+    }
 }
 
 #[cfg(test)]
@@ -681,6 +845,24 @@ mod tests {
         let mut long = bytes.clone();
         long.push(0);
         assert!(decode_sequences(&long).is_err());
+    }
+
+    #[test]
+    fn the_leases_record_round_trips_and_refuses_damage() {
+        let payload = b"any bytes the server encodes".to_vec();
+        let bytes = encode_leases(&payload);
+        assert_eq!(decode_leases(&bytes), Ok(payload));
+        for bit in 0..bytes.len() * 8 {
+            let mut damaged = bytes.clone();
+            damaged[bit / 8] ^= 1 << (bit % 8);
+            assert!(
+                decode_leases(&damaged).is_err(),
+                "bit {bit} flip not detected"
+            );
+        }
+        for len in 0..bytes.len() {
+            assert!(decode_leases(&bytes[..len]).is_err(), "truncated to {len}");
+        }
     }
 
     #[test]

@@ -38,6 +38,12 @@ where
     refuses_a_newer_epoch(&backend, epoch).await;
     a_dropped_persist_is_harmless(&backend, epoch).await;
     let stored = backend.load_high_water().await.expect("load");
+    let leases = backend.leases_supported();
+    let lease_record = if leases {
+        lease_records_replace_and_fence(&backend, epoch).await
+    } else {
+        Vec::new()
+    };
     let sequences = backend.sequences_supported();
     let counters = if sequences {
         sequences_ratchet_per_key(&backend, epoch).await
@@ -70,6 +76,53 @@ where
         );
         concurrent_sequence_persists_ratchet(&backend, reopened_epoch).await;
     }
+    if leases {
+        assert_eq!(
+            backend
+                .load_leases()
+                .await
+                .expect("load leases after reopen"),
+            lease_record,
+            "the lease record is durable across reopen"
+        );
+    }
+}
+
+/// The stamping-lease record (SEMANTICS §14): empty on a fresh store, replaced whole by each
+/// persist, refused under another epoch. Returns what is stored.
+async fn lease_records_replace_and_fence<B: Consensus>(backend: &B, epoch: Epoch) -> Vec<u8> {
+    let load = || async { backend.load_leases().await.expect("load leases") };
+    assert!(load().await.is_empty(), "a fresh store has no lease record");
+    let first = b"first lease set".to_vec();
+    backend
+        .persist_leases(first.clone(), epoch)
+        .await
+        .expect("persist leases");
+    assert_eq!(load().await, first, "a persisted lease record loads back");
+    let second = vec![7u8; 4096];
+    backend
+        .persist_leases(second.clone(), epoch)
+        .await
+        .expect("persist leases");
+    assert_eq!(load().await, second, "a lease record is replaced whole");
+    for other in [
+        Epoch::new(epoch.get() + 1),
+        Epoch::new(epoch.get().saturating_sub(1)),
+    ] {
+        if other == epoch {
+            continue;
+        }
+        match backend.persist_leases(b"stale".to_vec(), other).await {
+            Err(ConsensusError::Fenced { .. } | ConsensusError::NotLeader { .. }) => {}
+            res => panic!("a lease persist under epoch {other} must be refused, got {res:?}"),
+        }
+        assert_eq!(
+            load().await,
+            second,
+            "a refused lease persist stores nothing"
+        );
+    }
+    second
 }
 
 fn counters_of(pairs: &[(&str, u64)]) -> SeqCounters {
@@ -331,6 +384,7 @@ mod tests {
     struct Memory {
         stored: Arc<Mutex<u64>>,
         counters: Arc<Mutex<SeqCounters>>,
+        leases: Arc<Mutex<Vec<u8>>>,
         epoch: Epoch,
         bug: Bug,
         leadership: watch::Sender<Leadership>,
@@ -347,6 +401,7 @@ mod tests {
         fn open(
             stored: Arc<Mutex<u64>>,
             counters: Arc<Mutex<SeqCounters>>,
+            leases: Arc<Mutex<Vec<u8>>>,
             starts: &Mutex<u128>,
             bug: Bug,
         ) -> Self {
@@ -357,6 +412,7 @@ mod tests {
             Self {
                 stored,
                 counters,
+                leases,
                 epoch,
                 bug,
                 leadership,
@@ -433,14 +489,42 @@ mod tests {
                 Ok(())
             })
         }
+
+        fn leases_supported(&self) -> bool {
+            true
+        }
+
+        fn load_leases(&self) -> BoxFuture<'_, Result<Vec<u8>, ConsensusError>> {
+            let record = self.leases.lock().unwrap().clone();
+            Box::pin(async move { Ok(record) })
+        }
+
+        fn persist_leases(
+            &self,
+            record: Vec<u8>,
+            epoch: Epoch,
+        ) -> BoxFuture<'_, Result<(), ConsensusError>> {
+            Box::pin(async move {
+                self.check(epoch)?;
+                *self.leases.lock().unwrap() = record;
+                Ok(())
+            })
+        }
     }
 
     async fn run(bug: Bug) {
         let stored = Arc::new(Mutex::new(0));
         let counters = Arc::default();
+        let leases = Arc::default();
         let starts = Mutex::new(0);
         run_all(|| {
-            let backend = Memory::open(stored.clone(), Arc::clone(&counters), &starts, bug);
+            let backend = Memory::open(
+                stored.clone(),
+                Arc::clone(&counters),
+                Arc::clone(&leases),
+                &starts,
+                bug,
+            );
             async move { backend }
         })
         .await;

@@ -578,6 +578,53 @@ impl RaftBackend {
         }
         Ok(())
     }
+
+    async fn load_leases(&self) -> Result<Vec<u8>, ConsensusError> {
+        let map = |e| self.map_read_error(e);
+        read_applied(&self.raft, &self.lease, &self.timings, map, || {
+            self.sm.leases().1
+        })
+        .await
+    }
+
+    async fn persist_leases(&self, record: Vec<u8>, epoch: Epoch) -> Result<(), ConsensusError> {
+        self.check_epoch(epoch)?;
+        let sent = Instant::now();
+        let term = epoch.hi();
+        let write = self
+            .raft
+            .client_write(Command::ReplaceLeases { term, record });
+        let reply = match tokio::time::timeout(self.timings.call_timeout, write).await {
+            Err(_) => return Err(transient_timeout("write", self.timings.call_timeout)),
+            Ok(r) => r.map_err(|e| self.map_write_error(e))?,
+        };
+        let committed_term = reply.log_id.leader_id.term;
+        if committed_term != term {
+            let current = Epoch::from_parts(committed_term, reply.log_id.leader_id.node_id);
+            return Err(ConsensusError::Fenced {
+                expected: epoch,
+                current,
+            });
+        }
+        self.lease.extend(committed_term, sent);
+        lease_record_applied(term, self.sm.leases().0)
+    }
+}
+
+/// After a lease record of `term` committed: the applied record is that one, or a later
+/// term's (then this write was superseded: `Fenced`); an earlier one breaks the state machine.
+pub(super) fn lease_record_applied(term: u64, applied_term: u64) -> Result<(), ConsensusError> {
+    match applied_term.cmp(&term) {
+        std::cmp::Ordering::Equal => Ok(()),
+        std::cmp::Ordering::Greater => Err(ConsensusError::Fenced {
+            expected: Epoch::from_parts(term, 0),
+            current: Epoch::from_parts(applied_term, 0),
+        }),
+        std::cmp::Ordering::Less => Err(ConsensusError::Permanent(format!(
+            "broken invariant: the lease record of term {term} committed, but term \
+             {applied_term}'s is applied"
+        ))),
+    }
 }
 
 impl Drop for RaftBackend {
@@ -631,6 +678,22 @@ impl Consensus for RaftBackend {
         epoch: Epoch,
     ) -> BoxFuture<'_, Result<(), ConsensusError>> {
         Box::pin(RaftBackend::persist_sequences(self, ends, epoch))
+    }
+
+    fn leases_supported(&self) -> bool {
+        true
+    }
+
+    fn load_leases(&self) -> BoxFuture<'_, Result<Vec<u8>, ConsensusError>> {
+        Box::pin(RaftBackend::load_leases(self))
+    }
+
+    fn persist_leases(
+        &self,
+        record: Vec<u8>,
+        epoch: Epoch,
+    ) -> BoxFuture<'_, Result<(), ConsensusError>> {
+        Box::pin(RaftBackend::persist_leases(self, record, epoch))
     }
 }
 

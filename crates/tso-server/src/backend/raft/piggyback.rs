@@ -10,7 +10,8 @@
 //! - [`PiggybackConsensus`]: the adapter from the host's `openraft::Raft<C>` to the consensus
 //!   seam, to hand to [`crate::OracleGuard::start`].
 //!
-//! Dense sequences (`GetSeq`) are opt-in: a host that also carries [`SequenceCommand`] in its
+//! Stamping leases are opt-in the same way ([`LeaseCommand`], [`LeaseState`],
+//! [`PiggybackConsensus::with_leases`]). Dense sequences (`GetSeq`) are opt-in: a host that also carries [`SequenceCommand`] in its
 //! log and a [`SequenceState`] in its state machine enables them with
 //! [`PiggybackConsensus::with_sequences`]; without it they answer `UNIMPLEMENTED`.
 //!
@@ -103,6 +104,46 @@ impl SequenceState {
     }
 }
 
+/// The oracle's stamping-lease command in a host's log: replace the lease record with one
+/// computed by the leader of `term`. Apply it with [`LeaseState::apply`].
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct LeaseCommand {
+    /// The raft term of the leader that wrote it: a record of an older term never replaces
+    /// one of a newer term.
+    pub term: u64,
+    /// The lease set, encoded by the oracle (opaque to the host).
+    pub record: Vec<u8>,
+}
+
+/// The oracle's stamping-lease record inside a host's state machine; snapshot and restore it
+/// with the rest of the host's state.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct LeaseState {
+    term: u64,
+    record: Vec<u8>,
+}
+
+impl LeaseState {
+    /// Applies one command: replaces the record unless the stored one is of a later term.
+    pub fn apply(&mut self, cmd: &LeaseCommand) {
+        if cmd.term >= self.term {
+            self.term = cmd.term;
+            self.record = cmd.record.clone();
+        }
+    }
+
+    /// The term of the record and the record.
+    pub fn get(&self) -> (u64, &[u8]) {
+        (self.term, &self.record)
+    }
+}
+
+/// Turns the oracle's lease command into the host's app data (`C::D`).
+pub type WrapLeaseCommand<C> = Arc<dyn Fn(LeaseCommand) -> <C as RaftTypeConfig>::D + Send + Sync>;
+
+/// Reads the applied [`LeaseState`] (term and record) from the host's state machine.
+pub type ReadLeases = Arc<dyn Fn() -> (u64, Vec<u8>) + Send + Sync>;
+
 /// Turns the oracle's dense-sequence command into the host's app data (`C::D`).
 pub type WrapSequenceCommand<C> =
     Arc<dyn Fn(SequenceCommand) -> <C as RaftTypeConfig>::D + Send + Sync>;
@@ -136,6 +177,7 @@ pub struct PiggybackConsensus<C: RaftTypeConfig> {
     wrap: WrapCommand<C>,
     read: ReadHighWater,
     sequences: Option<(WrapSequenceCommand<C>, ReadSequences)>,
+    leases: Option<(WrapLeaseCommand<C>, ReadLeases)>,
     client_addr: ClientAddrOf<C>,
     leadership: watch::Receiver<Leadership>,
     lease: Arc<LeaseClock>,
@@ -186,6 +228,7 @@ where
             wrap: Arc::new(wrap),
             read: Arc::new(read),
             sequences: None,
+            leases: None,
             client_addr,
             leadership,
             lease,
@@ -210,6 +253,18 @@ where
         read: impl Fn() -> SeqCounters + Send + Sync + 'static,
     ) -> Self {
         self.sequences = Some((Arc::new(wrap), Arc::new(read)));
+        self
+    }
+
+    /// Enables stamping leases: `wrap` wraps a [`LeaseCommand`] into the host's app data,
+    /// `read` reads the applied [`LeaseState`] as `(term, record)`. The host's snapshots must
+    /// carry the [`LeaseState`].
+    pub fn with_leases(
+        mut self,
+        wrap: impl Fn(LeaseCommand) -> C::D + Send + Sync + 'static,
+        read: impl Fn() -> (u64, Vec<u8>) + Send + Sync + 'static,
+    ) -> Self {
+        self.leases = Some((Arc::new(wrap), Arc::new(read)));
         self
     }
 
@@ -373,6 +428,45 @@ where
     }
 }
 
+impl<C> PiggybackConsensus<C>
+where
+    C: RaftTypeConfig<NodeId = u64, AsyncRuntime = TokioRuntime, Responder = OneshotResponder<C>>,
+{
+    fn lease_parts(&self) -> Result<(WrapLeaseCommand<C>, ReadLeases), ConsensusError> {
+        self.leases.clone().ok_or_else(|| {
+            ConsensusError::Permanent("stamping leases are not enabled by the host".into())
+        })
+    }
+
+    async fn load_leases(&self) -> Result<Vec<u8>, ConsensusError> {
+        let (_, read) = self.lease_parts()?;
+        let map = |e| self.map_read_error(e);
+        read_applied(&self.raft, &self.lease, &self.timings, map, || read().1).await
+    }
+
+    async fn persist_leases(&self, record: Vec<u8>, epoch: Epoch) -> Result<(), ConsensusError> {
+        let (wrap, read) = self.lease_parts()?;
+        self.check_epoch(epoch)?;
+        let sent = Instant::now();
+        let term = epoch.hi();
+        let write = self.raft.client_write(wrap(LeaseCommand { term, record }));
+        let reply = match tokio::time::timeout(self.timings.call_timeout, write).await {
+            Err(_) => return Err(transient_timeout("write", self.timings.call_timeout)),
+            Ok(r) => r.map_err(|e| self.map_write_error(e))?,
+        };
+        let committed_term = reply.log_id.leader_id.term;
+        if committed_term != term {
+            let current = Epoch::from_parts(committed_term, reply.log_id.leader_id.node_id);
+            return Err(ConsensusError::Fenced {
+                expected: epoch,
+                current,
+            });
+        }
+        self.lease.extend(committed_term, sent);
+        super::lease_record_applied(term, read().0)
+    }
+}
+
 impl<C: RaftTypeConfig> Drop for PiggybackConsensus<C> {
     fn drop(&mut self) {
         for t in &self.tasks {
@@ -419,6 +513,22 @@ where
         epoch: Epoch,
     ) -> BoxFuture<'_, Result<(), ConsensusError>> {
         Box::pin(PiggybackConsensus::persist_sequences(self, ends, epoch))
+    }
+
+    fn leases_supported(&self) -> bool {
+        self.leases.is_some()
+    }
+
+    fn load_leases(&self) -> BoxFuture<'_, Result<Vec<u8>, ConsensusError>> {
+        Box::pin(PiggybackConsensus::load_leases(self))
+    }
+
+    fn persist_leases(
+        &self,
+        record: Vec<u8>,
+        epoch: Epoch,
+    ) -> BoxFuture<'_, Result<(), ConsensusError>> {
+        Box::pin(PiggybackConsensus::persist_leases(self, record, epoch))
     }
 }
 

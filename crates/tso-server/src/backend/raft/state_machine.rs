@@ -1,5 +1,5 @@
 //! The replicated state machine: the high-water and the dense-sequence counters, each applied
-//! as `max`, plus what openraft needs (last applied log id, membership) and its snapshot.
+//! as `max`, the stamping-lease record (replaced only by a term at least as new), plus what openraft needs (last applied log id, membership) and its snapshot.
 //!
 //! The state itself lives in memory; durability comes from the log (entries are fsync'd before
 //! they count) and from the snapshot file, written atomically before openraft may purge the log
@@ -33,9 +33,22 @@ struct State {
     high_water_ms: u64,
     /// Dense-sequence counters: each key's next unissued value.
     sequences: BTreeMap<String, u64>,
+    /// The term that wrote `leases`, and the stamping-lease record itself.
+    lease_term: u64,
+    leases: Vec<u8>,
 }
 
-/// The state as snapshots written before dense sequences encoded it; read, never written.
+/// The layouts of snapshots written by earlier versions; read, never written. postcard is not
+/// self-describing: each is tried from the newest, and an older layout fails on the fields it
+/// lacks before a newer one could be mistaken for it.
+#[derive(Debug, Deserialize)]
+struct StateWithoutLeases {
+    last_applied: Option<LogId>,
+    membership: StoredMembership,
+    high_water_ms: u64,
+    sequences: BTreeMap<String, u64>,
+}
+
 #[derive(Debug, Deserialize)]
 struct StateWithoutSequences {
     last_applied: Option<LogId>,
@@ -106,6 +119,12 @@ impl StateMachine {
         self.lock().state.sequences.clone()
     }
 
+    /// The applied stamping-lease record and the term that wrote it.
+    pub fn leases(&self) -> (u64, Vec<u8>) {
+        let inner = self.lock();
+        (inner.state.lease_term, inner.state.leases.clone())
+    }
+
     /// The first of `ends` whose counter is applied below it, if any (the check after a write).
     pub fn sequence_below(&self, ends: &[(String, u64)]) -> Option<(String, u64, u64)> {
         let inner = self.lock();
@@ -122,12 +141,21 @@ fn decode_state(data: &[u8]) -> Option<State> {
     if let Ok(state) = postcard::from_bytes::<State>(data) {
         return Some(state);
     }
+    if let Ok(old) = postcard::from_bytes::<StateWithoutLeases>(data) {
+        return Some(State {
+            last_applied: old.last_applied,
+            membership: old.membership,
+            high_water_ms: old.high_water_ms,
+            sequences: old.sequences,
+            ..State::default()
+        });
+    }
     let old: StateWithoutSequences = postcard::from_bytes(data).ok()?;
     Some(State {
         last_applied: old.last_applied,
         membership: old.membership,
         high_water_ms: old.high_water_ms,
-        sequences: BTreeMap::new(),
+        ..State::default()
     })
 }
 
@@ -148,6 +176,12 @@ fn apply_one(state: &mut State, entry: Entry) -> Applied {
             for (key, end) in ends {
                 let counter = state.sequences.entry(key).or_insert(0);
                 *counter = (*counter).max(end);
+            }
+        }
+        EntryPayload::Normal(Command::ReplaceLeases { term, record }) => {
+            if term >= state.lease_term {
+                state.lease_term = term;
+                state.leases = record;
             }
         }
         EntryPayload::Membership(m) => {

@@ -26,6 +26,9 @@ pub enum Command {
     /// Raise each dense-sequence counter to at least its end (applied as `max` per key), one
     /// group commit of the leader.
     AdvanceSequences { ends: Vec<(String, u64)> },
+    /// Replace the stamping-lease record (opaque to the log) with one computed by the leader of
+    /// `term`; applied only if no record of a later term is already there.
+    ReplaceLeases { term: u64, record: Vec<u8> },
 }
 
 /// What applying any entry returns: the high-water after it.

@@ -1,0 +1,359 @@
+//! Stamping leases and the safe frontier (SEMANTICS §14) over real gRPC on the file backend,
+//! with the clock injected where expiry matters: the frontier with no lease, a dead holder's
+//! lease holding it until exactly its expiry, a superseded one likewise, a released one not at
+//! all; idempotent re-acquire and stale holder epochs; renewals of unknown, expired and
+//! superseded leases; TTL and holder bounds; a failed write changing nothing; a restart.
+
+mod common;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use common::*;
+use tokio::sync::watch;
+use tonic::Code;
+use tonic::transport::Channel;
+use tso_core::Epoch;
+use tso_proto::v1::tso_service_client::TsoServiceClient;
+use tso_proto::v1::{
+    AcquireLeaseRequest, AcquireLeaseResponse, GetSafeFrontierRequest, GetTsRequest,
+    ReleaseLeaseRequest, RenewLeaseRequest,
+};
+use tso_server::backend::file::FileBackend;
+use tso_server::consensus::{BoxFuture, Consensus, ConsensusError, Leadership};
+
+const START_MS: u64 = 1_800_000_000_000;
+
+/// The file backend, with the next `fail_leases` lease writes failing before they reach it.
+struct Backend {
+    inner: FileBackend,
+    fail_leases: AtomicUsize,
+}
+
+impl Consensus for Backend {
+    fn leadership(&self) -> watch::Receiver<Leadership> {
+        self.inner.leadership()
+    }
+    fn load_high_water(&self) -> BoxFuture<'_, Result<u64, ConsensusError>> {
+        self.inner.load_high_water()
+    }
+    fn persist_high_water(
+        &self,
+        at_least_ms: u64,
+        epoch: Epoch,
+    ) -> BoxFuture<'_, Result<u64, ConsensusError>> {
+        self.inner.persist_high_water(at_least_ms, epoch)
+    }
+    fn leases_supported(&self) -> bool {
+        true
+    }
+    fn load_leases(&self) -> BoxFuture<'_, Result<Vec<u8>, ConsensusError>> {
+        self.inner.load_leases()
+    }
+    fn persist_leases(
+        &self,
+        record: Vec<u8>,
+        epoch: Epoch,
+    ) -> BoxFuture<'_, Result<(), ConsensusError>> {
+        let fail = self
+            .fail_leases
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        if fail {
+            return Box::pin(async { Err(ConsensusError::Transient("injected".into())) });
+        }
+        self.inner.persist_leases(record, epoch)
+    }
+}
+
+async fn start(dir: &Path, clock: Arc<ManualClock>) -> (TestServer, Arc<Backend>, Client) {
+    let backend = Arc::new(Backend {
+        inner: FileBackend::open(dir).unwrap(),
+        fail_leases: AtomicUsize::new(0),
+    });
+    let mut server = TestServer::start(backend.clone(), test_config(), clock).await;
+    server.wait_serving().await;
+    let client = server.client().await;
+    (server, backend, client)
+}
+
+type Client = TsoServiceClient<Channel>;
+
+async fn acquire(
+    client: &mut Client,
+    holder: &[u8],
+    holder_epoch: u64,
+    ttl_ms: u64,
+) -> Result<AcquireLeaseResponse, tonic::Status> {
+    let request = AcquireLeaseRequest {
+        holder: holder.to_vec(),
+        holder_epoch,
+        ttl_ms,
+    };
+    client.acquire_lease(request).await.map(|r| r.into_inner())
+}
+
+async fn frontier(client: &mut Client) -> u64 {
+    let reply = client
+        .get_safe_frontier(GetSafeFrontierRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_ne!(
+        (reply.epoch_hi, reply.epoch_lo),
+        (0, 0),
+        "a leader answers with its epoch"
+    );
+    reply.frontier_physical_ms
+}
+
+async fn renew(client: &mut Client, lease_id: u64) -> Result<(u64, u64), tonic::Status> {
+    let reply = client.renew_lease(RenewLeaseRequest { lease_id }).await?;
+    let reply = reply.into_inner();
+    Ok((reply.ts_upper_bound, reply.expires_at_ms))
+}
+
+async fn release(client: &mut Client, lease_id: u64) {
+    client
+        .release_lease(ReleaseLeaseRequest { lease_id })
+        .await
+        .expect("release is idempotent and always answers");
+}
+
+async fn high_water(backend: &Backend) -> u64 {
+    backend.inner.load_high_water().await.unwrap()
+}
+
+fn refused(result: Result<impl std::fmt::Debug, tonic::Status>, code: Code, text: &str) {
+    let status = result.expect_err("must be refused");
+    assert_eq!(status.code(), code, "{status:?}");
+    assert!(
+        status.message().contains(text),
+        "{status:?} should say {text:?}"
+    );
+}
+
+#[tokio::test]
+async fn the_frontier_follows_every_unexpired_lease_until_exactly_its_expiry() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(START_MS);
+    let (server, backend, mut client) = start(dir.path(), clock.clone()).await;
+
+    assert_eq!(
+        frontier(&mut client).await,
+        high_water(&backend).await,
+        "no lease: H"
+    );
+    let ts = client
+        .get_ts(GetTsRequest { count: 1 })
+        .await
+        .unwrap()
+        .into_inner();
+
+    // A holder that dies: its lease binds the frontier until its expiry, to the millisecond.
+    let h0 = high_water(&backend).await;
+    let a = acquire(&mut client, b"writer-a", 1, 10_000).await.unwrap();
+    assert_eq!(a.ts_upper_bound, (h0 + 1).max(START_MS) + 10_000);
+    assert!(
+        a.ts_upper_bound > ts.physical_ms,
+        "above every timestamp granted before"
+    );
+    assert_eq!(a.expires_at_ms, START_MS + 10_000);
+    assert_eq!(
+        high_water(&backend).await,
+        a.ts_upper_bound,
+        "the bound is the durable H"
+    );
+    clock.advance(1);
+    let b = acquire(&mut client, b"writer-b", 1, 20_000).await.unwrap();
+    assert!(b.ts_upper_bound > a.ts_upper_bound);
+    assert_ne!(a.lease_id, b.lease_id);
+    assert_eq!(frontier(&mut client).await, a.ts_upper_bound);
+    clock.set(a.expires_at_ms - 1);
+    assert_eq!(
+        frontier(&mut client).await,
+        a.ts_upper_bound,
+        "a dead holder still binds"
+    );
+    clock.set(a.expires_at_ms);
+    assert_eq!(
+        frontier(&mut client).await,
+        b.ts_upper_bound,
+        "until exactly its expiry"
+    );
+    refused(
+        renew(&mut client, a.lease_id).await,
+        Code::FailedPrecondition,
+        "expired",
+    );
+
+    // A higher holder epoch supersedes: the old lease binds until its own expiry, cannot renew.
+    let c = acquire(&mut client, b"writer-b", 2, 20_000).await.unwrap();
+    assert_ne!(c.lease_id, b.lease_id);
+    refused(
+        renew(&mut client, b.lease_id).await,
+        Code::FailedPrecondition,
+        "superseded",
+    );
+    refused(
+        acquire(&mut client, b"writer-b", 1, 20_000).await,
+        Code::FailedPrecondition,
+        "holder epoch 1 is below 2",
+    );
+    assert_eq!(
+        frontier(&mut client).await,
+        b.ts_upper_bound,
+        "a superseded lease binds"
+    );
+    clock.set(b.expires_at_ms);
+    assert_eq!(frontier(&mut client).await, c.ts_upper_bound);
+
+    // The same holder at the same epoch while live: the same lease back, nothing written.
+    let again = acquire(&mut client, b"writer-b", 2, 20_000).await.unwrap();
+    assert_eq!(again, c, "idempotent");
+
+    // A renewal: a fresh bound above the current high-water, a later expiry.
+    let h = high_water(&backend).await;
+    let (bound, expires) = renew(&mut client, c.lease_id).await.unwrap();
+    assert_eq!(bound, (h + 1).max(b.expires_at_ms) + 20_000);
+    assert_eq!(expires, b.expires_at_ms + 20_000);
+
+    // A release stops binding at once; it is idempotent; the id is then unknown.
+    release(&mut client, c.lease_id).await;
+    release(&mut client, c.lease_id).await;
+    assert_eq!(frontier(&mut client).await, high_water(&backend).await);
+    refused(
+        renew(&mut client, c.lease_id).await,
+        Code::NotFound,
+        "unknown",
+    );
+    refused(renew(&mut client, 999).await, Code::NotFound, "unknown");
+    server.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn holders_and_ttls_out_of_bounds_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, _backend, mut client) = start(dir.path(), ManualClock::new(START_MS)).await;
+    let invalid = Code::InvalidArgument;
+    refused(
+        acquire(&mut client, b"h", 1, 4_999).await,
+        invalid,
+        "ask for 5000 to 300000",
+    );
+    refused(
+        acquire(&mut client, b"h", 1, 300_001).await,
+        invalid,
+        "ttl_ms 300001",
+    );
+    refused(
+        acquire(&mut client, b"", 1, 5_000).await,
+        invalid,
+        "0 bytes",
+    );
+    refused(
+        acquire(&mut client, &[1; 129], 1, 5_000).await,
+        invalid,
+        "129 bytes",
+    );
+    acquire(&mut client, &[1; 128], 1, 5_000).await.unwrap();
+    acquire(&mut client, b"h", 1, 300_000).await.unwrap();
+    server.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_failed_write_answers_unavailable_and_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, backend, mut client) = start(dir.path(), ManualClock::new(START_MS)).await;
+    let kept = acquire(&mut client, b"kept", 1, 10_000).await.unwrap();
+    backend.fail_leases.store(1, Ordering::SeqCst);
+    refused(
+        acquire(&mut client, b"lost", 1, 10_000).await,
+        Code::Unavailable,
+        "injected",
+    );
+    assert_eq!(
+        frontier(&mut client).await,
+        kept.ts_upper_bound,
+        "only the kept lease binds"
+    );
+    backend.fail_leases.store(1, Ordering::SeqCst);
+    refused(
+        renew(&mut client, kept.lease_id).await,
+        Code::Unavailable,
+        "injected",
+    );
+    assert_eq!(
+        frontier(&mut client).await,
+        kept.ts_upper_bound,
+        "the renewal changed nothing"
+    );
+    let retried = acquire(&mut client, b"lost", 1, 10_000).await.unwrap();
+    assert!(
+        retried.lease_id > kept.lease_id + 1,
+        "the failed attempt's id is not reused"
+    );
+    server.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn leases_and_their_bounds_survive_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(START_MS);
+    let (server, backend, mut client) = start(dir.path(), clock.clone()).await;
+    let a = acquire(&mut client, b"a", 1, 60_000).await.unwrap();
+    let dead = acquire(&mut client, b"dead", 1, 5_000).await.unwrap();
+    server.stop().await.unwrap();
+    drop((backend, client));
+
+    clock.advance(5_000);
+    let (server, backend, mut client) = start(dir.path(), clock.clone()).await;
+    assert_eq!(
+        frontier(&mut client).await,
+        a.ts_upper_bound,
+        "a's lease came back"
+    );
+    refused(
+        renew(&mut client, dead.lease_id).await,
+        Code::NotFound,
+        "unknown",
+    );
+    let (bound, _) = renew(&mut client, a.lease_id).await.unwrap();
+    assert!(bound > dead.ts_upper_bound && bound == high_water(&backend).await);
+    let b = acquire(&mut client, b"b", 1, 5_000).await.unwrap();
+    assert!(
+        b.lease_id > dead.lease_id,
+        "ids are never reused across restarts"
+    );
+    server.stop().await.unwrap();
+}
+
+/// A backend without leases says so for all four RPCs.
+#[tokio::test]
+async fn a_backend_without_leases_answers_unimplemented() {
+    let server = {
+        let mut server = TestServer::start(
+            FaultBackend::leader(1, 0),
+            test_config(),
+            ManualClock::new(START_MS),
+        )
+        .await;
+        server.wait_serving().await;
+        server
+    };
+    let mut client = server.client().await;
+    refused(
+        acquire(&mut client, b"h", 1, 5_000).await,
+        Code::Unimplemented,
+        "leases",
+    );
+    refused(renew(&mut client, 1).await, Code::Unimplemented, "leases");
+    let release = client
+        .release_lease(ReleaseLeaseRequest { lease_id: 1 })
+        .await;
+    refused(release, Code::Unimplemented, "leases");
+    let frontier = client.get_safe_frontier(GetSafeFrontierRequest {}).await;
+    refused(frontier, Code::Unimplemented, "leases");
+    server.stop().await.unwrap();
+}
