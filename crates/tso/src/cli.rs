@@ -91,6 +91,17 @@ pub struct ServeArgs {
     /// or restart. This breaks the oracle on purpose. Never set it.
     #[arg(long, hide = true)]
     pub unsafe_seq_forget: bool,
+    /// Shortest TTL a stamping lease may ask for.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub lease_ttl_min: Duration,
+    /// Longest TTL a stamping lease may ask for; leases expired longer ago are forgotten.
+    #[arg(long, default_value = "300s", value_parser = humantime::parse_duration)]
+    pub lease_ttl_max: Duration,
+    /// FOR THE CHECKER'S POSITIVE CONTROL ONLY: each new leader starts with an empty lease
+    /// set instead of loading it, so its safe frontier can pass the bound of a live lease.
+    /// This breaks the oracle on purpose. Never set it.
+    #[arg(long, hide = true)]
+    pub unsafe_lease_forget: bool,
     /// FOR FAULT TESTS ONLY: shift this server's clock by the signed number of milliseconds
     /// written in this file (re-read every 50 ms). Never set it in production.
     #[arg(long, hide = true)]

@@ -20,6 +20,13 @@ use probes::ProbeState;
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     init_logging(&args.log)?;
+    anyhow::ensure!(
+        args.lease_ttl_min >= std::time::Duration::from_millis(1)
+            && args.lease_ttl_min <= args.lease_ttl_max,
+        "--lease-ttl-min {:?} must be at least 1ms and at most --lease-ttl-max {:?}",
+        args.lease_ttl_min,
+        args.lease_ttl_max
+    );
     raise_open_files_limit();
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     if let Some(threads) = args.threads {
@@ -117,6 +124,11 @@ fn oracle_config(args: &ServeArgs) -> Config {
             "UNSAFE: grants skip the leader lease check; this server breaks its guarantees on purpose"
         );
     }
+    if args.unsafe_lease_forget {
+        tracing::warn!(
+            "UNSAFE: every term starts with no stamping leases; this server breaks its guarantees on purpose"
+        );
+    }
     if args.unsafe_seq_forget {
         tracing::warn!(
             "UNSAFE: sequences restart from 0 in every term; this server breaks its guarantees on purpose"
@@ -130,6 +142,9 @@ fn oracle_config(args: &ServeArgs) -> Config {
         seq_count_max: args.seq_count_max,
         seq_keys_max: args.seq_keys_max as usize,
         unsafe_seq_skip_load: args.unsafe_seq_forget,
+        lease_ttl_min: args.lease_ttl_min,
+        lease_ttl_max: args.lease_ttl_max,
+        unsafe_lease_skip_load: args.unsafe_lease_forget,
         ..Config::default()
     }
 }
