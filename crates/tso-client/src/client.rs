@@ -13,9 +13,10 @@ use tso_core::{Epoch, LOGICAL_COUNT, Timestamp};
 use crate::config::Config;
 use crate::dispatch::{self, Waiter};
 use crate::grant::{Batch, TsRange};
+use crate::lease::{AcquireRequest, Frontier, LeaseGrant};
 use crate::router::Router;
 use crate::seq::{SeqBatch, SeqBlock, SeqRequest};
-use crate::{ClientBuilder, Error, Result, seq_call};
+use crate::{ClientBuilder, Error, Result, lease_call, seq_call};
 
 /// How long after its deadline a caller stops waiting on its own. The dispatcher reports a
 /// missed deadline itself, with the last error seen; the caller's timer is the backstop for a
@@ -135,6 +136,56 @@ impl Client {
         let router = &self.inner.router;
         let deadline = Instant::now() + router.config().overall_timeout;
         seq_call::fetch(router, request, deadline).await
+    }
+
+    /// Acquires a stamping lease for `holder` (1 to
+    /// [`LEASE_HOLDER_BYTES_MAX`](crate::LEASE_HOLDER_BYTES_MAX) opaque bytes) at
+    /// `holder_epoch`, for `ttl` (a whole number of milliseconds; the server accepts 5 s to
+    /// 300 s by default and refuses others with [`Error::InvalidArgument`]). A bad holder or
+    /// TTL is refused before any RPC (SEMANTICS §14).
+    ///
+    /// The same holder and `holder_epoch` while its lease lives gets the same lease back, as it
+    /// stands; a higher `holder_epoch` supersedes it; a lower one is
+    /// [`Error::StaleHolderEpoch`]. Transport errors and `UNAVAILABLE` are retried: acquiring
+    /// is idempotent per holder and `holder_epoch`. See [`LeaseGrant::local_expiry`] for how
+    /// long the holder may stamp, or let a [`LeaseKeeper`](crate::LeaseKeeper) hold the lease.
+    pub async fn acquire_lease(
+        &self,
+        holder: &[u8],
+        holder_epoch: u64,
+        ttl: Duration,
+    ) -> Result<LeaseGrant> {
+        let request = AcquireRequest::new(holder, holder_epoch, ttl)?;
+        lease_call::acquire(&self.inner.router, &request, self.deadline()).await
+    }
+
+    /// Renews lease `lease_id`: a fresh bound and expiry with the TTL it was acquired with,
+    /// which the reply does not repeat: pass it as `ttl` (it only sets the returned grant's
+    /// [`local_expiry`](LeaseGrant::local_expiry)). [`Error::LeaseNotFound`] when the leader
+    /// knows no such lease, [`Error::LeaseLost`] when it expired or was superseded: stop
+    /// stamping and acquire again. Transport errors and `UNAVAILABLE` are retried: a repeat
+    /// just renews again.
+    pub async fn renew_lease(&self, lease_id: u64, ttl: Duration) -> Result<LeaseGrant> {
+        crate::lease::ttl_ms(ttl)?;
+        lease_call::renew(&self.inner.router, lease_id, ttl, self.deadline()).await
+    }
+
+    /// Releases lease `lease_id`: it stops holding the safe frontier back at once. Idempotent:
+    /// an unknown or already released id is fine, and failures are retried like the others.
+    pub async fn release_lease(&self, lease_id: u64) -> Result<()> {
+        lease_call::release(&self.inner.router, lease_id, self.deadline()).await
+    }
+
+    /// The safe frontier: the smallest of the leader's durable high-water and the bounds of
+    /// every unexpired lease, in physical ms. Followers answer 0 with no epoch and no hint, so
+    /// the call asks the leader it knows, else each configured endpoint in turn, until one
+    /// leads; [`Error::DeadlineExceeded`] when none does within the overall deadline.
+    pub async fn safe_frontier(&self) -> Result<Frontier> {
+        lease_call::frontier(&self.inner.router, self.deadline()).await
+    }
+
+    fn deadline(&self) -> Instant {
+        Instant::now() + self.inner.router.config().overall_timeout
     }
 
     /// The leader this client currently sends to (`http://host:port`) and the highest epoch

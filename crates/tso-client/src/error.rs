@@ -2,6 +2,9 @@
 //! was coalesced into it; [`Error::is_retryable`] separates "retry later" from "your request or
 //! configuration is wrong". A sequence call that failed after its request was sent is
 //! [`Error::SeqUncertain`]: not retryable, because a block may have been spent (SEMANTICS §11).
+//! A stamping lease that can no longer be renewed is [`Error::LeaseLost`] (or
+//! [`Error::LeaseNotFound`]); one that may have run out by the holder's clock while renewals
+//! still fail is [`Error::LeaseStalled`] (SEMANTICS §14).
 
 use std::fmt::Write as _;
 use std::time::Duration;
@@ -84,6 +87,47 @@ pub enum Error {
         asked: Vec<(String, u32)>,
         reason: String,
     },
+    /// A lease holder the protocol does not allow: empty, or longer than
+    /// [`LEASE_HOLDER_BYTES_MAX`](crate::LEASE_HOLDER_BYTES_MAX) bytes. Refused before any RPC.
+    #[error(
+        "a lease holder of {holder_bytes} bytes is invalid: give 1 to {} bytes",
+        crate::LEASE_HOLDER_BYTES_MAX
+    )]
+    InvalidLeaseHolder { holder_bytes: usize },
+    /// A lease TTL below one millisecond or beyond `u64::MAX` ms. Refused before any RPC; the
+    /// server refuses a TTL outside its own bounds (5 s to 300 s by default) with
+    /// [`Error::InvalidArgument`].
+    #[error("lease TTL {ttl:?} is invalid: give a whole number of milliseconds, at least 1 ms")]
+    InvalidLeaseTtl { ttl: Duration },
+    /// The leader knows no lease `lease_id` (`NOT_FOUND`): it was never granted, or released,
+    /// or expired and dropped. Acquire a new lease.
+    #[error(
+        "lease {lease_id} is unknown to the leader (released, or expired and dropped): stop \
+         stamping under it and acquire a new lease"
+    )]
+    LeaseNotFound { lease_id: u64 },
+    /// The lease can no longer be renewed (`FAILED_PRECONDITION`): it expired, or the holder
+    /// acquired again with a higher `holder_epoch` and superseded it. `message` is the server's.
+    #[error(
+        "lease {lease_id} can no longer be renewed ({message}): it expired or a higher \
+         holder_epoch superseded it; stop stamping under it and acquire again"
+    )]
+    LeaseLost { lease_id: u64, message: String },
+    /// `AcquireLease` with a `holder_epoch` below the one of the holder's live lease
+    /// (`FAILED_PRECONDITION`): a newer incarnation of the holder owns the lease.
+    #[error(
+        "holder_epoch {holder_epoch} is below the one of this holder's live lease ({message}): \
+         a newer incarnation holds it; do not stamp"
+    )]
+    StaleHolderEpoch { holder_epoch: u64, message: String },
+    /// A [`LeaseKeeper`](crate::LeaseKeeper) cannot vouch for its lease right now: by this
+    /// holder's own clock the lease may have run out, and no renewal has succeeded since. The
+    /// keeper keeps renewing; stamping must stall (never skew) until it vouches again.
+    #[error(
+        "lease {lease_id} may have run out by this holder's clock and is not renewed yet \
+         ({reason}): stall stamping and ask again"
+    )]
+    LeaseStalled { lease_id: u64, reason: String },
 }
 
 impl Error {
@@ -94,7 +138,8 @@ impl Error {
         match self {
             Error::QueueFull { .. }
             | Error::Unavailable { .. }
-            | Error::DeadlineExceeded { .. } => true,
+            | Error::DeadlineExceeded { .. }
+            | Error::LeaseStalled { .. } => true,
             Error::Server { code, .. } => {
                 matches!(code, tonic::Code::ResourceExhausted | tonic::Code::Aborted)
             }
@@ -109,6 +154,11 @@ impl Error {
             | Error::InvalidConfig { .. }
             | Error::MalformedReply { .. }
             | Error::MalformedHint { .. }
+            | Error::InvalidLeaseHolder { .. }
+            | Error::InvalidLeaseTtl { .. }
+            | Error::LeaseNotFound { .. }
+            | Error::LeaseLost { .. }
+            | Error::StaleHolderEpoch { .. }
             | Error::Closed => false,
         }
     }

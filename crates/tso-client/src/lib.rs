@@ -25,6 +25,11 @@
 //!   [`Client::get_seq_batch`] send one RPC per call, never coalesced. They follow hints like
 //!   `GetTs` and retry only what is known to have written nothing ("not leader", a failure to
 //!   connect); a failure after the request was sent is [`Error::SeqUncertain`], never retried.
+//! - **Stamping leases and the safe frontier** (`lease.rs`, `lease_call.rs`, `keeper.rs`):
+//!   [`Client::acquire_lease`], [`Client::renew_lease`], [`Client::release_lease`] and
+//!   [`Client::safe_frontier`], one RPC per attempt, every one safe to repeat and so retried like
+//!   `GetTs`. [`LeaseKeeper`] holds one lease, renews it ahead of expiry and tells its owner
+//!   whether it may stamp now, by the owner's own clock.
 //! - **Errors** are one `Clone` type; [`Error::is_retryable`] tells "retry later" from "the
 //!   request or configuration is wrong". Malformed replies and hints are errors, never panics.
 //! - Dropping the last [`Client`] clone stops its background task.
@@ -36,6 +41,9 @@ mod dispatch;
 mod endpoint;
 mod error;
 mod grant;
+mod keeper;
+mod lease;
+mod lease_call;
 mod router;
 mod seq;
 mod seq_call;
@@ -47,6 +55,8 @@ pub use config::{
 };
 pub use error::{Error, Result};
 pub use grant::{Batch, TsRange};
+pub use keeper::{LEASE_EXPIRY_MARGIN_DEFAULT, LeaseKeeper, LeaseKeeperBuilder, StampPermit};
+pub use lease::{Frontier, LEASE_HOLDER_BYTES_MAX, LeaseGrant};
 pub use seq::{SEQ_BATCH_ENTRIES_MAX, SEQ_COUNT_MAX, SEQ_KEY_BYTES_MAX, SeqBatch, SeqBlock};
 pub use seq_call::seq_status_is_uncertain;
 pub use tso_core::{Epoch, LOGICAL_COUNT, Timestamp};

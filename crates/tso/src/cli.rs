@@ -27,6 +27,10 @@ pub enum Command {
     Get(GetArgs),
     /// Take a block of a dense sequence (GetSeq; several keys: one GetSeqBatch) and print it.
     Seq(SeqArgs),
+    /// Stamping leases: acquire, renew or release one, and print it.
+    Lease(LeaseArgs),
+    /// Print the safe frontier (GetSafeFrontier) from the leader, in physical ms.
+    Frontier(FrontierArgs),
     /// Closed-loop load against a server: rate, latency percentiles, errors; checks the replies.
     Bench(BenchArgs),
     /// Jepsen-style check: clients recording every call, a seeded nemesis, history checks.
@@ -213,6 +217,99 @@ pub struct SeqArgs {
     /// Log filter for the client's own logs on stderr (e.g. `tso_client=debug`).
     #[arg(long, default_value = "warn", env = "TSO_LOG")]
     pub log: String,
+}
+
+/// Flags of the commands that make one call through the client library.
+#[derive(Debug, Args)]
+pub struct CallArgs {
+    /// Server addresses, comma-separated (`host:port` or `http://host:port`); the leader is
+    /// found through hints.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "127.0.0.1:50551",
+        env = "TSO_ENDPOINTS"
+    )]
+    pub endpoints: Vec<String>,
+    /// Give up after this long.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
+    /// Log filter for the client's own logs on stderr (e.g. `tso_client=debug`).
+    #[arg(long, default_value = "warn", env = "TSO_LOG")]
+    pub log: String,
+}
+
+#[derive(Debug, Args)]
+pub struct LeaseArgs {
+    #[command(subcommand)]
+    pub command: LeaseCommand,
+}
+
+/// Each prints one line, `ID<TAB>ts_upper_bound=MS<TAB>expires_at_ms=MS<TAB>epoch=E` (release:
+/// `ID<TAB>released`).
+#[derive(Debug, Subcommand)]
+pub enum LeaseCommand {
+    /// Acquire a lease for a holder (the same holder and holder epoch get the same lease back).
+    Acquire(AcquireArgs),
+    /// Renew a lease: a fresh bound and expiry with the TTL it was acquired with.
+    Renew(LeaseIdArgs),
+    /// Release a lease (an unknown id is fine).
+    Release(LeaseIdArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct AcquireArgs {
+    /// The holder's name (1 to 128 bytes).
+    #[arg(long, value_parser = parse_holder)]
+    pub holder: String,
+    /// The holder's incarnation: a higher one supersedes the holder's live lease, a lower one
+    /// is refused.
+    #[arg(long, default_value_t = 0)]
+    pub holder_epoch: u64,
+    /// How long the lease lasts unless renewed (whole milliseconds; the server accepts 5s to
+    /// 300s by default).
+    #[arg(long, default_value = "10s", value_parser = parse_ttl)]
+    pub ttl: Duration,
+    #[command(flatten)]
+    pub call: CallArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct LeaseIdArgs {
+    /// The lease id `tso lease acquire` printed.
+    pub lease_id: u64,
+    #[command(flatten)]
+    pub call: CallArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct FrontierArgs {
+    /// Print the epoch of the leader that answered beside the frontier.
+    #[arg(long, short)]
+    pub verbose: bool,
+    #[command(flatten)]
+    pub call: CallArgs,
+}
+
+/// A lease holder: 1 to 128 bytes.
+fn parse_holder(raw: &str) -> Result<String, String> {
+    let max = tso_client::LEASE_HOLDER_BYTES_MAX;
+    if raw.is_empty() || raw.len() > max {
+        return Err(format!("{} bytes: give 1 to {max} bytes", raw.len()));
+    }
+    Ok(raw.to_owned())
+}
+
+/// A lease TTL: a duration of whole milliseconds, at least 1 ms.
+fn parse_ttl(raw: &str) -> Result<Duration, String> {
+    let ttl = humantime::parse_duration(raw).map_err(|e| e.to_string())?;
+    let whole_ms = Duration::from_millis(ttl.as_millis().try_into().unwrap_or(u64::MAX));
+    if ttl < Duration::from_millis(1) || whole_ms != ttl {
+        return Err(format!(
+            "{ttl:?}: give a whole number of milliseconds, at least 1ms"
+        ));
+    }
+    Ok(ttl)
 }
 
 #[derive(Debug, Args)]

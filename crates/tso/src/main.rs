@@ -10,6 +10,7 @@ mod check;
 mod cli;
 mod cluster;
 mod get;
+mod lease;
 mod node;
 mod seq;
 mod serve;
@@ -25,6 +26,8 @@ fn main() -> ExitCode {
         cli::Command::Init(args) => serve::init(args),
         cli::Command::Get(args) => get::run(args),
         cli::Command::Seq(args) => seq::run(args),
+        cli::Command::Lease(args) => lease::run(args),
+        cli::Command::Frontier(args) => lease::frontier(args),
         cli::Command::Bench(args) => bench::run(args),
         cli::Command::Check(args) => return check::main(args),
     };

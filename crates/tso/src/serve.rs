@@ -145,7 +145,6 @@ fn oracle_config(args: &ServeArgs) -> Config {
         lease_ttl_min: args.lease_ttl_min,
         lease_ttl_max: args.lease_ttl_max,
         unsafe_lease_skip_load: args.unsafe_lease_forget,
-        ..Config::default()
     }
 }
 

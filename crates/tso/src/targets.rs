@@ -362,6 +362,12 @@ fn library_error_name(err: &tso_client::Error) -> String {
         E::InvalidSeqCount { .. } => "InvalidSeqCount".into(),
         E::InvalidSeqBatch { .. } => "InvalidSeqBatch".into(),
         E::SeqUncertain { .. } => "SeqUncertain".into(),
+        E::InvalidLeaseHolder { .. } => "InvalidLeaseHolder".into(),
+        E::InvalidLeaseTtl { .. } => "InvalidLeaseTtl".into(),
+        E::LeaseNotFound { .. } => "LeaseNotFound".into(),
+        E::LeaseLost { .. } => "LeaseLost".into(),
+        E::StaleHolderEpoch { .. } => "StaleHolderEpoch".into(),
+        E::LeaseStalled { .. } => "LeaseStalled".into(),
     }
 }
 

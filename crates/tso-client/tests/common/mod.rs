@@ -7,6 +7,11 @@
 //! earlier grant, as a durable server would. So do its dense sequences: one counter per key,
 //! each block granted from it. [`Mode`] makes it misbehave on purpose, for every RPC it
 //! applies to.
+//!
+//! Stamping leases (SEMANTICS §14) are kept in [`Shared`] too: idempotent per holder and
+//! holder epoch, superseded by a higher one; they never expire on their own, a test ends one
+//! with [`Shared::expire_lease`]. A node in a "not leader" mode answers `GetSafeFrontier` with 0
+//! and a zero epoch, as a follower does.
 
 #![allow(dead_code)]
 
@@ -92,7 +97,31 @@ pub struct Shared {
     counts: Mutex<Vec<u32>>,
     gate: Semaphore,
     arrived: Notify,
+    leases: Mutex<Leases>,
 }
+
+/// The lease table of a test server.
+#[derive(Default)]
+struct Leases {
+    next_id: u64,
+    /// Every lease granted, by id.
+    by_id: HashMap<u64, FakeLease>,
+    /// Each holder's live lease id.
+    live: HashMap<Vec<u8>, u64>,
+    /// Every lease RPC received: `acquire`, `renew ID`, `release ID`, `frontier`.
+    calls: Vec<String>,
+}
+
+#[derive(Clone, Debug)]
+struct FakeLease {
+    holder: Vec<u8>,
+    holder_epoch: u64,
+    ttl_ms: u64,
+    ended: Option<&'static str>,
+}
+
+/// The frontier a leading test server answers.
+pub const TEST_FRONTIER_MS: u64 = 1_234_567;
 
 impl Shared {
     pub fn new(mode: Mode, epoch: Epoch) -> Arc<Self> {
@@ -106,6 +135,7 @@ impl Shared {
             counts: Mutex::new(Vec::new()),
             gate: Semaphore::new(0),
             arrived: Notify::new(),
+            leases: Mutex::new(Leases::default()),
         })
     }
 
@@ -131,6 +161,38 @@ impl Shared {
     /// The next value of sequence `key` (0 for a key never granted).
     pub fn seq_next(&self, key: &str) -> u64 {
         self.counters.lock().unwrap().get(key).copied().unwrap_or(0)
+    }
+
+    /// Every lease RPC received, in arrival order: `acquire`, `renew ID`, `release ID`,
+    /// `frontier`.
+    pub fn lease_calls(&self) -> Vec<String> {
+        self.leases.lock().unwrap().calls.clone()
+    }
+
+    /// How many lease RPCs received start with `prefix`.
+    pub fn lease_calls_of(&self, prefix: &str) -> usize {
+        let leases = self.leases.lock().unwrap();
+        leases
+            .calls
+            .iter()
+            .filter(|c| c.starts_with(prefix))
+            .count()
+    }
+
+    /// Ends lease `id` as if its TTL had passed: renewing it fails from now on.
+    pub fn expire_lease(&self, id: u64) {
+        let mut leases = self.leases.lock().unwrap();
+        let lease = leases.by_id.get_mut(&id).expect("a lease of this server");
+        lease.ended = Some("expired");
+        let holder = lease.holder.clone();
+        if leases.live.get(&holder) == Some(&id) {
+            leases.live.remove(&holder);
+        }
+    }
+
+    /// True while lease `id` was granted and not released.
+    pub fn lease_exists(&self, id: u64) -> bool {
+        self.leases.lock().unwrap().by_id.contains_key(&id)
     }
 
     /// Lets `n` stalled RPCs proceed.
@@ -403,30 +465,159 @@ impl TsoService for Service {
 
     async fn acquire_lease(
         &self,
-        _: Request<AcquireLeaseRequest>,
+        request: Request<AcquireLeaseRequest>,
     ) -> Result<Response<AcquireLeaseResponse>, Status> {
-        Err(Status::unimplemented("test server"))
+        self.lease_gate("acquire".into()).await?;
+        self.acquire(request.into_inner()).map(Response::new)
     }
 
     async fn renew_lease(
         &self,
-        _: Request<RenewLeaseRequest>,
+        request: Request<RenewLeaseRequest>,
     ) -> Result<Response<RenewLeaseResponse>, Status> {
-        Err(Status::unimplemented("test server"))
+        let lease_id = request.get_ref().lease_id;
+        self.lease_gate(format!("renew {lease_id}")).await?;
+        self.renew(lease_id).map(Response::new)
     }
 
     async fn release_lease(
         &self,
-        _: Request<ReleaseLeaseRequest>,
+        request: Request<ReleaseLeaseRequest>,
     ) -> Result<Response<ReleaseLeaseResponse>, Status> {
-        Err(Status::unimplemented("test server"))
+        let lease_id = request.get_ref().lease_id;
+        self.lease_gate(format!("release {lease_id}")).await?;
+        let mut leases = self.0.leases.lock().unwrap();
+        let removed = leases.by_id.remove(&lease_id);
+        let live = removed.filter(|lease| leases.live.get(&lease.holder) == Some(&lease_id));
+        if let Some(lease) = live {
+            leases.live.remove(&lease.holder);
+        }
+        Ok(Response::new(ReleaseLeaseResponse {}))
     }
 
     async fn get_safe_frontier(
         &self,
         _: Request<GetSafeFrontierRequest>,
     ) -> Result<Response<GetSafeFrontierResponse>, Status> {
-        Err(Status::unimplemented("test server"))
+        let zero = GetSafeFrontierResponse {
+            frontier_physical_ms: 0,
+            epoch_hi: 0,
+            epoch_lo: 0,
+        };
+        match self.lease_gate("frontier".into()).await {
+            Ok(()) => Ok(Response::new(GetSafeFrontierResponse {
+                frontier_physical_ms: TEST_FRONTIER_MS,
+                epoch_hi: self.0.epoch.hi(),
+                epoch_lo: self.0.epoch.lo(),
+            })),
+            // A node that does not lead answers 0 with a zero epoch, never "not leader".
+            Err(status) if status.message() == "not leader" => Ok(Response::new(zero)),
+            Err(status) => Err(status),
+        }
+    }
+}
+
+/// The time on this machine's wall clock, as a leader reads it.
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+impl Service {
+    /// What every lease RPC does first: record it, then refuse or stall as the mode says.
+    async fn lease_gate(&self, call: String) -> Result<(), Status> {
+        let shared = &self.0;
+        shared.leases.lock().unwrap().calls.push(call);
+        shared.rpcs.fetch_add(1, Ordering::SeqCst);
+        shared.arrived.notify_waiters();
+        let mode = shared.mode.lock().unwrap().clone();
+        match mode {
+            Mode::Follower { endpoint, epoch } => Err(not_leader(Some(hint(endpoint, epoch)))),
+            Mode::HintNotProtobuf => Err(not_leader(Some(vec![0x0a, 0x05, b'a']))),
+            Mode::HintBadEndpoint => Err(not_leader(Some(hint(Some("::garbage::".into()), None)))),
+            Mode::UnavailableTimes(_) if shared.count_down() => {
+                Err(Status::unavailable("the durable write failed"))
+            }
+            Mode::NoLeaderTimes(_) if shared.count_down() => {
+                Err(not_leader(Some(hint(None, None))))
+            }
+            Mode::Stall => {
+                shared.gate.acquire().await.expect("gate open").forget();
+                Ok(())
+            }
+            Mode::InvalidArgument => Err(Status::invalid_argument("ttl out of range")),
+            Mode::Status(code, message) => Err(Status::new(code, message)),
+            Mode::Leader
+            | Mode::CountMismatch
+            | Mode::LogicalOverflow
+            | Mode::SeqMalformed(_)
+            | Mode::UnavailableTimes(_)
+            | Mode::NoLeaderTimes(_) => Ok(()),
+        }
+    }
+
+    fn acquire(&self, request: AcquireLeaseRequest) -> Result<AcquireLeaseResponse, Status> {
+        let holder = request.holder.to_vec();
+        if holder.is_empty() || holder.len() > 128 || request.ttl_ms == 0 {
+            return Err(Status::invalid_argument("bad holder or ttl"));
+        }
+        let mut leases = self.0.leases.lock().unwrap();
+        let live = leases.live.get(&holder).copied();
+        if let Some(id) = live {
+            let lease = leases.by_id[&id].clone();
+            if request.holder_epoch < lease.holder_epoch {
+                return Err(Status::failed_precondition(format!(
+                    "holder_epoch {} is below {}",
+                    request.holder_epoch, lease.holder_epoch
+                )));
+            }
+            if request.holder_epoch == lease.holder_epoch {
+                return Ok(self.acquired(id, lease.ttl_ms));
+            }
+            leases.by_id.get_mut(&id).unwrap().ended = Some("superseded");
+        }
+        leases.next_id += 1;
+        let id = leases.next_id;
+        let lease = FakeLease {
+            holder: holder.clone(),
+            holder_epoch: request.holder_epoch,
+            ttl_ms: request.ttl_ms,
+            ended: None,
+        };
+        leases.by_id.insert(id, lease);
+        leases.live.insert(holder, id);
+        Ok(self.acquired(id, request.ttl_ms))
+    }
+
+    fn acquired(&self, lease_id: u64, ttl_ms: u64) -> AcquireLeaseResponse {
+        let now = now_ms();
+        AcquireLeaseResponse {
+            lease_id,
+            ts_upper_bound: now + ttl_ms,
+            expires_at_ms: now + ttl_ms,
+            epoch: self.0.epoch_wire(),
+        }
+    }
+
+    fn renew(&self, lease_id: u64) -> Result<RenewLeaseResponse, Status> {
+        let leases = self.0.leases.lock().unwrap();
+        let lease = leases
+            .by_id
+            .get(&lease_id)
+            .ok_or_else(|| Status::not_found(format!("no lease {lease_id}")))?;
+        if let Some(ended) = lease.ended {
+            return Err(Status::failed_precondition(format!(
+                "lease {lease_id} {ended}"
+            )));
+        }
+        let now = now_ms();
+        Ok(RenewLeaseResponse {
+            ts_upper_bound: now + lease.ttl_ms,
+            expires_at_ms: now + lease.ttl_ms,
+            epoch: self.0.epoch_wire(),
+        })
     }
 }
 
