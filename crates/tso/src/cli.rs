@@ -382,8 +382,9 @@ pub struct CheckArgs {
     /// and the nemesis stop together and the history is checked.
     #[arg(long, default_value_t = crate::check::clients::CALLS_MAX)]
     pub calls_max: usize,
-    /// What the clients call: `GetTs` (timestamps), or `GetSeq` on a few fixed keys (dense
-    /// sequences, checked for D1 and D2).
+    /// What the clients call: `GetTs` (timestamps), `GetSeq` on a few fixed keys (dense
+    /// sequences, checked for D1 and D2), or the stamping-lease RPCs with `GetSafeFrontier`
+    /// and `GetTs` (checked for the frontier's four rules; no clock faults).
     #[arg(long, value_enum, default_value = "ts")]
     pub workload: Workload,
     /// Each `GetTs` call asks for a random count from 1 to this (`GetSeq` calls ask for 1 to 4).
@@ -424,7 +425,7 @@ pub struct CheckArgs {
     /// one machine: they share CLOCK_MONOTONIC) instead of running anything: merged, then
     /// checked for duplicates, regression, real-time order and grant shape (sequence calls: for
     /// overlaps, gaps above each key's lowest block, and shape).
-    #[arg(long, value_delimiter = ',', conflicts_with_all = ["endpoints", "unsafe_positive_control", "unsafe_no_lease", "unsafe_seq_forget"])]
+    #[arg(long, value_delimiter = ',', conflicts_with_all = ["endpoints", "unsafe_positive_control", "unsafe_no_lease", "unsafe_seq_forget", "unsafe_lease_forget"])]
     pub verify: Vec<PathBuf>,
     /// Directory for the nodes' data and logs [default: a temporary one, removed after a clean
     /// run].
@@ -444,6 +445,11 @@ pub struct CheckArgs {
     /// violation (exit 1).
     #[arg(long, conflicts_with_all = ["unsafe_positive_control", "unsafe_no_lease"])]
     pub unsafe_seq_forget: bool,
+    /// POSITIVE CONTROL of stamping leases (with `--workload lease`): run servers whose every
+    /// new leader starts with an empty lease set, and kill the leader. A working checker
+    /// reports a rule-1 violation, a frontier above a live lease's bound (exit 1).
+    #[arg(long, conflicts_with_all = ["unsafe_positive_control", "unsafe_no_lease", "unsafe_seq_forget"])]
+    pub unsafe_lease_forget: bool,
 }
 
 /// What `tso check` clients call.
@@ -453,6 +459,9 @@ pub enum Workload {
     Ts,
     /// `GetSeq` on a few fixed keys: blocks checked for overlaps (D1), gaps (D2) and shape.
     Seq,
+    /// Stamping leases (acquire, renew, release), `GetSafeFrontier` reads and `GetTs`: the
+    /// frontier checked against live leases and itself, bounds against earlier grants.
+    Lease,
 }
 
 impl Workload {
@@ -460,6 +469,7 @@ impl Workload {
         match self {
             Workload::Ts => "ts",
             Workload::Seq => "seq",
+            Workload::Lease => "lease",
         }
     }
 }

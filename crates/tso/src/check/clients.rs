@@ -123,7 +123,7 @@ impl Shared {
     }
 
     /// Takes one call from the budget; the first client to find it empty stops everyone.
-    fn take_call(&self) -> bool {
+    pub(super) fn take_call(&self) -> bool {
         if self.calls_started.fetch_add(1, Ordering::Relaxed) < self.calls_max {
             return true;
         }
@@ -170,6 +170,7 @@ impl Client {
         Ok(match self.workload {
             Workload::Ts => History::Ts(self.run_ts(rng).await),
             Workload::Seq => History::Seq(self.run_seq(rng).await),
+            Workload::Lease => unreachable!("the lease workload runs `LeaseClient`s"),
         })
     }
 

@@ -29,6 +29,8 @@ pub const FORGET_HIGH_WATER_FLAG: &str = "--unsafe-forget-high-water";
 pub const NO_LEASE_FLAG: &str = "--unsafe-no-lease";
 /// Hidden server flag of the sequence control: each new leader starts every sequence from 0.
 pub const SEQ_FORGET_FLAG: &str = "--unsafe-seq-forget";
+/// Hidden server flag of the lease control: each new leader starts with an empty lease set.
+pub const LEASE_FORGET_FLAG: &str = "--unsafe-lease-forget";
 
 pub struct Cluster {
     pub nodes: Vec<Node>,

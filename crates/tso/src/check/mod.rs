@@ -5,12 +5,16 @@
 //! (duplicates, per-client regression, real-time order, grant shape) and liveness (a successful
 //! reply within a bound after each fault heals). With `--workload seq` the clients take blocks
 //! of dense sequences instead, checked for overlaps (D1), unexplained gaps (D2) and shape
-//! (`seq.rs`). Exit codes: 0 clean, 1 violation, 2 usage or setup error. The seed is printed
-//! first, and the schedule and history summary go to a file.
+//! (`seq.rs`). With `--workload lease` they hold stamping leases, read the safe frontier and
+//! take timestamps, checked for the frontier's four rules (`lease.rs`). Exit codes: 0 clean,
+//! 1 violation, 2 usage or setup error. The seed is printed first, and the schedule and history
+//! summary go to a file.
 
 pub mod clients;
 pub mod cluster;
 pub mod history;
+pub mod lease;
+pub mod lease_client;
 pub mod proxy;
 pub mod schedule;
 pub mod seq;
@@ -27,6 +31,8 @@ use anyhow::Context;
 use self::clients::{CALLS_MAX, Client, Mix, SEQ_COUNT_MAX, SEQ_KEYS, Shared};
 use self::cluster::Cluster;
 use self::history::{Call, LivenessScope, Outcome, WireGrant, check, check_liveness, monotonic_ns};
+use self::lease::{LeaseCall, LeaseOp, LeaseOutcome};
+use self::lease_client::{LeaseClient, LeaseRoute};
 use self::schedule::{Plan, Step};
 use self::seq::{SeqCall, SeqOutcome};
 use crate::cli::{BenchMode, CheckArgs, Workload};
@@ -196,6 +202,7 @@ fn plan(args: &CheckArgs, seed: u64, local: bool) -> Plan {
         positive_control: args.unsafe_positive_control,
         no_lease_control: args.unsafe_no_lease,
         seq_forget_control: args.unsafe_seq_forget,
+        lease_forget_control: args.unsafe_lease_forget,
     }
 }
 
@@ -207,6 +214,12 @@ fn describe_clients(args: &CheckArgs, mix: Mix) -> String {
         Workload::Seq => format!(
             "{clients} taking blocks of 1 to {SEQ_COUNT_MAX} values of {}",
             SEQ_KEYS.join(",")
+        ),
+        Workload::Lease => format!(
+            "{clients} holding stamping leases (TTL {} ms), reading the frontier and taking timestamps",
+            lease_client::LEASE_TTLS_MS
+                .map(|t| t.to_string())
+                .join(" or ")
         ),
     }
 }
@@ -240,6 +253,9 @@ async fn start_cluster(args: &CheckArgs, work: &WorkDir) -> anyhow::Result<Clust
     if args.unsafe_seq_forget {
         unsafe_flags.push(cluster::SEQ_FORGET_FLAG);
     }
+    if args.unsafe_lease_forget {
+        unsafe_flags.push(cluster::LEASE_FORGET_FLAG);
+    }
     Cluster::start(&bin, work.path(), args.nodes, &unsafe_flags).await
 }
 
@@ -269,6 +285,10 @@ async fn start_clients(
         ),
     };
     let shared = Arc::new(Shared::new(args.calls_max));
+    if args.workload == Workload::Lease {
+        let tasks = start_lease_clients(args, seed, targets, mix, &shared)?;
+        return Ok((shared, tasks));
+    }
     let mut tasks = Vec::with_capacity(args.clients);
     for id in 0..args.clients {
         let pinned = mix.node_of(id as u32);
@@ -291,6 +311,33 @@ async fn start_clients(
     Ok((shared, tasks))
 }
 
+/// Starts the lease workload's clients: raw RPCs, pinned readers first (see `lease_client.rs`).
+fn start_lease_clients(
+    args: &CheckArgs,
+    seed: u64,
+    targets: Arc<Targets>,
+    mix: Mix,
+    shared: &Arc<Shared>,
+) -> anyhow::Result<Vec<ClientTask>> {
+    let mut tasks = Vec::with_capacity(args.clients);
+    for id in 0..args.clients as u32 {
+        let pinned = mix.node_of(id);
+        let node = pinned.unwrap_or(id as usize);
+        let route = LeaseRoute::new(Arc::clone(&targets), node, id as usize, pinned.is_some())?;
+        let client = LeaseClient {
+            id,
+            seed,
+            role: lease_client::role(id, mix.pinned),
+            route,
+            shared: Arc::clone(shared),
+        };
+        tasks.push(tokio::spawn(async move {
+            Ok(History::Lease(client.run().await))
+        }));
+    }
+    Ok(tasks)
+}
+
 fn validate(args: &CheckArgs) -> anyhow::Result<()> {
     anyhow::ensure!(
         (1..=CLIENTS_MAX).contains(&args.clients),
@@ -306,7 +353,10 @@ fn validate(args: &CheckArgs) -> anyhow::Result<()> {
         tso_core::LOGICAL_COUNT
     );
     anyhow::ensure!(matches!(args.nodes, 1 | 3 | 5), "--nodes must be 1, 3 or 5");
-    let control = args.unsafe_positive_control || args.unsafe_no_lease || args.unsafe_seq_forget;
+    let control = args.unsafe_positive_control
+        || args.unsafe_no_lease
+        || args.unsafe_seq_forget
+        || args.unsafe_lease_forget;
     anyhow::ensure!(
         args.endpoints.is_empty() || !control,
         "the positive controls need a local cluster: drop --endpoints"
@@ -315,6 +365,11 @@ fn validate(args: &CheckArgs) -> anyhow::Result<()> {
         args.workload == Workload::Seq || !args.unsafe_seq_forget,
         "the --unsafe-seq-forget control breaks sequences: add --workload seq"
     );
+    anyhow::ensure!(
+        args.workload == Workload::Lease || !args.unsafe_lease_forget,
+        "the --unsafe-lease-forget control breaks stamping leases: add --workload lease"
+    );
+    validate_lease(args)?;
     anyhow::ensure!(
         args.workload == Workload::Ts || !(args.unsafe_positive_control || args.unsafe_no_lease),
         "the --unsafe-positive-control and --unsafe-no-lease controls break timestamps: use them with --workload ts"
@@ -330,6 +385,26 @@ fn validate(args: &CheckArgs) -> anyhow::Result<()> {
     anyhow::ensure!(
         args.nodes > 1 || !args.unsafe_no_lease,
         "the no-lease control needs a raft cluster: add --nodes 3 or 5"
+    );
+    Ok(())
+}
+
+/// What `--workload lease` refuses.
+fn validate_lease(args: &CheckArgs) -> anyhow::Result<()> {
+    if args.workload != Workload::Lease {
+        return Ok(());
+    }
+    // Expiry is by the leader's clock and the checker judges it by its own: a node whose clock
+    // is shifted legitimately expires leases early or late, which would read as a violation.
+    anyhow::ensure!(
+        !args.faults.contains(&schedule::FaultKind::Clock),
+        "--workload lease cannot take clock faults (lease expiry is by the leader's clock, and \
+         a shifted clock expires leases early or late): drop clock from --faults, e.g. \
+         --faults kill,partition"
+    );
+    anyhow::ensure!(
+        args.mode == BenchMode::Raw,
+        "--workload lease calls the lease RPCs raw: drop --mode library"
     );
     Ok(())
 }
@@ -426,6 +501,7 @@ async fn wait_for_recovery(shared: &Shared, last_heal_ns: Option<u64>, bound: Du
 pub enum History {
     Ts(Vec<Call>),
     Seq(Vec<SeqCall>),
+    Lease(Vec<LeaseCall>),
 }
 
 impl History {
@@ -433,6 +509,7 @@ impl History {
         match workload {
             Workload::Ts => History::Ts(Vec::new()),
             Workload::Seq => History::Seq(Vec::new()),
+            Workload::Lease => History::Lease(Vec::new()),
         }
     }
 
@@ -441,6 +518,7 @@ impl History {
         match (self, other) {
             (History::Ts(all), History::Ts(more)) => all.extend(more),
             (History::Seq(all), History::Seq(more)) => all.extend(more),
+            (History::Lease(all), History::Lease(more)) => all.extend(more),
             _ => unreachable!("every client of a run has the run's workload"),
         }
     }
@@ -449,6 +527,7 @@ impl History {
         match self {
             History::Ts(calls) => calls.len(),
             History::Seq(calls) => calls.len(),
+            History::Lease(calls) => calls.len(),
         }
     }
 }
@@ -457,6 +536,7 @@ impl History {
 enum Checked {
     Ts(history::Report),
     Seq(seq::Report),
+    Lease(lease::Report),
 }
 
 impl Checked {
@@ -464,6 +544,7 @@ impl Checked {
         match self {
             Checked::Ts(report) => report.is_clean(),
             Checked::Seq(report) => report.is_clean(),
+            Checked::Lease(report) => report.is_clean(),
         }
     }
 
@@ -487,6 +568,10 @@ impl Checked {
                     total.uncertain_values
                 )
             }
+            Checked::Lease(report) => format!(
+                "{verdict} ({}; {} frontier read(s) judged against a live lease)",
+                report.counts, report.stats.reads_bounded
+            ),
         }
     }
 
@@ -502,6 +587,11 @@ impl Checked {
                 .violations
                 .iter()
                 .map(|v| v.describe(calls, &SEQ_KEYS))
+                .collect(),
+            (Checked::Lease(report), History::Lease(calls)) => report
+                .violations
+                .iter()
+                .map(|v| v.describe(calls))
                 .collect(),
             _ => unreachable!("a history is checked by its own workload's checks"),
         }
@@ -568,6 +658,22 @@ impl Findings {
                 let report = check_seq(calls, args.endpoints.is_empty());
                 (liveness(args, recorded, calls), Checked::Seq(report))
             }
+            History::Lease(calls) => {
+                for call in calls {
+                    match &call.outcome {
+                        LeaseOutcome::Refused(code) => {
+                            *errors.entry(code.clone()).or_default() += 1
+                        }
+                        LeaseOutcome::Ambiguous(code) => {
+                            *uncertain.entry(code.clone()).or_default() += 1
+                        }
+                        _ if history::Answered::succeeded(call) => granted += 1,
+                        _ => {}
+                    }
+                }
+                let report = lease::check(calls);
+                (liveness(args, recorded, calls), Checked::Lease(report))
+            }
         };
         let unanswered = recoveries.iter().filter(|r| r.is_none()).count();
         let stalled_unanswered = stalls.iter().filter(|s| s.recovered_after_ns.is_none());
@@ -614,6 +720,20 @@ impl Findings {
                 self.errors,
                 self.uncertain
             ),
+            Checked::Lease(report) => {
+                let s = report.stats;
+                println!(
+                    "tso check: {calls} calls, {} answered: {} lease(s) acquired, {} renewal(s), {} release(s), {} frontier read(s), {} grant(s); refused {:?}, ambiguous {:?}",
+                    self.granted,
+                    s.leases,
+                    s.renewals,
+                    s.releases,
+                    s.frontier_reads,
+                    s.grants,
+                    self.errors,
+                    self.uncertain
+                )
+            }
         }
         println!("tso check: history: {}", self.checked.summary());
         for example in self
@@ -726,6 +846,7 @@ fn result_json(
         "count_max": match args.workload {
             Workload::Ts => args.count_max,
             Workload::Seq => SEQ_COUNT_MAX,
+            Workload::Lease => 1,
         },
         "calls_max": args.calls_max,
         "duration_s": args.duration.as_secs_f64(),
@@ -733,6 +854,7 @@ fn result_json(
         "positive_control": args.unsafe_positive_control,
         "no_lease_control": args.unsafe_no_lease,
         "seq_forget_control": args.unsafe_seq_forget,
+        "lease_forget_control": args.unsafe_lease_forget,
         "work_dir": work.path(),
         "faults_planned": recorded.faults_planned,
         "schedule": recorded.events.iter().map(|e| serde_json::json!({
@@ -821,6 +943,29 @@ fn history_json(
             });
             (history, violations)
         }
+        (Checked::Lease(report), History::Lease(calls)) => {
+            let s = report.stats;
+            let history = serde_json::json!({
+                "calls": calls.len(),
+                "answered": findings.granted,
+                "leases": s.leases,
+                "renewals": s.renewals,
+                "releases": s.releases,
+                "frontier_reads": s.frontier_reads,
+                "frontier_reads_bounded": s.reads_bounded,
+                "grants": s.grants,
+                "refused": findings.errors,
+                "ambiguous": findings.uncertain,
+            });
+            let violations = serde_json::json!({
+                "frontier_above_lease": report.counts.above_lease,
+                "frontier_regression": report.counts.regression,
+                "bound_below_grant": report.counts.bound_below_grant,
+                "shared_lease_id": report.counts.shared_id,
+                "examples": examples,
+            });
+            (history, violations)
+        }
         _ => unreachable!("a history is checked by its own workload's checks"),
     }
 }
@@ -846,6 +991,12 @@ fn verify(paths: &[PathBuf]) -> anyhow::Result<Verdict> {
                 .with_context(|| format!("{}:{}: not a recorded call", path.display(), n + 1))?;
             let next = clients.len() as u32;
             let client = *clients.entry((file, client)).or_insert(next);
+            anyhow::ensure!(
+                v.get("op").is_none(),
+                "{}:{}: a lease-workload call: --verify checks timestamp and sequence histories only",
+                path.display(),
+                n + 1
+            );
             let parsed = if v.get("key").is_some() {
                 parse_seq_call(&v, &mut keys).map(|call| seq_calls.push(SeqCall { client, ..call }))
             } else {
@@ -964,6 +1115,7 @@ fn write_history(path: &std::path::Path, history: &History) -> anyhow::Result<()
     let lines: Box<dyn Iterator<Item = serde_json::Value>> = match history {
         History::Ts(calls) => Box::new(calls.iter().map(call_json)),
         History::Seq(calls) => Box::new(calls.iter().map(seq_call_json)),
+        History::Lease(calls) => Box::new(calls.iter().map(lease_call_json)),
     };
     for line in lines {
         writeln!(out, "{line}")?;
@@ -1007,6 +1159,59 @@ fn seq_call_json(call: &SeqCall) -> serde_json::Value {
         SeqOutcome::Refused(code) => line["error"] = code.as_str().into(),
         SeqOutcome::Uncertain(code) => line["uncertain"] = code.as_str().into(),
         SeqOutcome::Malformed(reason) => line["malformed"] = reason.as_str().into(),
+    }
+    line
+}
+
+/// A lease-workload call: `op` (`acquire`, `renew`, `release`, `frontier`, `ts`) with its
+/// arguments, then the values of the reply, `error` (a refusal) or `ambiguous`.
+fn lease_call_json(call: &LeaseCall) -> serde_json::Value {
+    let mut line = serde_json::json!({
+        "client": call.client,
+        "start_ns": call.start_ns,
+        "end_ns": call.end_ns,
+    });
+    match call.op {
+        LeaseOp::Acquire {
+            holder,
+            holder_epoch,
+            ttl_ms,
+        } => {
+            line["op"] = "acquire".into();
+            line["holder"] = holder.into();
+            line["holder_epoch"] = holder_epoch.into();
+            line["ttl_ms"] = ttl_ms.into();
+        }
+        LeaseOp::Renew { lease_id, ttl_ms } => {
+            line["op"] = "renew".into();
+            line["lease_id"] = lease_id.into();
+            line["ttl_ms"] = ttl_ms.into();
+        }
+        LeaseOp::Release { lease_id } => {
+            line["op"] = "release".into();
+            line["lease_id"] = lease_id.into();
+        }
+        LeaseOp::Frontier => line["op"] = "frontier".into(),
+        LeaseOp::Ts => line["op"] = "ts".into(),
+    }
+    match &call.outcome {
+        LeaseOutcome::Lease {
+            lease_id,
+            bound_ms,
+            epoch,
+        } => {
+            line["lease_id"] = (*lease_id).into();
+            line["bound_ms"] = (*bound_ms).into();
+            line["epoch"] = lease::epoch_text(*epoch).into();
+        }
+        LeaseOutcome::Released => line["released"] = true.into(),
+        LeaseOutcome::Frontier { frontier_ms, epoch } => {
+            line["frontier_ms"] = (*frontier_ms).into();
+            line["epoch"] = lease::epoch_text(*epoch).into();
+        }
+        LeaseOutcome::Granted { physical_ms } => line["physical_ms"] = (*physical_ms).into(),
+        LeaseOutcome::Refused(code) => line["error"] = code.as_str().into(),
+        LeaseOutcome::Ambiguous(code) => line["ambiguous"] = code.as_str().into(),
     }
     line
 }

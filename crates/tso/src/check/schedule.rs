@@ -5,7 +5,7 @@
 //! A clock offset stays until the next clock fault, so later kills and pauses happen under a
 //! shifted clock: that is how combinations arise. The positive controls open with fixed steps
 //! that their broken servers fail (clocks back then a kill; long cuts of the leader; kills of
-//! the leader for the sequence control), then draw as usual.
+//! the leader for the sequence and lease controls), then draw as usual.
 
 use std::time::Duration;
 
@@ -36,6 +36,12 @@ pub const NO_LEASE_CUTS: usize = 3;
 /// or the restarted node on one node) whose counters restart from 0, below blocks clients
 /// already hold; two make the catch independent of one kill landing before any block.
 pub const SEQ_FORGET_KILLS: usize = 2;
+/// Kills of the leader the lease control opens with: each new leader forgets every lease, and
+/// its frontier passes the bound of a lease a holder still holds when that lease's last renewal
+/// is older than about its TTL less the window (2 s for a 5 s TTL). Holders wait up to 3 s
+/// between renewals, so each kill finds such a lease with a fair chance; four make a miss
+/// unlikely.
+pub const LEASE_FORGET_KILLS: usize = 4;
 
 /// The kinds of fault a run may draw from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, clap::ValueEnum)]
@@ -134,6 +140,8 @@ pub struct Plan {
     pub no_lease_control: bool,
     /// Open with kills of the leader that a server forgetting its sequences fails.
     pub seq_forget_control: bool,
+    /// Open with kills of the leader that a server forgetting its leases fails.
+    pub lease_forget_control: bool,
 }
 
 /// Draws the schedule of `plan`: same plan, same schedule.
@@ -193,17 +201,20 @@ fn control_steps(plan: &Plan, interval_ms: u64) -> (Vec<Step>, u64) {
             t += NO_LEASE_CUT_MS + interval_ms;
         }
     }
-    if plan.seq_forget_control {
-        for _ in 0..SEQ_FORGET_KILLS {
-            steps.push(Step {
-                at_ms: t,
-                fault: Fault::Kill {
-                    node: Target::Leader,
-                    down_ms: 100,
-                },
-            });
-            t += 100 + interval_ms;
-        }
+    let kills = match (plan.seq_forget_control, plan.lease_forget_control) {
+        (true, _) => SEQ_FORGET_KILLS,
+        (_, true) => LEASE_FORGET_KILLS,
+        _ => 0,
+    };
+    for _ in 0..kills {
+        steps.push(Step {
+            at_ms: t,
+            fault: Fault::Kill {
+                node: Target::Leader,
+                down_ms: 100,
+            },
+        });
+        t += 100 + interval_ms;
     }
     (steps, t)
 }
@@ -256,6 +267,7 @@ mod tests {
             positive_control: false,
             no_lease_control: false,
             seq_forget_control: false,
+            lease_forget_control: false,
         }
     }
 
@@ -336,6 +348,21 @@ mod tests {
         for pair in steps.windows(2) {
             assert!(pair[0].at_ms + pair[0].fault.length_ms() < pair[1].at_ms);
         }
+    }
+
+    #[test]
+    fn the_lease_forget_control_kills_the_leader_then_draws() {
+        let steps = draw(&Plan {
+            lease_forget_control: true,
+            kinds: vec![FaultKind::Kill],
+            ..plan(1)
+        });
+        let kill = Fault::Kill {
+            node: Target::Leader,
+            down_ms: 100,
+        };
+        assert!(steps.len() > LEASE_FORGET_KILLS);
+        assert!(steps[..LEASE_FORGET_KILLS].iter().all(|s| s.fault == kill));
     }
 
     #[test]
