@@ -17,6 +17,14 @@ pub mod tso {
         tonic::include_proto!("tso.raft.v1");
     }
 
+    /// The streaming timestamp RPC, an extension beside `tsoracle.v1` (its replies reuse
+    /// `tsoracle.v1` messages, hence the module path that mirrors the package).
+    pub mod stream {
+        pub mod v1 {
+            tonic::include_proto!("tso.stream.v1");
+        }
+    }
+
     /// The own API of the piggyback example's key-value store (not a public protocol).
     pub mod example_kv_v1 {
         tonic::include_proto!("tso.example.kv.v1");

@@ -17,6 +17,7 @@ mod sequence;
 mod serve;
 mod service;
 mod stamping;
+mod stream;
 mod watch;
 
 pub use error::ServeError;
@@ -29,3 +30,4 @@ pub use service::{NOT_LEADER_MESSAGE, TsoHandler, not_leader};
 pub use stamping::{
     LEASE_HOLDER_LEN_MAX, LEASE_TTL_MAX_DEFAULT, LEASE_TTL_MIN_DEFAULT, LEASES_MAX,
 };
+pub use stream::{STREAM_REPLIES_BUFFERED, TsoStreamHandler};

@@ -170,6 +170,8 @@ pub(crate) struct Shared {
     serving: watch::Sender<ServingState>,
     /// Cancelled when serving is poisoned; the watch and the server stop on it.
     pub failed: CancellationToken,
+    /// Cancelled when the server starts draining for shutdown: long-lived streams end on it.
+    pub draining: CancellationToken,
     fatal: Mutex<Option<ServeError>>,
     /// This oracle's hold on its backend (`None`: another oracle holds it; this one never serves).
     claim: Option<crate::claim::Claim>,
@@ -205,6 +207,7 @@ impl Shared {
             }),
             serving: watch::channel(not_serving).0,
             failed: CancellationToken::new(),
+            draining: CancellationToken::new(),
             fatal: Mutex::new(None),
             claim,
         }

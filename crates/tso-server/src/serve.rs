@@ -17,6 +17,7 @@ use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 use tonic_health::pb::health_server::{Health, HealthServer};
 use tracing::{error, info, warn};
+use tso_proto::tso::stream::v1::tso_stream_server::TsoStreamServer;
 use tso_proto::v1::tso_service_server::TsoServiceServer;
 
 use crate::clock::{Clock, SystemClock};
@@ -24,6 +25,7 @@ use crate::consensus::Consensus;
 use crate::error::ServeError;
 use crate::oracle::{Config, ServingState, Shared};
 use crate::service::TsoHandler;
+use crate::stream::TsoStreamHandler;
 use crate::watch as leadership_watch;
 
 /// The gRPC name of the oracle's service, as health checks name it.
@@ -85,6 +87,18 @@ impl OracleGuard {
         TsoServiceServer::new(TsoHandler::new(Arc::clone(&self.shared)))
     }
 
+    /// The streaming timestamp service (`tso.stream.v1`), to add beside [`Self::service`].
+    /// Its streams end when [`Self::begin_draining`] is called or serving is poisoned.
+    pub fn stream_service(&self) -> TsoStreamServer<TsoStreamHandler> {
+        TsoStreamServer::new(TsoStreamHandler::new(Arc::clone(&self.shared)))
+    }
+
+    /// Ends every open timestamp stream (with UNAVAILABLE), so that a server draining for
+    /// shutdown does not wait on them. [`Self::shutdown`] does it too.
+    pub fn begin_draining(&self) {
+        self.shared.draining.cancel();
+    }
+
     /// The standard `grpc.health.v1` service, following the serving state: the overall status
     /// (`""`) is SERVING unless serving is poisoned (a follower is healthy: it redirects), and
     /// `tsoracle.v1.TsoService` is SERVING only while this node grants timestamps.
@@ -141,6 +155,7 @@ impl OracleGuard {
     /// Stops the watch within the grace and returns why serving ended: `Ok` for a requested
     /// stop, the fatal error if serving was poisoned.
     pub async fn shutdown(mut self) -> Result<(), ServeError> {
+        self.shared.draining.cancel();
         self.shutdown.cancel();
         let grace = self.shared.config.shutdown_grace;
         let supervisor = self.supervisor.take().expect("shutdown runs once");
@@ -222,6 +237,7 @@ pub async fn serve_listener(
         .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
         .add_service(guard.service())
+        .add_service(guard.stream_service())
         .add_service(guard.health_service())
         .serve_with_incoming_shutdown(incoming, stop.clone().cancelled_owned());
     tokio::pin!(server);
@@ -233,6 +249,7 @@ pub async fn serve_listener(
     let served = match served {
         Some(result) => result,
         None => {
+            guard.begin_draining();
             stop.cancel();
             let grace = guard.shared.config.shutdown_grace;
             match tokio::time::timeout(grace, &mut server).await {
