@@ -185,7 +185,10 @@ async fn not_leader_is_the_last_reply_with_the_hint() {
     let wire = refused.hint.expect("a hint");
     assert_eq!(wire.leader_endpoint.as_deref(), Some("10.0.0.7:50551"));
     assert_eq!(wire.leader_epoch.map(|e| (e.hi, e.lo)), Some((0, 9)));
-    stream.end().await.expect("the refusal ends the stream cleanly");
+    stream
+        .end()
+        .await
+        .expect("the refusal ends the stream cleanly");
     server.stop().await.unwrap();
 
     let backend = FaultBackend::leader(1, 0);
