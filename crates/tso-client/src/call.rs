@@ -318,7 +318,8 @@ fn full_jitter(base: Duration, cap: Duration, retry: u32) -> Duration {
     Duration::from_micros(rand::rng().random_range(0..=ceiling_us))
 }
 
-/// One `GetTs` RPC to `target`, bounded by the per-attempt deadline and the call's deadline.
+/// One `GetTs` to `target` over its timestamp stream, or a unary RPC when it has none; bounded
+/// by the per-attempt deadline and the call's deadline.
 async fn attempt(
     router: &Router,
     target: Target,
@@ -339,6 +340,12 @@ async fn attempt(
         router.drop_channel(target);
         Outcome::Unreachable(format!("{target} did not answer within {budget:?}"))
     };
+    if router.stream_offered(target) {
+        let stream = crate::stream::attempt(router, target, count, attempt_deadline, timed_out);
+        if let Some(outcome) = stream.await {
+            return outcome;
+        }
+    }
     let mut request = tonic::Request::new(GetTsRequest { count });
     request.set_timeout(budget);
     let mut client = TsoServiceClient::new(router.channel(target));
@@ -375,7 +382,7 @@ pub(crate) fn is_timeout(status: &tonic::Status) -> bool {
 }
 
 /// Sorts a status sent by the server into what the call does next (docs/protocol.md, errors).
-fn classify(target: &Target, status: &tonic::Status) -> Outcome<TsRange> {
+pub(crate) fn classify(target: &Target, status: &tonic::Status) -> Outcome<TsRange> {
     let endpoint = target.to_string();
     match status.code() {
         Code::FailedPrecondition => match hint_of(target, status) {

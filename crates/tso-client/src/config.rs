@@ -41,6 +41,11 @@ pub const QUEUED_CALLERS_MAX_DEFAULT: usize = 65_536;
 /// load on small machines for little gain.
 pub const IN_FLIGHT_RPCS_MAX_DEFAULT: usize = 4;
 
+/// How long an address that answered the timestamp stream with `UNIMPLEMENTED` (a plain
+/// `tsoracle.v1` server) gets unary `GetTs` before the stream is tried again. Servers are
+/// upgraded rarely; asking again costs one round trip every 5 minutes.
+pub(crate) const STREAM_UNSUPPORTED_RECHECK: Duration = Duration::from_secs(300);
+
 /// Leader hints followed in one call before hints are ignored. A real cluster redirects once or
 /// twice; more means hints are cycling between nodes, and rotation takes over.
 pub(crate) const REDIRECTS_PER_CALL_MAX: u32 = 8;

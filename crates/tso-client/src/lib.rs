@@ -13,6 +13,10 @@
 //!   caller's request goes out at once; under load, the callers queued at that moment share one
 //!   `GetTs`, and each gets a contiguous slice. Nothing is fetched ahead (G2): every timestamp
 //!   returned was granted after its caller asked.
+//! - **The stream** (`stream.rs`): against a server that offers `tso.stream.v1`, those requests
+//!   go pipelined on one `GetTsStream` per connection instead of unary `GetTs`; a plain
+//!   `tsoracle.v1` server (`UNIMPLEMENTED`) gets unary `GetTs`, and the stream is asked for
+//!   again after 5 minutes. Hints, deadlines and retries are the same on both paths.
 //! - **Leader discovery**: a "not leader" reply's hint is followed within the same call without
 //!   spending an attempt; the leader is cached and the cache never goes back an epoch; without
 //!   a usable hint, the configured endpoints are tried in rotation and an election is waited
@@ -47,6 +51,7 @@ mod lease_call;
 mod router;
 mod seq;
 mod seq_call;
+mod stream;
 
 pub use client::Client;
 pub use config::{

@@ -1,7 +1,8 @@
 //! `tso bench`: closed-loop load against a `tsoracle.v1` server, on `GetTs` or `GetSeq`.
 //!
 //! N callers, each waiting for its reply before the next call, spread over K HTTP/2
-//! connections. Each caller keeps its own latency histogram and checks what it receives (its
+//! connections: unary RPCs, requests on shared or per-caller `GetTsStream` streams
+//! (`stream.rs`), or calls through the client library. Each caller keeps its own latency histogram and checks what it receives (its
 //! values rise; no value is seen twice across callers sharing a counter; a reply the client
 //! library refuses as malformed is a violation, not an error), so the hot loop shares nothing
 //! but two relaxed counters and one `fetch_max`. Calls during the warm-up are checked but not
@@ -20,9 +21,13 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use hdrhistogram::Histogram;
 
-use crate::cli::{BenchArgs, BenchMode, BenchRpc, SeqKeys};
+use crate::cli::{BenchArgs, BenchRpc, LoadMode, SeqKeys};
 use crate::node::Node;
 use crate::targets::{Failure, Route, Targets};
+
+mod stream;
+
+use stream::StreamSlot;
 
 /// Callers at most: each is one task with a ~60 KiB histogram.
 pub const CALLERS_MAX: usize = 4096;
@@ -108,6 +113,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         args.rpc.name()
     );
     anyhow::ensure!(!args.duration.is_zero(), "--duration must be above 0");
+    anyhow::ensure!(
+        args.mode != LoadMode::Stream || args.rpc == BenchRpc::Ts,
+        "--mode stream loads GetTs only: drop --rpc seq"
+    );
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     if let Some(threads) = args.threads {
         anyhow::ensure!(
@@ -138,9 +147,20 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         args.endpoints.clone()
     };
     let targets = Arc::new(Targets::new(&endpoints, args.connections, args.timeout)?);
+    let streams = match (args.mode, args.stream_per_caller) {
+        (LoadMode::Stream, per_caller) => {
+            let count = if per_caller {
+                args.callers
+            } else {
+                args.connections
+            };
+            stream::slots(&endpoints, args.connections, count, args.timeout)?
+        }
+        _ => Vec::new(),
+    };
     let library = match args.mode {
-        BenchMode::Raw => None,
-        BenchMode::Library => Some(
+        LoadMode::Raw | LoadMode::Stream => None,
+        LoadMode::Library => Some(
             tso_client::Client::builder()
                 .overall_timeout(args.timeout)
                 .connect(&endpoints)
@@ -159,9 +179,10 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
     let ranges_per_caller = RANGES_KEPT_MAX / args.callers;
     let mut callers = Vec::with_capacity(args.callers);
     for id in 0..args.callers {
-        let route = match &library {
-            Some(client) => Route::Library(client.clone()),
-            None => Route::raw(Arc::clone(&targets), id)?,
+        let route = match (&library, streams.is_empty()) {
+            (Some(client), _) => Via::Route(Route::Library(client.clone())),
+            (None, true) => Via::Route(Route::raw(Arc::clone(&targets), id)?),
+            (None, false) => Via::Stream(Arc::clone(&streams[id % streams.len()])),
         };
         let caller = Caller {
             route,
@@ -204,8 +225,14 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What a caller calls through.
+enum Via {
+    Route(Route),
+    Stream(Arc<StreamSlot>),
+}
+
 struct Caller {
-    route: Route,
+    route: Via,
     live: Arc<Live>,
     phases: Phases,
     count: u32,
@@ -294,20 +321,24 @@ impl Caller {
 
     /// One call of the configured RPC.
     async fn call(&mut self) -> Result<Got, Failure> {
-        match &self.key {
-            None => self.route.get(self.count).await.map(|g| Got {
-                first: g.first(),
-                last: g.last(),
-                count: g.count,
-                bad_shape: g.shape_error(self.count).is_some(),
-            }),
-            Some(key) => self.route.seq(key, self.count).await.map(|b| Got {
-                first: b.start,
-                last: b.last(),
-                count: b.count,
-                bad_shape: false,
-            }),
-        }
+        let grant = match (&mut self.route, &self.key) {
+            (Via::Stream(slot), _) => slot.get(self.count).await,
+            (Via::Route(route), None) => route.get(self.count).await,
+            (Via::Route(route), Some(key)) => {
+                return route.seq(key, self.count).await.map(|b| Got {
+                    first: b.start,
+                    last: b.last(),
+                    count: b.count,
+                    bad_shape: false,
+                });
+            }
+        };
+        grant.map(|g| Got {
+            first: g.first(),
+            last: g.last(),
+            count: g.count,
+            bad_shape: g.shape_error(self.count).is_some(),
+        })
     }
 
     /// Counts a failed call: malformed replies are violations; uncertain ones may have spent
@@ -366,7 +397,9 @@ struct Report {
     callers: usize,
     connections: usize,
     count: u32,
-    mode: BenchMode,
+    mode: LoadMode,
+    /// With `--mode stream`: a stream per caller rather than per connection.
+    stream_per_caller: bool,
     rpc: BenchRpc,
     seq_keys: SeqKeys,
     threads: Option<usize>,
@@ -467,6 +500,7 @@ impl Report {
             connections: args.connections,
             count: args.count,
             mode: args.mode,
+            stream_per_caller: args.stream_per_caller,
             rpc: args.rpc,
             seq_keys: args.seq_keys,
             threads: args.threads,
@@ -572,11 +606,19 @@ impl Report {
             self.target,
             self.callers,
             match (self.mode, self.rpc) {
-                (BenchMode::Raw, _) => format!("raw RPCs over {} connection(s)", self.connections),
-                (BenchMode::Library, BenchRpc::Ts) => {
+                (LoadMode::Raw, _) => format!("raw RPCs over {} connection(s)", self.connections),
+                (LoadMode::Stream, _) if self.stream_per_caller => format!(
+                    "a GetTsStream per caller over {} connection(s)",
+                    self.connections
+                ),
+                (LoadMode::Stream, _) => format!(
+                    "{} shared GetTsStream(s), one per connection",
+                    self.connections
+                ),
+                (LoadMode::Library, BenchRpc::Ts) => {
                     "through the client library (coalescing)".to_string()
                 }
-                (BenchMode::Library, BenchRpc::Seq) => {
+                (LoadMode::Library, BenchRpc::Seq) => {
                     "through the client library (one RPC per call)".to_string()
                 }
             },
@@ -609,6 +651,7 @@ impl Report {
             "connections": self.connections,
             "count": self.count,
             "mode": self.mode.name(),
+            "stream_per_caller": self.stream_per_caller,
             "rpc": self.rpc.name(),
             "threads": self.threads,
             "duration_s": self.duration.as_secs_f64(),

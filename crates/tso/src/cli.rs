@@ -335,10 +335,16 @@ pub struct BenchArgs {
     /// Timestamps (or sequence values) per call.
     #[arg(long, short = 'n', default_value_t = 1)]
     pub count: u32,
-    /// Raw RPCs, or calls through the client library (one client shared by every caller;
-    /// `--connections` does not apply; `GetTs` callers are coalesced, sequence callers are not).
+    /// Raw unary RPCs; raw calls on the streaming `GetTsStream` (`--rpc ts` only: one stream
+    /// per connection shared by its callers, or one each with `--stream-per-caller`); or calls
+    /// through the client library (one client shared by every caller; `--connections` does not
+    /// apply; `GetTs` callers are coalesced, sequence callers are not).
     #[arg(long, value_enum, default_value = "raw")]
-    pub mode: BenchMode,
+    pub mode: LoadMode,
+    /// With `--mode stream`: a stream per caller (spread over the connections) instead of one
+    /// per connection.
+    #[arg(long)]
+    pub stream_per_caller: bool,
     /// The RPC to load: `GetTs`, or `GetSeq` on the keys of `--seq-keys`.
     #[arg(long, value_enum, default_value = "ts")]
     pub rpc: BenchRpc,
@@ -514,6 +520,27 @@ impl SeqKeys {
         match self {
             SeqKeys::Shared => "bench-shared".into(),
             SeqKeys::PerCaller => format!("bench-caller-{id}"),
+        }
+    }
+}
+
+/// How `tso bench` callers reach the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LoadMode {
+    /// One unary `GetTs` (or `GetSeq`) RPC per call.
+    Raw,
+    /// One request per call on a `GetTsStream` stream (`tso.stream.v1`).
+    Stream,
+    /// Through `tso-client`, which coalesces concurrent callers into shared RPCs.
+    Library,
+}
+
+impl LoadMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            LoadMode::Raw => "raw",
+            LoadMode::Stream => "stream",
+            LoadMode::Library => "library",
         }
     }
 }

@@ -18,10 +18,26 @@ fn library_bench_against_a_spawned_server_reports_json() {
     bench_reports_json("library");
 }
 
+#[test]
+fn stream_bench_against_a_spawned_server_reports_json() {
+    bench_reports_json("stream");
+}
+
+#[test]
+fn stream_per_caller_bench_against_a_spawned_server_reports_json() {
+    let report = bench_reports_json_with("stream", &["--stream-per-caller"]);
+    assert_eq!(report["stream_per_caller"], true);
+}
+
 fn bench_reports_json(mode: &str) {
+    bench_reports_json_with(mode, &[]);
+}
+
+fn bench_reports_json_with(mode: &str, extra: &[&str]) -> serde_json::Value {
     let output = Command::new(env!("CARGO_BIN_EXE_tso"))
         .args(["bench", "--spawn", "--json", "--callers", "4"])
         .args(["--connections", "2", "--mode", mode])
+        .args(extra)
         .args(["--count", "3", "--duration", "1s", "--warmup", "200ms"])
         .output()
         .expect("running tso bench");
@@ -47,6 +63,7 @@ fn bench_reports_json(mode: &str) {
     }
     assert!(report["longest_gap_ms"].is_number());
     assert!(report["cores"].as_u64().unwrap() >= 1);
+    report
 }
 
 /// Through the client library, a reply the library refuses as malformed is a violation of the

@@ -1,4 +1,6 @@
-//! A small real gRPC `TsoService` over loopback, for the client's tests. Each server runs on
+//! A small real gRPC `TsoService` over loopback, for the client's tests, with the streaming
+//! `GetTsStream` (`tso.stream.v1`) beside it unless a test asks for a plain `tsoracle.v1`
+//! server ([`StreamSupport`]). Each server runs on
 //! its own thread and tokio runtime, so stopping it closes every connection at once (like a
 //! killed process) and the client's runtime holds only the client's own tasks.
 //!
@@ -25,12 +27,16 @@ use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use prost::Message;
-use tokio::sync::{Notify, Semaphore, oneshot};
-use tokio_stream::wrappers::TcpListenerStream;
+use tokio::sync::{Notify, Semaphore, mpsc, oneshot, watch};
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tonic::metadata::{MetadataMap, MetadataValue};
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response, Status, Streaming};
 use tso_core::{Epoch, LOGICAL_COUNT};
 use tso_proto::LEADER_HINT_KEY;
+use tso_proto::tso::stream::v1::tso_stream_server::{TsoStream, TsoStreamServer};
+use tso_proto::tso::stream::v1::{
+    TsStreamRefusal, TsStreamRequest, TsStreamResponse, ts_stream_response,
+};
 use tso_proto::v1::tso_service_server::{TsoService, TsoServiceServer};
 use tso_proto::v1::*;
 
@@ -67,6 +73,19 @@ pub enum Mode {
     Stall,
     /// `INVALID_ARGUMENT`, as a server answers a count of 0.
     InvalidArgument,
+    /// Stream replies carry the wrong request id (unary `GetTs` grants correctly).
+    StreamWrongId,
+}
+
+/// Whether a test server offers the timestamp stream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StreamSupport {
+    /// `tso.stream.v1.TsoStream` beside `tsoracle.v1`, as the project's server.
+    Offered,
+    /// No such service: a plain `tsoracle.v1` server (gRPC answers `UNIMPLEMENTED`).
+    Absent,
+    /// The service answers every stream call `UNIMPLEMENTED` itself, counting the calls.
+    Refused,
 }
 
 /// How [`Mode::SeqMalformed`] breaks a sequence reply.
@@ -95,6 +114,12 @@ pub struct Shared {
     epoch: Epoch,
     rpcs: AtomicU64,
     counts: Mutex<Vec<u32>>,
+    unary_calls: AtomicU64,
+    stream_calls: AtomicU64,
+    granted: AtomicU64,
+    streams: StreamSupport,
+    /// Bumped by [`Shared::end_streams`]: every open stream ends with `UNAVAILABLE`.
+    stream_ends: watch::Sender<u64>,
     gate: Semaphore,
     arrived: Notify,
     leases: Mutex<Leases>,
@@ -125,6 +150,10 @@ pub const TEST_FRONTIER_MS: u64 = 1_234_567;
 
 impl Shared {
     pub fn new(mode: Mode, epoch: Epoch) -> Arc<Self> {
+        Self::with_streams(mode, epoch, StreamSupport::Offered)
+    }
+
+    pub fn with_streams(mode: Mode, epoch: Epoch, streams: StreamSupport) -> Arc<Self> {
         Arc::new(Self {
             mode: Mutex::new(mode),
             cursor: Mutex::new((0, 0)),
@@ -133,6 +162,11 @@ impl Shared {
             epoch,
             rpcs: AtomicU64::new(0),
             counts: Mutex::new(Vec::new()),
+            unary_calls: AtomicU64::new(0),
+            stream_calls: AtomicU64::new(0),
+            granted: AtomicU64::new(0),
+            streams,
+            stream_ends: watch::channel(0).0,
             gate: Semaphore::new(0),
             arrived: Notify::new(),
             leases: Mutex::new(Leases::default()),
@@ -148,9 +182,40 @@ impl Shared {
         self.rpcs.load(Ordering::SeqCst)
     }
 
-    /// The `count` of every `GetTs` received, in arrival order.
+    /// The `count` of every `GetTs` received, unary or on a stream, in arrival order.
     pub fn counts(&self) -> Vec<u32> {
         self.counts.lock().unwrap().clone()
+    }
+
+    /// Unary `GetTs` RPCs received.
+    pub fn unary_calls(&self) -> u64 {
+        self.unary_calls.load(Ordering::SeqCst)
+    }
+
+    /// `GetTsStream` calls received (streams opened, or refused with [`StreamSupport::Refused`]).
+    pub fn stream_calls(&self) -> u64 {
+        self.stream_calls.load(Ordering::SeqCst)
+    }
+
+    /// Waits until at least `n` stream calls have arrived.
+    pub async fn wait_for_stream_calls(&self, n: u64) {
+        loop {
+            let notified = self.arrived.notified();
+            if self.stream_calls() >= n {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// Ends every open stream with `UNAVAILABLE`, whatever its requests wait for.
+    pub fn end_streams(&self) {
+        self.stream_ends.send_modify(|n| *n += 1);
+    }
+
+    /// Timestamps granted so far, in every mode (broken replies included).
+    pub fn granted(&self) -> u64 {
+        self.granted.load(Ordering::SeqCst)
     }
 
     /// Every sequence request received, in arrival order.
@@ -227,6 +292,7 @@ impl Shared {
         }
         let start = *cursor;
         cursor.1 += count;
+        self.granted.fetch_add(u64::from(count), Ordering::SeqCst);
         start
     }
 
@@ -261,6 +327,13 @@ impl Shared {
             }
             _ => false,
         }
+    }
+
+    /// Records one `GetTs` request, unary or on a stream.
+    fn arrived_ts(&self, count: u32) {
+        self.counts.lock().unwrap().push(count);
+        self.rpcs.fetch_add(1, Ordering::SeqCst);
+        self.arrived.notify_waiters();
     }
 
     fn reply(&self, physical_ms: u64, logical_start: u32, count: u32) -> GetTsResponse {
@@ -319,7 +392,10 @@ impl Service {
             Mode::NoLeaderTimes(_) if shared.count_down() => {
                 return Err(not_leader(Some(hint(None, None))));
             }
-            Mode::UnavailableTimes(_) | Mode::NoLeaderTimes(_) | Mode::SeqMalformed(_) => {}
+            Mode::UnavailableTimes(_)
+            | Mode::NoLeaderTimes(_)
+            | Mode::SeqMalformed(_)
+            | Mode::StreamWrongId => {}
             Mode::Stall => shared.gate.acquire().await.expect("gate open").forget(),
             Mode::InvalidArgument => return Err(Status::invalid_argument("count out of range")),
             Mode::Status(code, message) => return Err(Status::new(code, message)),
@@ -341,7 +417,7 @@ impl Service {
         let shared = &self.0;
         let mode = shared.mode.lock().unwrap().clone();
         match mode {
-            Mode::Leader | Mode::CountMismatch | Mode::LogicalOverflow => {}
+            Mode::Leader | Mode::CountMismatch | Mode::LogicalOverflow | Mode::StreamWrongId => {}
             Mode::Follower { endpoint, epoch } => {
                 return Err(not_leader(Some(hint(endpoint, epoch))));
             }
@@ -413,9 +489,8 @@ impl TsoService for Service {
         request: Request<GetTsRequest>,
     ) -> Result<Response<GetTsResponse>, Status> {
         let count = request.get_ref().count;
-        self.0.counts.lock().unwrap().push(count);
-        self.0.rpcs.fetch_add(1, Ordering::SeqCst);
-        self.0.arrived.notify_waiters();
+        self.0.unary_calls.fetch_add(1, Ordering::SeqCst);
+        self.0.arrived_ts(count);
         Service::get_ts(self, count).await.map(Response::new)
     }
 
@@ -552,6 +627,7 @@ impl Service {
             Mode::Leader
             | Mode::CountMismatch
             | Mode::LogicalOverflow
+            | Mode::StreamWrongId
             | Mode::SeqMalformed(_)
             | Mode::UnavailableTimes(_)
             | Mode::NoLeaderTimes(_) => Ok(()),
@@ -621,6 +697,81 @@ impl Service {
     }
 }
 
+/// The streaming `GetTs` over the same allocator and modes: requests answered one by one in
+/// order, each as unary `GetTs` would answer it (an error status becomes a refusal); "not
+/// leader" is the last reply, as on the project's server.
+#[tonic::async_trait]
+impl TsoStream for Service {
+    type GetTsStreamStream = ReceiverStream<Result<TsStreamResponse, Status>>;
+
+    async fn get_ts_stream(
+        &self,
+        request: Request<Streaming<TsStreamRequest>>,
+    ) -> Result<Response<Self::GetTsStreamStream>, Status> {
+        self.0.stream_calls.fetch_add(1, Ordering::SeqCst);
+        self.0.arrived.notify_waiters();
+        if self.0.streams == StreamSupport::Refused {
+            return Err(Status::unimplemented("no stream here"));
+        }
+        let (replies, outbound) = mpsc::channel(4);
+        let service = Service(Arc::clone(&self.0));
+        tokio::spawn(async move {
+            let mut ends = service.0.stream_ends.subscribe();
+            tokio::select! {
+                _ = ends.changed() => {
+                    let _ = replies.send(Err(Status::unavailable("stream ended by the test"))).await;
+                }
+                _ = service.stream(request.into_inner(), &replies) => {}
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(outbound)))
+    }
+}
+
+type StreamReplies = mpsc::Sender<Result<TsStreamResponse, Status>>;
+
+impl Service {
+    async fn stream(&self, mut inbound: Streaming<TsStreamRequest>, replies: &StreamReplies) {
+        while let Ok(Some(request)) = inbound.message().await {
+            self.0.arrived_ts(request.count);
+            let mut request_id = request.request_id;
+            if matches!(*self.0.mode.lock().unwrap(), Mode::StreamWrongId) {
+                request_id += 1;
+            }
+            let (result, last) = match Service::get_ts(self, request.count).await {
+                Ok(grant) => (ts_stream_response::Result::Grant(grant), false),
+                Err(status) => refusal(&status),
+            };
+            let reply = TsStreamResponse {
+                request_id,
+                result: Some(result),
+            };
+            if replies.send(Ok(reply)).await.is_err() || last {
+                return;
+            }
+        }
+    }
+}
+
+/// A unary status as a stream refusal, and whether it ends the stream ("not leader"). A hint
+/// trailer that is not a `LeaderHint` becomes a hint whose endpoint is not `host:port`.
+fn refusal(status: &Status) -> (ts_stream_response::Result, bool) {
+    let not_leader = status.code() == tonic::Code::FailedPrecondition;
+    let hint = status.metadata().get_bin(LEADER_HINT_KEY).map(|value| {
+        let bytes = value.to_bytes().unwrap();
+        LeaderHint::decode(bytes).unwrap_or(LeaderHint {
+            leader_endpoint: Some("::garbage::".into()),
+            leader_epoch: None,
+        })
+    });
+    let refusal = TsStreamRefusal {
+        code: status.code() as i32,
+        message: status.message().into(),
+        hint,
+    };
+    (ts_stream_response::Result::Refusal(refusal), not_leader)
+}
+
 /// One running server. Dropping it stops it.
 pub struct TestServer {
     addr: SocketAddr,
@@ -630,10 +781,15 @@ pub struct TestServer {
 }
 
 impl TestServer {
-    /// A server in `mode` at epoch 1 on a fresh loopback port.
+    /// A server in `mode` at epoch 1 on a fresh loopback port, with the stream.
     pub fn start(mode: Mode) -> Self {
+        Self::start_streams(mode, StreamSupport::Offered)
+    }
+
+    /// A server in `mode` at epoch 1 on a fresh loopback port, with `streams`.
+    pub fn start_streams(mode: Mode, streams: StreamSupport) -> Self {
         Self::start_with(
-            Shared::new(mode, Epoch::new(1)),
+            Shared::with_streams(mode, Epoch::new(1), streams),
             "127.0.0.1:0".parse().unwrap(),
         )
     }
@@ -643,12 +799,14 @@ impl TestServer {
         let (stop, stopped) = oneshot::channel();
         let (bound, bound_rx) = std::sync::mpsc::channel();
         let service = TsoServiceServer::new(Service(Arc::clone(&shared)));
+        let stream = (shared.streams != StreamSupport::Absent)
+            .then(|| TsoStreamServer::new(Service(Arc::clone(&shared))));
         let thread = std::thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .unwrap();
-            runtime.block_on(serve(service, addr, bound, stopped));
+            runtime.block_on(serve(service, stream, addr, bound, stopped));
         });
         let addr = bound_rx.recv().expect("the server thread binds or panics");
         Self {
@@ -695,6 +853,7 @@ impl Drop for TestServer {
 
 async fn serve(
     service: TsoServiceServer<Service>,
+    stream: Option<TsoStreamServer<Service>>,
     addr: SocketAddr,
     bound: std::sync::mpsc::Sender<SocketAddr>,
     stopped: oneshot::Receiver<()>,
@@ -706,6 +865,7 @@ async fn serve(
     bound.send(listener.local_addr().unwrap()).unwrap();
     let server = tonic::transport::Server::builder()
         .add_service(service)
+        .add_optional_service(stream)
         .serve_with_incoming(TcpListenerStream::new(listener));
     // Not graceful on purpose: returning drops the runtime and every connection with it.
     tokio::select! {
