@@ -231,26 +231,12 @@ struct SeqStore {
 impl SeqStore {
     /// Reads the record (or none yet) of a directory this process has locked.
     fn open(dir: &Path) -> Result<SeqStore, FileError> {
-        remove_file_if_present(&dir.join(SEQ_TEMP_FILE))?;
-        let path = dir.join(SEQ_FILE);
-        let counters = match fs::read(&path) {
-            Ok(bytes) => {
-                decode_sequences(&bytes).map_err(|problem| FileError::Damaged { path, problem })?
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                if dir.join(SEQ_MARK_FILE).exists() {
-                    return Err(FileError::Damaged {
-                        path,
-                        problem: format!(
-                            "the record is missing from a directory that held one \
-                             ({SEQ_MARK_FILE} is there); it was deleted or lost"
-                        ),
-                    });
-                }
-                SeqCounters::new()
-            }
-            Err(source) => return Err(FileError::Io { path, source }),
-        };
+        let counters = read_marked_record(dir, SEQ_TEMP_FILE, SEQ_FILE, SEQ_MARK_FILE)?
+            .map(|(path, bytes)| {
+                decode_sequences(&bytes).map_err(|problem| FileError::Damaged { path, problem })
+            })
+            .transpose()?
+            .unwrap_or_default();
         Ok(SeqStore {
             dir: dir.to_path_buf(),
             counters,
@@ -276,6 +262,35 @@ impl SeqStore {
             self.marked = true;
         }
         Ok(())
+    }
+}
+
+/// Reads `dir/name` (dropping a temporary file a crash left behind): its path and bytes, or
+/// `None` if it was never written. A record missing while its mark file is there was deleted
+/// or lost, and is refused rather than read as empty.
+fn read_marked_record(
+    dir: &Path,
+    temp_name: &str,
+    name: &str,
+    mark_name: &str,
+) -> Result<Option<(PathBuf, Vec<u8>)>, FileError> {
+    remove_file_if_present(&dir.join(temp_name))?;
+    let path = dir.join(name);
+    match fs::read(&path) {
+        Ok(bytes) => Ok(Some((path, bytes))),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            if dir.join(mark_name).exists() {
+                return Err(FileError::Damaged {
+                    path,
+                    problem: format!(
+                        "the record is missing from a directory that held one ({mark_name} is \
+                         there); it was deleted or lost"
+                    ),
+                });
+            }
+            Ok(None)
+        }
+        Err(source) => Err(FileError::Io { path, source }),
     }
 }
 
@@ -373,26 +388,12 @@ struct LeaseStore {
 
 impl LeaseStore {
     fn open(dir: &Path) -> Result<LeaseStore, FileError> {
-        remove_file_if_present(&dir.join(LEASE_TEMP_FILE))?;
-        let path = dir.join(LEASE_FILE);
-        let record = match fs::read(&path) {
-            Ok(bytes) => {
-                decode_leases(&bytes).map_err(|problem| FileError::Damaged { path, problem })?
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                if dir.join(LEASE_MARK_FILE).exists() {
-                    return Err(FileError::Damaged {
-                        path,
-                        problem: format!(
-                            "the record is missing from a directory that held one \
-                             ({LEASE_MARK_FILE} is there); it was deleted or lost"
-                        ),
-                    });
-                }
-                Vec::new()
-            }
-            Err(source) => return Err(FileError::Io { path, source }),
-        };
+        let record = read_marked_record(dir, LEASE_TEMP_FILE, LEASE_FILE, LEASE_MARK_FILE)?
+            .map(|(path, bytes)| {
+                decode_leases(&bytes).map_err(|problem| FileError::Damaged { path, problem })
+            })
+            .transpose()?
+            .unwrap_or_default();
         Ok(LeaseStore {
             dir: dir.to_path_buf(),
             record,
