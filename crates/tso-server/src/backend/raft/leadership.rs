@@ -6,7 +6,8 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use openraft::error::{CheckIsLeaderError, RaftError};
+use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
+use openraft::raft::ClientWriteResponse;
 use openraft::raft::{VoteRequest, VoteResponse};
 use openraft::{RaftMetrics, ServerState};
 use tokio::sync::watch;
@@ -279,6 +280,42 @@ where
         }
         tokio::time::sleep_until(retry_at).await;
     }
+}
+
+/// Writes `data` through `raft`, bounded by the call timeout, and requires it to commit in the
+/// term of `epoch` (`Fenced` otherwise); a commit in that term confirms leadership as of the
+/// instant the write was sent, so the lease is extended from then.
+pub async fn write_in_term<C>(
+    raft: &openraft::Raft<C>,
+    lease: &LeaseClock,
+    timings: &RaftTimings,
+    epoch: Epoch,
+    data: C::D,
+    map_write_error: impl Fn(RaftError<NodeId, ClientWriteError<NodeId, C::Node>>) -> ConsensusError,
+) -> Result<ClientWriteResponse<C>, ConsensusError>
+where
+    C: openraft::RaftTypeConfig<
+            NodeId = NodeId,
+            AsyncRuntime = openraft::TokioRuntime,
+            Responder = openraft::impls::OneshotResponder<C>,
+        >,
+{
+    let sent = Instant::now();
+    let write = raft.client_write(data);
+    let reply = match tokio::time::timeout(timings.call_timeout, write).await {
+        Err(_) => return Err(transient_timeout("write", timings.call_timeout)),
+        Ok(r) => r.map_err(map_write_error)?,
+    };
+    let committed_term = reply.log_id.leader_id.term;
+    if committed_term != epoch.hi() {
+        let current = Epoch::from_parts(committed_term, reply.log_id.leader_id.node_id);
+        return Err(ConsensusError::Fenced {
+            expected: epoch,
+            current,
+        });
+    }
+    lease.extend(committed_term, sent);
+    Ok(reply)
 }
 
 /// A raft call that a quorum did not confirm in time.

@@ -39,7 +39,7 @@ use tso_proto::tso::raft_v1::raft_peer_server::RaftPeerServer;
 use crate::consensus::{BoxFuture, Consensus, ConsensusError, Leadership, SeqCounters, SeqEnds};
 use dir_guard::DirGuard;
 pub use leadership::{LeaseHeld, VoteGate};
-use leadership::{leadership_of, read_applied, renew_lease, transient_timeout, watch_leadership};
+use leadership::{leadership_of, read_applied, renew_lease, watch_leadership, write_in_term};
 use lease::LeaseClock;
 use log_store::LogStore;
 use network::Network;
@@ -518,23 +518,16 @@ impl RaftBackend {
             )));
         }
         self.check_epoch(epoch)?;
-        let sent = Instant::now();
-        let write = self
-            .raft
-            .client_write(Command::AdvanceHighWater { at_least_ms });
-        let reply = match tokio::time::timeout(self.timings.call_timeout, write).await {
-            Err(_) => return Err(transient_timeout("write", self.timings.call_timeout)),
-            Ok(r) => r.map_err(|e| self.map_write_error(e))?,
-        };
-        let committed_term = reply.log_id.leader_id.term;
-        if committed_term != epoch.hi() {
-            let current = Epoch::from_parts(committed_term, reply.log_id.leader_id.node_id);
-            return Err(ConsensusError::Fenced {
-                expected: epoch,
-                current,
-            });
-        }
-        self.lease.extend(committed_term, sent);
+        let map = |e| self.map_write_error(e);
+        let reply = write_in_term(
+            &self.raft,
+            &self.lease,
+            &self.timings,
+            epoch,
+            Command::AdvanceHighWater { at_least_ms },
+            map,
+        )
+        .await?;
         let applied = reply.data.high_water_ms;
         assert!(
             applied >= at_least_ms,
@@ -553,23 +546,16 @@ impl RaftBackend {
 
     async fn persist_sequences(&self, ends: SeqEnds, epoch: Epoch) -> Result<(), ConsensusError> {
         self.check_epoch(epoch)?;
-        let sent = Instant::now();
-        let write = self
-            .raft
-            .client_write(Command::AdvanceSequences { ends: ends.clone() });
-        let reply = match tokio::time::timeout(self.timings.call_timeout, write).await {
-            Err(_) => return Err(transient_timeout("write", self.timings.call_timeout)),
-            Ok(r) => r.map_err(|e| self.map_write_error(e))?,
-        };
-        let committed_term = reply.log_id.leader_id.term;
-        if committed_term != epoch.hi() {
-            let current = Epoch::from_parts(committed_term, reply.log_id.leader_id.node_id);
-            return Err(ConsensusError::Fenced {
-                expected: epoch,
-                current,
-            });
-        }
-        self.lease.extend(committed_term, sent);
+        let map = |e| self.map_write_error(e);
+        write_in_term(
+            &self.raft,
+            &self.lease,
+            &self.timings,
+            epoch,
+            Command::AdvanceSequences { ends: ends.clone() },
+            map,
+        )
+        .await?;
         // openraft answers once the entry is applied; counters only grow, so this holds.
         if let Some((key, applied, end)) = self.sm.sequence_below(&ends) {
             return Err(ConsensusError::Permanent(format!(
@@ -589,24 +575,17 @@ impl RaftBackend {
 
     async fn persist_leases(&self, record: Vec<u8>, epoch: Epoch) -> Result<(), ConsensusError> {
         self.check_epoch(epoch)?;
-        let sent = Instant::now();
         let term = epoch.hi();
-        let write = self
-            .raft
-            .client_write(Command::ReplaceLeases { term, record });
-        let reply = match tokio::time::timeout(self.timings.call_timeout, write).await {
-            Err(_) => return Err(transient_timeout("write", self.timings.call_timeout)),
-            Ok(r) => r.map_err(|e| self.map_write_error(e))?,
-        };
-        let committed_term = reply.log_id.leader_id.term;
-        if committed_term != term {
-            let current = Epoch::from_parts(committed_term, reply.log_id.leader_id.node_id);
-            return Err(ConsensusError::Fenced {
-                expected: epoch,
-                current,
-            });
-        }
-        self.lease.extend(committed_term, sent);
+        let map = |e| self.map_write_error(e);
+        write_in_term(
+            &self.raft,
+            &self.lease,
+            &self.timings,
+            epoch,
+            Command::ReplaceLeases { term, record },
+            map,
+        )
+        .await?;
         lease_record_applied(term, self.sm.leases().0)
     }
 }

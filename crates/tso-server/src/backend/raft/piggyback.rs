@@ -20,7 +20,7 @@
 //! oracle client address, fatal errors → `Permanent`, quorum loss and timeouts → `Transient`.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use openraft::error::{CheckIsLeaderError, ClientWriteError, ForwardToLeader, RaftError};
 use openraft::impls::OneshotResponder;
@@ -32,7 +32,7 @@ use tso_core::{Epoch, PHYSICAL_MAX_MS};
 
 pub use super::leadership::{LeaseHeld, VoteGate};
 use super::leadership::{
-    leadership_with, read_applied, renew_lease, transient_timeout, watch_leadership,
+    leadership_with, read_applied, renew_lease, watch_leadership, write_in_term,
 };
 use super::lease::{LeaseClock, lease_duration};
 use super::{LeaseView, RaftTimings};
@@ -345,25 +345,20 @@ where
             )));
         }
         self.check_epoch(epoch)?;
-        let sent = Instant::now();
         let cmd = HighWaterCommand {
             at_least_ms,
             term: epoch.hi(),
         };
-        let write = self.raft.client_write((self.wrap)(cmd));
-        let reply = match tokio::time::timeout(self.timings.call_timeout, write).await {
-            Err(_) => return Err(transient_timeout("write", self.timings.call_timeout)),
-            Ok(r) => r.map_err(|e| self.map_write_error(e))?,
-        };
-        let committed_term = reply.log_id.leader_id.term;
-        if committed_term != epoch.hi() {
-            let current = Epoch::from_parts(committed_term, reply.log_id.leader_id.node_id);
-            return Err(ConsensusError::Fenced {
-                expected: epoch,
-                current,
-            });
-        }
-        self.lease.extend(committed_term, sent);
+        let map = |e| self.map_write_error(e);
+        write_in_term(
+            &self.raft,
+            &self.lease,
+            &self.timings,
+            epoch,
+            (self.wrap)(cmd),
+            map,
+        )
+        .await?;
         // openraft answers a write once the entry is applied, so the host's state has it.
         let applied = (self.read)();
         if applied < at_least_ms {
@@ -395,25 +390,20 @@ where
     async fn persist_sequences(&self, ends: SeqEnds, epoch: Epoch) -> Result<(), ConsensusError> {
         let (wrap, read) = self.sequence_parts()?;
         self.check_epoch(epoch)?;
-        let sent = Instant::now();
         let cmd = SequenceCommand {
             ends: ends.clone(),
             term: epoch.hi(),
         };
-        let write = self.raft.client_write(wrap(cmd));
-        let reply = match tokio::time::timeout(self.timings.call_timeout, write).await {
-            Err(_) => return Err(transient_timeout("write", self.timings.call_timeout)),
-            Ok(r) => r.map_err(|e| self.map_write_error(e))?,
-        };
-        let committed_term = reply.log_id.leader_id.term;
-        if committed_term != epoch.hi() {
-            let current = Epoch::from_parts(committed_term, reply.log_id.leader_id.node_id);
-            return Err(ConsensusError::Fenced {
-                expected: epoch,
-                current,
-            });
-        }
-        self.lease.extend(committed_term, sent);
+        let map = |e| self.map_write_error(e);
+        write_in_term(
+            &self.raft,
+            &self.lease,
+            &self.timings,
+            epoch,
+            wrap(cmd),
+            map,
+        )
+        .await?;
         let applied = read();
         for (key, end) in &ends {
             let value = applied.get(key).copied().unwrap_or(0);
@@ -447,22 +437,17 @@ where
     async fn persist_leases(&self, record: Vec<u8>, epoch: Epoch) -> Result<(), ConsensusError> {
         let (wrap, read) = self.lease_parts()?;
         self.check_epoch(epoch)?;
-        let sent = Instant::now();
         let term = epoch.hi();
-        let write = self.raft.client_write(wrap(LeaseCommand { term, record }));
-        let reply = match tokio::time::timeout(self.timings.call_timeout, write).await {
-            Err(_) => return Err(transient_timeout("write", self.timings.call_timeout)),
-            Ok(r) => r.map_err(|e| self.map_write_error(e))?,
-        };
-        let committed_term = reply.log_id.leader_id.term;
-        if committed_term != term {
-            let current = Epoch::from_parts(committed_term, reply.log_id.leader_id.node_id);
-            return Err(ConsensusError::Fenced {
-                expected: epoch,
-                current,
-            });
-        }
-        self.lease.extend(committed_term, sent);
+        let map = |e| self.map_write_error(e);
+        write_in_term(
+            &self.raft,
+            &self.lease,
+            &self.timings,
+            epoch,
+            wrap(LeaseCommand { term, record }),
+            map,
+        )
+        .await?;
         super::lease_record_applied(term, read().0)
     }
 }
