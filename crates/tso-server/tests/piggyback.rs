@@ -253,10 +253,16 @@ async fn kv_writes_and_timestamps_share_one_log_snapshot_and_failover() {
         learned.high_water.high_water_ms() >= state.high_water.high_water_ms(),
         "the learner has the high-water"
     );
-    assert!(
-        learner.metrics().borrow().snapshot.is_some(),
-        "the learner caught up by snapshot"
-    );
+    // openraft publishes the installed snapshot in its metrics just after the state machine
+    // holds it: wait for the metrics rather than reading them once.
+    learner
+        .wait(Some(DEADLINE))
+        .metrics(
+            |m| m.snapshot.is_some(),
+            "the learner caught up by snapshot",
+        )
+        .await
+        .expect("the learner caught up by snapshot");
     cluster.router.remove(4);
     learner.shutdown().await.unwrap();
 
