@@ -25,6 +25,11 @@ pub mod tso {
         }
     }
 
+    /// Run-time membership of a raft cluster (the admin port).
+    pub mod admin_v1 {
+        tonic::include_proto!("tso.admin.v1");
+    }
+
     /// The own API of the piggyback example's key-value store (not a public protocol).
     pub mod example_kv_v1 {
         tonic::include_proto!("tso.example.kv.v1");
@@ -33,3 +38,7 @@ pub mod tso {
 
 /// Metadata key of the leader hint carried in the trailers of a "not leader" status.
 pub const LEADER_HINT_KEY: &str = "tsoracle-leader-hint-bin";
+
+/// Metadata key of the leader hint carried in the trailers of a "not leader" answer of the
+/// admin service (`tso.admin.v1`).
+pub const ADMIN_LEADER_HINT_KEY: &str = "tso-admin-leader-bin";

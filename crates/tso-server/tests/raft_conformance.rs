@@ -16,12 +16,14 @@ async fn one_node_raft_cluster_keeps_the_consensus_contract() {
         NodeAddrs {
             client_addr: "127.0.0.1:7000".to_owned(),
             peer_addr: "127.0.0.1:7001".to_owned(),
+            ..Default::default()
         },
     )]);
     let config = RaftConfig {
         node_id: 1,
         data_dir: dir.path().to_owned(),
         initial_members: members,
+        join: false,
         timings: RaftTimings::default(),
         snapshot: SnapshotOptions::default(),
         links: Links::default(),
@@ -39,6 +41,7 @@ fn one_member(id: u64) -> BTreeMap<u64, NodeAddrs> {
         NodeAddrs {
             client_addr: "127.0.0.1:7000".to_owned(),
             peer_addr: "127.0.0.1:7001".to_owned(),
+            ..Default::default()
         },
     )])
 }
@@ -48,6 +51,7 @@ fn config(dir: &std::path::Path, node_id: u64, members: BTreeMap<u64, NodeAddrs>
         node_id,
         data_dir: dir.to_owned(),
         initial_members: members,
+        join: false,
         timings: RaftTimings::default(),
         snapshot: SnapshotOptions::default(),
         links: Links::default(),

@@ -23,12 +23,14 @@ fn config(dir: &std::path::Path, timings: RaftTimings) -> RaftConfig {
         NodeAddrs {
             client_addr: "tso-1.test:7000".into(),
             peer_addr: "127.0.0.1:1".into(),
+            ..Default::default()
         },
     )]);
     RaftConfig {
         node_id: 1,
         data_dir: dir.join("node-1"),
         initial_members: members,
+        join: false,
         timings,
         snapshot: SnapshotOptions::default(),
         links: Links::default(),
@@ -164,6 +166,7 @@ async fn a_node_with_other_timings_cannot_join() {
         let addrs = NodeAddrs {
             client_addr: common::raft::client_addr(id),
             peer_addr: listener.local_addr().unwrap().to_string(),
+            ..Default::default()
         };
         members.insert(id, addrs);
         listeners.insert(id, listener);
@@ -178,6 +181,7 @@ async fn a_node_with_other_timings_cannot_join() {
             node_id: id,
             data_dir: dir.path().join(format!("node-{id}")),
             initial_members: members.clone(),
+            join: false,
             timings,
             snapshot: SnapshotOptions::default(),
             links: Links::default(),

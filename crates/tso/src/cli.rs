@@ -36,6 +36,9 @@ pub enum Command {
     /// Jepsen-style check: clients recording every call, a seeded nemesis, history checks.
     /// Exit code 0 clean, 1 violation, 2 usage or setup error.
     Check(CheckArgs),
+    /// Raft cluster membership: list members, add a learner, promote, remove (see
+    /// docs/membership.md). Exit code 0 done, 1 refused or failed.
+    Admin(crate::admin::AdminArgs),
 }
 
 #[derive(Debug, Args)]
@@ -141,11 +144,19 @@ pub struct ClusterArgs {
     #[arg(long)]
     pub advertise_peer_addr: Option<String>,
     /// The initial members, the same list on every node:
-    /// `ID=HOST:CLIENT_PORT/PEER_PORT` or `ID=CLIENT_HOST:PORT/PEER_HOST:PORT`, comma-separated,
-    /// advertised forms. Used on the first start of a fresh data directory; a restarted node
+    /// `ID=HOST:CLIENT_PORT/PEER_PORT[/ADMIN_PORT]` or `ID=CLIENT_HOST:PORT/PEER_HOST:PORT[/ADMIN_HOST:PORT]`,
+    /// comma-separated, advertised forms (the admin part feeds `tso admin`'s leader redirect). Used on the first start of a fresh data directory; a restarted node
     /// reads the members from its log and may omit it.
     #[arg(long, value_delimiter = ',', env = "TSO_MEMBERS")]
     pub members: Vec<String>,
+    /// Start a fresh data directory with no --members and wait to be added to a running cluster
+    /// (`tso admin add-learner` on its leader); a restart needs no --join.
+    #[arg(long)]
+    pub join: bool,
+    /// Serve the admin service (`tso.admin.v1`: membership changes) on this address; off if
+    /// not given.
+    #[arg(long, env = "TSO_ADMIN_LISTEN")]
+    pub admin_listen: Option<SocketAddr>,
     /// Raft heartbeat period (also the leader lease renewal period).
     #[arg(long, default_value = "50ms", value_parser = humantime::parse_duration)]
     pub heartbeat_interval: Duration,

@@ -4,28 +4,42 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 
 use anyhow::{Context, bail};
-use tso_server::backend::raft::{Links, NodeAddrs, RaftConfig, RaftTimings, SnapshotOptions};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tso_server::backend::raft::{
+    Links, NodeAddrs, RaftBackend, RaftConfig, RaftTimings, SnapshotOptions,
+};
 
 use crate::cli::ServeArgs;
 
-/// Parses one `ID=HOST:CLIENT_PORT/PEER_PORT` (or `ID=CLIENT_ADDR/PEER_ADDR`) member.
+/// Parses one `ID=HOST:CLIENT_PORT/PEER_PORT[/ADMIN_PORT]` member; each part after the first
+/// may also be a full `HOST:PORT`.
 pub fn parse_member(s: &str) -> anyhow::Result<(u64, NodeAddrs)> {
-    let usage = || format!("member {s:?} is not ID=HOST:CLIENT_PORT/PEER_PORT");
+    let usage = || format!("member {s:?} is not ID=HOST:CLIENT_PORT/PEER_PORT[/ADMIN_PORT]");
     let (id, addrs) = s.split_once('=').with_context(usage)?;
     let id: u64 = id.trim().parse().with_context(usage)?;
-    let (client_addr, peer) = addrs.trim().split_once('/').with_context(usage)?;
-    let (host, _) = client_addr.rsplit_once(':').with_context(usage)?;
-    let peer_addr = if peer.contains(':') {
-        peer.to_owned()
-    } else {
-        let port: u16 = peer.parse().with_context(usage)?;
-        format!("{host}:{port}")
+    let parts: Vec<&str> = addrs.trim().split('/').collect();
+    let (client_addr, peer, admin) = match parts[..] {
+        [client, peer] => (client, peer, None),
+        [client, peer, admin] => (client, peer, Some(admin)),
+        _ => bail!(usage()),
+    };
+    let (host, port) = client_addr.rsplit_once(':').with_context(usage)?;
+    anyhow::ensure!(!host.is_empty() && port.parse::<u16>().is_ok(), usage());
+    let full = |part: &str| -> anyhow::Result<String> {
+        if part.contains(':') {
+            return Ok(part.to_owned());
+        }
+        let port: u16 = part.parse().with_context(usage)?;
+        Ok(format!("{host}:{port}"))
     };
     Ok((
         id,
         NodeAddrs {
             client_addr: client_addr.to_owned(),
-            peer_addr,
+            peer_addr: full(peer)?,
+            admin_addr: admin.map(full).transpose()?.unwrap_or_default(),
         },
     ))
 }
@@ -50,6 +64,11 @@ pub fn raft_config(args: &ServeArgs) -> anyhow::Result<(RaftConfig, SocketAddr)>
         .peer_addr
         .context("--backend raft needs --peer-addr (the address to listen on for peers)")?;
     let members = parse_members(&c.members)?;
+    if c.join && !members.is_empty() {
+        bail!(
+            "--join waits to be added to a running cluster and takes no --members; drop one of them"
+        );
+    }
     if let Some(own) = members.get(&node_id) {
         check_advertised("client", &c.advertise_client_addr, &own.client_addr)?;
         check_advertised("peer", &c.advertise_peer_addr, &own.peer_addr)?;
@@ -63,6 +82,7 @@ pub fn raft_config(args: &ServeArgs) -> anyhow::Result<(RaftConfig, SocketAddr)>
         node_id,
         data_dir: args.data_dir.clone(),
         initial_members: members,
+        join: c.join,
         snapshot: SnapshotOptions::default(),
         timings: RaftTimings {
             heartbeat_interval: c.heartbeat_interval,
@@ -73,6 +93,38 @@ pub fn raft_config(args: &ServeArgs) -> anyhow::Result<(RaftConfig, SocketAddr)>
         links: Links::default(),
     };
     Ok((config, peer_listen))
+}
+
+/// Binds `--admin-listen`, if given (before the node starts, so a taken port fails the start).
+pub async fn bind_admin(args: &ServeArgs) -> anyhow::Result<Option<TcpListener>> {
+    let Some(addr) = args.cluster.admin_listen else {
+        return Ok(None);
+    };
+    let listener = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot serve admin on {addr}: pick another --admin-listen"))?;
+    Ok(Some(listener))
+}
+
+/// Serves the admin service (`tso.admin.v1`) on `listener` until `stop`. One tonic server of
+/// its own, so that it can get a TLS config apart from the client port.
+pub fn serve_admin(
+    listener: Option<TcpListener>,
+    backend: &RaftBackend,
+    stop: CancellationToken,
+) -> Option<JoinHandle<()>> {
+    let listener = listener?;
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(%addr, "serving admin");
+    }
+    let server = tonic::transport::Server::builder().add_service(backend.admin_service());
+    Some(tokio::spawn(async move {
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        let stopped = async move { stop.cancelled().await };
+        if let Err(e) = server.serve_with_incoming_shutdown(incoming, stopped).await {
+            tracing::error!("the admin server failed: {e}");
+        }
+    }))
 }
 
 /// An explicit `--advertise-*` flag must agree with the node's own entry in the members list,
@@ -102,6 +154,22 @@ mod tests {
         assert_eq!(m[&1].peer_addr, "127.0.0.1:7101");
         assert_eq!(m[&2].client_addr, "tso-2.tso:7001");
         assert_eq!(m[&2].peer_addr, "10.0.0.2:7101");
+        assert_eq!(m[&1].admin_addr, "", "no admin part: unknown");
+    }
+
+    #[test]
+    fn members_take_an_optional_admin_part() {
+        let m = parse_members(&[
+            "1=127.0.0.1:7001/7101/7201".to_owned(),
+            "2=tso-2.tso:7001/10.0.0.2:7101/10.0.0.2:7201".to_owned(),
+        ])
+        .unwrap();
+        assert_eq!(m[&1].peer_addr, "127.0.0.1:7101");
+        assert_eq!(m[&1].admin_addr, "127.0.0.1:7201");
+        assert_eq!(m[&2].admin_addr, "10.0.0.2:7201");
+        for bad in ["1=h:1/2/3/4", "1=h:1/2/x", "1=h:1/2/"] {
+            assert!(parse_members(&[bad.to_owned()]).is_err(), "{bad} accepted");
+        }
     }
 
     #[test]

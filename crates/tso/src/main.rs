@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
+mod admin;
 mod bench;
 mod check;
 mod cli;
@@ -30,6 +31,7 @@ fn main() -> ExitCode {
         cli::Command::Frontier(args) => lease::frontier(args),
         cli::Command::Bench(args) => bench::run(args),
         cli::Command::Check(args) => return check::main(args),
+        cli::Command::Admin(args) => admin::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

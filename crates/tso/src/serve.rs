@@ -158,11 +158,14 @@ async fn serve_raft(args: ServeArgs, probes: &ProbeState) -> anyhow::Result<()> 
     })?;
     let listener = bind_client(&args).await?;
     let addr = listener.local_addr()?;
+    let admin_listener = cluster::bind_admin(&args).await?;
     let backend = Arc::new(
         RaftBackend::open(raft_config)
             .await
             .context("starting the raft node")?,
     );
+    let stop_admin = CancellationToken::new();
+    let admin = cluster::serve_admin(admin_listener, &backend, stop_admin.clone());
     let (stop_peers, peers_stopped) = tokio::sync::oneshot::channel::<()>();
     let peers = {
         let backend = Arc::clone(&backend);
@@ -182,6 +185,10 @@ async fn serve_raft(args: ServeArgs, probes: &ProbeState) -> anyhow::Result<()> 
     tracing::info!(%addr, node_id, peers = %peer_listen, data_dir = %args.data_dir.display(), "serving");
     println!("serving on {addr}");
     let served = serve_listener(listener, guard, stop_requested(probes)).await;
+    stop_admin.cancel();
+    if let Some(admin) = admin {
+        let _ = admin.await;
+    }
     let _ = stop_peers.send(());
     let _ = peers.await;
     backend.shutdown().await;

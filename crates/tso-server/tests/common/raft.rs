@@ -82,6 +82,7 @@ pub async fn start_cluster_with(
         let addrs = NodeAddrs {
             client_addr: client_addr(id),
             peer_addr: listener.local_addr().unwrap().to_string(),
+            ..Default::default()
         };
         members.insert(id, addrs);
         listeners.insert(id, listener);
@@ -92,6 +93,7 @@ pub async fn start_cluster_with(
             node_id: id,
             data_dir: dir.join(format!("node-{id}")),
             initial_members: members.clone(),
+            join: false,
             timings,
             snapshot,
             links: links.clone(),
@@ -217,6 +219,7 @@ pub async fn restart_node_with(
         node_id: id,
         data_dir: dir.join(format!("node-{id}")),
         initial_members: BTreeMap::new(),
+        join: false,
         timings: test_timings(),
         snapshot,
         links: links.clone(),

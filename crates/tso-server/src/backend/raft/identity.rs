@@ -19,7 +19,8 @@ pub const TIMINGS_FILE: &str = "raft-timings";
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 struct Identity {
     node_id: u64,
-    /// The ids of the initial members (addresses may move; the ids may not).
+    /// The ids of the initial members (addresses may move; the ids may not); empty for a node
+    /// that joined a running cluster.
     member_ids: Vec<u64>,
 }
 
@@ -58,6 +59,23 @@ pub fn check_or_write(
         });
     }
     Ok(())
+}
+
+/// True if the directory belongs to `node_id` and was first started to join a running cluster
+/// (no initial members recorded): its restart, before or after it was added, waits to be added
+/// as its first start did.
+pub fn joined_before(dir: &Path, node_id: u64) -> Result<bool, RaftOpenError> {
+    let path = dir.join(IDENTITY_FILE);
+    if !path.exists() {
+        return Ok(false);
+    }
+    let (_, payloads) = RecordFile::open(&path)?;
+    let Some(last) = payloads.last() else {
+        return Ok(false);
+    };
+    let stored: Identity = postcard::from_bytes(last)
+        .map_err(|_| RaftOpenError::Storage(RecordFileError::Corrupt { path, offset: 0 }))?;
+    Ok(stored.node_id == node_id && stored.member_ids.is_empty())
 }
 
 /// Checks this start's raft timings against those recorded at the directory's first start

@@ -17,7 +17,7 @@ use openraft::{LogState, RaftLogId, RaftLogReader, StorageIOError};
 use serde::{Deserialize, Serialize};
 
 use super::record_file::{RecordFile, RecordFileError};
-use super::types::{Entry, LogId, StorageError, TypeConfig, Vote};
+use super::types::{Entry, EntryV1, LogId, StorageError, TypeConfig, Vote, entry_from_v1};
 
 /// File name of the log inside the raft data directory.
 pub const LOG_FILE: &str = "raft-log";
@@ -27,10 +27,12 @@ pub const LOG_FILE: &str = "raft-log";
 /// rare (one per several snapshots) and the file stays under 2 × live + 64 KiB.
 const REWRITE_SLACK_BYTES: u64 = 64 * 1024;
 
+/// One change of the log file. Variants are told apart by their index: new ones go at the end.
 #[derive(Debug, Serialize, Deserialize)]
 enum Record {
     Vote(Vote),
-    Entry(Entry),
+    /// An entry of the layout before admin addresses (read, never written).
+    EntryV1(EntryV1),
     /// Delete entries with index >= `since`.
     Truncate {
         since: u64,
@@ -41,6 +43,8 @@ enum Record {
     },
     /// The last committed log id. Appended last so that older files stay readable.
     Committed(LogId),
+    /// An entry whose membership, if any, carries admin addresses ([`super::NodeAddrs`]).
+    Entry(Entry),
 }
 
 #[derive(Debug)]
@@ -98,6 +102,10 @@ impl Inner {
         match record {
             Record::Vote(v) => self.vote = Some(v),
             Record::Entry(e) => {
+                self.entries.insert(e.log_id.index, e);
+            }
+            Record::EntryV1(old) => {
+                let e = entry_from_v1(old);
                 self.entries.insert(e.log_id.index, e);
             }
             Record::Truncate { since } => {

@@ -8,6 +8,7 @@
 //! [`NodeAddrs`] and [`Links`], and a host that runs its own openraft sees
 //! [`piggyback::PiggybackConsensus`], generic over the host's own type configuration only.
 
+mod admin;
 mod dir_guard;
 mod identity;
 mod leadership;
@@ -37,6 +38,7 @@ use tso_core::{Epoch, PHYSICAL_MAX_MS};
 use tso_proto::tso::raft_v1::raft_peer_server::RaftPeerServer;
 
 use crate::consensus::{BoxFuture, Consensus, ConsensusError, Leadership, SeqCounters, SeqEnds};
+pub use admin::{AdminService, PROMOTE_LAG_ENTRIES_MAX};
 use dir_guard::DirGuard;
 pub use leadership::{LeaseHeld, VoteGate};
 use leadership::{leadership_of, read_applied, renew_lease, watch_leadership, write_in_term};
@@ -173,6 +175,9 @@ pub struct RaftConfig {
     /// The initial members (id → advertised addresses). Used only on the first start of a fresh
     /// data directory; a restarted node learns the members from its log.
     pub initial_members: BTreeMap<u64, NodeAddrs>,
+    /// Start a fresh data directory without members and wait to be added to a running cluster
+    /// (through its admin service). The directory remembers it: a restart needs no `join`.
+    pub join: bool,
     pub timings: RaftTimings,
     pub snapshot: SnapshotOptions,
     /// Link switches for in-process partitions; `Links::default()` in production.
@@ -191,9 +196,14 @@ pub enum RaftOpenError {
     },
     #[error(
         "data directory {0} is fresh: the first start of a node needs the initial members \
-         (the same list on every node)"
+         (the same list on every node), or `join` to wait to be added to a running cluster"
     )]
     NoMembers(PathBuf),
+    #[error(
+        "joining a running cluster takes no initial members (got {0:?}): the cluster's leader \
+         adds this node"
+    )]
+    JoinWithMembers(Vec<u64>),
     #[error(
         "node {node_id} is not in the initial members {members:?}; add it to the members list \
          (the same list on every node)"
@@ -273,6 +283,8 @@ pub struct RaftBackend {
     tasks: Vec<JoinHandle<()>>,
     /// Released only after raft has stopped (see `Drop`).
     dir_guard: Mutex<Option<DirGuard>>,
+    /// Held across a membership change: one at a time (see `admin.rs`).
+    changes: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl RaftBackend {
@@ -288,10 +300,16 @@ impl RaftBackend {
         let log = LogStore::open(&config.data_dir)?;
         let sm = StateMachine::open(&config.data_dir)?;
         let fresh = log.is_pristine();
-        if fresh && config.initial_members.is_empty() {
+        if config.join && !config.initial_members.is_empty() {
+            return Err(RaftOpenError::JoinWithMembers(
+                config.initial_members.keys().copied().collect(),
+            ));
+        }
+        let joining = fresh && config.initial_members.is_empty();
+        if joining && !config.join && !identity::joined_before(&config.data_dir, config.node_id)? {
             return Err(RaftOpenError::NoMembers(config.data_dir.clone()));
         }
-        if fresh && !config.initial_members.contains_key(&config.node_id) {
+        if fresh && !joining && !config.initial_members.contains_key(&config.node_id) {
             return Err(RaftOpenError::NotAMember {
                 node_id: config.node_id,
                 members: config.initial_members.keys().copied().collect(),
@@ -314,7 +332,12 @@ impl RaftBackend {
             initialize(&raft, config.initial_members.clone()).await?;
         }
         let mut backend = Self::start_tasks(config.clone(), raft.clone(), sm, dir_guard);
-        if fresh && !first {
+        if joining {
+            tracing::info!(
+                node_id = config.node_id,
+                "waiting to be added to a cluster (`tso admin add-learner` on its leader)"
+            );
+        } else if fresh && !first {
             let wait = config.timings.election_timeout_max * INITIALIZE_WAIT_ELECTION_TIMEOUTS;
             let members = config.initial_members;
             backend.tasks.push(tokio::spawn(async move {
@@ -357,6 +380,7 @@ impl RaftBackend {
             timings: config.timings,
             tasks,
             dir_guard: Mutex::new(Some(dir_guard)),
+            changes: Arc::default(),
         }
     }
 
@@ -365,6 +389,20 @@ impl RaftBackend {
     pub fn peer_service(&self) -> RaftPeerServer<PeerService> {
         let votes = VoteGate::new(self.lease.clone());
         PeerService::new(self.raft.clone(), votes, self.timings.cluster_key()).into_server()
+    }
+
+    /// The `tso.admin.v1.Admin` service of this node (membership changes), to be served on its
+    /// admin address; a host may add TLS to the server it mounts it on.
+    pub fn admin_service(
+        &self,
+    ) -> tso_proto::tso::admin_v1::admin_server::AdminServer<AdminService> {
+        AdminService::new(
+            self.raft.clone(),
+            self.id,
+            Arc::clone(&self.changes),
+            self.timings,
+        )
+        .into_server()
     }
 
     /// Serves [`Self::peer_service`] on `listener` until `shutdown` completes.

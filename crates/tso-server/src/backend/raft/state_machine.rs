@@ -18,8 +18,9 @@ use serde::{Deserialize, Serialize};
 
 use super::record_file::{RecordFile, RecordFileError};
 use super::types::{
-    Applied, Command, Entry, LogId, Snapshot, SnapshotMeta, StorageError, StoredMembership,
-    TypeConfig,
+    Applied, Command, Entry, LogId, Snapshot, SnapshotMeta, SnapshotMetaV1, StorageError,
+    StoredMembership, StoredMembershipV1, TypeConfig, snapshot_meta_from_v1,
+    stored_membership_from_v1,
 };
 
 /// File name of the snapshot inside the raft data directory.
@@ -38,13 +39,28 @@ struct State {
     leases: Vec<u8>,
 }
 
-/// The layouts of snapshots written by earlier versions; read, never written. postcard is not
-/// self-describing: each is tried from the newest, and an older layout fails on the fields it
-/// lacks before a newer one could be mistaken for it.
+/// The first byte of a snapshot (file record and state data) whose membership carries admin
+/// addresses. Every older layout starts with an `Option` tag, 0 or 1, so the mark can never
+/// be mistaken for one, and an older build refuses a marked snapshot instead of misreading it.
+const LAYOUT_WITH_ADMIN_MARK: u8 = 0xA2;
+
+/// The layouts of snapshots written by earlier versions (unmarked); read, never written.
+/// postcard is not self-describing: each is tried from the newest, and an older layout fails
+/// on the fields it lacks before a newer one could be mistaken for it.
+#[derive(Debug, Deserialize)]
+struct StateV1WithLeases {
+    last_applied: Option<LogId>,
+    membership: StoredMembershipV1,
+    high_water_ms: u64,
+    sequences: BTreeMap<String, u64>,
+    lease_term: u64,
+    leases: Vec<u8>,
+}
+
 #[derive(Debug, Deserialize)]
 struct StateWithoutLeases {
     last_applied: Option<LogId>,
-    membership: StoredMembership,
+    membership: StoredMembershipV1,
     high_water_ms: u64,
     sequences: BTreeMap<String, u64>,
 }
@@ -52,7 +68,7 @@ struct StateWithoutLeases {
 #[derive(Debug, Deserialize)]
 struct StateWithoutSequences {
     last_applied: Option<LogId>,
-    membership: StoredMembership,
+    membership: StoredMembershipV1,
     high_water_ms: u64,
 }
 
@@ -60,6 +76,32 @@ struct StateWithoutSequences {
 struct StoredSnapshot {
     meta: SnapshotMeta,
     data: Vec<u8>,
+}
+
+/// A snapshot file record from before admin addresses (unmarked); read, never written.
+#[derive(Debug, Deserialize)]
+struct StoredSnapshotV1 {
+    meta: SnapshotMetaV1,
+    data: Vec<u8>,
+}
+
+/// `value` encoded behind [`LAYOUT_WITH_ADMIN_MARK`].
+fn encode_marked<T: Serialize>(value: &T) -> Vec<u8> {
+    let mut out = vec![LAYOUT_WITH_ADMIN_MARK];
+    out.extend(postcard::to_stdvec(value).expect("snapshot parts always encode"));
+    out
+}
+
+/// Decodes a snapshot file record, marked or of the layout before admin addresses.
+fn decode_stored(bytes: &[u8]) -> Option<StoredSnapshot> {
+    if let Some(rest) = bytes.strip_prefix(&[LAYOUT_WITH_ADMIN_MARK]) {
+        return postcard::from_bytes(rest).ok();
+    }
+    let old: StoredSnapshotV1 = postcard::from_bytes(bytes).ok()?;
+    Some(StoredSnapshot {
+        meta: snapshot_meta_from_v1(old.meta),
+        data: old.data,
+    })
 }
 
 #[derive(Debug)]
@@ -87,7 +129,7 @@ impl StateMachine {
             offset: 0,
         };
         let snapshot: Option<StoredSnapshot> = match payloads.last() {
-            Some(p) => Some(postcard::from_bytes(p).map_err(|_| corrupt())?),
+            Some(p) => Some(decode_stored(p).ok_or_else(corrupt)?),
             None => None,
         };
         let state = match &snapshot {
@@ -135,16 +177,28 @@ impl StateMachine {
     }
 }
 
-/// Decodes a snapshot's state; one written before dense sequences had none, so it decodes as
-/// the older layout with every counter at 0 (postcard stops short of the missing map).
+/// Decodes a snapshot's state: marked, the current layout; unmarked, one of the layouts from
+/// before admin addresses (every admin address unknown). One written before dense sequences
+/// had none, so it decodes as that layout with every counter at 0 (postcard stops short of the
+/// missing map).
 fn decode_state(data: &[u8]) -> Option<State> {
-    if let Ok(state) = postcard::from_bytes::<State>(data) {
-        return Some(state);
+    if let Some(rest) = data.strip_prefix(&[LAYOUT_WITH_ADMIN_MARK]) {
+        return postcard::from_bytes::<State>(rest).ok();
+    }
+    if let Ok(old) = postcard::from_bytes::<StateV1WithLeases>(data) {
+        return Some(State {
+            last_applied: old.last_applied,
+            membership: stored_membership_from_v1(old.membership),
+            high_water_ms: old.high_water_ms,
+            sequences: old.sequences,
+            lease_term: old.lease_term,
+            leases: old.leases,
+        });
     }
     if let Ok(old) = postcard::from_bytes::<StateWithoutLeases>(data) {
         return Some(State {
             last_applied: old.last_applied,
-            membership: old.membership,
+            membership: stored_membership_from_v1(old.membership),
             high_water_ms: old.high_water_ms,
             sequences: old.sequences,
             ..State::default()
@@ -153,7 +207,7 @@ fn decode_state(data: &[u8]) -> Option<State> {
     let old: StateWithoutSequences = postcard::from_bytes(data).ok()?;
     Some(State {
         last_applied: old.last_applied,
-        membership: old.membership,
+        membership: stored_membership_from_v1(old.membership),
         high_water_ms: old.high_water_ms,
         ..State::default()
     })
@@ -200,7 +254,7 @@ impl Inner {
         snapshot: StoredSnapshot,
         state: State,
     ) -> Result<(), Box<StorageError>> {
-        let bytes = postcard::to_stdvec(&snapshot).expect("a snapshot always encodes");
+        let bytes = encode_marked(&snapshot);
         self.file.rewrite(&[bytes]).map_err(|e| {
             Box::new(StorageIOError::write_snapshot(Some(snapshot.meta.signature()), &e).into())
         })?;
@@ -222,7 +276,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
         let mut inner = self.lock();
         inner.built_count += 1;
         let state = inner.state.clone();
-        let data = postcard::to_stdvec(&state).expect("the state always encodes");
+        let data = encode_marked(&state);
         let snapshot_id = match state.last_applied {
             Some(l) => format!("{}-{}-{}", l.leader_id, l.index, inner.built_count),
             None => format!("none-{}", inner.built_count),

@@ -2,7 +2,7 @@
 
 use openraft::storage::{RaftLogStorage, RaftLogStorageExt, RaftStateMachine};
 use openraft::testing::{StoreBuilder, Suite};
-use openraft::{CommittedLeaderId, EntryPayload, RaftSnapshotBuilder};
+use openraft::{CommittedLeaderId, EntryPayload, RaftLogReader, RaftSnapshotBuilder};
 use tempfile::TempDir;
 
 use super::log_store::{LOG_FILE, LogStore};
@@ -148,7 +148,7 @@ fn a_snapshot_from_before_sequences_opens_without_counters() {
     #[derive(serde::Serialize)]
     struct OldState {
         last_applied: Option<LogId>,
-        membership: super::types::StoredMembership,
+        membership: super::types::StoredMembershipV1,
         high_water_ms: u64,
     }
     let old = OldState {
@@ -159,4 +159,138 @@ fn a_snapshot_from_before_sequences_opens_without_counters() {
     let data = postcard::to_stdvec(&old).unwrap();
     let state = super::state_machine::decode_state_for_tests(&data).expect("old layout decodes");
     assert_eq!(state, (Some(log_id(2, 7)), 1_234, 0));
+}
+
+fn members_v1() -> openraft::Membership<u64, super::types::NodeAddrsV1> {
+    let nodes: std::collections::BTreeMap<u64, super::types::NodeAddrsV1> = (1..=3)
+        .map(|id| {
+            let addrs = super::types::NodeAddrsV1 {
+                client_addr: format!("10.0.0.{id}:7001"),
+                peer_addr: format!("10.0.0.{id}:7101"),
+            };
+            (id, addrs)
+        })
+        .collect();
+    openraft::Membership::new(vec![[1, 2].into_iter().collect()], nodes)
+}
+
+fn check_members_from_v1(m: &openraft::Membership<u64, super::NodeAddrs>) {
+    let voters: Vec<u64> = m.voter_ids().collect();
+    let learners: Vec<u64> = m.learner_ids().collect();
+    assert_eq!((voters, learners), (vec![1, 2], vec![3]));
+    let n3 = m.get_node(&3).expect("node 3 kept");
+    assert_eq!(n3.client_addr, "10.0.0.3:7001");
+    assert_eq!(n3.peer_addr, "10.0.0.3:7101");
+    assert_eq!(
+        n3.admin_addr, "",
+        "an old member's admin address is unknown"
+    );
+}
+
+/// A log written before admin addresses (entries of the old member layout under the old
+/// record variant) opens, with its membership intact and admin addresses unknown; entries
+/// appended after it use the new layout, and both survive a reopen.
+#[tokio::test]
+async fn a_log_from_before_admin_addresses_opens() {
+    #[derive(serde::Serialize)]
+    enum OldRecord {
+        Vote(Vote),
+        Entry(super::types::EntryV1),
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let old = [
+        OldRecord::Vote(Vote::new_committed(1, 1)),
+        OldRecord::Entry(super::types::EntryV1 {
+            log_id: log_id(1, 1),
+            payload: EntryPayload::Membership(members_v1()),
+        }),
+        OldRecord::Entry(super::types::EntryV1 {
+            log_id: log_id(1, 2),
+            payload: EntryPayload::Normal(Command::AdvanceHighWater { at_least_ms: 77 }),
+        }),
+    ];
+    let payloads: Vec<Vec<u8>> = old
+        .iter()
+        .map(|r| postcard::to_stdvec(r).unwrap())
+        .collect();
+    let (mut file, _) = super::record_file::RecordFile::open(&dir.path().join(LOG_FILE)).unwrap();
+    file.append(&payloads).unwrap();
+    drop(file);
+    for round in 0..2 {
+        let mut log = LogStore::open(dir.path()).expect("old log opens");
+        let entries = log.try_get_log_entries(1..=3).await.unwrap();
+        assert_eq!(entries.len(), 2 + round, "round {round}");
+        let EntryPayload::Membership(m) = &entries[0].payload else {
+            panic!("entry 1 is not the membership: {:?}", entries[0]);
+        };
+        check_members_from_v1(m);
+        assert!(matches!(
+            entries[1].payload,
+            EntryPayload::Normal(Command::AdvanceHighWater { at_least_ms: 77 })
+        ));
+        if round == 0 {
+            append(&mut log, vec![advance(1, 3, 88)]).await;
+        }
+    }
+}
+
+/// A snapshot file written before admin addresses opens, with its membership and state; the
+/// next snapshot is written in the new layout and opens too.
+#[tokio::test]
+async fn a_snapshot_from_before_admin_addresses_opens() {
+    #[derive(serde::Serialize)]
+    struct OldState {
+        last_applied: Option<LogId>,
+        membership: super::types::StoredMembershipV1,
+        high_water_ms: u64,
+        sequences: std::collections::BTreeMap<String, u64>,
+        lease_term: u64,
+        leases: Vec<u8>,
+    }
+    #[derive(serde::Serialize)]
+    struct OldStoredSnapshot {
+        meta: super::types::SnapshotMetaV1,
+        data: Vec<u8>,
+    }
+    let membership = super::types::StoredMembershipV1::new(Some(log_id(1, 1)), members_v1());
+    let state = OldState {
+        last_applied: Some(log_id(1, 9)),
+        membership: membership.clone(),
+        high_water_ms: 4_321,
+        sequences: [("k".to_owned(), 5)].into_iter().collect(),
+        lease_term: 1,
+        leases: vec![1, 2, 3],
+    };
+    let stored = OldStoredSnapshot {
+        meta: super::types::SnapshotMetaV1 {
+            last_log_id: Some(log_id(1, 9)),
+            last_membership: membership,
+            snapshot_id: "old".to_owned(),
+        },
+        data: postcard::to_stdvec(&state).unwrap(),
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(super::state_machine::SNAPSHOT_FILE);
+    let (mut file, _) = super::record_file::RecordFile::open(&path).unwrap();
+    file.rewrite(&[postcard::to_stdvec(&stored).unwrap()])
+        .unwrap();
+    drop(file);
+    for round in 0..2 {
+        let mut sm = StateMachine::open(dir.path()).expect("old snapshot opens");
+        let (applied, members) = sm.applied_state().await.unwrap();
+        assert_eq!(applied, Some(log_id(1, 9)), "round {round}");
+        check_members_from_v1(members.membership());
+        assert_eq!(sm.high_water_ms(), 4_321);
+        assert_eq!(sm.sequences().get("k"), Some(&5));
+        assert_eq!(sm.leases(), (1, vec![1, 2, 3]));
+        let current = sm
+            .get_current_snapshot()
+            .await
+            .unwrap()
+            .expect("a snapshot");
+        check_members_from_v1(current.meta.last_membership.membership());
+        if round == 0 {
+            sm.build_snapshot().await.expect("a new-layout snapshot");
+        }
+    }
 }
