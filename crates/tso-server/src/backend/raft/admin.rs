@@ -276,9 +276,12 @@ fn members_of(m: &Metrics) -> pb::ListMembersResponse {
                 .flatten(),
         })
         .collect();
+    // A leader removed by a change keeps its vote (so openraft still names it) but has
+    // stepped down: it leads nothing.
+    let leader_id = m.current_leader.filter(|l| *l != m.id || leads);
     pb::ListMembersResponse {
         members,
-        leader_id: m.current_leader,
+        leader_id,
         term: m.current_term,
         node_id: m.id,
         joint: membership.get_joint_config().len() > 1,
