@@ -283,7 +283,11 @@ async fn a_dead_node_is_replaced_while_a_client_runs() {
     admin_ok(&any, &["remove", "3"]);
     let view = parse_members(&admin_ok(&any, &["members"]));
     assert_eq!(view.voters, BTreeSet::from([1, 2, 4]));
-    assert!(view.learners.is_empty(), "learners left: {:?}", view.learners);
+    assert!(
+        view.learners.is_empty(),
+        "learners left: {:?}",
+        view.learners
+    );
     load.progresses(20, "after the replacement").await;
 
     // The new cluster keeps serving without its leader (2 of 3), unless the leader is node 4,
@@ -291,11 +295,15 @@ async fn a_dead_node_is_replaced_while_a_client_runs() {
     let leader = view.leader.expect("a leader");
     let victim = if leader == 4 { 1 } else { leader };
     servers[victim as usize - 1].take().unwrap().kill9();
-    load.progresses(20, "after losing a node of the new cluster").await;
+    load.progresses(20, "after losing a node of the new cluster")
+        .await;
     let only_4 = tso_client::Client::connect([nodes[3].client()])
         .await
         .unwrap();
-    let ts = only_4.get_ts().await.expect("a client of node 4 alone finds the leader");
+    let ts = only_4
+        .get_ts()
+        .await
+        .expect("a client of node 4 alone finds the leader");
     assert!(u64::from(ts) > 0);
     load.finish().await;
 }
@@ -317,10 +325,15 @@ async fn changes_redirect_are_idempotent_and_refuse_to_lose_quorum() {
     let follower = (1..=3).find(|id| *id != leader).unwrap();
     let on_follower = nodes[follower as usize - 1].admin();
 
-    servers.push(Some(start(dir.path(), &nodes[3], &["--join"])));
+    // A joined node restarts without --join, before and after it is added.
+    start(dir.path(), &nodes[3], &["--join"]).kill9();
+    servers.push(Some(start(dir.path(), &nodes[3], &[])));
     let (ok, out, err) = admin(&on_follower, &["add-learner", "4", &nodes[3].addrs()]);
     assert!(ok, "{out}{err}");
-    assert!(err.contains("following to the leader"), "no redirect: {err}");
+    assert!(
+        err.contains("following to the leader"),
+        "no redirect: {err}"
+    );
     assert!(out.contains("added node 4 as a learner"), "{out}");
     let again = admin_ok(&on_follower, &["add-learner", "4", &nodes[3].addrs()]);
     assert!(again.contains("nothing to change"), "{again}");
@@ -331,9 +344,19 @@ async fn changes_redirect_are_idempotent_and_refuse_to_lose_quorum() {
     assert!(!ok && err.contains("not a learner"), "{err}");
     let gone = admin_ok(&on_follower, &["remove", "7"]);
     assert!(gone.contains("not a member"), "{gone}");
+    servers[3].take().unwrap().kill9();
+    servers[3] = Some(start(dir.path(), &nodes[3], &[]));
     admin_ok(&on_follower, &["promote", "4"]);
     let again = admin_ok(&on_follower, &["promote", "4"]);
     assert!(again.contains("nothing to change"), "{again}");
+
+    // A learner that never caught up (nothing runs at its addresses) is not promoted; as a
+    // learner it is removed without a quorum check.
+    let nowhere = format!("127.0.0.1:{}/{}", free_port(), free_port());
+    admin_ok(&on_follower, &["add-learner", "5", &nowhere]);
+    let (ok, _, err) = admin(&on_follower, &["promote", "5"]);
+    assert!(!ok && err.contains("learner 5"), "{err}");
+    admin_ok(&on_follower, &["remove", "5"]);
 
     // Removing the leader: it steps down once the change commits, the rest elect.
     let survivor = nodes[follower as usize - 1].admin();
@@ -356,23 +379,35 @@ async fn changes_redirect_are_idempotent_and_refuse_to_lose_quorum() {
         .get_ts()
         .await;
     assert!(ts.is_err(), "the removed leader still grants: {ts:?}");
-    let ts = tso_client::Client::connect(view.voters.iter().map(|id| nodes[*id as usize - 1].client()))
-        .await
-        .unwrap()
-        .get_ts()
-        .await;
+    let ts = tso_client::Client::connect(
+        view.voters
+            .iter()
+            .map(|id| nodes[*id as usize - 1].client()),
+    )
+    .await
+    .unwrap()
+    .get_ts()
+    .await;
     assert!(ts.is_ok(), "the rest serve: {ts:?}");
 
     // One of the three voters dies: removing a live follower would leave one healthy voter
     // of two, and is refused.
     let new_leader = view.leader.unwrap();
-    let followers: Vec<u64> = view.voters.iter().copied().filter(|id| *id != new_leader).collect();
+    let followers: Vec<u64> = view
+        .voters
+        .iter()
+        .copied()
+        .filter(|id| *id != new_leader)
+        .collect();
     servers[followers[0] as usize - 1].take().unwrap().kill9();
     let on_leader = nodes[new_leader as usize - 1].admin();
     let (ok, _, err) = admin(&on_leader, &["remove", &followers[1].to_string()]);
     assert!(!ok && err.contains("healthy"), "{err}");
     let view = parse_members(&admin_ok(&on_leader, &["members"]));
-    assert!(view.voters.contains(&followers[1]), "the refused removal happened");
+    assert!(
+        view.voters.contains(&followers[1]),
+        "the refused removal happened"
+    );
 }
 
 /// A one-node cluster: its only voter cannot be removed; an unknown endpoint is a clear error.
@@ -385,5 +420,24 @@ async fn the_last_voter_is_never_removed() {
     let (ok, _, err) = admin(&node.admin(), &["remove", "1"]);
     assert!(!ok && err.contains("last voter"), "{err}");
     let (ok, _, err) = admin(&format!("127.0.0.1:{}", free_port()), &["members"]);
-    assert!(!ok && err.contains("cannot reach the admin service"), "{err}");
+    assert!(
+        !ok && err.contains("cannot reach the admin service"),
+        "{err}"
+    );
+    // A fresh node with neither --members nor --join does not start.
+    let other = Node::new(2);
+    let (status, _, err) = run_tso(&[
+        "serve",
+        "--backend",
+        "raft",
+        "--node-id",
+        "2",
+        "--listen",
+        &other.client(),
+        "--peer-addr",
+        &format!("127.0.0.1:{}", other.peer_port),
+        "--data-dir",
+        dir.path().join("fresh").to_str().unwrap(),
+    ]);
+    assert!(!status.success() && err.contains("--join"), "{err}");
 }

@@ -196,7 +196,7 @@ pub enum RaftOpenError {
     },
     #[error(
         "data directory {0} is fresh: the first start of a node needs the initial members \
-         (the same list on every node), or `join` to wait to be added to a running cluster"
+         (the same list on every node), or to join a running cluster (`tso serve --join`)"
     )]
     NoMembers(PathBuf),
     #[error(
