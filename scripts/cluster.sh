@@ -7,20 +7,22 @@
 #   scripts/cluster.sh stop      SIGTERM every node
 #
 # Clients: tso get --endpoints 127.0.0.1:7001,127.0.0.1:7002,127.0.0.1:7003
-# Ports: node N serves clients on 700N and peers on 710N (override TSO_CLIENT_BASE/TSO_PEER_BASE).
+# Ports: node N serves clients on 700N, peers on 710N and admin on 720N (override
+# TSO_CLIENT_BASE/TSO_PEER_BASE/TSO_ADMIN_BASE). Members: tso admin members --endpoint 127.0.0.1:7201
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 dir=${TSO_CLUSTER_DIR:-./tso-cluster}
 client_base=${TSO_CLIENT_BASE:-7000}
 peer_base=${TSO_PEER_BASE:-7100}
+admin_base=${TSO_ADMIN_BASE:-7200}
 bin=${TSO_BIN:-./target/debug/tso}
 nodes=(1 2 3)
 
 members() {
     local list=() n
     for n in "${nodes[@]}"; do
-        list+=("$n=127.0.0.1:$((client_base + n))/$((peer_base + n))")
+        list+=("$n=127.0.0.1:$((client_base + n))/$((peer_base + n))/$((admin_base + n))")
     done
     local IFS=,
     echo "${list[*]}"
@@ -41,6 +43,7 @@ start_node() {
     "$bin" serve --backend raft --node-id "$n" \
         --listen "127.0.0.1:$((client_base + n))" \
         --peer-addr "127.0.0.1:$((peer_base + n))" \
+        --admin-listen "127.0.0.1:$((admin_base + n))" \
         --members "$(members)" \
         --data-dir "$dir/node-$n" \
         >>"$dir/node-$n.log" 2>&1 &
