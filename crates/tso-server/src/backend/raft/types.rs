@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 /// *advertised* forms, `host:port`.
 ///
 /// postcard is not self-describing, so this layout is told apart from the older one
-/// ([`NodeAddrsV1`], without the admin address) by the container that holds it: a log record
+/// (`NodeAddrsV1`, without the admin address) by the container that holds it: a log record
 /// variant of its own, a version mark in front of snapshots (see `log_store.rs` and
 /// `state_machine.rs`). A new field needs the same treatment again.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
