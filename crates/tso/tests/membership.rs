@@ -185,6 +185,17 @@ fn wait_view(endpoint: &str, what: &str, done: impl Fn(&View) -> bool) -> View {
     }
 }
 
+/// A client that keeps retrying (through an election and the new leader's fence) up to the
+/// hang guard, for checks that one call eventually succeeds.
+async fn patient_client(endpoints: impl IntoIterator<Item = String>) -> tso_client::Client {
+    tso_client::Client::builder()
+        .overall_timeout(HANG_GUARD)
+        .attempts_max(1_000)
+        .connect(endpoints)
+        .await
+        .unwrap()
+}
+
 /// A client asking for one timestamp after another, checking each is above the one before.
 struct Load {
     granted: Arc<AtomicU64>,
@@ -297,9 +308,7 @@ async fn a_dead_node_is_replaced_while_a_client_runs() {
     servers[victim as usize - 1].take().unwrap().kill9();
     load.progresses(20, "after losing a node of the new cluster")
         .await;
-    let only_4 = tso_client::Client::connect([nodes[3].client()])
-        .await
-        .unwrap();
+    let only_4 = patient_client([nodes[3].client()]).await;
     let ts = only_4
         .get_ts()
         .await
@@ -379,15 +388,11 @@ async fn changes_redirect_are_idempotent_and_refuse_to_lose_quorum() {
         .get_ts()
         .await;
     assert!(ts.is_err(), "the removed leader still grants: {ts:?}");
-    let ts = tso_client::Client::connect(
-        view.voters
-            .iter()
-            .map(|id| nodes[*id as usize - 1].client()),
-    )
-    .await
-    .unwrap()
-    .get_ts()
-    .await;
+    let voters = view
+        .voters
+        .iter()
+        .map(|id| nodes[*id as usize - 1].client());
+    let ts = patient_client(voters).await.get_ts().await;
     assert!(ts.is_ok(), "the rest serve: {ts:?}");
 
     // One of the three voters dies: removing a live follower would leave one healthy voter
