@@ -72,6 +72,13 @@ pub fn raft_config(args: &ServeArgs) -> anyhow::Result<(RaftConfig, SocketAddr)>
     if let Some(own) = members.get(&node_id) {
         check_advertised("client", &c.advertise_client_addr, &own.client_addr)?;
         check_advertised("peer", &c.advertise_peer_addr, &own.peer_addr)?;
+        if !own.admin_addr.is_empty() && c.admin_listen.is_none() {
+            tracing::warn!(
+                admin_addr = %own.admin_addr,
+                "this node's entry in --members names an admin address, but --admin-listen is not \
+                 given: `tso admin` redirects to it will fail"
+            );
+        }
     } else if !members.is_empty() {
         bail!(
             "node {node_id} is not in --members (ids {:?}); add it, with the same list on every node",
