@@ -53,6 +53,8 @@ pub struct ServeArgs {
     pub backend: BackendKind,
     #[command(flatten)]
     pub cluster: ClusterArgs,
+    #[command(flatten)]
+    pub tls: crate::tls::ServeTlsArgs,
     /// Data directory (created if missing; locked while the server runs).
     #[arg(long, default_value = "./tso-data", env = "TSO_DATA_DIR")]
     pub data_dir: PathBuf,
@@ -183,6 +185,8 @@ pub struct GetArgs {
         env = "TSO_ENDPOINTS"
     )]
     pub endpoints: Vec<String>,
+    #[command(flatten)]
+    pub tls: crate::tls::ClientTlsArgs,
     /// Print physical ms, logical and epoch beside each timestamp.
     #[arg(long, short)]
     pub verbose: bool,
@@ -211,6 +215,8 @@ pub struct SeqArgs {
         env = "TSO_ENDPOINTS"
     )]
     pub endpoints: Vec<String>,
+    #[command(flatten)]
+    pub tls: crate::tls::ClientTlsArgs,
     /// Give up after this long (a call already sent is then reported as uncertain).
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub timeout: Duration,
@@ -231,6 +237,8 @@ pub struct CallArgs {
         env = "TSO_ENDPOINTS"
     )]
     pub endpoints: Vec<String>,
+    #[command(flatten)]
+    pub tls: crate::tls::ClientTlsArgs,
     /// Give up after this long.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub timeout: Duration,
@@ -323,6 +331,8 @@ pub struct BenchArgs {
         env = "TSO_ENDPOINTS"
     )]
     pub endpoints: Vec<String>,
+    #[command(flatten)]
+    pub tls: crate::tls::ClientTlsArgs,
     /// Start a `tso serve` of this binary on a temporary directory and a free port, and bench it.
     #[arg(long)]
     pub spawn: bool,
@@ -376,9 +386,12 @@ pub struct CheckArgs {
     #[arg(long, default_value_t = 1)]
     pub nodes: usize,
     /// Attach to these endpoints instead of starting a cluster: load and history checks only,
-    /// no faults.
+    /// no faults. The TLS flags apply only here: a cluster the checker starts itself runs
+    /// without TLS.
     #[arg(long, value_delimiter = ',')]
     pub endpoints: Vec<String>,
+    #[command(flatten)]
+    pub tls: crate::tls::ClientTlsArgs,
     /// Concurrent clients, each making one call at a time over its own connection (clients
     /// share connections past 64). Against several nodes, one client per node is pinned to it
     /// (raw RPCs to that node only) as long as one is left to follow the leader.

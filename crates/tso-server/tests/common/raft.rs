@@ -95,6 +95,7 @@ pub async fn start_cluster_with(
             timings,
             snapshot,
             links: links.clone(),
+            peer_tls: None,
         };
         nodes.push(start_node(config, listener).await);
     }
@@ -220,6 +221,7 @@ pub async fn restart_node_with(
         timings: test_timings(),
         snapshot,
         links: links.clone(),
+        peer_tls: None,
     };
     start_node(config, listener).await
 }
