@@ -82,7 +82,9 @@ impl ClientTls {
         self
     }
 
-    fn to_tonic(&self) -> ClientTlsConfig {
+    /// The same TLS as tonic takes it, for callers that dial raw gRPC channels beside the
+    /// client.
+    pub fn tonic_config(&self) -> ClientTlsConfig {
         tso_proto::tls::install_crypto_provider();
         let config = ClientTlsConfig::new()
             .ca_certificate(self.ca.to_tonic())
@@ -226,7 +228,7 @@ impl ClientBuilder {
         }
         Ok(Config {
             endpoints,
-            tls: self.tls.as_ref().map(ClientTls::to_tonic),
+            tls: self.tls.as_ref().map(ClientTls::tonic_config),
             attempt_timeout: self.attempt_timeout,
             overall_timeout: self.overall_timeout,
             attempts_max: self.attempts_max,
@@ -283,5 +285,25 @@ mod tests {
             .queued_callers_max(0)
             .validate(["a:1"]);
         assert!(no_queue.is_err());
+    }
+
+    #[test]
+    fn https_needs_tls_and_tls_makes_scheme_less_endpoints_https() {
+        let no_ca = ClientBuilder::default().validate(["https://a:1"]);
+        assert!(
+            matches!(&no_ca, Err(Error::InvalidEndpoint { reason, .. }) if reason.contains("CA")),
+            "{no_ca:?}"
+        );
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca = CaCertificates::from_pem(params.self_signed(&key).unwrap().pem()).unwrap();
+        let config = ClientBuilder::default()
+            .tls(ClientTls::new(ca))
+            .validate(["a:1", "https://b:2", "http://c:3"])
+            .unwrap();
+        let uris: Vec<_> = config.endpoints.iter().map(Target::uri).collect();
+        assert_eq!(uris, ["https://a:1", "https://b:2", "http://c:3"]);
+        assert!(config.tls.is_some());
     }
 }

@@ -333,7 +333,8 @@ pub struct BenchArgs {
     pub endpoints: Vec<String>,
     #[command(flatten)]
     pub tls: crate::tls::ClientTlsArgs,
-    /// Start a `tso serve` of this binary on a temporary directory and a free port, and bench it.
+    /// Start a `tso serve` of this binary on a temporary directory and a free port, and bench it
+    /// (without TLS: the TLS flags apply to --endpoints only).
     #[arg(long)]
     pub spawn: bool,
     /// Concurrent callers; each waits for its reply before its next call.

@@ -489,3 +489,69 @@ fn bad_tls_files_fail_at_start_naming_the_flag_and_the_path() {
     let (ok, _, err) = tso(&["serve", "--tls-key", s(&good.key)]);
     assert!(!ok && err.contains("--tls-cert"), "{err}");
 }
+
+/// `tso bench` (raw RPCs, streams, the library) and `tso check` attached to a server that
+/// requires client certificates, with the CLI's TLS flags.
+#[test]
+fn bench_and_check_attach_over_mutual_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("CA");
+    let server_files = ca.write_leaf(dir.path(), "server");
+    let client_files = ca.write_leaf(dir.path(), "client");
+    let server = Server::start(
+        &dir.path().join("data"),
+        &[
+            "--tls-cert",
+            s(&server_files.cert),
+            "--tls-key",
+            s(&server_files.key),
+            "--tls-client-ca",
+            s(&server_files.ca),
+        ],
+    );
+    let tls = [
+        "--tls-ca",
+        s(&client_files.ca),
+        "--tls-cert",
+        s(&client_files.cert),
+        "--tls-key",
+        s(&client_files.key),
+    ];
+    for mode in ["raw", "stream", "library"] {
+        let mut args = vec!["bench", "--json", "--callers", "2", "--mode", mode];
+        args.extend(["--duration", "300ms", "--warmup", "0s"]);
+        args.extend(["--endpoints", &server.addr]);
+        args.extend(tls);
+        let (ok, out, err) = tso(&args);
+        assert!(ok, "bench --mode {mode}: {err}\n{out}");
+        let report: serde_json::Value = serde_json::from_str(out.trim()).expect("one JSON object");
+        assert!(report["calls"].as_u64().unwrap() > 0, "{report:#}");
+        assert_eq!(report["check"]["ok"], true, "{report:#}");
+    }
+    let out = dir.path().join("check.json");
+    let mut args = vec!["check", "--clients", "2", "--duration", "1s"];
+    args.extend(["--endpoints", &server.addr, "--out", s(&out)]);
+    args.extend(tls);
+    let (ok, stdout, err) = tso(&args);
+    assert!(ok, "check: {err}\n{stdout}");
+    // Without the client certificate not one call succeeds.
+    let (ok, out, err) = tso(&[
+        "bench",
+        "--json",
+        "--duration",
+        "300ms",
+        "--warmup",
+        "0s",
+        "--endpoints",
+        &server.addr,
+        "--tls-ca",
+        s(&client_files.ca),
+    ]);
+    assert!(ok, "bench: {err}");
+    let report: serde_json::Value = serde_json::from_str(out.trim()).expect("one JSON object");
+    assert_eq!(report["calls"], 0, "{report:#}");
+    assert!(
+        report["errors"].as_object().is_some_and(|e| !e.is_empty()),
+        "{report:#}"
+    );
+}
