@@ -314,8 +314,7 @@ async fn a_tls_cluster_serves_clients_with_the_right_certificates_only() {
     let no_ca = Client::builder()
         .connect([format!("https://{endpoint}")])
         .await
-        .err()
-        .expect("https without a CA accepted");
+        .expect_err("https without a CA accepted");
     assert!(no_ca.to_string().contains("CA certificate"), "{no_ca}");
 }
 
