@@ -125,7 +125,7 @@ pub fn unreachable_hint(tls: &ClientTlsArgs, error: &tso_client::Error) -> &'sta
          name the host dialed (a DNS or IP subject alternative name)"
     } else if tls_on && text.contains("InvalidContentType") {
         "TLS: the server does not speak TLS: drop --tls-ca, or give an http:// endpoint"
-    } else if tls_on && (text.contains("alert") || text.contains("connection closed")) {
+    } else if tls_on && closed_after_handshake(&text) {
         if tls.tls_cert.is_some() {
             "TLS: the server closed the connection after the handshake: it refused this client's \
              certificate (it must be signed by the server's --tls-client-ca)"
@@ -133,12 +133,27 @@ pub fn unreachable_hint(tls: &ClientTlsArgs, error: &tso_client::Error) -> &'sta
             "TLS: the server closed the connection after the handshake: if it requires client \
              certificates (--tls-client-ca), give --tls-cert and --tls-key"
         }
-    } else if !tls_on && text.contains("FRAME_SIZE_ERROR") {
-        "the server answered with something other than plaintext HTTP/2: if it serves TLS, \
-         give --tls-ca FILE"
-    } else {
+    } else if tls_on {
         "is a server running there? (start one with `tso serve`)"
+    } else {
+        // A plaintext client to a TLS port fails in several ways (a frame size error, a broken
+        // pipe, a reset), none of which says TLS.
+        "is a server running there? (start one with `tso serve`; a server with TLS needs \
+         --tls-ca FILE)"
     }
+}
+
+/// A server that refuses a client certificate sends an alert and closes; the client sees the
+/// alert, or (when it was writing) a closed stream, a broken pipe or a reset.
+fn closed_after_handshake(text: &str) -> bool {
+    [
+        "fatal alert",
+        "connection closed",
+        "broken pipe",
+        "connection reset",
+    ]
+    .iter()
+    .any(|sign| text.contains(sign))
 }
 
 /// Refuses to start a listener on `addr` that other machines can reach (any address but
@@ -213,6 +228,49 @@ mod tests {
                 "{err}"
             );
         }
+    }
+
+    #[test]
+    fn tls_failures_get_a_tls_hint() {
+        let unavailable = |last: &str| tso_client::Error::Unavailable {
+            attempts: 8,
+            last: last.into(),
+        };
+        let plain = ClientTlsArgs::default();
+        let with_ca = ClientTlsArgs {
+            tls_ca: Some("ca.pem".into()),
+            ..ClientTlsArgs::default()
+        };
+        let with_cert = ClientTlsArgs {
+            tls_cert: Some("c.pem".into()),
+            tls_key: Some("c.key".into()),
+            ..with_ca.clone()
+        };
+        let hint = unreachable_hint(
+            &with_ca,
+            &unavailable("invalid peer certificate: UnknownIssuer"),
+        );
+        assert!(hint.contains("--tls-ca"), "{hint}");
+        for closed in [
+            "received fatal alert: CertificateRequired",
+            "hyper::Error(Canceled, \"connection closed\")",
+            "stream closed because of a broken pipe",
+        ] {
+            let hint = unreachable_hint(&with_ca, &unavailable(closed));
+            assert!(
+                hint.contains("give --tls-cert and --tls-key"),
+                "{closed}: {hint}"
+            );
+            let hint = unreachable_hint(&with_cert, &unavailable(closed));
+            assert!(
+                hint.contains("refused this client's certificate"),
+                "{closed}: {hint}"
+            );
+        }
+        let hint = unreachable_hint(&with_ca, &unavailable("tcp connect error: refused"));
+        assert!(hint.starts_with("is a server running there?"), "{hint}");
+        let hint = unreachable_hint(&plain, &unavailable("broken pipe"));
+        assert!(hint.contains("a server with TLS needs --tls-ca"), "{hint}");
     }
 
     #[test]

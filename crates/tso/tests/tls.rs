@@ -258,6 +258,12 @@ async fn a_tls_cluster_serves_clients_with_the_right_certificates_only() {
     let first = client.get_ts().await.expect("timestamps over TLS");
     let batch = client.get_ts_batch(100).await.unwrap();
     assert!(batch.first() > first);
+    // Sequence and lease calls take their own channels: TLS there too.
+    client
+        .get_seq("tls-test", 2)
+        .await
+        .expect("a sequence block over TLS");
+    client.safe_frontier().await.expect("the frontier over TLS");
 
     // The CLI, likewise through the follower.
     let (ok, out, err) = tso(&[
@@ -287,7 +293,10 @@ async fn a_tls_cluster_serves_clients_with_the_right_certificates_only() {
     };
     // Plaintext against a TLS port.
     let err = refused(&[]);
-    assert!(err.contains("give --tls-ca"), "{err}");
+    assert!(
+        err.contains("a server with TLS needs --tls-ca FILE"),
+        "{err}"
+    );
     // A CA of another authority: the server's certificate is refused by the client.
     let other = Ca::new("another CA");
     let other_files = other.write_leaf(dir.path(), "stranger");
