@@ -188,8 +188,8 @@ impl ClientBuilder {
     }
 
     /// Validates the options and starts a client over `endpoints` (`host:port`, or with an
-    /// `http://` or `https://` scheme). Dials lazily: the first call connects. Must run inside a tokio
-    /// runtime, which hosts the client's background task.
+    /// `http://` or `https://` scheme). Dials lazily: the first call connects. Must run inside a
+    /// tokio runtime, which hosts the client's background task.
     pub async fn connect<I, S>(self, endpoints: I) -> Result<Client>
     where
         I: IntoIterator<Item = S>,

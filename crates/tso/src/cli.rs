@@ -176,8 +176,8 @@ pub struct GetArgs {
     /// How many timestamps.
     #[arg(short = 'n', long = "count", default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
     pub count: u64,
-    /// Server addresses, comma-separated (`host:port` or `http://host:port`); the leader is
-    /// found through hints.
+    /// Server addresses, comma-separated (`host:port`, `http://host:port` or
+    /// `https://host:port`); the leader is found through hints.
     #[arg(
         long,
         value_delimiter = ',',
@@ -206,8 +206,8 @@ pub struct SeqArgs {
     /// How many values per key (1 to 65536).
     #[arg(short = 'n', long = "count", default_value_t = 1)]
     pub count: u32,
-    /// Server addresses, comma-separated (`host:port` or `http://host:port`); the leader is
-    /// found through hints.
+    /// Server addresses, comma-separated (`host:port`, `http://host:port` or
+    /// `https://host:port`); the leader is found through hints.
     #[arg(
         long,
         value_delimiter = ',',
@@ -228,8 +228,8 @@ pub struct SeqArgs {
 /// Flags of the commands that make one call through the client library.
 #[derive(Debug, Args)]
 pub struct CallArgs {
-    /// Server addresses, comma-separated (`host:port` or `http://host:port`); the leader is
-    /// found through hints.
+    /// Server addresses, comma-separated (`host:port`, `http://host:port` or
+    /// `https://host:port`); the leader is found through hints.
     #[arg(
         long,
         value_delimiter = ',',
@@ -322,8 +322,8 @@ fn parse_ttl(raw: &str) -> Result<Duration, String> {
 
 #[derive(Debug, Args)]
 pub struct BenchArgs {
-    /// Server addresses, comma-separated (`host:port` or `http://host:port`); the leader is
-    /// found through hints. Ignored with `--spawn`.
+    /// Server addresses, comma-separated (`host:port`, `http://host:port` or
+    /// `https://host:port`); the leader is found through hints. Ignored with `--spawn`.
     #[arg(
         long,
         value_delimiter = ',',

@@ -182,7 +182,10 @@ async fn serve_raft(args: ServeArgs, probes: &ProbeState) -> anyhow::Result<()> 
         clock(&args),
     );
     probes.follow(guard.serving(), backend.clone());
-    tracing::info!(%addr, node_id, peers = %peer_listen, client_tls, peer_tls, data_dir = %args.data_dir.display(), "serving");
+    tracing::info!(
+        %addr, node_id, peers = %peer_listen, client_tls, peer_tls,
+        data_dir = %args.data_dir.display(), "serving"
+    );
     println!("serving on {addr}");
     let served = serve_listener_tls(listener, guard, tls, stop_requested(probes)).await;
     let _ = stop_peers.send(());
