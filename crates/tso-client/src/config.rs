@@ -5,6 +5,9 @@
 
 use std::time::Duration;
 
+use tonic::transport::ClientTlsConfig;
+use tso_proto::tls::{CaCertificates, TlsIdentity};
+
 use crate::endpoint::{Scheme, Target, parse_address};
 use crate::{Client, Error, Result};
 
@@ -54,10 +57,52 @@ pub(crate) const REDIRECTS_PER_CALL_MAX: u32 = 8;
 /// handful of nodes; the cap keeps a stream of bogus hints from growing the map.
 pub(crate) const CHANNELS_MAX: usize = 64;
 
+/// How long a TLS handshake may take. It is part of connecting, so the per-attempt deadline
+/// bounds it too; this only stops a server that accepts and never answers from holding a
+/// connection attempt past it.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// TLS for `https://` endpoints: the CA that server certificates must chain to (no system
+/// roots are used), and for mutual TLS the client's own certificate and key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClientTls {
+    ca: CaCertificates,
+    identity: Option<TlsIdentity>,
+}
+
+impl ClientTls {
+    /// Trust servers whose certificate `ca` signed.
+    pub fn new(ca: CaCertificates) -> Self {
+        Self { ca, identity: None }
+    }
+
+    /// Present `identity` to servers that require client certificates (mutual TLS).
+    pub fn identity(mut self, identity: TlsIdentity) -> Self {
+        self.identity = Some(identity);
+        self
+    }
+
+    /// The same TLS as tonic takes it, for callers that dial raw gRPC channels beside the
+    /// client.
+    pub fn tonic_config(&self) -> ClientTlsConfig {
+        tso_proto::tls::install_crypto_provider();
+        let config = ClientTlsConfig::new()
+            .ca_certificate(self.ca.to_tonic())
+            .timeout(TLS_HANDSHAKE_TIMEOUT);
+        match &self.identity {
+            Some(identity) => config.identity(identity.to_tonic()),
+            None => config,
+        }
+    }
+}
+
 /// Validated options shared by every part of the client.
 #[derive(Clone, Debug)]
 pub(crate) struct Config {
     pub(crate) endpoints: Vec<Target>,
+    /// Used for every `https` target, configured or hinted; `None` when no TLS is configured
+    /// (then no target is `https`, except a hint, which then cannot connect).
+    pub(crate) tls: Option<ClientTlsConfig>,
     pub(crate) attempt_timeout: Duration,
     pub(crate) overall_timeout: Duration,
     pub(crate) attempts_max: u32,
@@ -77,6 +122,7 @@ pub struct ClientBuilder {
     backoff_cap: Duration,
     queued_callers_max: usize,
     in_flight_rpcs_max: usize,
+    tls: Option<ClientTls>,
 }
 
 impl Default for ClientBuilder {
@@ -89,6 +135,7 @@ impl Default for ClientBuilder {
             backoff_cap: BACKOFF_CAP_DEFAULT,
             queued_callers_max: QUEUED_CALLERS_MAX_DEFAULT,
             in_flight_rpcs_max: IN_FLIGHT_RPCS_MAX_DEFAULT,
+            tls: None,
         }
     }
 }
@@ -133,9 +180,16 @@ impl ClientBuilder {
         self
     }
 
+    /// TLS for `https://` endpoints, and for leader hints received over them (a hint never
+    /// leads from `https` to plaintext). With TLS set, a scheme-less endpoint means `https`.
+    pub fn tls(mut self, tls: ClientTls) -> Self {
+        self.tls = Some(tls);
+        self
+    }
+
     /// Validates the options and starts a client over `endpoints` (`host:port`, or with an
-    /// `http://` scheme). Dials lazily: the first call connects. Must run inside a tokio
-    /// runtime, which hosts the client's background task.
+    /// `http://` or `https://` scheme). Dials lazily: the first call connects. Must run inside a
+    /// tokio runtime, which hosts the client's background task.
     pub async fn connect<I, S>(self, endpoints: I) -> Result<Client>
     where
         I: IntoIterator<Item = S>,
@@ -150,9 +204,10 @@ impl ClientBuilder {
         I: IntoIterator<Item = S>,
         S: AsRef<str>,
     {
+        let has_tls = self.tls.is_some();
         let endpoints = endpoints
             .into_iter()
-            .map(|raw| parse_endpoint(raw.as_ref()))
+            .map(|raw| parse_endpoint(raw.as_ref(), has_tls))
             .collect::<Result<Vec<_>>>()?;
         let invalid = |reason: &str| {
             Err(Error::InvalidConfig {
@@ -173,6 +228,7 @@ impl ClientBuilder {
         }
         Ok(Config {
             endpoints,
+            tls: self.tls.as_ref().map(ClientTls::tonic_config),
             attempt_timeout: self.attempt_timeout,
             overall_timeout: self.overall_timeout,
             attempts_max: self.attempts_max,
@@ -184,17 +240,22 @@ impl ClientBuilder {
     }
 }
 
-/// A configured endpoint. `https` is refused: this build has no TLS, and an endpoint that can
-/// never connect is a configuration error, not something to retry until the deadline.
-fn parse_endpoint(raw: &str) -> Result<Target> {
+/// A configured endpoint; scheme-less means `https` when TLS is configured, else `http`.
+/// `https` without TLS configured is refused: no system roots are trusted, so such an endpoint
+/// could never connect, which is a configuration error, not something to retry until the
+/// deadline.
+fn parse_endpoint(raw: &str, has_tls: bool) -> Result<Target> {
     let invalid = |reason: String| Error::InvalidEndpoint {
         endpoint: raw.into(),
         reason,
     };
-    let target = parse_address(raw, Scheme::Http).map_err(invalid)?;
-    if target.scheme() == Scheme::Https {
+    let default_scheme = if has_tls { Scheme::Https } else { Scheme::Http };
+    let target = parse_address(raw, default_scheme).map_err(invalid)?;
+    if target.scheme() == Scheme::Https && !has_tls {
         return Err(invalid(
-            "https needs TLS, which this client does not include".into(),
+            "https needs a CA certificate to check the server with: configure TLS \
+             (ClientBuilder::tls; on the command line --tls-ca FILE)"
+                .into(),
         ));
     }
     Ok(target)
@@ -224,5 +285,25 @@ mod tests {
             .queued_callers_max(0)
             .validate(["a:1"]);
         assert!(no_queue.is_err());
+    }
+
+    #[test]
+    fn https_needs_tls_and_tls_makes_scheme_less_endpoints_https() {
+        let no_ca = ClientBuilder::default().validate(["https://a:1"]);
+        assert!(
+            matches!(&no_ca, Err(Error::InvalidEndpoint { reason, .. }) if reason.contains("CA")),
+            "{no_ca:?}"
+        );
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca = CaCertificates::from_pem(params.self_signed(&key).unwrap().pem()).unwrap();
+        let config = ClientBuilder::default()
+            .tls(ClientTls::new(ca))
+            .validate(["a:1", "https://b:2", "http://c:3"])
+            .unwrap();
+        let uris: Vec<_> = config.endpoints.iter().map(Target::uri).collect();
+        assert_eq!(uris, ["https://a:1", "https://b:2", "http://c:3"]);
+        assert!(config.tls.is_some());
     }
 }

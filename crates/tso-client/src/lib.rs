@@ -36,6 +36,9 @@
 //!   whether it may stamp now, by the owner's own clock.
 //! - **Errors** are one `Clone` type; [`Error::is_retryable`] tells "retry later" from "the
 //!   request or configuration is wrong". Malformed replies and hints are errors, never panics.
+//! - **TLS** ([`ClientTls`]): `https://` endpoints are checked against the configured CA only
+//!   (no system roots), with an optional client certificate for mutual TLS; hints received over
+//!   TLS are followed over TLS, never over plaintext.
 //! - Dropping the last [`Client`] clone stops its background task.
 
 mod call;
@@ -56,7 +59,8 @@ mod stream;
 pub use client::Client;
 pub use config::{
     ATTEMPT_TIMEOUT_DEFAULT, ATTEMPTS_MAX_DEFAULT, BACKOFF_BASE_DEFAULT, BACKOFF_CAP_DEFAULT,
-    ClientBuilder, IN_FLIGHT_RPCS_MAX_DEFAULT, OVERALL_TIMEOUT_DEFAULT, QUEUED_CALLERS_MAX_DEFAULT,
+    ClientBuilder, ClientTls, IN_FLIGHT_RPCS_MAX_DEFAULT, OVERALL_TIMEOUT_DEFAULT,
+    QUEUED_CALLERS_MAX_DEFAULT,
 };
 pub use error::{Error, Result};
 pub use grant::{Batch, TsRange};
@@ -65,3 +69,4 @@ pub use lease::{Frontier, LEASE_HOLDER_BYTES_MAX, LeaseGrant};
 pub use seq::{SEQ_BATCH_ENTRIES_MAX, SEQ_COUNT_MAX, SEQ_KEY_BYTES_MAX, SeqBatch, SeqBlock};
 pub use seq_call::seq_status_is_uncertain;
 pub use tso_core::{Epoch, LOGICAL_COUNT, Timestamp};
+pub use tso_proto::tls::{CaCertificates, PemError, TlsIdentity};

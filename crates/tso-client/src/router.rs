@@ -18,7 +18,7 @@ use tonic::transport::{Channel, Endpoint};
 use tso_core::Epoch;
 
 use crate::config::{CHANNELS_MAX, Config, STREAM_UNSUPPORTED_RECHECK};
-use crate::endpoint::Target;
+use crate::endpoint::{Scheme, Target};
 use crate::stream::TsStream;
 
 #[derive(Debug, Default)]
@@ -312,10 +312,23 @@ impl Router {
 
     fn endpoint(&self, target: &Target) -> Endpoint {
         // A `Target` is a validated `scheme://host:port`, which always parses as a URI.
-        Endpoint::from_shared(target.uri().to_string())
+        let endpoint = Endpoint::from_shared(target.uri().to_string())
             .expect("a validated target is a valid URI")
             .connect_timeout(self.config.attempt_timeout)
-            .tcp_nodelay(true)
+            .tcp_nodelay(true);
+        let (Scheme::Https, Some(tls)) = (target.scheme(), &self.config.tls) else {
+            // An `https` target without TLS configured (only a hint can be one) fails to
+            // connect, never falls back to plaintext.
+            return endpoint;
+        };
+        match endpoint.clone().tls_config(tls.clone()) {
+            Ok(endpoint) => endpoint,
+            Err(e) => {
+                // A host that is no valid TLS server name: connecting fails like above.
+                tracing::warn!(%target, "cannot set up TLS to this address: {e}");
+                endpoint
+            }
+        }
     }
 
     fn lock_seq_channels(&self) -> std::sync::MutexGuard<'_, HashMap<Target, Channel>> {

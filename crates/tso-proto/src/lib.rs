@@ -10,6 +10,8 @@ pub mod tsoracle {
 
 pub use tsoracle::v1;
 
+pub mod tls;
+
 /// This project's own packages.
 pub mod tso {
     /// Raft messages between the nodes of one cluster (postcard payloads in a protobuf envelope).

@@ -18,6 +18,7 @@ mod serve;
 mod service;
 mod stamping;
 mod stream;
+pub mod tls;
 mod watch;
 
 pub use error::ServeError;
@@ -25,7 +26,9 @@ pub use oracle::{Config, EXHAUSTED_WAIT_MAX, LeaderHint, ServingState};
 pub use sequence::{
     SEQ_BATCH_KEYS_MAX, SEQ_COUNT_MAX_DEFAULT, SEQ_KEY_LEN_MAX, SEQ_KEYS_MAX_DEFAULT, SEQ_QUEUE_MAX,
 };
-pub use serve::{OracleGuard, TSO_SERVICE_NAME, serve_listener, serve_with_shutdown};
+pub use serve::{
+    OracleGuard, TSO_SERVICE_NAME, serve_listener, serve_listener_tls, serve_with_shutdown,
+};
 pub use service::{NOT_LEADER_MESSAGE, TsoHandler, not_leader};
 pub use stamping::{
     LEASE_HOLDER_LEN_MAX, LEASE_TTL_MAX_DEFAULT, LEASE_TTL_MIN_DEFAULT, LEASES_MAX,

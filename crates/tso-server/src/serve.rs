@@ -12,8 +12,8 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
+use tonic::transport::{Server, ServerTlsConfig};
 use tonic_health::ServingStatus;
 use tonic_health::pb::health_server::{Health, HealthServer};
 use tracing::{error, info, warn};
@@ -229,10 +229,25 @@ pub async fn serve_listener(
     guard: OracleGuard,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
+    serve_listener_tls(listener, guard, None, shutdown).await
+}
+
+/// [`serve_listener`], over TLS when `tls` is given (build it with
+/// [`crate::tls::server_tls_config`]).
+pub async fn serve_listener_tls(
+    listener: TcpListener,
+    guard: OracleGuard,
+    tls: Option<ServerTlsConfig>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServeError> {
     // Nagle's algorithm would hold small replies for a delayed ACK (tens of ms).
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     let stop = CancellationToken::new();
-    let server = Server::builder()
+    let mut builder = Server::builder();
+    if let Some(tls) = tls {
+        builder = builder.tls_config(tls)?;
+    }
+    let server = builder
         .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
         .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))

@@ -27,6 +27,7 @@ async fn one_node_raft_cluster_keeps_the_consensus_contract() {
         timings: RaftTimings::default(),
         snapshot: SnapshotOptions::default(),
         links: Links::default(),
+        peer_tls: None,
     };
     conformance::run_all(|| {
         let config = config.clone();
@@ -55,6 +56,7 @@ fn config(dir: &std::path::Path, node_id: u64, members: BTreeMap<u64, NodeAddrs>
         timings: RaftTimings::default(),
         snapshot: SnapshotOptions::default(),
         links: Links::default(),
+        peer_tls: None,
     }
 }
 

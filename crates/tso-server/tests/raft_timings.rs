@@ -34,6 +34,7 @@ fn config(dir: &std::path::Path, timings: RaftTimings) -> RaftConfig {
         timings,
         snapshot: SnapshotOptions::default(),
         links: Links::default(),
+        peer_tls: None,
     }
 }
 
@@ -185,6 +186,7 @@ async fn a_node_with_other_timings_cannot_join() {
             timings,
             snapshot: SnapshotOptions::default(),
             links: Links::default(),
+            peer_tls: None,
         };
         nodes.push(start_node(config, listener).await);
     }

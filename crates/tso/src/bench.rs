@@ -23,7 +23,7 @@ use hdrhistogram::Histogram;
 
 use crate::cli::{BenchArgs, BenchRpc, LoadMode, SeqKeys};
 use crate::node::Node;
-use crate::targets::{Failure, Route, Targets};
+use crate::targets::{Dial, Failure, Route, Targets};
 
 mod stream;
 
@@ -133,6 +133,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
 }
 
 async fn bench(args: BenchArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        !args.spawn || args.tls.tls_ca.is_none(),
+        "the server of --spawn has no TLS: give --tls-* only with --endpoints"
+    );
     let mut spawned = None;
     let endpoints = if args.spawn {
         let dir = tempfile::tempdir().context("creating a temporary directory")?;
@@ -146,7 +150,14 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
     } else {
         args.endpoints.clone()
     };
-    let targets = Arc::new(Targets::new(&endpoints, args.connections, args.timeout)?);
+    let tls = args.tls.load()?;
+    let dial = Dial::new(tls.as_ref().map(tso_client::ClientTls::tonic_config));
+    let targets = Arc::new(Targets::new(
+        &endpoints,
+        args.connections,
+        args.timeout,
+        dial.clone(),
+    )?);
     let streams = match (args.mode, args.stream_per_caller) {
         (LoadMode::Stream, per_caller) => {
             let count = if per_caller {
@@ -154,14 +165,15 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
             } else {
                 args.connections
             };
-            stream::slots(&endpoints, args.connections, count, args.timeout)?
+            stream::slots(&endpoints, args.connections, count, args.timeout, &dial)?
         }
         _ => Vec::new(),
     };
     let library = match args.mode {
         LoadMode::Raw | LoadMode::Stream => None,
         LoadMode::Library => Some(
-            tso_client::Client::builder()
+            args.tls
+                .client_builder()?
                 .overall_timeout(args.timeout)
                 .connect(&endpoints)
                 .await

@@ -56,6 +56,8 @@ pub struct ServeArgs {
     pub backend: BackendKind,
     #[command(flatten)]
     pub cluster: ClusterArgs,
+    #[command(flatten)]
+    pub tls: crate::tls::ServeTlsArgs,
     /// Data directory (created if missing; locked while the server runs).
     #[arg(long, default_value = "./tso-data", env = "TSO_DATA_DIR")]
     pub data_dir: PathBuf,
@@ -185,8 +187,8 @@ pub struct GetArgs {
     /// How many timestamps.
     #[arg(short = 'n', long = "count", default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
     pub count: u64,
-    /// Server addresses, comma-separated (`host:port` or `http://host:port`); the leader is
-    /// found through hints.
+    /// Server addresses, comma-separated (`host:port`, `http://host:port` or
+    /// `https://host:port`); the leader is found through hints.
     #[arg(
         long,
         value_delimiter = ',',
@@ -194,6 +196,8 @@ pub struct GetArgs {
         env = "TSO_ENDPOINTS"
     )]
     pub endpoints: Vec<String>,
+    #[command(flatten)]
+    pub tls: crate::tls::ClientTlsArgs,
     /// Print physical ms, logical and epoch beside each timestamp.
     #[arg(long, short)]
     pub verbose: bool,
@@ -213,8 +217,8 @@ pub struct SeqArgs {
     /// How many values per key (1 to 65536).
     #[arg(short = 'n', long = "count", default_value_t = 1)]
     pub count: u32,
-    /// Server addresses, comma-separated (`host:port` or `http://host:port`); the leader is
-    /// found through hints.
+    /// Server addresses, comma-separated (`host:port`, `http://host:port` or
+    /// `https://host:port`); the leader is found through hints.
     #[arg(
         long,
         value_delimiter = ',',
@@ -222,6 +226,8 @@ pub struct SeqArgs {
         env = "TSO_ENDPOINTS"
     )]
     pub endpoints: Vec<String>,
+    #[command(flatten)]
+    pub tls: crate::tls::ClientTlsArgs,
     /// Give up after this long (a call already sent is then reported as uncertain).
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub timeout: Duration,
@@ -233,8 +239,8 @@ pub struct SeqArgs {
 /// Flags of the commands that make one call through the client library.
 #[derive(Debug, Args)]
 pub struct CallArgs {
-    /// Server addresses, comma-separated (`host:port` or `http://host:port`); the leader is
-    /// found through hints.
+    /// Server addresses, comma-separated (`host:port`, `http://host:port` or
+    /// `https://host:port`); the leader is found through hints.
     #[arg(
         long,
         value_delimiter = ',',
@@ -242,6 +248,8 @@ pub struct CallArgs {
         env = "TSO_ENDPOINTS"
     )]
     pub endpoints: Vec<String>,
+    #[command(flatten)]
+    pub tls: crate::tls::ClientTlsArgs,
     /// Give up after this long.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub timeout: Duration,
@@ -325,8 +333,8 @@ fn parse_ttl(raw: &str) -> Result<Duration, String> {
 
 #[derive(Debug, Args)]
 pub struct BenchArgs {
-    /// Server addresses, comma-separated (`host:port` or `http://host:port`); the leader is
-    /// found through hints. Ignored with `--spawn`.
+    /// Server addresses, comma-separated (`host:port`, `http://host:port` or
+    /// `https://host:port`); the leader is found through hints. Ignored with `--spawn`.
     #[arg(
         long,
         value_delimiter = ',',
@@ -334,7 +342,10 @@ pub struct BenchArgs {
         env = "TSO_ENDPOINTS"
     )]
     pub endpoints: Vec<String>,
-    /// Start a `tso serve` of this binary on a temporary directory and a free port, and bench it.
+    #[command(flatten)]
+    pub tls: crate::tls::ClientTlsArgs,
+    /// Start a `tso serve` of this binary on a temporary directory and a free port, and bench it
+    /// (without TLS: the TLS flags apply to --endpoints only).
     #[arg(long)]
     pub spawn: bool,
     /// Concurrent callers; each waits for its reply before its next call.
@@ -387,9 +398,12 @@ pub struct CheckArgs {
     #[arg(long, default_value_t = 1)]
     pub nodes: usize,
     /// Attach to these endpoints instead of starting a cluster: load and history checks only,
-    /// no faults.
+    /// no faults. The TLS flags apply only here: a cluster the checker starts itself runs
+    /// without TLS.
     #[arg(long, value_delimiter = ',')]
     pub endpoints: Vec<String>,
+    #[command(flatten)]
+    pub tls: crate::tls::ClientTlsArgs,
     /// Concurrent clients, each making one call at a time over its own connection (clients
     /// share connections past 64). Against several nodes, one client per node is pinned to it
     /// (raw RPCs to that node only) as long as one is left to follow the leader.

@@ -56,13 +56,22 @@ pub fn parse_members(list: &[String]) -> anyhow::Result<BTreeMap<u64, NodeAddrs>
     Ok(members)
 }
 
-/// The raft configuration the flags describe, and the address to listen on for peers.
+/// The raft configuration the flags describe, and the address to listen on for peers. A
+/// routable peer listener needs peer TLS, or `--insecure`.
 pub fn raft_config(args: &ServeArgs) -> anyhow::Result<(RaftConfig, SocketAddr)> {
     let c = &args.cluster;
     let node_id = c.node_id.context("--backend raft needs --node-id")?;
     let peer_listen = c
         .peer_addr
         .context("--backend raft needs --peer-addr (the address to listen on for peers)")?;
+    let peer_tls = args.tls.peer()?;
+    crate::tls::require_tls_or_insecure(
+        "raft peer listener (--peer-addr)",
+        peer_listen,
+        peer_tls.is_some(),
+        args.tls.insecure,
+        "--peer-tls-cert, --peer-tls-key and --peer-tls-ca",
+    )?;
     let members = parse_members(&c.members)?;
     if c.join && !members.is_empty() {
         bail!(
@@ -98,6 +107,7 @@ pub fn raft_config(args: &ServeArgs) -> anyhow::Result<(RaftConfig, SocketAddr)>
             ..RaftTimings::default()
         },
         links: Links::default(),
+        peer_tls,
     };
     Ok((config, peer_listen))
 }

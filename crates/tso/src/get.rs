@@ -3,10 +3,8 @@
 
 use std::io::{BufWriter, Write};
 
-use anyhow::Context;
-use tso_client::Client;
-
 use crate::cli::GetArgs;
+use anyhow::Context;
 
 pub fn run(args: GetArgs) -> anyhow::Result<()> {
     crate::serve::init_logging(&args.log)?;
@@ -18,16 +16,19 @@ pub fn run(args: GetArgs) -> anyhow::Result<()> {
 }
 
 async fn get(args: GetArgs) -> anyhow::Result<()> {
-    let client = Client::builder()
+    let client = args
+        .tls
+        .client_builder()?
         .overall_timeout(args.timeout)
         .connect(&args.endpoints)
         .await
         .context("bad --endpoints")?;
-    let batch = client.get_ts_batch(args.count).await.with_context(|| {
-        format!(
-            "no timestamps from {}: is a server running there? (start one with `tso serve`)",
+    let batch = client.get_ts_batch(args.count).await.map_err(|e| {
+        let hint = crate::tls::unreachable_hint(&args.tls, &e);
+        anyhow::Error::new(e).context(format!(
+            "no timestamps from {}: {hint}",
             args.endpoints.join(",")
-        )
+        ))
     })?;
     let mut out = BufWriter::new(std::io::stdout().lock());
     for range in batch.ranges() {

@@ -49,7 +49,8 @@ fn block_on(call: &CallArgs, work: impl Future<Output = anyhow::Result<()>>) -> 
 }
 
 async fn connect(call: &CallArgs) -> anyhow::Result<Client> {
-    Client::builder()
+    call.tls
+        .client_builder()?
         .overall_timeout(call.timeout)
         .connect(&call.endpoints)
         .await
@@ -122,8 +123,9 @@ fn explain(err: Error, call: &CallArgs, what: &str) -> anyhow::Error {
             ..
         } => format!("{what}: this server has no stamping leases"),
         _ => format!(
-            "{what} from {}: is a server running there? (start one with `tso serve`)",
-            call.endpoints.join(",")
+            "{what} from {}: {}",
+            call.endpoints.join(","),
+            crate::tls::unreachable_hint(&call.tls, &err)
         ),
     };
     anyhow::Error::new(err).context(context)
@@ -137,6 +139,7 @@ mod tests {
     fn errors_say_what_went_wrong() {
         let call = CallArgs {
             endpoints: vec!["127.0.0.1:1".into()],
+            tls: Default::default(),
             timeout: Duration::from_secs(1),
             log: "warn".into(),
         };

@@ -16,6 +16,7 @@ mod node;
 mod seq;
 mod serve;
 mod targets;
+mod tls;
 
 /// Exit code of a failure at run time (clap uses 2 for usage errors).
 const EXIT_FAILURE: u8 = 1;

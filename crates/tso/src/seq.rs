@@ -6,7 +6,7 @@
 use std::io::{BufWriter, Write};
 
 use anyhow::Context;
-use tso_client::{Client, Error, SeqBlock};
+use tso_client::{Error, SeqBlock};
 
 use crate::cli::SeqArgs;
 
@@ -20,7 +20,9 @@ pub fn run(args: SeqArgs) -> anyhow::Result<()> {
 }
 
 async fn seq(args: SeqArgs) -> anyhow::Result<()> {
-    let client = Client::builder()
+    let client = args
+        .tls
+        .client_builder()?
         .overall_timeout(args.timeout)
         .connect(&args.endpoints)
         .await
@@ -68,8 +70,9 @@ fn explain(err: Error, args: &SeqArgs) -> anyhow::Error {
         | Error::InvalidSeqCount { .. }
         | Error::InvalidSeqBatch { .. } => "bad request".to_string(),
         _ => format!(
-            "no block of {keys} from {}: is a server running there? (start one with `tso serve`)",
-            args.endpoints.join(",")
+            "no block of {keys} from {}: {}",
+            args.endpoints.join(","),
+            crate::tls::unreachable_hint(&args.tls, &err)
         ),
     };
     anyhow::Error::new(err).context(context)
@@ -85,6 +88,7 @@ mod tests {
             keys: vec!["orders".into()],
             count: 5,
             endpoints: vec!["127.0.0.1:1".into()],
+            tls: Default::default(),
             timeout: std::time::Duration::from_secs(1),
             log: "warn".into(),
         };

@@ -12,7 +12,7 @@ use tso_server::backend::file::{self, FileBackend};
 use tso_server::backend::raft::RaftBackend;
 use tso_server::clock::{Clock, OffsetClock, SystemClock};
 use tso_server::consensus::{BoxFuture, Consensus, ConsensusError, Leadership};
-use tso_server::{Config, OracleGuard, serve_listener};
+use tso_server::{Config, OracleGuard, serve_listener_tls};
 
 use crate::cli::{BackendKind, InitArgs, ServeArgs};
 use crate::cluster;
@@ -152,6 +152,9 @@ fn oracle_config(args: &ServeArgs) -> Config {
 /// too (they answer "not leader" with the leader's address), so nothing waits for leadership.
 async fn serve_raft(args: ServeArgs, probes: &ProbeState) -> anyhow::Result<()> {
     let (raft_config, peer_listen) = cluster::raft_config(&args)?;
+    let peer_tls = raft_config.peer_tls.is_some();
+    let tls = args.tls.client_port()?;
+    let client_tls = tls.is_some();
     let node_id = raft_config.node_id;
     let peer_listener = TcpListener::bind(peer_listen).await.with_context(|| {
         format!("cannot listen for peers on {peer_listen}: pick another --peer-addr")
@@ -182,9 +185,12 @@ async fn serve_raft(args: ServeArgs, probes: &ProbeState) -> anyhow::Result<()> 
         clock(&args),
     );
     probes.follow(guard.serving(), backend.clone());
-    tracing::info!(%addr, node_id, peers = %peer_listen, data_dir = %args.data_dir.display(), "serving");
+    tracing::info!(
+        %addr, node_id, peers = %peer_listen, client_tls, peer_tls,
+        data_dir = %args.data_dir.display(), "serving"
+    );
     println!("serving on {addr}");
-    let served = serve_listener(listener, guard, stop_requested(probes)).await;
+    let served = serve_listener_tls(listener, guard, tls, stop_requested(probes)).await;
     stop_admin.cancel();
     if let Some(admin) = admin {
         let _ = admin.await;
@@ -198,6 +204,12 @@ async fn serve_raft(args: ServeArgs, probes: &ProbeState) -> anyhow::Result<()> 
 }
 
 async fn serve_file(args: ServeArgs, probes: &ProbeState) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        !args.tls.has_peer_flags(),
+        "--peer-tls-* apply to raft peers: use them with --backend raft"
+    );
+    let tls = args.tls.client_port()?;
+    let client_tls = tls.is_some();
     let backend: Arc<dyn Consensus> = Arc::new(FileBackend::open(&args.data_dir)?);
     let listener = bind_client(&args).await?;
     let addr = listener.local_addr()?;
@@ -213,9 +225,9 @@ async fn serve_file(args: ServeArgs, probes: &ProbeState) -> anyhow::Result<()> 
             .await
             .context("the server failed before serving");
     }
-    tracing::info!(%addr, data_dir = %args.data_dir.display(), "serving");
+    tracing::info!(%addr, client_tls, data_dir = %args.data_dir.display(), "serving");
     println!("serving on {addr}");
-    serve_listener(listener, guard, stop_requested(probes)).await?;
+    serve_listener_tls(listener, guard, tls, stop_requested(probes)).await?;
     tracing::info!("stopped");
     Ok(())
 }

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use prost::Message;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use tonic::{Code, Status};
 use tso_proto::LEADER_HINT_KEY;
 use tso_proto::v1::tso_service_client::TsoServiceClient;
@@ -25,20 +25,62 @@ use crate::check::history::WireGrant;
 /// Connections per endpoint at most: each is one HTTP/2 connection with its own task.
 pub const CONNECTIONS_MAX: usize = 64;
 
+/// How the load generators dial: plaintext, or TLS with the CA (and client certificate) of
+/// the TLS flags. Under TLS a scheme-less address, configured or hinted, means `https`, as in
+/// the client library.
+#[derive(Clone, Debug, Default)]
+pub struct Dial {
+    tls: Option<ClientTlsConfig>,
+}
+
+impl Dial {
+    pub fn new(tls: Option<ClientTlsConfig>) -> Dial {
+        Dial { tls }
+    }
+
+    /// `scheme://host:port` for `endpoint`, which may lack the scheme.
+    pub fn uri(&self, endpoint: &str) -> String {
+        match (endpoint.contains("://"), &self.tls) {
+            (true, _) => endpoint.to_string(),
+            (false, None) => format!("http://{endpoint}"),
+            (false, Some(_)) => format!("https://{endpoint}"),
+        }
+    }
+
+    /// A lazily connecting channel's endpoint for `endpoint`; `https` needs TLS configured.
+    pub fn endpoint(&self, endpoint: &str) -> anyhow::Result<Endpoint> {
+        let uri = self.uri(endpoint);
+        let plain =
+            Endpoint::from_shared(uri.clone()).with_context(|| format!("bad endpoint {uri:?}"))?;
+        if !uri.starts_with("https://") {
+            return Ok(plain);
+        }
+        let tls = self
+            .tls
+            .clone()
+            .with_context(|| format!("{uri}: https needs --tls-ca FILE"))?;
+        plain
+            .tls_config(tls)
+            .with_context(|| format!("{uri}: cannot set up TLS"))
+    }
+}
+
 pub struct Targets {
     endpoints: Vec<String>,
     connections: usize,
     timeout: Duration,
+    dial: Dial,
     pools: Mutex<HashMap<String, Vec<Channel>>>,
 }
 
 impl Targets {
-    /// `endpoints` as `host:port` or `http://host:port`; `connections` per endpoint; every
-    /// call times out after `timeout`.
+    /// `endpoints` as `host:port`, `http://host:port` or `https://host:port`; `connections`
+    /// per endpoint; every call times out after `timeout`.
     pub fn new(
         endpoints: &[String],
         connections: usize,
         timeout: Duration,
+        dial: Dial,
     ) -> anyhow::Result<Targets> {
         anyhow::ensure!(!endpoints.is_empty(), "give at least one endpoint");
         anyhow::ensure!(
@@ -46,9 +88,10 @@ impl Targets {
             "connections must be 1 to {CONNECTIONS_MAX}, not {connections}"
         );
         Ok(Targets {
-            endpoints: endpoints.iter().map(|e| uri(e)).collect(),
+            endpoints: endpoints.iter().map(|e| dial.uri(e)).collect(),
             connections,
             timeout,
+            dial,
             pools: Mutex::new(HashMap::new()),
         })
     }
@@ -59,13 +102,14 @@ impl Targets {
 
     /// A client on connection `slot % connections` of `endpoint`.
     pub fn client(&self, endpoint: &str, slot: usize) -> anyhow::Result<TsoServiceClient<Channel>> {
-        let endpoint = uri(endpoint);
+        let endpoint = self.dial.uri(endpoint);
         let mut pools = self.pools.lock().expect("targets lock");
         if !pools.contains_key(&endpoint) {
             let mut pool = Vec::with_capacity(self.connections);
             for _ in 0..self.connections {
-                let channel = Endpoint::from_shared(endpoint.clone())
-                    .with_context(|| format!("bad endpoint {endpoint:?}"))?
+                let channel = self
+                    .dial
+                    .endpoint(&endpoint)?
                     .tcp_nodelay(true)
                     .timeout(self.timeout)
                     .connect_timeout(self.timeout)
@@ -76,15 +120,6 @@ impl Targets {
         }
         let channel = pools[&endpoint][slot % self.connections].clone();
         Ok(TsoServiceClient::new(channel))
-    }
-}
-
-/// `http://host:port` for a scheme-less `host:port`.
-pub fn uri(endpoint: &str) -> String {
-    if endpoint.contains("://") {
-        endpoint.to_string()
-    } else {
-        format!("http://{endpoint}")
     }
 }
 
@@ -454,13 +489,25 @@ mod tests {
 
     #[test]
     fn endpoints_get_a_scheme() {
-        assert_eq!(uri("127.0.0.1:1"), "http://127.0.0.1:1");
-        assert_eq!(uri("http://h:2"), "http://h:2");
+        let plain = Dial::default();
+        assert_eq!(plain.uri("127.0.0.1:1"), "http://127.0.0.1:1");
+        assert_eq!(plain.uri("http://h:2"), "http://h:2");
+        assert_eq!(plain.uri("https://h:2"), "https://h:2");
+        assert!(plain.endpoint("https://h:2").is_err());
+        let tls = Dial::new(Some(ClientTlsConfig::new()));
+        assert_eq!(tls.uri("h:2"), "https://h:2");
+        assert_eq!(tls.uri("http://h:2"), "http://h:2");
     }
 
     #[tokio::test]
     async fn callers_share_a_bounded_pool_per_endpoint() {
-        let targets = Targets::new(&["127.0.0.1:1".into()], 2, Duration::from_secs(1)).unwrap();
+        let targets = Targets::new(
+            &["127.0.0.1:1".into()],
+            2,
+            Duration::from_secs(1),
+            Dial::default(),
+        )
+        .unwrap();
         for slot in 0..5 {
             targets.client("127.0.0.1:1", slot).unwrap();
             targets.client("http://127.0.0.1:9", slot).unwrap();
@@ -469,10 +516,16 @@ mod tests {
         assert_eq!(pools.len(), 2);
         assert!(pools.values().all(|pool| pool.len() == 2));
         drop(pools);
-        assert!(Targets::new(&["a:1".into()], 0, Duration::from_secs(1)).is_err());
+        assert!(Targets::new(&["a:1".into()], 0, Duration::from_secs(1), Dial::default()).is_err());
         assert!(
-            Targets::new(&["a:1".into()], CONNECTIONS_MAX + 1, Duration::from_secs(1)).is_err()
+            Targets::new(
+                &["a:1".into()],
+                CONNECTIONS_MAX + 1,
+                Duration::from_secs(1),
+                Dial::default()
+            )
+            .is_err()
         );
-        assert!(Targets::new(&[], 1, Duration::from_secs(1)).is_err());
+        assert!(Targets::new(&[], 1, Duration::from_secs(1), Dial::default()).is_err());
     }
 }

@@ -97,6 +97,7 @@ pub async fn start_cluster_with(
             timings,
             snapshot,
             links: links.clone(),
+            peer_tls: None,
         };
         nodes.push(start_node(config, listener).await);
     }
@@ -223,6 +224,7 @@ pub async fn restart_node_with(
         timings: test_timings(),
         snapshot,
         links: links.clone(),
+        peer_tls: None,
     };
     start_node(config, listener).await
 }

@@ -12,18 +12,17 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use anyhow::Context;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::AbortHandle;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::Code;
 use tonic::codec::Streaming;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tso_proto::tso::stream::v1::tso_stream_client::TsoStreamClient;
 use tso_proto::tso::stream::v1::{TsStreamRequest, TsStreamResponse, ts_stream_response};
 
 use crate::check::history::WireGrant;
-use crate::targets::{Failure, code_name, uri};
+use crate::targets::{Dial, Failure, code_name};
 
 type Reply = Result<WireGrant, Failure>;
 
@@ -31,6 +30,7 @@ type Reply = Result<WireGrant, Failure>;
 pub struct StreamSlot {
     endpoints: Vec<String>,
     timeout: Duration,
+    dial: Dial,
     /// The endpoint in use (an index into `endpoints`, or a hinted leader) and its channel.
     place: Mutex<Place>,
     /// The open stream; at most one, opened by the first caller that finds none.
@@ -73,15 +73,17 @@ pub fn slots(
     connections: usize,
     count: usize,
     timeout: Duration,
+    dial: &Dial,
 ) -> anyhow::Result<Vec<Arc<StreamSlot>>> {
     let channels: Vec<Channel> = (0..connections)
-        .map(|_| channel(&endpoints[0], timeout))
+        .map(|_| channel(dial, &endpoints[0], timeout))
         .collect::<anyhow::Result<_>>()?;
     Ok((0..count)
         .map(|i| {
             Arc::new(StreamSlot {
                 endpoints: endpoints.to_vec(),
                 timeout,
+                dial: dial.clone(),
                 place: Mutex::new(Place {
                     rotation: 0,
                     endpoint: endpoints[0].clone(),
@@ -93,10 +95,9 @@ pub fn slots(
         .collect())
 }
 
-fn channel(endpoint: &str, timeout: Duration) -> anyhow::Result<Channel> {
-    let endpoint = uri(endpoint);
-    Ok(Endpoint::from_shared(endpoint.clone())
-        .with_context(|| format!("bad endpoint {endpoint:?}"))?
+fn channel(dial: &Dial, endpoint: &str, timeout: Duration) -> anyhow::Result<Channel> {
+    Ok(dial
+        .endpoint(endpoint)?
         .tcp_nodelay(true)
         .connect_timeout(timeout)
         .connect_lazy())
@@ -169,7 +170,7 @@ impl StreamSlot {
             }
         };
         if endpoint != place.endpoint
-            && let Ok(channel) = channel(&endpoint, self.timeout)
+            && let Ok(channel) = channel(&self.dial, &endpoint, self.timeout)
         {
             place.endpoint = endpoint;
             place.channel = channel;

@@ -36,7 +36,7 @@ use self::lease_client::{LeaseClient, LeaseRoute};
 use self::schedule::{Plan, Step};
 use self::seq::{SeqCall, SeqOutcome};
 use crate::cli::{BenchMode, CheckArgs, Workload};
-use crate::targets::{CONNECTIONS_MAX, Route, Targets};
+use crate::targets::{CONNECTIONS_MAX, Dial, Route, Targets};
 
 /// Exit code of a clean history.
 pub const EXIT_CLEAN: u8 = 0;
@@ -269,15 +269,18 @@ async fn start_clients(
     endpoints: &[String],
     mix: Mix,
 ) -> anyhow::Result<(Arc<Shared>, Vec<ClientTask>)> {
+    let tls = args.tls.load()?;
     let targets = Arc::new(Targets::new(
         endpoints,
         args.clients.min(CONNECTIONS_MAX),
         args.call_timeout,
+        Dial::new(tls.as_ref().map(tso_client::ClientTls::tonic_config)),
     )?);
     let library = match args.mode {
         BenchMode::Raw => None,
         BenchMode::Library => Some(
-            tso_client::Client::builder()
+            args.tls
+                .client_builder()?
                 .overall_timeout(args.call_timeout)
                 .connect(endpoints)
                 .await
@@ -353,6 +356,10 @@ fn validate(args: &CheckArgs) -> anyhow::Result<()> {
         tso_core::LOGICAL_COUNT
     );
     anyhow::ensure!(matches!(args.nodes, 1 | 3 | 5), "--nodes must be 1, 3 or 5");
+    anyhow::ensure!(
+        !args.endpoints.is_empty() || args.tls.tls_ca.is_none(),
+        "the cluster the checker starts has no TLS: give --tls-* only with --endpoints"
+    );
     let control = args.unsafe_positive_control
         || args.unsafe_no_lease
         || args.unsafe_seq_forget

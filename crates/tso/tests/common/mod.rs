@@ -2,6 +2,7 @@
 //! signal it, and talk to it over gRPC.
 #![allow(dead_code)]
 
+pub mod certs;
 pub mod lease_server;
 pub mod malformed;
 pub mod seq_server;

@@ -39,6 +39,7 @@ use tso_proto::tso::raft_v1::raft_peer_server::RaftPeerServer;
 
 use crate::consensus::{BoxFuture, Consensus, ConsensusError, Leadership, SeqCounters, SeqEnds};
 pub use admin::{AdminService, PROMOTE_LAG_ENTRIES_MAX};
+use crate::tls::PeerTls;
 use dir_guard::DirGuard;
 pub use leadership::{LeaseHeld, VoteGate};
 use leadership::{leadership_of, read_applied, renew_lease, watch_leadership, write_in_term};
@@ -182,6 +183,10 @@ pub struct RaftConfig {
     pub snapshot: SnapshotOptions,
     /// Link switches for in-process partitions; `Links::default()` in production.
     pub links: Links,
+    /// Mutual TLS between peers, both ways: [`RaftBackend::serve_peers`] requires client
+    /// certificates from its CA, and this node dials its peers over `https` with it. `None`:
+    /// plaintext peer traffic.
+    pub peer_tls: Option<PeerTls>,
 }
 
 /// Why a raft node could not start.
@@ -280,6 +285,7 @@ pub struct RaftBackend {
     leadership: watch::Receiver<Leadership>,
     lease: Arc<LeaseClock>,
     timings: RaftTimings,
+    peer_tls: Option<PeerTls>,
     tasks: Vec<JoinHandle<()>>,
     /// Released only after raft has stopped (see `Drop`).
     dir_guard: Mutex<Option<DirGuard>>,
@@ -323,6 +329,7 @@ impl RaftBackend {
             config.node_id,
             config.timings.cluster_key(),
             config.links.clone(),
+            config.peer_tls.clone(),
         );
         let raft = Raft::new(config.node_id, raft_config, network, log, sm.clone())
             .await
@@ -378,6 +385,7 @@ impl RaftBackend {
             leadership,
             lease,
             timings: config.timings,
+            peer_tls: config.peer_tls,
             tasks,
             dir_guard: Mutex::new(Some(dir_guard)),
             changes: Arc::default(),
@@ -405,13 +413,18 @@ impl RaftBackend {
         .into_server()
     }
 
-    /// Serves [`Self::peer_service`] on `listener` until `shutdown` completes.
+    /// Serves [`Self::peer_service`] on `listener` until `shutdown` completes; over mutual TLS
+    /// when [`RaftConfig::peer_tls`] is set.
     pub async fn serve_peers(
         &self,
         listener: tokio::net::TcpListener,
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> Result<(), tonic::transport::Error> {
-        tonic::transport::Server::builder()
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(tls) = &self.peer_tls {
+            builder = builder.tls_config(tls.server_config())?;
+        }
+        builder
             .add_service(self.peer_service())
             .serve_with_incoming_shutdown(
                 tokio_stream::wrappers::TcpListenerStream::new(listener),

@@ -29,6 +29,7 @@ use tso_proto::tso::raft_v1::raft_peer_server::{RaftPeer, RaftPeerServer};
 
 use super::leadership::VoteGate;
 use super::types::{NodeAddrs, NodeId, Raft, TypeConfig};
+use crate::tls::PeerTls;
 
 /// How long a connection attempt to a peer may take. Loopback and LAN peers connect in well
 /// under a millisecond; 500 ms leaves room for a busy machine while staying below the shortest
@@ -106,17 +107,20 @@ pub struct Network {
     self_id: NodeId,
     timings: tonic::metadata::MetadataValue<tonic::metadata::Ascii>,
     links: Links,
+    /// Peers are dialed over `https` with this, else over plaintext `http`.
+    tls: Option<PeerTls>,
     channels: Arc<Mutex<HashMap<String, Channel>>>,
 }
 
 impl Network {
-    pub fn new(self_id: NodeId, timings_key: String, links: Links) -> Self {
+    pub fn new(self_id: NodeId, timings_key: String, links: Links, tls: Option<PeerTls>) -> Self {
         Self {
             self_id,
             timings: timings_key
                 .parse()
                 .expect("timings are ASCII digits and slashes"),
             links,
+            tls,
             channels: Arc::default(),
         }
     }
@@ -126,13 +130,29 @@ impl Network {
         if let Some(c) = channels.get(peer_addr) {
             return Some(c.clone());
         }
-        let endpoint = Endpoint::from_shared(format!("http://{peer_addr}")).ok()?;
+        let endpoint = self.endpoint(peer_addr)?;
         let channel = endpoint
             .connect_timeout(CONNECT_TIMEOUT)
             .tcp_nodelay(true)
             .connect_lazy();
         channels.insert(peer_addr.to_owned(), channel.clone());
         Some(channel)
+    }
+
+    /// The endpoint of `peer_addr`, `None` if it is not a usable `host:port` (for TLS: its host
+    /// must also be a valid server name).
+    fn endpoint(&self, peer_addr: &str) -> Option<Endpoint> {
+        let Some(tls) = &self.tls else {
+            return Endpoint::from_shared(format!("http://{peer_addr}")).ok();
+        };
+        let endpoint = Endpoint::from_shared(format!("https://{peer_addr}")).ok()?;
+        match endpoint.tls_config(tls.client_config()) {
+            Ok(endpoint) => Some(endpoint),
+            Err(e) => {
+                tracing::error!(peer_addr, "cannot set up TLS to this peer: {e}");
+                None
+            }
+        }
     }
 }
 
