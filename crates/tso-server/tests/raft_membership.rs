@@ -61,6 +61,7 @@ async fn a_joined_learner_catches_up_by_snapshot_and_counts_once_promoted() {
         timings: test_timings(),
         snapshot,
         links: links.clone(),
+        peer_tls: None,
     };
     nodes.push(start_node(config, listener).await);
     assert_eq!(nodes[3].leadership(), Leadership::Unknown);

@@ -8,11 +8,12 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
 use prost::Message;
-use tonic::transport::Channel;
+use tonic::transport::{Channel, ClientTlsConfig};
 use tso_proto::tso::admin_v1 as pb;
 use tso_proto::tso::admin_v1::admin_client::AdminClient;
 
 use crate::cluster::parse_member;
+use crate::tls::ClientTlsArgs;
 
 /// Redirects followed for one command. A cluster points at its one leader, so two are enough
 /// (one stale hint after an election, then the leader); more means hints disagree.
@@ -36,6 +37,10 @@ pub struct AdminArgs {
     /// before it, and a promotion for the learner to catch up).
     #[arg(long, global = true, default_value = "40s", value_parser = humantime::parse_duration)]
     pub timeout: Duration,
+    /// TLS to admin ports started with --admin-tls-*: --tls-ca, and the operator's certificate
+    /// (--tls-cert, --tls-key), which those ports require. Give them before the action.
+    #[command(flatten)]
+    pub tls: ClientTlsArgs,
 }
 
 #[derive(Debug, Subcommand)]
@@ -76,15 +81,17 @@ async fn run_async(args: AdminArgs) -> anyhow::Result<()> {
     let endpoint = args
         .endpoint
         .context("give --endpoint, a node's admin address (its --admin-listen)")?;
+    let tls = args.tls.load()?.map(|tls| tls.tonic_config());
+    let dial = Dial { tls: tls.as_ref() };
     match args.action {
         AdminAction::Members { local } => {
-            let mut reply = list(&endpoint).await?;
+            let mut reply = list(dial, &endpoint).await?;
             let leader_admin = leader_admin_addr(&reply);
             if !local
                 && reply.leader_id != Some(reply.node_id)
                 && let Some(leader) = leader_admin
             {
-                match list(&leader).await {
+                match list(dial, &leader).await {
                     Ok(leader_view) => reply = leader_view,
                     Err(e) => eprintln!(
                         "tso: the leader at {leader} did not answer ({e:#}); showing node {}'s view",
@@ -103,7 +110,7 @@ async fn run_async(args: AdminArgs) -> anyhow::Result<()> {
                 peer_addr: addrs.peer_addr,
                 admin_addr: addrs.admin_addr,
             };
-            let reply = change(&endpoint, |mut c| {
+            let reply = change(dial, &endpoint, |mut c| {
                 let r = request.clone();
                 async move { c.add_learner(r).await }
             })
@@ -116,7 +123,7 @@ async fn run_async(args: AdminArgs) -> anyhow::Result<()> {
             Ok(())
         }
         AdminAction::Promote { node_id } => {
-            let reply = change(&endpoint, |mut c| async move {
+            let reply = change(dial, &endpoint, |mut c| async move {
                 c.promote(pb::PromoteRequest { node_id }).await
             })
             .await?;
@@ -128,7 +135,7 @@ async fn run_async(args: AdminArgs) -> anyhow::Result<()> {
             Ok(())
         }
         AdminAction::Remove { node_id } => {
-            let reply = change(&endpoint, |mut c| async move {
+            let reply = change(dial, &endpoint, |mut c| async move {
                 c.remove(pb::RemoveRequest { node_id }).await
             })
             .await?;
@@ -153,23 +160,39 @@ fn report(reply: &pb::ChangeResponse, done: &str, already: &str) {
     }
 }
 
-async fn connect(endpoint: &str) -> anyhow::Result<AdminClient<Channel>> {
-    let uri = if endpoint.contains("://") {
-        endpoint.to_owned()
-    } else {
-        format!("http://{endpoint}")
+/// How admin endpoints are dialed: over TLS when `tso admin` was given `--tls-ca` (then a
+/// scheme-less address, as hints are, means `https`).
+#[derive(Clone, Copy)]
+struct Dial<'a> {
+    tls: Option<&'a ClientTlsConfig>,
+}
+
+async fn connect(dial: Dial<'_>, endpoint: &str) -> anyhow::Result<AdminClient<Channel>> {
+    let uri = match (endpoint.contains("://"), dial.tls) {
+        (true, _) => endpoint.to_owned(),
+        (false, Some(_)) => format!("https://{endpoint}"),
+        (false, None) => format!("http://{endpoint}"),
     };
-    let channel = Channel::from_shared(uri.clone())
+    let mut channel = Channel::from_shared(uri.clone())
         .with_context(|| format!("{endpoint:?} is not an admin address (host:port)"))?
-        .connect_timeout(CONNECT_TIMEOUT)
+        .connect_timeout(CONNECT_TIMEOUT);
+    if uri.starts_with("https://") {
+        let tls = dial.tls.with_context(|| {
+            format!("{endpoint} is an https address: give --tls-ca (and --tls-cert, --tls-key)")
+        })?;
+        channel = channel
+            .tls_config(tls.clone())
+            .with_context(|| format!("the TLS configuration for {endpoint}"))?;
+    }
+    let channel = channel
         .connect()
         .await
         .with_context(|| format!("cannot reach the admin service at {endpoint}"))?;
     Ok(AdminClient::new(channel))
 }
 
-async fn list(endpoint: &str) -> anyhow::Result<pb::ListMembersResponse> {
-    let mut client = connect(endpoint).await?;
+async fn list(dial: Dial<'_>, endpoint: &str) -> anyhow::Result<pb::ListMembersResponse> {
+    let mut client = connect(dial, endpoint).await?;
     let reply = client
         .list_members(pb::ListMembersRequest {})
         .await
@@ -188,7 +211,11 @@ fn leader_admin_addr(reply: &pb::ListMembersResponse) -> Option<String> {
 }
 
 /// Sends a change to `endpoint`, following "not leader" hints to the leader.
-async fn change<F, Fut>(endpoint: &str, call: F) -> anyhow::Result<pb::ChangeResponse>
+async fn change<F, Fut>(
+    dial: Dial<'_>,
+    endpoint: &str,
+    call: F,
+) -> anyhow::Result<pb::ChangeResponse>
 where
     F: Fn(AdminClient<Channel>) -> Fut,
     Fut: std::future::Future<Output = Result<tonic::Response<pb::ChangeResponse>, tonic::Status>>,
@@ -196,7 +223,7 @@ where
     let mut target = endpoint.to_owned();
     let mut redirects = 0;
     loop {
-        let client = connect(&target).await?;
+        let client = connect(dial, &target).await?;
         let status = match call(client).await {
             Ok(reply) => return Ok(reply.into_inner()),
             Err(status) => status,

@@ -113,35 +113,62 @@ pub fn raft_config(args: &ServeArgs) -> anyhow::Result<(RaftConfig, SocketAddr)>
 }
 
 /// Binds `--admin-listen`, if given (before the node starts, so a taken port fails the start).
-pub async fn bind_admin(args: &ServeArgs) -> anyhow::Result<Option<TcpListener>> {
+pub async fn bind_admin(args: &ServeArgs) -> anyhow::Result<Option<AdminListener>> {
     let Some(addr) = args.cluster.admin_listen else {
+        anyhow::ensure!(
+            !args.tls.has_admin_flags(),
+            "--admin-tls-* apply to the admin port: give --admin-listen too"
+        );
         return Ok(None);
     };
+    let tls = args.tls.admin_port()?;
+    crate::tls::require_tls_or_insecure(
+        "admin listener (--admin-listen)",
+        addr,
+        tls.is_some(),
+        args.tls.insecure,
+        "--admin-tls-cert, --admin-tls-key and --admin-tls-ca",
+    )?;
     let listener = TcpListener::bind(addr)
         .await
         .with_context(|| format!("cannot serve admin on {addr}: pick another --admin-listen"))?;
-    Ok(Some(listener))
+    Ok(Some(AdminListener { listener, tls }))
 }
 
-/// Serves the admin service (`tso.admin.v1`) on `listener` until `stop`. One tonic server of
-/// its own, so that it can get a TLS config apart from the client port.
+/// The bound admin port and its TLS (mutual, from `--admin-tls-*`), if any.
+pub struct AdminListener {
+    listener: TcpListener,
+    tls: Option<tonic::transport::ServerTlsConfig>,
+}
+
+/// Serves the admin service (`tso.admin.v1`) on `admin` until `stop`. One tonic server of its
+/// own, so that its TLS is apart from the client port's.
 pub fn serve_admin(
-    listener: Option<TcpListener>,
+    admin: Option<AdminListener>,
     backend: &RaftBackend,
     stop: CancellationToken,
-) -> Option<JoinHandle<()>> {
-    let listener = listener?;
-    if let Ok(addr) = listener.local_addr() {
-        tracing::info!(%addr, "serving admin");
+) -> anyhow::Result<Option<JoinHandle<()>>> {
+    let Some(AdminListener { listener, tls }) = admin else {
+        return Ok(None);
+    };
+    let secure = tls.is_some();
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        builder = builder
+            .tls_config(tls)
+            .context("the TLS configuration of the admin port")?;
     }
-    let server = tonic::transport::Server::builder().add_service(backend.admin_service());
-    Some(tokio::spawn(async move {
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(%addr, tls = secure, "serving admin");
+    }
+    let server = builder.add_service(backend.admin_service());
+    Ok(Some(tokio::spawn(async move {
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
         let stopped = async move { stop.cancelled().await };
         if let Err(e) = server.serve_with_incoming_shutdown(incoming, stopped).await {
             tracing::error!("the admin server failed: {e}");
         }
-    }))
+    })))
 }
 
 /// An explicit `--advertise-*` flag must agree with the node's own entry in the members list,

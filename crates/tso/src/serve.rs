@@ -168,7 +168,7 @@ async fn serve_raft(args: ServeArgs, probes: &ProbeState) -> anyhow::Result<()> 
             .context("starting the raft node")?,
     );
     let stop_admin = CancellationToken::new();
-    let admin = cluster::serve_admin(admin_listener, &backend, stop_admin.clone());
+    let admin = cluster::serve_admin(admin_listener, &backend, stop_admin.clone())?;
     let (stop_peers, peers_stopped) = tokio::sync::oneshot::channel::<()>();
     let peers = {
         let backend = Arc::clone(&backend);
@@ -207,6 +207,10 @@ async fn serve_file(args: ServeArgs, probes: &ProbeState) -> anyhow::Result<()> 
     anyhow::ensure!(
         !args.tls.has_peer_flags(),
         "--peer-tls-* apply to raft peers: use them with --backend raft"
+    );
+    anyhow::ensure!(
+        args.cluster.admin_listen.is_none() && !args.tls.has_admin_flags(),
+        "--admin-listen and --admin-tls-* serve raft membership changes: use them with --backend raft"
     );
     let tls = args.tls.client_port()?;
     let client_tls = tls.is_some();

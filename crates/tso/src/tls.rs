@@ -36,7 +36,18 @@ pub struct ServeTlsArgs {
     /// refused in the handshake, both ways.
     #[arg(long, requires = "peer_tls_cert", env = "TSO_PEER_TLS_CA")]
     pub peer_tls_ca: Option<PathBuf>,
-    /// Allow a routable (non-loopback) raft peer listener without peer TLS: raft traffic then
+    /// Mutual TLS on the admin port (`--admin-listen`): this node's certificate (PEM). It must
+    /// name the host operators dial (and that `tso admin` follows to the leader).
+    #[arg(long, requires_all = ["admin_tls_key", "admin_tls_ca"], env = "TSO_ADMIN_TLS_CERT")]
+    pub admin_tls_cert: Option<PathBuf>,
+    /// The private key of --admin-tls-cert (PEM).
+    #[arg(long, requires = "admin_tls_cert", env = "TSO_ADMIN_TLS_KEY")]
+    pub admin_tls_key: Option<PathBuf>,
+    /// The CA (PEM) that signed the certificates of the operators allowed to change the
+    /// membership; `tso admin` presents one with --tls-cert/--tls-key.
+    #[arg(long, requires = "admin_tls_cert", env = "TSO_ADMIN_TLS_CA")]
+    pub admin_tls_ca: Option<PathBuf>,
+    /// Allow a routable (non-loopback) raft peer or admin listener without TLS: its traffic then
     /// crosses the network in plaintext and anyone who reaches the port can talk to the node.
     #[arg(long)]
     pub insecure: bool,
@@ -69,9 +80,28 @@ impl ServeTlsArgs {
         Ok(Some(PeerTls { ca, identity }))
     }
 
+    /// Mutual TLS on the admin port (`--admin-tls-*`), `None` without `--admin-tls-cert`.
+    pub fn admin_port(&self) -> anyhow::Result<Option<tonic::transport::ServerTlsConfig>> {
+        let (Some(cert), Some(key), Some(ca)) = (
+            &self.admin_tls_cert,
+            &self.admin_tls_key,
+            &self.admin_tls_ca,
+        ) else {
+            return Ok(None);
+        };
+        let identity = load_identity(("--admin-tls-cert", cert), ("--admin-tls-key", key))?;
+        let ca = load_ca("--admin-tls-ca", ca)?;
+        Ok(Some(server_tls_config(&identity, Some(&ca))))
+    }
+
     /// True if any peer TLS flag is given.
     pub fn has_peer_flags(&self) -> bool {
         self.peer_tls_cert.is_some() || self.peer_tls_key.is_some() || self.peer_tls_ca.is_some()
+    }
+
+    /// True if any admin TLS flag is given.
+    pub fn has_admin_flags(&self) -> bool {
+        self.admin_tls_cert.is_some() || self.admin_tls_key.is_some() || self.admin_tls_ca.is_some()
     }
 }
 

@@ -563,3 +563,100 @@ fn bench_and_check_attach_over_mutual_tls() {
         "{report:#}"
     );
 }
+
+/// The admin port: with `--admin-tls-*` it takes only operators whose certificate the admin
+/// CA signed (`tso admin` with `--tls-ca`, `--tls-cert`, `--tls-key`); a routable admin
+/// listener without TLS needs `--insecure`, and refuses to start before touching the data.
+#[test]
+fn the_admin_port_takes_mutual_tls_and_a_routable_plaintext_one_needs_insecure() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("admin CA");
+    let server_files = ca.write_leaf(dir.path(), "node-1");
+    let operator = ca.write_leaf(dir.path(), "operator");
+    let stranger = Ca::new("another CA").write_leaf(dir.path(), "stranger");
+    let (client_port, peer_port, admin_port) = (free_port(), free_port(), free_port());
+    let base = |data: &str, admin_listen: &str| -> Vec<String> {
+        vec![
+            "serve".into(),
+            "--backend".into(),
+            "raft".into(),
+            "--node-id".into(),
+            "1".into(),
+            "--listen".into(),
+            format!("127.0.0.1:{client_port}"),
+            "--peer-addr".into(),
+            format!("127.0.0.1:{peer_port}"),
+            "--admin-listen".into(),
+            admin_listen.into(),
+            "--members".into(),
+            format!("1=127.0.0.1:{client_port}/{peer_port}/{admin_port}"),
+            "--data-dir".into(),
+            dir.path().join(data).display().to_string(),
+        ]
+    };
+
+    // Routable and plaintext: refused, naming the flags, before the data directory exists.
+    let err = spawn_server(&base("refused", "0.0.0.0:0"))
+        .err()
+        .expect("a routable plaintext admin port started");
+    assert!(
+        err.contains("admin listener (--admin-listen) 0.0.0.0:0 is reachable")
+            && err.contains("--admin-tls-cert")
+            && err.contains("--insecure"),
+        "{err}"
+    );
+    assert!(!dir.path().join("refused").exists());
+    let mut insecure = base("insecure", "0.0.0.0:0");
+    insecure.push("--insecure".into());
+    drop(spawn_server(&insecure).unwrap_or_else(|e| panic!("with --insecure: {e}")));
+
+    // Mutual TLS on the admin port.
+    let mut args = base("tls", &format!("127.0.0.1:{admin_port}"));
+    for (flag, path) in [
+        ("--admin-tls-cert", &server_files.cert),
+        ("--admin-tls-key", &server_files.key),
+        ("--admin-tls-ca", &server_files.ca),
+    ] {
+        args.push(flag.into());
+        args.push(path.display().to_string());
+    }
+    let _server = spawn_server(&args).unwrap_or_else(|e| panic!("admin over TLS: {e}"));
+    let endpoint = format!("127.0.0.1:{admin_port}");
+    let admin = |tls: &[&str]| {
+        let mut a = vec!["admin", "--timeout", "20s"];
+        a.extend_from_slice(tls);
+        a.extend_from_slice(&["members", "--endpoint", &endpoint]);
+        tso(&a)
+    };
+    // The operator's certificate: the members table (the single node leads once elected).
+    let (ok, out, err) = admin(&[
+        "--tls-ca",
+        s(&operator.ca),
+        "--tls-cert",
+        s(&operator.cert),
+        "--tls-key",
+        s(&operator.key),
+    ]);
+    assert!(ok, "tso admin over mutual TLS failed: {err}");
+    assert!(out.contains("voter"), "{out}");
+    // Plaintext, no client certificate, or one from another CA: refused.
+    let (ok, _, err) = admin(&[]);
+    assert!(!ok, "a plaintext admin call was served: {err}");
+    let (ok, _, err) = admin(&["--tls-ca", s(&operator.ca)]);
+    assert!(
+        !ok,
+        "an admin call without a client certificate was served: {err}"
+    );
+    let (ok, _, err) = admin(&[
+        "--tls-ca",
+        s(&operator.ca),
+        "--tls-cert",
+        s(&stranger.cert),
+        "--tls-key",
+        s(&stranger.key),
+    ]);
+    assert!(
+        !ok,
+        "an admin call with another CA's certificate was served: {err}"
+    );
+}

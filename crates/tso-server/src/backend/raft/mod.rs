@@ -38,8 +38,8 @@ use tso_core::{Epoch, PHYSICAL_MAX_MS};
 use tso_proto::tso::raft_v1::raft_peer_server::RaftPeerServer;
 
 use crate::consensus::{BoxFuture, Consensus, ConsensusError, Leadership, SeqCounters, SeqEnds};
-pub use admin::{AdminService, PROMOTE_LAG_ENTRIES_MAX};
 use crate::tls::PeerTls;
+pub use admin::{AdminService, PROMOTE_LAG_ENTRIES_MAX};
 use dir_guard::DirGuard;
 pub use leadership::{LeaseHeld, VoteGate};
 use leadership::{leadership_of, read_applied, renew_lease, watch_leadership, write_in_term};
