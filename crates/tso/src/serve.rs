@@ -181,7 +181,16 @@ async fn serve_raft(args: ServeArgs, probes: &ProbeState) -> anyhow::Result<()> 
     probes.follow(guard.serving(), backend.clone());
     tracing::info!(%addr, node_id, peers = %peer_listen, data_dir = %args.data_dir.display(), "serving");
     println!("serving on {addr}");
-    let served = serve_listener(listener, guard, stop_requested(probes)).await;
+    // The client listener keeps answering during the handoff: "not leader", with a hint to the
+    // successor, so clients go straight there.
+    let stop = async {
+        stop_requested(probes).await;
+        if !args.no_handoff {
+            let deadline = tokio::time::Instant::now() + args.shutdown_grace;
+            let _ = backend.hand_off(deadline).await;
+        }
+    };
+    let served = serve_listener(listener, guard, stop).await;
     let _ = stop_peers.send(());
     let _ = peers.await;
     backend.shutdown().await;
