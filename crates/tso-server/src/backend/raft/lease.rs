@@ -200,7 +200,10 @@ mod tests {
         let t0 = Instant::now();
         clock.extend(7, t0);
         assert!(clock.is_valid(7));
-        assert!(clock.begin_vote(t0).is_err(), "a running lease holds votes back");
+        assert!(
+            clock.begin_vote(t0).is_err(),
+            "a running lease holds votes back"
+        );
         clock.relinquish(7);
         assert!(!clock.is_valid(7), "no grant after relinquishing");
         assert_eq!(clock.valid_until(7), None);

@@ -340,9 +340,15 @@ impl RaftBackend {
             config.timings.cluster_key(),
             config.links.clone(),
         );
-        let raft = Raft::new(config.node_id, raft_config, network.clone(), log, sm.clone())
-            .await
-            .map_err(|e| RaftOpenError::Start(e.to_string()))?;
+        let raft = Raft::new(
+            config.node_id,
+            raft_config,
+            network.clone(),
+            log,
+            sm.clone(),
+        )
+        .await
+        .map_err(|e| RaftOpenError::Start(e.to_string()))?;
         let first = config.initial_members.keys().next() == Some(&config.node_id);
         if fresh && first {
             initialize(&raft, config.initial_members.clone()).await?;
@@ -583,10 +589,7 @@ impl RaftBackend {
         }));
         // A write that passed its epoch check just before may still be queued in raft: a
         // request through raft's queue runs after it, and then the successor must hold it too.
-        self.raft
-            .with_raft_state(|_| ())
-            .await
-            .map_err(stopped)?;
+        self.raft.with_raft_state(|_| ()).await.map_err(stopped)?;
         let Some((_, last_log_index)) = self.wait_caught_up(term, &[target], deadline).await?
         else {
             return Ok(HandoffOutcome::NotLeader);

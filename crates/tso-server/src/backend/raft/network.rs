@@ -503,7 +503,12 @@ fn check_campaign(
     if m.state != openraft::ServerState::Follower {
         return Err(format!("this node is {:?}, not a follower", m.state));
     }
-    if !m.membership_config.membership().voter_ids().any(|id| id == m.id) {
+    if !m
+        .membership_config
+        .membership()
+        .voter_ids()
+        .any(|id| id == m.id)
+    {
         return Err("this node is not a voter".into());
     }
     if m.last_log_index < req.last_log_index {
