@@ -139,10 +139,12 @@ for round in $(seq 1 "$rounds"); do
         bench_code=0
         wait "$bench" || bench_code=$?
         gap=$(json_field "$out" "round(d['longest_gap_ms'], 1)")
+        # Where the longest gap lies, from the SIGTERM: its start and end in ms.
+        gap_at=$(json_field "$out" "'%+.0f..%+.0f' % (d['longest_gap_end_unix_ms'] - d['longest_gap_ms'] - $t0 / 1e6, d['longest_gap_end_unix_ms'] - $t0 / 1e6)")
         errors=$(json_field "$out" "sum(d['errors'].values()) if isinstance(d['errors'], dict) else d['errors']")
         check=$(json_field "$out" "d['check']['ok']")
         echo "round $round step $step: node $victim ($role) SIGTERM -> exit $code in $(((t1 - t0) / 1000000)) ms;" \
-            "${handoff:-no handoff}; client longest gap ${gap} ms, errors ${errors}, checks ok ${check}, bench exit ${bench_code}"
+            "${handoff:-no handoff}; client longest gap ${gap} ms (${gap_at} ms from the SIGTERM), errors ${errors}, checks ok ${check}, bench exit ${bench_code}"
         [[ $role == leader ]] && gaps+=("$gap")
         done_nodes+="$victim "
     done

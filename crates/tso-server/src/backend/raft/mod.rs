@@ -279,11 +279,11 @@ pub enum HandoffOutcome {
 /// Why a handoff did not happen; the cluster then elects a leader as after a crash.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum HandoffError {
-    #[error("the deadline passed {0}")]
+    #[error("timed out {0}")]
     Deadline(&'static str),
     #[error("node {to} did not campaign: {reason}")]
     Refused { to: u64, reason: String },
-    #[error("asked node {to} to campaign, but no new leader was seen by the deadline")]
+    #[error("asked node {to} to campaign, but no new leader appeared in time")]
     NotElected { to: u64 },
     #[error("raft stopped: {0}")]
     Stopped(String),
@@ -292,6 +292,9 @@ pub enum HandoffError {
 /// Past openraft's vote clock before asking for the leader's own vote: the clock refuses while
 /// `now <= elected + election_timeout_max`, and ticks are not involved, so a few ms suffice.
 const VOTE_CLOCK_SLACK: Duration = Duration::from_millis(5);
+
+/// How many `election_timeout_max` a handing-off leader waits for its successor's election.
+const ELECTION_WAIT_TIMEOUTS: u32 = 2;
 
 /// One node of a tso raft cluster, implementing the consensus seam.
 pub struct RaftBackend {
@@ -423,12 +426,14 @@ impl RaftBackend {
         listener: tokio::net::TcpListener,
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> Result<(), tonic::transport::Error> {
+        // Nagle's algorithm would hold the small writes of a fresh HTTP/2 connection for the
+        // peer's delayed ACK (about 40 ms): the first vote request between two nodes (as in a
+        // handoff) would wait that long.
+        let incoming =
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
         tonic::transport::Server::builder()
             .add_service(self.peer_service())
-            .serve_with_incoming_shutdown(
-                tokio_stream::wrappers::TcpListenerStream::new(listener),
-                shutdown,
-            )
+            .serve_with_incoming_shutdown(incoming, shutdown)
             .await
     }
 
@@ -570,7 +575,9 @@ impl RaftBackend {
             }
             tokio::time::sleep_until(votes_from).await;
         }
-        let Some((target, _)) = self.wait_caught_up(term, &voters, deadline).await? else {
+        // A healthy follower is caught up within a heartbeat or two: one raft call's bound.
+        let catch_up_by = deadline.min(tokio::time::Instant::now() + self.timings.call_timeout);
+        let Some((target, _)) = self.wait_caught_up(term, &voters, catch_up_by).await? else {
             return Ok(HandoffOutcome::NotLeader);
         };
         let Some(addrs) = self.members().remove(&target) else {
@@ -590,7 +597,8 @@ impl RaftBackend {
         // A write that passed its epoch check just before may still be queued in raft: a
         // request through raft's queue runs after it, and then the successor must hold it too.
         self.raft.with_raft_state(|_| ()).await.map_err(stopped)?;
-        let Some((_, last_log_index)) = self.wait_caught_up(term, &[target], deadline).await?
+        let catch_up_by = deadline.min(tokio::time::Instant::now() + self.timings.call_timeout);
+        let Some((_, last_log_index)) = self.wait_caught_up(term, &[target], catch_up_by).await?
         else {
             return Ok(HandoffOutcome::NotLeader);
         };
@@ -611,8 +619,14 @@ impl RaftBackend {
             .map_err(|reason| HandoffError::Refused { to: target, reason })?;
         let mut metrics = self.raft.metrics();
         let id = self.id;
+        // One vote round elects the successor; if none appears within two election timeouts
+        // (it was stopping too, say), the cluster has to elect one as after a crash.
+        let elected_by = deadline.min(
+            tokio::time::Instant::now()
+                + self.timings.election_timeout_max * ELECTION_WAIT_TIMEOUTS,
+        );
         let elected = tokio::time::timeout_at(
-            deadline,
+            elected_by,
             metrics.wait_for(|m| {
                 m.current_term > term && m.current_leader.is_some_and(|leader| leader != id)
             }),
