@@ -535,6 +535,59 @@ mod tests {
         assert!(matches!(other, CallError::Status(_)));
     }
 
+    /// Node 2's metrics while it follows node 1 in term 3, with a log ending at 10.
+    fn follower_metrics() -> openraft::RaftMetrics<NodeId, NodeAddrs> {
+        let nodes: std::collections::BTreeMap<NodeId, NodeAddrs> = (1..=4)
+            .map(|id| {
+                let addrs = NodeAddrs {
+                    client_addr: format!("h:{id}"),
+                    peer_addr: format!("h:{}", id + 10),
+                };
+                (id, addrs)
+            })
+            .collect();
+        let voters = [std::collections::BTreeSet::from([1, 2, 3])];
+        let membership = openraft::Membership::new(voters.to_vec(), nodes);
+        let mut m = openraft::RaftMetrics::new_initial(2);
+        m.current_term = 3;
+        m.current_leader = Some(1);
+        m.state = openraft::ServerState::Follower;
+        m.last_log_index = Some(10);
+        m.membership_config = Arc::new(openraft::StoredMembership::new(None, membership));
+        m
+    }
+
+    #[test]
+    fn a_campaign_is_run_only_for_the_leader_followed_in_its_term_with_its_log() {
+        let m = follower_metrics();
+        let asked = CampaignRequest {
+            term: 3,
+            leader_id: 1,
+            last_log_index: Some(10),
+        };
+        assert_eq!(check_campaign(&m, &asked), Ok(()));
+        let refused = [
+            CampaignRequest { term: 2, ..asked },
+            CampaignRequest {
+                leader_id: 3,
+                ..asked
+            },
+            CampaignRequest {
+                last_log_index: Some(11),
+                ..asked
+            },
+        ];
+        for req in refused {
+            assert!(check_campaign(&m, &req).is_err(), "{req:?}");
+        }
+        let mut candidate = follower_metrics();
+        candidate.state = openraft::ServerState::Candidate;
+        assert!(check_campaign(&candidate, &asked).is_err());
+        let mut learner = follower_metrics();
+        learner.id = 4;
+        assert!(check_campaign(&learner, &asked).is_err(), "a learner");
+    }
+
     #[test]
     fn links_cut_one_direction_and_isolate_both() {
         let links = Links::default();
