@@ -285,6 +285,8 @@ pub enum HandoffError {
     Refused { to: u64, reason: String },
     #[error("asked node {to} to campaign, but no new leader appeared in time")]
     NotElected { to: u64 },
+    #[error("this node stopped leading term {term} before its successor was asked")]
+    LostLeadership { term: u64 },
     #[error("raft stopped: {0}")]
     Stopped(String),
 }
@@ -600,7 +602,7 @@ impl RaftBackend {
         let catch_up_by = deadline.min(tokio::time::Instant::now() + self.timings.call_timeout);
         let Some((_, last_log_index)) = self.wait_caught_up(term, &[target], catch_up_by).await?
         else {
-            return Ok(HandoffOutcome::NotLeader);
+            return Err(HandoffError::LostLeadership { term });
         };
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
         let request = CampaignRequest {
