@@ -7,7 +7,9 @@
 //! only the first two count against the endpoint (`UNAVAILABLE` is a leader's transient refusal,
 //! retried on the same leader); an attempt cut short by the call's own deadline ends the call
 //! and counts against nothing; "no leader known" (or a malformed hint) rotates to the next
-//! endpoint and backs off after each full pass; an uncertain outcome (a sequence request that
+//! endpoint and backs off after each full pass, except that a hinted leader that does not serve
+//! yet is asked again every [`HINTED_LEADER_POLL`] for a while (a handoff names its successor
+//! a few milliseconds before it serves); an uncertain outcome (a sequence request that
 //! may have been granted) ends the call at once; nothing waits past the call's deadline.
 
 use std::collections::HashSet;
@@ -22,7 +24,7 @@ use tso_proto::LEADER_HINT_KEY;
 use tso_proto::v1::GetTsRequest;
 use tso_proto::v1::tso_service_client::TsoServiceClient;
 
-use crate::config::REDIRECTS_PER_CALL_MAX;
+use crate::config::{HINTED_LEADER_POLL, HINTED_LEADER_POLLS_MAX, REDIRECTS_PER_CALL_MAX};
 use crate::endpoint::{Hint, Target, decode_hint};
 use crate::grant::{Granted, TsRange, validate_reply};
 use crate::router::Router;
@@ -112,6 +114,11 @@ struct Call<'a> {
     target: Target,
     attempts_failed: u32,
     redirects: u32,
+    /// The target was named by a leader hint (not picked by rotation); the endpoint that named
+    /// it, if so.
+    hinted_by: Option<Target>,
+    /// Times a hinted target that did not serve yet was asked again.
+    hinted_polls: u32,
     /// "No leader" replies in the current pass over the configured endpoints.
     leaderless_in_pass: u32,
     /// Full passes that found no leader: the backoff exponent while an election lasts.
@@ -128,6 +135,8 @@ impl<'a> Call<'a> {
             target: router.first_target(),
             attempts_failed: 0,
             redirects: 0,
+            hinted_by: None,
+            hinted_polls: 0,
             leaderless_in_pass: 0,
             leaderless_passes: 0,
             malformed_hints: HashSet::new(),
@@ -180,12 +189,31 @@ impl<'a> Call<'a> {
         }
     }
 
-    /// Follows a usable hint at once and for free; otherwise moves on to the next endpoint.
+    /// Follows a usable hint at once and for free. A hinted target that names no other leader
+    /// than itself, or than the endpoint that sent the call to it under no newer epoch (a leader
+    /// handing off names its successor before the successor knows it leads), is about to
+    /// serve: it is asked again shortly, a bounded number of times. Otherwise the call moves on
+    /// to the next endpoint.
     fn on_not_leader<G>(&mut self, hint: Hint) -> Step<G> {
+        if let Some(hinted_by) = &self.hinted_by
+            && self.hinted_polls < HINTED_LEADER_POLLS_MAX
+        {
+            let about_to_serve = match &hint {
+                Hint::None => true,
+                Hint::Leader { target, epoch } => {
+                    target == &self.target
+                        || (target == hinted_by && !epoch.is_some_and(|e| self.router.is_newer(e)))
+                }
+            };
+            if about_to_serve {
+                self.hinted_polls += 1;
+                return Step::RetryAfter(HINTED_LEADER_POLL);
+            }
+        }
         if let Some(leader) = self.usable_hint(hint) {
             tracing::debug!(from = %self.target, to = %leader, "following leader hint");
             self.redirects += 1;
-            self.target = leader;
+            self.hinted_by = Some(std::mem::replace(&mut self.target, leader));
             return Step::RetryNow;
         }
         self.set_last_error(format!(
@@ -221,6 +249,7 @@ impl<'a> Call<'a> {
     fn rotate_leaderless<G>(&mut self) -> Step<G> {
         self.router.forget_leader(&self.target);
         self.target = self.router.next_configured();
+        self.hinted_by = None;
         self.leaderless_in_pass += 1;
         if (self.leaderless_in_pass as usize) < self.router.config().endpoints.len() {
             return Step::RetryNow;
@@ -271,6 +300,7 @@ impl<'a> Call<'a> {
         self.router.mark_unreachable(&self.target);
         self.spend_attempt(error)?;
         self.target = self.router.next_configured();
+        self.hinted_by = None;
         Ok(Step::RetryAfter(self.backoff(self.attempts_failed)))
     }
 
@@ -443,14 +473,15 @@ mod tests {
         let router = router(&["a:1"], 1);
         let last_error = LastError::default();
         let mut call = Call::new(&router, &last_error);
-        // Two followers naming each other.
-        let cycle = ["h:8", "h:9"];
+        // Three followers naming each other in a ring (two naming each other are a handoff in
+        // progress, polled for a while: see the test below).
+        let cycle = ["h:7", "h:8", "h:9"];
         for i in 0..REDIRECTS_PER_CALL_MAX as usize {
-            let next = cycle[i % 2];
+            let next = cycle[i % 3];
             assert!(matches!(call.next_step(hint_to(next)), Ok(Step::RetryNow)));
             assert_eq!(call.target.uri(), format!("http://{next}"));
         }
-        let next = cycle[REDIRECTS_PER_CALL_MAX as usize % 2];
+        let next = cycle[REDIRECTS_PER_CALL_MAX as usize % 3];
         assert!(matches!(
             call.next_step(hint_to(next)),
             Ok(Step::RetryAfter(_))
@@ -473,6 +504,53 @@ mod tests {
             Ok(Step::RetryAfter(_))
         ));
         assert_eq!(call.redirects, 0);
+    }
+
+    #[test]
+    fn a_hinted_leader_that_does_not_serve_yet_is_polled_shortly_then_rotation_takes_over() {
+        let router = router(&["a:1", "b:2"], 1);
+        let last_error = LastError::default();
+        let mut call = Call::new(&router, &last_error);
+        let first = call.target.clone();
+        assert!(matches!(call.next_step(hint_to("h:9")), Ok(Step::RetryNow)));
+        let successor = call.target.clone();
+        for i in 0..HINTED_LEADER_POLLS_MAX {
+            // In turn: still following the one that named it, no leader known yet (electing),
+            // and fencing (a hint naming itself).
+            let outcome = match i % 3 {
+                0 => hint_to(first.uri().strip_prefix("http://").unwrap()),
+                1 => O::NotLeader(Hint::None),
+                _ => hint_to("h:9"),
+            };
+            let step = call.next_step(outcome);
+            assert!(
+                matches!(step, Ok(Step::RetryAfter(d)) if d == HINTED_LEADER_POLL),
+                "poll {i}"
+            );
+            assert_eq!(call.target, successor);
+        }
+        call.next_step(O::NotLeader(Hint::None)).unwrap();
+        assert_ne!(call.target, successor, "rotation after the polls");
+        assert_eq!(call.attempts_failed, 0, "polls spend no attempt");
+        // A configured endpoint reached by rotation is not polled.
+        let rotated = call.target.clone();
+        call.next_step(O::NotLeader(Hint::None)).unwrap();
+        assert_ne!(call.target, rotated);
+    }
+
+    #[test]
+    fn a_hint_back_under_a_newer_epoch_is_followed_not_polled() {
+        let router = router(&["a:1"], 1);
+        let last_error = LastError::default();
+        let mut call = Call::new(&router, &last_error);
+        router.observe_leader(&call.target.clone(), tso_core::Epoch::new(5));
+        assert!(matches!(call.next_step(hint_to("h:9")), Ok(Step::RetryNow)));
+        let back = O::NotLeader(Hint::Leader {
+            target: parse_address("a:1", Scheme::Http).unwrap(),
+            epoch: Some(tso_core::Epoch::new(6)),
+        });
+        assert!(matches!(call.next_step(back), Ok(Step::RetryNow)));
+        assert_eq!(call.target.uri(), "http://a:1");
     }
 
     #[test]

@@ -53,6 +53,15 @@ pub(crate) const STREAM_UNSUPPORTED_RECHECK: Duration = Duration::from_secs(300)
 /// twice; more means hints are cycling between nodes, and rotation takes over.
 pub(crate) const REDIRECTS_PER_CALL_MAX: u32 = 8;
 
+/// How soon a call asks a hinted leader again when it answers that it does not serve yet (no
+/// hint, or one naming itself): a leader handing off names its successor before the successor
+/// has won its election and run its fence, which takes a few milliseconds on a LAN.
+pub(crate) const HINTED_LEADER_POLL: Duration = Duration::from_millis(2);
+
+/// Polls of one hinted leader per call before rotation (with its backoff) takes over: 25 polls
+/// cover 50 ms, well past a handoff's election and fence on a LAN; past them it is an election.
+pub(crate) const HINTED_LEADER_POLLS_MAX: u32 = 25;
+
 /// Connections the client keeps: the configured endpoints plus hinted leaders. A cluster has a
 /// handful of nodes; the cap keeps a stream of bogus hints from growing the map.
 pub(crate) const CHANNELS_MAX: usize = 64;

@@ -64,6 +64,14 @@ pub fn serving(on: bool) {
 pub const RAFT_TERM: &str = "tso_raft_term";
 pub const RAFT_LEADER: &str = "tso_raft_leader";
 pub const RAFT_LEASE_RENEWALS: &str = "tso_raft_lease_renewals_total";
+pub const RAFT_HANDOFFS: &str = "tso_raft_handoffs_total";
+
+/// One leadership handoff at shutdown (`ok`: a successor was elected; `failed`: the cluster
+/// elects one as after a crash).
+pub fn raft_handoff(ok: bool) {
+    let outcome = if ok { "ok" } else { "failed" };
+    metrics::counter!(RAFT_HANDOFFS, "outcome" => outcome).increment(1);
+}
 
 /// The raft term and whether this node leads in it, on every leadership change.
 pub fn raft_leadership(term: u64, leader: bool) {

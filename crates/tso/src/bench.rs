@@ -56,14 +56,19 @@ struct Live {
     last_ok_ns: AtomicU64,
     /// The longest stretch between successful replies seen so far.
     longest_gap_ns: AtomicU64,
+    /// When that stretch ended (nanoseconds after the warm-up; racing updates may pair it with
+    /// a gap of about the same length).
+    longest_gap_end_ns: AtomicU64,
 }
 
 impl Live {
     fn success(&self, at_ns: u64) {
         let previous = self.last_ok_ns.fetch_max(at_ns, Ordering::Relaxed);
         if at_ns > previous {
-            self.longest_gap_ns
-                .fetch_max(at_ns - previous, Ordering::Relaxed);
+            let gap = at_ns - previous;
+            if self.longest_gap_ns.fetch_max(gap, Ordering::Relaxed) < gap {
+                self.longest_gap_end_ns.store(at_ns, Ordering::Relaxed);
+            }
         }
     }
 }
@@ -225,6 +230,9 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
     live.success(end_gap_ns);
     let mut report = Report::merge(&args, &endpoints, stats, &live);
     report.load_average = (load_before, load_average());
+    let gap_end =
+        phases.warmup_end + Duration::from_nanos(live.longest_gap_end_ns.load(Ordering::Relaxed));
+    report.longest_gap_end_unix_ms = unix_ms_of(gap_end);
     if args.json {
         println!("{}", report.json());
     } else {
@@ -422,6 +430,9 @@ struct Report {
     latency_us: Histogram<u32>,
     errors: BTreeMap<String, u64>,
     longest_gap: Duration,
+    /// Wall-clock time (ms since the Unix epoch) at which the longest gap ended, to line it up
+    /// with events outside the bench (`--json` only).
+    longest_gap_end_unix_ms: Option<f64>,
     /// The machine's 1-minute load average before and after: figures from a busy machine
     /// are lower bounds.
     load_average: (Option<f64>, Option<f64>),
@@ -523,6 +534,7 @@ impl Report {
             latency_us,
             errors,
             longest_gap: Duration::from_nanos(live.longest_gap_ns.load(Ordering::Relaxed)),
+            longest_gap_end_unix_ms: None,
             load_average: (None, None),
             checks: Checks::merge(&mut stats, args.rpc, args.seq_keys),
         }
@@ -679,6 +691,7 @@ impl Report {
             },
             "errors": self.errors,
             "longest_gap_ms": self.longest_gap.as_secs_f64() * 1000.0,
+            "longest_gap_end_unix_ms": self.longest_gap_end_unix_ms,
             "load_average_before": self.load_average.0,
             "load_average_after": self.load_average.1,
             "cores": cores(),
@@ -707,6 +720,15 @@ impl Report {
         }
         json
     }
+}
+
+/// `at` on the wall clock, in milliseconds since the Unix epoch.
+fn unix_ms_of(at: Instant) -> Option<f64> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()?;
+    let ago = Instant::now().saturating_duration_since(at);
+    Some(now.checked_sub(ago)?.as_secs_f64() * 1000.0)
 }
 
 /// The 1-minute load average (Linux), if readable.
@@ -843,5 +865,6 @@ mod tests {
             live.success(at);
         }
         assert_eq!(live.longest_gap_ns.load(Ordering::Relaxed), 70);
+        assert_eq!(live.longest_gap_end_ns.load(Ordering::Relaxed), 100);
     }
 }

@@ -70,6 +70,11 @@ pub struct ServeArgs {
     /// How long shutdown waits for in-flight calls and background work.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,
+    /// For comparisons: a raft leader stops without handing its leadership on (by default it
+    /// hands it to an up-to-date voter within the shutdown grace), so the cluster elects a
+    /// leader as after a crash.
+    #[arg(long, hide = true)]
+    pub no_handoff: bool,
     /// Worker threads of the server's runtime (default: one per core).
     #[arg(long, env = "TSO_THREADS", value_parser = clap::value_parser!(u16).range(1..))]
     pub threads: Option<u16>,

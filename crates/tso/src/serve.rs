@@ -190,7 +190,16 @@ async fn serve_raft(args: ServeArgs, probes: &ProbeState) -> anyhow::Result<()> 
         data_dir = %args.data_dir.display(), "serving"
     );
     println!("serving on {addr}");
-    let served = serve_listener_tls(listener, guard, tls, stop_requested(probes)).await;
+    // The client listener keeps answering during the handoff: "not leader", with a hint to the
+    // successor, so clients go straight there.
+    let stop = async {
+        stop_requested(probes).await;
+        if !args.no_handoff {
+            let deadline = tokio::time::Instant::now() + args.shutdown_grace;
+            let _ = backend.hand_off(deadline).await;
+        }
+    };
+    let served = serve_listener_tls(listener, guard, tls, stop).await;
     stop_admin.cancel();
     if let Some(admin) = admin {
         let _ = admin.await;

@@ -87,16 +87,40 @@ fn epoch_of(l: &Leadership) -> Option<Epoch> {
     }
 }
 
+/// A leader handing its leadership on (`RaftBackend::hand_off`): in `term` and below this node
+/// no longer reports itself leader, but a follower hinting at `hint` (the chosen successor's
+/// client address), so the oracle steps down and clients go straight to the successor.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stepdown {
+    pub term: u64,
+    pub hint: Option<String>,
+}
+
+/// `next` as published while `stepdown` holds: a leadership of its term or below becomes a
+/// follower hinting at the successor (no epoch: the successor is not elected yet).
+pub fn stepped_down(next: Leadership, stepdown: Option<&Stepdown>) -> Leadership {
+    match (next, stepdown) {
+        (Leadership::Leader { epoch }, Some(s)) if epoch.hi() <= s.term => Leadership::Follower {
+            leader_endpoint: s.hint.clone(),
+            leader_epoch: None,
+        },
+        (next, _) => next,
+    }
+}
+
 /// Mirrors openraft's metrics into the leadership watch until raft stops; then the watch closes.
 /// Epochs never go back: a state naming an older epoch than one already published is `Unknown`.
+/// A [`Stepdown`] on `stepdown` overrides this node's own leadership in its term.
 pub async fn watch_leadership<N: openraft::Node>(
     mut metrics: watch::Receiver<RaftMetrics<NodeId, N>>,
     tx: watch::Sender<Leadership>,
     client_addr: ClientAddrFn<N>,
+    mut stepdown: watch::Receiver<Option<Stepdown>>,
 ) {
     let mut highest: Option<Epoch> = None;
+    let mut stepdown_open = true;
     loop {
-        let (mut next, stopped, term) = {
+        let (next, stopped, term) = {
             let m = metrics.borrow_and_update();
             (
                 leadership_with(&m, &*client_addr),
@@ -104,6 +128,7 @@ pub async fn watch_leadership<N: openraft::Node>(
                 m.current_term,
             )
         };
+        let mut next = stepped_down(next, stepdown.borrow_and_update().as_ref());
         match (epoch_of(&next), highest) {
             (Some(e), Some(h)) if e < h => next = Leadership::Unknown,
             (Some(e), _) => highest = Some(e),
@@ -118,8 +143,16 @@ pub async fn watch_leadership<N: openraft::Node>(
         if changed {
             crate::metrics::raft_leadership(term, leads);
         }
-        if stopped || metrics.changed().await.is_err() {
+        if stopped {
             return;
+        }
+        tokio::select! {
+            changed = metrics.changed() => if changed.is_err() {
+                return;
+            },
+            changed = stepdown.changed(), if stepdown_open => if changed.is_err() {
+                stepdown_open = false;
+            },
         }
     }
 }

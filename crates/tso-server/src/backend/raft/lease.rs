@@ -122,6 +122,17 @@ impl LeaseClock {
         Ok(())
     }
 
+    /// Gives up this node's lease of `term` for good, before it hands leadership to a peer: from
+    /// here on no lease of `term` (or below) is valid, none is extended, and the vote gate no
+    /// longer refuses for it. Grants stop at once; this node's vote may be given next.
+    pub fn relinquish(&self, term: u64) {
+        let mut state = self.lock();
+        state.floor_term = state.floor_term.max(term.saturating_add(1));
+        if state.lease.is_some_and(|l| l.term < state.floor_term) {
+            state.lease = None;
+        }
+    }
+
     /// Called once raft has handled a vote request admitted by [`Self::begin_vote`]:
     /// `vote_term` is this node's vote term afterwards (the request's term when unknown).
     /// A lease of any lower term is over for good.
@@ -181,6 +192,32 @@ mod tests {
             Some(t0 + Duration::from_millis(100)),
             "a vote that left this node in its term keeps its lease"
         );
+    }
+
+    #[test]
+    fn a_relinquished_lease_ends_at_once_admits_votes_and_is_never_extended_again() {
+        let clock = LeaseClock::new(Duration::from_secs(60));
+        let t0 = Instant::now();
+        clock.extend(7, t0);
+        assert!(clock.is_valid(7));
+        assert!(
+            clock.begin_vote(t0).is_err(),
+            "a running lease holds votes back"
+        );
+        clock.relinquish(7);
+        assert!(!clock.is_valid(7), "no grant after relinquishing");
+        assert_eq!(clock.valid_until(7), None);
+        clock.extend(7, Instant::now());
+        assert!(
+            !clock.is_valid(7),
+            "a confirmation in the relinquished term is ignored"
+        );
+        assert!(clock.begin_vote(Instant::now()).is_ok(), "votes pass");
+        clock.end_vote(8);
+        clock.extend(6, Instant::now());
+        assert!(!clock.is_valid(6), "nor does an older term come back");
+        clock.extend(9, Instant::now());
+        assert!(clock.is_valid(9), "a later term leads normally");
     }
 
     #[test]

@@ -20,8 +20,8 @@ use openraft::raft::{
     VoteRequest, VoteResponse,
 };
 use openraft::{RPCTypes, RaftNetwork, RaftNetworkFactory};
-use serde::Serialize;
 use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
 use tonic::transport::{Channel, Endpoint};
 use tso_proto::tso::raft_v1::RaftMessage;
 use tso_proto::tso::raft_v1::raft_peer_client::RaftPeerClient;
@@ -152,6 +152,54 @@ impl Network {
                 tracing::error!(peer_addr, "cannot set up TLS to this peer: {e}");
                 None
             }
+        }
+    }
+}
+
+/// How long a node asked to campaign waits for its own log to reach the index the leader named
+/// (the leader saw it replicated, so this only covers the follower's metrics catching up).
+const CAMPAIGN_LOG_WAIT: Duration = Duration::from_millis(200);
+
+/// What a leader handing its leadership on asks of its successor (the `Campaign` peer RPC):
+/// campaign now, if `leader_id` is the leader it follows in `term` and its log holds
+/// `last_log_index` (the leader's last entry).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CampaignRequest {
+    pub term: u64,
+    pub leader_id: NodeId,
+    pub last_log_index: Option<u64>,
+}
+
+impl Network {
+    /// Asks `target` (at `peer_addr`) to campaign; `Err` carries why it did not.
+    pub async fn campaign(
+        &self,
+        target: NodeId,
+        peer_addr: &str,
+        req: CampaignRequest,
+        ttl: Duration,
+    ) -> Result<(), String> {
+        if self.links.is_cut(self.self_id, target) {
+            return Err(format!("link {} -> {target} is cut", self.self_id));
+        }
+        let channel = self
+            .channel(peer_addr)
+            .ok_or_else(|| format!("peer address {peer_addr:?} is not a valid host:port"))?;
+        let payload = postcard::to_stdvec(&req).expect("a campaign request always encodes");
+        let mut request = tonic::Request::new(RaftMessage { payload });
+        request.set_timeout(ttl);
+        request
+            .metadata_mut()
+            .insert(TIMINGS_HEADER, self.timings.clone());
+        let mut client = RaftPeerClient::new(channel);
+        match tokio::time::timeout(ttl, client.campaign(request)).await {
+            Err(_) => Err(format!("node {target} did not answer within {ttl:?}")),
+            Ok(Err(status)) => Err(format!(
+                "node {target} refused: {}: {}",
+                status.code(),
+                status.message()
+            )),
+            Ok(Ok(_)) => Ok(()),
         }
     }
 }
@@ -427,6 +475,69 @@ impl RaftPeer for PeerService {
         let req: InstallSnapshotRequest<TypeConfig> = decode(request)?;
         reply(&self.raft.install_snapshot(req).await)
     }
+
+    async fn campaign(
+        &self,
+        request: tonic::Request<RaftMessage>,
+    ) -> Result<tonic::Response<RaftMessage>, tonic::Status> {
+        self.check_timings(&request)?;
+        let req: CampaignRequest = decode(request)?;
+        // The leader saw its last entry replicated here; wait (briefly) until metrics show it.
+        let _ = self
+            .raft
+            .wait(Some(CAMPAIGN_LOG_WAIT))
+            .log_index_at_least(req.last_log_index, "campaign")
+            .await;
+        check_campaign(&self.raft.metrics().borrow(), &req)
+            .map_err(tonic::Status::failed_precondition)?;
+        self.raft
+            .trigger()
+            .elect()
+            .await
+            .map_err(|e| tonic::Status::unavailable(format!("raft stopped: {e}")))?;
+        tracing::info!(
+            from = req.leader_id,
+            term = req.term,
+            "campaigning: the leader is handing its leadership to this node"
+        );
+        reply(&())
+    }
+}
+
+/// Whether this node (metrics `m`) should campaign on `req`: it follows `req.leader_id` in
+/// `req.term`, is a voter, and its log holds the leader's last entry (so the leader's vote,
+/// which decides the election, is granted on the log check).
+fn check_campaign(
+    m: &openraft::RaftMetrics<NodeId, NodeAddrs>,
+    req: &CampaignRequest,
+) -> Result<(), String> {
+    if m.running_state.is_err() {
+        return Err("raft has stopped".into());
+    }
+    if m.current_term != req.term || m.current_leader != Some(req.leader_id) {
+        return Err(format!(
+            "this node follows {:?} in term {}, not node {} in term {}",
+            m.current_leader, m.current_term, req.leader_id, req.term
+        ));
+    }
+    if m.state != openraft::ServerState::Follower {
+        return Err(format!("this node is {:?}, not a follower", m.state));
+    }
+    if !m
+        .membership_config
+        .membership()
+        .voter_ids()
+        .any(|id| id == m.id)
+    {
+        return Err("this node is not a voter".into());
+    }
+    if m.last_log_index < req.last_log_index {
+        return Err(format!(
+            "this node's log ends at {:?}, before the leader's {:?}",
+            m.last_log_index, req.last_log_index
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -442,6 +553,60 @@ mod tests {
         assert!(matches!(deadline, CallError::Deadline(d) if d == ttl));
         let other = classify_status(tonic::Status::internal("bug"), ttl);
         assert!(matches!(other, CallError::Status(_)));
+    }
+
+    /// Node 2's metrics while it follows node 1 in term 3, with a log ending at 10.
+    fn follower_metrics() -> openraft::RaftMetrics<NodeId, NodeAddrs> {
+        let nodes: std::collections::BTreeMap<NodeId, NodeAddrs> = (1..=4)
+            .map(|id| {
+                let addrs = NodeAddrs {
+                    client_addr: format!("h:{id}"),
+                    peer_addr: format!("h:{}", id + 10),
+                    admin_addr: String::new(),
+                };
+                (id, addrs)
+            })
+            .collect();
+        let voters = [std::collections::BTreeSet::from([1, 2, 3])];
+        let membership = openraft::Membership::new(voters.to_vec(), nodes);
+        let mut m = openraft::RaftMetrics::new_initial(2);
+        m.current_term = 3;
+        m.current_leader = Some(1);
+        m.state = openraft::ServerState::Follower;
+        m.last_log_index = Some(10);
+        m.membership_config = Arc::new(openraft::StoredMembership::new(None, membership));
+        m
+    }
+
+    #[test]
+    fn a_campaign_is_run_only_for_the_leader_followed_in_its_term_with_its_log() {
+        let m = follower_metrics();
+        let asked = CampaignRequest {
+            term: 3,
+            leader_id: 1,
+            last_log_index: Some(10),
+        };
+        assert_eq!(check_campaign(&m, &asked), Ok(()));
+        let refused = [
+            CampaignRequest { term: 2, ..asked },
+            CampaignRequest {
+                leader_id: 3,
+                ..asked
+            },
+            CampaignRequest {
+                last_log_index: Some(11),
+                ..asked
+            },
+        ];
+        for req in refused {
+            assert!(check_campaign(&m, &req).is_err(), "{req:?}");
+        }
+        let mut candidate = follower_metrics();
+        candidate.state = openraft::ServerState::Candidate;
+        assert!(check_campaign(&candidate, &asked).is_err());
+        let mut learner = follower_metrics();
+        learner.id = 4;
+        assert!(check_campaign(&learner, &asked).is_err(), "a learner");
     }
 
     #[test]

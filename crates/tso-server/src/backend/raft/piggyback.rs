@@ -215,7 +215,12 @@ where
             timings.election_timeout_max,
         )));
         let tasks = vec![
-            tokio::spawn(watch_leadership(metrics, tx, client_addr.clone())),
+            tokio::spawn(watch_leadership(
+                metrics,
+                tx,
+                client_addr.clone(),
+                watch::channel(None).1,
+            )),
             tokio::spawn(renew_lease(
                 raft.clone(),
                 leadership.clone(),
