@@ -5,10 +5,9 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -69,42 +68,17 @@ fn data_dir(dir: &std::path::Path, n: &Node) -> std::path::PathBuf {
 
 /// Starts node `n` with its admin port and `extra` flags; waits for `serving on`.
 fn start(dir: &std::path::Path, n: &Node, extra: &[&str]) -> Server {
-    let mut child = Command::new(tso_bin())
+    let mut command = Command::new(tso_bin());
+    command
         .args(["serve", "--backend", "raft", "--node-id", &n.id.to_string()])
         .args(["--listen", &n.client()])
         .args(["--peer-addr", &format!("127.0.0.1:{}", n.peer_port)])
         .args(["--admin-listen", &n.admin()])
         .arg("--data-dir")
         .arg(data_dir(dir, n))
-        .args(extra)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawning tso serve");
-    let stdout = child.stdout.take().unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (err_tx, err_rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        for line in std::io::BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-        {
-            let _ = err_tx.send(line);
-        }
-    });
-    let mut line = String::new();
-    std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line).unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix("serving on ")
-        .unwrap_or_else(|| panic!("node {} did not start: {:?} {}", n.id, line, drain(&err_rx)))
-        .to_owned();
-    Server {
-        child,
-        addr,
-        stderr: err_rx,
-    }
+        .args(extra);
+    Server::spawn(command)
+        .unwrap_or_else(|(status, log)| panic!("node {} exited with {status}: {log}", n.id))
 }
 
 /// Waits until the server logs a line containing `text`.

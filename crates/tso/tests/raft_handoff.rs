@@ -6,10 +6,9 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc;
 use std::time::Duration;
 
 use common::*;
@@ -58,41 +57,16 @@ fn members(nodes: &[Node]) -> String {
 
 /// Starts node `n` of the cluster `members` and waits for its `serving on` line.
 fn start(dir: &std::path::Path, n: &Node, members: &str) -> Server {
-    let mut child = Command::new(tso_bin())
+    let mut command = Command::new(tso_bin());
+    command
         .args(["serve", "--backend", "raft", "--node-id", &n.id.to_string()])
         .args(["--listen", &n.endpoint()])
         .args(["--peer-addr", &format!("127.0.0.1:{}", n.peer_port)])
         .args(["--members", members])
         .arg("--data-dir")
-        .arg(dir.join(format!("node-{}", n.id)))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawning tso serve");
-    let stdout = child.stdout.take().unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (err_tx, err_rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        for line in std::io::BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-        {
-            let _ = err_tx.send(line);
-        }
-    });
-    let mut line = String::new();
-    std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line).unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix("serving on ")
-        .unwrap_or_else(|| panic!("node {} did not start: {:?} {}", n.id, line, drain(&err_rx)))
-        .to_owned();
-    Server {
-        child,
-        addr,
-        stderr: err_rx,
-    }
+        .arg(dir.join(format!("node-{}", n.id)));
+    Server::spawn(command)
+        .unwrap_or_else(|(status, log)| panic!("node {} exited with {status}: {log}", n.id))
 }
 
 fn connect(n: &Node) -> TsoServiceClient<Channel> {

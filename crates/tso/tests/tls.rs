@@ -7,8 +7,7 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Command, Stdio};
-use std::sync::mpsc;
+use std::process::Command;
 use std::time::Duration;
 
 use common::certs::{Ca, TlsFiles};
@@ -62,37 +61,9 @@ fn members(nodes: &[Node]) -> String {
 /// Spawns `tso` with `args`, and waits for its `serving on` line (`Err` with its stderr if it
 /// exits first).
 fn spawn_server(args: &[String]) -> Result<Server, String> {
-    let mut child = Command::new(tso_bin())
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawning tso serve");
-    let stdout = child.stdout.take().unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (err_tx, err_rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        for line in std::io::BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-        {
-            let _ = err_tx.send(line);
-        }
-    });
-    let mut line = String::new();
-    std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line).unwrap();
-    match line.trim().strip_prefix("serving on ") {
-        Some(addr) => Ok(Server {
-            child,
-            addr: addr.to_owned(),
-            stderr: err_rx,
-        }),
-        None => {
-            let status = wait_exit(&mut child);
-            Err(format!("exited with {status}: {}", drain(&err_rx)))
-        }
-    }
+    let mut command = Command::new(tso_bin());
+    command.args(args);
+    Server::spawn(command).map_err(|(status, log)| format!("exited with {status}: {log}"))
 }
 
 /// The flags of raft node `n` with client TLS (`client`, client certificates required from

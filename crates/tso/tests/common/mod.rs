@@ -59,9 +59,7 @@ impl Server {
         command
             .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
             .arg(data_dir)
-            .args(extra)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
+            .args(extra);
         if let Some((soft, hard)) = open_files {
             use std::os::unix::process::CommandExt;
             let limit = libc::rlimit {
@@ -79,6 +77,13 @@ impl Server {
                 });
             }
         }
+        Self::spawn(command)
+    }
+
+    /// Spawns `command` (a `tso serve` with all its flags) with piped output, and waits for
+    /// `serving on <addr>`; the exit status and stderr if it exits first.
+    pub fn spawn(mut command: Command) -> Result<Server, (ExitStatus, String)> {
+        command.stdout(Stdio::piped()).stderr(Stdio::piped());
         let mut child = command.spawn().expect("spawning tso serve");
         let stdout = child.stdout.take().unwrap();
         let stderr = child.stderr.take().unwrap();
