@@ -18,9 +18,9 @@ use crate::router::Router;
 use crate::seq::{SeqBatch, SeqBlock, SeqRequest};
 use crate::{ClientBuilder, Error, Result, lease_call, seq_call};
 
-/// How long after its deadline a caller stops waiting on its own. The dispatcher reports a
-/// missed deadline itself, with the last error seen; the caller's timer is the backstop for a
-/// waiter still queued behind the in-flight limit.
+/// How long after its deadline a call of several grants stops waiting on its own. The
+/// dispatcher reports a missed deadline itself, with the last error seen; this timer is the
+/// backstop for a chunk queued behind callers whose deadlines are later than its own.
 const CALLER_DEADLINE_GRACE: Duration = Duration::from_millis(100);
 
 /// A timestamp oracle client. See the crate documentation.
@@ -96,11 +96,30 @@ impl Client {
             return Err(Error::InvalidCount { count });
         }
         let deadline = Instant::now() + self.inner.router.config().overall_timeout;
-        let ranges: Vec<TsRange> = stream::iter(grant_counts(count))
+        if count <= u64::from(LOGICAL_COUNT) {
+            // One grant: no fan-out to drive (most calls).
+            let range = self.request(count as u32, deadline).await?;
+            return Batch::new(vec![range]).map_err(|reason| Error::MalformedReply {
+                endpoint: "one server".into(),
+                reason,
+            });
+        }
+        // Chunks queue one by one as earlier ones finish, behind callers with later deadlines:
+        // the dispatcher may see this deadline only late, so the call keeps a timer of its own.
+        let chunks = stream::iter(grant_counts(count))
             .map(|chunk| self.request(chunk, deadline))
             .buffer_unordered(self.inner.router.config().in_flight_rpcs_max)
-            .try_collect()
-            .await?;
+            .try_collect();
+        let ranges: Vec<TsRange> =
+            match tokio::time::timeout_at(deadline + CALLER_DEADLINE_GRACE, chunks).await {
+                Ok(ranges) => ranges?,
+                Err(_) => {
+                    return Err(Error::DeadlineExceeded {
+                        timeout: self.inner.router.config().overall_timeout,
+                        last: "still queued: every in-flight slot stayed busy".into(),
+                    });
+                }
+            };
         Batch::new(ranges).map_err(|reason| Error::MalformedReply {
             endpoint: "several servers".into(),
             reason,
@@ -214,14 +233,8 @@ impl Client {
             },
             mpsc::error::TrySendError::Closed(_) => Error::Closed,
         })?;
-        match tokio::time::timeout_at(deadline + CALLER_DEADLINE_GRACE, receive).await {
-            Ok(Ok(result)) => result,
-            Ok(Err(_)) => Err(Error::Closed),
-            Err(_) => Err(Error::DeadlineExceeded {
-                timeout: self.inner.router.config().overall_timeout,
-                last: "still queued: every in-flight slot stayed busy".into(),
-            }),
-        }
+        // No timer here: the dispatcher answers every waiter by its deadline (dispatch.rs).
+        receive.await.unwrap_or(Err(Error::Closed))
     }
 }
 

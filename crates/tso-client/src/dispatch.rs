@@ -5,9 +5,12 @@
 //!   form only from callers that queued while the in-flight limit was reached.
 //! - Freshness (G2): a waiter is only ever served by an RPC sent after it queued; nothing is
 //!   fetched ahead or kept for later.
-//! - Deadlines are per waiter: a waiter already past its deadline is answered alone, without an
-//!   RPC; a batch's RPC runs until its latest waiter's deadline, and each waiter whose deadline
-//!   passes first is answered then, so one nearly expired caller never cuts short the others.
+//! - Deadlines are per waiter, and the dispatcher answers every waiter by its own deadline
+//!   (callers arm no timer): a queued waiter whose deadline passes while every slot is busy is
+//!   answered then; one already past its deadline when a batch forms is answered alone, without
+//!   an RPC; a batch's RPC runs until its latest waiter's deadline, and each waiter whose
+//!   deadline passes first is answered then, so one nearly expired caller never cuts short the
+//!   others.
 //! - Bounds: the queue holds at most `queued_callers_max` waiters, at most
 //!   `in_flight_rpcs_max` RPCs run at once, and one RPC asks for at most `LOGICAL_COUNT`.
 //! - The task ends when the client is dropped; dropping it aborts the RPCs it runs.
@@ -56,10 +59,13 @@ pub(crate) async fn run(mut queue: mpsc::Receiver<Waiter>, router: Arc<Router>) 
             },
         };
         // Callers that arrive while this waits for a free slot join the batch below.
-        let permit = Arc::clone(&permits)
-            .acquire_owned()
-            .await
-            .expect("the permit semaphore is never closed");
+        let (permit, first) = match Arc::clone(&permits).try_acquire_owned() {
+            Ok(permit) => (permit, first),
+            Err(_) => match wait_for_slot(&permits, first, &mut queue, &router).await {
+                Some(ready) => ready,
+                None => continue,
+            },
+        };
         let drained = drain(first, &mut queue, Instant::now());
         carry = drained.rest;
         for waiter in drained.expired {
@@ -71,6 +77,44 @@ pub(crate) async fn run(mut queue: mpsc::Receiver<Waiter>, router: Arc<Router>) 
         while rpcs.try_join_next().is_some() {}
         if !drained.batch.is_empty() {
             rpcs.spawn(serve(Arc::clone(&router), drained.batch, permit));
+        }
+    }
+}
+
+/// Waits for an in-flight slot with `first`, the oldest queued waiter, in hand, answering
+/// queued waiters whose deadline passes meanwhile: callers do not keep timers of their own, so
+/// the dispatcher answers every waiter by its deadline, queued or in flight. Queued waiters are
+/// in deadline order (each is queued right after its deadline is set), so the ones that expire
+/// are at the front. `None` when every queued waiter was answered that way.
+async fn wait_for_slot(
+    permits: &Arc<Semaphore>,
+    mut first: Waiter,
+    queue: &mut mpsc::Receiver<Waiter>,
+    router: &Router,
+) -> Option<(OwnedSemaphorePermit, Waiter)> {
+    let mut acquire = pin!(Arc::clone(permits).acquire_owned());
+    loop {
+        tokio::select! {
+            biased;
+            permit = &mut acquire => {
+                let permit = permit.expect("the permit semaphore is never closed");
+                return Some((permit, first));
+            }
+            () = tokio::time::sleep_until(first.deadline) => {
+                let now = Instant::now();
+                let last = "the deadline passed while every in-flight slot stayed busy";
+                let _ = first.reply.send(Err(deadline_exceeded(router, last.into())));
+                first = loop {
+                    let waiter = queue.try_recv().ok()?;
+                    if waiter.reply.is_closed() {
+                        continue;
+                    }
+                    if waiter.deadline > now {
+                        break waiter;
+                    }
+                    let _ = waiter.reply.send(Err(deadline_exceeded(router, last.into())));
+                };
+            }
         }
     }
 }
@@ -187,6 +231,66 @@ mod tests {
             },
             rx,
         )
+    }
+
+    fn router() -> Router {
+        let config = crate::ClientBuilder::default()
+            .validate(["127.0.0.1:1"].iter())
+            .unwrap();
+        Router::new(config)
+    }
+
+    /// Callers keep no timer: queued waiters that expire while every slot is busy are answered
+    /// by the dispatcher, at their deadline (tokio's clock is paused, so the sleeps are exact).
+    #[tokio::test(start_paused = true)]
+    async fn queued_waiters_are_answered_at_their_deadline_while_no_slot_frees() {
+        let router = router();
+        let start = Instant::now();
+        let ms = std::time::Duration::from_millis;
+        let permits = Arc::new(Semaphore::new(0));
+        let (tx, mut queue) = mpsc::channel(8);
+        let (first, first_rx) = waiter_until(1, start + ms(10));
+        let (second, second_rx) = waiter_until(1, start + ms(20));
+        let (fresh, _fresh_rx) = waiter_until(1, start + ms(60_000));
+        assert!(tx.try_send(second).is_ok());
+        assert!(tx.try_send(fresh).is_ok());
+        let freed = tokio::spawn({
+            let permits = Arc::clone(&permits);
+            async move {
+                tokio::time::sleep(ms(30)).await;
+                permits.add_permits(1);
+            }
+        });
+        let answered_by_deadline = tokio::spawn(async move {
+            let first = first_rx.await.unwrap().unwrap_err();
+            let first_at = Instant::now();
+            let second = second_rx.await.unwrap().unwrap_err();
+            (first, first_at, second, Instant::now())
+        });
+        let (_permit, next) = wait_for_slot(&permits, first, &mut queue, &router)
+            .await
+            .expect("the fresh waiter is still queued");
+        assert_eq!(
+            next.deadline,
+            start + ms(60_000),
+            "the slot went to another waiter"
+        );
+        let (first, first_at, second, second_at) = answered_by_deadline.await.unwrap();
+        assert!(matches!(first, Error::DeadlineExceeded { .. }), "{first}");
+        assert!(matches!(second, Error::DeadlineExceeded { .. }), "{second}");
+        assert_eq!(first_at, start + ms(10), "answered late");
+        assert_eq!(second_at, start + ms(20), "answered late");
+        freed.await.unwrap();
+
+        // Every queued waiter expires: nothing is left to send.
+        let permits = Arc::new(Semaphore::new(0));
+        let (only, only_rx) = waiter_until(1, Instant::now() + ms(5));
+        assert!(
+            wait_for_slot(&permits, only, &mut queue, &router)
+                .await
+                .is_none()
+        );
+        assert!(only_rx.await.unwrap().is_err());
     }
 
     #[test]
