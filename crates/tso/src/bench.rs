@@ -60,14 +60,18 @@ fn latency_histogram() -> Histogram<u32> {
 /// The callers' latencies, in microseconds: [`LATENCY_SHARDS`] histograms, one per thread in
 /// turn, each behind a lock that only its thread takes (unless there are more threads).
 struct Latencies {
-    shards: Vec<Mutex<Histogram<u32>>>,
+    shards: Vec<Shard>,
 }
+
+/// One histogram on cache lines of its own: two threads never write the same line.
+#[repr(align(128))]
+struct Shard(Mutex<Histogram<u32>>);
 
 impl Default for Latencies {
     fn default() -> Self {
         Latencies {
             shards: (0..LATENCY_SHARDS)
-                .map(|_| Mutex::new(latency_histogram()))
+                .map(|_| Shard(Mutex::new(latency_histogram())))
                 .collect(),
         }
     }
@@ -80,14 +84,17 @@ impl Latencies {
             static SHARD: usize = NEXT_SHARD.fetch_add(1, Ordering::Relaxed) % LATENCY_SHARDS;
         }
         let shard = SHARD.with(|shard| *shard);
-        let mut histogram = self.shards[shard].lock().unwrap_or_else(|e| e.into_inner());
+        let mut histogram = self.shards[shard]
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         histogram.saturating_record(micros.max(1));
     }
 
     fn merged(&self) -> Histogram<u32> {
         let mut all = latency_histogram();
         for shard in &self.shards {
-            let shard = shard.lock().unwrap_or_else(|e| e.into_inner());
+            let shard = shard.0.lock().unwrap_or_else(|e| e.into_inner());
             all.add(&*shard).expect("same histogram bounds");
         }
         all
@@ -179,19 +186,34 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         args.mode != LoadMode::Stream || args.rpc == BenchRpc::Ts,
         "--mode stream loads GetTs only: drop --rpc seq"
     );
-    let mut runtime = tokio::runtime::Builder::new_multi_thread();
     if let Some(threads) = args.threads {
         anyhow::ensure!(
             (1..=THREADS_MAX).contains(&threads),
             "--threads must be 1 to {THREADS_MAX}"
         );
-        runtime.worker_threads(threads);
     }
-    let runtime = runtime
+    let (threads, _) = thread_split(&args);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
         .enable_all()
         .build()
         .context("starting the async runtime")?;
     runtime.block_on(bench(args))
+}
+
+/// Worker threads of the load generator, and of the server `--spawn` starts. A spawned server
+/// shares the machine with the generator, so by default each gets half of the cores (at least
+/// one): on two cores, one thread each beats two each, which spend their time waking each
+/// other across cores. Against `--endpoints` the generator takes every core.
+fn thread_split(args: &BenchArgs) -> (usize, Option<usize>) {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let generator = args.threads.unwrap_or(if args.spawn {
+        (cores / 2).max(1)
+    } else {
+        cores
+    });
+    let server = args.spawn.then(|| cores.saturating_sub(generator).max(1));
+    (generator, server)
 }
 
 async fn bench(args: BenchArgs) -> anyhow::Result<()> {
@@ -203,7 +225,13 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
     let endpoints = if args.spawn {
         let dir = tempfile::tempdir().context("creating a temporary directory")?;
         let bin = std::env::current_exe().context("finding this binary")?;
-        let extra = vec!["--log".into(), "warn".into()];
+        let server_threads = thread_split(&args).1.unwrap_or(1);
+        let extra = vec![
+            "--log".into(),
+            "warn".into(),
+            "--threads".into(),
+            server_threads.to_string(),
+        ];
         let mut node = Node::new(&bin, dir.path(), "bench", extra, false)?;
         node.start().await?;
         let endpoint = node.endpoint();
@@ -486,7 +514,8 @@ struct Report {
     stream_per_caller: bool,
     rpc: BenchRpc,
     seq_keys: SeqKeys,
-    threads: Option<usize>,
+    /// Worker threads of the load generator.
+    threads: usize,
     duration: Duration,
     warmup: Duration,
     calls: u64,
@@ -577,7 +606,10 @@ impl Report {
             target: format!(
                 "{}{}",
                 endpoints.join(","),
-                if args.spawn { " (spawned)" } else { "" }
+                match thread_split(args).1 {
+                    Some(threads) => format!(" (spawned, {threads} worker thread(s))"),
+                    None => String::new(),
+                }
             ),
             callers: args.callers,
             connections: args.connections,
@@ -586,7 +618,7 @@ impl Report {
             stream_per_caller: args.stream_per_caller,
             rpc: args.rpc,
             seq_keys: args.seq_keys,
-            threads: args.threads,
+            threads: thread_split(args).0,
             duration: args.duration,
             warmup: args.warmup,
             calls,
@@ -679,7 +711,7 @@ impl Report {
         };
         format!(
             "target       {}\n\
-             load         {} callers, {}, {} {} per call, {} after {} warm-up\n\
+             load         {} callers, {}, {} {} per call, {} after {} warm-up, {} generator thread(s)\n\
              calls        {} ({}/s)\n\
              {values_name}   {} ({}/s)\n\
              latency      p50 {:.3} ms  p90 {:.3} ms  p99 {:.3} ms  p99.9 {:.3} ms  max {:.3} ms\n\
@@ -710,6 +742,7 @@ impl Report {
             self.unit(),
             humantime::format_duration(self.duration),
             humantime::format_duration(self.warmup),
+            self.threads,
             thousands(self.calls),
             thousands(self.per_second(self.calls) as u64),
             thousands(self.values),

@@ -388,8 +388,9 @@ pub struct BenchArgs {
     /// Deadline of each call.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     pub timeout: Duration,
-    /// Worker threads of the load generator's runtime [default: one per core]. On a machine
-    /// shared with the server, fewer threads leave it more CPU.
+    /// Worker threads of the load generator's runtime [default: one per core; with --spawn,
+    /// half of the cores, and the spawned server gets the other half]. On a machine shared
+    /// with the server, fewer threads leave it more CPU.
     #[arg(long)]
     pub threads: Option<usize>,
     /// Print one JSON object instead of the human-readable report.
