@@ -46,14 +46,6 @@ impl Node {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn members_flag(nodes: &[&Node]) -> String {
     nodes
         .iter()

@@ -11,14 +11,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// One HTTP exchange: the status code and body, `None` if nothing answers.
 fn request(addr: &str, method: &str, path: &str) -> Option<(u16, String)> {
     let addr = addr.parse().unwrap();

@@ -6,81 +6,18 @@
 
 mod common;
 
-use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use common::raft::*;
 use common::*;
-use tonic::transport::Channel;
 use tso_core::Epoch;
 use tso_proto::v1::GetTsRequest;
-use tso_proto::v1::tso_service_client::TsoServiceClient;
-
-struct Node {
-    id: u64,
-    client_port: u16,
-    peer_port: u16,
-}
-
-impl Node {
-    fn endpoint(&self) -> String {
-        format!("127.0.0.1:{}", self.client_port)
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn three_nodes() -> Vec<Node> {
-    (1..=3)
-        .map(|id| Node {
-            id,
-            client_port: free_port(),
-            peer_port: free_port(),
-        })
-        .collect()
-}
-
-fn members(nodes: &[Node]) -> String {
-    nodes
-        .iter()
-        .map(|n| format!("{}=127.0.0.1:{}/{}", n.id, n.client_port, n.peer_port))
-        .collect::<Vec<_>>()
-        .join(",")
-}
-
-/// Starts node `n` of the cluster `members` and waits for its `serving on` line.
-fn start(dir: &std::path::Path, n: &Node, members: &str) -> Server {
-    let mut command = Command::new(tso_bin());
-    command
-        .args(["serve", "--backend", "raft", "--node-id", &n.id.to_string()])
-        .args(["--listen", &n.endpoint()])
-        .args(["--peer-addr", &format!("127.0.0.1:{}", n.peer_port)])
-        .args(["--members", members])
-        .arg("--data-dir")
-        .arg(dir.join(format!("node-{}", n.id)));
-    Server::spawn(command)
-        .unwrap_or_else(|(status, log)| panic!("node {} exited with {status}: {log}", n.id))
-}
-
-fn connect(n: &Node) -> TsoServiceClient<Channel> {
-    let channel = Channel::from_shared(format!("http://{}", n.endpoint()))
-        .unwrap()
-        .connect_timeout(Duration::from_millis(200))
-        .timeout(Duration::from_millis(500))
-        .connect_lazy();
-    TsoServiceClient::new(channel)
-}
 
 /// The epoch `n` grants under, once it grants (polled until the hang guard).
-async fn granting_epoch(n: &Node) -> Epoch {
-    let mut client = connect(n);
+async fn granting_epoch(n: &RaftNode) -> Epoch {
+    let mut client = n.connect();
     let wait = async {
         loop {
             if let Ok(reply) = client.get_ts(GetTsRequest { count: 1 }).await {
@@ -96,9 +33,9 @@ async fn granting_epoch(n: &Node) -> Epoch {
 }
 
 /// The index of the node that grants, and its epoch.
-async fn find_leader(nodes: &[Node], alive: &[bool]) -> (usize, Epoch) {
+async fn find_leader(nodes: &[RaftNode], alive: &[bool]) -> (usize, Epoch) {
     let wait = async {
-        let mut clients: Vec<_> = nodes.iter().map(connect).collect();
+        let mut clients: Vec<_> = nodes.iter().map(RaftNode::connect).collect();
         loop {
             for (i, client) in clients.iter_mut().enumerate() {
                 if !alive[i] {
@@ -117,35 +54,12 @@ async fn find_leader(nodes: &[Node], alive: &[bool]) -> (usize, Epoch) {
         .expect("no node granted within the hang guard")
 }
 
-/// Waits until `node` answers "not leader" with a hint naming `leader`.
-async fn wait_follows(node: &Node, leader: &Node) {
-    use prost::Message;
-    let want = leader.endpoint();
-    let mut client = connect(node);
-    let wait = async {
-        loop {
-            if let Err(status) = client.get_ts(GetTsRequest { count: 1 }).await
-                && let Some(bin) = status.metadata().get_bin(tso_proto::LEADER_HINT_KEY)
-                && let Ok(bytes) = bin.to_bytes()
-                && let Ok(hint) = tso_proto::v1::LeaderHint::decode(bytes.as_ref())
-                && hint.leader_endpoint.as_deref() == Some(want.as_str())
-            {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    };
-    tokio::time::timeout(HANG_GUARD, wait)
-        .await
-        .unwrap_or_else(|_| panic!("node {} never followed node {}", node.id, leader.id));
-}
-
 /// Starts three nodes and waits until one grants and both others follow it.
-async fn cluster(dir: &std::path::Path, nodes: &[Node]) -> (Vec<Option<Server>>, usize, Epoch) {
+async fn cluster(dir: &std::path::Path, nodes: &[RaftNode]) -> (Vec<Option<Server>>, usize, Epoch) {
     let members = members(nodes);
     let servers: Vec<Option<Server>> = nodes
         .iter()
-        .map(|n| Some(start(dir, n, &members)))
+        .map(|n| Some(n.start(dir, Some(&members))))
         .collect();
     loop {
         let (leader, epoch) = find_leader(nodes, &[true; 3]).await;
@@ -226,11 +140,11 @@ async fn wait_calls(calls: &std::sync::atomic::AtomicU64, at_least: u64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_of_the_leader_hands_leadership_to_the_peer_it_names() {
     let dir = tempfile::tempdir().unwrap();
-    let nodes = three_nodes();
+    let nodes = raft_nodes(3);
     let (mut servers, leader, epoch) = cluster(dir.path(), &nodes).await;
     let stop = Arc::new(AtomicBool::new(false));
     let calls = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let endpoints = nodes.iter().map(Node::endpoint).collect();
+    let endpoints = nodes.iter().map(RaftNode::endpoint).collect();
     let client = client_throughout(endpoints, stop.clone(), calls.clone());
     wait_calls(&calls, 20).await;
 
@@ -275,7 +189,7 @@ async fn sigterm_of_the_leader_hands_leadership_to_the_peer_it_names() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_of_a_follower_just_stops_it_and_the_leader_keeps_its_epoch() {
     let dir = tempfile::tempdir().unwrap();
-    let nodes = three_nodes();
+    let nodes = raft_nodes(3);
     let (mut servers, leader, epoch) = cluster(dir.path(), &nodes).await;
     let follower = (leader + 1) % 3;
 
@@ -287,7 +201,7 @@ async fn sigterm_of_a_follower_just_stops_it_and_the_leader_keeps_its_epoch() {
     );
     // Every grant after the stop comes from the same leader in the same epoch. (A refusal is
     // retried: on a loaded machine a lease renewal can miss for a moment.)
-    let mut client = connect(&nodes[leader]);
+    let mut client = nodes[leader].connect();
     let grants = async {
         let mut granted = 0;
         while granted < 20 {

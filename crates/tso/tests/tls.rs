@@ -11,6 +11,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::certs::{Ca, TlsFiles};
+use common::raft::*;
 use common::*;
 use prost::Message;
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
@@ -26,38 +27,6 @@ const CALLS_BEFORE_CHECK: usize = 50;
 /// 60 heartbeats and 8 election timeouts.
 const NO_LEADER_PROBES: usize = 30;
 
-struct Node {
-    id: u64,
-    client_port: u16,
-    peer_port: u16,
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn nodes(n: u64) -> Vec<Node> {
-    (1..=n)
-        .map(|id| Node {
-            id,
-            client_port: free_port(),
-            peer_port: free_port(),
-        })
-        .collect()
-}
-
-fn members(nodes: &[Node]) -> String {
-    nodes
-        .iter()
-        .map(|n| format!("{}=127.0.0.1:{}/{}", n.id, n.client_port, n.peer_port))
-        .collect::<Vec<_>>()
-        .join(",")
-}
-
 /// Spawns `tso` with `args`, and waits for its `serving on` line (`Err` with its stderr if it
 /// exits first).
 fn spawn_server(args: &[String]) -> Result<Server, String> {
@@ -70,7 +39,7 @@ fn spawn_server(args: &[String]) -> Result<Server, String> {
 /// its CA) and peer TLS (`peer`).
 fn node_args(
     dir: &Path,
-    n: &Node,
+    n: &RaftNode,
     members: &str,
     client: &TlsFiles,
     peer: &TlsFiles,
@@ -153,7 +122,7 @@ async fn ask(client: &mut TsoServiceClient<Channel>) -> Answer {
 /// Waits until one node grants and each other node of `clients` names it as leader; returns
 /// the leader's index.
 async fn wait_leader_known_by_all(
-    nodes: &[Node],
+    nodes: &[RaftNode],
     clients: &mut [TsoServiceClient<Channel>],
 ) -> usize {
     let wait = async {
@@ -195,7 +164,7 @@ fn s(p: &Path) -> &str {
 async fn a_tls_cluster_serves_clients_with_the_right_certificates_only() {
     let dir = tempfile::tempdir().unwrap();
     let ca = Ca::new("tso test CA");
-    let nodes = nodes(3);
+    let nodes = raft_nodes(3);
     let members = members(&nodes);
     let mut servers = Vec::new();
     for n in &nodes {
@@ -305,7 +274,7 @@ async fn a_peer_with_a_certificate_from_another_ca_never_joins() {
     let dir = tempfile::tempdir().unwrap();
     let ca = Ca::new("cluster CA");
     let rogue_ca = Ca::new("rogue CA");
-    let nodes = nodes(3);
+    let nodes = raft_nodes(3);
     let members = members(&nodes);
     let client_files = ca.write_leaf(dir.path(), "client");
     let mut servers = Vec::new();

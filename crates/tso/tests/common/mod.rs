@@ -5,6 +5,7 @@
 pub mod certs;
 pub mod lease_server;
 pub mod malformed;
+pub mod raft;
 pub mod seq_server;
 
 use std::io::{BufRead, BufReader};
@@ -19,6 +20,15 @@ use tso_proto::v1::tso_service_client::TsoServiceClient;
 
 /// Hang guard for waits on processes; never what a test asserts on.
 pub const HANG_GUARD: Duration = Duration::from_secs(60);
+
+/// A port that was free on 127.0.0.1 a moment ago (bound, then released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
 
 pub fn tso_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_tso"))

@@ -186,11 +186,7 @@ impl Network {
             .channel(peer_addr)
             .ok_or_else(|| format!("peer address {peer_addr:?} is not a valid host:port"))?;
         let payload = postcard::to_stdvec(&req).expect("a campaign request always encodes");
-        let mut request = tonic::Request::new(RaftMessage { payload });
-        request.set_timeout(ttl);
-        request
-            .metadata_mut()
-            .insert(TIMINGS_HEADER, self.timings.clone());
+        let request = peer_request(payload, ttl, &self.timings);
         let mut client = RaftPeerClient::new(channel);
         match tokio::time::timeout(ttl, client.campaign(request)).await {
             Err(_) => Err(format!("node {target} did not answer within {ttl:?}")),
@@ -269,11 +265,7 @@ impl PeerClient {
             .clone()
             .ok_or_else(|| CallError::BadAddress(self.node.peer_addr.clone()))?;
         let payload = postcard::to_stdvec(req).expect("raft messages always encode");
-        let mut request = tonic::Request::new(RaftMessage { payload });
-        request.set_timeout(ttl);
-        request
-            .metadata_mut()
-            .insert(TIMINGS_HEADER, self.timings.clone());
+        let request = peer_request(payload, ttl, &self.timings);
         let mut client = RaftPeerClient::new(channel);
         let call = async {
             match kind {
@@ -331,6 +323,20 @@ impl PeerClient {
             ))
         })
     }
+}
+
+/// A peer RPC carrying `payload`, bounded by `ttl` on both sides, with this node's timings.
+fn peer_request(
+    payload: Vec<u8>,
+    ttl: Duration,
+    timings: &tonic::metadata::MetadataValue<tonic::metadata::Ascii>,
+) -> tonic::Request<RaftMessage> {
+    let mut request = tonic::Request::new(RaftMessage { payload });
+    request.set_timeout(ttl);
+    request
+        .metadata_mut()
+        .insert(TIMINGS_HEADER, timings.clone());
+    request
 }
 
 fn classify_status(status: tonic::Status, ttl: Duration) -> CallError {
