@@ -60,8 +60,12 @@ pub enum AdminAction {
     },
     /// Make a caught-up learner a voter.
     Promote { node_id: u64 },
-    /// Remove a voter or a learner (refused if the rest would lose their quorum).
+    /// Remove a voter or a learner (refused if the rest would lose their quorum, and for the
+    /// leader when one other voter would be left: transfer leadership first).
     Remove { node_id: u64 },
+    /// Hand leadership to a caught-up voter; returns once it leads. The leader stops granting
+    /// at once and clients follow the hint to the new leader, so callers see a short pause.
+    TransferLeader { node_id: u64 },
 }
 
 pub fn run(args: AdminArgs) -> anyhow::Result<()> {
@@ -143,6 +147,19 @@ async fn run_async(args: AdminArgs) -> anyhow::Result<()> {
                 &reply,
                 &format!("removed node {node_id}"),
                 &format!("node {node_id} is not a member"),
+            );
+            Ok(())
+        }
+        AdminAction::TransferLeader { node_id } => {
+            let reply = change(dial, &endpoint, |mut c| async move {
+                c.transfer_leader(pb::TransferLeaderRequest { node_id })
+                    .await
+            })
+            .await?;
+            report(
+                &reply,
+                &format!("node {node_id} leads now"),
+                &format!("node {node_id} already leads"),
             );
             Ok(())
         }

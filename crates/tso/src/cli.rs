@@ -91,6 +91,11 @@ pub struct ServeArgs {
     /// the oracle on purpose. Never set it.
     #[arg(long, hide = true)]
     pub unsafe_no_lease: bool,
+    /// FOR THE CHECKER'S POSITIVE CONTROL ONLY: the admin service no longer refuses to remove
+    /// the leader of a two-voter cluster, so the survivor elects itself at once while the old
+    /// leader still grants under its lease. This breaks the oracle on purpose. Never set it.
+    #[arg(long, hide = true)]
+    pub unsafe_allow_leader_removal: bool,
     /// Largest `count` of one key in one GetSeq/GetSeqBatch entry.
     #[arg(long, default_value_t = tso_server::SEQ_COUNT_MAX_DEFAULT,
           value_parser = clap::value_parser!(u32).range(1..))]

@@ -146,6 +146,7 @@ pub struct AdminListener {
 pub fn serve_admin(
     admin: Option<AdminListener>,
     backend: &RaftBackend,
+    unsafe_allow_leader_removal: bool,
     stop: CancellationToken,
 ) -> anyhow::Result<Option<JoinHandle<()>>> {
     let Some(AdminListener { listener, tls }) = admin else {
@@ -161,7 +162,14 @@ pub fn serve_admin(
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, tls = secure, "serving admin");
     }
-    let server = builder.add_service(backend.admin_service());
+    let mut admin = backend.admin();
+    if unsafe_allow_leader_removal {
+        tracing::warn!(
+            "UNSAFE: the leader of two voters may be removed; this server breaks its guarantees on purpose"
+        );
+        admin = admin.unsafe_allow_leader_removal();
+    }
+    let server = builder.add_service(admin.into_server());
     Ok(Some(tokio::spawn(async move {
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
         let stopped = async move { stop.cancelled().await };

@@ -168,7 +168,12 @@ async fn serve_raft(args: ServeArgs, probes: &ProbeState) -> anyhow::Result<()> 
             .context("starting the raft node")?,
     );
     let stop_admin = CancellationToken::new();
-    let admin = cluster::serve_admin(admin_listener, &backend, stop_admin.clone())?;
+    let admin = cluster::serve_admin(
+        admin_listener,
+        &backend,
+        args.unsafe_allow_leader_removal,
+        stop_admin.clone(),
+    )?;
     let (stop_peers, peers_stopped) = tokio::sync::oneshot::channel::<()>();
     let peers = {
         let backend = Arc::clone(&backend);

@@ -7,6 +7,13 @@
 //! that would leave the cluster unable to commit is refused before it is proposed: removing the
 //! last voter, or a voter whose removal leaves fewer healthy voters than a majority of the rest
 //! (healthy: the leader, and every voter that acknowledged a probe entry written just before).
+//!
+//! One more removal is refused: the leader's, when a single other voter would be left.
+//! openraft lets the only voter of a configuration elect itself at once, on its next tick and
+//! without waiting out any vote-refusal window, as soon as that configuration is in its log
+//! (appended, not even committed), while this leader may still hold its lease: two nodes would
+//! grant side by side. The operator moves leadership first (`TransferLeader`, the handoff of
+//! `handoff.rs`), then removes the old leader through the new one.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -20,6 +27,7 @@ use tso_proto::tso::admin_v1 as pb;
 use tso_proto::tso::admin_v1::admin_server::{Admin, AdminServer};
 
 use super::RaftTimings;
+use super::handoff::{Handoff, HandoffError, HandoffOutcome};
 use super::types::{Command, NodeAddrs, NodeId, Raft};
 
 /// How long a change waits for the one before it to finish before it is refused (`ABORTED`).
@@ -57,6 +65,9 @@ pub struct AdminService {
     id: NodeId,
     changes: Arc<tokio::sync::Mutex<()>>,
     timings: RaftTimings,
+    handoff: Handoff,
+    /// The positive control's hole: skip the refusal to leave one other voter alone.
+    unsafe_allow_leader_removal: bool,
 }
 
 impl AdminService {
@@ -65,13 +76,24 @@ impl AdminService {
         id: NodeId,
         changes: Arc<tokio::sync::Mutex<()>>,
         timings: RaftTimings,
+        handoff: Handoff,
     ) -> Self {
         Self {
             raft,
             id,
             changes,
             timings,
+            handoff,
+            unsafe_allow_leader_removal: false,
         }
+    }
+
+    /// FOR THE CHECKER'S POSITIVE CONTROL ONLY: removing the leader of a two-voter cluster is
+    /// no longer refused, so the survivor elects itself while this leader still holds its lease
+    /// and both grant. This breaks the oracle on purpose.
+    pub fn unsafe_allow_leader_removal(mut self) -> Self {
+        self.unsafe_allow_leader_removal = true;
+        self
     }
 
     pub fn into_server(self) -> AdminServer<Self> {
@@ -177,6 +199,11 @@ impl AdminService {
                  promote another node first"
             )));
         }
+        if let Some(refusal) = one_other_voter_left(self.id, target, &remaining)
+            && !self.unsafe_allow_leader_removal
+        {
+            return Err(refusal);
+        }
         let probe = Command::AdvanceHighWater { at_least_ms: 0 };
         let probe_index =
             match tokio::time::timeout(self.timings.call_timeout, self.raft.client_write(probe))
@@ -208,6 +235,31 @@ impl AdminService {
             let _ = tokio::time::timeout_at(deadline, rx.changed()).await;
         }
     }
+}
+
+/// Bound on a leadership transfer: the old leader's vote clock (up to `election_timeout_max`),
+/// the successor's catch-up (a call timeout) and its election (two election timeouts) fit well
+/// inside it with the default timings.
+const TRANSFER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The refusal of a removal that would leave `remaining` = one voter other than `leader`: that
+/// voter would elect itself at once while the leader may still hold its lease.
+fn one_other_voter_left(
+    leader: NodeId,
+    target: NodeId,
+    remaining: &BTreeSet<NodeId>,
+) -> Option<Status> {
+    let [only] = remaining.iter().copied().collect::<Vec<_>>()[..] else {
+        return None;
+    };
+    (only != leader).then(|| {
+        Status::failed_precondition(format!(
+            "removing voter {target} would leave node {only} as the only voter, and an only voter \
+             elects itself at once, while this leader (node {leader}) may still hold its lease: \
+             two nodes would grant timestamps side by side. Move leadership first with \
+             `tso admin transfer-leader {only}`, then remove node {target} through node {only}"
+        ))
+    })
 }
 
 /// How many entries `learner` is behind the leader's last log entry; `None` while the leader
@@ -400,11 +452,78 @@ impl Admin for AdminService {
         tracing::info!(node_id = id, "removed a member");
         Ok(changed(self, true))
     }
+
+    async fn transfer_leader(
+        &self,
+        request: Request<pb::TransferLeaderRequest>,
+    ) -> Result<Response<pb::ChangeResponse>, Status> {
+        let id = request.into_inner().node_id;
+        let _guard = self.begin_change().await?;
+        if id == self.id {
+            return Ok(changed(self, false));
+        }
+        let m = self.metrics();
+        if !m
+            .membership_config
+            .membership()
+            .voter_ids()
+            .any(|v| v == id)
+        {
+            return Err(Status::failed_precondition(format!(
+                "node {id} is not a voter of this cluster: only a voter can lead"
+            )));
+        }
+        let deadline = tokio::time::Instant::now() + TRANSFER_TIMEOUT;
+        match self.handoff.transfer(deadline, id).await {
+            Ok(HandoffOutcome::HandedTo { to, term, took }) if to == id => {
+                tracing::info!(node_id = id, term, "transferred leadership in {took:?}");
+                Ok(changed(self, true))
+            }
+            Ok(HandoffOutcome::HandedTo { to, .. }) => Err(Status::aborted(format!(
+                "node {to} was elected instead of node {id}; retry the transfer on node {to}"
+            ))),
+            Ok(HandoffOutcome::NotLeader | HandoffOutcome::NoPeer) => {
+                let m = self.metrics();
+                Err(not_leader(&m, m.current_leader))
+            }
+            Err(e @ HandoffError::NotAVoter(_)) => Err(Status::failed_precondition(e.to_string())),
+            Err(e @ HandoffError::Deadline(_)) => Err(Status::failed_precondition(format!(
+                "node {id} did not catch up with the leader's log in time ({e}); this node still \
+                 leads: check that node {id} runs and is reachable, then retry"
+            ))),
+            Err(e) => Err(Status::unavailable(format!(
+                "the transfer to node {id} failed ({e}); this node stopped granting and the \
+                 cluster elects a leader within an election timeout: `tso admin members` shows \
+                 who leads"
+            ))),
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_removal_that_leaves_one_other_voter_is_refused() {
+        let set = |ids: &[u64]| ids.iter().copied().collect::<BTreeSet<_>>();
+        let refused = one_other_voter_left(1, 1, &set(&[2])).expect("refused");
+        assert_eq!(refused.code(), Code::FailedPrecondition);
+        assert!(
+            refused.message().contains("tso admin transfer-leader 2"),
+            "{}",
+            refused.message()
+        );
+        assert!(
+            one_other_voter_left(1, 2, &set(&[1])).is_none(),
+            "the leader stays alone"
+        );
+        assert!(
+            one_other_voter_left(1, 1, &set(&[2, 3])).is_none(),
+            "two voters are left"
+        );
+        assert!(one_other_voter_left(1, 3, &set(&[1, 2])).is_none());
+    }
 
     #[test]
     fn addresses_must_be_host_port() {

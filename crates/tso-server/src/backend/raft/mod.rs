@@ -10,6 +10,7 @@
 
 mod admin;
 mod dir_guard;
+mod handoff;
 mod identity;
 mod leadership;
 mod lease;
@@ -41,6 +42,8 @@ use crate::consensus::{BoxFuture, Consensus, ConsensusError, Leadership, SeqCoun
 use crate::tls::PeerTls;
 pub use admin::{AdminService, PROMOTE_LAG_ENTRIES_MAX};
 use dir_guard::DirGuard;
+use handoff::Handoff;
+pub use handoff::{HandoffError, HandoffOutcome};
 pub use leadership::{LeaseHeld, VoteGate};
 use leadership::{
     Stepdown, leadership_of, read_applied, renew_lease, stepped_down, watch_leadership,
@@ -48,7 +51,7 @@ use leadership::{
 };
 use lease::LeaseClock;
 use log_store::LogStore;
-use network::{CampaignRequest, Network};
+use network::Network;
 pub use network::{Links, PeerService};
 pub use record_file::RecordFileError;
 use state_machine::StateMachine;
@@ -280,39 +283,6 @@ impl LeaseView {
     }
 }
 
-/// How [`RaftBackend::hand_off`] ended, when it did not fail.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum HandoffOutcome {
-    /// This node does not lead (or stopped leading meanwhile): nothing to hand on.
-    NotLeader,
-    /// This node is the only voter: there is no one to hand to.
-    NoPeer,
-    /// Node `to` leads in `term`; `took` runs from the moment this node stopped granting.
-    HandedTo { to: u64, term: u64, took: Duration },
-}
-
-/// Why a handoff did not happen; the cluster then elects a leader as after a crash.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum HandoffError {
-    #[error("timed out {0}")]
-    Deadline(&'static str),
-    #[error("node {to} did not campaign: {reason}")]
-    Refused { to: u64, reason: String },
-    #[error("asked node {to} to campaign, but no new leader appeared in time")]
-    NotElected { to: u64 },
-    #[error("this node stopped leading term {term} before its successor was asked")]
-    LostLeadership { term: u64 },
-    #[error("raft stopped: {0}")]
-    Stopped(String),
-}
-
-/// Past openraft's vote clock before asking for the leader's own vote: the clock refuses while
-/// `now <= elected + election_timeout_max`, and ticks are not involved, so a few ms suffice.
-const VOTE_CLOCK_SLACK: Duration = Duration::from_millis(5);
-
-/// How many `election_timeout_max` a handing-off leader waits for its successor's election.
-const ELECTION_WAIT_TIMEOUTS: u32 = 2;
-
 /// One node of a tso raft cluster, implementing the consensus seam.
 pub struct RaftBackend {
     id: NodeId,
@@ -320,9 +290,9 @@ pub struct RaftBackend {
     sm: StateMachine,
     leadership: watch::Receiver<Leadership>,
     lease: Arc<LeaseClock>,
-    network: Network,
-    /// Set by [`Self::hand_off`]: this node no longer reports itself leader in that term.
-    stepdown: watch::Sender<Option<Stepdown>>,
+    /// Set by a handoff: this node no longer reports itself leader in that term.
+    stepdown: Arc<watch::Sender<Option<Stepdown>>>,
+    handoff: Handoff,
     timings: RaftTimings,
     peer_tls: Option<PeerTls>,
     tasks: Vec<JoinHandle<()>>,
@@ -431,14 +401,23 @@ impl RaftBackend {
                 config.timings,
             )),
         ];
+        let stepdown = Arc::new(stepdown);
+        let handoff = Handoff {
+            id: config.node_id,
+            raft: raft.clone(),
+            lease: lease.clone(),
+            network,
+            stepdown: stepdown.clone(),
+            timings: config.timings,
+        };
         Self {
             id: config.node_id,
             raft,
             sm,
             leadership,
             lease,
-            network,
             stepdown,
+            handoff,
             timings: config.timings,
             peer_tls: config.peer_tls,
             tasks,
@@ -459,13 +438,18 @@ impl RaftBackend {
     pub fn admin_service(
         &self,
     ) -> tso_proto::tso::admin_v1::admin_server::AdminServer<AdminService> {
+        self.admin().into_server()
+    }
+
+    /// The admin service itself, for a host that configures it before serving.
+    pub fn admin(&self) -> AdminService {
         AdminService::new(
             self.raft.clone(),
             self.id,
             Arc::clone(&self.changes),
             self.timings,
+            self.handoff.clone(),
         )
-        .into_server()
     }
 
     /// Serves [`Self::peer_service`] on `listener` until `shutdown` completes; over mutual TLS
@@ -559,186 +543,14 @@ impl RaftBackend {
     }
 
     /// Hands this node's leadership to an up-to-date voter before a shutdown, by `deadline`
-    /// (see `docs/raft-lease.md`, "Handoff"). openraft 0.9 has no transfer call, so: wait until
-    /// openraft itself would give this leader's vote away (`election_timeout_max` after it was
-    /// elected), pick a voter whose replicated log matches this leader's, give up the lease of
-    /// this term for good (grants stop; the oracle steps down and clients are sent to the
-    /// successor), ask the successor to campaign, and wait until it leads. This node's vote,
-    /// now admitted by its vote gate, elects it in the next term.
-    ///
-    /// A follower, or a single voter, returns at once. After an `Err` past the point where
-    /// grants stopped, this node never grants again in its term: call it only to shut down.
+    /// (see [`Handoff::run`] and `docs/raft-lease.md`, "Handoff"). A follower, or a single
+    /// voter, returns at once. After an `Err` past the point where grants stopped, this node
+    /// never grants again in its term: call it only to shut down.
     pub async fn hand_off(
         &self,
         deadline: tokio::time::Instant,
     ) -> Result<HandoffOutcome, HandoffError> {
-        let result = self.try_hand_off(deadline).await;
-        match &result {
-            Ok(HandoffOutcome::HandedTo { to, term, took }) => {
-                crate::metrics::raft_handoff(true);
-                tracing::info!(
-                    "handed leadership to node {to} in {} ms (term {term})",
-                    took.as_millis()
-                );
-            }
-            Ok(_) => {}
-            Err(e) => {
-                crate::metrics::raft_handoff(false);
-                tracing::warn!("leadership handoff failed: {e}; the cluster elects a leader");
-            }
-        }
-        result
-    }
-
-    async fn try_hand_off(
-        &self,
-        deadline: tokio::time::Instant,
-    ) -> Result<HandoffOutcome, HandoffError> {
-        let stopped = |e: openraft::error::Fatal<NodeId>| HandoffError::Stopped(e.to_string());
-        let (term, voters) = {
-            let metrics = self.raft.metrics();
-            let m = metrics.borrow();
-            if m.state != openraft::ServerState::Leader || m.current_leader != Some(self.id) {
-                return Ok(HandoffOutcome::NotLeader);
-            }
-            let voters: Vec<NodeId> = m
-                .membership_config
-                .membership()
-                .voter_ids()
-                .filter(|id| *id != self.id)
-                .collect();
-            (m.current_term, voters)
-        };
-        if voters.is_empty() {
-            return Ok(HandoffOutcome::NoPeer);
-        }
-        // openraft refuses votes until `election_timeout_max` after this leader was elected
-        // (its vote clock is not refreshed while it leads): keep serving until then.
-        let elected_at = self
-            .raft
-            .with_raft_state(|st| st.vote_last_modified())
-            .await
-            .map_err(stopped)?;
-        if let Some(at) = elected_at {
-            let votes_from = at + self.timings.election_timeout_max + VOTE_CLOCK_SLACK;
-            if votes_from > deadline {
-                return Err(HandoffError::Deadline(
-                    "before this leader's raft would give its vote",
-                ));
-            }
-            tokio::time::sleep_until(votes_from).await;
-        }
-        // A healthy follower is caught up within a heartbeat or two: one raft call's bound.
-        let catch_up_by = deadline.min(tokio::time::Instant::now() + self.timings.call_timeout);
-        let Some((target, _)) = self.wait_caught_up(term, &voters, catch_up_by).await? else {
-            return Ok(HandoffOutcome::NotLeader);
-        };
-        let Some(addrs) = self.members().remove(&target) else {
-            return Err(HandoffError::Refused {
-                to: target,
-                reason: "not in the membership".into(),
-            });
-        };
-        tracing::info!("handing leadership to node {target}");
-        // From here this node never grants in `term` again.
-        let stopped_granting = Instant::now();
-        self.lease.relinquish(term);
-        self.stepdown.send_replace(Some(Stepdown {
-            term,
-            hint: Some(addrs.client_addr.clone()),
-        }));
-        // A write that passed its epoch check just before may still be queued in raft: a
-        // request through raft's queue runs after it, and then the successor must hold it too.
-        self.raft.with_raft_state(|_| ()).await.map_err(stopped)?;
-        let catch_up_by = deadline.min(tokio::time::Instant::now() + self.timings.call_timeout);
-        let Some((_, last_log_index)) = self.wait_caught_up(term, &[target], catch_up_by).await?
-        else {
-            return Err(HandoffError::LostLeadership { term });
-        };
-        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        let request = CampaignRequest {
-            term,
-            leader_id: self.id,
-            last_log_index,
-        };
-        self.network
-            .campaign(
-                target,
-                &addrs.peer_addr,
-                request,
-                left.min(self.timings.call_timeout),
-            )
-            .await
-            .map_err(|reason| HandoffError::Refused { to: target, reason })?;
-        let mut metrics = self.raft.metrics();
-        let id = self.id;
-        // One vote round elects the successor; if none appears within two election timeouts
-        // (it was stopping too, say), the cluster has to elect one as after a crash.
-        let elected_by = deadline.min(
-            tokio::time::Instant::now()
-                + self.timings.election_timeout_max * ELECTION_WAIT_TIMEOUTS,
-        );
-        let elected = tokio::time::timeout_at(
-            elected_by,
-            metrics.wait_for(|m| {
-                m.current_term > term && m.current_leader.is_some_and(|leader| leader != id)
-            }),
-        )
-        .await;
-        match elected {
-            Err(_) => Err(HandoffError::NotElected { to: target }),
-            Ok(Err(_)) => Err(HandoffError::Stopped("metrics closed".into())),
-            Ok(Ok(m)) => Ok(HandoffOutcome::HandedTo {
-                to: m.current_leader.unwrap_or(target),
-                term: m.current_term,
-                took: stopped_granting.elapsed(),
-            }),
-        }
-    }
-
-    /// Waits until one of `candidates` (the lowest id first) has replicated this leader's whole
-    /// log in `term`; returns it and the leader's last log index then. `None` if this node
-    /// stopped leading in `term` meanwhile.
-    async fn wait_caught_up(
-        &self,
-        term: u64,
-        candidates: &[NodeId],
-        deadline: tokio::time::Instant,
-    ) -> Result<Option<(NodeId, Option<u64>)>, HandoffError> {
-        let mut metrics = self.raft.metrics();
-        loop {
-            {
-                let m = metrics.borrow_and_update();
-                if m.running_state.is_err() {
-                    return Err(HandoffError::Stopped("raft stopped".into()));
-                }
-                if m.current_term != term || m.state != openraft::ServerState::Leader {
-                    return Ok(None);
-                }
-                let last = m.last_log_index;
-                let caught_up = m.replication.as_ref().and_then(|replication| {
-                    let mut ids = candidates.to_vec();
-                    ids.sort_unstable();
-                    ids.into_iter().find(|id| {
-                        replication
-                            .get(id)
-                            .is_some_and(|matched| matched.map(|l| l.index) >= last)
-                    })
-                });
-                if let Some(id) = caught_up {
-                    return Ok(Some((id, last)));
-                }
-            }
-            match tokio::time::timeout_at(deadline, metrics.changed()).await {
-                Err(_) => {
-                    return Err(HandoffError::Deadline(
-                        "before a voter had replicated this leader's log",
-                    ));
-                }
-                Ok(Err(_)) => return Err(HandoffError::Stopped("metrics closed".into())),
-                Ok(Ok(())) => {}
-            }
-        }
+        self.handoff.run(deadline, None).await
     }
 
     /// Stops raft and waits for it; the leadership watch closes and the data directory may be

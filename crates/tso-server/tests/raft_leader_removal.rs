@@ -1,0 +1,212 @@
+//! Removing the leader of a two-voter cluster (SEMANTICS §12, G3). openraft lets the only voter
+//! of a configuration elect itself at once, as soon as that configuration is in its log, with no
+//! vote-refusal window: if the leader of {1, 2} could remove itself, node 2 would elect itself
+//! and serve while node 1 still holds its lease. The removal is refused, naming the way: transfer
+//! leadership, then remove the old leader through the new one.
+
+mod common;
+
+use std::time::Instant;
+
+use common::raft::{start_cluster, wait_for_leader, wait_for_lease_holder, wait_until};
+use tso_core::Epoch;
+use tso_proto::tso::admin_v1 as pb;
+use tso_proto::tso::admin_v1::admin_client::AdminClient;
+use tso_server::backend::raft::{Links, RaftBackend};
+use tso_server::consensus::Consensus;
+
+/// Serves `backend`'s admin service on a loopback port; returns a client of it.
+async fn admin_client(backend: &RaftBackend) -> AdminClient<tonic::transport::Channel> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tonic::transport::Server::builder().add_service(backend.admin_service());
+    tokio::spawn(
+        server.serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    AdminClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap()
+}
+
+/// Asks the leader of two voters to remove itself. If the removal goes ahead, then once the
+/// other node leads and has committed a write, the old leader's lease for its epoch must be
+/// over. With `cut`, the link between them is cut as soon as the survivor has the new
+/// configuration in its log, so the old leader hears nothing more.
+async fn remove_the_leader_of_two(cut: bool) {
+    let dir = tempfile::tempdir().unwrap();
+    let links = Links::default();
+    let mut nodes = start_cluster(dir.path(), 2, &links).await;
+    let (leader, epoch) = wait_for_lease_holder(&nodes).await;
+    let other = 1 - leader;
+    let (leader_id, other_id) = (nodes[leader].id, nodes[other].id);
+    let mut admin = admin_client(&nodes[leader].backend).await;
+    let removal =
+        tokio::spawn(async move { admin.remove(pb::RemoveRequest { node_id: leader_id }).await });
+    wait_until(
+        "the removal is refused or reaches the survivor's log",
+        || removal.is_finished() || !nodes[other].backend.members().contains_key(&leader_id),
+    )
+    .await;
+    let refused = if removal.is_finished() {
+        removal.await.unwrap().err()
+    } else {
+        removal.abort();
+        None
+    };
+    if let Some(refused) = refused {
+        assert_eq!(
+            refused.code(),
+            tonic::Code::FailedPrecondition,
+            "{refused:?}"
+        );
+        assert!(
+            refused
+                .message()
+                .contains(&format!("tso admin transfer-leader {other_id}")),
+            "the refusal names the way: {}",
+            refused.message()
+        );
+        assert_eq!(
+            nodes[leader].backend.members().len(),
+            2,
+            "nothing was removed"
+        );
+    } else {
+        if cut {
+            links.isolate(leader_id, [other_id]);
+        }
+        let (_, new_epoch) = wait_for_leader(&nodes, &[other], Epoch::ZERO).await;
+        nodes[other]
+            .backend
+            .persist_high_water(1, new_epoch)
+            .await
+            .expect("the survivor commits alone");
+        let now = Instant::now();
+        if let Some(end) = nodes[leader].backend.lease_end_in(epoch) {
+            assert!(
+                end <= now,
+                "node {other_id} leads (epoch {new_epoch}) and has committed, while node \
+                 {leader_id}'s lease for epoch {epoch} runs {:?} more: two nodes grant",
+                end - now
+            );
+        }
+    }
+    for node in &mut nodes {
+        node.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removing_the_leader_of_two_voters_never_lets_two_nodes_grant() {
+    remove_the_leader_of_two(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removing_the_leader_of_two_voters_with_the_old_leader_cut_off_never_lets_two_nodes_grant()
+{
+    remove_the_leader_of_two(true).await;
+}
+
+/// The documented way to remove the leader of two voters: transfer leadership, then remove the
+/// old leader through the new one. The old leader gives up its lease before its successor can be
+/// elected, and the survivor then serves alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_leader_of_two_voters_is_removed_after_a_transfer() {
+    let dir = tempfile::tempdir().unwrap();
+    let links = Links::default();
+    let mut nodes = start_cluster(dir.path(), 2, &links).await;
+    let (leader, epoch) = wait_for_lease_holder(&nodes).await;
+    let other = 1 - leader;
+    let (leader_id, other_id) = (nodes[leader].id, nodes[other].id);
+    let mut admin = admin_client(&nodes[leader].backend).await;
+
+    let not_a_voter = admin
+        .transfer_leader(pb::TransferLeaderRequest { node_id: 9 })
+        .await
+        .expect_err("node 9 is no member");
+    assert_eq!(not_a_voter.code(), tonic::Code::FailedPrecondition);
+    let to_itself = admin
+        .transfer_leader(pb::TransferLeaderRequest { node_id: leader_id })
+        .await
+        .expect("the leader already leads")
+        .into_inner();
+    assert!(!to_itself.changed);
+
+    let moved = admin
+        .transfer_leader(pb::TransferLeaderRequest { node_id: other_id })
+        .await
+        .expect("transfer to the other voter")
+        .into_inner();
+    assert!(moved.changed);
+    assert_eq!(moved.members.unwrap().leader_id, Some(other_id));
+    assert_eq!(
+        nodes[leader].backend.lease_end_in(epoch),
+        None,
+        "the old leader gave its lease up for good"
+    );
+    let (_, new_epoch) = wait_for_leader(&nodes, &[other], epoch).await;
+
+    // The old leader, now a follower, sends the removal on to the new leader.
+    let not_leader = admin
+        .remove(pb::RemoveRequest { node_id: leader_id })
+        .await
+        .expect_err("a follower makes no change");
+    assert_eq!(not_leader.code(), tonic::Code::FailedPrecondition);
+    assert_eq!(not_leader.message(), "not leader");
+    let mut new_admin = admin_client(&nodes[other].backend).await;
+    let removed = new_admin
+        .remove(pb::RemoveRequest { node_id: leader_id })
+        .await
+        .expect("remove the old leader through the new one")
+        .into_inner();
+    assert!(removed.changed);
+    let voters: Vec<u64> = removed
+        .members
+        .unwrap()
+        .members
+        .iter()
+        .map(|m| m.node_id)
+        .collect();
+    assert_eq!(voters, vec![other_id]);
+    let (_, epoch_now) = wait_for_leader(&nodes, &[other], Epoch::ZERO).await;
+    assert!(epoch_now >= new_epoch);
+    nodes[other]
+        .backend
+        .persist_high_water(10, epoch_now)
+        .await
+        .expect("the survivor commits alone");
+    for node in &mut nodes {
+        node.stop().await;
+    }
+}
+
+/// A transfer that fails after the leader stopped granting (its chosen successor's raft is
+/// down, though its peer port still answers) must not leave the cluster without a leader: the
+/// old leader's raft would lead on without granting, its heartbeats holding every follower back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_transfer_leaves_a_cluster_that_elects_a_leader() {
+    let dir = tempfile::tempdir().unwrap();
+    let links = Links::default();
+    let mut nodes = start_cluster(dir.path(), 3, &links).await;
+    let (leader, epoch) = wait_for_lease_holder(&nodes).await;
+    let target = (leader + 1) % 3;
+    let third = (leader + 2) % 3;
+    nodes[target].backend.shutdown().await;
+    let mut admin = admin_client(&nodes[leader].backend).await;
+    let failed = admin
+        .transfer_leader(pb::TransferLeaderRequest {
+            node_id: nodes[target].id,
+        })
+        .await
+        .expect_err("the successor's raft is down");
+    assert_eq!(failed.code(), tonic::Code::Unavailable, "{failed:?}");
+    let (now_leads, new_epoch) = wait_for_leader(&nodes, &[leader, third], epoch).await;
+    nodes[now_leads]
+        .backend
+        .persist_high_water(5, new_epoch)
+        .await
+        .expect("the new leader commits");
+    for node in &mut nodes {
+        node.stop().await;
+    }
+}
