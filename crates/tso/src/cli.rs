@@ -125,6 +125,10 @@ pub struct ServeArgs {
     /// written in this file (re-read every 50 ms). Never set it in production.
     #[arg(long, hide = true)]
     pub unsafe_clock_offset_file: Option<PathBuf>,
+    /// FOR FAULT TESTS ONLY: while a file exists at this path, every fsync of the raft log
+    /// waits, as on a stuck disk. Never set it in production.
+    #[arg(long, hide = true)]
+    pub unsafe_fsync_stall_file: Option<PathBuf>,
     /// Log filter (tracing syntax, e.g. `info`, `tso_server=debug`). Logs go to stderr.
     #[arg(long, default_value = "info,openraft=warn", env = "TSO_LOG")]
     pub log: String,

@@ -4,9 +4,11 @@ mod probes;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tso_server::backend::file::{self, FileBackend};
 use tso_server::backend::raft::RaftBackend;
@@ -28,6 +30,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         args.lease_ttl_max
     );
     raise_open_files_limit();
+    let stop = take_stop_signals(args.shutdown_grace)?;
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     if let Some(threads) = args.threads {
         builder.worker_threads(threads.into());
@@ -36,7 +39,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(serve(args))
+    runtime.block_on(serve(args, stop))
 }
 
 /// Open files a server may ask for when the hard limit is unlimited: the kernel's usual
@@ -75,15 +78,15 @@ fn raise_open_files_limit() {
     tracing::info!(from = before, to = wanted, "raised the open files limit");
 }
 
-async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+async fn serve(args: ServeArgs, stop: watch::Receiver<bool>) -> anyhow::Result<()> {
     let probes = ProbeState::default();
     let stop_probes = CancellationToken::new();
     if let Some(addr) = args.metrics_listen {
         start_metrics_endpoint(addr, probes.clone(), stop_probes.clone()).await?;
     }
     let served = match args.backend {
-        BackendKind::File => serve_file(args, &probes).await,
-        BackendKind::Raft => serve_raft(args, &probes).await,
+        BackendKind::File => serve_file(args, &probes, stop).await,
+        BackendKind::Raft => serve_raft(args, &probes, stop).await,
     };
     stop_probes.cancel();
     served
@@ -103,10 +106,61 @@ async fn start_metrics_endpoint(
     Ok(())
 }
 
-/// Resolves on SIGINT or SIGTERM, after marking the node as draining for `/readyz`.
-async fn stop_requested(probes: &ProbeState) {
-    shutdown_signal().await;
+/// Resolves once a stop signal came (see [`take_stop_signals`]), after marking the node as
+/// draining for `/readyz`.
+async fn stop_requested(probes: &ProbeState, mut stop: watch::Receiver<bool>) {
+    let _ = stop.wait_for(|stopping| *stopping).await;
     probes.stopping();
+}
+
+/// The exit status of a shutdown cut short, by the grace running out or a second signal.
+const EXIT_SHUTDOWN_CUT: i32 = 1;
+
+/// Takes SIGTERM and SIGINT away from every thread but one of its own, which reports the first
+/// on the returned watch. From then on the whole exit (handoff, drain, backend shutdown) has
+/// `grace`: past it the thread ends the process, and a second signal ends it at once. Neither
+/// depends on the async runtime, whose threads a disk stuck in fsync can all block; either way
+/// is a crash as far as durable state goes, which every backend survives.
+///
+/// Call it before any other thread starts: they inherit the blocked signals.
+fn take_stop_signals(grace: Duration) -> anyhow::Result<watch::Receiver<bool>> {
+    // SAFETY: the sigset is initialized by sigemptyset before use; pthread_sigmask and
+    // sigwait/sigtimedwait only read and write the values passed to them.
+    let set = unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        let rc = libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        anyhow::ensure!(rc == 0, "cannot block the stop signals: error {rc}");
+        set
+    };
+    let (tx, rx) = watch::channel(false);
+    std::thread::Builder::new()
+        .name("tso-stop-signals".into())
+        .spawn(move || {
+            let mut signal: libc::c_int = 0;
+            // SAFETY: see above.
+            while unsafe { libc::sigwait(&set, &mut signal) } != 0 {}
+            tx.send_replace(true);
+            let timeout = libc::timespec {
+                tv_sec: grace.as_secs() as libc::time_t,
+                tv_nsec: grace.subsec_nanos() as libc::c_long,
+            };
+            // SAFETY: see above.
+            let second = unsafe { libc::sigtimedwait(&set, std::ptr::null_mut(), &timeout) };
+            if second > 0 {
+                tracing::warn!("a second stop signal: exiting now, without finishing the shutdown");
+            } else {
+                tracing::error!(
+                    grace_ms = grace.as_millis() as u64,
+                    "the shutdown did not finish within --shutdown-grace; exiting now"
+                );
+            }
+            std::process::exit(EXIT_SHUTDOWN_CUT);
+        })
+        .context("starting the signal thread")?;
+    Ok(rx)
 }
 
 async fn bind_client(args: &ServeArgs) -> anyhow::Result<TcpListener> {
@@ -150,7 +204,11 @@ fn oracle_config(args: &ServeArgs) -> Config {
 
 /// One node of a raft cluster: peers on `--peer-addr`, clients on `--listen`. Followers serve
 /// too (they answer "not leader" with the leader's address), so nothing waits for leadership.
-async fn serve_raft(args: ServeArgs, probes: &ProbeState) -> anyhow::Result<()> {
+async fn serve_raft(
+    args: ServeArgs,
+    probes: &ProbeState,
+    stop_rx: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
     let (raft_config, peer_listen) = cluster::raft_config(&args)?;
     let peer_tls = raft_config.peer_tls.is_some();
     let tls = args.tls.client_port()?;
@@ -162,6 +220,10 @@ async fn serve_raft(args: ServeArgs, probes: &ProbeState) -> anyhow::Result<()> 
     let listener = bind_client(&args).await?;
     let addr = listener.local_addr()?;
     let admin_listener = cluster::bind_admin(&args).await?;
+    if let Some(path) = &args.unsafe_fsync_stall_file {
+        tracing::warn!(path = %path.display(), "UNSAFE: raft fsyncs stall while this file exists; for fault tests only");
+        tso_server::backend::raft::unsafe_stall_fsync_while_exists(path.clone());
+    }
     let backend = Arc::new(
         RaftBackend::open(raft_config)
             .await
@@ -198,7 +260,7 @@ async fn serve_raft(args: ServeArgs, probes: &ProbeState) -> anyhow::Result<()> 
     // The client listener keeps answering during the handoff: "not leader", with a hint to the
     // successor, so clients go straight there.
     let stop = async {
-        stop_requested(probes).await;
+        stop_requested(probes, stop_rx).await;
         if !args.no_handoff {
             let deadline = tokio::time::Instant::now() + args.shutdown_grace;
             let _ = backend.hand_off(deadline).await;
@@ -217,7 +279,11 @@ async fn serve_raft(args: ServeArgs, probes: &ProbeState) -> anyhow::Result<()> 
     Ok(())
 }
 
-async fn serve_file(args: ServeArgs, probes: &ProbeState) -> anyhow::Result<()> {
+async fn serve_file(
+    args: ServeArgs,
+    probes: &ProbeState,
+    stop_rx: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
     anyhow::ensure!(
         !args.tls.has_peer_flags(),
         "--peer-tls-* apply to raft peers: use them with --backend raft"
@@ -245,7 +311,7 @@ async fn serve_file(args: ServeArgs, probes: &ProbeState) -> anyhow::Result<()> 
     }
     tracing::info!(%addr, client_tls, data_dir = %args.data_dir.display(), "serving");
     println!("serving on {addr}");
-    serve_listener_tls(listener, guard, tls, stop_requested(probes)).await?;
+    serve_listener_tls(listener, guard, tls, stop_requested(probes, stop_rx)).await?;
     tracing::info!("stopped");
     Ok(())
 }
@@ -311,16 +377,6 @@ fn read_offset(path: &std::path::Path) -> i64 {
         .ok()
         .and_then(|s| s.trim().parse().ok())
         .unwrap_or(0)
-}
-
-/// Resolves on SIGINT or SIGTERM.
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).expect("installing the SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
 }
 
 pub fn init_logging(filter: &str) -> anyhow::Result<()> {

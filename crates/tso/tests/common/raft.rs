@@ -27,6 +27,11 @@ impl RaftNode {
     /// Starts this node with its data under `dir` and waits for its `serving on` line. `None`
     /// starts it without `--members`, as a restart may.
     pub fn start(&self, dir: &Path, members: Option<&str>) -> Server {
+        self.start_with(dir, members, &[])
+    }
+
+    /// [`Self::start`] with `extra` flags.
+    pub fn start_with(&self, dir: &Path, members: Option<&str>, extra: &[&str]) -> Server {
         let mut command = Command::new(tso_bin());
         command
             .args([
@@ -43,6 +48,7 @@ impl RaftNode {
         if let Some(members) = members {
             command.args(["--members", members]);
         }
+        command.args(extra);
         Server::spawn(command)
             .unwrap_or_else(|(status, log)| panic!("node {} exited with {status}: {log}", self.id))
     }

@@ -53,7 +53,7 @@ use lease::LeaseClock;
 use log_store::LogStore;
 use network::Network;
 pub use network::{Links, PeerService};
-pub use record_file::RecordFileError;
+pub use record_file::{RecordFileError, unsafe_stall_fsync_while_exists};
 use state_machine::StateMachine;
 pub use types::NodeAddrs;
 use types::{Command, NodeId, Raft};

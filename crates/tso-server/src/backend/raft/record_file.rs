@@ -87,6 +87,7 @@ impl RecordFile {
             source,
         };
         self.file.write_all(&buf).map_err(io)?;
+        wait_while_fsync_stalled();
         self.file.sync_data().map_err(io)?;
         self.len_bytes += buf.len() as u64;
         Ok(())
@@ -104,6 +105,7 @@ impl RecordFile {
         {
             let mut f = File::create(&tmp).map_err(io)?;
             f.write_all(&buf).map_err(io)?;
+            wait_while_fsync_stalled();
             f.sync_all().map_err(io)?;
         }
         std::fs::rename(&tmp, &self.path).map_err(io)?;
@@ -195,6 +197,28 @@ fn first_bad_offset(bytes: &[u8]) -> u64 {
         at += n;
     }
     at as u64
+}
+
+/// The fault seam of [`unsafe_stall_fsync_while_exists`].
+static FSYNC_STALL_FILE: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+
+/// FOR FAULT TESTS ONLY: from now on, while a file exists at `path`, every fsync of the raft
+/// log and vote waits (in the thread that asked for it, as a stuck disk would). The first path
+/// given stays for the life of the process.
+pub fn unsafe_stall_fsync_while_exists(path: std::path::PathBuf) {
+    let _ = FSYNC_STALL_FILE.set(path);
+}
+
+fn wait_while_fsync_stalled() {
+    let Some(path) = FSYNC_STALL_FILE.get() else {
+        return;
+    };
+    if path.exists() {
+        tracing::warn!(path = %path.display(), "fsync stalled by the fault file");
+        while path.exists() {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
 }
 
 fn sync_parent(path: &Path) -> std::io::Result<()> {
