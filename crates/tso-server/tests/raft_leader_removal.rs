@@ -12,14 +12,18 @@ use common::raft::{start_cluster, wait_for_leader, wait_for_lease_holder, wait_u
 use tso_core::Epoch;
 use tso_proto::tso::admin_v1 as pb;
 use tso_proto::tso::admin_v1::admin_client::AdminClient;
-use tso_server::backend::raft::{Links, RaftBackend};
+use tso_server::backend::raft::{AdminService, Links, RaftBackend};
 use tso_server::consensus::Consensus;
 
 /// Serves `backend`'s admin service on a loopback port; returns a client of it.
 async fn admin_client(backend: &RaftBackend) -> AdminClient<tonic::transport::Channel> {
+    serve_admin(backend.admin()).await
+}
+
+async fn serve_admin(admin: AdminService) -> AdminClient<tonic::transport::Channel> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let server = tonic::transport::Server::builder().add_service(backend.admin_service());
+    let server = tonic::transport::Server::builder().add_service(admin.into_server());
     tokio::spawn(
         server.serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
     );
@@ -33,13 +37,25 @@ async fn admin_client(backend: &RaftBackend) -> AdminClient<tonic::transport::Ch
 /// over. With `cut`, the link between them is cut as soon as the survivor has the new
 /// configuration in its log, so the old leader hears nothing more.
 async fn remove_the_leader_of_two(cut: bool) {
+    remove_the_leader_of_two_with(cut, false).await;
+}
+
+/// [`remove_the_leader_of_two`]; with `no_refusal`, the admin service lets the removal through
+/// (the positive control's admin service), so only the pre-vote gate stands in the way.
+async fn remove_the_leader_of_two_with(cut: bool, no_refusal: bool) {
     let dir = tempfile::tempdir().unwrap();
     let links = Links::default();
     let mut nodes = start_cluster(dir.path(), 2, &links).await;
     let (leader, epoch) = wait_for_lease_holder(&nodes).await;
     let other = 1 - leader;
     let (leader_id, other_id) = (nodes[leader].id, nodes[other].id);
-    let mut admin = admin_client(&nodes[leader].backend).await;
+    let admin = nodes[leader].backend.admin();
+    let admin = if no_refusal {
+        admin.unsafe_allow_leader_removal()
+    } else {
+        admin
+    };
+    let mut admin = serve_admin(admin).await;
     let removal =
         tokio::spawn(async move { admin.remove(pb::RemoveRequest { node_id: leader_id }).await });
     wait_until(
@@ -94,6 +110,16 @@ async fn remove_the_leader_of_two(cut: bool) {
     for node in &mut nodes {
         node.stop().await;
     }
+}
+
+/// Without the refusal, the pre-vote gate alone keeps the survivor from electing itself until
+/// the old leader's lease is over: it campaigns only after `election_timeout_max` without
+/// entries from a leader, and the old leader's lease, renewed only by acknowledgements from the
+/// survivor, ends sooner.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_the_refusal_the_pre_vote_gate_still_keeps_one_granting_node() {
+    remove_the_leader_of_two_with(false, true).await;
+    remove_the_leader_of_two_with(true, true).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -188,6 +214,11 @@ async fn a_failed_transfer_leaves_a_cluster_that_elects_a_leader() {
     let dir = tempfile::tempdir().unwrap();
     let links = Links::default();
     let mut nodes = start_cluster(dir.path(), 3, &links).await;
+    // The leader's first writes (the members' identities) are in: nothing moves the log on.
+    wait_until("the cluster has recorded its identity everywhere", || {
+        nodes.iter().all(|n| n.backend.cluster_id().is_some())
+    })
+    .await;
     let (leader, epoch) = wait_for_lease_holder(&nodes).await;
     let target = (leader + 1) % 3;
     let third = (leader + 2) % 3;

@@ -251,6 +251,9 @@ async fn a_leader_holding_its_lease_never_votes_a_new_leader_in() {
     let mut nodes = start_cluster(dir.path(), 3, &links).await;
     let (leader, epoch) = wait_for_lease_holder(&nodes).await;
     let candidate = (leader + 1) % 3;
+    // The pre-vote gate would keep this candidate from campaigning at all (neither peer would
+    // vote for it); it is switched off on the candidate so that the vote gate is what is tested.
+    nodes[candidate].backend.unsafe_ungate_elections();
     links.cut(nodes[leader].id, nodes[candidate].id);
 
     let mut elected = 0;

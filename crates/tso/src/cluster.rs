@@ -168,6 +168,7 @@ pub fn serve_admin(
             "UNSAFE: the leader of two voters may be removed; this server breaks its guarantees on purpose"
         );
         admin = admin.unsafe_allow_leader_removal();
+        backend.unsafe_ungate_elections();
     }
     let server = builder.add_service(admin.into_server());
     Ok(Some(tokio::spawn(async move {

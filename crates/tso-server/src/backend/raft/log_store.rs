@@ -45,6 +45,9 @@ enum Record {
     Committed(LogId),
     /// An entry whose membership, if any, carries admin addresses ([`super::NodeAddrs`]).
     Entry(Entry),
+    /// The incarnation of the data directory this log belongs to (`identity.rs`), written at
+    /// its first start before anything else, and kept by every rewrite.
+    Incarnation(u64),
 }
 
 #[derive(Debug)]
@@ -54,6 +57,7 @@ struct Inner {
     vote: Option<Vote>,
     last_purged: Option<LogId>,
     committed: Option<LogId>,
+    incarnation: Option<u64>,
 }
 
 /// The log store handed to openraft; clones share one file.
@@ -73,6 +77,7 @@ impl LogStore {
             vote: None,
             last_purged: None,
             committed: None,
+            incarnation: None,
         };
         for (i, p) in payloads.iter().enumerate() {
             let record: Record = postcard::from_bytes(p).map_err(|_| RecordFileError::Corrupt {
@@ -88,6 +93,27 @@ impl LogStore {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         self.inner.lock().expect("log store mutex poisoned")
+    }
+
+    /// The id of the last entry in the log (or of the last purged one when none is left).
+    pub fn last_log_id(&self) -> Option<LogId> {
+        let inner = self.lock();
+        inner
+            .entries
+            .values()
+            .next_back()
+            .map(|e| e.log_id)
+            .or(inner.last_purged)
+    }
+
+    /// The incarnation this log was stamped with, if any.
+    pub fn incarnation(&self) -> Option<u64> {
+        self.lock().incarnation
+    }
+
+    /// Stamps the log with `incarnation`, durably.
+    pub fn set_incarnation(&self, incarnation: u64) -> Result<(), RecordFileError> {
+        self.lock().commit(vec![Record::Incarnation(incarnation)])
     }
 
     /// True if nothing was ever written: no vote, no entry, no purge.
@@ -122,6 +148,7 @@ impl Inner {
                     self.committed = Some(c);
                 }
             }
+            Record::Incarnation(i) => self.incarnation = Some(i),
         }
     }
 
@@ -138,6 +165,7 @@ impl Inner {
     /// The records that rebuild the current state.
     fn live_records(&self) -> Vec<Vec<u8>> {
         let head = [
+            self.incarnation.map(Record::Incarnation),
             self.vote.map(Record::Vote),
             self.last_purged.map(|upto| Record::Purge { upto }),
             self.committed.map(Record::Committed),

@@ -16,6 +16,7 @@ mod leadership;
 mod lease;
 mod log_store;
 mod network;
+mod peer_identity;
 pub mod piggyback;
 mod record_file;
 mod state_machine;
@@ -53,6 +54,7 @@ use lease::LeaseClock;
 use log_store::LogStore;
 use network::Network;
 pub use network::{Links, PeerService};
+use peer_identity::PeerIdentity;
 pub use record_file::{RecordFileError, unsafe_stall_fsync_while_exists};
 use state_machine::StateMachine;
 pub use types::NodeAddrs;
@@ -80,6 +82,124 @@ impl Default for SnapshotOptions {
             every_entries: SNAPSHOT_EVERY_ENTRIES,
             entries_kept: ENTRIES_KEPT_AFTER_SNAPSHOT,
         }
+    }
+}
+
+/// While this node leads, records what the cluster does not know yet of who its members are
+/// (`peer_identity.rs`): each member's incarnation once it answered, and the cluster's identity.
+/// A failed write is tried again on the next round.
+async fn record_identities(raft: Raft, ident: Arc<PeerIdentity>, timings: RaftTimings) {
+    loop {
+        tokio::time::sleep(timings.heartbeat_interval).await;
+        let leads = {
+            let m = raft.metrics();
+            let m = m.borrow();
+            if m.running_state.is_err() {
+                return;
+            }
+            m.state == openraft::ServerState::Leader && m.current_leader == Some(ident.node_id)
+        };
+        if !leads {
+            continue;
+        }
+        let (records, name_cluster) = ident.to_record();
+        let mut commands: Vec<Command> = records
+            .into_iter()
+            .map(|(node, incarnation)| Command::RecordIncarnation { node, incarnation })
+            .collect();
+        if name_cluster {
+            let id =
+                (u128::from(identity::random_u64()) << 64) | u128::from(identity::random_u64());
+            commands.push(Command::RecordClusterId { id });
+        }
+        for command in commands {
+            let write = tokio::time::timeout(timings.call_timeout, raft.client_write(command));
+            if !matches!(write.await, Ok(Ok(_))) {
+                break;
+            }
+        }
+    }
+}
+
+/// A pre-vote round in front of openraft's elections (openraft 0.9 has none): this node's raft
+/// may start an election on its own timer only while a majority of the voters, itself counted,
+/// would vote for it now (none of them has heard from a leader for an election timeout, and its
+/// log is at least as up to date as theirs). A follower cut off from the others therefore never
+/// raises its term, and when it is healed it follows the leader again instead of unseating it
+/// with the higher term of its failed campaigns. Only elections on openraft's timer are gated:
+/// the cluster's formation and a handoff's `Campaign` elect directly.
+async fn gate_elections(
+    raft: Raft,
+    log: LogStore,
+    network: Network,
+    ident: Arc<PeerIdentity>,
+    timings: RaftTimings,
+    ungated: Arc<std::sync::atomic::AtomicBool>,
+) {
+    let runtime = raft.runtime_config();
+    runtime.elect(false);
+    loop {
+        tokio::time::sleep(timings.heartbeat_interval).await;
+        if ungated.load(std::sync::atomic::Ordering::Relaxed) {
+            runtime.elect(true);
+            continue;
+        }
+        let (running, leads, configs, voters, term) = {
+            let m = raft.metrics();
+            let m = m.borrow();
+            let membership = m.membership_config.membership();
+            let configs: Vec<std::collections::BTreeSet<NodeId>> =
+                membership.get_joint_config().clone();
+            let voters: Vec<(NodeId, NodeAddrs)> = membership
+                .voter_ids()
+                .filter(|id| *id != ident.node_id)
+                .filter_map(|id| Some((id, membership.get_node(&id)?.clone())))
+                .collect();
+            let is_voter = membership.voter_ids().any(|id| id == ident.node_id);
+            (
+                m.running_state.is_ok(),
+                m.state == openraft::ServerState::Leader,
+                configs,
+                is_voter.then_some(voters),
+                m.current_term,
+            )
+        };
+        if !running {
+            return;
+        }
+        let Some(voters) = voters else {
+            continue;
+        };
+        if leads || ident.heard_leader_within(timings.election_timeout_max) {
+            runtime.elect(false);
+            continue;
+        }
+        let last_log_id = log.last_log_id();
+        let request = network::PreVoteRequest {
+            candidate: ident.node_id,
+            last_log_id,
+        };
+        let ttl = timings.election_timeout_min;
+        let asks = voters.iter().map(|(id, node)| {
+            let network = network.clone();
+            async move { network.pre_vote(*id, &node.peer_addr, request, ttl).await }
+        });
+        let answers = futures_util::future::join_all(asks).await;
+        let granted: std::collections::BTreeSet<NodeId> = voters
+            .iter()
+            .zip(&answers)
+            .filter(|(_, a)| a.as_ref().is_ok_and(|a| a.granted))
+            .map(|((id, _), _)| *id)
+            .chain([ident.node_id])
+            .collect();
+        // A majority of every configuration (two while a membership change is half-way).
+        let allow = configs
+            .iter()
+            .all(|config| config.intersection(&granted).count() > config.len() / 2);
+        if allow {
+            tracing::debug!(term, ?granted, "pre-vote won: this node may campaign");
+        }
+        runtime.elect(allow);
     }
 }
 
@@ -238,6 +358,17 @@ pub enum RaftOpenError {
         stored: Vec<u64>,
         given: Vec<u64>,
     },
+    #[error(
+        "data directory {dir} is incomplete: {what}. A node whose log or vote is lost must not \
+         take part under its old id (it could vote twice in one term). Remove it from the \
+         cluster (`tso admin remove ID` on the leader), then start it on an empty directory \
+         under a new id with `--join` and add it (`tso admin add-learner`, `promote`); see \
+         docs/operations.md, \"Replacing a dead node\""
+    )]
+    Partial {
+        dir: PathBuf,
+        what: identity::Partial,
+    },
     #[error("invalid raft timings: {0}")]
     Config(String),
     #[error(
@@ -300,6 +431,11 @@ pub struct RaftBackend {
     dir_guard: Mutex<Option<DirGuard>>,
     /// Held across a membership change: one at a time (see `admin.rs`).
     changes: Arc<tokio::sync::Mutex<()>>,
+    ident: Arc<PeerIdentity>,
+    /// A reader of the log store raft owns (for pre-votes).
+    log: LogStore,
+    /// Set by the positive control: openraft's elections run without the pre-vote gate.
+    ungated: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl RaftBackend {
@@ -314,6 +450,13 @@ impl RaftBackend {
         })?;
         let log = LogStore::open(&config.data_dir)?;
         let sm = StateMachine::open(&config.data_dir)?;
+        let parts = identity::DirParts {
+            log_incarnation: log.incarnation(),
+            log_written: !log.is_pristine(),
+            snapshot: sm.has_snapshot(),
+        };
+        let incarnation =
+            identity::check_incarnation(&config.data_dir, parts, |i| log.set_incarnation(i))?;
         let fresh = log.is_pristine();
         if config.join && !config.initial_members.is_empty() {
             return Err(RaftOpenError::JoinWithMembers(
@@ -332,14 +475,18 @@ impl RaftBackend {
         }
         config.timings.validate().map_err(RaftOpenError::Config)?;
         identity::check_or_write(&config.data_dir, config.node_id, &config.initial_members)?;
+        identity::record_incarnation(&config.data_dir, incarnation)?;
         identity::check_or_record_timings(&config.data_dir, &config.timings)?;
         let raft_config = openraft_config(&config.timings, &config.snapshot)?;
+        let ident = Arc::new(PeerIdentity::new(config.node_id, incarnation, sm.clone()));
         let network = Network::new(
             config.node_id,
             config.timings.cluster_key(),
             config.links.clone(),
             config.peer_tls.clone(),
+            ident.clone(),
         );
+        let log_handle = log.clone();
         let raft = Raft::new(
             config.node_id,
             raft_config,
@@ -353,7 +500,15 @@ impl RaftBackend {
         if fresh && first {
             initialize(&raft, config.initial_members.clone()).await?;
         }
-        let mut backend = Self::start_tasks(config.clone(), raft.clone(), sm, network, dir_guard);
+        let mut backend = Self::start_tasks(
+            config.clone(),
+            raft.clone(),
+            sm,
+            log_handle,
+            network,
+            ident,
+            dir_guard,
+        );
         if joining {
             tracing::info!(
                 node_id = config.node_id,
@@ -378,12 +533,15 @@ impl RaftBackend {
         config: RaftConfig,
         raft: Raft,
         sm: StateMachine,
+        log: LogStore,
         network: Network,
+        ident: Arc<PeerIdentity>,
         dir_guard: DirGuard,
     ) -> Self {
         let metrics = raft.metrics();
         let (tx, leadership) = watch::channel(leadership_of(&metrics.borrow()));
         let (stepdown, stepdown_rx) = watch::channel(None);
+        let ungated = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let lease = Arc::new(LeaseClock::new(lease::lease_duration(
             config.timings.election_timeout_max,
         )));
@@ -399,6 +557,19 @@ impl RaftBackend {
                 leadership.clone(),
                 lease.clone(),
                 config.timings,
+            )),
+            tokio::spawn(record_identities(
+                raft.clone(),
+                ident.clone(),
+                config.timings,
+            )),
+            tokio::spawn(gate_elections(
+                raft.clone(),
+                log.clone(),
+                network.clone(),
+                ident.clone(),
+                config.timings,
+                ungated.clone(),
             )),
         ];
         let stepdown = Arc::new(stepdown);
@@ -423,6 +594,9 @@ impl RaftBackend {
             tasks,
             dir_guard: Mutex::new(Some(dir_guard)),
             changes: Arc::default(),
+            ident,
+            log,
+            ungated,
         }
     }
 
@@ -430,7 +604,15 @@ impl RaftBackend {
     /// (alone, or next to other services on one tonic server).
     pub fn peer_service(&self) -> RaftPeerServer<PeerService> {
         let votes = VoteGate::new(self.lease.clone());
-        PeerService::new(self.raft.clone(), votes, self.timings.cluster_key()).into_server()
+        PeerService::new(
+            self.raft.clone(),
+            votes,
+            self.timings.cluster_key(),
+            self.ident.clone(),
+            self.timings.election_timeout_max,
+            self.log.clone(),
+        )
+        .into_server()
     }
 
     /// The `tso.admin.v1.Admin` service of this node (membership changes), to be served on its
@@ -540,6 +722,31 @@ impl RaftBackend {
     /// The high-water applied on this node (possibly stale on a follower; for diagnostics).
     pub fn applied_high_water_ms(&self) -> u64 {
         self.sm.high_water_ms()
+    }
+
+    /// FOR THE CHECKER'S POSITIVE CONTROL ONLY: openraft's own elections run without the
+    /// pre-vote gate (as openraft alone does: a node that is the only voter of its configuration
+    /// elects itself at its next tick). With the admin service's
+    /// [`AdminService::unsafe_allow_leader_removal`], removing the leader of two voters lets the
+    /// survivor serve while the old leader still does. This breaks the oracle on purpose.
+    pub fn unsafe_ungate_elections(&self) {
+        self.ungated
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The incarnation of this node's data directory (made at its first start).
+    pub fn incarnation(&self) -> u64 {
+        self.ident.incarnation
+    }
+
+    /// The cluster's identity as applied on this node, once its first leader recorded one.
+    pub fn cluster_id(&self) -> Option<u128> {
+        self.sm.cluster_id()
+    }
+
+    /// The incarnation the cluster recorded for `node`, as applied on this node.
+    pub fn recorded_incarnation(&self, node: u64) -> Option<u64> {
+        self.sm.incarnation_of(node)
     }
 
     /// Hands this node's leadership to an up-to-date voter before a shutdown, by `deadline`

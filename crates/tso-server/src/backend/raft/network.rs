@@ -28,7 +28,9 @@ use tso_proto::tso::raft_v1::raft_peer_client::RaftPeerClient;
 use tso_proto::tso::raft_v1::raft_peer_server::{RaftPeer, RaftPeerServer};
 
 use super::leadership::VoteGate;
-use super::types::{NodeAddrs, NodeId, Raft, TypeConfig};
+use super::log_store::LogStore;
+use super::peer_identity::{PeerHeaders, PeerIdentity};
+use super::types::{LogId, NodeAddrs, NodeId, Raft, TypeConfig};
 use crate::tls::PeerTls;
 
 /// How long a connection attempt to a peer may take. Loopback and LAN peers connect in well
@@ -110,10 +112,17 @@ pub struct Network {
     /// Peers are dialed over `https` with this, else over plaintext `http`.
     tls: Option<PeerTls>,
     channels: Arc<Mutex<HashMap<String, Channel>>>,
+    ident: Arc<PeerIdentity>,
 }
 
 impl Network {
-    pub fn new(self_id: NodeId, timings_key: String, links: Links, tls: Option<PeerTls>) -> Self {
+    pub fn new(
+        self_id: NodeId,
+        timings_key: String,
+        links: Links,
+        tls: Option<PeerTls>,
+        ident: Arc<PeerIdentity>,
+    ) -> Self {
         Self {
             self_id,
             timings: timings_key
@@ -122,6 +131,7 @@ impl Network {
             links,
             tls,
             channels: Arc::default(),
+            ident,
         }
     }
 
@@ -170,7 +180,48 @@ pub struct CampaignRequest {
     pub last_log_index: Option<u64>,
 }
 
+/// A follower's question before it may campaign (the `PreVote` peer RPC).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PreVoteRequest {
+    pub candidate: NodeId,
+    pub last_log_id: Option<LogId>,
+}
+
+/// The answer: whether the receiver would vote for that candidate now, and if not, why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PreVoteResponse {
+    pub granted: bool,
+    pub reason: String,
+}
+
 impl Network {
+    /// Asks `target` (at `peer_addr`) whether it would vote for this node now; `Err` when it did
+    /// not answer (or its answer does not count, see `peer_identity.rs`).
+    pub async fn pre_vote(
+        &self,
+        target: NodeId,
+        peer_addr: &str,
+        req: PreVoteRequest,
+        ttl: Duration,
+    ) -> Result<PreVoteResponse, String> {
+        if self.links.is_cut(self.self_id, target) {
+            return Err(format!("link {} -> {target} is cut", self.self_id));
+        }
+        let channel = self
+            .channel(peer_addr)
+            .ok_or_else(|| format!("peer address {peer_addr:?} is not a valid host:port"))?;
+        let payload = postcard::to_stdvec(&req).expect("a pre-vote request always encodes");
+        let request = peer_request(payload, ttl, &self.timings, &self.ident);
+        let mut client = RaftPeerClient::new(channel);
+        let reply = match tokio::time::timeout(ttl, client.pre_vote(request)).await {
+            Err(_) => return Err(format!("node {target} did not answer within {ttl:?}")),
+            Ok(Err(status)) => return Err(format!("node {target}: {}", status.message())),
+            Ok(Ok(reply)) => reply,
+        };
+        self.ident.check_reply(target, reply.metadata())?;
+        postcard::from_bytes(&reply.into_inner().payload).map_err(|e| e.to_string())
+    }
+
     /// Asks `target` (at `peer_addr`) to campaign; `Err` carries why it did not.
     pub async fn campaign(
         &self,
@@ -186,7 +237,7 @@ impl Network {
             .channel(peer_addr)
             .ok_or_else(|| format!("peer address {peer_addr:?} is not a valid host:port"))?;
         let payload = postcard::to_stdvec(&req).expect("a campaign request always encodes");
-        let request = peer_request(payload, ttl, &self.timings);
+        let request = peer_request(payload, ttl, &self.timings, &self.ident);
         let mut client = RaftPeerClient::new(channel);
         match tokio::time::timeout(ttl, client.campaign(request)).await {
             Err(_) => Err(format!("node {target} did not answer within {ttl:?}")),
@@ -211,6 +262,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             node: node.clone(),
             channel: self.channel(&node.peer_addr),
             links: self.links.clone(),
+            ident: self.ident.clone(),
         }
     }
 }
@@ -224,6 +276,7 @@ pub struct PeerClient {
     /// `None` when the peer address is not a valid URI authority: every call is `Unreachable`.
     channel: Option<Channel>,
     links: Links,
+    ident: Arc<PeerIdentity>,
 }
 
 /// Why a call did not bring back the remote raft's answer.
@@ -241,6 +294,8 @@ enum CallError {
     Status(tonic::Status),
     #[error("undecodable reply: {0}")]
     Decode(postcard::Error),
+    #[error("reply refused: {0}")]
+    Refused(String),
 }
 
 impl PeerClient {
@@ -265,7 +320,7 @@ impl PeerClient {
             .clone()
             .ok_or_else(|| CallError::BadAddress(self.node.peer_addr.clone()))?;
         let payload = postcard::to_stdvec(req).expect("raft messages always encode");
-        let request = peer_request(payload, ttl, &self.timings);
+        let request = peer_request(payload, ttl, &self.timings, &self.ident);
         let mut client = RaftPeerClient::new(channel);
         let call = async {
             match kind {
@@ -278,6 +333,11 @@ impl PeerClient {
             .await
             .map_err(|_| CallError::Deadline(ttl))?
             .map_err(|s| classify_status(s, ttl))?;
+        // A reply from a member whose data directory was replaced, or from another cluster,
+        // never counts (a vote, an acknowledgement toward a commit or the lease).
+        self.ident
+            .check_reply(self.target, reply.metadata())
+            .map_err(CallError::Refused)?;
         postcard::from_bytes(&reply.into_inner().payload).map_err(CallError::Decode)
     }
 
@@ -287,9 +347,10 @@ impl PeerClient {
         e: CallError,
     ) -> RPCError<NodeId, NodeAddrs, RaftError<NodeId, E>> {
         match e {
-            CallError::Cut { .. } | CallError::BadAddress(_) | CallError::Unavailable(_) => {
-                RPCError::Unreachable(Unreachable::new(&e))
-            }
+            CallError::Cut { .. }
+            | CallError::BadAddress(_)
+            | CallError::Unavailable(_)
+            | CallError::Refused(_) => RPCError::Unreachable(Unreachable::new(&e)),
             CallError::Deadline(timeout) => RPCError::Timeout(Timeout {
                 action: kind,
                 id: self.self_id,
@@ -325,17 +386,20 @@ impl PeerClient {
     }
 }
 
-/// A peer RPC carrying `payload`, bounded by `ttl` on both sides, with this node's timings.
+/// A peer RPC carrying `payload`, bounded by `ttl` on both sides, with this node's timings and
+/// identity headers.
 fn peer_request(
     payload: Vec<u8>,
     ttl: Duration,
     timings: &tonic::metadata::MetadataValue<tonic::metadata::Ascii>,
+    ident: &PeerIdentity,
 ) -> tonic::Request<RaftMessage> {
     let mut request = tonic::Request::new(RaftMessage { payload });
     request.set_timeout(ttl);
     request
         .metadata_mut()
         .insert(TIMINGS_HEADER, timings.clone());
+    ident.stamp(request.metadata_mut());
     request
 }
 
@@ -400,16 +464,73 @@ pub struct PeerService {
     votes: VoteGate,
     timings_key: Arc<str>,
     mismatch_logged: Arc<Mutex<Option<Instant>>>,
+    ident: Arc<PeerIdentity>,
+    /// How long after a leader's last entries this node refuses a pre-vote (its own
+    /// vote-refusal window: `election_timeout_max`).
+    pre_vote_window: Duration,
+    log: LogStore,
 }
 
 impl PeerService {
-    pub fn new(raft: Raft, votes: VoteGate, timings_key: String) -> Self {
+    pub fn new(
+        raft: Raft,
+        votes: VoteGate,
+        timings_key: String,
+        ident: Arc<PeerIdentity>,
+        pre_vote_window: Duration,
+        log: LogStore,
+    ) -> Self {
         Self {
             raft,
             votes,
             timings_key: timings_key.into(),
             mismatch_logged: Arc::default(),
+            ident,
+            pre_vote_window,
+            log,
         }
+    }
+
+    /// Whether this node would vote for a candidate whose log ends at `last_log_id` now.
+    fn would_vote(&self, req: &PreVoteRequest) -> Result<(), String> {
+        let (leads, leader) = {
+            let m = self.raft.metrics();
+            let m = m.borrow();
+            (m.state == openraft::ServerState::Leader, m.current_leader)
+        };
+        if leads {
+            return Err("this node leads".into());
+        }
+        if self.ident.heard_leader_within(self.pre_vote_window) {
+            return Err(format!(
+                "this node heard from its leader {leader:?} within {:?}",
+                self.pre_vote_window
+            ));
+        }
+        let ours = self.log.last_log_id();
+        if req.last_log_id < ours {
+            return Err(format!(
+                "the candidate's log ends at {:?}, before this node's {ours:?}",
+                req.last_log_id
+            ));
+        }
+        Ok(())
+    }
+
+    /// The timings and identity checks of every request.
+    fn check(&self, request: &tonic::Request<RaftMessage>) -> Result<PeerHeaders, tonic::Status> {
+        self.check_timings(request)?;
+        self.ident.check_request(request.metadata())
+    }
+
+    /// `value` as a reply carrying this node's identity headers.
+    fn reply<T: Serialize>(
+        &self,
+        value: &T,
+    ) -> Result<tonic::Response<RaftMessage>, tonic::Status> {
+        let mut response = reply(value)?;
+        self.ident.stamp(response.metadata_mut());
+        Ok(response)
     }
 
     /// Refuses a request from a peer whose raft timings differ from this node's.
@@ -456,19 +577,23 @@ impl RaftPeer for PeerService {
         &self,
         request: tonic::Request<RaftMessage>,
     ) -> Result<tonic::Response<RaftMessage>, tonic::Status> {
-        self.check_timings(&request)?;
+        let headers = self.check(&request)?;
         let req: AppendEntriesRequest<TypeConfig> = decode(request)?;
-        reply(&self.raft.append_entries(req).await)
+        let answer = self.raft.append_entries(req).await;
+        if answer.as_ref().is_ok_and(|a| a.is_success()) {
+            self.ident.note_leader(&headers);
+        }
+        self.reply(&answer)
     }
 
     async fn vote(
         &self,
         request: tonic::Request<RaftMessage>,
     ) -> Result<tonic::Response<RaftMessage>, tonic::Status> {
-        self.check_timings(&request)?;
+        self.check(&request)?;
         let req: VoteRequest<NodeId> = decode(request)?;
         match self.votes.vote(&self.raft, req).await {
-            Ok(answer) => reply(&answer),
+            Ok(answer) => self.reply(&answer),
             Err(held) => Err(tonic::Status::unavailable(held.to_string())),
         }
     }
@@ -477,17 +602,47 @@ impl RaftPeer for PeerService {
         &self,
         request: tonic::Request<RaftMessage>,
     ) -> Result<tonic::Response<RaftMessage>, tonic::Status> {
-        self.check_timings(&request)?;
+        self.check(&request)?;
         let req: InstallSnapshotRequest<TypeConfig> = decode(request)?;
-        reply(&self.raft.install_snapshot(req).await)
+        self.reply(&self.raft.install_snapshot(req).await)
+    }
+
+    async fn pre_vote(
+        &self,
+        request: tonic::Request<RaftMessage>,
+    ) -> Result<tonic::Response<RaftMessage>, tonic::Status> {
+        self.check(&request)?;
+        let req: PreVoteRequest = decode(request)?;
+        let answer = match self.would_vote(&req) {
+            Ok(()) => PreVoteResponse {
+                granted: true,
+                reason: String::new(),
+            },
+            Err(reason) => PreVoteResponse {
+                granted: false,
+                reason,
+            },
+        };
+        self.reply(&answer)
     }
 
     async fn campaign(
         &self,
         request: tonic::Request<RaftMessage>,
     ) -> Result<tonic::Response<RaftMessage>, tonic::Status> {
-        self.check_timings(&request)?;
+        let headers = self.check(&request)?;
         let req: CampaignRequest = decode(request)?;
+        // A Campaign names the process that sent it: one from an earlier start of the leader
+        // (replayed, or delayed past a restart into the same term) is refused.
+        if let Some(process) = headers.process
+            && self.ident.leader_process(req.leader_id) != Some(process)
+        {
+            return Err(tonic::Status::failed_precondition(format!(
+                "this Campaign comes from a start of node {} whose entries this node has not \
+                 accepted (an earlier start, or a replay)",
+                req.leader_id
+            )));
+        }
         // The leader saw its last entry replicated here; wait (briefly) until metrics show it.
         let _ = self
             .raft
@@ -506,7 +661,7 @@ impl RaftPeer for PeerService {
             term = req.term,
             "campaigning: the leader is handing its leadership to this node"
         );
-        reply(&())
+        self.reply(&())
     }
 }
 

@@ -37,6 +37,26 @@ struct State {
     /// The term that wrote `leases`, and the stamping-lease record itself.
     lease_term: u64,
     leases: Vec<u8>,
+    /// The cluster's identity, once its first leader recorded one.
+    cluster_id: Option<u128>,
+    /// Each member's incarnation (the data directory it answered from), once recorded.
+    incarnations: BTreeMap<u64, u64>,
+}
+
+/// The first byte of snapshot state data that carries the cluster identity and incarnations
+/// (written only once there is one, so that a node of the version before can still read the
+/// snapshots of a cluster that has not recorded any).
+const LAYOUT_WITH_IDENTITY_MARK: u8 = 0xA3;
+
+/// The state layout behind [`LAYOUT_WITH_ADMIN_MARK`]: as today's, without the identity.
+#[derive(Debug, Serialize, Deserialize)]
+struct StateV2 {
+    last_applied: Option<LogId>,
+    membership: StoredMembership,
+    high_water_ms: u64,
+    sequences: BTreeMap<String, u64>,
+    lease_term: u64,
+    leases: Vec<u8>,
 }
 
 /// The first byte of a snapshot (file record and state data) whose membership carries admin
@@ -167,6 +187,32 @@ impl StateMachine {
         (inner.state.lease_term, inner.state.leases.clone())
     }
 
+    /// Whether a snapshot is stored.
+    pub fn has_snapshot(&self) -> bool {
+        self.lock().snapshot.is_some()
+    }
+
+    /// The recorded cluster identity, if any.
+    pub fn cluster_id(&self) -> Option<u128> {
+        self.lock().state.cluster_id
+    }
+
+    /// The recorded incarnation of `node`, if any.
+    pub fn incarnation_of(&self, node: u64) -> Option<u64> {
+        self.lock().state.incarnations.get(&node).copied()
+    }
+
+    /// The voters and learners of the applied membership.
+    pub fn member_ids(&self) -> Vec<u64> {
+        self.lock()
+            .state
+            .membership
+            .membership()
+            .nodes()
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
     /// The first of `ends` whose counter is applied below it, if any (the check after a write).
     pub fn sequence_below(&self, ends: &[(String, u64)]) -> Option<(String, u64, u64)> {
         let inner = self.lock();
@@ -182,8 +228,20 @@ impl StateMachine {
 /// had none, so it decodes as that layout with every counter at 0 (postcard stops short of the
 /// missing map).
 fn decode_state(data: &[u8]) -> Option<State> {
-    if let Some(rest) = data.strip_prefix(&[LAYOUT_WITH_ADMIN_MARK]) {
+    if let Some(rest) = data.strip_prefix(&[LAYOUT_WITH_IDENTITY_MARK]) {
         return postcard::from_bytes::<State>(rest).ok();
+    }
+    if let Some(rest) = data.strip_prefix(&[LAYOUT_WITH_ADMIN_MARK]) {
+        let v2 = postcard::from_bytes::<StateV2>(rest).ok()?;
+        return Some(State {
+            last_applied: v2.last_applied,
+            membership: v2.membership,
+            high_water_ms: v2.high_water_ms,
+            sequences: v2.sequences,
+            lease_term: v2.lease_term,
+            leases: v2.leases,
+            ..State::default()
+        });
     }
     if let Ok(old) = postcard::from_bytes::<StateV1WithLeases>(data) {
         return Some(State {
@@ -193,6 +251,7 @@ fn decode_state(data: &[u8]) -> Option<State> {
             sequences: old.sequences,
             lease_term: old.lease_term,
             leases: old.leases,
+            ..State::default()
         });
     }
     if let Ok(old) = postcard::from_bytes::<StateWithoutLeases>(data) {
@@ -210,6 +269,24 @@ fn decode_state(data: &[u8]) -> Option<State> {
         membership: stored_membership_from_v1(old.membership),
         high_water_ms: old.high_water_ms,
         ..State::default()
+    })
+}
+
+/// A snapshot's state data: behind [`LAYOUT_WITH_IDENTITY_MARK`] once an identity is recorded,
+/// else in the layout before it, which every earlier build of the same cluster reads.
+fn encode_state(state: &State) -> Vec<u8> {
+    if state.cluster_id.is_some() || !state.incarnations.is_empty() {
+        let mut out = vec![LAYOUT_WITH_IDENTITY_MARK];
+        out.extend(postcard::to_stdvec(state).expect("the state always encodes"));
+        return out;
+    }
+    encode_marked(&StateV2 {
+        last_applied: state.last_applied,
+        membership: state.membership.clone(),
+        high_water_ms: state.high_water_ms,
+        sequences: state.sequences.clone(),
+        lease_term: state.lease_term,
+        leases: state.leases.clone(),
     })
 }
 
@@ -238,7 +315,17 @@ fn apply_one(state: &mut State, entry: Entry) -> Applied {
                 state.leases = record;
             }
         }
+        EntryPayload::Normal(Command::RecordClusterId { id }) => {
+            state.cluster_id.get_or_insert(id);
+        }
+        EntryPayload::Normal(Command::RecordIncarnation { node, incarnation }) => {
+            if state.membership.membership().get_node(&node).is_some() {
+                state.incarnations.entry(node).or_insert(incarnation);
+            }
+        }
         EntryPayload::Membership(m) => {
+            // A node that leaves is forgotten: its id may come back as a new member.
+            state.incarnations.retain(|id, _| m.get_node(id).is_some());
             state.membership = StoredMembership::new(Some(entry.log_id), m);
         }
     }
@@ -276,7 +363,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
         let mut inner = self.lock();
         inner.built_count += 1;
         let state = inner.state.clone();
-        let data = encode_marked(&state);
+        let data = encode_state(&state);
         let snapshot_id = match state.last_applied {
             Some(l) => format!("{}-{}-{}", l.leader_id, l.index, inner.built_count),
             None => format!("none-{}", inner.built_count),

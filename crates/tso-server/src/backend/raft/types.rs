@@ -55,6 +55,12 @@ pub enum Command {
     /// Replace the stamping-lease record (opaque to the log) with one computed by the leader of
     /// `term`; applied only if no record of a later term is already there.
     ReplaceLeases { term: u64, record: Vec<u8> },
+    /// Name the cluster (made by its first leader, see `identity.rs`); the first one applied
+    /// stays.
+    RecordClusterId { id: u128 },
+    /// Bind member `node` to the data directory it answered from (its incarnation); the first
+    /// one applied stays until the node leaves the membership.
+    RecordIncarnation { node: u64, incarnation: u64 },
 }
 
 /// What applying any entry returns: the high-water after it.
