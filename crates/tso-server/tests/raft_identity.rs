@@ -173,3 +173,51 @@ async fn a_directory_that_lost_part_of_itself_is_refused() {
         .expect("an intact directory starts");
     backend.shutdown().await;
 }
+
+/// Two initial members started with different `--members` lists (here node 3's peer address
+/// differs) must not form a cluster: the first membership entry comes from the lowest id's list,
+/// and the other node would silently follow a configuration it was not given.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn initial_members_with_different_lists_refuse_to_form() {
+    let dir = tempfile::tempdir().unwrap();
+    let links = Links::default();
+    let mut listeners = Vec::new();
+    let mut members = BTreeMap::new();
+    for id in 1..=3u64 {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addrs = NodeAddrs {
+            client_addr: client_addr(id),
+            peer_addr: listener.local_addr().unwrap().to_string(),
+            ..Default::default()
+        };
+        members.insert(id, addrs);
+        listeners.push(listener);
+    }
+    let mut other = members.clone();
+    other.get_mut(&3).unwrap().peer_addr = "127.0.0.1:9".into();
+    let mut listeners = listeners.into_iter();
+    let mut nodes = vec![
+        start_node(
+            config(dir.path(), 1, &members, &links),
+            listeners.next().unwrap(),
+        )
+        .await,
+        start_node(
+            config(dir.path(), 2, &other, &links),
+            listeners.next().unwrap(),
+        )
+        .await,
+    ];
+    // Node 1 forms the cluster at once and campaigns; give it several election timeouts.
+    tokio::time::sleep(test_timings().election_timeout_max * 3).await;
+    for node in &nodes {
+        assert!(
+            !matches!(node.leadership(), Leadership::Leader { .. }),
+            "node {} leads a cluster formed from two different members lists",
+            node.id
+        );
+    }
+    for node in &mut nodes {
+        node.stop().await;
+    }
+}

@@ -240,6 +240,44 @@ pub fn record_incarnation(dir: &Path, incarnation: u64) -> Result<(), RaftOpenEr
     }
 }
 
+/// File name of the formation digest inside the raft data directory.
+pub const FORMATION_FILE: &str = "raft-formation";
+
+/// A digest of the initial members list (ids and every address) a node formed its cluster
+/// with: every initial member must have been started with the same list, or the first
+/// membership entry (built from the lowest id's list) would not be what the others were told.
+pub fn formation_digest(members: &BTreeMap<u64, NodeAddrs>) -> u32 {
+    let listed: Vec<(&u64, &NodeAddrs)> = members.iter().collect();
+    crc32c::crc32c(&postcard::to_stdvec(&listed).expect("members always encode"))
+}
+
+/// The formation digest of this directory: recorded at the first start of an initial member
+/// (`fresh` with `members`), read back on every later start; `None` for a node that joined, or
+/// a directory from before the digest.
+pub fn formation(
+    dir: &Path,
+    fresh: bool,
+    members: &BTreeMap<u64, NodeAddrs>,
+) -> Result<Option<u32>, RaftOpenError> {
+    let path = dir.join(FORMATION_FILE);
+    let (mut file, payloads) = RecordFile::open(&path)?;
+    if let Some(stored) = payloads.first() {
+        let bytes: [u8; 4] = stored.as_slice().try_into().map_err(|_| {
+            RaftOpenError::Storage(RecordFileError::Corrupt {
+                path: path.clone(),
+                offset: 0,
+            })
+        })?;
+        return Ok(Some(u32::from_le_bytes(bytes)));
+    }
+    if !fresh || members.is_empty() {
+        return Ok(None);
+    }
+    let digest = formation_digest(members);
+    file.rewrite(&[digest.to_le_bytes().to_vec()])?;
+    Ok(Some(digest))
+}
+
 /// Checks this start's raft timings against those recorded at the directory's first start
 /// (recording them then, or on the first start of a directory from before they were recorded):
 /// the leader lease is sound only while every node keeps the same heartbeat and election

@@ -476,9 +476,16 @@ impl RaftBackend {
         config.timings.validate().map_err(RaftOpenError::Config)?;
         identity::check_or_write(&config.data_dir, config.node_id, &config.initial_members)?;
         identity::record_incarnation(&config.data_dir, incarnation)?;
+        let formation =
+            identity::formation(&config.data_dir, fresh && !joining, &config.initial_members)?;
         identity::check_or_record_timings(&config.data_dir, &config.timings)?;
         let raft_config = openraft_config(&config.timings, &config.snapshot)?;
-        let ident = Arc::new(PeerIdentity::new(config.node_id, incarnation, sm.clone()));
+        let ident = Arc::new(PeerIdentity::new(
+            config.node_id,
+            incarnation,
+            formation,
+            sm.clone(),
+        ));
         let network = Network::new(
             config.node_id,
             config.timings.cluster_key(),

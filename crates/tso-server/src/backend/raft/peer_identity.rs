@@ -31,6 +31,7 @@ pub const NODE_HEADER: &str = "tso-node";
 pub const INCARNATION_HEADER: &str = "tso-incarnation";
 pub const PROCESS_HEADER: &str = "tso-process";
 pub const CLUSTER_HEADER: &str = "tso-cluster";
+pub const FORMATION_HEADER: &str = "tso-formation";
 
 /// At most one log line per this interval about a refused peer.
 const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
@@ -42,6 +43,7 @@ pub struct PeerHeaders {
     pub incarnation: Option<u64>,
     pub process: Option<u64>,
     pub cluster: Option<u128>,
+    pub formation: Option<u32>,
 }
 
 impl PeerHeaders {
@@ -52,6 +54,7 @@ impl PeerHeaders {
             incarnation: text(INCARNATION_HEADER).and_then(|s| u64::from_str_radix(s, 16).ok()),
             process: text(PROCESS_HEADER).and_then(|s| u64::from_str_radix(s, 16).ok()),
             cluster: text(CLUSTER_HEADER).and_then(|s| u128::from_str_radix(s, 16).ok()),
+            formation: text(FORMATION_HEADER).and_then(|s| u32::from_str_radix(s, 16).ok()),
         }
     }
 }
@@ -64,6 +67,9 @@ pub struct PeerIdentity {
     pub incarnation: u64,
     /// Made at every start: a `Campaign` names the process of the leader that sent it.
     pub process: u64,
+    /// The digest of the members list this node formed its cluster with, if it was one of the
+    /// initial members.
+    formation: Option<u32>,
     sm: StateMachine,
     /// Incarnations peers answered with that the cluster has not recorded yet.
     observed: Mutex<BTreeMap<NodeId, u64>>,
@@ -77,10 +83,16 @@ pub struct PeerIdentity {
 }
 
 impl PeerIdentity {
-    pub fn new(node_id: NodeId, incarnation: u64, sm: StateMachine) -> Self {
+    pub fn new(
+        node_id: NodeId,
+        incarnation: u64,
+        formation: Option<u32>,
+        sm: StateMachine,
+    ) -> Self {
         Self {
             node_id,
             incarnation,
+            formation,
             process: super::identity::random_u64(),
             sm,
             observed: Mutex::default(),
@@ -103,6 +115,9 @@ impl PeerIdentity {
         put(PROCESS_HEADER, format!("{:016x}", self.process));
         if let Some(cluster) = self.sm.cluster_id() {
             put(CLUSTER_HEADER, format!("{cluster:032x}"));
+        }
+        if let Some(formation) = self.formation {
+            put(FORMATION_HEADER, format!("{formation:08x}"));
         }
     }
 
@@ -128,6 +143,16 @@ impl PeerIdentity {
         {
             return Some(format!(
                 "the peer belongs to another cluster ({theirs:032x}; this one is {ours:032x})"
+            ));
+        }
+        if let (Some(ours), Some(theirs)) = (self.formation, headers.formation)
+            && ours != theirs
+        {
+            return Some(format!(
+                "the peer was started with another initial members list (--members) than this \
+                 node (digest {theirs:08x}, this node {ours:08x}): every initial member must get \
+                 the same list, ids and addresses; stop the nodes, fix the flags, and start them \
+                 again on empty data directories"
             ));
         }
         let peer = peer.or(headers.node)?;
