@@ -27,7 +27,8 @@ pub use sequence::{
     SEQ_BATCH_KEYS_MAX, SEQ_COUNT_MAX_DEFAULT, SEQ_KEY_LEN_MAX, SEQ_KEYS_MAX_DEFAULT, SEQ_QUEUE_MAX,
 };
 pub use serve::{
-    OracleGuard, TSO_SERVICE_NAME, serve_listener, serve_listener_tls, serve_with_shutdown,
+    Activity, OracleGuard, TSO_SERVICE_NAME, serve_listener, serve_listener_tls,
+    serve_with_shutdown,
 };
 pub use service::{NOT_LEADER_MESSAGE, TsoHandler, not_leader};
 pub use stamping::{

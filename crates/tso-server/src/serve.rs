@@ -12,6 +12,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Server, ServerTlsConfig};
 use tonic_health::ServingStatus;
@@ -50,6 +51,7 @@ pub struct OracleGuard {
     shutdown: CancellationToken,
     /// Taken by [`OracleGuard::shutdown`].
     supervisor: Option<JoinHandle<Result<(), ServeError>>>,
+    activity: Activity,
 }
 
 impl Drop for OracleGuard {
@@ -79,6 +81,7 @@ impl OracleGuard {
             shared,
             shutdown,
             supervisor: Some(supervisor),
+            activity: Activity::default(),
         }
     }
 
@@ -91,6 +94,13 @@ impl OracleGuard {
     /// Its streams end when [`Self::begin_draining`] is called or serving is poisoned.
     pub fn stream_service(&self) -> TsoStreamServer<TsoStreamHandler> {
         TsoStreamServer::new(TsoStreamHandler::new(Arc::clone(&self.shared)))
+    }
+
+    /// When client calls last arrived through [`serve_listener_tls`]: a stopping server that
+    /// handed its leadership on waits with it until clients have followed the hint away, so
+    /// that closing its connections interrupts no call.
+    pub fn activity(&self) -> Activity {
+        self.activity.clone()
     }
 
     /// Ends every open timestamp stream (with UNAVAILABLE), so that a server draining for
@@ -208,6 +218,49 @@ fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
         .unwrap_or_else(|| "non-string panic payload".into())
 }
 
+/// When the last client call arrived (see [`OracleGuard::activity`]).
+#[derive(Debug, Clone)]
+pub struct Activity {
+    base: std::time::Instant,
+    last_ns: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Default for Activity {
+    fn default() -> Self {
+        Self {
+            base: std::time::Instant::now(),
+            last_ns: Arc::default(),
+        }
+    }
+}
+
+impl Activity {
+    fn touch(&self) {
+        let ns = self.base.elapsed().as_nanos() as u64;
+        self.last_ns
+            .fetch_max(ns, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn idle_for(&self) -> std::time::Duration {
+        let last = std::time::Duration::from_nanos(
+            self.last_ns.load(std::sync::atomic::Ordering::Relaxed),
+        );
+        self.base.elapsed().saturating_sub(last)
+    }
+
+    /// Waits until no call has arrived for `idle`, or until `deadline`.
+    pub async fn wait_idle(&self, idle: std::time::Duration, deadline: tokio::time::Instant) {
+        loop {
+            let quiet = self.idle_for();
+            if quiet >= idle || tokio::time::Instant::now() >= deadline {
+                return;
+            }
+            let next = (tokio::time::Instant::now() + (idle - quiet)).min(deadline);
+            tokio::time::sleep_until(next).await;
+        }
+    }
+}
+
 /// Binds `addr` and serves until `shutdown` resolves or serving is poisoned.
 pub async fn serve_with_shutdown(
     addr: SocketAddr,
@@ -251,7 +304,13 @@ pub async fn serve_listener_tls(
         .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
         .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
-        .add_service(guard.service())
+        .add_service(InterceptedService::new(guard.service(), {
+            let activity = guard.activity();
+            move |request: tonic::Request<()>| {
+                activity.touch();
+                Ok(request)
+            }
+        }))
         .add_service(guard.stream_service())
         .add_service(guard.health_service())
         .serve_with_incoming_shutdown(incoming, stop.clone().cancelled_owned());

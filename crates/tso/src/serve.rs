@@ -11,7 +11,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tso_server::backend::file::{self, FileBackend};
-use tso_server::backend::raft::RaftBackend;
+use tso_server::backend::raft::{HandoffOutcome, RaftBackend};
 use tso_server::clock::{Clock, OffsetClock, SystemClock};
 use tso_server::consensus::{BoxFuture, Consensus, ConsensusError, Leadership};
 use tso_server::{Config, OracleGuard, serve_listener_tls};
@@ -112,6 +112,11 @@ async fn stop_requested(probes: &ProbeState, mut stop: watch::Receiver<bool>) {
     let _ = stop.wait_for(|stopping| *stopping).await;
     probes.stopping();
 }
+
+/// After a handoff, how long without a client call before the server closes its connections,
+/// and the most it waits for that: a client that follows the hint leaves within a round trip.
+const HANDOFF_LINGER_IDLE: Duration = Duration::from_millis(100);
+const HANDOFF_LINGER_MAX: Duration = Duration::from_secs(2);
 
 /// The exit status of a shutdown cut short, by the grace running out or a second signal.
 const EXIT_SHUTDOWN_CUT: i32 = 1;
@@ -259,11 +264,18 @@ async fn serve_raft(
     println!("serving on {addr}");
     // The client listener keeps answering during the handoff: "not leader", with a hint to the
     // successor, so clients go straight there.
+    let activity = guard.activity();
     let stop = async {
         stop_requested(probes, stop_rx).await;
-        if !args.no_handoff {
-            let deadline = tokio::time::Instant::now() + args.shutdown_grace;
-            let _ = backend.hand_off(deadline).await;
+        let deadline = tokio::time::Instant::now() + args.shutdown_grace;
+        if !args.no_handoff
+            && let Ok(HandoffOutcome::HandedTo { .. }) = backend.hand_off(deadline).await
+        {
+            // Clients are told "not leader" with the successor's address; closing the
+            // connections while they still send would cut calls short (a client sees them
+            // CANCELLED, not knowing whether they ran). Wait until they have gone.
+            let linger_until = deadline.min(tokio::time::Instant::now() + HANDOFF_LINGER_MAX);
+            activity.wait_idle(HANDOFF_LINGER_IDLE, linger_until).await;
         }
     };
     let served = serve_listener_tls(listener, guard, tls, stop).await;
