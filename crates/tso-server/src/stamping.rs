@@ -2,7 +2,7 @@
 //!
 //! A holder that stamps events itself acquires a lease: a bound `B` on the physical part it may
 //! stamp with, valid until an expiry by the leader's clock. `B` comes from the same durable
-//! high-water as window extensions (`max(H + 1, now) + ttl`, persisted before the answer), so it
+//! high-water as window extensions (`max(H + 1, now + ttl)`, persisted before the answer), so it
 //! is above every timestamp granted before it and no later leader grants below it. The safe
 //! frontier is `min(H, the bounds of every unexpired lease, active or superseded)`.
 //!
@@ -415,8 +415,12 @@ impl Shared {
         }
     }
 
-    /// Persists `max(H + 1, now) + ttl` as the high-water and raises the term's window to it;
-    /// returns the durable value, the lease's bound.
+    /// Persists `max(H + 1, now + ttl)` as the high-water and raises the term's window to it;
+    /// returns the durable value, the lease's bound. Not `max(H + 1, now) + ttl`: `H` already
+    /// holds the previous bound, so that would add a whole TTL on every renewal however little
+    /// time passed, and walk the high-water (and every later failover) away from the clock.
+    /// This bound still covers the TTL (`>= now + ttl`) and every timestamp granted so far
+    /// (`> H`).
     async fn raise_for_lease(
         &self,
         epoch: Epoch,
@@ -426,7 +430,7 @@ impl Shared {
         let high_water_ms = self
             .serving_high_water(epoch)
             .ok_or_else(|| Refusal::NotLeader(self.hint()))?;
-        let target_ms = (high_water_ms + 1).max(now_ms).saturating_add(ttl_ms);
+        let target_ms = (high_water_ms + 1).max(now_ms.saturating_add(ttl_ms));
         if target_ms > PHYSICAL_MAX_MS {
             return Err(Refusal::OutOfRange(format!(
                 "a bound of {target_ms} ms would pass the 46-bit physical field"

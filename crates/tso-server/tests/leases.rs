@@ -155,7 +155,7 @@ async fn the_frontier_follows_every_unexpired_lease_until_exactly_its_expiry() {
     // A holder that dies: its lease binds the frontier until its expiry, to the millisecond.
     let h0 = high_water(&backend).await;
     let a = acquire(&mut client, b"writer-a", 1, 10_000).await.unwrap();
-    assert_eq!(a.ts_upper_bound, (h0 + 1).max(START_MS) + 10_000);
+    assert_eq!(a.ts_upper_bound, (h0 + 1).max(START_MS + 10_000));
     assert!(
         a.ts_upper_bound > ts.physical_ms,
         "above every timestamp granted before"
@@ -217,7 +217,7 @@ async fn the_frontier_follows_every_unexpired_lease_until_exactly_its_expiry() {
     // A renewal: a fresh bound above the current high-water, a later expiry.
     let h = high_water(&backend).await;
     let (bound, expires) = renew(&mut client, c.lease_id).await.unwrap();
-    assert_eq!(bound, (h + 1).max(b.expires_at_ms) + 20_000);
+    assert_eq!(bound, (h + 1).max(b.expires_at_ms + 20_000));
     assert_eq!(expires, b.expires_at_ms + 20_000);
 
     // A release stops binding at once; it is idempotent; the id is then unknown.
@@ -356,5 +356,49 @@ async fn a_backend_without_leases_answers_unimplemented() {
     refused(release, Code::Unimplemented, "leases");
     let frontier = client.get_safe_frontier(GetSafeFrontierRequest {}).await;
     refused(frontier, Code::Unimplemented, "leases");
+    server.stop().await.unwrap();
+}
+
+/// SEMANTICS §14: a lease's bound is `max(H + 1, now + ttl)`, not `max(H + 1, now) + ttl`, so
+/// renewals do not walk the high-water away from the clock: after 1 000 back-to-back renewals
+/// (the clock standing still) it is within one TTL and one window of the clock, and so is the
+/// first timestamp after a restart (plus the failover advance).
+#[tokio::test]
+async fn renewals_keep_the_high_water_within_a_ttl_of_the_clock() {
+    const TTL_MS: u64 = 60_000;
+    const RENEWALS: usize = 1_000;
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(START_MS);
+    let config = quiet_config();
+    let window_ms = config.window_ahead.as_millis() as u64;
+    let advance_ms = config.failover_advance.as_millis() as u64;
+    let (server, backend, mut client) = start(dir.path(), clock.clone()).await;
+    let lease = acquire(&mut client, b"keeper", 1, TTL_MS).await.unwrap();
+    let mut bound = lease.ts_upper_bound;
+    for _ in 0..RENEWALS {
+        let (next, _) = renew(&mut client, lease.lease_id).await.unwrap();
+        assert!(next >= bound, "a renewed bound is never lower");
+        assert!(next >= START_MS + TTL_MS, "the bound covers the TTL");
+        bound = next;
+    }
+    let high = high_water(&backend).await;
+    assert!(
+        high <= START_MS + TTL_MS + window_ms + RENEWALS as u64 + 1,
+        "after {RENEWALS} renewals the high-water is {} s ahead of the clock (TTL {} s, window \
+         {} s)",
+        (high - START_MS) / 1000,
+        TTL_MS / 1000,
+        window_ms / 1000
+    );
+    server.stop().await.unwrap();
+    drop((backend, client));
+
+    let (server, _backend, mut client) = start(dir.path(), clock.clone()).await;
+    let physical_ms = get_ts(&mut client, 1).await.unwrap().physical_ms;
+    assert!(
+        physical_ms <= START_MS + TTL_MS + window_ms + advance_ms + RENEWALS as u64 + 1,
+        "after a restart the first timestamp is {} s ahead of the clock",
+        (physical_ms - START_MS) / 1000
+    );
     server.stop().await.unwrap();
 }

@@ -521,7 +521,7 @@ fn check_regression(calls: &[LeaseCall], report: &mut Report) {
 }
 
 /// Rule 3: a lease's bound is above every timestamp granted before it (SEMANTICS §14: the
-/// bound is `max(H + 1, now) + ttl`, and `H` is above every grant, on this leader or any
+/// bound is `max(H + 1, now + ttl)`, and `H` is above every grant, on this leader or any
 /// earlier one). A grant that returned before the lease was asked for (for an acquire, before
 /// its first attempt: a retry's answer repeats the bound the lease was created with) was
 /// granted before the bound was set, so its physical part is below the bound.
