@@ -120,6 +120,16 @@ pub enum Error {
          a newer incarnation holds it; do not stamp"
     )]
     StaleHolderEpoch { holder_epoch: u64, message: String },
+    /// `AcquireLease` for the holder's live lease at the same `holder_epoch`, with another TTL
+    /// than the lease holds (`FAILED_PRECONDITION`): the server keeps the lease as it is, and
+    /// the wire has no field to tell the holder its TTL, so it refuses rather than answer with
+    /// a lease the holder would count on for the wrong time. Ask with the lease's TTL (the
+    /// server's `message` names it), or supersede it with a higher `holder_epoch`.
+    #[error(
+        "this holder already holds a live lease at holder_epoch {holder_epoch} with another TTL \
+         ({message}): ask with that TTL, or use a higher holder_epoch"
+    )]
+    LeaseTtlDiffers { holder_epoch: u64, message: String },
     /// A [`LeaseKeeper`](crate::LeaseKeeper) cannot vouch for its lease right now: by this
     /// holder's own clock the lease may have run out, and no renewal has succeeded since. The
     /// keeper keeps renewing; stamping must stall (never skew) until it vouches again.
@@ -159,6 +169,7 @@ impl Error {
             | Error::LeaseNotFound { .. }
             | Error::LeaseLost { .. }
             | Error::StaleHolderEpoch { .. }
+            | Error::LeaseTtlDiffers { .. }
             | Error::Closed => false,
         }
     }

@@ -224,6 +224,14 @@ fn classify<G>(rpc: Rpc, target: &Target, status: &tonic::Status) -> Outcome<G> 
                 Err(reason) => Outcome::MalformedHint(reason),
             }
         }
+        (Code::FailedPrecondition, Rpc::Acquire { holder_epoch })
+            if message.contains(TTL_DIFFERS_MARK) =>
+        {
+            Outcome::Fatal(Error::LeaseTtlDiffers {
+                holder_epoch,
+                message,
+            })
+        }
         (Code::FailedPrecondition, Rpc::Acquire { holder_epoch }) => {
             Outcome::Fatal(Error::StaleHolderEpoch {
                 holder_epoch,
@@ -247,6 +255,10 @@ fn classify<G>(rpc: Rpc, target: &Target, status: &tonic::Status) -> Outcome<G> 
         (code, _) => server_error(code),
     }
 }
+
+/// What the server's refusal of an acquire with another TTL than the live lease's says (the
+/// wire has no field for it; tso-server's `stamping.rs` writes this phrase).
+const TTL_DIFFERS_MARK: &str = "with a TTL of";
 
 #[cfg(test)]
 mod tests {

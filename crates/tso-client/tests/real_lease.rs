@@ -98,3 +98,44 @@ async fn a_keeper_holds_a_lease_on_the_real_server_and_releases_it() {
         Err(Error::LeaseNotFound { .. } | Error::LeaseLost { .. })
     ));
 }
+
+/// SEMANTICS §14: a repeated acquire must not leave the holder believing in a TTL the server
+/// does not hold. The answer carries no TTL, so an acquire for the live lease of the same
+/// holder and epoch with another TTL is refused, and a keeper started that way fails instead of
+/// handing out permits past the server's expiry; the same TTL stays idempotent.
+#[tokio::test]
+async fn an_acquire_with_another_ttl_for_a_live_lease_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = RealServer::start_file(dir.path(), "127.0.0.1:0".parse().unwrap());
+    let client = builder().connect([server.endpoint()]).await.unwrap();
+    let short = Duration::from_secs(5);
+    let lease = client.acquire_lease(b"writer-t", 1, short).await.unwrap();
+    let again = client.acquire_lease(b"writer-t", 1, short).await.unwrap();
+    assert_eq!(
+        again.lease_id(),
+        lease.lease_id(),
+        "the same TTL is idempotent"
+    );
+    let longer = client
+        .acquire_lease(b"writer-t", 1, Duration::from_secs(30))
+        .await;
+    match longer {
+        Err(Error::LeaseTtlDiffers {
+            holder_epoch: 1,
+            message,
+        }) => assert!(message.contains("5000 ms"), "names the live TTL: {message}"),
+        other => panic!("expected LeaseTtlDiffers, got {other:?}"),
+    }
+    let keeper = LeaseKeeper::start(&client, b"writer-t", 1, Duration::from_secs(30)).await;
+    assert!(
+        matches!(keeper, Err(Error::LeaseTtlDiffers { .. })),
+        "a keeper asking another TTL fails: {:?}",
+        keeper.as_ref().err()
+    );
+    // A higher holder epoch supersedes it with the new TTL.
+    let newer = client
+        .acquire_lease(b"writer-t", 2, Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_ne!(newer.lease_id(), lease.lease_id());
+}

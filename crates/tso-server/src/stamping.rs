@@ -227,6 +227,16 @@ impl Shared {
             && lease.holder_epoch == holder_epoch
         {
             book.set = Some(set);
+            // The answer has no TTL field: a lease with another TTL than asked would leave the
+            // holder counting on time the server does not hold (SEMANTICS §14).
+            if lease.ttl_ms != ttl_ms {
+                return Err(Refusal::FailedPrecondition(format!(
+                    "holder epoch {holder_epoch} already holds live lease {id} with a TTL of {} \
+                     ms, not {ttl_ms} ms: ask with the same TTL, or supersede it with a higher \
+                     holder epoch",
+                    lease.ttl_ms
+                )));
+            }
             return Ok(LeaseGrant {
                 lease_id: *id,
                 bound_ms: lease.bound_ms,

@@ -115,8 +115,8 @@ async fn stop_requested(probes: &ProbeState, mut stop: watch::Receiver<bool>) {
 
 /// After a handoff, how long without a client call before the server closes its connections,
 /// and the most it waits for that: a client that follows the hint leaves within a round trip.
-const HANDOFF_LINGER_IDLE: Duration = Duration::from_millis(100);
-const HANDOFF_LINGER_MAX: Duration = Duration::from_secs(2);
+const HANDOFF_LINGER_IDLE: Duration = Duration::from_millis(50);
+const HANDOFF_LINGER_MAX: Duration = Duration::from_millis(300);
 
 /// The exit status of a shutdown cut short, by the grace running out or a second signal.
 const EXIT_SHUTDOWN_CUT: i32 = 1;

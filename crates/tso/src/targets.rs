@@ -402,6 +402,7 @@ fn library_error_name(err: &tso_client::Error) -> String {
         E::LeaseNotFound { .. } => "LeaseNotFound".into(),
         E::LeaseLost { .. } => "LeaseLost".into(),
         E::StaleHolderEpoch { .. } => "StaleHolderEpoch".into(),
+        E::LeaseTtlDiffers { .. } => "LeaseTtlDiffers".into(),
         E::LeaseStalled { .. } => "LeaseStalled".into(),
     }
 }
