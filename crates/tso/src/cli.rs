@@ -443,7 +443,9 @@ pub struct CheckArgs {
     /// How long the clients and the nemesis run.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     pub duration: Duration,
-    /// Faults the nemesis draws from, comma-separated.
+    /// Faults the nemesis draws from, comma-separated: kill, pause, clock, and for raft
+    /// clusters partition, handoff (SIGTERM the leader, restart it) and member (replace a node,
+    /// or shrink to one voter and grow back, through the admin service).
     #[arg(long, value_delimiter = ',', default_value = "kill,pause,clock")]
     pub faults: Vec<crate::check::schedule::FaultKind>,
     /// Mean quiet time between faults (each gap is drawn from half to 1.5 times this).
@@ -471,7 +473,7 @@ pub struct CheckArgs {
     /// one machine: they share CLOCK_MONOTONIC) instead of running anything: merged, then
     /// checked for duplicates, regression, real-time order and grant shape (sequence calls: for
     /// overlaps, gaps above each key's lowest block, and shape).
-    #[arg(long, value_delimiter = ',', conflicts_with_all = ["endpoints", "unsafe_positive_control", "unsafe_no_lease", "unsafe_seq_forget", "unsafe_lease_forget"])]
+    #[arg(long, value_delimiter = ',', conflicts_with_all = ["endpoints", "unsafe_positive_control", "unsafe_no_lease", "unsafe_seq_forget", "unsafe_lease_forget", "unsafe_allow_leader_removal"])]
     pub verify: Vec<PathBuf>,
     /// Directory for the nodes' data and logs [default: a temporary one, removed after a clean
     /// run].
@@ -496,6 +498,12 @@ pub struct CheckArgs {
     /// reports a rule-1 violation, a frontier above a live lease's bound (exit 1).
     #[arg(long, conflicts_with_all = ["unsafe_positive_control", "unsafe_no_lease", "unsafe_seq_forget"])]
     pub unsafe_lease_forget: bool,
+    /// POSITIVE CONTROL of membership changes (raft clusters, `--workload ts`): run servers that
+    /// let the leader of two voters be removed at once, and shrink the cluster to two voters
+    /// then remove its leader, with clients pinned to every node. A working checker reports a
+    /// real-time violation (exit 1): the survivor grants while the removed leader still does.
+    #[arg(long, conflicts_with_all = ["unsafe_positive_control", "unsafe_no_lease", "unsafe_seq_forget", "unsafe_lease_forget"])]
+    pub unsafe_allow_leader_removal: bool,
 }
 
 /// What `tso check` clients call.

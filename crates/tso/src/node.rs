@@ -1,5 +1,6 @@
 //! Local `tso serve` processes, as `tso bench --spawn` and `tso check` run them: start, kill -9,
-//! restart on the same address, SIGSTOP/SIGCONT, and the test-only clock offset file.
+//! SIGTERM with a bound on the exit, restart on the same address, SIGSTOP/SIGCONT, a wiped data
+//! directory, and the test-only clock offset file.
 //!
 //! A node owns one directory (`data/`, `clock-offset-ms`, `serve.log`). Its client address is
 //! picked by the OS on the first start and kept for every restart, so clients keep one endpoint.
@@ -242,25 +243,82 @@ impl Node {
 
     /// Graceful stop (SIGTERM), bounded; kills it when the bound passes.
     pub async fn stop(&mut self) -> anyhow::Result<()> {
+        self.terminate(STOP_TIMEOUT).await.map(|_| ())
+    }
+
+    /// SIGTERM (a raft leader hands its leadership on first), then waits up to `within` for the
+    /// process to exit; kills it (`kill -9`) when the bound passes. A node that is not running
+    /// stops at once.
+    pub async fn terminate(&mut self, within: Duration) -> anyhow::Result<Stopped> {
         if self.paused {
             self.resume()?;
         }
         let Some(mut child) = self.child.take() else {
-            return Ok(());
+            return Ok(Stopped::NotRunning);
         };
         if let Some(pid) = child.id() {
             // SAFETY: kill(2) on our own unreaped child.
             unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
         }
-        if tokio::time::timeout(STOP_TIMEOUT, child.wait())
-            .await
-            .is_err()
-        {
-            child.start_kill()?;
-            child.wait().await?;
+        let started = std::time::Instant::now();
+        match tokio::time::timeout(within, child.wait()).await {
+            Ok(status) => Ok(Stopped::Exited {
+                code: status.context("waiting for the node to exit")?.code(),
+                took: started.elapsed(),
+            }),
+            Err(_) => {
+                child.start_kill().context("sending SIGKILL")?;
+                child.wait().await.context("reaping the killed node")?;
+                Ok(Stopped::Killed)
+            }
         }
-        Ok(())
     }
+
+    /// The length of the node's log now: pass it to [`Node::log_since`] to read what the node
+    /// logged from here on.
+    pub fn log_len(&self) -> u64 {
+        std::fs::metadata(self.log_file()).map_or(0, |m| m.len())
+    }
+
+    /// What the node logged from byte `offset` of its log on (empty if unreadable).
+    pub fn log_since(&self, offset: u64) -> String {
+        use std::io::{Read, Seek, SeekFrom};
+        let mut text = String::new();
+        if let Ok(mut file) = std::fs::File::open(self.log_file())
+            && file.seek(SeekFrom::Start(offset)).is_ok()
+        {
+            let mut bytes = Vec::new();
+            if file.read_to_end(&mut bytes).is_ok() {
+                text = String::from_utf8_lossy(&bytes).into_owned();
+            }
+        }
+        text
+    }
+
+    /// Deletes the node's data directory (the node must be stopped): the next start is a
+    /// fresh node, as on a new disk.
+    pub fn wipe_data(&self) -> anyhow::Result<()> {
+        assert!(self.child.is_none(), "node {} still runs", self.name);
+        let data = self.dir.join("data");
+        match std::fs::remove_dir_all(&data) {
+            Err(err) if err.kind() != std::io::ErrorKind::NotFound => {
+                Err(err).with_context(|| format!("wiping {}", data.display()))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// How [`Node::terminate`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stopped {
+    /// The process exited by itself after SIGTERM: its exit code (`None` if a signal ended it)
+    /// and how long it took.
+    Exited { code: Option<i32>, took: Duration },
+    /// It had not exited when the bound passed, and was killed.
+    Killed,
+    /// It was not running.
+    NotRunning,
 }
 
 /// The last lines of a log, for an error message.

@@ -5,8 +5,13 @@
 //! the public protocol: the serving leader answers `GetCurrentMaxSafe` with a non-zero
 //! watermark, followers with 0. A partition blackholes the loopback proxies of every directed
 //! peer link of one node (see TESTING.md); clients still reach every node directly.
+//!
+//! A raft cluster has a fixed number of slots, one per node of `--nodes`. A slot keeps its
+//! client address, its directory and its name for good, so clients keep one endpoint list and
+//! a client stays pinned to a slot; a membership change (`member.rs`) puts a new node, with a
+//! new id and new peer and admin ports, into a slot whose old node left.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 
@@ -18,7 +23,7 @@ use tso_proto::v1::tso_service_client::TsoServiceClient;
 
 use super::proxy::LinkProxy;
 use super::schedule::{Fault, Target};
-use crate::node::Node;
+use crate::node::{Node, Stopped};
 
 /// How long finding the leader may ask one node before treating it as not leading.
 const LEADER_PROBE_TIMEOUT: Duration = Duration::from_millis(500);
@@ -31,11 +36,87 @@ pub const NO_LEASE_FLAG: &str = "--unsafe-no-lease";
 pub const SEQ_FORGET_FLAG: &str = "--unsafe-seq-forget";
 /// Hidden server flag of the lease control: each new leader starts with an empty lease set.
 pub const LEASE_FORGET_FLAG: &str = "--unsafe-lease-forget";
+/// Hidden server flag of the leader-removal control: the leader of two voters may be removed
+/// (the survivor elects itself at once while the old leader still holds its lease).
+pub const ALLOW_LEADER_REMOVAL_FLAG: &str = "--unsafe-allow-leader-removal";
+/// How long a SIGTERM'd node may take to exit before it is killed: its whole exit, handoff and
+/// drain, is bounded by the server's `--shutdown-grace` (10 s by default), and 5 s cover a
+/// loaded machine.
+pub const TERM_EXIT_MAX: Duration = Duration::from_secs(15);
 
 pub struct Cluster {
+    /// One node per slot.
     pub nodes: Vec<Node>,
-    /// The proxy of every directed peer link `(from, to)` of a raft cluster.
-    links: Vec<((usize, usize), LinkProxy)>,
+    /// The proxy of every directed peer link of a raft cluster.
+    pub(super) links: Vec<Link>,
+    /// The slots of a raft cluster (`None` on one node).
+    pub(super) raft: Option<RaftSlots>,
+}
+
+/// The loopback proxy of the directed peer link from slot `from` to the peer port `target` of
+/// slot `to`.
+pub(super) struct Link {
+    pub from: usize,
+    pub to: usize,
+    pub target: SocketAddr,
+    pub proxy: LinkProxy,
+}
+
+/// What a raft cluster's slots hold, and how a new node is started in one.
+pub(super) struct RaftSlots {
+    pub bin: PathBuf,
+    pub dir: PathBuf,
+    /// Flags every node gets (the log filter, a control's unsafe flags).
+    pub common: Vec<String>,
+    pub slots: Vec<Slot>,
+    /// The id the next node to join gets.
+    pub next_id: u64,
+}
+
+/// One slot of a raft cluster: the node in it now.
+pub(super) struct Slot {
+    pub id: u64,
+    pub client: SocketAddr,
+    pub peer: SocketAddr,
+    pub admin: SocketAddr,
+    /// Whether `id` is a voter (false once removed, until a new node joins in the slot).
+    pub member: bool,
+}
+
+impl Slot {
+    /// The member form `ID=CLIENT/NAME:PEER_PORT/ADMIN` of the node in slot `i`: peers are
+    /// named, so that each node reaches this one through the proxy of that one link.
+    pub fn member(&self, i: usize) -> String {
+        format!(
+            "{}={}/{}:{}/{}",
+            self.id,
+            self.client,
+            peer_name(i),
+            self.peer.port(),
+            self.admin
+        )
+    }
+}
+
+/// What applying a fault did, for the run's counts and its result file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Applied {
+    /// How it went, by kind: `applied` for most; a handoff's or a membership change's outcome.
+    pub outcome: &'static str,
+    /// What happened, in words (who was handed the leadership, which ids changed).
+    pub note: Option<String>,
+    /// A node sent SIGTERM did not exit within [`TERM_EXIT_MAX`] and was killed.
+    pub hung: bool,
+}
+
+impl Applied {
+    fn plain() -> Applied {
+        Applied {
+            outcome: "applied",
+            note: None,
+            hung: false,
+        }
+    }
 }
 
 impl Cluster {
@@ -49,50 +130,102 @@ impl Cluster {
     ) -> anyhow::Result<Cluster> {
         let mut common = vec!["--log".to_string(), "info".to_string()];
         common.extend(unsafe_flags.iter().map(|f| f.to_string()));
-        let mut started = Vec::with_capacity(nodes);
-        let mut links = Vec::new();
-        if nodes == 1 {
-            started.push(Node::new(bin, &dir.join("n0"), "n0", common, true)?);
+        let mut cluster = if nodes == 1 {
+            Cluster {
+                nodes: vec![Node::new(bin, &dir.join("n0"), "n0", common, true)?],
+                links: Vec::new(),
+                raft: None,
+            }
         } else {
-            let ports = free_ports(2 * nodes)?;
-            let (clients, peers) = ports.split_at(nodes);
-            let members = raft_members(clients, peers);
-            for from in 0..nodes {
-                for to in (0..nodes).filter(|&to| to != from) {
-                    let proxy =
-                        LinkProxy::start(link_addr(from, to, peers[to].port()), peers[to]).await?;
-                    links.push(((from, to), proxy));
-                }
-            }
-            for i in 0..nodes {
-                let mut extra = vec![
-                    "--backend".to_string(),
-                    "raft".to_string(),
-                    "--node-id".to_string(),
-                    (i + 1).to_string(),
-                    "--peer-addr".to_string(),
-                    peers[i].to_string(),
-                    "--members".to_string(),
-                    members.clone(),
-                ];
-                extra.extend(common.iter().cloned());
-                let name = format!("n{i}");
-                let node_dir = dir.join(&name);
-                let node = Node::new(bin, &node_dir, &name, extra, true)?
-                    .with_listen(clients[i])
-                    .with_hosts_file(write_hosts(&node_dir, i, nodes)?);
-                started.push(node);
-            }
-        }
-        for node in &mut started {
+            Cluster::raft(bin, dir, nodes, common).await?
+        };
+        for node in &mut cluster.nodes {
             node.start()
                 .await
                 .with_context(|| format!("starting node {}", node.name))?;
         }
-        Ok(Cluster {
-            nodes: started,
-            links,
-        })
+        Ok(cluster)
+    }
+
+    /// A raft cluster of `nodes` slots, ids 1 to `nodes`, with every peer link proxied; not
+    /// started yet.
+    async fn raft(
+        bin: &Path,
+        dir: &Path,
+        nodes: usize,
+        common: Vec<String>,
+    ) -> anyhow::Result<Cluster> {
+        let ports = free_ports(3 * nodes)?;
+        let slots: Vec<Slot> = (0..nodes)
+            .map(|i| Slot {
+                id: i as u64 + 1,
+                client: ports[i],
+                peer: ports[nodes + i],
+                admin: ports[2 * nodes + i],
+                member: true,
+            })
+            .collect();
+        let members = raft_members(&slots);
+        let mut cluster = Cluster {
+            nodes: Vec::with_capacity(nodes),
+            links: Vec::new(),
+            raft: Some(RaftSlots {
+                bin: bin.to_path_buf(),
+                dir: dir.to_path_buf(),
+                common,
+                slots,
+                next_id: nodes as u64 + 1,
+            }),
+        };
+        for i in 0..nodes {
+            cluster.proxy_links_to(i).await?;
+            let node = cluster.raft_node(i, Some(&members))?;
+            cluster.nodes.push(node);
+        }
+        Ok(cluster)
+    }
+
+    /// Starts the proxies of the links from every other slot to the peer port of slot `to`.
+    pub(super) async fn proxy_links_to(&mut self, to: usize) -> anyhow::Result<()> {
+        let slots = &self.raft.as_ref().expect("a raft cluster").slots;
+        let target = slots[to].peer;
+        for from in (0..slots.len()).filter(|&from| from != to) {
+            let proxy = LinkProxy::start(link_addr(from, to, target.port()), target).await?;
+            self.links.push(Link {
+                from,
+                to,
+                target,
+                proxy,
+            });
+        }
+        Ok(())
+    }
+
+    /// The (not yet started) node of slot `i`: with the cluster's `members` on a first start
+    /// of the cluster, or waiting to join (`None`).
+    pub(super) fn raft_node(&self, i: usize, members: Option<&str>) -> anyhow::Result<Node> {
+        let raft = self.raft.as_ref().expect("a raft cluster");
+        let slot = &raft.slots[i];
+        let mut extra = vec![
+            "--backend".to_string(),
+            "raft".to_string(),
+            "--node-id".to_string(),
+            slot.id.to_string(),
+            "--peer-addr".to_string(),
+            slot.peer.to_string(),
+            "--admin-listen".to_string(),
+            slot.admin.to_string(),
+        ];
+        match members {
+            Some(members) => extra.extend(["--members".to_string(), members.to_string()]),
+            None => extra.push("--join".to_string()),
+        }
+        extra.extend(raft.common.iter().cloned());
+        let name = peer_name(i);
+        let node_dir = raft.dir.join(&name);
+        Ok(Node::new(&raft.bin, &node_dir, &name, extra, true)?
+            .with_listen(slot.client)
+            .with_hosts_file(write_hosts(&node_dir, i, raft.slots.len())?))
     }
 
     /// The node a target names now; `None` when no running node leads.
@@ -115,48 +248,71 @@ impl Cluster {
         self.nodes.iter().map(Node::endpoint).collect()
     }
 
-    /// Starts a fault on node `at`. Returns `false` when it does not apply now (the node is
+    /// Starts a fault on node `at`. Returns `None` when it does not apply now (the node is
     /// down).
-    pub async fn apply(&mut self, fault: Fault, at: usize) -> anyhow::Result<bool> {
+    pub async fn apply(&mut self, fault: Fault, at: usize) -> anyhow::Result<Option<Applied>> {
+        let running = self.nodes[at].is_running();
         match fault {
-            Fault::Kill { .. } => {
-                let node = &mut self.nodes[at];
-                if !node.is_running() {
-                    return Ok(false);
-                }
-                node.kill().await?;
+            Fault::Kill { .. } | Fault::Pause { .. } | Fault::Handoff { .. } if !running => {
+                return Ok(None);
             }
-            Fault::Pause { .. } => {
-                let node = &mut self.nodes[at];
-                if !node.is_running() {
-                    return Ok(false);
-                }
-                node.pause()?;
-            }
+            Fault::Kill { .. } => self.nodes[at].kill().await?,
+            Fault::Pause { .. } => self.nodes[at].pause()?,
             Fault::Clock { offset_ms, .. } => self.nodes[at].set_clock_offset_ms(offset_ms)?,
             Fault::Partition { .. } => self.cut(at, true),
+            Fault::Handoff { .. } => return self.terminate(at).await.map(Some),
+            Fault::Replace { stop, .. } => return self.stop_to_replace(at, stop).await,
+            Fault::Shrink {
+                remove_leader,
+                slow_ms,
+                ..
+            } => return self.shrink(remove_leader, slow_ms).await,
         }
-        Ok(true)
+        Ok(Some(Applied::plain()))
     }
 
-    /// Ends a fault on node `at`: restarts a killed node, resumes a paused one.
-    pub async fn heal(&mut self, fault: Fault, at: usize) -> anyhow::Result<()> {
+    /// Ends a fault on node `at`: restarts a killed or SIGTERM'd node, resumes a paused one,
+    /// replaces a stopped one, grows a shrunk cluster back. Returns what changed, in words,
+    /// if there is more to say than the fault's own description.
+    pub async fn heal(&mut self, fault: Fault, at: usize) -> anyhow::Result<Option<String>> {
         match fault {
-            Fault::Kill { .. } => {
+            Fault::Kill { .. } | Fault::Handoff { .. } => {
                 self.nodes[at].start().await?;
             }
             Fault::Pause { .. } => self.nodes[at].resume()?,
             Fault::Partition { .. } => self.cut(at, false),
             Fault::Clock { .. } => {}
+            Fault::Replace { .. } => return self.replace(at).await.map(Some),
+            Fault::Shrink { .. } => return self.grow().await.map(Some),
         }
-        Ok(())
+        Ok(None)
+    }
+
+    /// SIGTERM node `at` and waits (bounded) for it to exit; a leader hands its leadership on
+    /// first. The outcome is the handoff's, as the node logged it: `handed_off`,
+    /// `handoff_failed`, `no_handoff` (it no longer led), or `killed` when it did not exit
+    /// within [`TERM_EXIT_MAX`].
+    pub(super) async fn terminate(&mut self, at: usize) -> anyhow::Result<Applied> {
+        let node = &mut self.nodes[at];
+        let log_from = node.log_len();
+        let stopped = node.terminate(TERM_EXIT_MAX).await?;
+        Ok(handoff_outcome(stopped, &node.log_since(log_from)))
     }
 
     /// Cuts (or heals) every peer link to and from node `at`.
     fn cut(&self, at: usize, cut: bool) {
-        for ((from, to), proxy) in &self.links {
-            if *from == at || *to == at {
-                proxy.set_cut(cut);
+        for link in &self.links {
+            if link.from == at || link.to == at {
+                link.proxy.set_cut(cut);
+            }
+        }
+    }
+
+    /// Makes the links between nodes `a` and `b`, both ways, hold every reply for `delay`.
+    pub(super) fn slow(&self, a: usize, b: usize, delay: Duration) {
+        for link in &self.links {
+            if (link.from, link.to) == (a, b) || (link.from, link.to) == (b, a) {
+                link.proxy.set_reply_delay(delay);
             }
         }
     }
@@ -187,9 +343,60 @@ async fn leads(endpoint: &str) -> bool {
     )
 }
 
+/// What a SIGTERM'd node's exit and its log say of its handoff (see [`Cluster::terminate`]).
+fn handoff_outcome(stopped: Stopped, log: &str) -> Applied {
+    let (code, took) = match stopped {
+        Stopped::Killed => {
+            return Applied {
+                outcome: "killed",
+                note: Some(format!(
+                    "did not exit within {TERM_EXIT_MAX:?} of SIGTERM: killed"
+                )),
+                hung: true,
+            };
+        }
+        Stopped::NotRunning => {
+            return Applied {
+                outcome: "no_handoff",
+                note: Some("was not running".into()),
+                hung: false,
+            };
+        }
+        Stopped::Exited { code, took } => (code, took),
+    };
+    let exit = match code {
+        Some(0) => format!("exited in {} ms", took.as_millis()),
+        Some(code) => format!("exited with status {code} in {} ms", took.as_millis()),
+        None => format!("ended by a signal in {} ms", took.as_millis()),
+    };
+    let line_after = |mark: &str| {
+        log.lines()
+            .find_map(|l| l.split_once(mark).map(|(_, rest)| rest.trim().to_string()))
+    };
+    if let Some(rest) = line_after("handed leadership to node ") {
+        return Applied {
+            outcome: "handed_off",
+            note: Some(format!("handed leadership to node {rest}; {exit}")),
+            hung: false,
+        };
+    }
+    if let Some(reason) = line_after("leadership handoff failed: ") {
+        return Applied {
+            outcome: "handoff_failed",
+            note: Some(format!("handoff failed: {reason}; {exit}")),
+            hung: false,
+        };
+    }
+    Applied {
+        outcome: "no_handoff",
+        note: Some(format!("no handoff logged (not the leader); {exit}")),
+        hung: false,
+    }
+}
+
 /// `count` distinct free loopback ports (bound then released: another process could take one
 /// in between, which makes the node's start fail with a clear error).
-fn free_ports(count: usize) -> anyhow::Result<Vec<SocketAddr>> {
+pub(super) fn free_ports(count: usize) -> anyhow::Result<Vec<SocketAddr>> {
     let listeners = (0..count)
         .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
         .collect::<Result<Vec<_>, _>>()
@@ -205,14 +412,12 @@ fn peer_name(i: usize) -> String {
     format!("n{i}")
 }
 
-/// The raft `--members` list: `ID=CLIENT_ADDR/PEER_NAME:PORT`, ids from 1. Peers are named, so
-/// that each node reaches each other node through the proxy of that one link.
-fn raft_members(clients: &[SocketAddr], peers: &[SocketAddr]) -> String {
-    clients
+/// The raft `--members` list: `ID=CLIENT_ADDR/PEER_NAME:PORT/ADMIN_ADDR` for every slot.
+fn raft_members(slots: &[Slot]) -> String {
+    slots
         .iter()
-        .zip(peers)
         .enumerate()
-        .map(|(i, (client, peer))| format!("{}={client}/{}:{}", i + 1, peer_name(i), peer.port()))
+        .map(|(i, slot)| slot.member(i))
         .collect::<Vec<_>>()
         .join(",")
 }
@@ -245,15 +450,50 @@ mod tests {
     use super::*;
 
     #[test]
-    fn members_name_client_and_peer_addresses() {
-        let a: SocketAddr = "127.0.0.1:7001".parse().unwrap();
-        let b: SocketAddr = "127.0.0.1:7101".parse().unwrap();
-        let c: SocketAddr = "127.0.0.1:7002".parse().unwrap();
-        let d: SocketAddr = "127.0.0.1:7102".parse().unwrap();
+    fn members_name_client_peer_and_admin_addresses() {
+        let slot = |id: u64, i: u16| Slot {
+            id,
+            client: format!("127.0.0.1:{}", 7000 + i).parse().unwrap(),
+            peer: format!("127.0.0.1:{}", 7100 + i).parse().unwrap(),
+            admin: format!("127.0.0.1:{}", 7200 + i).parse().unwrap(),
+            member: true,
+        };
+        let members = raft_members(&[slot(1, 1), slot(4, 2)]);
         assert_eq!(
-            raft_members(&[a, c], &[b, d]),
-            "1=127.0.0.1:7001/n0:7101,2=127.0.0.1:7002/n1:7102"
+            members,
+            "1=127.0.0.1:7001/n0:7101/127.0.0.1:7201,4=127.0.0.1:7002/n1:7102/127.0.0.1:7202"
         );
+        let list: Vec<String> = members.split(',').map(str::to_string).collect();
+        let parsed = crate::cluster::parse_members(&list).unwrap();
+        assert_eq!(parsed[&4].peer_addr, "n1:7102");
+        assert_eq!(parsed[&4].admin_addr, "127.0.0.1:7202");
+    }
+
+    #[test]
+    fn a_handoff_is_told_from_the_nodes_log() {
+        let exited = Stopped::Exited {
+            code: Some(0),
+            took: Duration::from_millis(14),
+        };
+        let handed = handoff_outcome(
+            exited,
+            "x INFO handing leadership to node 2\ny INFO handed leadership to node 2 in 9 ms (term 4)\n",
+        );
+        assert_eq!(handed.outcome, "handed_off");
+        assert_eq!(
+            handed.note.as_deref(),
+            Some("handed leadership to node 2 in 9 ms (term 4); exited in 14 ms")
+        );
+        let failed = handoff_outcome(
+            exited,
+            "WARN leadership handoff failed: node 3 refused; the cluster elects a leader\n",
+        );
+        assert_eq!(failed.outcome, "handoff_failed");
+        assert_eq!(
+            handoff_outcome(exited, "INFO stopped\n").outcome,
+            "no_handoff"
+        );
+        assert_eq!(handoff_outcome(Stopped::Killed, "").outcome, "killed");
     }
 
     #[test]

@@ -10,11 +10,13 @@
 //! 1 violation, 2 usage or setup error. The seed is printed first, and the schedule and history
 //! summary go to a file.
 
+pub mod admin_client;
 pub mod clients;
 pub mod cluster;
 pub mod history;
 pub mod lease;
 pub mod lease_client;
+pub mod member;
 pub mod proxy;
 pub mod schedule;
 pub mod seq;
@@ -87,10 +89,65 @@ struct Event {
     /// The node it hit, once the target was resolved.
     node: Option<usize>,
     applied: bool,
+    /// How it went (`applied`, or a handoff's or membership change's outcome); `None` when it
+    /// did not apply.
+    outcome: Option<&'static str>,
+    /// What happened, in words: the apply's, then the heal's.
+    notes: Vec<String>,
+    /// A node it sent SIGTERM did not exit in time and was killed.
+    hung: bool,
     start_ms: u64,
     heal_ms: Option<u64>,
     heal_ns: Option<u64>,
     error: Option<String>,
+}
+
+impl Event {
+    /// The outcome this event is counted under: its own, `not_applied`, or `error` when it
+    /// failed to apply or heal.
+    fn count_key(&self) -> &'static str {
+        match (&self.error, self.outcome) {
+            (Some(_), _) => "error",
+            (None, Some(outcome)) => outcome,
+            (None, None) => "not_applied",
+        }
+    }
+}
+
+/// Applied faults by kind, then by outcome.
+fn fault_counts(events: &[Event]) -> BTreeMap<&'static str, BTreeMap<&'static str, u64>> {
+    let mut counts: BTreeMap<&'static str, BTreeMap<&'static str, u64>> = BTreeMap::new();
+    for event in events {
+        *counts
+            .entry(event.step.fault.kind().name())
+            .or_default()
+            .entry(event.count_key())
+            .or_default() += 1;
+    }
+    counts
+}
+
+/// "3 kill, 2 handoff (1 handed_off, 1 handoff_failed)": the counts on one line.
+fn describe_fault_counts(counts: &BTreeMap<&'static str, BTreeMap<&'static str, u64>>) -> String {
+    let kinds: Vec<String> = counts
+        .iter()
+        .map(|(kind, outcomes)| {
+            let total: u64 = outcomes.values().sum();
+            match outcomes.keys().collect::<Vec<_>>()[..] {
+                [&"applied"] => format!("{total} {kind}"),
+                _ => {
+                    let parts: Vec<String> =
+                        outcomes.iter().map(|(o, n)| format!("{n} {o}")).collect();
+                    format!("{total} {kind} ({})", parts.join(", "))
+                }
+            }
+        })
+        .collect();
+    if kinds.is_empty() {
+        "none".into()
+    } else {
+        kinds.join(", ")
+    }
 }
 
 async fn run(args: CheckArgs) -> anyhow::Result<Verdict> {
@@ -203,6 +260,7 @@ fn plan(args: &CheckArgs, seed: u64, local: bool) -> Plan {
         no_lease_control: args.unsafe_no_lease,
         seq_forget_control: args.unsafe_seq_forget,
         lease_forget_control: args.unsafe_lease_forget,
+        leader_removal_control: args.unsafe_allow_leader_removal,
     }
 }
 
@@ -255,6 +313,9 @@ async fn start_cluster(args: &CheckArgs, work: &WorkDir) -> anyhow::Result<Clust
     }
     if args.unsafe_lease_forget {
         unsafe_flags.push(cluster::LEASE_FORGET_FLAG);
+    }
+    if args.unsafe_allow_leader_removal {
+        unsafe_flags.push(cluster::ALLOW_LEADER_REMOVAL_FLAG);
     }
     Cluster::start(&bin, work.path(), args.nodes, &unsafe_flags).await
 }
@@ -363,7 +424,8 @@ fn validate(args: &CheckArgs) -> anyhow::Result<()> {
     let control = args.unsafe_positive_control
         || args.unsafe_no_lease
         || args.unsafe_seq_forget
-        || args.unsafe_lease_forget;
+        || args.unsafe_lease_forget
+        || args.unsafe_allow_leader_removal;
     anyhow::ensure!(
         args.endpoints.is_empty() || !control,
         "the positive controls need a local cluster: drop --endpoints"
@@ -385,13 +447,41 @@ fn validate(args: &CheckArgs) -> anyhow::Result<()> {
         !args.fault_interval.is_zero(),
         "--fault-interval must be above 0"
     );
-    anyhow::ensure!(
-        args.nodes > 1 || !args.faults.contains(&schedule::FaultKind::Partition),
-        "partition faults need a cluster: add --nodes 3 or 5"
-    );
+    if let Some(kind) = args.faults.iter().find(|k| k.needs_cluster())
+        && args.nodes == 1
+    {
+        anyhow::bail!(
+            "{} faults need a raft cluster (one node runs the file backend): add --nodes 3 or 5",
+            kind.name()
+        );
+    }
     anyhow::ensure!(
         args.nodes > 1 || !args.unsafe_no_lease,
         "the no-lease control needs a raft cluster: add --nodes 3 or 5"
+    );
+    validate_leader_removal(args)
+}
+
+/// What the leader-removal control refuses.
+fn validate_leader_removal(args: &CheckArgs) -> anyhow::Result<()> {
+    if !args.unsafe_allow_leader_removal {
+        return Ok(());
+    }
+    anyhow::ensure!(
+        args.nodes > 1,
+        "the leader-removal control needs a raft cluster: add --nodes 3 or 5"
+    );
+    anyhow::ensure!(
+        args.workload == Workload::Ts,
+        "the --unsafe-allow-leader-removal control breaks timestamps: use it with --workload ts"
+    );
+    // Two leaders granting side by side show only in a history that has both: one client
+    // pinned to each node, and one more to follow the leader.
+    anyhow::ensure!(
+        args.clients > args.nodes,
+        "the --unsafe-allow-leader-removal control pins one client to each node: give --clients \
+         {} or more",
+        args.nodes + 1
     );
     Ok(())
 }
@@ -442,8 +532,13 @@ async fn nemesis(
             break;
         }
         let event = apply_step(cluster, step, origin, shared).await;
+        let notes = if event.notes.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", event.notes.join("; "))
+        };
         eprintln!(
-            "tso check: {:>7} ms  {}{}",
+            "tso check: {:>7} ms  {}{notes}{}",
             event.start_ms,
             step.fault.describe(),
             event
@@ -464,6 +559,9 @@ async fn apply_step(cluster: &mut Cluster, step: Step, origin: Instant, shared: 
         step,
         node: None,
         applied: false,
+        outcome: None,
+        notes: Vec::new(),
+        hung: false,
         start_ms: since(Instant::now()),
         heal_ms: None,
         heal_ns: None,
@@ -473,7 +571,13 @@ async fn apply_step(cluster: &mut Cluster, step: Step, origin: Instant, shared: 
     event.node = at;
     if let Some(at) = at {
         match cluster.apply(step.fault, at).await {
-            Ok(applied) => event.applied = applied,
+            Ok(Some(applied)) => {
+                event.applied = true;
+                event.outcome = Some(applied.outcome);
+                event.notes.extend(applied.note);
+                event.hung = applied.hung;
+            }
+            Ok(None) => {}
             Err(err) => event.error = Some(format!("{err:#}")),
         }
     }
@@ -482,8 +586,9 @@ async fn apply_step(cluster: &mut Cluster, step: Step, origin: Instant, shared: 
         shared.sleep_until(Instant::now() + length).await;
         event.heal_ms = Some(since(Instant::now()));
         event.heal_ns = Some(monotonic_ns());
-        if let Err(err) = cluster.heal(step.fault, at).await {
-            event.error = Some(format!("{err:#}"));
+        match cluster.heal(step.fault, at).await {
+            Ok(note) => event.notes.extend(note),
+            Err(err) => event.error = Some(format!("{err:#}")),
         }
     }
     event
@@ -751,6 +856,18 @@ impl Findings {
         {
             println!("  {example}");
         }
+        println!(
+            "tso check: faults: {}",
+            describe_fault_counts(&fault_counts(&recorded.events))
+        );
+        let hung = recorded.events.iter().filter(|e| e.hung).count();
+        if hung > 0 {
+            println!(
+                "tso check: {hung} node(s) sent SIGTERM did not exit within {:?} and were killed \
+                 (a shutdown that hangs: see the notes in the result file)",
+                cluster::TERM_EXIT_MAX
+            );
+        }
         self.print_liveness(args, recorded.heals.len());
         if self.granted == 0 {
             println!("tso check: VIOLATION: no call succeeded at all");
@@ -862,13 +979,19 @@ fn result_json(
         "no_lease_control": args.unsafe_no_lease,
         "seq_forget_control": args.unsafe_seq_forget,
         "lease_forget_control": args.unsafe_lease_forget,
+        "leader_removal_control": args.unsafe_allow_leader_removal,
         "work_dir": work.path(),
         "faults_planned": recorded.faults_planned,
+        "faults": fault_counts(&recorded.events),
+        "sigterm_killed": recorded.events.iter().filter(|e| e.hung).count(),
         "schedule": recorded.events.iter().map(|e| serde_json::json!({
             "planned_ms": e.step.at_ms,
+            "kind": e.step.fault.kind().name(),
             "fault": e.step.fault.describe(),
             "node": e.node,
             "applied": e.applied,
+            "outcome": e.outcome,
+            "notes": e.notes,
             "start_ms": e.start_ms,
             "heal_ms": e.heal_ms,
             "error": e.error,

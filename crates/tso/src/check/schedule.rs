@@ -5,7 +5,8 @@
 //! A clock offset stays until the next clock fault, so later kills and pauses happen under a
 //! shifted clock: that is how combinations arise. The positive controls open with fixed steps
 //! that their broken servers fail (clocks back then a kill; long cuts of the leader; kills of
-//! the leader for the sequence and lease controls), then draw as usual.
+//! the leader for the sequence and lease controls; removals of the leader of two voters), then
+//! draw as usual.
 
 use std::time::Duration;
 
@@ -42,6 +43,31 @@ pub const SEQ_FORGET_KILLS: usize = 2;
 /// between renewals, so each kill finds such a lease with a fair chance; four make a miss
 /// unlikely.
 pub const LEASE_FORGET_KILLS: usize = 4;
+/// Removals of the leader of a two-voter cluster the leader-removal control opens with. About
+/// every other one gives two leaders granting side by side for 5 to 35 ms (see
+/// [`LEADER_REMOVAL_SLOW_MS`]), which the clients pinned to each node catch; six make a miss
+/// unlikely (8 of 8 runs caught, 2 to 4 removals with an overlap each, on the busy 2-core
+/// machine with the debug build).
+pub const LEADER_REMOVALS: usize = 6;
+/// How long the links between the last two voters hold their replies while a shrink removes
+/// one of them. The survivor takes the configuration that leaves it the only voter at once and
+/// elects itself at its next tick (openraft ticks every 75 ms with the default 50 ms heartbeat),
+/// with no vote to wait for; the old leader learns that the change committed, and later that
+/// the survivor's term passed its own, this much later, and steps down at its first tick after
+/// that. A server that lets the leader of two be removed thus grants from both. Kept well
+/// below openraft's AppendEntries timeout (one heartbeat interval, 50 ms) so the change still
+/// commits.
+pub const LEADER_REMOVAL_SLOW_MS: u64 = 25;
+/// How long the leader-removal control leaves the removed leader running before it stops it
+/// and the cluster grows back: past the old leader's step-down.
+pub const LEADER_REMOVAL_HOLD_MS: u64 = 300;
+/// The slowest link between the last two voters a drawn shrink removes one of them over.
+pub const SHRINK_SLOW_MAX_MS: u64 = LEADER_REMOVAL_SLOW_MS;
+/// A stopped node (kill, handoff, replacement) stays down up to this long.
+pub const DOWN_MAX_MS: u64 = 1_000;
+/// A shrunk cluster stays small from this long to this long before it grows back.
+pub const SHRINK_MIN_MS: u64 = 200;
+pub const SHRINK_MAX_MS: u64 = 3_000;
 
 /// The kinds of fault a run may draw from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, clap::ValueEnum)]
@@ -54,6 +80,43 @@ pub enum FaultKind {
     Clock,
     /// Cut every peer link to and from one node (clusters only).
     Partition,
+    /// SIGTERM the leader (it hands its leadership to an up-to-date voter), wait for it to
+    /// exit, restart it (clusters only).
+    Handoff,
+    /// Change the members through the admin service: replace a node by a new one, or shrink
+    /// to one voter and grow back (clusters only).
+    Member,
+}
+
+impl FaultKind {
+    /// The name `--faults` takes, and the key of the result file's counts.
+    pub fn name(self) -> &'static str {
+        match self {
+            FaultKind::Kill => "kill",
+            FaultKind::Pause => "pause",
+            FaultKind::Clock => "clock",
+            FaultKind::Partition => "partition",
+            FaultKind::Handoff => "handoff",
+            FaultKind::Member => "member",
+        }
+    }
+
+    /// Whether the kind needs a raft cluster (more than one node).
+    pub fn needs_cluster(self) -> bool {
+        matches!(
+            self,
+            FaultKind::Partition | FaultKind::Handoff | FaultKind::Member
+        )
+    }
+}
+
+/// How a replacement stops the node it replaces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stop {
+    /// `kill -9`: the node dies with its disk.
+    Kill,
+    /// SIGTERM, bounded: a leader hands its leadership on first.
+    Term,
 }
 
 /// Which node a fault hits: a fixed one, or whoever leads when the fault starts.
@@ -75,10 +138,42 @@ impl std::fmt::Display for Target {
 /// One fault.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fault {
-    Kill { node: Target, down_ms: u64 },
-    Pause { node: Target, for_ms: u64 },
-    Clock { node: Target, offset_ms: i64 },
-    Partition { node: Target, for_ms: u64 },
+    Kill {
+        node: Target,
+        down_ms: u64,
+    },
+    Pause {
+        node: Target,
+        for_ms: u64,
+    },
+    Clock {
+        node: Target,
+        offset_ms: i64,
+    },
+    Partition {
+        node: Target,
+        for_ms: u64,
+    },
+    /// SIGTERM the leader, wait for it to exit, restart it after `down_ms`.
+    Handoff {
+        down_ms: u64,
+    },
+    /// Stop `node`, and after `down_ms` replace it: wipe its data, start it under a new id with
+    /// `--join`, add it as a learner, promote it, remove the old id.
+    Replace {
+        node: Target,
+        stop: Stop,
+        down_ms: u64,
+    },
+    /// Remove followers until two voters are left, then one of the two (the leader when
+    /// `remove_leader`, as an operator would: `remove`, refused, `transfer-leader`, `remove`)
+    /// while the links between the two hold every reply for `slow_ms`; after `for_ms`, add new
+    /// nodes back until the cluster has its size again.
+    Shrink {
+        remove_leader: bool,
+        slow_ms: u64,
+        for_ms: u64,
+    },
 }
 
 impl Fault {
@@ -89,6 +184,20 @@ impl Fault {
             Fault::Pause { for_ms, .. } => for_ms,
             Fault::Clock { .. } => 0,
             Fault::Partition { for_ms, .. } => for_ms,
+            Fault::Handoff { down_ms } => down_ms,
+            Fault::Replace { down_ms, .. } => down_ms,
+            Fault::Shrink { for_ms, .. } => for_ms,
+        }
+    }
+
+    pub fn kind(&self) -> FaultKind {
+        match self {
+            Fault::Kill { .. } => FaultKind::Kill,
+            Fault::Pause { .. } => FaultKind::Pause,
+            Fault::Clock { .. } => FaultKind::Clock,
+            Fault::Partition { .. } => FaultKind::Partition,
+            Fault::Handoff { .. } => FaultKind::Handoff,
+            Fault::Replace { .. } | Fault::Shrink { .. } => FaultKind::Member,
         }
     }
 
@@ -98,7 +207,9 @@ impl Fault {
             Fault::Kill { node, .. }
             | Fault::Pause { node, .. }
             | Fault::Clock { node, .. }
-            | Fault::Partition { node, .. } => node,
+            | Fault::Partition { node, .. }
+            | Fault::Replace { node, .. } => node,
+            Fault::Handoff { .. } | Fault::Shrink { .. } => Target::Leader,
         }
     }
 
@@ -112,6 +223,30 @@ impl Fault {
             Fault::Partition { node, for_ms } => {
                 format!("cut every peer link of {node} for {for_ms} ms")
             }
+            Fault::Handoff { down_ms } => {
+                format!("SIGTERM the leader (handoff), restart after {down_ms} ms")
+            }
+            Fault::Replace {
+                node,
+                stop,
+                down_ms,
+            } => format!(
+                "replace {node}: {} it, after {down_ms} ms a new node joins on a wiped disk, \
+                 the old one is removed",
+                match stop {
+                    Stop::Kill => "kill -9",
+                    Stop::Term => "SIGTERM",
+                }
+            ),
+            Fault::Shrink {
+                remove_leader,
+                slow_ms,
+                for_ms,
+            } => format!(
+                "shrink to two voters, remove the {} of the two over a link slowed by {slow_ms} \
+                 ms, grow back after {for_ms} ms",
+                if remove_leader { "leader" } else { "follower" }
+            ),
         }
     }
 }
@@ -142,6 +277,8 @@ pub struct Plan {
     pub seq_forget_control: bool,
     /// Open with kills of the leader that a server forgetting its leases fails.
     pub lease_forget_control: bool,
+    /// Open with removals of the leader of two voters that a server allowing them fails.
+    pub leader_removal_control: bool,
 }
 
 /// Draws the schedule of `plan`: same plan, same schedule.
@@ -216,6 +353,19 @@ fn control_steps(plan: &Plan, interval_ms: u64) -> (Vec<Step>, u64) {
         });
         t += 100 + interval_ms;
     }
+    if plan.leader_removal_control {
+        for _ in 0..LEADER_REMOVALS {
+            steps.push(Step {
+                at_ms: t,
+                fault: Fault::Shrink {
+                    remove_leader: true,
+                    slow_ms: LEADER_REMOVAL_SLOW_MS,
+                    for_ms: LEADER_REMOVAL_HOLD_MS,
+                },
+            });
+            t += LEADER_REMOVAL_HOLD_MS + interval_ms;
+        }
+    }
     (steps, t)
 }
 
@@ -230,7 +380,7 @@ fn draw_fault(plan: &Plan, rng: &mut StdRng) -> Fault {
     match plan.kinds[rng.random_range(0..plan.kinds.len())] {
         FaultKind::Kill => Fault::Kill {
             node,
-            down_ms: rng.random_range(0..=1_000),
+            down_ms: rng.random_range(0..=DOWN_MAX_MS),
         },
         FaultKind::Pause => Fault::Pause {
             node,
@@ -243,6 +393,23 @@ fn draw_fault(plan: &Plan, rng: &mut StdRng) -> Fault {
         FaultKind::Partition => Fault::Partition {
             node,
             for_ms: rng.random_range(PARTITION_MIN_MS..=PARTITION_MAX_MS),
+        },
+        FaultKind::Handoff => Fault::Handoff {
+            down_ms: rng.random_range(0..=DOWN_MAX_MS),
+        },
+        FaultKind::Member if rng.random_bool(0.5) => Fault::Replace {
+            node,
+            stop: if rng.random_bool(0.5) {
+                Stop::Kill
+            } else {
+                Stop::Term
+            },
+            down_ms: rng.random_range(0..=DOWN_MAX_MS),
+        },
+        FaultKind::Member => Fault::Shrink {
+            remove_leader: rng.random_bool(0.5),
+            slow_ms: rng.random_range(0..=SHRINK_SLOW_MAX_MS),
+            for_ms: rng.random_range(SHRINK_MIN_MS..=SHRINK_MAX_MS),
         },
     }
 }
@@ -268,6 +435,7 @@ mod tests {
             no_lease_control: false,
             seq_forget_control: false,
             lease_forget_control: false,
+            leader_removal_control: false,
         }
     }
 
@@ -290,7 +458,15 @@ mod tests {
             for step in &steps {
                 match step.fault {
                     Fault::Pause { for_ms, .. } => assert!((50..=2_000).contains(&for_ms)),
-                    Fault::Kill { down_ms, .. } => assert!(down_ms <= 1_000),
+                    Fault::Kill { down_ms, .. }
+                    | Fault::Handoff { down_ms }
+                    | Fault::Replace { down_ms, .. } => assert!(down_ms <= DOWN_MAX_MS),
+                    Fault::Shrink {
+                        slow_ms, for_ms, ..
+                    } => {
+                        assert!((SHRINK_MIN_MS..=SHRINK_MAX_MS).contains(&for_ms));
+                        assert!(slow_ms <= SHRINK_SLOW_MAX_MS);
+                    }
                     Fault::Clock { offset_ms, .. } => {
                         assert!(offset_ms.abs() <= CLOCK_SHIFT_MAX_MS)
                     }
@@ -363,6 +539,65 @@ mod tests {
         };
         assert!(steps.len() > LEASE_FORGET_KILLS);
         assert!(steps[..LEASE_FORGET_KILLS].iter().all(|s| s.fault == kill));
+    }
+
+    #[test]
+    fn handoffs_and_member_changes_are_drawn_with_the_others() {
+        let kinds = vec![
+            FaultKind::Kill,
+            FaultKind::Partition,
+            FaultKind::Handoff,
+            FaultKind::Member,
+        ];
+        let steps: Vec<Step> = (0..20)
+            .flat_map(|seed| {
+                draw(&Plan {
+                    kinds: kinds.clone(),
+                    ..plan(seed)
+                })
+            })
+            .collect();
+        for kind in &kinds {
+            assert!(steps.iter().any(|s| s.fault.kind() == *kind), "{kind:?}");
+        }
+        let shrinks = |remove_leader: bool| {
+            steps
+                .iter()
+                .filter(|s| s.fault.kind() == FaultKind::Member)
+                .filter(|s| matches!(s.fault, Fault::Shrink { remove_leader: r, .. } if r == remove_leader))
+                .count()
+        };
+        assert!(shrinks(true) > 0 && shrinks(false) > 0);
+        let stops = |stop: Stop| {
+            steps
+                .iter()
+                .filter(|s| matches!(s.fault, Fault::Replace { stop: s, .. } if s == stop))
+                .count()
+        };
+        assert!(stops(Stop::Kill) > 0 && stops(Stop::Term) > 0);
+        assert!(steps.iter().all(|s| match s.fault {
+            Fault::Handoff { .. } | Fault::Shrink { .. } => s.fault.target() == Target::Leader,
+            _ => true,
+        }));
+    }
+
+    #[test]
+    fn the_leader_removal_control_removes_the_leader_of_two_then_draws() {
+        let steps = draw(&Plan {
+            leader_removal_control: true,
+            kinds: vec![FaultKind::Kill],
+            ..plan(1)
+        });
+        let removal = Fault::Shrink {
+            remove_leader: true,
+            slow_ms: LEADER_REMOVAL_SLOW_MS,
+            for_ms: LEADER_REMOVAL_HOLD_MS,
+        };
+        assert!(steps.len() > LEADER_REMOVALS);
+        assert!(steps[..LEADER_REMOVALS].iter().all(|s| s.fault == removal));
+        for pair in steps.windows(2) {
+            assert!(pair[0].at_ms + pair[0].fault.length_ms() < pair[1].at_ms);
+        }
     }
 
     #[test]

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod certs;
+pub mod check;
 pub mod lease_server;
 pub mod malformed;
 pub mod raft;
