@@ -96,6 +96,11 @@ pub struct ServeArgs {
     /// leader still grants under its lease. This breaks the oracle on purpose. Never set it.
     #[arg(long, hide = true)]
     pub unsafe_allow_leader_removal: bool,
+    /// FOR THE CHECKER'S POSITIVE CONTROL ONLY: a member restarted under its old id on a wiped
+    /// data directory counts again (its peers do not check incarnations), so its empty vote can
+    /// elect a node whose log lacks committed writes. This breaks the oracle on purpose.
+    #[arg(long, hide = true)]
+    pub unsafe_trust_wiped: bool,
     /// Largest `count` of one key in one GetSeq/GetSeqBatch entry.
     #[arg(long, default_value_t = tso_server::SEQ_COUNT_MAX_DEFAULT,
           value_parser = clap::value_parser!(u32).range(1..))]

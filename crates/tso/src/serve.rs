@@ -234,6 +234,12 @@ async fn serve_raft(
             .await
             .context("starting the raft node")?,
     );
+    if args.unsafe_trust_wiped {
+        tracing::warn!(
+            "UNSAFE: members on wiped data directories count again; this server breaks its guarantees on purpose"
+        );
+        backend.unsafe_trust_wiped_members();
+    }
     let stop_admin = CancellationToken::new();
     let admin = cluster::serve_admin(
         admin_listener,

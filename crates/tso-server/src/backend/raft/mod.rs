@@ -741,6 +741,14 @@ impl RaftBackend {
             .store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
+    /// FOR THE CHECKER'S POSITIVE CONTROL ONLY: a member restarted under its old id on a wiped
+    /// data directory is heard as a full member (its votes and acknowledgements count), as
+    /// before incarnations: it may vote twice in one term and elect a node whose log lacks
+    /// committed writes. This breaks the oracle on purpose.
+    pub fn unsafe_trust_wiped_members(&self) {
+        self.ident.unsafe_trust_wiped();
+    }
+
     /// The incarnation of this node's data directory (made at its first start).
     pub fn incarnation(&self) -> u64 {
         self.ident.incarnation

@@ -80,6 +80,8 @@ pub struct PeerIdentity {
     /// When this node last accepted entries from a leader (its start, before any).
     leader_contact: Mutex<Instant>,
     refusal_logged: Mutex<Option<Instant>>,
+    /// The positive control's hole: incarnations are not checked.
+    trust_wiped: std::sync::atomic::AtomicBool,
 }
 
 impl PeerIdentity {
@@ -100,6 +102,7 @@ impl PeerIdentity {
             leader_process: Mutex::default(),
             leader_contact: Mutex::new(Instant::now()),
             refusal_logged: Mutex::default(),
+            trust_wiped: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -121,6 +124,17 @@ impl PeerIdentity {
         }
     }
 
+    /// FOR THE CHECKER'S POSITIVE CONTROL ONLY: a member answering from another data directory
+    /// than the one recorded for it is heard as if nothing happened.
+    pub fn unsafe_trust_wiped(&self) {
+        self.trust_wiped
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn trusts_wiped(&self) -> bool {
+        self.trust_wiped.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// True once the cluster has recorded another incarnation for this node's id.
     pub fn replaced(&self) -> Option<u64> {
         self.sm
@@ -130,7 +144,7 @@ impl PeerIdentity {
 
     /// Why a peer with `headers` must not be heard, if it must not.
     fn refusal(&self, headers: &PeerHeaders, peer: Option<NodeId>) -> Option<String> {
-        if let Some(recorded) = self.replaced() {
+        if let Some(recorded) = self.replaced().filter(|_| !self.trusts_wiped()) {
             return Some(format!(
                 "node {} was replaced: the cluster records incarnation {recorded:016x} for it, \
                  but this data directory is {:016x}. It takes no part under this id: remove it \
@@ -156,6 +170,9 @@ impl PeerIdentity {
             ));
         }
         let peer = peer.or(headers.node)?;
+        if self.trusts_wiped() {
+            return None;
+        }
         match (self.sm.incarnation_of(peer), headers.incarnation) {
             (Some(recorded), Some(theirs)) if recorded != theirs => Some(format!(
                 "node {peer} answers from another data directory (incarnation {theirs:016x}) \
