@@ -450,7 +450,8 @@ pub struct CheckArgs {
     pub duration: Duration,
     /// Faults the nemesis draws from, comma-separated: kill, pause, clock, and for raft
     /// clusters partition, handoff (SIGTERM the leader, restart it) and member (replace a node,
-    /// or shrink to one voter and grow back, through the admin service).
+    /// or shrink to one voter and grow back, through the admin service) and wipe (lose a
+    /// follower's raft log or whole data directory, then replace it).
     #[arg(long, value_delimiter = ',', default_value = "kill,pause,clock")]
     pub faults: Vec<crate::check::schedule::FaultKind>,
     /// Mean quiet time between faults (each gap is drawn from half to 1.5 times this).
@@ -478,7 +479,7 @@ pub struct CheckArgs {
     /// one machine: they share CLOCK_MONOTONIC) instead of running anything: merged, then
     /// checked for duplicates, regression, real-time order and grant shape (sequence calls: for
     /// overlaps, gaps above each key's lowest block, and shape).
-    #[arg(long, value_delimiter = ',', conflicts_with_all = ["endpoints", "unsafe_positive_control", "unsafe_no_lease", "unsafe_seq_forget", "unsafe_lease_forget", "unsafe_allow_leader_removal"])]
+    #[arg(long, value_delimiter = ',', conflicts_with_all = ["endpoints", "unsafe_positive_control", "unsafe_no_lease", "unsafe_seq_forget", "unsafe_lease_forget", "unsafe_allow_leader_removal", "unsafe_trust_wiped"])]
     pub verify: Vec<PathBuf>,
     /// Directory for the nodes' data and logs [default: a temporary one, removed after a clean
     /// run].
@@ -509,6 +510,13 @@ pub struct CheckArgs {
     /// real-time violation (exit 1): the survivor grants while the removed leader still does.
     #[arg(long, conflicts_with_all = ["unsafe_positive_control", "unsafe_no_lease", "unsafe_seq_forget", "unsafe_lease_forget"])]
     pub unsafe_allow_leader_removal: bool,
+    /// POSITIVE CONTROL of cluster identity (`--nodes 3`, `--workload ts`): run servers that
+    /// let a member restarted under its old id on a wiped directory vote again, and open with
+    /// a follower cut off, the leader killed and the other follower wiped: the cut-off one is
+    /// elected on a stale log. A working checker reports duplicates and real-time violations
+    /// (exit 1).
+    #[arg(long, conflicts_with_all = ["unsafe_positive_control", "unsafe_no_lease", "unsafe_seq_forget", "unsafe_lease_forget", "unsafe_allow_leader_removal"])]
+    pub unsafe_trust_wiped: bool,
 }
 
 /// What `tso check` clients call.

@@ -1,6 +1,7 @@
 //! Local `tso serve` processes, as `tso bench --spawn` and `tso check` run them: start, kill -9,
-//! SIGTERM with a bound on the exit, restart on the same address, SIGSTOP/SIGCONT, a wiped data
-//! directory, and the test-only clock offset file.
+//! SIGTERM with a bound on the exit, restart on the same address, one start attempt that may be
+//! refused, SIGSTOP/SIGCONT, a wiped data directory or one file of it, and the test-only clock
+//! offset file.
 //!
 //! A node owns one directory (`data/`, `clock-offset-ms`, `serve.log`). Its client address is
 //! picked by the OS on the first start and kept for every restart, so clients keep one endpoint.
@@ -19,6 +20,8 @@ use tokio::process::{Child, Command};
 pub const START_TIMEOUT: Duration = Duration::from_secs(30);
 /// Start attempts before giving up: a restart on the same port can race the old socket.
 pub const START_ATTEMPTS_MAX: usize = 5;
+/// How long a node that closed its stdout without serving may take to exit.
+pub const EXIT_WAIT: Duration = Duration::from_secs(5);
 /// How long a graceful stop may take before the node is killed.
 pub const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -106,14 +109,25 @@ impl Node {
                 tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
             }
             match self.start_once().await {
-                Ok(addr) => return Ok(addr),
+                Ok(Started::Serving(addr)) => return Ok(addr),
+                Ok(_) => {
+                    last_error = Some(anyhow::anyhow!(
+                        "node {} did not start serving (see {}): {}",
+                        self.name,
+                        self.log_file().display(),
+                        log_tail(&self.log_file())
+                    ))
+                }
                 Err(err) => last_error = Some(err),
             }
         }
         Err(last_error.expect("at least one attempt"))
     }
 
-    async fn start_once(&mut self) -> anyhow::Result<SocketAddr> {
+    /// Starts the process once, without retrying, and tells how that went: a node that must
+    /// refuse its data directory exits at once.
+    pub async fn start_once(&mut self) -> anyhow::Result<Started> {
+        assert!(self.child.is_none(), "node {} already runs", self.name);
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -175,15 +189,22 @@ impl Node {
         .await;
         let addr = match ready {
             Ok(Ok(Some(addr))) => addr,
-            Ok(Ok(None)) | Ok(Err(_)) | Err(_) => {
+            Ok(Ok(None)) => {
+                // Stdout closed without `serving on`: the process is exiting (or exited).
+                let code = match tokio::time::timeout(EXIT_WAIT, child.wait()).await {
+                    Ok(status) => status.context("reaping the node")?.code(),
+                    Err(_) => {
+                        let _ = child.start_kill();
+                        let _ = child.wait().await;
+                        return Ok(Started::Silent);
+                    }
+                };
+                return Ok(Started::Exited { code });
+            }
+            Ok(Err(_)) | Err(_) => {
                 let _ = child.start_kill();
                 let _ = child.wait().await;
-                bail!(
-                    "node {} did not start serving (see {}): {}",
-                    self.name,
-                    self.log_file().display(),
-                    log_tail(&self.log_file())
-                );
+                return Ok(Started::Silent);
             }
         };
         // Keep draining stdout so the server never blocks or dies on a closed pipe.
@@ -191,7 +212,7 @@ impl Node {
         self.listen = addr;
         self.child = Some(child);
         self.paused = false;
-        Ok(addr)
+        Ok(Started::Serving(addr))
     }
 
     /// `kill -9`, and reaps the process.
@@ -307,6 +328,25 @@ impl Node {
             _ => Ok(()),
         }
     }
+
+    /// Deletes one file of the node's data directory (the node must be stopped): `raft-log`
+    /// alone makes the directory incomplete, which the next start must refuse.
+    pub fn remove_data_file(&self, name: &str) -> anyhow::Result<()> {
+        assert!(self.child.is_none(), "node {} still runs", self.name);
+        let path = self.dir.join("data").join(name);
+        std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))
+    }
+}
+
+/// How one start attempt ([`Node::start_once`]) ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Started {
+    /// It printed `serving on ADDR`.
+    Serving(SocketAddr),
+    /// It exited before serving, with this code (`None`: ended by a signal).
+    Exited { code: Option<i32> },
+    /// It neither served nor exited within [`START_TIMEOUT`] (then [`EXIT_WAIT`]): killed.
+    Silent,
 }
 
 /// How [`Node::terminate`] ended.

@@ -39,6 +39,9 @@ pub const LEASE_FORGET_FLAG: &str = "--unsafe-lease-forget";
 /// Hidden server flag of the leader-removal control: the leader of two voters may be removed
 /// (the survivor elects itself at once while the old leader still holds its lease).
 pub const ALLOW_LEADER_REMOVAL_FLAG: &str = "--unsafe-allow-leader-removal";
+/// Hidden server flag of the trust-wiped control: peers do not check incarnations, so a member
+/// restarted under its old id on a wiped directory votes and counts again.
+pub const TRUST_WIPED_FLAG: &str = "--unsafe-trust-wiped";
 /// How long a SIGTERM'd node may take to exit before it is killed: its whole exit, handoff and
 /// drain, is bounded by the server's `--shutdown-grace` (10 s by default), and 5 s cover a
 /// loaded machine.
@@ -51,6 +54,9 @@ pub struct Cluster {
     pub(super) links: Vec<Link>,
     /// The slots of a raft cluster (`None` on one node).
     pub(super) raft: Option<RaftSlots>,
+    /// The slots of the wiped follower A and the cut-off follower B of the trust-wiped
+    /// control's opening under way (`wipe.rs`).
+    pub(super) stale_vote: Option<(usize, usize)>,
 }
 
 /// The loopback proxy of the directed peer link from slot `from` to the peer port `target` of
@@ -81,6 +87,9 @@ pub(super) struct Slot {
     pub admin: SocketAddr,
     /// Whether `id` is a voter (false once removed, until a new node joins in the slot).
     pub member: bool,
+    /// Whether the node runs on a wiped directory under an id the cluster knows from another
+    /// directory: it is kept out, so the nemesis does not send it admin calls.
+    pub kept_out: bool,
 }
 
 impl Slot {
@@ -135,6 +144,7 @@ impl Cluster {
                 nodes: vec![Node::new(bin, &dir.join("n0"), "n0", common, true)?],
                 links: Vec::new(),
                 raft: None,
+                stale_vote: None,
             }
         } else {
             Cluster::raft(bin, dir, nodes, common).await?
@@ -163,6 +173,7 @@ impl Cluster {
                 peer: ports[nodes + i],
                 admin: ports[2 * nodes + i],
                 member: true,
+                kept_out: false,
             })
             .collect();
         let members = raft_members(&slots);
@@ -176,6 +187,7 @@ impl Cluster {
                 slots,
                 next_id: nodes as u64 + 1,
             }),
+            stale_vote: None,
         };
         for i in 0..nodes {
             cluster.proxy_links_to(i).await?;
@@ -233,15 +245,31 @@ impl Cluster {
         match target {
             Target::Node(i) => Some(i),
             Target::Leader if self.nodes.len() == 1 => Some(0),
-            Target::Leader => {
-                for (i, node) in self.nodes.iter().enumerate() {
-                    if node.is_running() && leads(&node.endpoint()).await {
-                        return Some(i);
-                    }
-                }
-                None
+            Target::Leader => self.leader().await,
+            Target::Follower(_) if self.nodes.len() == 1 => None,
+            Target::Follower(from) => {
+                let leader = self.leader().await?;
+                let slots = &self.raft.as_ref()?.slots;
+                (from..from + slots.len())
+                    .map(|i| i % slots.len())
+                    .find(|&i| {
+                        i != leader
+                            && slots[i].member
+                            && !slots[i].kept_out
+                            && self.nodes[i].is_running()
+                    })
             }
         }
+    }
+
+    /// The running node that serves as leader now, if one does.
+    async fn leader(&self) -> Option<usize> {
+        for (i, node) in self.nodes.iter().enumerate() {
+            if node.is_running() && leads(&node.endpoint()).await {
+                return Some(i);
+            }
+        }
+        None
     }
 
     pub fn endpoints(&self) -> Vec<String> {
@@ -267,6 +295,8 @@ impl Cluster {
                 slow_ms,
                 ..
             } => return self.shrink(remove_leader, slow_ms).await,
+            Fault::Wipe { loss, .. } => return self.wipe(at, loss).await.map(Some),
+            Fault::StaleVote { cut_ms, .. } => return self.stale_vote(at, cut_ms).await,
         }
         Ok(Some(Applied::plain()))
     }
@@ -284,6 +314,8 @@ impl Cluster {
             Fault::Clock { .. } => {}
             Fault::Replace { .. } => return self.replace(at).await.map(Some),
             Fault::Shrink { .. } => return self.grow().await.map(Some),
+            Fault::Wipe { .. } => return self.repair_wiped(at).await.map(Some),
+            Fault::StaleVote { .. } => return self.end_stale_vote(at).await.map(Some),
         }
         Ok(None)
     }
@@ -300,7 +332,7 @@ impl Cluster {
     }
 
     /// Cuts (or heals) every peer link to and from node `at`.
-    fn cut(&self, at: usize, cut: bool) {
+    pub(super) fn cut(&self, at: usize, cut: bool) {
         for link in &self.links {
             if link.from == at || link.to == at {
                 link.proxy.set_cut(cut);
@@ -457,6 +489,7 @@ mod tests {
             peer: format!("127.0.0.1:{}", 7100 + i).parse().unwrap(),
             admin: format!("127.0.0.1:{}", 7200 + i).parse().unwrap(),
             member: true,
+            kept_out: false,
         };
         let members = raft_members(&[slot(1, 1), slot(4, 2)]);
         assert_eq!(

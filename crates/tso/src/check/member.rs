@@ -165,7 +165,7 @@ impl Cluster {
         Ok(())
     }
 
-    fn mark_removed(&mut self, id: u64) {
+    pub(super) fn mark_removed(&mut self, id: u64) {
         for slot in &mut self.raft.as_mut().expect("a raft cluster").slots {
             if slot.id == id {
                 slot.member = false;
@@ -197,7 +197,7 @@ impl Cluster {
 
     /// Starts a new node in the (stopped) slot `at`, with a new id and new peer and admin
     /// ports, waiting to join; adds it as a learner and promotes it. Returns its id.
-    async fn join_slot(&mut self, at: usize) -> anyhow::Result<u64> {
+    pub(super) async fn join_slot(&mut self, at: usize) -> anyhow::Result<u64> {
         assert!(!self.nodes[at].is_running(), "slot {at} still runs a node");
         let ports = super::cluster::free_ports(2)?;
         let raft = self.raft.as_mut().expect("a raft cluster");
@@ -209,6 +209,7 @@ impl Cluster {
         slot.peer = ports[0];
         slot.admin = ports[1];
         slot.member = false;
+        slot.kept_out = false;
         let member = slot.member(at);
         self.links.retain(|link| link.target != old_peer);
         self.proxy_links_to(at).await?;
@@ -231,7 +232,7 @@ impl Cluster {
     }
 
     /// Makes `change`, which must not be refused.
-    async fn change(&self, change: Change) -> anyhow::Result<()> {
+    pub(super) async fn change(&self, change: Change) -> anyhow::Result<()> {
         match admin_client::change(&self.admin_endpoints(), &change).await? {
             Answer::Done => Ok(()),
             Answer::Refused(status) => bail!(
@@ -243,7 +244,7 @@ impl Cluster {
     }
 
     /// The leader's voters, which must be the ids of the member slots; returns them.
-    async fn check_voters(&self) -> anyhow::Result<Vec<u64>> {
+    pub(super) async fn check_voters(&self) -> anyhow::Result<Vec<u64>> {
         let view = admin_client::members(&self.admin_endpoints()).await?;
         let listed = admin_client::voters(&view);
         let mut expected: Vec<u64> = self
@@ -267,12 +268,12 @@ impl Cluster {
         self.slots()
             .iter()
             .zip(&self.nodes)
-            .filter(|(slot, node)| slot.member && node.is_running())
+            .filter(|(slot, node)| slot.member && !slot.kept_out && node.is_running())
             .map(|(slot, _)| slot.admin.to_string())
             .collect()
     }
 
-    fn slots(&self) -> &[super::cluster::Slot] {
+    pub(super) fn slots(&self) -> &[super::cluster::Slot] {
         &self
             .raft
             .as_ref()

@@ -20,6 +20,7 @@ pub mod member;
 pub mod proxy;
 pub mod schedule;
 pub mod seq;
+pub mod wipe;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -261,6 +262,7 @@ fn plan(args: &CheckArgs, seed: u64, local: bool) -> Plan {
         seq_forget_control: args.unsafe_seq_forget,
         lease_forget_control: args.unsafe_lease_forget,
         leader_removal_control: args.unsafe_allow_leader_removal,
+        trust_wiped_control: args.unsafe_trust_wiped,
     }
 }
 
@@ -316,6 +318,9 @@ async fn start_cluster(args: &CheckArgs, work: &WorkDir) -> anyhow::Result<Clust
     }
     if args.unsafe_allow_leader_removal {
         unsafe_flags.push(cluster::ALLOW_LEADER_REMOVAL_FLAG);
+    }
+    if args.unsafe_trust_wiped {
+        unsafe_flags.push(cluster::TRUST_WIPED_FLAG);
     }
     Cluster::start(&bin, work.path(), args.nodes, &unsafe_flags).await
 }
@@ -425,7 +430,8 @@ fn validate(args: &CheckArgs) -> anyhow::Result<()> {
         || args.unsafe_no_lease
         || args.unsafe_seq_forget
         || args.unsafe_lease_forget
-        || args.unsafe_allow_leader_removal;
+        || args.unsafe_allow_leader_removal
+        || args.unsafe_trust_wiped;
     anyhow::ensure!(
         args.endpoints.is_empty() || !control,
         "the positive controls need a local cluster: drop --endpoints"
@@ -459,7 +465,16 @@ fn validate(args: &CheckArgs) -> anyhow::Result<()> {
         args.nodes > 1 || !args.unsafe_no_lease,
         "the no-lease control needs a raft cluster: add --nodes 3 or 5"
     );
-    validate_leader_removal(args)
+    validate_leader_removal(args)?;
+    anyhow::ensure!(
+        !args.unsafe_trust_wiped || args.nodes == 3,
+        "the trust-wiped control cuts off one of two followers and wipes the other: add --nodes 3"
+    );
+    anyhow::ensure!(
+        args.workload == Workload::Ts || !args.unsafe_trust_wiped,
+        "the --unsafe-trust-wiped control breaks timestamps: use it with --workload ts"
+    );
+    Ok(())
 }
 
 /// What the leader-removal control refuses.
@@ -738,6 +753,8 @@ struct Findings {
     uncertain: BTreeMap<String, u64>,
     /// Faults that could not be applied or healed (a node that did not restart).
     fault_errors: usize,
+    /// Nodes that started on a data directory without its raft log.
+    partial_started: usize,
 }
 
 impl Findings {
@@ -799,6 +816,11 @@ impl Findings {
             errors,
             uncertain,
             fault_errors: recorded.events.iter().filter(|e| e.error.is_some()).count(),
+            partial_started: recorded
+                .events
+                .iter()
+                .filter(|e| e.outcome == Some(wipe::STARTED_PARTIAL))
+                .count(),
         }
     }
 
@@ -807,6 +829,7 @@ impl Findings {
             && self.stalls.is_empty()
             && self.granted > 0
             && self.fault_errors == 0
+            && self.partial_started == 0
     }
 
     fn print(&self, args: &CheckArgs, recorded: &Recorded) {
@@ -876,6 +899,13 @@ impl Findings {
             println!(
                 "tso check: VIOLATION: {} fault(s) failed to apply or heal (a node did not restart?)",
                 self.fault_errors
+            );
+        }
+        if self.partial_started > 0 {
+            println!(
+                "tso check: VIOLATION: {} node(s) started on a data directory without its raft \
+                 log (a partial directory accepted: it could vote twice in one term)",
+                self.partial_started
             );
         }
     }
@@ -980,6 +1010,8 @@ fn result_json(
         "seq_forget_control": args.unsafe_seq_forget,
         "lease_forget_control": args.unsafe_lease_forget,
         "leader_removal_control": args.unsafe_allow_leader_removal,
+        "trust_wiped_control": args.unsafe_trust_wiped,
+        "partial_started": findings.partial_started,
         "work_dir": work.path(),
         "faults_planned": recorded.faults_planned,
         "faults": fault_counts(&recorded.events),

@@ -5,8 +5,8 @@
 //! A clock offset stays until the next clock fault, so later kills and pauses happen under a
 //! shifted clock: that is how combinations arise. The positive controls open with fixed steps
 //! that their broken servers fail (clocks back then a kill; long cuts of the leader; kills of
-//! the leader for the sequence and lease controls; removals of the leader of two voters), then
-//! draw as usual.
+//! the leader for the sequence and lease controls; removals of the leader of two voters; stale
+//! votes of a wiped follower), then draw as usual.
 
 use std::time::Duration;
 
@@ -69,6 +69,26 @@ pub const DOWN_MAX_MS: u64 = 1_000;
 pub const SHRINK_MIN_MS: u64 = 200;
 pub const SHRINK_MAX_MS: u64 = 3_000;
 
+/// A wholly wiped follower restarted under its old id runs this long at least, and at most,
+/// before it is removed and replaced.
+pub const WIPE_MIN_MS: u64 = 1_000;
+pub const WIPE_MAX_MS: u64 = 4_000;
+/// Openings of the trust-wiped control. Each cuts a follower B off, lets the leader commit
+/// window extensions with the other follower A alone, kills the leader, restarts A wiped under
+/// its old id and heals B: a server that counts A's empty vote elects B on a stale log.
+pub const TRUST_WIPED_OPENINGS: usize = 3;
+/// How long the trust-wiped control cuts B off: past the leader's whole window (3 s ahead with
+/// the default `--window-ahead`, extended when half is used), so the leader grants above the
+/// last window end B's log holds.
+pub const TRUST_WIPED_CUT_MS: u64 = 4_000;
+/// B's clock in the trust-wiped control, set at the cut and reset at the heal: behind the
+/// timestamps the leader gave out, so that B, elected on a stale log, fences from that log's
+/// window end instead of from a clock already past every grant.
+pub const TRUST_WIPED_CLOCK_MS: i64 = -60_000;
+/// How long the trust-wiped control leaves B and the wiped A alone (the leader down) before it
+/// restarts the leader and repairs A: past an election or two (550 to 700 ms each).
+pub const TRUST_WIPED_HOLD_MS: u64 = 3_000;
+
 /// The kinds of fault a run may draw from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, clap::ValueEnum)]
 pub enum FaultKind {
@@ -86,6 +106,9 @@ pub enum FaultKind {
     /// Change the members through the admin service: replace a node by a new one, or shrink
     /// to one voter and grow back (clusters only).
     Member,
+    /// Lose a follower's data: its raft log alone (the restart must be refused), or all of it
+    /// (restarted under its old id, it must be kept out); then replace it (clusters only).
+    Wipe,
 }
 
 impl FaultKind {
@@ -98,6 +121,7 @@ impl FaultKind {
             FaultKind::Partition => "partition",
             FaultKind::Handoff => "handoff",
             FaultKind::Member => "member",
+            FaultKind::Wipe => "wipe",
         }
     }
 
@@ -105,7 +129,7 @@ impl FaultKind {
     pub fn needs_cluster(self) -> bool {
         matches!(
             self,
-            FaultKind::Partition | FaultKind::Handoff | FaultKind::Member
+            FaultKind::Partition | FaultKind::Handoff | FaultKind::Member | FaultKind::Wipe
         )
     }
 }
@@ -119,11 +143,22 @@ pub enum Stop {
     Term,
 }
 
-/// Which node a fault hits: a fixed one, or whoever leads when the fault starts.
+/// What a follower whose data is lost loses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Loss {
+    /// Its `raft-log` file alone: the restart must be refused ("is incomplete").
+    Log,
+    /// Its whole data directory: restarted under its old id, it runs but must be kept out.
+    Whole,
+}
+
+/// Which node a fault hits: a fixed one, whoever leads when the fault starts, or a voter that
+/// does not lead (the first such from slot `i` on).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Target {
     Leader,
     Node(usize),
+    Follower(usize),
 }
 
 impl std::fmt::Display for Target {
@@ -131,6 +166,7 @@ impl std::fmt::Display for Target {
         match self {
             Target::Leader => write!(f, "the leader"),
             Target::Node(i) => write!(f, "node {i}"),
+            Target::Follower(i) => write!(f, "a follower (from node {i} on)"),
         }
     }
 }
@@ -174,6 +210,22 @@ pub enum Fault {
         slow_ms: u64,
         for_ms: u64,
     },
+    /// Stop a follower (`kill -9`) and lose its data (`loss`); a lost log must be refused at
+    /// the restart, a wholly wiped node restarted under its old id must be kept out for
+    /// `for_ms`; then it is replaced under a new id.
+    Wipe {
+        node: Target,
+        loss: Loss,
+        for_ms: u64,
+    },
+    /// The trust-wiped control's opening (see [`TRUST_WIPED_OPENINGS`]): cut a follower B off
+    /// for `cut_ms` with its clock set back, kill the leader, restart the other follower A
+    /// wholly wiped under its old id, heal B; after `hold_ms` restart the leader, reset B's
+    /// clock, replace A.
+    StaleVote {
+        cut_ms: u64,
+        hold_ms: u64,
+    },
 }
 
 impl Fault {
@@ -187,6 +239,8 @@ impl Fault {
             Fault::Handoff { down_ms } => down_ms,
             Fault::Replace { down_ms, .. } => down_ms,
             Fault::Shrink { for_ms, .. } => for_ms,
+            Fault::Wipe { for_ms, .. } => for_ms,
+            Fault::StaleVote { hold_ms, .. } => hold_ms,
         }
     }
 
@@ -198,6 +252,7 @@ impl Fault {
             Fault::Partition { .. } => FaultKind::Partition,
             Fault::Handoff { .. } => FaultKind::Handoff,
             Fault::Replace { .. } | Fault::Shrink { .. } => FaultKind::Member,
+            Fault::Wipe { .. } | Fault::StaleVote { .. } => FaultKind::Wipe,
         }
     }
 
@@ -208,8 +263,11 @@ impl Fault {
             | Fault::Pause { node, .. }
             | Fault::Clock { node, .. }
             | Fault::Partition { node, .. }
-            | Fault::Replace { node, .. } => node,
-            Fault::Handoff { .. } | Fault::Shrink { .. } => Target::Leader,
+            | Fault::Replace { node, .. }
+            | Fault::Wipe { node, .. } => node,
+            Fault::Handoff { .. } | Fault::Shrink { .. } | Fault::StaleVote { .. } => {
+                Target::Leader
+            }
         }
     }
 
@@ -247,6 +305,27 @@ impl Fault {
                  ms, grow back after {for_ms} ms",
                 if remove_leader { "leader" } else { "follower" }
             ),
+            Fault::Wipe {
+                node,
+                loss: Loss::Log,
+                for_ms,
+            } => format!(
+                "kill -9 {node}, delete its raft-log, restart it (must be refused), replace it \
+                 after {for_ms} ms"
+            ),
+            Fault::Wipe {
+                node,
+                loss: Loss::Whole,
+                for_ms,
+            } => format!(
+                "kill -9 {node}, wipe its data, restart it under its old id (must be kept out), \
+                 replace it after {for_ms} ms"
+            ),
+            Fault::StaleVote { cut_ms, hold_ms } => format!(
+                "cut follower B off for {cut_ms} ms (its clock {TRUST_WIPED_CLOCK_MS:+} ms), kill \
+                 -9 the leader, restart follower A wiped under its old id, heal B; after \
+                 {hold_ms} ms restart the leader and replace A"
+            ),
         }
     }
 }
@@ -279,6 +358,8 @@ pub struct Plan {
     pub lease_forget_control: bool,
     /// Open with removals of the leader of two voters that a server allowing them fails.
     pub leader_removal_control: bool,
+    /// Open with stale-vote elections that a server trusting wiped nodes fails.
+    pub trust_wiped_control: bool,
 }
 
 /// Draws the schedule of `plan`: same plan, same schedule.
@@ -366,6 +447,18 @@ fn control_steps(plan: &Plan, interval_ms: u64) -> (Vec<Step>, u64) {
             t += LEADER_REMOVAL_HOLD_MS + interval_ms;
         }
     }
+    if plan.trust_wiped_control {
+        for _ in 0..TRUST_WIPED_OPENINGS {
+            steps.push(Step {
+                at_ms: t,
+                fault: Fault::StaleVote {
+                    cut_ms: TRUST_WIPED_CUT_MS,
+                    hold_ms: TRUST_WIPED_HOLD_MS,
+                },
+            });
+            t += TRUST_WIPED_CUT_MS + TRUST_WIPED_HOLD_MS + interval_ms;
+        }
+    }
     (steps, t)
 }
 
@@ -411,6 +504,22 @@ fn draw_fault(plan: &Plan, rng: &mut StdRng) -> Fault {
             slow_ms: rng.random_range(0..=SHRINK_SLOW_MAX_MS),
             for_ms: rng.random_range(SHRINK_MIN_MS..=SHRINK_MAX_MS),
         },
+        FaultKind::Wipe => {
+            let node = Target::Follower(rng.random_range(0..plan.nodes));
+            if rng.random_bool(0.5) {
+                Fault::Wipe {
+                    node,
+                    loss: Loss::Log,
+                    for_ms: rng.random_range(0..=DOWN_MAX_MS),
+                }
+            } else {
+                Fault::Wipe {
+                    node,
+                    loss: Loss::Whole,
+                    for_ms: rng.random_range(WIPE_MIN_MS..=WIPE_MAX_MS),
+                }
+            }
+        }
     }
 }
 
@@ -436,6 +545,7 @@ mod tests {
             seq_forget_control: false,
             lease_forget_control: false,
             leader_removal_control: false,
+            trust_wiped_control: false,
         }
     }
 
@@ -473,6 +583,7 @@ mod tests {
                     Fault::Partition { for_ms, .. } => {
                         assert!((PARTITION_MIN_MS..=PARTITION_MAX_MS).contains(&for_ms))
                     }
+                    Fault::Wipe { .. } | Fault::StaleVote { .. } => {}
                 }
             }
         }
@@ -597,6 +708,60 @@ mod tests {
         assert!(steps[..LEADER_REMOVALS].iter().all(|s| s.fault == removal));
         for pair in steps.windows(2) {
             assert!(pair[0].at_ms + pair[0].fault.length_ms() < pair[1].at_ms);
+        }
+    }
+
+    #[test]
+    fn wipes_hit_followers_and_draw_both_losses() {
+        let steps: Vec<Step> = (0..20)
+            .flat_map(|seed| {
+                draw(&Plan {
+                    kinds: vec![FaultKind::Kill, FaultKind::Wipe],
+                    ..plan(seed)
+                })
+            })
+            .collect();
+        let wipes = |loss: Loss| {
+            steps
+                .iter()
+                .filter(|s| matches!(s.fault, Fault::Wipe { loss: l, .. } if l == loss))
+                .count()
+        };
+        assert!(wipes(Loss::Log) > 0 && wipes(Loss::Whole) > 0);
+        for step in &steps {
+            if let Fault::Wipe { node, loss, for_ms } = step.fault {
+                assert!(matches!(node, Target::Follower(_)), "{node}");
+                if loss == Loss::Whole {
+                    assert!((WIPE_MIN_MS..=WIPE_MAX_MS).contains(&for_ms));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_trust_wiped_control_opens_with_stale_votes_then_draws() {
+        let steps = draw(&Plan {
+            trust_wiped_control: true,
+            kinds: vec![FaultKind::Kill],
+            ..plan(1)
+        });
+        let opening = Fault::StaleVote {
+            cut_ms: TRUST_WIPED_CUT_MS,
+            hold_ms: TRUST_WIPED_HOLD_MS,
+        };
+        assert!(steps.len() > TRUST_WIPED_OPENINGS);
+        assert!(
+            steps[..TRUST_WIPED_OPENINGS]
+                .iter()
+                .all(|s| s.fault == opening)
+        );
+        for pair in steps.windows(2) {
+            // The opening's cut runs before its length starts (inside the apply).
+            let cut = match pair[0].fault {
+                Fault::StaleVote { cut_ms, .. } => cut_ms,
+                _ => 0,
+            };
+            assert!(pair[0].at_ms + cut + pair[0].fault.length_ms() < pair[1].at_ms);
         }
     }
 
