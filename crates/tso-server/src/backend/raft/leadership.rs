@@ -110,15 +110,20 @@ pub fn stepped_down(next: Leadership, stepdown: Option<&Stepdown>) -> Leadership
 
 /// Mirrors openraft's metrics into the leadership watch until raft stops; then the watch closes.
 /// Epochs never go back: a state naming an older epoch than one already published is `Unknown`.
-/// A [`Stepdown`] on `stepdown` overrides this node's own leadership in its term.
+/// A [`Stepdown`] on `stepdown` overrides this node's own leadership in its term. While
+/// `leader_silent` holds, a follower reports no leader: it has not heard from the one openraft
+/// still names for an election timeout (with the pre-vote gate, a follower cut off from a dead
+/// leader does not campaign, so openraft would go on naming it).
 pub async fn watch_leadership<N: openraft::Node>(
     mut metrics: watch::Receiver<RaftMetrics<NodeId, N>>,
     tx: watch::Sender<Leadership>,
     client_addr: ClientAddrFn<N>,
     mut stepdown: watch::Receiver<Option<Stepdown>>,
+    mut leader_silent: watch::Receiver<bool>,
 ) {
     let mut highest: Option<Epoch> = None;
     let mut stepdown_open = true;
+    let mut silent_open = true;
     loop {
         let (next, stopped, term) = {
             let m = metrics.borrow_and_update();
@@ -129,6 +134,9 @@ pub async fn watch_leadership<N: openraft::Node>(
             )
         };
         let mut next = stepped_down(next, stepdown.borrow_and_update().as_ref());
+        if *leader_silent.borrow_and_update() && matches!(next, Leadership::Follower { .. }) {
+            next = Leadership::Unknown;
+        }
         match (epoch_of(&next), highest) {
             (Some(e), Some(h)) if e < h => next = Leadership::Unknown,
             (Some(e), _) => highest = Some(e),
@@ -152,6 +160,9 @@ pub async fn watch_leadership<N: openraft::Node>(
             },
             changed = stepdown.changed(), if stepdown_open => if changed.is_err() {
                 stepdown_open = false;
+            },
+            changed = leader_silent.changed(), if silent_open => if changed.is_err() {
+                silent_open = false;
             },
         }
     }

@@ -135,11 +135,19 @@ async fn gate_elections(
     ident: Arc<PeerIdentity>,
     timings: RaftTimings,
     ungated: Arc<std::sync::atomic::AtomicBool>,
+    leader_silent: watch::Sender<bool>,
 ) {
     let runtime = raft.runtime_config();
     runtime.elect(false);
     loop {
         tokio::time::sleep(timings.heartbeat_interval).await;
+        let silent = {
+            let m = raft.metrics();
+            let m = m.borrow();
+            m.state != openraft::ServerState::Leader
+                && !ident.heard_leader_within(timings.election_timeout_max)
+        };
+        leader_silent.send_if_modified(|current| std::mem::replace(current, silent) != silent);
         if ungated.load(std::sync::atomic::Ordering::Relaxed) {
             runtime.elect(true);
             continue;
@@ -548,6 +556,7 @@ impl RaftBackend {
         let metrics = raft.metrics();
         let (tx, leadership) = watch::channel(leadership_of(&metrics.borrow()));
         let (stepdown, stepdown_rx) = watch::channel(None);
+        let (leader_silent, leader_silent_rx) = watch::channel(false);
         let ungated = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let lease = Arc::new(LeaseClock::new(lease::lease_duration(
             config.timings.election_timeout_max,
@@ -558,6 +567,7 @@ impl RaftBackend {
                 tx,
                 Arc::new(leadership::tso_client_addr),
                 stepdown_rx,
+                leader_silent_rx,
             )),
             tokio::spawn(renew_lease(
                 raft.clone(),
@@ -577,6 +587,7 @@ impl RaftBackend {
                 ident.clone(),
                 config.timings,
                 ungated.clone(),
+                leader_silent,
             )),
         ];
         let stepdown = Arc::new(stepdown);

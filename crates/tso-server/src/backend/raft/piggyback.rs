@@ -220,6 +220,7 @@ where
                 tx,
                 client_addr.clone(),
                 watch::channel(None).1,
+                watch::channel(false).1,
             )),
             tokio::spawn(renew_lease(
                 raft.clone(),
