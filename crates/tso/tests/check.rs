@@ -14,37 +14,10 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Command;
 
+use common::check::{explain, tso_check};
 use common::malformed::MalformedServer;
-
-fn tso_check(dir: &Path, extra: &[&str]) -> (Output, serde_json::Value) {
-    let out = dir.join("result.json");
-    let output = Command::new(env!("CARGO_BIN_EXE_tso"))
-        .arg("check")
-        .arg("--out")
-        .arg(&out)
-        .arg("--work-dir")
-        .arg(dir.join("work"))
-        .args(["--liveness-bound", "60s"])
-        .args(extra)
-        .output()
-        .expect("running tso check");
-    let result = std::fs::read_to_string(&out)
-        .ok()
-        .and_then(|text| serde_json::from_str(&text).ok())
-        .unwrap_or(serde_json::Value::Null);
-    (output, result)
-}
-
-fn explain(output: &Output) -> String {
-    format!(
-        "exit {:?}\n--- stdout\n{}\n--- stderr\n{}",
-        output.status.code(),
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    )
-}
 
 #[test]
 fn a_short_check_with_kills_pauses_and_clock_jumps_is_clean() {

@@ -10,34 +10,20 @@
 //! control's overlap follows from its schedule (it opens with two kills of the leader, each
 //! after a block was granted, and the run goes on until a block is granted after the last).
 
+mod common;
+
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Command;
 
-fn tso_check(dir: &Path, extra: &[&str]) -> (Output, serde_json::Value) {
-    let out = dir.join("result.json");
-    let output = Command::new(env!("CARGO_BIN_EXE_tso"))
-        .args(["check", "--workload", "seq", "--out"])
-        .arg(&out)
-        .arg("--work-dir")
-        .arg(dir.join("work"))
-        .args(["--liveness-bound", "60s"])
-        .args(extra)
-        .output()
-        .expect("running tso check");
-    let result = std::fs::read_to_string(&out)
-        .ok()
-        .and_then(|text| serde_json::from_str(&text).ok())
-        .unwrap_or(serde_json::Value::Null);
-    (output, result)
-}
+use common::check::explain;
 
-fn explain(output: &Output) -> String {
-    format!(
-        "exit {:?}\n--- stdout\n{}\n--- stderr\n{}",
-        output.status.code(),
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    )
+/// `tso check --workload seq EXTRA...` (see [`common::check::tso_check`]).
+fn tso_check(dir: &Path, extra: &[&str]) -> (std::process::Output, serde_json::Value) {
+    let args: Vec<&str> = ["--workload", "seq"]
+        .into_iter()
+        .chain(extra.iter().copied())
+        .collect();
+    common::check::tso_check(dir, &args)
 }
 
 /// The faults of a result file that hit the leader and were applied (each one a failover: a
