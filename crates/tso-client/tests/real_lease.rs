@@ -30,9 +30,14 @@ async fn acquire_renew_release_and_the_frontier_on_the_file_backend() {
     let lease = client.acquire_lease(b"writer-a", 1, TTL).await.unwrap();
     assert!(lease.ts_upper_bound_ms() >= lease.expires_at_ms());
     let again = client.acquire_lease(b"writer-a", 1, TTL).await.unwrap();
-    assert_eq!(again.lease_id(), lease.lease_id(), "idempotent");
+    assert_eq!(
+        again.lease_id(),
+        lease.lease_id(),
+        "the same lease, renewed"
+    );
+    assert!(again.ts_upper_bound_ms() >= lease.ts_upper_bound_ms());
     let frontier = client.safe_frontier().await.unwrap();
-    assert!(frontier.physical_ms() <= lease.ts_upper_bound_ms());
+    assert!(frontier.physical_ms() <= again.ts_upper_bound_ms());
     assert!(frontier.physical_ms() >= before.physical_ms());
 
     let renewed = client.renew_lease(lease.lease_id(), TTL).await.unwrap();

@@ -56,6 +56,20 @@ pub struct Config {
     /// loading it, so a new leader forgets the leases of the old one and its frontier can pass
     /// their bounds (SEMANTICS §14 broken on purpose). Always `false` outside that test.
     pub unsafe_lease_skip_load: bool,
+    /// FOR THE CHECKER'S POSITIVE CONTROL ONLY: judge a stamping lease's expiry by the wall
+    /// clock (its stored `expires_at_ms`) instead of monotonic time, so a clock step ends a live
+    /// lease or brings an expired one back (SEMANTICS §14 broken on purpose). Always `false`
+    /// outside that test.
+    pub unsafe_lease_wall_expiry: bool,
+    /// FOR THE CHECKER'S POSITIVE CONTROL ONLY: raise the high-water for a stamping lease's
+    /// bound in memory only, without making it durable, so the next leader can grant at or
+    /// above an answered bound (SEMANTICS §14 broken on purpose). Always `false` outside that
+    /// test.
+    pub unsafe_lease_bound_in_memory: bool,
+    /// FOR THE CHECKER'S POSITIVE CONTROL ONLY: now and then refuse a sequence call definitely
+    /// (`RESOURCE_EXHAUSTED`) after its block was spent and written, a gap no uncertain call
+    /// explains (SEMANTICS D2 broken on purpose). Always `false` outside that test.
+    pub unsafe_seq_burn_refused: bool,
 }
 
 impl Default for Config {
@@ -71,6 +85,9 @@ impl Default for Config {
             lease_ttl_min: crate::stamping::LEASE_TTL_MIN_DEFAULT,
             lease_ttl_max: crate::stamping::LEASE_TTL_MAX_DEFAULT,
             unsafe_lease_skip_load: false,
+            unsafe_lease_wall_expiry: false,
+            unsafe_lease_bound_in_memory: false,
+            unsafe_seq_burn_refused: false,
         }
     }
 }
@@ -625,6 +642,10 @@ mod tests {
     impl Clock for FrozenClock {
         fn now_ms(&self) -> u64 {
             self.0
+        }
+
+        fn monotonic_ms(&self) -> u64 {
+            0
         }
     }
 

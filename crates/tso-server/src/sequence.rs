@@ -210,7 +210,12 @@ impl Sequencer {
         metrics::seq_write(result.is_ok(), granted.len());
         let answer = result.map_err(|e| write_refusal(e, shared));
         for (waiting, starts) in granted {
-            let reply = answer.clone().map(|()| (waiting.call, starts, self.epoch));
+            let mut reply = answer.clone().map(|()| (waiting.call, starts, self.epoch));
+            if shared.config.unsafe_seq_burn_refused && reply.is_ok() && burn_this_one() {
+                reply = Err(Refusal::ResourceExhausted(
+                    "refused after its block was spent (--unsafe-seq-burn-refused)".into(),
+                ));
+            }
             let _ = waiting.reply.send(reply);
         }
     }
@@ -236,6 +241,12 @@ impl Sequencer {
             }
         })
     }
+}
+
+/// For the burnt-refusal control: one granted call in 50.
+fn burn_this_one() -> bool {
+    static GRANTED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    GRANTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 50 == 49
 }
 
 /// The ends one write will make durable, planned call by call.

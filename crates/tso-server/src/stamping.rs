@@ -1,23 +1,31 @@
 //! Stamping leases and the safe frontier (SEMANTICS §14).
 //!
 //! A holder that stamps events itself acquires a lease: a bound `B` on the physical part it may
-//! stamp with, valid until an expiry by the leader's clock. `B` comes from the same durable
-//! high-water as window extensions (`max(H + 1, now + ttl)`, persisted before the answer), so it
-//! is above every timestamp granted before it and no later leader grants below it. The safe
-//! frontier is `min(H, the bounds of every unexpired lease, active or superseded)`.
+//! stamp with, for a TTL. `B` comes from the same durable high-water as window extensions
+//! (`max(H + 1, now + ttl)`, persisted before the answer), so it is above every timestamp granted
+//! before it and no later leader grants below it. The safe frontier is `min(H, the bounds of
+//! every live lease, active or superseded)`.
+//!
+//! Liveness is monotonic time, never the wall clock (which may step either way): the leader that
+//! grants or renews a lease counts its TTL from the moment the write was durable (the holder
+//! counts from before it sent the call, so its count ends first); a leader that loads the set
+//! counts a full TTL from the load for every lease in it. The stored `expires_at_ms` is the
+//! granting leader's wall clock plus the TTL, for display only.
 //!
 //! Each serving term owns one [`LeaseBook`] behind an async mutex: lease calls are rare, so
 //! they are simply serialized. The book holds the lease set as loaded from the backend on the
-//! term's first lease call (a linearizable read, expired leases dropped), and every change is
-//! written whole through the backend, fenced by the term's epoch, before it is answered.
+//! term's first lease call (a linearizable read) and the monotonic deadline of each lease, and
+//! every change is written whole through the backend, fenced by the term's epoch, before it is
+//! answered.
 //!
 //! Invariants:
 //! - a lease is answered only after both its bound (the high-water) and the set holding it are
 //!   durable; a crash in between only burns timestamps;
 //! - lease ids come from a durable counter in the set: never reused, across failovers too;
-//! - a failed write changes nothing the book answers from (only the id counter stays advanced).
+//! - a failed write leaves nothing stale: the book reads the set back on its next call (the
+//!   write may yet commit), keeps its deadlines, and never hands out the failed write's id again.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -47,12 +55,6 @@ pub(crate) struct LeaseRecord {
     pub bound_ms: u64,
     pub expires_at_ms: u64,
     pub superseded: bool,
-}
-
-impl LeaseRecord {
-    fn live(&self, now_ms: u64) -> bool {
-        now_ms < self.expires_at_ms
-    }
 }
 
 /// The durable lease set: every lease by id, and the next id to hand out.
@@ -166,10 +168,54 @@ impl<'a> Reader<'a> {
     }
 }
 
-/// A term's lease set, loaded on its first lease call.
+/// A term's lease set, loaded on its first lease call, and when each of its leases stops being
+/// live by monotonic time.
 #[derive(Default)]
 pub(crate) struct LeaseBook {
+    /// `None` until loaded, and again after a write that may or may not have committed: the next
+    /// call reads the set back rather than answer from a copy that may be stale.
     set: Option<LeaseSet>,
+    /// The end of each lease's life in [`Clock::monotonic_ms`](crate::clock::Clock): for a lease
+    /// this term granted or renewed, the moment the write was durable plus its TTL; for one it
+    /// loaded, the load plus its TTL (the holder's own count ended no later). Kept across
+    /// reloads of the set, so a lease this term judged expired stays expired, and no wall-clock
+    /// step moves any of them.
+    deadlines: HashMap<u64, u64>,
+    /// Ids handed to writes that failed are not handed out again, even if the set is reloaded.
+    next_id_floor: u64,
+}
+
+/// One reading of both clocks.
+#[derive(Debug, Clone, Copy)]
+struct Now {
+    wall_ms: u64,
+    monotonic_ms: u64,
+}
+
+impl LeaseBook {
+    /// Whether lease `id` is live. With `wall_expiry` (a positive control only), by its stored
+    /// wall-clock expiry, as before SEMANTICS §14 said otherwise.
+    fn live(&self, id: u64, lease: &LeaseRecord, now: Now, wall_expiry: bool) -> bool {
+        if wall_expiry {
+            return now.wall_ms < lease.expires_at_ms;
+        }
+        // Every lease of a loaded set has a deadline; one without would be live (the safe side).
+        self.deadlines
+            .get(&id)
+            .is_none_or(|deadline| now.monotonic_ms < *deadline)
+    }
+
+    /// Drops leases that expired longer ago than the longest TTL: a renew of them is then
+    /// "unknown" rather than "expired", and the set stays bounded by what is recent.
+    fn forget_long_expired(&self, set: &mut LeaseSet, now: Now, ttl_max: Duration, wall: bool) {
+        let keep_ms = ttl_max.as_millis() as u64;
+        let long_ago = Now {
+            wall_ms: now.wall_ms.saturating_sub(keep_ms),
+            monotonic_ms: now.monotonic_ms.saturating_sub(keep_ms),
+        };
+        set.leases
+            .retain(|id, lease| self.live(*id, lease, long_ago, wall));
+    }
 }
 
 /// What an acquire or renew answers.
@@ -200,7 +246,7 @@ pub(crate) fn check_acquire(holder: &[u8], ttl_ms: u64, shared: &Shared) -> Resu
 }
 
 impl Shared {
-    /// Acquires (or returns, or supersedes) the lease of `holder` (SEMANTICS §14).
+    /// Acquires (or renews, or supersedes) the lease of `holder` (SEMANTICS §14).
     pub async fn acquire_lease(
         self: &Arc<Self>,
         holder: Vec<u8>,
@@ -210,26 +256,28 @@ impl Shared {
         let (book, epoch) = self.lease_book()?;
         let mut book = book.lock().await;
         let mut set = self.loaded_leases(&mut book).await?;
-        let now_ms = self.clock.now_ms();
-        forget_long_expired(&mut set, now_ms, self.config.lease_ttl_max);
+        let now = self.lease_now();
+        let wall = self.config.unsafe_lease_wall_expiry;
+        book.forget_long_expired(&mut set, now, self.config.lease_ttl_max, wall);
         let mine = set.leases.iter().filter(|(_, l)| l.holder == holder);
         let highest = mine.clone().map(|(_, l)| l.holder_epoch).max();
         if let Some(highest) = highest.filter(|h| holder_epoch < *h) {
+            book.set = Some(set);
             return Err(Refusal::FailedPrecondition(format!(
                 "holder epoch {holder_epoch} is below {highest}, already used by this holder"
             )));
         }
         let active = mine
-            .filter(|(_, l)| !l.superseded && l.live(now_ms))
+            .filter(|(id, l)| !l.superseded && book.live(**id, l, now, wall))
             .map(|(id, l)| (*id, l.clone()))
             .next();
         if let Some((id, lease)) = &active
             && lease.holder_epoch == holder_epoch
         {
-            book.set = Some(set);
             // The answer has no TTL field: a lease with another TTL than asked would leave the
             // holder counting on time the server does not hold (SEMANTICS §14).
             if lease.ttl_ms != ttl_ms {
+                book.set = Some(set);
                 return Err(Refusal::FailedPrecondition(format!(
                     "holder epoch {holder_epoch} already holds live lease {id} with a TTL of {} \
                      ms, not {ttl_ms} ms: ask with the same TTL, or supersede it with a higher \
@@ -237,12 +285,10 @@ impl Shared {
                     lease.ttl_ms
                 )));
             }
-            return Ok(LeaseGrant {
-                lease_id: *id,
-                bound_ms: lease.bound_ms,
-                expires_at_ms: lease.expires_at_ms,
-                epoch,
-            });
+            // The same lease back, renewed: the holder counts its TTL from this call, so the
+            // server's must not have started earlier (a retried acquire whose first answer was
+            // lost would otherwise leave the holder stamping past the server's expiry).
+            return self.renew_in(&mut book, set, *id, now, epoch).await;
         }
         if set.leases.len() >= LEASES_MAX {
             book.set = Some(set);
@@ -250,8 +296,7 @@ impl Shared {
                 "{LEASES_MAX} leases are held; release some, or wait for them to expire"
             )));
         }
-        let bound_ms = self.raise_for_lease(epoch, now_ms, ttl_ms).await;
-        let bound_ms = match bound_ms {
+        let bound_ms = match self.raise_for_lease(epoch, now.wall_ms, ttl_ms).await {
             Ok(bound_ms) => bound_ms,
             Err(refusal) => {
                 book.set = Some(set);
@@ -264,7 +309,7 @@ impl Shared {
         }
         let lease_id = next.next_id;
         next.next_id += 1;
-        let expires_at_ms = now_ms + ttl_ms;
+        let expires_at_ms = now.wall_ms + ttl_ms;
         next.leases.insert(
             lease_id,
             LeaseRecord {
@@ -276,7 +321,8 @@ impl Shared {
                 superseded: false,
             },
         );
-        self.write_leases(&mut book, set, next, epoch).await?;
+        self.write_leases(&mut book, next, epoch, Some((lease_id, ttl_ms)))
+            .await?;
         Ok(LeaseGrant {
             lease_id,
             bound_ms,
@@ -290,8 +336,8 @@ impl Shared {
         let (book, epoch) = self.lease_book()?;
         let mut book = book.lock().await;
         let set = self.loaded_leases(&mut book).await?;
-        let now_ms = self.clock.now_ms();
-        let Some(lease) = set.leases.get(&lease_id).cloned() else {
+        let now = self.lease_now();
+        let Some(lease) = set.leases.get(&lease_id) else {
             book.set = Some(set);
             return Err(Refusal::NotFound(format!(
                 "lease {lease_id} is unknown (never acquired, released, or expired long ago)"
@@ -299,7 +345,7 @@ impl Shared {
         };
         let refused = if lease.superseded {
             Some("was superseded by a higher holder epoch")
-        } else if !lease.live(now_ms) {
+        } else if !book.live(lease_id, lease, now, self.config.unsafe_lease_wall_expiry) {
             Some("has expired")
         } else {
             None
@@ -310,19 +356,33 @@ impl Shared {
                 "lease {lease_id} {why}: acquire a new one"
             )));
         }
-        let bound_ms = match self.raise_for_lease(epoch, now_ms, lease.ttl_ms).await {
+        self.renew_in(&mut book, set, lease_id, now, epoch).await
+    }
+
+    /// Gives live lease `lease_id` of `set` a fresh bound and expiry and writes it.
+    async fn renew_in(
+        &self,
+        book: &mut LeaseBook,
+        set: LeaseSet,
+        lease_id: u64,
+        now: Now,
+        epoch: Epoch,
+    ) -> Result<LeaseGrant, Refusal> {
+        let lease = set.leases.get(&lease_id).expect("a live lease").clone();
+        let bound_ms = match self.raise_for_lease(epoch, now.wall_ms, lease.ttl_ms).await {
             Ok(bound_ms) => bound_ms.max(lease.bound_ms),
             Err(refusal) => {
                 book.set = Some(set);
                 return Err(refusal);
             }
         };
-        let expires_at_ms = (now_ms + lease.ttl_ms).max(lease.expires_at_ms);
-        let mut next = set.clone();
+        let expires_at_ms = (now.wall_ms + lease.ttl_ms).max(lease.expires_at_ms);
+        let mut next = set;
         let renewed = next.leases.get_mut(&lease_id).expect("known lease");
         renewed.bound_ms = bound_ms;
         renewed.expires_at_ms = expires_at_ms;
-        self.write_leases(&mut book, set, next, epoch).await?;
+        self.write_leases(book, next, epoch, Some((lease_id, lease.ttl_ms)))
+            .await?;
         Ok(LeaseGrant {
             lease_id,
             bound_ms,
@@ -335,18 +395,18 @@ impl Shared {
     pub async fn release_lease(self: &Arc<Self>, lease_id: u64) -> Result<(), Refusal> {
         let (book, epoch) = self.lease_book()?;
         let mut book = book.lock().await;
-        let set = self.loaded_leases(&mut book).await?;
-        if !set.leases.contains_key(&lease_id) {
-            book.set = Some(set);
+        let mut next = self.loaded_leases(&mut book).await?;
+        if next.leases.remove(&lease_id).is_none() {
+            book.set = Some(next);
             return Ok(());
         }
-        let mut next = set.clone();
-        next.leases.remove(&lease_id);
-        self.write_leases(&mut book, set, next, epoch).await
+        self.write_leases(&mut book, next, epoch, None).await?;
+        book.deadlines.remove(&lease_id);
+        Ok(())
     }
 
     /// The safe frontier: `(0, zero epoch)` unless serving under a valid lease; else
-    /// `min(H, the bounds of every unexpired lease)` and the epoch.
+    /// `min(H, the bounds of every live lease)` and the epoch.
     pub async fn safe_frontier(self: &Arc<Self>) -> Result<(u64, Epoch), Refusal> {
         let Ok((book, epoch)) = self.lease_book() else {
             return Ok((0, Epoch::ZERO));
@@ -357,12 +417,13 @@ impl Shared {
             Err(Refusal::NotLeader(_)) => return Ok((0, Epoch::ZERO)),
             Err(refusal) => return Err(refusal),
         };
-        let now_ms = self.clock.now_ms();
+        let now = self.lease_now();
+        let wall = self.config.unsafe_lease_wall_expiry;
         let lowest_bound = set
             .leases
-            .values()
-            .filter(|l| l.live(now_ms))
-            .map(|l| l.bound_ms)
+            .iter()
+            .filter(|(id, l)| book.live(**id, l, now, wall))
+            .map(|(_, l)| l.bound_ms)
             .min();
         book.set = Some(set);
         let Some(high_water_ms) = self.serving_high_water(epoch) else {
@@ -372,13 +433,25 @@ impl Shared {
         Ok((frontier, epoch))
     }
 
-    /// The set of the book, loaded from the backend if this term has not yet.
+    fn lease_now(&self) -> Now {
+        Now {
+            wall_ms: self.clock.now_ms(),
+            monotonic_ms: self.clock.monotonic_ms(),
+        }
+    }
+
+    /// The set of the book, loaded from the backend if this term has not yet (or a write since
+    /// left it uncertain). A lease the book has no deadline for is live for its full TTL from
+    /// now: whatever the stored wall-clock expiry says, its holder's count may not have ended.
     async fn loaded_leases(&self, book: &mut LeaseBook) -> Result<LeaseSet, Refusal> {
         if let Some(set) = book.set.take() {
             return Ok(set);
         }
         if self.config.unsafe_lease_skip_load {
-            return Ok(LeaseSet::default());
+            return Ok(LeaseSet {
+                next_id: book.next_id_floor.max(1),
+                ..LeaseSet::default()
+            });
         }
         let record = self.backend.load_leases().await.map_err(|e| match e {
             ConsensusError::NotLeader { .. } | ConsensusError::Fenced { .. } => {
@@ -388,7 +461,9 @@ impl Shared {
                 "reading the lease set failed transiently: {msg}; retry"
             )),
             ConsensusError::Permanent(msg) => {
-                Refusal::Internal(format!("reading the lease set failed: {msg}"))
+                let reason = format!("reading the lease set failed: {msg}");
+                self.poison(ServeError::Consensus(ConsensusError::Permanent(msg)));
+                Refusal::Internal(reason)
             }
         })?;
         let mut set = LeaseSet::decode(&record).map_err(|problem| {
@@ -396,33 +471,45 @@ impl Shared {
             self.poison(ServeError::Invariant(reason.clone()));
             Refusal::Internal(reason)
         })?;
-        let now_ms = self.clock.now_ms();
-        set.leases.retain(|_, lease| lease.live(now_ms));
+        set.next_id = set.next_id.max(book.next_id_floor);
+        let now = self.lease_now();
+        if self.config.unsafe_lease_wall_expiry {
+            set.leases
+                .retain(|_, lease| now.wall_ms < lease.expires_at_ms);
+        }
+        book.deadlines.retain(|id, _| set.leases.contains_key(id));
+        for (id, lease) in &set.leases {
+            book.deadlines
+                .entry(*id)
+                .or_insert(now.monotonic_ms.saturating_add(lease.ttl_ms));
+        }
         Ok(set)
     }
 
-    /// Writes `next` through the backend; on success the book holds it, on failure the book
-    /// keeps `current` (with the id counter of `next`, so that no id is handed out twice).
+    /// Writes `next` through the backend, fenced by `epoch`; on success the book holds it and
+    /// `live` (a lease granted or renewed, and its TTL) gets its deadline, counted from now.
+    /// On failure the book forgets its copy: the write may yet commit (a raft entry appended
+    /// before a timeout), so the next call reads the set back. The id counter stays advanced.
     async fn write_leases(
         &self,
         book: &mut LeaseBook,
-        current: LeaseSet,
         next: LeaseSet,
         epoch: Epoch,
+        live: Option<(u64, u64)>,
     ) -> Result<(), Refusal> {
-        match self.backend.persist_leases(next.encode(), epoch).await {
-            Ok(()) => {
-                book.set = Some(next);
-                Ok(())
-            }
-            Err(err) => {
-                book.set = Some(LeaseSet {
-                    next_id: next.next_id,
-                    ..current
-                });
-                Err(self.lease_write_refusal(err, "writing the lease set"))
-            }
+        book.next_id_floor = book.next_id_floor.max(next.next_id);
+        book.set = None;
+        self.backend
+            .persist_leases(next.encode(), epoch)
+            .await
+            .map_err(|err| self.lease_write_refusal(err, "writing the lease set"))?;
+        book.set = Some(next);
+        if let Some((id, ttl_ms)) = live {
+            let deadline = self.clock.monotonic_ms().saturating_add(ttl_ms);
+            let known = book.deadlines.entry(id).or_insert(deadline);
+            *known = (*known).max(deadline);
         }
+        Ok(())
     }
 
     /// Persists `max(H + 1, now + ttl)` as the high-water and raises the term's window to it;
@@ -446,11 +533,14 @@ impl Shared {
                 "a bound of {target_ms} ms would pass the 46-bit physical field"
             )));
         }
-        let durable_ms = self
-            .backend
-            .persist_high_water(target_ms, epoch)
-            .await
-            .map_err(|e| self.lease_write_refusal(e, "persisting the lease's bound"))?;
+        let durable_ms = if self.config.unsafe_lease_bound_in_memory {
+            target_ms
+        } else {
+            self.backend
+                .persist_high_water(target_ms, epoch)
+                .await
+                .map_err(|e| self.lease_write_refusal(e, "persisting the lease's bound"))?
+        };
         if durable_ms < target_ms || durable_ms > PHYSICAL_MAX_MS {
             let reason =
                 format!("the backend made {durable_ms} ms durable when asked for {target_ms} ms");
@@ -476,14 +566,6 @@ impl Shared {
             }
         }
     }
-}
-
-/// Drops leases that expired longer ago than the longest TTL: a renew of them is then
-/// "unknown" rather than "expired", and the set stays bounded by what is recent.
-fn forget_long_expired(set: &mut LeaseSet, now_ms: u64, ttl_max: Duration) {
-    let keep_ms = ttl_max.as_millis() as u64;
-    set.leases
-        .retain(|_, lease| lease.expires_at_ms.saturating_add(keep_ms) > now_ms);
 }
 
 #[cfg(test)]
@@ -529,11 +611,36 @@ mod tests {
     }
 
     #[test]
-    fn long_expired_leases_are_forgotten_recent_ones_kept() {
+    fn liveness_and_forgetting_follow_monotonic_time_only() {
         let mut set = LeaseSet::default();
-        set.leases.insert(1, lease(b"a", 1_000, false)); // expired at 1 001
-        set.leases.insert(2, lease(b"b", 100_000, false)); // expires at 100 001
-        forget_long_expired(&mut set, 1_001 + 60_000, Duration::from_secs(60));
-        assert_eq!(set.leases.keys().copied().collect::<Vec<_>>(), vec![2]);
+        set.leases.insert(1, lease(b"a", 1_000, false));
+        set.leases.insert(2, lease(b"b", 100_000, false));
+        set.leases.insert(3, lease(b"c", 100_000, false));
+        let mut book = LeaseBook::default();
+        book.deadlines.insert(1, 10_000);
+        book.deadlines.insert(2, 70_000);
+        let at = |monotonic_ms, wall_ms| Now {
+            wall_ms,
+            monotonic_ms,
+        };
+        // Wall readings far on either side change nothing.
+        for wall_ms in [0, u64::MAX / 2] {
+            assert!(book.live(1, &set.leases[&1], at(9_999, wall_ms), false));
+            assert!(!book.live(1, &set.leases[&1], at(10_000, wall_ms), false));
+            assert!(
+                book.live(3, &set.leases[&3], at(10_000, wall_ms), false),
+                "no deadline"
+            );
+        }
+        // The control judges by the stored wall expiry.
+        assert!(!book.live(3, &set.leases[&3], at(0, 100_001), true));
+        // Forgotten once expired longer ago than the longest TTL.
+        book.forget_long_expired(&mut set, at(69_999, 0), Duration::from_secs(60), false);
+        assert_eq!(
+            set.leases.keys().copied().collect::<Vec<_>>(),
+            vec![1, 2, 3]
+        );
+        book.forget_long_expired(&mut set, at(70_000, 0), Duration::from_secs(60), false);
+        assert_eq!(set.leases.keys().copied().collect::<Vec<_>>(), vec![2, 3]);
     }
 }

@@ -210,9 +210,12 @@ async fn the_frontier_follows_every_unexpired_lease_until_exactly_its_expiry() {
     clock.set(b.expires_at_ms);
     assert_eq!(frontier(&mut client).await, c.ts_upper_bound);
 
-    // The same holder at the same epoch while live: the same lease back, nothing written.
+    // The same holder at the same epoch while live: the same lease back, renewed (its holder
+    // counts the TTL from this call, so the server must too).
     let again = acquire(&mut client, b"writer-b", 2, 20_000).await.unwrap();
-    assert_eq!(again, c, "idempotent");
+    assert_eq!(again.lease_id, c.lease_id, "the same lease");
+    assert!(again.ts_upper_bound >= c.ts_upper_bound && again.expires_at_ms >= c.expires_at_ms);
+    let c = again;
 
     // A renewal: a fresh bound above the current high-water, a later expiry.
     let h = high_water(&backend).await;
@@ -308,6 +311,8 @@ async fn leases_and_their_bounds_survive_a_restart() {
     server.stop().await.unwrap();
     drop((backend, client));
 
+    // The dead holder's 5 s pass during the restart, but the new term cannot know how long
+    // ago it was granted: both leases count as live for a full TTL from the load.
     clock.advance(5_000);
     let (server, backend, mut client) = start(dir.path(), clock.clone()).await;
     assert_eq!(
@@ -315,10 +320,11 @@ async fn leases_and_their_bounds_survive_a_restart() {
         a.ts_upper_bound,
         "a's lease came back"
     );
+    clock.advance(5_000);
     refused(
         renew(&mut client, dead.lease_id).await,
-        Code::NotFound,
-        "unknown",
+        Code::FailedPrecondition,
+        "expired",
     );
     let (bound, _) = renew(&mut client, a.lease_id).await.unwrap();
     assert!(bound > dead.ts_upper_bound && bound == high_water(&backend).await);
@@ -399,6 +405,97 @@ async fn renewals_keep_the_high_water_within_a_ttl_of_the_clock() {
         physical_ms <= START_MS + TTL_MS + window_ms + advance_ms + RENEWALS as u64 + 1,
         "after a restart the first timestamp is {} s ahead of the clock",
         (physical_ms - START_MS) / 1000
+    );
+    server.stop().await.unwrap();
+}
+
+/// SEMANTICS §14: liveness is judged on monotonic time. A forward step of the leader's wall
+/// clock (an NTP step, a VM resumed) past a lease's expiry leaves it live: the frontier stays at
+/// its bound and it renews, until its TTL has really passed.
+#[tokio::test]
+async fn a_forward_clock_step_does_not_end_a_lease() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(START_MS);
+    let (server, _backend, mut client) = start(dir.path(), clock.clone()).await;
+    let a = acquire(&mut client, b"writer-a", 1, 10_000).await.unwrap();
+    clock.advance(1_000);
+    let b = acquire(&mut client, b"writer-b", 1, 10_000).await.unwrap();
+    clock.step(60_000);
+    assert_eq!(
+        frontier(&mut client).await,
+        a.ts_upper_bound,
+        "the wall clock stepped 60 s forward 1 s into a 10 s lease: it still binds"
+    );
+    clock.advance(500);
+    let (renewed, _) = renew(&mut client, a.lease_id)
+        .await
+        .expect("a live lease renews after a forward step");
+    assert_eq!(frontier(&mut client).await, b.ts_upper_bound);
+    clock.advance(9_499);
+    assert_eq!(frontier(&mut client).await, b.ts_upper_bound);
+    clock.advance(1);
+    assert_eq!(
+        frontier(&mut client).await,
+        renewed,
+        "b is 10 s old by monotonic time and has expired; a, renewed 9.5 s ago, binds"
+    );
+    server.stop().await.unwrap();
+}
+
+/// SEMANTICS §14: a backward step never brings an expired lease back, so the frontier never
+/// goes back on one leader.
+#[tokio::test]
+async fn a_backward_clock_step_does_not_bring_a_lease_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(START_MS);
+    let (server, _backend, mut client) = start(dir.path(), clock.clone()).await;
+    let a = acquire(&mut client, b"writer-a", 1, 10_000).await.unwrap();
+    clock.advance(1_000);
+    let b = acquire(&mut client, b"writer-b", 1, 60_000).await.unwrap();
+    clock.advance(9_000);
+    let after_expiry = frontier(&mut client).await;
+    assert_eq!(after_expiry, b.ts_upper_bound, "a has expired, b binds");
+    clock.step(-30_000);
+    let after_step = frontier(&mut client).await;
+    assert!(
+        after_step >= after_expiry,
+        "the frontier went back from {after_expiry} to {after_step} after a backward step"
+    );
+    refused(
+        renew(&mut client, a.lease_id).await,
+        Code::FailedPrecondition,
+        "expired",
+    );
+    server.stop().await.unwrap();
+}
+
+/// SEMANTICS §14: a leader that loads the set treats every lease in it as live for a full TTL
+/// from the load, whatever its clock says: a new leader whose clock is ahead must not drop a
+/// lease its holder still stamps under.
+#[tokio::test]
+async fn a_new_leader_with_a_clock_ahead_keeps_a_live_lease() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(START_MS);
+    let (server, backend, mut client) = start(dir.path(), clock.clone()).await;
+    let a = acquire(&mut client, b"writer-a", 1, 10_000).await.unwrap();
+    server.stop().await.unwrap();
+    drop((backend, client));
+
+    clock.advance(1_000);
+    clock.step(120_000);
+    let (server, _backend, mut client) = start(dir.path(), clock.clone()).await;
+    assert_eq!(
+        frontier(&mut client).await,
+        a.ts_upper_bound,
+        "the new leader's clock reads 2 minutes past the expiry, but the holder's 10 s have not \
+         passed: the lease binds"
+    );
+    clock.advance(9_999);
+    assert_eq!(frontier(&mut client).await, a.ts_upper_bound);
+    clock.advance(1);
+    assert!(
+        frontier(&mut client).await > a.ts_upper_bound,
+        "a full TTL after the load it has expired"
     );
     server.stop().await.unwrap();
 }

@@ -126,6 +126,26 @@ pub struct ServeArgs {
     /// This breaks the oracle on purpose. Never set it.
     #[arg(long, hide = true)]
     pub unsafe_lease_forget: bool,
+    /// FOR THE CHECKER'S POSITIVE CONTROL ONLY: judge stamping leases' expiry by the wall
+    /// clock, so a clock step ends a live lease or brings an expired one back. This breaks the
+    /// oracle on purpose. Never set it.
+    #[arg(long, hide = true)]
+    pub unsafe_lease_wall_expiry: bool,
+    /// FOR THE CHECKER'S POSITIVE CONTROL ONLY: a stamping lease's bound raises the high-water
+    /// in memory only, so the next leader may grant above an answered bound. This breaks the
+    /// oracle on purpose. Never set it.
+    #[arg(long, hide = true)]
+    pub unsafe_lease_bound_in_memory: bool,
+    /// FOR THE CHECKER'S POSITIVE CONTROL ONLY: now and then a sequence call is refused after
+    /// its block was spent, a gap nothing explains. This breaks the oracle on purpose. Never
+    /// set it.
+    #[arg(long, hide = true)]
+    pub unsafe_seq_burn_refused: bool,
+    /// FOR THE CHECKER'S POSITIVE CONTROL ONLY: a leader handing off (SIGTERM or
+    /// transfer-leader) keeps its lease and keeps granting under it, and elections skip the
+    /// pre-vote gate. This breaks the oracle on purpose. Never set it.
+    #[arg(long, hide = true)]
+    pub unsafe_handoff_keep_lease: bool,
     /// FOR FAULT TESTS ONLY: shift this server's clock by the signed number of milliseconds
     /// written in this file (re-read every 50 ms). Never set it in production.
     #[arg(long, hide = true)]
@@ -413,6 +433,7 @@ pub struct BenchArgs {
 }
 
 #[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("control").multiple(false)))]
 pub struct CheckArgs {
     /// Nodes of the local cluster (1: file backend).
     #[arg(long, default_value_t = 1)]
@@ -479,7 +500,7 @@ pub struct CheckArgs {
     /// one machine: they share CLOCK_MONOTONIC) instead of running anything: merged, then
     /// checked for duplicates, regression, real-time order and grant shape (sequence calls: for
     /// overlaps, gaps above each key's lowest block, and shape).
-    #[arg(long, value_delimiter = ',', conflicts_with_all = ["endpoints", "unsafe_positive_control", "unsafe_no_lease", "unsafe_seq_forget", "unsafe_lease_forget", "unsafe_allow_leader_removal", "unsafe_trust_wiped"])]
+    #[arg(long, value_delimiter = ',', conflicts_with_all = ["endpoints", "control"])]
     pub verify: Vec<PathBuf>,
     /// Directory for the nodes' data and logs [default: a temporary one, removed after a clean
     /// run].
@@ -487,36 +508,56 @@ pub struct CheckArgs {
     pub work_dir: Option<PathBuf>,
     /// POSITIVE CONTROL: run servers that forget their durable high-water at start, set their
     /// clocks back and kill them. A working checker reports a violation (exit 1).
-    #[arg(long)]
+    #[arg(long, group = "control")]
     pub unsafe_positive_control: bool,
     /// POSITIVE CONTROL of partition safety: run raft servers that grant without checking
     /// their leader lease, and cut the leader off from its peers. A working checker reports a
     /// violation (exit 1).
-    #[arg(long, conflicts_with = "unsafe_positive_control")]
+    #[arg(long, group = "control")]
     pub unsafe_no_lease: bool,
     /// POSITIVE CONTROL of dense sequences (with `--workload seq`): run servers whose every new
     /// leader starts each sequence from 0, and kill the leader. A working checker reports a D1
     /// violation (exit 1).
-    #[arg(long, conflicts_with_all = ["unsafe_positive_control", "unsafe_no_lease"])]
+    #[arg(long, group = "control")]
     pub unsafe_seq_forget: bool,
     /// POSITIVE CONTROL of stamping leases (with `--workload lease`): run servers whose every
     /// new leader starts with an empty lease set, and kill the leader. A working checker
     /// reports a rule-1 violation, a frontier above a live lease's bound (exit 1).
-    #[arg(long, conflicts_with_all = ["unsafe_positive_control", "unsafe_no_lease", "unsafe_seq_forget"])]
+    #[arg(long, group = "control")]
     pub unsafe_lease_forget: bool,
     /// POSITIVE CONTROL of membership changes (raft clusters, `--workload ts`): run servers that
     /// let the leader of two voters be removed at once, and shrink the cluster to two voters
     /// then remove its leader, with clients pinned to every node. A working checker reports a
     /// real-time violation (exit 1): the survivor grants while the removed leader still does.
-    #[arg(long, conflicts_with_all = ["unsafe_positive_control", "unsafe_no_lease", "unsafe_seq_forget", "unsafe_lease_forget"])]
+    #[arg(long, group = "control")]
     pub unsafe_allow_leader_removal: bool,
     /// POSITIVE CONTROL of cluster identity (`--nodes 3`, `--workload ts`): run servers that
     /// let a member restarted under its old id on a wiped directory vote again, and open with
     /// a follower cut off, the leader killed and the other follower wiped: the cut-off one is
     /// elected on a stale log. A working checker reports duplicates and real-time violations
     /// (exit 1).
-    #[arg(long, conflicts_with_all = ["unsafe_positive_control", "unsafe_no_lease", "unsafe_seq_forget", "unsafe_lease_forget", "unsafe_allow_leader_removal"])]
+    #[arg(long, group = "control")]
     pub unsafe_trust_wiped: bool,
+    /// POSITIVE CONTROL of monotonic lease expiry (`--workload lease`, with clock faults): run
+    /// servers that judge stamping leases' expiry by the wall clock. A working checker reports
+    /// a frontier above a live lease's bound or a frontier going back (exit 1).
+    #[arg(long, group = "control")]
+    pub unsafe_lease_wall_expiry: bool,
+    /// POSITIVE CONTROL of durable lease bounds (`--workload lease`): run servers that raise
+    /// the high-water for a lease's bound in memory only, and kill the leader. A working
+    /// checker reports a later leader's grant above an answered bound (exit 1).
+    #[arg(long, group = "control")]
+    pub unsafe_lease_bound_in_memory: bool,
+    /// POSITIVE CONTROL of D2 (`--workload seq`): run servers that now and then refuse a
+    /// sequence call after spending its block. A working checker reports an unexplained gap
+    /// (exit 1).
+    #[arg(long, group = "control")]
+    pub unsafe_seq_burn_refused: bool,
+    /// POSITIVE CONTROL of the handoff (raft clusters, `--workload ts`, with `handoff` faults):
+    /// run servers whose leader keeps its lease, and keeps granting, after handing off. A
+    /// working checker reports a real-time violation (exit 1).
+    #[arg(long, group = "control")]
+    pub unsafe_handoff_keep_lease: bool,
 }
 
 /// What `tso check` clients call.

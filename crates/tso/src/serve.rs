@@ -193,6 +193,21 @@ fn oracle_config(args: &ServeArgs) -> Config {
             "UNSAFE: sequences restart from 0 in every term; this server breaks its guarantees on purpose"
         );
     }
+    if args.unsafe_lease_wall_expiry {
+        tracing::warn!(
+            "UNSAFE: stamping leases expire by the wall clock; this server breaks its guarantees on purpose"
+        );
+    }
+    if args.unsafe_lease_bound_in_memory {
+        tracing::warn!(
+            "UNSAFE: stamping lease bounds are not made durable; this server breaks its guarantees on purpose"
+        );
+    }
+    if args.unsafe_seq_burn_refused {
+        tracing::warn!(
+            "UNSAFE: some refused sequence calls spend their block; this server breaks its guarantees on purpose"
+        );
+    }
     Config {
         window_ahead: args.window_ahead,
         failover_advance: args.failover_advance,
@@ -204,6 +219,9 @@ fn oracle_config(args: &ServeArgs) -> Config {
         lease_ttl_min: args.lease_ttl_min,
         lease_ttl_max: args.lease_ttl_max,
         unsafe_lease_skip_load: args.unsafe_lease_forget,
+        unsafe_lease_wall_expiry: args.unsafe_lease_wall_expiry,
+        unsafe_lease_bound_in_memory: args.unsafe_lease_bound_in_memory,
+        unsafe_seq_burn_refused: args.unsafe_seq_burn_refused,
     }
 }
 

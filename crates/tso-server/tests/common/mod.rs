@@ -24,25 +24,47 @@ use tso_server::{Config, OracleGuard, ServeError, ServingState};
 /// Hang guard for waits in tests: generous, never the thing a test asserts on.
 pub const HANG_GUARD: Duration = Duration::from_secs(30);
 
-/// A clock the test sets by hand.
+/// A clock the test moves by hand: a wall reading and a monotonic one. Time passing moves both;
+/// a step (an NTP step, a VM resumed) moves only the wall reading.
 #[derive(Debug)]
-pub struct ManualClock(AtomicI64);
+pub struct ManualClock {
+    wall_ms: AtomicI64,
+    monotonic_ms: AtomicU64,
+}
 
 impl ManualClock {
     pub fn new(now_ms: u64) -> Arc<Self> {
-        Arc::new(Self(AtomicI64::new(now_ms as i64)))
+        Arc::new(Self {
+            wall_ms: AtomicI64::new(now_ms as i64),
+            monotonic_ms: AtomicU64::new(0),
+        })
     }
+    /// Time passes until the wall clock reads `now_ms`; setting it back is a backward step.
     pub fn set(&self, now_ms: u64) {
-        self.0.store(now_ms as i64, Ordering::SeqCst);
+        let before = self.wall_ms.swap(now_ms as i64, Ordering::SeqCst);
+        self.pass((now_ms as i64 - before).max(0) as u64);
     }
+    /// Time passes by `delta_ms`; a negative delta is a backward step.
     pub fn advance(&self, delta_ms: i64) {
-        self.0.fetch_add(delta_ms, Ordering::SeqCst);
+        self.wall_ms.fetch_add(delta_ms, Ordering::SeqCst);
+        self.pass(delta_ms.max(0) as u64);
+    }
+    /// The wall clock steps by `delta_ms`; no time passes.
+    pub fn step(&self, delta_ms: i64) {
+        self.wall_ms.fetch_add(delta_ms, Ordering::SeqCst);
+    }
+    fn pass(&self, delta_ms: u64) {
+        self.monotonic_ms.fetch_add(delta_ms, Ordering::SeqCst);
     }
 }
 
 impl Clock for ManualClock {
     fn now_ms(&self) -> u64 {
-        self.0.load(Ordering::SeqCst) as u64
+        self.wall_ms.load(Ordering::SeqCst) as u64
+    }
+
+    fn monotonic_ms(&self) -> u64 {
+        self.monotonic_ms.load(Ordering::SeqCst)
     }
 }
 

@@ -42,6 +42,14 @@ pub const ALLOW_LEADER_REMOVAL_FLAG: &str = "--unsafe-allow-leader-removal";
 /// Hidden server flag of the trust-wiped control: peers do not check incarnations, so a member
 /// restarted under its old id on a wiped directory votes and counts again.
 pub const TRUST_WIPED_FLAG: &str = "--unsafe-trust-wiped";
+/// Hidden server flag of the wall-expiry control: stamping leases expire by the wall clock.
+pub const LEASE_WALL_EXPIRY_FLAG: &str = "--unsafe-lease-wall-expiry";
+/// Hidden server flag of the in-memory-bound control: a lease's bound is not made durable.
+pub const LEASE_BOUND_IN_MEMORY_FLAG: &str = "--unsafe-lease-bound-in-memory";
+/// Hidden server flag of the burnt-refusal control: some refused sequence calls spend a block.
+pub const SEQ_BURN_REFUSED_FLAG: &str = "--unsafe-seq-burn-refused";
+/// Hidden server flag of the handoff control: a leader handing off keeps its lease.
+pub const HANDOFF_KEEP_LEASE_FLAG: &str = "--unsafe-handoff-keep-lease";
 /// How long a SIGTERM'd node may take to exit before it is killed: its whole exit, handoff and
 /// drain, is bounded by the server's `--shutdown-grace` (10 s by default), and 5 s cover a
 /// loaded machine.

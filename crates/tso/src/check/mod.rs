@@ -322,6 +322,18 @@ async fn start_cluster(args: &CheckArgs, work: &WorkDir) -> anyhow::Result<Clust
     if args.unsafe_trust_wiped {
         unsafe_flags.push(cluster::TRUST_WIPED_FLAG);
     }
+    if args.unsafe_lease_wall_expiry {
+        unsafe_flags.push(cluster::LEASE_WALL_EXPIRY_FLAG);
+    }
+    if args.unsafe_lease_bound_in_memory {
+        unsafe_flags.push(cluster::LEASE_BOUND_IN_MEMORY_FLAG);
+    }
+    if args.unsafe_seq_burn_refused {
+        unsafe_flags.push(cluster::SEQ_BURN_REFUSED_FLAG);
+    }
+    if args.unsafe_handoff_keep_lease {
+        unsafe_flags.push(cluster::HANDOFF_KEEP_LEASE_FLAG);
+    }
     Cluster::start(&bin, work.path(), args.nodes, &unsafe_flags).await
 }
 
