@@ -13,8 +13,9 @@
 //!   backend fenced it with;
 //! - a write that fails leaves its blocks spent in the counters: it may have reached the disk
 //!   or the log, so handing them out again could issue them twice. Its callers learn that the
-//!   outcome is unknown (`UNAVAILABLE`); only refusals made before the write ("not leader",
-//!   a bad argument, a cap) are definite.
+//!   outcome is unknown (`UNAVAILABLE`, a fenced write included); only refusals made before
+//!   the write ("not leader", a bad argument, a cap) are definite;
+//! - a term that has ended writes none of the groups still queued on it.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -176,6 +177,15 @@ impl Sequencer {
 
     /// Hands out the blocks of one group and makes them durable in one write.
     async fn write_group(&self, shared: &Shared, group: Vec<Waiting>) {
+        // A term that has ended writes nothing more: its queued callers hear "not leader", which
+        // is definite because nothing was written for them.
+        if shared.serving_high_water(self.epoch).is_none() {
+            let refusal = Refusal::NotLeader(shared.hint());
+            for waiting in group {
+                let _ = waiting.reply.send(Err(refusal.clone()));
+            }
+            return;
+        }
         let mut counters = match self.loaded_counters(shared).await {
             Ok(counters) => counters,
             Err(refusal) => {
@@ -237,7 +247,9 @@ impl Sequencer {
                 "reading the sequence counters failed transiently: {msg}; retry"
             )),
             ConsensusError::Permanent(msg) => {
-                Refusal::Internal(format!("reading the sequence counters failed: {msg}"))
+                let reason = format!("reading the sequence counters failed: {msg}");
+                shared.poison(ServeError::Consensus(ConsensusError::Permanent(msg)));
+                Refusal::Internal(reason)
             }
         })
     }
@@ -303,12 +315,16 @@ fn plan(
 }
 
 /// What the callers of a failed write are told. Only "not leader" is definite (the backend
-/// refuses before writing); any other failure may have made the blocks durable.
+/// refuses before writing); any other failure may have made the blocks durable. `Fenced` among
+/// them: raft reports it for an entry that committed in a later term of this same node, after
+/// its leadership watch fell behind, and the state machine applied it.
 fn write_refusal(err: ConsensusError, shared: &Shared) -> Refusal {
     match err {
-        ConsensusError::NotLeader { .. } | ConsensusError::Fenced { .. } => {
-            Refusal::NotLeader(shared.hint())
-        }
+        ConsensusError::NotLeader { .. } => Refusal::NotLeader(shared.hint()),
+        ConsensusError::Fenced { expected, current } => Refusal::Unavailable(format!(
+            "the sequence write of epoch {expected} was fenced at epoch {current}; the block \
+             may have been spent"
+        )),
         ConsensusError::Transient(msg) => Refusal::Unavailable(format!(
             "the sequence write failed: {msg}; the block may have been spent"
         )),

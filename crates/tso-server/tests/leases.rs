@@ -29,6 +29,11 @@ const START_MS: u64 = 1_800_000_000_000;
 struct Backend {
     inner: FileBackend,
     fail_leases: AtomicUsize,
+    /// The next lease writes that reach the disk and then report a timeout, as a raft entry
+    /// appended before its call timed out commits later.
+    fail_after_leases: AtomicUsize,
+    /// Every lease load fails for good from here on.
+    fail_loads: std::sync::atomic::AtomicBool,
 }
 
 impl Consensus for Backend {
@@ -49,6 +54,11 @@ impl Consensus for Backend {
         true
     }
     fn load_leases(&self) -> BoxFuture<'_, Result<Vec<u8>, ConsensusError>> {
+        if self.fail_loads.load(Ordering::SeqCst) {
+            return Box::pin(async {
+                Err(ConsensusError::Permanent("read failed (injected)".into()))
+            });
+        }
         self.inner.load_leases()
     }
     fn persist_leases(
@@ -63,7 +73,17 @@ impl Consensus for Backend {
         if fail {
             return Box::pin(async { Err(ConsensusError::Transient("injected".into())) });
         }
-        self.inner.persist_leases(record, epoch)
+        let fail_after = self
+            .fail_after_leases
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        Box::pin(async move {
+            self.inner.persist_leases(record, epoch).await?;
+            if fail_after {
+                return Err(ConsensusError::Transient("timed out (injected)".into()));
+            }
+            Ok(())
+        })
     }
 }
 
@@ -71,6 +91,8 @@ async fn start(dir: &Path, clock: Arc<ManualClock>) -> (TestServer, Arc<Backend>
     let backend = Arc::new(Backend {
         inner: FileBackend::open(dir).unwrap(),
         fail_leases: AtomicUsize::new(0),
+        fail_after_leases: AtomicUsize::new(0),
+        fail_loads: Default::default(),
     });
     // Wide windows: no extension runs behind the test, so H moves only when a lease moves it.
     let mut server = TestServer::start(backend.clone(), quiet_config(), clock).await;
@@ -496,6 +518,69 @@ async fn a_new_leader_with_a_clock_ahead_keeps_a_live_lease() {
     assert!(
         frontier(&mut client).await > a.ts_upper_bound,
         "a full TTL after the load it has expired"
+    );
+    server.stop().await.unwrap();
+}
+
+/// A lease write that timed out may have committed: the lease it carried binds the frontier
+/// from then on (the book reads the set back rather than keep its older copy).
+#[tokio::test]
+async fn a_lease_write_that_may_have_committed_binds_the_frontier() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(START_MS);
+    let (server, backend, mut client) = start(dir.path(), clock.clone()).await;
+    backend.fail_after_leases.store(1, Ordering::SeqCst);
+    refused(
+        acquire(&mut client, b"uncertain", 1, 10_000).await,
+        Code::Unavailable,
+        "timed out (injected)",
+    );
+    let uncertain_bound = high_water(&backend).await;
+    clock.advance(1);
+    let b = acquire(&mut client, b"writer-b", 1, 20_000).await.unwrap();
+    assert!(b.ts_upper_bound > uncertain_bound);
+    assert_eq!(
+        frontier(&mut client).await,
+        uncertain_bound,
+        "the lease written by the timed-out call is durable and live: it binds"
+    );
+    server.stop().await.unwrap();
+}
+
+/// A permanent failure reading the lease set stops serving loudly, like one of the high-water.
+#[tokio::test]
+async fn a_permanent_lease_load_failure_poisons_the_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, backend, mut client) = start(dir.path(), ManualClock::new(START_MS)).await;
+    backend.fail_loads.store(true, Ordering::SeqCst);
+    refused(
+        acquire(&mut client, b"h", 1, 10_000).await,
+        Code::Internal,
+        "read failed (injected)",
+    );
+    let error = server.finished().await.unwrap_err();
+    assert!(error.to_string().contains("read failed"), "{error}");
+}
+
+/// A holder whose acquire answer was lost retries it; it counts its TTL from the retry, so the
+/// server must too: the retry renews the lease (same id, fresh bound and expiry) rather than
+/// hand back the first answer, whose expiry started earlier.
+#[tokio::test]
+async fn a_retried_acquire_counts_its_ttl_from_the_retry() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(START_MS);
+    let (server, _backend, mut client) = start(dir.path(), clock.clone()).await;
+    let lost = acquire(&mut client, b"writer-a", 1, 10_000).await.unwrap();
+    clock.advance(6_000);
+    let retried = acquire(&mut client, b"writer-a", 1, 10_000).await.unwrap();
+    assert_eq!(retried.lease_id, lost.lease_id, "the same lease");
+    clock.advance(6_000);
+    let b = acquire(&mut client, b"writer-b", 1, 60_000).await.unwrap();
+    assert!(b.ts_upper_bound > retried.ts_upper_bound);
+    assert_eq!(
+        frontier(&mut client).await,
+        retried.ts_upper_bound,
+        "12 s after the first acquire and 6 s after the retry, the holder still stamps: its lease binds"
     );
     server.stop().await.unwrap();
 }

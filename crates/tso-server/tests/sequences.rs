@@ -35,6 +35,11 @@ struct Probe {
     gate: watch::Sender<bool>,
     fail_before: AtomicUsize,
     fail_after: AtomicUsize,
+    /// Writes that reach the disk and are then reported as fenced, as raft does for an entry
+    /// that committed in a later term of the same leader.
+    fenced_after: AtomicUsize,
+    /// What the oracle is told about leadership: the file backend's, until the test changes it.
+    leadership: watch::Sender<Leadership>,
 }
 
 impl Probe {
@@ -43,6 +48,7 @@ impl Probe {
     }
 
     fn over(inner: FileBackend, gated: bool) -> Arc<Probe> {
+        let leadership = watch::channel(inner.leadership().borrow().clone()).0;
         Arc::new(Probe {
             inner,
             writes: AtomicU64::new(0),
@@ -51,6 +57,8 @@ impl Probe {
             gate: watch::channel(!gated).0,
             fail_before: AtomicUsize::new(0),
             fail_after: AtomicUsize::new(0),
+            fenced_after: AtomicUsize::new(0),
+            leadership,
         })
     }
 
@@ -63,7 +71,7 @@ impl Probe {
 
 impl Consensus for Probe {
     fn leadership(&self) -> watch::Receiver<Leadership> {
-        self.inner.leadership()
+        self.leadership.subscribe()
     }
 
     fn load_high_water(&self) -> BoxFuture<'_, Result<u64, ConsensusError>> {
@@ -104,6 +112,13 @@ impl Consensus for Probe {
             self.inner.persist_sequences(ends, epoch).await?;
             if Probe::take_one(&self.fail_after) {
                 return Err(ConsensusError::Transient("injected after the write".into()));
+            }
+            if Probe::take_one(&self.fenced_after) {
+                let current = Epoch::from_parts(epoch.hi() + 1, epoch.lo());
+                return Err(ConsensusError::Fenced {
+                    expected: epoch,
+                    current,
+                });
             }
             Ok(())
         })
@@ -456,6 +471,136 @@ async fn a_failed_write_answers_unavailable_and_its_block_is_never_reused() {
     let backend = reopen(dir.path()).await;
     let stored = backend.load_sequences().await.unwrap();
     assert_eq!(stored.get("k"), Some(&11));
+}
+
+/// D2: raft reports `Fenced` for an entry that committed in a later term of the same leader
+/// (its leadership watch had not caught up): the block was spent, so the caller must hear that
+/// the outcome is unknown, not a definite "not leader" after which nothing explains the gap.
+#[tokio::test]
+async fn a_write_fenced_after_it_committed_is_uncertain() {
+    let dir = tempfile::tempdir().unwrap();
+    let probe = Probe::open(dir.path(), false);
+    let server = server_on(probe.clone(), test_config()).await;
+    let mut client = server.client().await;
+    assert_eq!(seq(&mut client, b"k", 4).await.unwrap().start, 0);
+    probe.fenced_after.store(1, Ordering::SeqCst);
+    assert_code(
+        seq(&mut client, b"k", 3).await,
+        Code::Unavailable,
+        "may have been spent",
+    );
+    assert_eq!(
+        seq(&mut client, b"k", 1).await.unwrap().start,
+        7,
+        "[4, 7) was written"
+    );
+    server.stop().await.unwrap();
+}
+
+/// A term that has ended writes none of the groups still queued on it: its callers hear "not
+/// leader" (definite, and true: nothing was written for them).
+#[tokio::test]
+async fn an_ended_term_writes_no_queued_group() {
+    let dir = tempfile::tempdir().unwrap();
+    let probe = Probe::open(dir.path(), true);
+    let guard = OracleGuard::start(probe.clone(), test_config());
+    assert!(guard.wait_serving().await);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(guard.service())
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let channel = Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let call = || {
+        let mut client = TsoServiceClient::new(channel.clone());
+        tokio::spawn(async move { seq(&mut client, b"k", 1).await })
+    };
+    let first = call();
+    wait_until("the first write is held", || {
+        probe.writes.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    let queued: Vec<_> = (0..3).map(|_| call()).collect();
+    wait_until("three calls queue behind it", || {
+        guard.queued_sequence_calls() == 3
+    })
+    .await;
+    let mut serving = guard.serving();
+    probe.leadership.send_replace(Leadership::Unknown);
+    tokio::time::timeout(
+        HANG_GUARD,
+        serving.wait_for(|s| !matches!(s, tso_server::ServingState::Serving { .. })),
+    )
+    .await
+    .expect("the term ends")
+    .unwrap();
+    probe.gate.send_replace(true);
+    let _ = first.await.unwrap();
+    for call in queued {
+        let status = call.await.unwrap().expect_err("the term ended");
+        assert_not_leader(&status);
+    }
+    assert_eq!(
+        probe.writes.load(Ordering::SeqCst),
+        1,
+        "the ended term wrote its queued group"
+    );
+    server.abort();
+    guard.shutdown().await.unwrap();
+}
+
+/// A permanent failure reading the counters stops serving loudly too.
+#[tokio::test]
+async fn a_permanent_load_failure_poisons_the_server() {
+    struct Broken(Arc<Probe>);
+    impl Consensus for Broken {
+        fn leadership(&self) -> watch::Receiver<Leadership> {
+            self.0.leadership()
+        }
+        fn load_high_water(&self) -> BoxFuture<'_, Result<u64, ConsensusError>> {
+            self.0.load_high_water()
+        }
+        fn persist_high_water(
+            &self,
+            ms: u64,
+            epoch: Epoch,
+        ) -> BoxFuture<'_, Result<u64, ConsensusError>> {
+            self.0.persist_high_water(ms, epoch)
+        }
+        fn sequences_supported(&self) -> bool {
+            true
+        }
+        fn load_sequences(&self) -> BoxFuture<'_, Result<SeqCounters, ConsensusError>> {
+            Box::pin(async { Err(ConsensusError::Permanent("read failed (injected)".into())) })
+        }
+        fn persist_sequences(
+            &self,
+            ends: SeqEnds,
+            epoch: Epoch,
+        ) -> BoxFuture<'_, Result<(), ConsensusError>> {
+            self.0.persist_sequences(ends, epoch)
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let server = server_on(
+        Arc::new(Broken(Probe::open(dir.path(), false))),
+        test_config(),
+    )
+    .await;
+    let mut client = server.client().await;
+    assert_code(
+        seq(&mut client, b"k", 1).await,
+        Code::Internal,
+        "read failed (injected)",
+    );
+    let error = server.finished().await.unwrap_err();
+    assert!(error.to_string().contains("read failed"), "{error}");
 }
 
 /// A permanent failure of a sequence write stops serving loudly, like one of the high-water.
