@@ -28,10 +28,10 @@ use crate::lease::{AcquireRequest, LeaseGrant};
 use crate::{Client, Error, Result};
 
 /// How much earlier than `requested_at + ttl` the keeper stops vouching for its lease by
-/// default. It covers what the holder's clock cannot see: the leader's clock running faster
-/// than the holder's (100 ppm over a 300 s TTL is 30 ms), and a new leader whose wall clock is
-/// ahead of the old one's (it drops leases by its own clock). 500 ms assumes servers' clocks
-/// agree within a few hundred ms (NTP); raise it when they may not.
+/// default. It covers what the holder's clock cannot see: the leader's monotonic clock running
+/// faster than the holder's (100 ppm over a 300 s TTL is 30 ms). Wall clocks do not enter into
+/// it: servers judge leases on monotonic time, and a new leader counts a full TTL from its load
+/// (SEMANTICS §14), so 500 ms leaves a wide berth.
 pub const LEASE_EXPIRY_MARGIN_DEFAULT: Duration = Duration::from_millis(500);
 
 /// The keeper renews when `ttl / RENEW_AHEAD_DIVISOR` of the TTL is left, by default.

@@ -553,9 +553,13 @@ impl Shared {
 
     fn lease_write_refusal(&self, err: ConsensusError, what: &str) -> Refusal {
         match err {
-            ConsensusError::NotLeader { .. } | ConsensusError::Fenced { .. } => {
-                Refusal::NotLeader(self.hint())
-            }
+            ConsensusError::NotLeader { .. } => Refusal::NotLeader(self.hint()),
+            // Raft reports a write that committed in a later term of this same node as fenced:
+            // it may have taken effect, so the answer is not a definite "not leader".
+            ConsensusError::Fenced { expected, current } => Refusal::Unavailable(format!(
+                "{what} in epoch {expected} was fenced at epoch {current}; it may have taken \
+                 effect: retry"
+            )),
             ConsensusError::Transient(msg) => {
                 Refusal::Unavailable(format!("{what} failed transiently: {msg}; retry"))
             }

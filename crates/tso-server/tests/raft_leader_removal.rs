@@ -230,7 +230,15 @@ async fn a_failed_transfer_leaves_a_cluster_that_elects_a_leader() {
         })
         .await
         .expect_err("the successor's raft is down");
-    assert_eq!(failed.code(), tonic::Code::Unavailable, "{failed:?}");
+    // It fails after this leader gave up its lease: at the campaign (UNAVAILABLE), or, on a
+    // loaded machine, at the last catch-up check before it (FAILED_PRECONDITION).
+    assert!(
+        matches!(
+            failed.code(),
+            tonic::Code::Unavailable | tonic::Code::FailedPrecondition
+        ),
+        "{failed:?}"
+    );
     let (now_leads, new_epoch) = wait_for_leader(&nodes, &[leader, third], epoch).await;
     nodes[now_leads]
         .backend

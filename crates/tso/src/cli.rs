@@ -142,10 +142,15 @@ pub struct ServeArgs {
     #[arg(long, hide = true)]
     pub unsafe_seq_burn_refused: bool,
     /// FOR THE CHECKER'S POSITIVE CONTROL ONLY: a leader handing off (SIGTERM or
-    /// transfer-leader) keeps its lease and keeps granting under it, and elections skip the
-    /// pre-vote gate. This breaks the oracle on purpose. Never set it.
+    /// transfer-leader) keeps its lease and keeps granting under it after its vote gate lets
+    /// the successor be elected. This breaks the oracle on purpose. Never set it.
     #[arg(long, hide = true)]
     pub unsafe_handoff_keep_lease: bool,
+    /// FOR MEASURING WHAT THE PRE-VOTE GATE BUYS ONLY: elections skip it, as before it was
+    /// built, so a follower cut off and healed raises the term and unseats the leader. Never
+    /// set it.
+    #[arg(long, hide = true)]
+    pub unsafe_ungate_elections: bool,
     /// FOR FAULT TESTS ONLY: shift this server's clock by the signed number of milliseconds
     /// written in this file (re-read every 50 ms). Never set it in production.
     #[arg(long, hide = true)]
@@ -454,16 +459,20 @@ pub struct CheckArgs {
     /// and the nemesis stop together and the history is checked.
     #[arg(long, default_value_t = crate::check::clients::CALLS_MAX)]
     pub calls_max: usize,
-    /// What the clients call: `GetTs` (timestamps), `GetSeq` on a few fixed keys (dense
-    /// sequences, checked for D1 and D2), or the stamping-lease RPCs with `GetSafeFrontier`
-    /// and `GetTs` (checked for the frontier's four rules; no clock faults).
+    /// What the clients call: `GetTs` (timestamps), `GetSeq` and `GetSeqBatch` on a few fixed
+    /// keys (dense sequences, checked for D1, D2 and the order of their epochs), or the
+    /// stamping-lease RPCs with `GetSafeFrontier` and `GetTs` (checked for the frontier's and
+    /// the bounds' rules; with `--mode library` holders run through `LeaseKeeper`, whose
+    /// permits are checked against the server's expiry).
     #[arg(long, value_enum, default_value = "ts")]
     pub workload: Workload,
-    /// Each `GetTs` call asks for a random count from 1 to this (`GetSeq` calls ask for 1 to 4).
+    /// Each `GetTs` call asks for a random count from 1 to this (sequence calls ask for 1 to 64
+    /// values of each key).
     #[arg(long, default_value_t = 16)]
     pub count_max: u32,
-    /// Raw `GetTs` RPCs, or calls through the client library (one client shared by every
-    /// checker client, so calls are coalesced: the history then checks the library too).
+    /// Raw RPCs, or calls through the client library (one client shared by every checker
+    /// client, so calls are coalesced: the history then checks the library too; lease holders
+    /// go through `LeaseKeeper`).
     #[arg(long, value_enum, default_value = "raw")]
     pub mode: BenchMode,
     /// How long the clients and the nemesis run.
@@ -493,13 +502,16 @@ pub struct CheckArgs {
     /// Also write every recorded call here, one JSON object per line (`client`, `start_ns` and
     /// `end_ns` on CLOCK_MONOTONIC, `requested`, and `physical_ms`/`logical_start`/`count`,
     /// `error`, or `malformed` for a reply the client library refused; sequence calls have a
-    /// `key`, and `start`/`count`, `error`, `uncertain` or `malformed`).
+    /// `key`, and `start`/`count`/`epoch` (`"HI.LO"`), `error`, `uncertain` or `malformed`; a
+    /// `GetSeqBatch` is one line per key, each with the call's span and outcome and the same
+    /// `batch`, the number of the batch among its client's; lines without `epoch` or `batch`,
+    /// from older files, still verify).
     #[arg(long)]
     pub history: Option<PathBuf>,
     /// Check histories written by `--history` (one or several, e.g. from several processes on
     /// one machine: they share CLOCK_MONOTONIC) instead of running anything: merged, then
     /// checked for duplicates, regression, real-time order and grant shape (sequence calls: for
-    /// overlaps, gaps above each key's lowest block, and shape).
+    /// overlaps, gaps above each key's lowest block, the order of epochs, and shape).
     #[arg(long, value_delimiter = ',', conflicts_with_all = ["endpoints", "control"])]
     pub verify: Vec<PathBuf>,
     /// Directory for the nodes' data and logs [default: a temporary one, removed after a clean
@@ -558,6 +570,11 @@ pub struct CheckArgs {
     /// working checker reports a real-time violation (exit 1).
     #[arg(long, group = "control")]
     pub unsafe_handoff_keep_lease: bool,
+    /// ABLATION, not a control: run raft servers whose elections skip the pre-vote gate, as
+    /// before it was built, to measure what a follower's heal costs the clients without it
+    /// (the run's "longest gap in answers" line). It breaks no guarantee the checker judges.
+    #[arg(long, group = "control")]
+    pub unsafe_ungate_elections: bool,
 }
 
 /// What `tso check` clients call.
@@ -565,7 +582,8 @@ pub struct CheckArgs {
 pub enum Workload {
     /// `GetTs`: timestamps, checked for duplicates, regression, real-time order and shape.
     Ts,
-    /// `GetSeq` on a few fixed keys: blocks checked for overlaps (D1), gaps (D2) and shape.
+    /// `GetSeq` and `GetSeqBatch` on a few fixed keys: blocks checked for overlaps (D1), gaps
+    /// (D2), the order of their epochs, and shape.
     Seq,
     /// Stamping leases (acquire, renew, release), `GetSafeFrontier` reads and `GetTs`: the
     /// frontier checked against live leases and itself, bounds against earlier grants.

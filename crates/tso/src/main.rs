@@ -1,3 +1,4 @@
+#![recursion_limit = "256"]
 //! `tso`: the timestamp oracle's one binary. Parses flags, wires parts, maps errors to exit
 //! codes; everything else is library code.
 

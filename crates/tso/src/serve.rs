@@ -252,11 +252,21 @@ async fn serve_raft(
             .await
             .context("starting the raft node")?,
     );
+    if args.unsafe_ungate_elections {
+        tracing::warn!("UNSAFE: elections skip the pre-vote gate; for measurements only");
+        backend.unsafe_ungate_elections();
+    }
     if args.unsafe_trust_wiped {
         tracing::warn!(
             "UNSAFE: members on wiped data directories count again; this server breaks its guarantees on purpose"
         );
         backend.unsafe_trust_wiped_members();
+    }
+    if args.unsafe_handoff_keep_lease {
+        tracing::warn!(
+            "UNSAFE: a handoff keeps this node's lease and grants under it; this server breaks its guarantees on purpose"
+        );
+        backend.unsafe_handoff_keep_lease();
     }
     let stop_admin = CancellationToken::new();
     let admin = cluster::serve_admin(

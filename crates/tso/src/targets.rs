@@ -7,6 +7,7 @@
 //! malformed is a [`Failure::Malformed`], which the callers count as a violation, not an error.
 //! A sequence call (`GetSeq`) that failed after it may have been granted is a
 //! [`Failure::Uncertain`]: the checks must allow its values to be spent (SEMANTICS §11, D2).
+//! A `GetSeqBatch` succeeds or fails as a whole: one block per key asked, or one failure.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -18,7 +19,10 @@ use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use tonic::{Code, Status};
 use tso_proto::LEADER_HINT_KEY;
 use tso_proto::v1::tso_service_client::TsoServiceClient;
-use tso_proto::v1::{GetSeqRequest, GetSeqResponse, GetTsRequest};
+use tso_proto::v1::{
+    GetSeqBatchRequest, GetSeqBatchResponse, GetSeqRequest, GetSeqResponse, GetTsRequest,
+    SeqRequestEntry,
+};
 
 use crate::check::history::WireGrant;
 
@@ -172,11 +176,13 @@ pub enum Failure {
 }
 
 /// A sequence block as granted, checked against its request: `start..start + count`, with
-/// `count` what was asked for and no overflow.
+/// `count` what was asked for and no overflow, and the epoch of the leader that made it
+/// durable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct WireBlock {
     pub start: u64,
     pub count: u32,
+    pub epoch: u128,
 }
 
 impl WireBlock {
@@ -260,13 +266,47 @@ impl Route {
                 Err(status) => Err(seq_failure(&status)),
             },
             Route::Library(client) => match client.get_seq(key, count).await {
-                Ok(block) => Ok(WireBlock {
-                    start: block.start(),
-                    count: block.count(),
-                }),
+                Ok(block) => Ok(library_block(&block)),
                 Err(err) => Err(library_failure(&err)),
             },
         }
+    }
+
+    /// One block for each `(key, count)` of `entries` (distinct keys), in their order, from one
+    /// `GetSeqBatch`: all of them or one failure for all.
+    pub async fn seq_batch(&mut self, entries: &[(&str, u32)]) -> Result<Vec<WireBlock>, Failure> {
+        match self {
+            Route::Raw {
+                targets,
+                slot,
+                rotation,
+                client,
+            } => match raw_seq_batch(client, entries).await {
+                Ok(reply) => check_batch(entries, &reply).map_err(Failure::Malformed),
+                Err(status) => {
+                    if follow(targets, *slot, rotation, client, &status) {
+                        tokio::time::sleep(UNREACHABLE_PAUSE).await;
+                    }
+                    Err(seq_failure(&status))
+                }
+            },
+            Route::Pinned(client) => match raw_seq_batch(client, entries).await {
+                Ok(reply) => check_batch(entries, &reply).map_err(Failure::Malformed),
+                Err(status) => Err(seq_failure(&status)),
+            },
+            Route::Library(client) => match client.get_seq_batch(entries).await {
+                Ok(batch) => Ok(batch.into_blocks().iter().map(library_block).collect()),
+                Err(err) => Err(library_failure(&err)),
+            },
+        }
+    }
+}
+
+fn library_block(block: &tso_client::SeqBlock) -> WireBlock {
+    WireBlock {
+        start: block.start(),
+        count: block.count(),
+        epoch: block.epoch().get(),
     }
 }
 
@@ -292,16 +332,63 @@ fn check_block(key: &str, count: u32, reply: &GetSeqResponse) -> Result<WireBloc
             reply.count, reply.key
         ));
     }
-    if reply.epoch.is_none() {
+    let Some(epoch) = reply.epoch else {
         return Err("the reply has no epoch".into());
-    }
+    };
     if reply.start.checked_add(u64::from(count)).is_none() {
         return Err(format!("block {}+{count} passes u64::MAX", reply.start));
     }
     Ok(WireBlock {
         start: reply.start,
         count,
+        epoch: tso_core::Epoch::from_parts(epoch.hi, epoch.lo).get(),
     })
+}
+
+/// One raw `GetSeqBatch`, its reply taken as it came.
+async fn raw_seq_batch(
+    client: &mut TsoServiceClient<Channel>,
+    entries: &[(&str, u32)],
+) -> Result<GetSeqBatchResponse, Status> {
+    let request = GetSeqBatchRequest {
+        entries: entries
+            .iter()
+            .map(|&(key, count)| SeqRequestEntry {
+                key: key.into(),
+                count,
+            })
+            .collect(),
+    };
+    Ok(client.get_seq_batch(request).await?.into_inner())
+}
+
+/// A raw `GetSeqBatch` reply checked as the client library checks it: one grant per entry, in
+/// request order, each of the key and count asked for and no value past `u64::MAX`, and one
+/// epoch for all.
+fn check_batch(
+    entries: &[(&str, u32)],
+    reply: &GetSeqBatchResponse,
+) -> Result<Vec<WireBlock>, String> {
+    if reply.grants.len() != entries.len() {
+        return Err(format!(
+            "asked for {} keys, got {} grants",
+            entries.len(),
+            reply.grants.len()
+        ));
+    }
+    entries
+        .iter()
+        .zip(&reply.grants)
+        .map(|(&(key, count), grant)| {
+            let one = GetSeqResponse {
+                key: grant.key.clone(),
+                start: grant.start,
+                count: grant.count,
+                epoch: reply.epoch,
+            };
+            check_block(key, count, &one)
+        })
+        .collect()
 }
 
 /// A failed raw `GetSeq`: uncertain unless nothing was sent or the server refused.
@@ -477,6 +564,11 @@ mod tests {
             seq_failure(&Status::failed_precondition("not leader")),
             Failure::Error("FailedPrecondition".into())
         );
+        // A cap or a full queue refuses before anything is written.
+        assert_eq!(
+            seq_failure(&Status::resource_exhausted("refused")),
+            Failure::Error("ResourceExhausted".into())
+        );
         let uncertain = tso_client::Error::SeqUncertain {
             endpoint: "http://a:1".into(),
             asked: vec![("k".into(), 1)],
@@ -486,6 +578,45 @@ mod tests {
             library_failure(&uncertain),
             Failure::Uncertain("SeqUncertain".into())
         );
+    }
+
+    #[test]
+    fn raw_batch_replies_are_checked_grant_by_grant() {
+        let grant = |key: &str, start, count| tso_proto::v1::SeqGrantEntry {
+            key: key.into(),
+            start,
+            count,
+        };
+        let reply = |grants| GetSeqBatchResponse {
+            grants,
+            epoch: Some(tso_proto::v1::EpochWire { hi: 2, lo: 3 }),
+        };
+        let asked = [("a", 2), ("b", 1)];
+        let blocks = check_batch(&asked, &reply(vec![grant("a", 5, 2), grant("b", 0, 1)])).unwrap();
+        let epoch = tso_core::Epoch::from_parts(2, 3).get();
+        assert_eq!(
+            blocks,
+            vec![
+                WireBlock {
+                    start: 5,
+                    count: 2,
+                    epoch
+                },
+                WireBlock {
+                    start: 0,
+                    count: 1,
+                    epoch
+                }
+            ]
+        );
+        assert!(check_batch(&asked, &reply(vec![grant("a", 5, 2)])).is_err());
+        assert!(check_batch(&asked, &reply(vec![grant("b", 0, 1), grant("a", 5, 2)])).is_err());
+        assert!(check_batch(&asked, &reply(vec![grant("a", 5, 3), grant("b", 0, 1)])).is_err());
+        let no_epoch = GetSeqBatchResponse {
+            epoch: None,
+            ..reply(vec![grant("a", 5, 2), grant("b", 0, 1)])
+        };
+        assert!(check_batch(&asked, &no_epoch).is_err());
     }
 
     #[test]

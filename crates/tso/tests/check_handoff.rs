@@ -4,8 +4,9 @@
 //! clients following the leader call it, come out clean (exit 0), for timestamps and for dense
 //! sequences (a call in flight on the leaving leader may fail with any status; a sequence call
 //! that may have been granted is uncertain, and every gap must be explained by such calls);
-//! handoffs need a raft cluster (exit 2 on one node). The cluster tests need root and `unshare`
-//! (each node runs in its own mount namespace), as CI has.
+//! handoffs need a raft cluster (exit 2 on one node). The positive control, servers whose
+//! leader hands off without giving up its lease, is reported as a violation (exit 1). The
+//! cluster tests need root and `unshare` (each node runs in its own mount namespace), as CI has.
 //!
 //! What is asserted does not depend on timing: the runs are clean whatever the handoffs'
 //! outcome, and the counts asserted (handoffs applied, none killed for hanging) hold for any
@@ -96,6 +97,106 @@ fn sequences_across_handoffs_have_no_overlap_and_no_unexplained_gap() {
         "{:#}",
         result["faults"]
     );
+}
+
+/// Servers whose leader keeps its lease through a handoff: it goes on granting for the rest of
+/// it (100–250 ms) while its successor, voted in by it, already serves above it. The clients
+/// pinned to both put their grants in one history: real-time order breaks in nearly every
+/// handoff.
+#[test]
+fn the_handoff_keep_lease_control_is_reported_as_a_violation() {
+    let dir = tempfile::tempdir().unwrap();
+    let (output, result) = tso_check(
+        dir.path(),
+        &[
+            "--nodes",
+            "3",
+            "--unsafe-handoff-keep-lease",
+            "--faults",
+            "handoff",
+            "--seed",
+            "7",
+            "--clients",
+            "6",
+            "--duration",
+            "10s",
+            "--fault-interval",
+            "1s",
+        ],
+    );
+    assert_eq!(output.status.code(), Some(1), "{}", explain(&output));
+    assert_eq!(result["verdict"], "violation", "{result:#}");
+    assert!(
+        faults(&result, "handoff", "handed_off") >= 1,
+        "{:#}",
+        result["faults"]
+    );
+    assert!(
+        result["violations"]["real_time"].as_u64().unwrap() > 0,
+        "{result:#}"
+    );
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("real-time order broken"), "{stdout}");
+}
+
+/// The control shows only with handoffs, in a timestamp history with a client pinned to each
+/// node of a raft cluster the checker starts.
+#[test]
+fn the_handoff_keep_lease_control_refuses_what_cannot_show_it() {
+    let dir = tempfile::tempdir().unwrap();
+    for (args, says) in [
+        (
+            &["--unsafe-handoff-keep-lease", "--faults", "handoff"][..],
+            "--nodes 3 or 5",
+        ),
+        (
+            &[
+                "--nodes",
+                "3",
+                "--unsafe-handoff-keep-lease",
+                "--faults",
+                "kill",
+            ],
+            "add handoff to --faults",
+        ),
+        (
+            &[
+                "--nodes",
+                "3",
+                "--unsafe-handoff-keep-lease",
+                "--faults",
+                "handoff",
+                "--workload",
+                "seq",
+            ],
+            "--workload ts",
+        ),
+        (
+            &[
+                "--nodes",
+                "3",
+                "--unsafe-handoff-keep-lease",
+                "--faults",
+                "handoff",
+                "--clients",
+                "3",
+            ],
+            "--clients 4 or more",
+        ),
+    ] {
+        let (output, _) = tso_check(dir.path(), args);
+        assert_eq!(
+            output.status.code(),
+            Some(2),
+            "{args:?}: {}",
+            explain(&output)
+        );
+        assert!(
+            String::from_utf8_lossy(&output.stderr).contains(says),
+            "{args:?}: {}",
+            explain(&output)
+        );
+    }
 }
 
 #[test]

@@ -1,14 +1,17 @@
 //! `tso check --workload seq` as a user runs it, on real processes: 3 raft nodes whose leader
-//! is killed and cut off while clients take blocks of three dense sequences come out clean
-//! (exit 0: no overlap, every gap explained by uncertain calls), and so does one node through
-//! the client library; the control, whose servers restart every sequence from 0 in each new
-//! term, is caught as a D1 overlap (exit 1); the recorded history verifies on its own; bad
-//! usage exits 2. The cluster tests need root and `unshare` (each node runs in its own mount
-//! namespace), as CI has.
+//! is killed and cut off while clients take blocks of three dense sequences, by `GetSeq` and
+//! `GetSeqBatch`, come out clean (exit 0: no overlap, every gap explained by uncertain calls,
+//! epochs in order), and so does one node through the client library; the controls are
+//! caught: servers that restart every sequence from 0 in each new term as a D1 overlap, servers
+//! that refuse a call after spending its block as a D2 gap (exit 1); the recorded history
+//! verifies on its own; bad usage exits 2. The cluster tests need root and `unshare` (each node
+//! runs in its own mount namespace), as CI has.
 //!
-//! Nothing here depends on timing: the liveness bound is far above any restart, and the
+//! Nothing here depends on timing: the liveness bound is far above any restart; the forget
 //! control's overlap follows from its schedule (it opens with two kills of the leader, each
-//! after a block was granted, and the run goes on until a block is granted after the last).
+//! after a block was granted, and the run goes on until a block is granted after the last);
+//! the burn control's run has no faults and ends at a fixed number of calls, of which the
+//! server burns every 50th granted one.
 
 mod common;
 
@@ -72,12 +75,26 @@ fn a_raft_cluster_under_kills_and_partitions_hands_out_dense_blocks() {
         "{result:#}"
     );
     assert_eq!(result["history"]["keys"].as_array().unwrap().len(), 3);
+    assert!(
+        result["history"]["get_seq_batch_calls"].as_u64().unwrap() > 0,
+        "{result:#}"
+    );
     let failovers = failovers(&result);
     assert!(!failovers.is_empty(), "{result:#}");
     assert_eq!(
         result["violations"],
-        serde_json::json!({"overlap": 0, "gap": 0, "shape": 0, "examples": []})
+        serde_json::json!({"overlap": 0, "gap": 0, "epoch": 0, "shape": 0, "examples": []})
     );
+
+    // The file has granted batch entries, and every block names its epoch.
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&history)
+        .unwrap()
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    let blocks = || lines.iter().filter(|line| line.get("start").is_some());
+    assert!(blocks().all(|line| line["epoch"].is_string()));
+    assert!(blocks().any(|line| line.get("batch").is_some()));
 
     // The history verifies on its own; two copies merged overlap everywhere.
     let verify = |files: &[&Path]| {
@@ -163,6 +180,54 @@ fn the_seq_forget_control_is_reported_as_an_overlap() {
     assert!(!failovers(&result).is_empty(), "{result:#}");
 }
 
+/// Servers that answer every 50th granted call `RESOURCE_EXHAUSTED` after spending its block: a
+/// definite refusal that spent values, so each such block is a gap no uncertain call explains.
+/// One node and no faults (the first would come after 5 minutes), so nothing is uncertain; the
+/// clients stop at 1000 calls, whatever the machine's speed.
+#[test]
+fn the_seq_burn_control_is_reported_as_a_gap() {
+    let dir = tempfile::tempdir().unwrap();
+    let (output, result) = tso_check(
+        dir.path(),
+        &[
+            "--unsafe-seq-burn-refused",
+            "--faults",
+            "kill",
+            "--fault-interval",
+            "10m",
+            "--duration",
+            "5m",
+            "--calls-max",
+            "1000",
+            "--seed",
+            "7",
+            "--clients",
+            "4",
+        ],
+    );
+    assert_eq!(output.status.code(), Some(1), "{}", explain(&output));
+    assert_eq!(result["verdict"], "violation", "{result:#}");
+    assert_eq!(result["seq_burn_refused_control"], true, "{result:#}");
+    assert!(
+        result["history"]["refused"]["ResourceExhausted"]
+            .as_u64()
+            .unwrap()
+            > 0,
+        "{result:#}"
+    );
+    assert_eq!(result["history"]["uncertain"], 0, "{result:#}");
+    assert!(
+        result["violations"]["gap"].as_u64().unwrap() > 0,
+        "{result:#}"
+    );
+    assert_eq!(result["violations"]["overlap"], 0, "{result:#}");
+    assert!(
+        String::from_utf8_lossy(&output.stdout).contains("D2 gap on \"check-seq-"),
+        "{}",
+        explain(&output)
+    );
+}
+
 #[test]
 fn usage_errors_exit_with_2() {
     let dir = tempfile::tempdir().unwrap();
@@ -187,6 +252,21 @@ fn usage_errors_exit_with_2() {
             "127.0.0.1:1",
         ],
         &["--workload", "sequences"],
+        &["--unsafe-seq-burn-refused"],
+        &["--workload", "lease", "--unsafe-seq-burn-refused"],
+        &[
+            "--workload",
+            "seq",
+            "--unsafe-seq-burn-refused",
+            "--endpoints",
+            "127.0.0.1:1",
+        ],
+        &[
+            "--workload",
+            "seq",
+            "--unsafe-seq-burn-refused",
+            "--unsafe-seq-forget",
+        ],
     ] {
         let output = check(args);
         assert_eq!(

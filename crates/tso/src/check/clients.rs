@@ -10,34 +10,42 @@
 //! them share one budget of calls; when it runs out, they stop together and the run stops with
 //! them.
 //!
-//! With `--workload seq` each call is one `GetSeq` on one of [`SEQ_KEYS`], key and count drawn
-//! from the same seeded generator; a failure is recorded as uncertain when the values may have
-//! been spent (SEMANTICS §11, D2), as refused otherwise.
+//! With `--workload seq` each call is a `GetSeq` on one of [`SEQ_KEYS`], or now and then a
+//! `GetSeqBatch` on several of them, keys and counts drawn from the same seeded generator; a
+//! batch is recorded as one entry per key, sharing the call's span and outcome. A failure is
+//! recorded as uncertain when the values may have been spent (SEMANTICS §11, D2), as refused
+//! otherwise (`RESOURCE_EXHAUSTED` among them: a cap refuses before anything is written).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use tokio::sync::Notify;
 
 use super::History;
 use super::history::{Call, Outcome, WireGrant, monotonic_ns};
-use super::seq::{SeqCall, SeqOutcome};
+use super::seq::{BlockEpoch, SeqCall, SeqOutcome};
 use crate::cli::Workload;
 use crate::targets::{Failure, Route, WireBlock};
 
-/// Calls recorded in one run at most, over all clients: about 60 bytes each, under 1 GiB (a
-/// release build against 3 local nodes makes about 13k calls/s, so 10 minutes fit).
-/// When the clients have made this many they stop, and the nemesis with them.
+/// Calls recorded in one run at most, over all clients (each entry of a `GetSeqBatch` counts as
+/// one): about 60 bytes each (80 for a sequence call), under 1.3 GiB (a release build against 3
+/// local nodes makes about 13k calls/s, so 10 minutes fit). When the clients have made this
+/// many they stop, and the nemesis with them.
 pub const CALLS_MAX: usize = 16_000_000;
 /// The sequence keys of `--workload seq`: few, so that every key sees many blocks, failures
 /// and failovers; fixed names, so repeated runs against one server do not grow its key set.
 pub const SEQ_KEYS: [&str; 3] = ["check-seq-0", "check-seq-1", "check-seq-2"];
-/// A `GetSeq` call asks for 1 to this many values: small counts keep the D2 subset sums cheap
-/// and make many distinct ways to fill a gap.
-pub const SEQ_COUNT_MAX: u32 = 4;
+/// A sequence call asks for 1 to this many values of each key. Counts this large make gaps of
+/// every size, and the D2 subset sums stay cheap: a bitset of the skipped values per uncertain
+/// call (see `seq::SubsetSums`).
+pub const SEQ_COUNT_MAX: u32 = 64;
+/// One sequence call in this many is a `GetSeqBatch` of 1 to all of [`SEQ_KEYS`], distinct and
+/// in a random order; the others are a `GetSeq`.
+pub const SEQ_BATCH_ONE_IN: u32 = 3;
 /// Pause after a failed call, so a down server (or a pinned client's follower) is not spun on.
 const FAILED_PAUSE: Duration = Duration::from_millis(5);
 
@@ -124,7 +132,13 @@ impl Shared {
 
     /// Takes one call from the budget; the first client to find it empty stops everyone.
     pub(super) fn take_call(&self) -> bool {
-        if self.calls_started.fetch_add(1, Ordering::Relaxed) < self.calls_max {
+        self.take_calls(1)
+    }
+
+    /// Takes `n` calls from the budget (the entries of one batch), all or none.
+    fn take_calls(&self, n: usize) -> bool {
+        let started = self.calls_started.fetch_add(n, Ordering::Relaxed);
+        if started.saturating_add(n) <= self.calls_max {
             return true;
         }
         if !self.capped.swap(true, Ordering::Relaxed) {
@@ -194,42 +208,68 @@ impl Client {
 
     async fn run_seq(mut self, mut rng: StdRng) -> Vec<SeqCall> {
         let mut calls = Vec::new();
-        while !self.shared.is_stopped() && self.shared.take_call() {
-            let key = rng.random_range(0..SEQ_KEYS.len());
-            let requested = rng.random_range(1..=SEQ_COUNT_MAX);
+        let mut batches = 0;
+        while !self.shared.is_stopped() {
+            let (batch, entries) = draw_seq(&mut rng);
+            if !self.shared.take_calls(entries.len()) {
+                break;
+            }
+            let named: Vec<(&str, u32)> = entries.iter().map(|&(k, n)| (SEQ_KEYS[k], n)).collect();
             let start_ns = monotonic_ns();
-            let reply = self.route.seq(SEQ_KEYS[key], requested).await;
+            let reply = if batch {
+                self.route.seq_batch(&named).await
+            } else {
+                let (key, count) = named[0];
+                self.route.seq(key, count).await.map(|block| vec![block])
+            };
             let end_ns = monotonic_ns();
-            calls.push(SeqCall {
-                client: self.id,
-                key: key as u32,
-                requested,
-                start_ns,
-                end_ns,
-                outcome: self.seq_outcome(reply, end_ns).await,
+            let outcomes = self.seq_outcomes(reply, entries.len(), end_ns).await;
+            let batch = batch.then(|| {
+                batches += 1;
+                batches - 1
             });
+            for ((key, requested), outcome) in entries.into_iter().zip(outcomes) {
+                calls.push(SeqCall {
+                    client: self.id,
+                    key: key as u32,
+                    requested,
+                    batch,
+                    start_ns,
+                    end_ns,
+                    outcome,
+                });
+            }
         }
         calls
     }
 
-    /// Records a sequence reply; pauses after a failure.
-    async fn seq_outcome(&self, reply: Result<WireBlock, Failure>, end_ns: u64) -> SeqOutcome {
+    /// Records a sequence reply, one outcome per key asked for; pauses after a failure.
+    async fn seq_outcomes(
+        &self,
+        reply: Result<Vec<WireBlock>, Failure>,
+        entries: usize,
+        end_ns: u64,
+    ) -> Vec<SeqOutcome> {
         let outcome = match reply {
-            Ok(block) => {
+            Ok(blocks) => {
                 if !self.pinned {
                     self.shared.last_ok_ns.fetch_max(end_ns, Ordering::Relaxed);
                 }
-                return SeqOutcome::Block {
-                    start: block.start,
-                    count: block.count,
+                let block = |b: WireBlock| SeqOutcome::Block {
+                    start: b.start,
+                    count: b.count,
+                    epoch: Some(BlockEpoch::from(b.epoch)),
                 };
+                return blocks.into_iter().map(block).collect();
             }
-            Err(Failure::Malformed(reason)) => return SeqOutcome::Malformed(reason),
+            Err(Failure::Malformed(reason)) => SeqOutcome::Malformed(reason),
             Err(Failure::Uncertain(code)) => SeqOutcome::Uncertain(code),
             Err(Failure::Error(code)) => SeqOutcome::Refused(code),
         };
-        tokio::time::sleep(FAILED_PAUSE).await;
-        outcome
+        if !matches!(outcome, SeqOutcome::Malformed(_)) {
+            tokio::time::sleep(FAILED_PAUSE).await;
+        }
+        vec![outcome; entries]
     }
 
     /// Records a reply; pauses after a failure.
@@ -249,6 +289,22 @@ impl Client {
             }
         }
     }
+}
+
+/// One sequence call: whether it is a `GetSeqBatch`, and its `(key index, count)` entries.
+fn draw_seq(rng: &mut StdRng) -> (bool, Vec<(usize, u32)>) {
+    if rng.random_range(0..SEQ_BATCH_ONE_IN) > 0 {
+        let key = rng.random_range(0..SEQ_KEYS.len());
+        return (false, vec![(key, rng.random_range(1..=SEQ_COUNT_MAX))]);
+    }
+    let mut keys: Vec<usize> = (0..SEQ_KEYS.len()).collect();
+    keys.shuffle(rng);
+    keys.truncate(rng.random_range(1..=SEQ_KEYS.len()));
+    let entries = keys
+        .into_iter()
+        .map(|key| (key, rng.random_range(1..=SEQ_COUNT_MAX)))
+        .collect();
+    (true, entries)
 }
 
 #[cfg(test)]
@@ -277,6 +333,45 @@ mod tests {
         assert!(!shared.take_call());
         shared.stop();
         assert_eq!(shared.stopped_ns(), Some(stopped_ns));
+    }
+
+    #[test]
+    fn a_batch_takes_its_entries_from_the_budget() {
+        let shared = Shared::new(4);
+        assert!(shared.take_calls(3));
+        assert!(!shared.take_calls(2));
+        assert!(shared.is_stopped() && shared.capped());
+    }
+
+    #[test]
+    fn sequence_calls_are_drawn_from_the_seed() {
+        let draws = |seed| {
+            let mut rng = StdRng::seed_from_u64(seed);
+            (0..300).map(|_| draw_seq(&mut rng)).collect::<Vec<_>>()
+        };
+        let drawn = draws(5);
+        assert_eq!(drawn, draws(5), "replayable");
+        for (batch, entries) in &drawn {
+            assert!(*batch || entries.len() == 1, "{entries:?}");
+            let mut keys: Vec<usize> = entries.iter().map(|&(k, _)| k).collect();
+            keys.sort_unstable();
+            keys.dedup();
+            assert_eq!(keys.len(), entries.len(), "distinct keys: {entries:?}");
+            assert!(
+                entries
+                    .iter()
+                    .all(|&(_, n)| (1..=SEQ_COUNT_MAX).contains(&n))
+            );
+        }
+        let batches = drawn.iter().filter(|(batch, _)| *batch).count();
+        assert!((50..150).contains(&batches), "{batches} batches in 300");
+        let counts = drawn.iter().flat_map(|(_, e)| e.iter().map(|&(_, n)| n));
+        assert!(counts.clone().any(|n| n > 32) && counts.clone().any(|n| n <= 4));
+        assert!(
+            drawn
+                .iter()
+                .any(|(batch, e)| *batch && e.len() == SEQ_KEYS.len())
+        );
     }
 
     #[tokio::test]

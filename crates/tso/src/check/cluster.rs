@@ -50,6 +50,8 @@ pub const LEASE_BOUND_IN_MEMORY_FLAG: &str = "--unsafe-lease-bound-in-memory";
 pub const SEQ_BURN_REFUSED_FLAG: &str = "--unsafe-seq-burn-refused";
 /// Hidden server flag of the handoff control: a leader handing off keeps its lease.
 pub const HANDOFF_KEEP_LEASE_FLAG: &str = "--unsafe-handoff-keep-lease";
+/// Hidden server flag of the pre-vote ablation: elections skip the pre-vote gate.
+pub const UNGATE_ELECTIONS_FLAG: &str = "--unsafe-ungate-elections";
 /// How long a SIGTERM'd node may take to exit before it is killed: its whole exit, handoff and
 /// drain, is bounded by the server's `--shutdown-grace` (10 s by default), and 5 s cover a
 /// loaded machine.
@@ -268,6 +270,16 @@ impl Cluster {
                     })
             }
         }
+    }
+
+    /// Whether node `at`, which `target` resolved to, leads now: `leader` or `follower`.
+    pub async fn role_of(&self, target: Target, at: usize) -> &'static str {
+        let leads = match target {
+            Target::Leader => true,
+            Target::Follower(_) => false,
+            Target::Node(_) => self.nodes.len() == 1 || self.leader().await == Some(at),
+        };
+        if leads { "leader" } else { "follower" }
     }
 
     /// The running node that serves as leader now, if one does.

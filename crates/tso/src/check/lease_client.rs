@@ -1,13 +1,15 @@
-//! The recording clients of `--workload lease`: raw `tsoracle.v1` lease RPCs over tonic.
+//! The recording clients of `--workload lease` on raw `tsoracle.v1` lease RPCs over tonic.
 //!
 //! Each client has one role, fixed by its id: a holder (its own holder name, holder epochs
-//! counted from 1) loops acquire, renew a few times, and now and then releases or supersedes
-//! its lease with a higher holder epoch; a reader polls `GetSafeFrontier`; a stamper calls
-//! `GetTs` so bounds can be checked against earlier grants. Pinned clients (one per node of a
-//! cluster) are readers: a deposed leader's frontier is then read too. The others follow "not
-//! leader" hints and rotate through the endpoints when a node is unreachable. A failure is
-//! recorded as a definite refusal when the protocol says nothing changed, as ambiguous
-//! otherwise.
+//! counted from 1, a TTL drawn for each holder epoch) loops acquire, renew a few times, and now
+//! and then releases or supersedes its lease with a higher holder epoch; a reader polls
+//! `GetSafeFrontier`; a stamper calls `GetTs` so bounds can be checked against grants before
+//! them and grants of later leaders against bounds. Pinned clients (one per node of a cluster)
+//! are readers: a deposed leader's frontier is then read too. The others follow "not leader"
+//! hints and rotate through the endpoints when a node is unreachable. A failure is recorded as
+//! a definite refusal when the protocol says nothing changed, as ambiguous otherwise. With
+//! `--mode library` holders and readers go through the client library instead
+//! (`lease_keeper.rs`); stampers stay raw, since a grant's epoch is part of the record.
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -27,10 +29,20 @@ use super::history::monotonic_ns;
 use super::lease::{LeaseCall, LeaseOp, LeaseOutcome};
 use crate::targets::{Targets, code_name, leader_hint};
 
-/// The TTLs holders ask for, by holder: the server's floor (5 s), whose bound sits below the
-/// leader's window (3 s ahead) once a lease is 2 s old, so the frontier is often held back by a
-/// lease; and 10 s.
-pub const LEASE_TTLS_MS: [u64; 2] = [5_000, 10_000];
+/// The TTLs holders draw from, one for each holder epoch: from the servers' floor in a check
+/// (2 s, whose bound is below the leader's window, 3 s ahead, so the frontier is often held
+/// back by a lease, and which expires within a short run) to 10 s.
+pub const LEASE_TTLS_MS: [u64; 4] = [2_000, 3_000, 5_000, 10_000];
+/// The shortest TTL the servers of a lease check accept (`tso serve --lease-ttl-min`), below
+/// the default 5 s: the shortest of [`LEASE_TTLS_MS`]. A keeper renews a third of the TTL
+/// before its end and stalls its default margin (500 ms) before it, so 2 s still leaves it a
+/// renewal window.
+pub const SERVE_LEASE_TTL_MIN_FLAGS: [&str; 2] = ["--lease-ttl-min", "2s"];
+
+const _: () = assert!(
+    LEASE_TTLS_MS[0] == 2_000,
+    "SERVE_LEASE_TTL_MIN_FLAGS says 2s"
+);
 /// A holder waits up to this share of its TTL (in thousandths) between calls on a live lease:
 /// long enough that a failover often falls in a wait, short enough to renew before expiry.
 const HOLD_WAIT_PER_MILLE: u64 = 600;
@@ -43,25 +55,27 @@ const FAILED_PAUSE: Duration = Duration::from_millis(20);
 /// What a client does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
-    Holder { ttl_ms: u64 },
+    Holder,
     Reader,
     Stamper,
 }
 
 /// The role of client `id` when clients `0..pinned` are pinned: pinned clients read; the others
-/// cycle holder, stamper, holder, reader (the first three cover every rule), holders taking
-/// each TTL in turn.
+/// cycle holder, stamper, holder, reader (the first three cover every rule).
 pub fn role(id: u32, pinned: usize) -> Role {
     let Some(k) = (id as usize).checked_sub(pinned) else {
         return Role::Reader;
     };
     match k % 4 {
-        0 | 2 => Role::Holder {
-            ttl_ms: LEASE_TTLS_MS[k / 2 % LEASE_TTLS_MS.len()],
-        },
+        0 | 2 => Role::Holder,
         1 => Role::Stamper,
         _ => Role::Reader,
     }
+}
+
+/// A TTL for a new holder epoch.
+pub fn draw_ttl_ms(rng: &mut StdRng) -> u64 {
+    LEASE_TTLS_MS[rng.random_range(0..LEASE_TTLS_MS.len())]
 }
 
 /// Where a client sends its calls: a node of its own, or whoever leads.
@@ -129,7 +143,7 @@ impl LeaseRoute {
         }
     }
 
-    async fn call(&mut self, op: LeaseOp, holder: &[u8]) -> Result<LeaseOutcome, Status> {
+    pub async fn call(&mut self, op: LeaseOp, holder: &[u8]) -> Result<LeaseOutcome, Status> {
         let epoch =
             |e: Option<EpochWire>| e.map_or(0, |e| u128::from(e.hi) << 64 | u128::from(e.lo));
         let both = |hi: u64, lo: u64| u128::from(hi) << 64 | u128::from(lo);
@@ -183,11 +197,13 @@ impl LeaseRoute {
                     epoch: both(reply.epoch_hi, reply.epoch_lo),
                 }
             }
+            LeaseOp::Permit { .. } => unreachable!("a permit is the keeper's, not an RPC"),
             LeaseOp::Ts => {
                 let reply = self.client.get_ts(GetTsRequest { count: 1 }).await;
                 let reply = self.settle(reply).await?;
                 LeaseOutcome::Granted {
                     physical_ms: reply.physical_ms,
+                    epoch: both(reply.epoch_hi, reply.epoch_lo),
                 }
             }
         })
@@ -208,11 +224,17 @@ fn is_refusal(code: Code) -> bool {
 
 /// A failed call as recorded: refused when nothing was sent or the server refused; ambiguous
 /// otherwise (a timeout, a lost connection, `UNAVAILABLE` after a write that may have landed).
-fn failed(status: &Status) -> LeaseOutcome {
+/// "Not leader" to an acquire or renew is ambiguous too: a leader that loses its term while
+/// writing the lease set answers it, and the write may still commit in the next term
+/// (SEMANTICS §8: a write that committed in another term is reported `Fenced`).
+fn failed(op: LeaseOp, status: &Status) -> LeaseOutcome {
     let code = code_name(status.code());
     let unknown_lease =
         status.code() == Code::NotFound && std::error::Error::source(status).is_none();
-    let refused = unknown_lease || !tso_client::seq_status_is_uncertain(status);
+    let writes = matches!(op, LeaseOp::Acquire { .. } | LeaseOp::Renew { .. });
+    let not_leader = status.code() == Code::FailedPrecondition && status.message() == "not leader";
+    let refused =
+        unknown_lease || !(tso_client::seq_status_is_uncertain(status) || writes && not_leader);
     if refused {
         LeaseOutcome::Refused(code)
     } else {
@@ -244,12 +266,9 @@ impl LeaseClient {
             self.seed ^ u64::from(self.id).wrapping_mul(0x9E37_79B9_7F4A_7C15),
         );
         let mut holding = Holding {
-            name: format!("tso-check-{}-{}", self.seed, self.id).into_bytes(),
+            name: holder_name(self.seed, self.id),
             holder_epoch: 1,
-            ttl_ms: match self.role {
-                Role::Holder { ttl_ms } => ttl_ms,
-                _ => LEASE_TTLS_MS[0],
-            },
+            ttl_ms: draw_ttl_ms(&mut rng),
             lease_id: None,
         };
         let mut calls = Vec::new();
@@ -257,14 +276,14 @@ impl LeaseClient {
             let (op, pause) = match self.role {
                 Role::Reader => (LeaseOp::Frontier, POLL_PAUSE),
                 Role::Stamper => (LeaseOp::Ts, POLL_PAUSE),
-                Role::Holder { .. } => (holder_op(&mut holding, self.id, &mut rng), Duration::ZERO),
+                Role::Holder => (holder_op(&mut holding, self.id, &mut rng), Duration::ZERO),
             };
             let start_ns = monotonic_ns();
             let reply = self.route.call(op, &holding.name).await;
             let end_ns = monotonic_ns();
             let outcome = match &reply {
                 Ok(outcome) => outcome.clone(),
-                Err(status) => failed(status),
+                Err(status) => failed(op, status),
             };
             let call = LeaseCall {
                 client: self.id,
@@ -277,7 +296,7 @@ impl LeaseClient {
                 self.shared.last_ok_ns.fetch_max(end_ns, Ordering::Relaxed);
             }
             let pause = match self.role {
-                Role::Holder { .. } => hold(&mut holding, &call, reply.as_ref().err(), &mut rng),
+                Role::Holder => hold(&mut holding, &call, reply.as_ref().err(), &mut rng),
                 _ if reply.is_err() => FAILED_PAUSE,
                 _ => pause,
             };
@@ -288,8 +307,24 @@ impl LeaseClient {
     }
 }
 
-fn call_succeeded(call: &LeaseCall) -> bool {
+pub fn call_succeeded(call: &LeaseCall) -> bool {
     super::history::Answered::succeeded(call)
+}
+
+/// The holder name of client `id`: distinct across runs with different seeds against one
+/// server.
+pub fn holder_name(seed: u64, id: u32) -> Vec<u8> {
+    format!("tso-check-{seed}-{id}").into_bytes()
+}
+
+impl Holding {
+    /// Moves to a new holder epoch, without a lease, with a newly drawn TTL (a live lease's
+    /// holder epoch keeps its TTL: the server refuses another).
+    fn next_epoch(&mut self, rng: &mut StdRng) {
+        self.holder_epoch += 1;
+        self.lease_id = None;
+        self.ttl_ms = draw_ttl_ms(rng);
+    }
 }
 
 /// A holder's next call: acquire without a lease; with one, mostly renew, sometimes release
@@ -307,8 +342,7 @@ fn holder_op(holding: &mut Holding, holder: u32, rng: &mut StdRng) -> LeaseOp {
     match rng.random_range(0..10) {
         0 => LeaseOp::Release { lease_id },
         1 => {
-            holding.holder_epoch += 1;
-            holding.lease_id = None;
+            holding.next_epoch(rng);
             acquire(holding)
         }
         _ => LeaseOp::Renew {
@@ -334,8 +368,7 @@ fn hold(
         }
         (LeaseOp::Release { .. }, _) => {
             // Released, or perhaps not: either way a new lease at a new holder epoch.
-            holding.lease_id = None;
-            holding.holder_epoch += 1;
+            holding.next_epoch(rng);
             wait
         }
         _ => {
@@ -347,8 +380,7 @@ fn hold(
                 matches!(s.code(), Code::NotFound | Code::FailedPrecondition) && !not_leader
             });
             if lost {
-                holding.lease_id = None;
-                holding.holder_epoch += 1;
+                holding.next_epoch(rng);
             }
             FAILED_PAUSE
         }
@@ -363,31 +395,51 @@ mod tests {
     fn roles_cover_every_rule() {
         let roles: Vec<Role> = (0..8).map(|id| role(id, 3)).collect();
         use Role::*;
-        let (short, long) = (Holder { ttl_ms: 5_000 }, Holder { ttl_ms: 10_000 });
         assert_eq!(
             roles,
-            vec![Reader, Reader, Reader, short, Stamper, long, Reader, short]
+            vec![
+                Reader, Reader, Reader, Holder, Stamper, Holder, Reader, Holder
+            ]
         );
-        assert_eq!(role(0, 0), short);
+        assert_eq!(role(0, 0), Holder);
         assert_eq!(role(1, 0), Stamper);
+        let mut rng = StdRng::seed_from_u64(1);
+        let ttls: std::collections::BTreeSet<u64> =
+            (0..100).map(|_| draw_ttl_ms(&mut rng)).collect();
+        assert_eq!(ttls.into_iter().collect::<Vec<_>>(), LEASE_TTLS_MS);
     }
 
     #[test]
     fn refusals_and_ambiguous_failures() {
+        let renew = LeaseOp::Renew {
+            lease_id: 3,
+            ttl_ms: 2_000,
+        };
         assert_eq!(
-            failed(&Status::not_found("lease 3 is unknown")),
+            failed(renew, &Status::not_found("lease 3 is unknown")),
             LeaseOutcome::Refused("NotFound".into())
         );
         assert_eq!(
-            failed(&Status::failed_precondition("not leader")),
+            failed(renew, &Status::failed_precondition("lease 3 has expired")),
             LeaseOutcome::Refused("FailedPrecondition".into())
         );
         assert_eq!(
-            failed(&Status::unavailable("write failed")),
+            failed(
+                LeaseOp::Frontier,
+                &Status::failed_precondition("not leader")
+            ),
+            LeaseOutcome::Refused("FailedPrecondition".into())
+        );
+        assert_eq!(
+            failed(renew, &Status::failed_precondition("not leader")),
+            LeaseOutcome::Ambiguous("FailedPrecondition".into())
+        );
+        assert_eq!(
+            failed(renew, &Status::unavailable("write failed")),
             LeaseOutcome::Ambiguous("Unavailable".into())
         );
         assert_eq!(
-            failed(&Status::deadline_exceeded("timeout")),
+            failed(LeaseOp::Ts, &Status::deadline_exceeded("timeout")),
             LeaseOutcome::Ambiguous("DeadlineExceeded".into())
         );
     }

@@ -4,18 +4,20 @@
 //! that record every call, applies a seeded nemesis schedule, and then checks the whole history
 //! (duplicates, per-client regression, real-time order, grant shape) and liveness (a successful
 //! reply within a bound after each fault heals). With `--workload seq` the clients take blocks
-//! of dense sequences instead, checked for overlaps (D1), unexplained gaps (D2) and shape
-//! (`seq.rs`). With `--workload lease` they hold stamping leases, read the safe frontier and
-//! take timestamps, checked for the frontier's four rules (`lease.rs`). Exit codes: 0 clean,
+//! of dense sequences instead (`GetSeq` and `GetSeqBatch`), checked for overlaps (D1),
+//! unexplained gaps (D2), the order of epochs and shape (`seq.rs`). With `--workload lease` they hold stamping leases, read the safe frontier and
+//! take timestamps, checked for the frontier's rules (`lease.rs`). Exit codes: 0 clean,
 //! 1 violation, 2 usage or setup error. The seed is printed first, and the schedule and history
 //! summary go to a file.
 
 pub mod admin_client;
 pub mod clients;
 pub mod cluster;
+pub mod gaps;
 pub mod history;
 pub mod lease;
 pub mod lease_client;
+pub mod lease_keeper;
 pub mod member;
 pub mod proxy;
 pub mod schedule;
@@ -31,7 +33,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
-use self::clients::{CALLS_MAX, Client, Mix, SEQ_COUNT_MAX, SEQ_KEYS, Shared};
+use self::clients::{CALLS_MAX, Client, Mix, SEQ_BATCH_ONE_IN, SEQ_COUNT_MAX, SEQ_KEYS, Shared};
 use self::cluster::Cluster;
 use self::history::{Call, LivenessScope, Outcome, WireGrant, check, check_liveness, monotonic_ns};
 use self::lease::{LeaseCall, LeaseOp, LeaseOutcome};
@@ -98,6 +100,10 @@ struct Event {
     /// A node it sent SIGTERM did not exit in time and was killed.
     hung: bool,
     start_ms: u64,
+    /// `CLOCK_MONOTONIC` ns when the fault was started, like the calls' times.
+    start_ns: u64,
+    /// Whether the node it hit led at the time (`leader`, `follower`), when known.
+    role: Option<&'static str>,
     heal_ms: Option<u64>,
     heal_ns: Option<u64>,
     error: Option<String>,
@@ -272,14 +278,20 @@ fn describe_clients(args: &CheckArgs, mix: Mix) -> String {
     match args.workload {
         Workload::Ts => clients,
         Workload::Seq => format!(
-            "{clients} taking blocks of 1 to {SEQ_COUNT_MAX} values of {}",
-            SEQ_KEYS.join(",")
+            "{clients} taking blocks of 1 to {SEQ_COUNT_MAX} values of {} (one call in \
+             {SEQ_BATCH_ONE_IN} a GetSeqBatch of 1 to {} of them)",
+            SEQ_KEYS.join(","),
+            SEQ_KEYS.len()
         ),
         Workload::Lease => format!(
-            "{clients} holding stamping leases (TTL {} ms), reading the frontier and taking timestamps",
+            "{clients} holding stamping leases{} (TTL {} ms), reading the frontier and taking timestamps",
+            match args.mode {
+                BenchMode::Raw => "",
+                BenchMode::Library => " through LeaseKeeper (stampers raw)",
+            },
             lease_client::LEASE_TTLS_MS
                 .map(|t| t.to_string())
-                .join(" or ")
+                .join(", ")
         ),
     }
 }
@@ -334,6 +346,12 @@ async fn start_cluster(args: &CheckArgs, work: &WorkDir) -> anyhow::Result<Clust
     if args.unsafe_handoff_keep_lease {
         unsafe_flags.push(cluster::HANDOFF_KEEP_LEASE_FLAG);
     }
+    if args.unsafe_ungate_elections {
+        unsafe_flags.push(cluster::UNGATE_ELECTIONS_FLAG);
+    }
+    if args.workload == Workload::Lease {
+        unsafe_flags.extend(lease_client::SERVE_LEASE_TTL_MIN_FLAGS);
+    }
     Cluster::start(&bin, work.path(), args.nodes, &unsafe_flags).await
 }
 
@@ -367,7 +385,7 @@ async fn start_clients(
     };
     let shared = Arc::new(Shared::new(args.calls_max));
     if args.workload == Workload::Lease {
-        let tasks = start_lease_clients(args, seed, targets, mix, &shared)?;
+        let tasks = start_lease_clients(args, seed, targets, library.as_ref(), mix, &shared)?;
         return Ok((shared, tasks));
     }
     let mut tasks = Vec::with_capacity(args.clients);
@@ -392,29 +410,55 @@ async fn start_clients(
     Ok((shared, tasks))
 }
 
-/// Starts the lease workload's clients: raw RPCs, pinned readers first (see `lease_client.rs`).
+/// Starts the lease workload's clients, pinned readers first: raw RPCs (see
+/// `lease_client.rs`), or with `library` its holders through `LeaseKeeper` and its readers
+/// through the library too (`lease_keeper.rs`).
 fn start_lease_clients(
     args: &CheckArgs,
     seed: u64,
     targets: Arc<Targets>,
+    library: Option<&tso_client::Client>,
     mix: Mix,
     shared: &Arc<Shared>,
 ) -> anyhow::Result<Vec<ClientTask>> {
     let mut tasks = Vec::with_capacity(args.clients);
     for id in 0..args.clients as u32 {
         let pinned = mix.node_of(id);
-        let node = pinned.unwrap_or(id as usize);
-        let route = LeaseRoute::new(Arc::clone(&targets), node, id as usize, pinned.is_some())?;
-        let client = LeaseClient {
-            id,
-            seed,
-            role: lease_client::role(id, mix.pinned),
-            route,
-            shared: Arc::clone(shared),
+        let role = lease_client::role(id, mix.pinned);
+        let shared = Arc::clone(shared);
+        let task = match (role, library, pinned) {
+            (lease_client::Role::Holder, Some(client), None) => {
+                let holder = lease_keeper::KeeperHolder {
+                    id,
+                    seed,
+                    client: client.clone(),
+                    shared,
+                };
+                tokio::spawn(async move { Ok(History::Lease(holder.run().await)) })
+            }
+            (lease_client::Role::Reader, Some(client), None) => {
+                let reader = lease_keeper::LibraryReader {
+                    id,
+                    client: client.clone(),
+                    shared,
+                };
+                tokio::spawn(async move { Ok(History::Lease(reader.run().await)) })
+            }
+            _ => {
+                let node = pinned.unwrap_or(id as usize);
+                let route =
+                    LeaseRoute::new(Arc::clone(&targets), node, id as usize, pinned.is_some())?;
+                let client = LeaseClient {
+                    id,
+                    seed,
+                    role,
+                    route,
+                    shared,
+                };
+                tokio::spawn(async move { Ok(History::Lease(client.run().await)) })
+            }
         };
-        tasks.push(tokio::spawn(async move {
-            Ok(History::Lease(client.run().await))
-        }));
+        tasks.push(task);
     }
     Ok(tasks)
 }
@@ -443,15 +487,25 @@ fn validate(args: &CheckArgs) -> anyhow::Result<()> {
         || args.unsafe_seq_forget
         || args.unsafe_lease_forget
         || args.unsafe_allow_leader_removal
-        || args.unsafe_trust_wiped;
+        || args.unsafe_trust_wiped
+        || args.unsafe_lease_wall_expiry
+        || args.unsafe_lease_bound_in_memory
+        || args.unsafe_seq_burn_refused
+        || args.unsafe_handoff_keep_lease
+        || args.unsafe_ungate_elections;
     anyhow::ensure!(
         args.endpoints.is_empty() || !control,
         "the positive controls need a local cluster: drop --endpoints"
     );
     anyhow::ensure!(
+        args.nodes > 1 || !args.unsafe_ungate_elections,
+        "--unsafe-ungate-elections changes raft elections: give --nodes 3"
+    );
+    anyhow::ensure!(
         args.workload == Workload::Seq || !args.unsafe_seq_forget,
         "the --unsafe-seq-forget control breaks sequences: add --workload seq"
     );
+    validate_seq(args)?;
     anyhow::ensure!(
         args.workload == Workload::Lease || !args.unsafe_lease_forget,
         "the --unsafe-lease-forget control breaks stamping leases: add --workload lease"
@@ -478,6 +532,7 @@ fn validate(args: &CheckArgs) -> anyhow::Result<()> {
         "the no-lease control needs a raft cluster: add --nodes 3 or 5"
     );
     validate_leader_removal(args)?;
+    validate_handoff_keep_lease(args)?;
     anyhow::ensure!(
         !args.unsafe_trust_wiped || args.nodes == 3,
         "the trust-wiped control cuts off one of two followers and wipes the other: add --nodes 3"
@@ -485,6 +540,23 @@ fn validate(args: &CheckArgs) -> anyhow::Result<()> {
     anyhow::ensure!(
         args.workload == Workload::Ts || !args.unsafe_trust_wiped,
         "the --unsafe-trust-wiped control breaks timestamps: use it with --workload ts"
+    );
+    Ok(())
+}
+
+/// What the sequence controls refuse beyond `--unsafe-seq-forget`'s own check: the burnt
+/// refusals show only in a sequence history, from servers the checker starts.
+fn validate_seq(args: &CheckArgs) -> anyhow::Result<()> {
+    if !args.unsafe_seq_burn_refused {
+        return Ok(());
+    }
+    anyhow::ensure!(
+        args.workload == Workload::Seq,
+        "the --unsafe-seq-burn-refused control breaks sequences: add --workload seq"
+    );
+    anyhow::ensure!(
+        args.endpoints.is_empty(),
+        "the positive controls need a local cluster: drop --endpoints"
     );
     Ok(())
 }
@@ -513,23 +585,73 @@ fn validate_leader_removal(args: &CheckArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// What `--workload lease` refuses.
-fn validate_lease(args: &CheckArgs) -> anyhow::Result<()> {
-    if args.workload != Workload::Lease {
+/// What the handoff control refuses: its two granting nodes show only with handoffs, on a raft
+/// cluster the checker starts, in a history of timestamps with a client pinned to each node.
+fn validate_handoff_keep_lease(args: &CheckArgs) -> anyhow::Result<()> {
+    if !args.unsafe_handoff_keep_lease {
         return Ok(());
     }
-    // Expiry is by the leader's clock and the checker judges it by its own: a node whose clock
-    // is shifted legitimately expires leases early or late, which would read as a violation.
     anyhow::ensure!(
-        !args.faults.contains(&schedule::FaultKind::Clock),
-        "--workload lease cannot take clock faults (lease expiry is by the leader's clock, and \
-         a shifted clock expires leases early or late): drop clock from --faults, e.g. \
-         --faults kill,partition"
+        args.endpoints.is_empty(),
+        "the positive controls need a local cluster: drop --endpoints"
     );
     anyhow::ensure!(
-        args.mode == BenchMode::Raw,
-        "--workload lease calls the lease RPCs raw: drop --mode library"
+        args.nodes > 1,
+        "the handoff control needs a raft cluster: add --nodes 3 or 5"
     );
+    anyhow::ensure!(
+        args.faults.contains(&schedule::FaultKind::Handoff),
+        "the --unsafe-handoff-keep-lease control breaks handoffs: add handoff to --faults"
+    );
+    anyhow::ensure!(
+        args.workload == Workload::Ts,
+        "the --unsafe-handoff-keep-lease control breaks timestamps: use it with --workload ts"
+    );
+    anyhow::ensure!(
+        args.clients > args.nodes,
+        "the --unsafe-handoff-keep-lease control pins one client to each node: give --clients \
+         {} or more",
+        args.nodes + 1
+    );
+    Ok(())
+}
+
+/// What the stamping-lease controls need. `--workload lease` itself takes every fault (lease
+/// liveness is on monotonic time, which clock faults leave alone) and both modes.
+fn validate_lease(args: &CheckArgs) -> anyhow::Result<()> {
+    use schedule::FaultKind;
+    let controls = [
+        // A server that judges expiry by its wall clock is wrong only when that clock steps:
+        // forward, it drops a live lease (rule 1); back, an expired one binds again (rule 2).
+        (
+            args.unsafe_lease_wall_expiry,
+            "--unsafe-lease-wall-expiry",
+            FaultKind::Clock,
+        ),
+        // A bound kept in memory only is lost when its leader dies: the next leader grants
+        // below it (rule 5).
+        (
+            args.unsafe_lease_bound_in_memory,
+            "--unsafe-lease-bound-in-memory",
+            FaultKind::Kill,
+        ),
+    ];
+    for (_, flag, fault) in controls.into_iter().filter(|(on, _, _)| *on) {
+        anyhow::ensure!(
+            args.workload == Workload::Lease,
+            "the {flag} control breaks stamping leases: add --workload lease"
+        );
+        anyhow::ensure!(
+            args.faults.contains(&fault),
+            "the {flag} control is caught through {} faults: add {} to --faults",
+            fault.name(),
+            fault.name()
+        );
+        anyhow::ensure!(
+            args.endpoints.is_empty(),
+            "the positive controls need a local cluster: drop --endpoints"
+        );
+    }
     Ok(())
 }
 
@@ -590,12 +712,17 @@ async fn apply_step(cluster: &mut Cluster, step: Step, origin: Instant, shared: 
         notes: Vec::new(),
         hung: false,
         start_ms: since(Instant::now()),
+        start_ns: monotonic_ns(),
+        role: None,
         heal_ms: None,
         heal_ns: None,
         error: None,
     };
     let at = cluster.resolve(step.fault.target()).await;
     event.node = at;
+    if let Some(at) = at {
+        event.role = Some(cluster.role_of(step.fault.target(), at).await);
+    }
     if let Some(at) = at {
         match cluster.apply(step.fault, at).await {
             Ok(Some(applied)) => {
@@ -708,8 +835,12 @@ impl Checked {
                 )
             }
             Checked::Lease(report) => format!(
-                "{verdict} ({}; {} frontier read(s) judged against a live lease)",
-                report.counts, report.stats.reads_bounded
+                "{verdict} ({}; judged: {} frontier read(s) against a live lease, {} grant(s) \
+                 against an earlier leader's bound, {} permit(s) against the server's expiry)",
+                report.counts,
+                report.stats.reads_bounded,
+                report.stats.grants_bounded,
+                report.stats.permits_bounded
             ),
         }
     }
@@ -735,6 +866,23 @@ impl Checked {
             _ => unreachable!("a history is checked by its own workload's checks"),
         }
     }
+}
+
+/// When the run restarted a server process (the heal of a kill, a handoff, a membership change
+/// or a wipe): a restarted raft leader may resume its term, so the lease checks do not take
+/// one epoch for one process across these.
+fn restarts_ns(events: &[Event]) -> Vec<u64> {
+    use schedule::FaultKind;
+    events
+        .iter()
+        .filter(|e| {
+            matches!(
+                e.step.fault.kind(),
+                FaultKind::Kill | FaultKind::Handoff | FaultKind::Member | FaultKind::Wipe
+            )
+        })
+        .filter_map(|e| e.heal_ns)
+        .collect()
 }
 
 /// Checks a sequence history: from 0 on a local cluster (fresh), from each key's lowest block
@@ -767,6 +915,8 @@ struct Findings {
     fault_errors: usize,
     /// Nodes that started on a data directory without its raft log.
     partial_started: usize,
+    /// For each fault, the longest stretch around it without an answer (see `gaps.rs`).
+    gaps: Vec<Option<u64>>,
 }
 
 impl Findings {
@@ -812,7 +962,7 @@ impl Findings {
                         _ => {}
                     }
                 }
-                let report = lease::check(calls);
+                let report = lease::check(calls, &restarts_ns(&recorded.events));
                 (liveness(args, recorded, calls), Checked::Lease(report))
             }
         };
@@ -833,6 +983,7 @@ impl Findings {
                 .iter()
                 .filter(|e| e.outcome == Some(wipe::STARTED_PARTIAL))
                 .count(),
+            gaps: fault_gaps(args, recorded),
         }
     }
 
@@ -860,7 +1011,11 @@ impl Findings {
                 self.granted, self.malformed, self.errors
             ),
             Checked::Seq(report) => println!(
-                "tso check: {calls} calls, {} blocks ({} values), {} malformed, refused {:?}, uncertain {:?}",
+                "tso check: {} calls ({} GetSeq, {} GetSeqBatch of {} entries), {} blocks ({} values), {} malformed, refused {:?}, uncertain {:?} (by entry)",
+                report.rpcs.total(),
+                report.rpcs.get_seq,
+                report.rpcs.get_seq_batch,
+                report.rpcs.batch_entries,
                 self.granted,
                 report.total().values,
                 self.malformed,
@@ -870,13 +1025,14 @@ impl Findings {
             Checked::Lease(report) => {
                 let s = report.stats;
                 println!(
-                    "tso check: {calls} calls, {} answered: {} lease(s) acquired, {} renewal(s), {} release(s), {} frontier read(s), {} grant(s); refused {:?}, ambiguous {:?}",
+                    "tso check: {calls} calls, {} answered: {} lease(s) acquired, {} renewal(s), {} release(s), {} frontier read(s), {} grant(s), {} permit(s); refused {:?}, ambiguous {:?}",
                     self.granted,
                     s.leases,
                     s.renewals,
                     s.releases,
                     s.frontier_reads,
                     s.grants,
+                    s.permits,
                     self.errors,
                     self.uncertain
                 )
@@ -904,6 +1060,7 @@ impl Findings {
             );
         }
         self.print_liveness(args, recorded.heals.len());
+        self.print_gaps(recorded);
         if self.granted == 0 {
             println!("tso check: VIOLATION: no call succeeded at all");
         }
@@ -920,6 +1077,37 @@ impl Findings {
                 self.partial_started
             );
         }
+    }
+
+    /// The worst and median gap in answers by kind of fault and the role of the node it hit.
+    fn print_gaps(&self, recorded: &Recorded) {
+        let mut by_kind: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+        for (event, gap) in recorded.events.iter().zip(&self.gaps) {
+            if let Some(gap) = gap {
+                let role = event.role.map(|r| format!(" of a {r}")).unwrap_or_default();
+                let key = format!("{}{role}", event.step.fault.kind().name());
+                by_kind.entry(key).or_default().push(*gap);
+            }
+        }
+        if by_kind.is_empty() {
+            return;
+        }
+        let parts: Vec<String> = by_kind
+            .into_iter()
+            .map(|(kind, mut gaps)| {
+                gaps.sort_unstable();
+                let worst = gaps[gaps.len() - 1] as f64 / 1e6;
+                let median = gaps[gaps.len() / 2] as f64 / 1e6;
+                format!(
+                    "{kind}: worst {worst:.1} ms, median {median:.1} ms ({} fault(s))",
+                    gaps.len()
+                )
+            })
+            .collect();
+        println!(
+            "tso check: longest gap in answers around each fault: {}",
+            parts.join("; ")
+        );
     }
 
     fn print_liveness(&self, args: &CheckArgs, heals: usize) {
@@ -974,6 +1162,30 @@ fn judge(args: &CheckArgs, recorded: &Recorded, work: &WorkDir) -> anyhow::Resul
     })
 }
 
+/// For each fault that applied, the longest stretch without an answer to the clients that
+/// follow the leader, from its start until the liveness bound after its heal (or the next
+/// fault's start, or the clients' stop, if sooner).
+fn fault_gaps(args: &CheckArgs, recorded: &Recorded) -> Vec<Option<u64>> {
+    let counts = |client: u32| recorded.mix.node_of(client).is_none();
+    let answers = match &recorded.history {
+        History::Ts(calls) => gaps::Answers::new(calls, |c| counts(c.client)),
+        History::Seq(calls) => gaps::Answers::new(calls, |c| counts(c.client)),
+        History::Lease(calls) => gaps::Answers::new(calls, |c| counts(c.client)),
+    };
+    let bound_ns = args.liveness_bound.as_nanos() as u64;
+    let events = &recorded.events;
+    events
+        .iter()
+        .enumerate()
+        .map(|(i, event)| {
+            let heal_ns = event.heal_ns?;
+            let next_ns = events.get(i + 1).map_or(u64::MAX, |e| e.start_ns);
+            let to_ns = (heal_ns + bound_ns).min(next_ns).min(recorded.until_ns);
+            Some(answers.longest_gap_ns(event.start_ns, to_ns))
+        })
+        .collect()
+}
+
 /// Recovery after each heal, judged on the calls of the clients that follow the leader.
 fn liveness<C: history::Answered>(
     args: &CheckArgs,
@@ -1020,15 +1232,20 @@ fn result_json(
         "positive_control": args.unsafe_positive_control,
         "no_lease_control": args.unsafe_no_lease,
         "seq_forget_control": args.unsafe_seq_forget,
+        "seq_burn_refused_control": args.unsafe_seq_burn_refused,
         "lease_forget_control": args.unsafe_lease_forget,
+        "lease_wall_expiry_control": args.unsafe_lease_wall_expiry,
+        "lease_bound_in_memory_control": args.unsafe_lease_bound_in_memory,
         "leader_removal_control": args.unsafe_allow_leader_removal,
         "trust_wiped_control": args.unsafe_trust_wiped,
+        "handoff_keep_lease_control": args.unsafe_handoff_keep_lease,
+        "ungate_elections_ablation": args.unsafe_ungate_elections,
         "partial_started": findings.partial_started,
         "work_dir": work.path(),
         "faults_planned": recorded.faults_planned,
         "faults": fault_counts(&recorded.events),
         "sigterm_killed": recorded.events.iter().filter(|e| e.hung).count(),
-        "schedule": recorded.events.iter().map(|e| serde_json::json!({
+        "schedule": recorded.events.iter().zip(&findings.gaps).map(|(e, gap)| serde_json::json!({
             "planned_ms": e.step.at_ms,
             "kind": e.step.fault.kind().name(),
             "fault": e.step.fault.describe(),
@@ -1037,8 +1254,10 @@ fn result_json(
             "outcome": e.outcome,
             "notes": e.notes,
             "start_ms": e.start_ms,
+            "role": e.role,
             "heal_ms": e.heal_ms,
             "error": e.error,
+            "gap_ms": gap.map(|ns| ns as f64 / 1e6),
         })).collect::<Vec<_>>(),
         "history": history,
         "violations": violations,
@@ -1097,7 +1316,10 @@ fn history_json(
             };
             let total = report.total();
             let history = serde_json::json!({
-                "calls": calls.len(),
+                "calls": report.rpcs.total(),
+                "get_seq_calls": report.rpcs.get_seq,
+                "get_seq_batch_calls": report.rpcs.get_seq_batch,
+                "entries": calls.len(),
                 "blocks": total.blocks,
                 "values": total.values,
                 "uncertain": total.uncertain,
@@ -1112,6 +1334,7 @@ fn history_json(
             let violations = serde_json::json!({
                 "overlap": report.counts.overlap,
                 "gap": report.counts.gap,
+                "epoch": report.counts.epoch,
                 "shape": report.counts.shape,
                 "examples": examples,
             });
@@ -1128,6 +1351,9 @@ fn history_json(
                 "frontier_reads": s.frontier_reads,
                 "frontier_reads_bounded": s.reads_bounded,
                 "grants": s.grants,
+                "grants_bounded": s.grants_bounded,
+                "permits": s.permits,
+                "permits_bounded": s.permits_bounded,
                 "refused": findings.errors,
                 "ambiguous": findings.uncertain,
             });
@@ -1136,6 +1362,8 @@ fn history_json(
                 "frontier_regression": report.counts.regression,
                 "bound_below_grant": report.counts.bound_below_grant,
                 "shared_lease_id": report.counts.shared_id,
+                "later_grant_below_bound": report.counts.later_grant_below_bound,
+                "permit_past_expiry": report.counts.permit_past_expiry,
                 "examples": examples,
             });
             (history, violations)
@@ -1268,12 +1496,26 @@ fn parse_seq_call(v: &serde_json::Value, keys: &mut Vec<String>) -> anyhow::Resu
         (None, None, None) => SeqOutcome::Block {
             start: u64_field(v, "start")?,
             count: u32_field(v, "count")?,
+            epoch: match v.get("epoch") {
+                None => None,
+                Some(epoch) => Some(
+                    epoch
+                        .as_str()
+                        .and_then(seq::BlockEpoch::parse)
+                        .context("bad \"epoch\": give it as \"HI.LO\"")?,
+                ),
+            },
         },
+    };
+    let batch = match v.get("batch") {
+        None => None,
+        Some(_) => Some(u32_field(v, "batch")?),
     };
     Ok(SeqCall {
         client: u32_field(v, "client")?,
         key: key as u32,
         requested: u32_field(v, "requested")?,
+        batch,
         start_ns: u64_field(v, "start_ns")?,
         end_ns: u64_field(v, "end_ns")?,
         outcome,
@@ -1325,10 +1567,20 @@ fn seq_call_json(call: &SeqCall) -> serde_json::Value {
         "key": SEQ_KEYS[call.key as usize],
         "requested": call.requested,
     });
+    if let Some(batch) = call.batch {
+        line["batch"] = batch.into();
+    }
     match &call.outcome {
-        SeqOutcome::Block { start, count } => {
+        SeqOutcome::Block {
+            start,
+            count,
+            epoch,
+        } => {
             line["start"] = (*start).into();
             line["count"] = (*count).into();
+            if let Some(epoch) = epoch {
+                line["epoch"] = epoch.text().into();
+            }
         }
         SeqOutcome::Refused(code) => line["error"] = code.as_str().into(),
         SeqOutcome::Uncertain(code) => line["uncertain"] = code.as_str().into(),
@@ -1337,8 +1589,9 @@ fn seq_call_json(call: &SeqCall) -> serde_json::Value {
     line
 }
 
-/// A lease-workload call: `op` (`acquire`, `renew`, `release`, `frontier`, `ts`) with its
-/// arguments, then the values of the reply, `error` (a refusal) or `ambiguous`.
+/// A lease-workload call: `op` (`acquire`, `renew`, `release`, `frontier`, `ts`, or a keeper's
+/// `permit`) with its arguments, then the values of the reply, `error` (a refusal) or
+/// `ambiguous`.
 fn lease_call_json(call: &LeaseCall) -> serde_json::Value {
     let mut line = serde_json::json!({
         "client": call.client,
@@ -1367,6 +1620,11 @@ fn lease_call_json(call: &LeaseCall) -> serde_json::Value {
         }
         LeaseOp::Frontier => line["op"] = "frontier".into(),
         LeaseOp::Ts => line["op"] = "ts".into(),
+        LeaseOp::Permit { lease_id, ttl_ms } => {
+            line["op"] = "permit".into();
+            line["lease_id"] = lease_id.into();
+            line["ttl_ms"] = ttl_ms.into();
+        }
     }
     match &call.outcome {
         LeaseOutcome::Lease {
@@ -1383,7 +1641,11 @@ fn lease_call_json(call: &LeaseCall) -> serde_json::Value {
             line["frontier_ms"] = (*frontier_ms).into();
             line["epoch"] = lease::epoch_text(*epoch).into();
         }
-        LeaseOutcome::Granted { physical_ms } => line["physical_ms"] = (*physical_ms).into(),
+        LeaseOutcome::Granted { physical_ms, epoch } => {
+            line["physical_ms"] = (*physical_ms).into();
+            line["epoch"] = lease::epoch_text(*epoch).into();
+        }
+        LeaseOutcome::Permitted { bound_ms } => line["bound_ms"] = (*bound_ms).into(),
         LeaseOutcome::Refused(code) => line["error"] = code.as_str().into(),
         LeaseOutcome::Ambiguous(code) => line["ambiguous"] = code.as_str().into(),
     }

@@ -7,14 +7,20 @@
 //! matches this leader's, give up the lease of this term for good (grants stop; the oracle steps
 //! down and clients are sent to the successor), ask the successor to campaign, and wait until it
 //! leads. This node's vote, now admitted by its vote gate, elects it in the next term.
+//!
+//! The checker's positive control (`RaftBackend::unsafe_handoff_keep_lease`) hands off
+//! without giving up the lease: only the vote gate is told, and this node grants on until the
+//! lease ends by time while its successor already serves.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
+use tso_core::Epoch;
 
 use super::RaftTimings;
-use super::leadership::Stepdown;
+use super::leadership::{Handover, Stepdown};
 use super::lease::LeaseClock;
 use super::network::{CampaignRequest, Network};
 use super::types::{NodeId, Raft};
@@ -62,8 +68,10 @@ pub(super) struct Handoff {
     pub(super) lease: Arc<LeaseClock>,
     pub(super) network: Network,
     /// Set when grants stop: this node no longer reports itself leader in that term.
-    pub(super) stepdown: Arc<watch::Sender<Option<Stepdown>>>,
+    pub(super) handover: Arc<watch::Sender<Option<Handover>>>,
     pub(super) timings: RaftTimings,
+    /// FOR THE CHECKER'S POSITIVE CONTROL ONLY: hand off without giving up the lease.
+    pub(super) unsafe_keep_lease: Arc<AtomicBool>,
 }
 
 impl Handoff {
@@ -85,6 +93,7 @@ impl Handoff {
         stopped_in: &mut Option<u64>,
     ) -> Result<HandoffOutcome, HandoffError> {
         let result = self.try_run(deadline, to, stopped_in).await;
+        let kept_lease = self.unsafe_keep_lease.load(Ordering::Relaxed);
         match &result {
             Ok(HandoffOutcome::HandedTo { to, term, took }) => {
                 crate::metrics::raft_handoff(true);
@@ -98,6 +107,9 @@ impl Handoff {
                 crate::metrics::raft_handoff(false);
                 tracing::warn!("leadership handoff failed: {e}");
             }
+        }
+        if kept_lease && let Some(term) = *stopped_in {
+            self.grant_until_the_kept_lease_ends(term, deadline).await;
         }
         result
     }
@@ -194,11 +206,16 @@ impl Handoff {
         // From here this node never grants in `term` again.
         let stopped_granting = Instant::now();
         *stopped_in = Some(term);
-        self.lease.relinquish(term);
-        self.stepdown.send_replace(Some(Stepdown {
-            term,
-            hint: Some(addrs.client_addr.clone()),
-        }));
+        if self.unsafe_keep_lease.load(Ordering::Relaxed) {
+            self.keep_lease(term);
+        } else {
+            self.lease.relinquish(term);
+            self.handover
+                .send_replace(Some(Handover::Stepdown(Stepdown {
+                    term,
+                    hint: Some(addrs.client_addr.clone()),
+                })));
+        }
         // A write that passed its epoch check just before may still be queued in raft: a
         // request through raft's queue runs after it, and then the successor must hold it too.
         match self.raft_state(deadline, |_| ()).await {
@@ -257,6 +274,34 @@ impl Handoff {
                 took: stopped_granting.elapsed(),
             }),
         }
+    }
+
+    /// FOR THE CHECKER'S POSITIVE CONTROL ONLY: the bug of a handoff that does not give up its
+    /// lease of `term`. The vote gate is told the lease is given up (so this node's raft votes
+    /// the successor in), but the lease is renewed as long as raft leads and grants go on under
+    /// it: this node goes on reporting itself leader in `term` after its raft has moved on,
+    /// until the lease ends by time. G3 broken on purpose.
+    fn keep_lease(&self, term: u64) {
+        self.lease.unsafe_keep_through_votes(term);
+        self.handover
+            .send_replace(Some(Handover::UnsafeStillLeading(Epoch::from_parts(
+                term, self.id,
+            ))));
+    }
+
+    /// The end of the control: this node keeps granting in `term` until its lease ends by time
+    /// (or the shutdown's `deadline`), then reports raft's view again.
+    async fn grant_until_the_kept_lease_ends(&self, term: u64, deadline: tokio::time::Instant) {
+        if let Some(until) = self.lease.valid_until(term) {
+            let left = until.saturating_duration_since(Instant::now());
+            tracing::warn!(
+                "UNSAFE: still granting in term {term} for {} ms, until the lease kept through \
+                 the handoff ends",
+                left.as_millis()
+            );
+            tokio::time::sleep_until(deadline.min(tokio::time::Instant::now() + left)).await;
+        }
+        self.handover.send_replace(None);
     }
 
     /// Runs `f` on raft's state inside raft's own task, bounded by `deadline` (a raft stuck on

@@ -96,21 +96,36 @@ pub struct Stepdown {
     pub hint: Option<String>,
 }
 
-/// `next` as published while `stepdown` holds: a leadership of its term or below becomes a
-/// follower hinting at the successor (no epoch: the successor is not elected yet).
-pub fn stepped_down(next: Leadership, stepdown: Option<&Stepdown>) -> Leadership {
-    match (next, stepdown) {
-        (Leadership::Leader { epoch }, Some(s)) if epoch.hi() <= s.term => Leadership::Follower {
-            leader_endpoint: s.hint.clone(),
-            leader_epoch: None,
-        },
+/// What a handoff makes this node publish in place of raft's view of its own leadership.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Handover {
+    /// Grants stopped for good in the term: see [`Stepdown`].
+    Stepdown(Stepdown),
+    /// FOR THE CHECKER'S POSITIVE CONTROL ONLY: this node goes on reporting itself leader in
+    /// this epoch whatever raft says (it may have voted its successor in already), so it grants
+    /// for as long as its lease of that term is valid. G3 broken on purpose.
+    UnsafeStillLeading(Epoch),
+}
+
+/// `next` as published while `handover` holds: under a [`Stepdown`], a leadership of its term
+/// or below becomes a follower hinting at the successor (no epoch: the successor is not
+/// elected yet).
+pub fn stepped_down(next: Leadership, handover: Option<&Handover>) -> Leadership {
+    match (next, handover) {
+        (Leadership::Leader { epoch }, Some(Handover::Stepdown(s))) if epoch.hi() <= s.term => {
+            Leadership::Follower {
+                leader_endpoint: s.hint.clone(),
+                leader_epoch: None,
+            }
+        }
+        (_, Some(Handover::UnsafeStillLeading(epoch))) => Leadership::Leader { epoch: *epoch },
         (next, _) => next,
     }
 }
 
 /// Mirrors openraft's metrics into the leadership watch until raft stops; then the watch closes.
 /// Epochs never go back: a state naming an older epoch than one already published is `Unknown`.
-/// A [`Stepdown`] on `stepdown` overrides this node's own leadership in its term. While
+/// A [`Handover`] on `handover` overrides this node's own leadership (see [`stepped_down`]). While
 /// `leader_silent` holds, a follower reports no leader: it has not heard from the one openraft
 /// still names for an election timeout (with the pre-vote gate, a follower cut off from a dead
 /// leader does not campaign, so openraft would go on naming it).
@@ -118,11 +133,11 @@ pub async fn watch_leadership<N: openraft::Node>(
     mut metrics: watch::Receiver<RaftMetrics<NodeId, N>>,
     tx: watch::Sender<Leadership>,
     client_addr: ClientAddrFn<N>,
-    mut stepdown: watch::Receiver<Option<Stepdown>>,
+    mut handover: watch::Receiver<Option<Handover>>,
     mut leader_silent: watch::Receiver<bool>,
 ) {
     let mut highest: Option<Epoch> = None;
-    let mut stepdown_open = true;
+    let mut handover_open = true;
     let mut silent_open = true;
     loop {
         let (next, stopped, term) = {
@@ -133,7 +148,7 @@ pub async fn watch_leadership<N: openraft::Node>(
                 m.current_term,
             )
         };
-        let mut next = stepped_down(next, stepdown.borrow_and_update().as_ref());
+        let mut next = stepped_down(next, handover.borrow_and_update().as_ref());
         if *leader_silent.borrow_and_update() && matches!(next, Leadership::Follower { .. }) {
             next = Leadership::Unknown;
         }
@@ -158,8 +173,8 @@ pub async fn watch_leadership<N: openraft::Node>(
             changed = metrics.changed() => if changed.is_err() {
                 return;
             },
-            changed = stepdown.changed(), if stepdown_open => if changed.is_err() {
-                stepdown_open = false;
+            changed = handover.changed(), if handover_open => if changed.is_err() {
+                handover_open = false;
             },
             changed = leader_silent.changed(), if silent_open => if changed.is_err() {
                 silent_open = false;

@@ -39,6 +39,9 @@ struct State {
     votes_in_flight: u32,
     /// Terms below this are over for this node: it voted in this term or a later one.
     floor_term: u64,
+    /// Set by the checker's positive control only ([`LeaseClock::unsafe_keep_through_votes`]):
+    /// the lease of this term holds no vote back, and a vote past it does not end it.
+    unsafe_kept_term: Option<u64>,
 }
 
 /// The lease of one node; shared by the tasks that extend it, the callers that check it, and
@@ -94,7 +97,9 @@ impl LeaseClock {
         let state = self.lock();
         state
             .lease
-            .filter(|l| l.term == term && term >= state.floor_term)
+            .filter(|l| {
+                l.term == term && (term >= state.floor_term || state.unsafe_kept_term == Some(term))
+            })
             .map(|l| l.valid_until)
     }
 
@@ -112,6 +117,7 @@ impl LeaseClock {
         if let Some(l) = state.lease
             && l.term >= state.floor_term
             && now < l.valid_until
+            && state.unsafe_kept_term != Some(l.term)
         {
             return Err(HoldsLease {
                 term: l.term,
@@ -133,6 +139,16 @@ impl LeaseClock {
         }
     }
 
+    /// FOR THE CHECKER'S POSITIVE CONTROL ONLY: the lease of `term` is given up for the vote
+    /// gate alone, which admits votes from now on as [`Self::relinquish`] would. The lease itself
+    /// stays: it is extended while this node leads in `term`, and a vote that takes this node
+    /// past `term` no longer ends it, so it is valid for grants until it ends by time. A handoff
+    /// that calls this instead of `relinquish` lets its successor be elected while this node
+    /// still grants: G3 broken on purpose.
+    pub fn unsafe_keep_through_votes(&self, term: u64) {
+        self.lock().unsafe_kept_term = Some(term);
+    }
+
     /// Called once raft has handled a vote request admitted by [`Self::begin_vote`]:
     /// `vote_term` is this node's vote term afterwards (the request's term when unknown).
     /// A lease of any lower term is over for good.
@@ -141,7 +157,10 @@ impl LeaseClock {
         assert!(state.votes_in_flight > 0, "end_vote without begin_vote");
         state.votes_in_flight -= 1;
         state.floor_term = state.floor_term.max(vote_term);
-        if state.lease.is_some_and(|l| l.term < state.floor_term) {
+        if state
+            .lease
+            .is_some_and(|l| l.term < state.floor_term && state.unsafe_kept_term != Some(l.term))
+        {
             state.lease = None;
         }
     }
@@ -218,6 +237,29 @@ mod tests {
         assert!(!clock.is_valid(6), "nor does an older term come back");
         clock.extend(9, Instant::now());
         assert!(clock.is_valid(9), "a later term leads normally");
+    }
+
+    #[test]
+    fn a_lease_kept_through_votes_admits_them_and_grants_until_it_ends_by_time() {
+        let clock = LeaseClock::new(Duration::from_millis(200));
+        let t0 = Instant::now();
+        clock.extend(7, t0);
+        clock.unsafe_keep_through_votes(7);
+        clock.extend(7, t0 + Duration::from_millis(50));
+        assert!(clock.begin_vote(t0).is_ok(), "votes pass at once");
+        clock.end_vote(8);
+        clock.extend(7, t0 + Duration::from_millis(100));
+        assert_eq!(
+            clock.valid_until(7),
+            Some(t0 + Duration::from_millis(250)),
+            "extended until the vote, kept after it, ending by time"
+        );
+        assert_eq!(clock.valid_until(8), None);
+        clock.extend(9, t0);
+        assert!(
+            clock.begin_vote(t0).is_err(),
+            "a later term's lease holds votes back"
+        );
     }
 
     #[test]

@@ -45,11 +45,11 @@ pub use admin::{AdminService, PROMOTE_LAG_ENTRIES_MAX};
 use dir_guard::DirGuard;
 use handoff::Handoff;
 pub use handoff::{HandoffError, HandoffOutcome};
-pub use leadership::{LeaseHeld, VoteGate};
 use leadership::{
-    Stepdown, leadership_of, read_applied, renew_lease, stepped_down, watch_leadership,
+    Handover, leadership_of, read_applied, renew_lease, stepped_down, watch_leadership,
     write_in_term,
 };
+pub use leadership::{LeaseHeld, VoteGate};
 use lease::LeaseClock;
 use log_store::LogStore;
 use network::Network;
@@ -430,7 +430,7 @@ pub struct RaftBackend {
     leadership: watch::Receiver<Leadership>,
     lease: Arc<LeaseClock>,
     /// Set by a handoff: this node no longer reports itself leader in that term.
-    stepdown: Arc<watch::Sender<Option<Stepdown>>>,
+    handover: Arc<watch::Sender<Option<Handover>>>,
     handoff: Handoff,
     timings: RaftTimings,
     peer_tls: Option<PeerTls>,
@@ -555,7 +555,7 @@ impl RaftBackend {
     ) -> Self {
         let metrics = raft.metrics();
         let (tx, leadership) = watch::channel(leadership_of(&metrics.borrow()));
-        let (stepdown, stepdown_rx) = watch::channel(None);
+        let (handover, handover_rx) = watch::channel(None);
         let (leader_silent, leader_silent_rx) = watch::channel(false);
         let ungated = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let lease = Arc::new(LeaseClock::new(lease::lease_duration(
@@ -566,7 +566,7 @@ impl RaftBackend {
                 metrics,
                 tx,
                 Arc::new(leadership::tso_client_addr),
-                stepdown_rx,
+                handover_rx,
                 leader_silent_rx,
             )),
             tokio::spawn(renew_lease(
@@ -590,14 +590,15 @@ impl RaftBackend {
                 leader_silent,
             )),
         ];
-        let stepdown = Arc::new(stepdown);
+        let handover = Arc::new(handover);
         let handoff = Handoff {
             id: config.node_id,
             raft: raft.clone(),
             lease: lease.clone(),
             network,
-            stepdown: stepdown.clone(),
+            handover: handover.clone(),
             timings: config.timings,
+            unsafe_keep_lease: Arc::default(),
         };
         Self {
             id: config.node_id,
@@ -605,7 +606,7 @@ impl RaftBackend {
             sm,
             leadership,
             lease,
-            stepdown,
+            handover,
             handoff,
             timings: config.timings,
             peer_tls: config.peer_tls,
@@ -760,6 +761,17 @@ impl RaftBackend {
         self.ident.unsafe_trust_wiped();
     }
 
+    /// FOR THE CHECKER'S POSITIVE CONTROL ONLY: a handoff (SIGTERM or `transfer-leader`) does
+    /// not give up this node's lease. Its vote gate admits the successor's vote request as if
+    /// it had, but the node goes on reporting itself leader of its old term and grants until
+    /// that lease ends by time, while the successor is elected and serves. This breaks the
+    /// oracle on purpose.
+    pub fn unsafe_handoff_keep_lease(&self) {
+        self.handoff
+            .unsafe_keep_lease
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// The incarnation of this node's data directory (made at its first start).
     pub fn incarnation(&self) -> u64 {
         self.ident.incarnation
@@ -836,7 +848,7 @@ impl RaftBackend {
 
     /// Refuses a persist under any epoch but this node's current leader epoch.
     fn check_epoch(&self, epoch: Epoch) -> Result<(), ConsensusError> {
-        let current = stepped_down(self.current_leadership(), self.stepdown.borrow().as_ref());
+        let current = stepped_down(self.current_leadership(), self.handover.borrow().as_ref());
         leadership::check_epoch(current, epoch)
     }
 
