@@ -207,7 +207,7 @@ impl LeaseKeeperBuilder {
 
 /// Holds one stamping lease: renews it ahead of expiry in a background task and tells its owner
 /// whether it may stamp now ([`LeaseKeeper::permit`]). See the module docs for how to size the
-/// TTL, and docs/leases-client.md for what a holder must do.
+/// TTL, and docs/client.md ("What a holder must do") for what a holder must do.
 ///
 /// Stopping it ([`LeaseKeeper::stop`]) or dropping it releases the lease (best effort when
 /// dropped; an unreleased lease ends at its TTL). It never acquires again on its own: once the

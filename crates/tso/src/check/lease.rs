@@ -764,7 +764,7 @@ fn check_later_grants(calls: &[LeaseCall], report: &mut Report) {
 }
 
 /// Rule 6: a `LeaseKeeper` never gives a permit after the server's expiry (SEMANTICS §14;
-/// docs/leases-client.md). The server counts the TTL from its durable write, which came before
+/// docs/client.md). The server counts the TTL from its durable write, which came before
 /// the answer of the call that set the expiry; so once that call's answer plus the TTL has
 /// passed, the expiry that call set has certainly passed too. The checker records a keeper's
 /// grant when the holder first sees it, at or after the answer, and records a permit only after

@@ -1,5 +1,6 @@
-//! The admin service (`tso.admin.v1`): the members of the raft cluster, and changes to them at
-//! run time (add a learner, promote it, remove a member).
+//! The admin service (`tso.admin.v1`): the members of the raft cluster, changes to them at run
+//! time (add a learner, promote it, remove a member), and moving leadership to a chosen voter
+//! (`transfer-leader`, built on the SIGTERM handoff).
 //!
 //! Changes are leader-only (a follower answers "not leader" with the leader's admin address in
 //! the `tso-admin-leader-bin` metadata), idempotent on the node id, and one at a time: a tokio
