@@ -1,8 +1,10 @@
 //! The one seam between the oracle and durability/leadership (SEMANTICS §4).
 //!
-//! A backend tells the server who leads and stores one number, the durable high-water. The
-//! server never reads or writes storage any other way, so a backend that keeps this contract
-//! keeps every guarantee of the oracle.
+//! A backend tells the server who leads and stores one record, [`OracleState`] (the durable
+//! high-water, the dense-sequence counters and the stamping-lease set), changed only through
+//! [`OracleCommand`]s under the merge rules of `consensus/state.rs`. The server never reads or
+//! writes storage any other way, so a backend that keeps this contract keeps every guarantee of
+//! the oracle.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -12,6 +14,9 @@ use tokio::sync::watch;
 use tso_core::Epoch;
 
 pub mod conformance;
+pub mod state;
+
+pub use state::{Merged, OracleCommand, OracleState, Part};
 
 /// A boxed future, so that backends can be chosen at run time (`Arc<dyn Consensus>`).
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;

@@ -26,6 +26,7 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::watch;
 use tso_core::{Epoch, PHYSICAL_MAX_MS};
 
+use crate::consensus::state::merge_sequences;
 use crate::consensus::{BoxFuture, Consensus, ConsensusError, Leadership, SeqCounters, SeqEnds};
 
 const LOCK_FILE: &str = "LOCK";
@@ -248,10 +249,7 @@ impl SeqStore {
     /// fsync), and only then adopts the new counters.
     fn advance(&mut self, ends: &SeqEnds) -> Result<(), FileError> {
         let mut next = self.counters.clone();
-        for (key, end) in ends {
-            let counter = next.entry(key.clone()).or_insert(0);
-            *counter = (*counter).max(*end);
-        }
+        merge_sequences(&mut next, ends);
         if next == self.counters {
             return Ok(());
         }

@@ -1,9 +1,11 @@
 //! The replicated backend: the consensus seam ([`Consensus`]) on an openraft cluster.
 //!
-//! The replicated state is the high-water, applied as `max` (`state_machine.rs`); the log and
-//! vote are an fsync'd record file (`log_store.rs`); peers talk gRPC (`network.rs`). Leadership
-//! comes from openraft's metrics: `Leader` at epoch `(term, node id)` while this node leads,
-//! `Follower` naming the leader's *client* address from the membership, else `Unknown`.
+//! The replicated state is the oracle's record, [`crate::consensus::OracleState`], under its
+//! merge rules (`state_machine.rs`); the log and vote are an fsync'd record file
+//! (`log_store.rs`); peers talk gRPC (`network.rs`). The consensus calls go through `seam.rs`,
+//! the adapter this backend shares with piggyback mode. Leadership comes from openraft's
+//! metrics: `Leader` at epoch `(term, node id)` while this node leads, `Follower` naming the
+//! leader's *client* address from the membership, else `Unknown`.
 //! openraft's generics stay inside this module: callers see [`RaftBackend`], [`RaftConfig`],
 //! [`NodeAddrs`] and [`Links`], and a host that runs its own openraft sees
 //! [`piggyback::PiggybackConsensus`], generic over the host's own type configuration only.
@@ -19,6 +21,7 @@ mod network;
 mod peer_identity;
 pub mod piggyback;
 mod record_file;
+mod seam;
 mod state_machine;
 mod types;
 
@@ -31,12 +34,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use openraft::SnapshotPolicy;
-use openraft::error::{
-    CheckIsLeaderError, ClientWriteError, ForwardToLeader, InitializeError, RaftError,
-};
+use openraft::error::{InitializeError, RaftError};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tso_core::{Epoch, PHYSICAL_MAX_MS};
+use tso_core::Epoch;
 use tso_proto::tso::raft_v1::raft_peer_server::RaftPeerServer;
 
 use crate::consensus::{BoxFuture, Consensus, ConsensusError, Leadership, SeqCounters, SeqEnds};
@@ -45,20 +46,18 @@ pub use admin::{AdminService, PROMOTE_LAG_ENTRIES_MAX};
 use dir_guard::DirGuard;
 use handoff::Handoff;
 pub use handoff::{HandoffError, HandoffOutcome};
-use leadership::{
-    Handover, leadership_of, read_applied, renew_lease, stepped_down, watch_leadership,
-    write_in_term,
-};
 pub use leadership::{LeaseHeld, VoteGate};
+use leadership::{leadership_of, renew_lease, watch_leadership};
 use lease::LeaseClock;
 use log_store::LogStore;
 use network::Network;
 pub use network::{Links, PeerService};
 use peer_identity::PeerIdentity;
 pub use record_file::{RecordFileError, unsafe_stall_fsync_while_exists};
+use seam::Seam;
 use state_machine::StateMachine;
 pub use types::NodeAddrs;
-use types::{Command, NodeId, Raft};
+use types::{Command, NodeId, Raft, TypeConfig};
 
 /// Entries between snapshots. An entry is written once per window extension (seconds apart),
 /// so 1000 entries is most of an hour of log: replay at start stays instant and snapshots rare.
@@ -425,14 +424,9 @@ impl LeaseView {
 /// One node of a tso raft cluster, implementing the consensus seam.
 pub struct RaftBackend {
     id: NodeId,
-    raft: Raft,
-    sm: StateMachine,
-    leadership: watch::Receiver<Leadership>,
-    lease: Arc<LeaseClock>,
-    /// Set by a handoff: this node no longer reports itself leader in that term.
-    handover: Arc<watch::Sender<Option<Handover>>>,
+    /// The raft, its state machine, leadership, lease and timings; the [`Consensus`] calls.
+    seam: Seam<TypeConfig, StateMachine>,
     handoff: Handoff,
-    timings: RaftTimings,
     peer_tls: Option<PeerTls>,
     tasks: Vec<JoinHandle<()>>,
     /// Released only after raft has stopped (see `Drop`).
@@ -566,7 +560,7 @@ impl RaftBackend {
                 metrics,
                 tx,
                 Arc::new(leadership::tso_client_addr),
-                handover_rx,
+                handover_rx.clone(),
                 leader_silent_rx,
             )),
             tokio::spawn(renew_lease(
@@ -590,25 +584,28 @@ impl RaftBackend {
                 leader_silent,
             )),
         ];
-        let handover = Arc::new(handover);
         let handoff = Handoff {
             id: config.node_id,
             raft: raft.clone(),
             lease: lease.clone(),
             network,
-            handover: handover.clone(),
+            handover: Arc::new(handover),
             timings: config.timings,
             unsafe_keep_lease: Arc::default(),
         };
+        let seam = Seam {
+            raft,
+            record: sm,
+            client_addr: Arc::new(leadership::tso_client_addr),
+            leadership,
+            handover: handover_rx,
+            lease,
+            timings: config.timings,
+        };
         Self {
             id: config.node_id,
-            raft,
-            sm,
-            leadership,
-            lease,
-            handover,
+            seam,
             handoff,
-            timings: config.timings,
             peer_tls: config.peer_tls,
             tasks,
             dir_guard: Mutex::new(Some(dir_guard)),
@@ -622,13 +619,13 @@ impl RaftBackend {
     /// The `tso.raft.v1.RaftPeer` service of this node, to be served on its peer address
     /// (alone, or next to other services on one tonic server).
     pub fn peer_service(&self) -> RaftPeerServer<PeerService> {
-        let votes = VoteGate::new(self.lease.clone());
+        let votes = VoteGate::new(self.seam.lease.clone());
         PeerService::new(
-            self.raft.clone(),
+            self.seam.raft.clone(),
             votes,
-            self.timings.cluster_key(),
+            self.seam.timings.cluster_key(),
             self.ident.clone(),
-            self.timings.election_timeout_max,
+            self.seam.timings.election_timeout_max,
             self.log.clone(),
         )
         .into_server()
@@ -645,10 +642,10 @@ impl RaftBackend {
     /// The admin service itself, for a host that configures it before serving.
     pub fn admin(&self) -> AdminService {
         AdminService::new(
-            self.raft.clone(),
+            self.seam.raft.clone(),
             self.id,
             Arc::clone(&self.changes),
-            self.timings,
+            self.seam.timings,
             self.handoff.clone(),
         )
     }
@@ -685,7 +682,7 @@ impl RaftBackend {
     /// The end of the lease this node held in `epoch`'s term, whatever it leads now; `None` if
     /// it never held one there, or gave it up by voting for a later term.
     pub fn lease_end_in(&self, epoch: Epoch) -> Option<Instant> {
-        self.lease.valid_until(epoch.hi())
+        self.seam.lease.valid_until(epoch.hi())
     }
 
     /// True while this node leads under an unexpired lease.
@@ -695,10 +692,7 @@ impl RaftBackend {
 
     /// A cheap, cloneable view of the lease, for a grant path that does not hold the backend.
     pub fn lease_view(&self) -> LeaseView {
-        LeaseView {
-            clock: Arc::clone(&self.lease),
-            leadership: self.leadership.clone(),
-        }
+        self.seam.lease_view()
     }
 
     /// This node's id.
@@ -709,7 +703,7 @@ impl RaftBackend {
     /// The current members (id → advertised addresses), as the log says (empty until raft has
     /// loaded its log, shortly after [`Self::open`]).
     pub fn members(&self) -> BTreeMap<u64, NodeAddrs> {
-        let metrics = self.raft.metrics();
+        let metrics = self.seam.raft.metrics();
         let m = metrics.borrow();
         m.membership_config
             .membership()
@@ -720,27 +714,27 @@ impl RaftBackend {
 
     /// The current raft term of this node (for diagnostics and tests).
     pub fn current_term(&self) -> u64 {
-        self.raft.metrics().borrow().current_term
+        self.seam.raft.metrics().borrow().current_term
     }
 
     /// The index of the last entry in this node's log, if any (for diagnostics and tests).
     pub fn last_log_index(&self) -> Option<u64> {
-        self.raft.metrics().borrow().last_log_index
+        self.seam.raft.metrics().borrow().last_log_index
     }
 
     /// The index of the last purged log entry, if any (for diagnostics and tests).
     pub fn purged_index(&self) -> Option<u64> {
-        self.raft.metrics().borrow().purged.map(|l| l.index)
+        self.seam.raft.metrics().borrow().purged.map(|l| l.index)
     }
 
     /// The index of the last snapshot this node holds, if any (for diagnostics and tests).
     pub fn snapshot_index(&self) -> Option<u64> {
-        self.raft.metrics().borrow().snapshot.map(|l| l.index)
+        self.seam.raft.metrics().borrow().snapshot.map(|l| l.index)
     }
 
     /// The high-water applied on this node (possibly stale on a follower; for diagnostics).
     pub fn applied_high_water_ms(&self) -> u64 {
-        self.sm.high_water_ms()
+        self.seam.record.high_water_ms()
     }
 
     /// FOR THE CHECKER'S POSITIVE CONTROL ONLY: openraft's own elections run without the
@@ -779,12 +773,12 @@ impl RaftBackend {
 
     /// The cluster's identity as applied on this node, once its first leader recorded one.
     pub fn cluster_id(&self) -> Option<u128> {
-        self.sm.cluster_id()
+        self.seam.record.cluster_id()
     }
 
     /// The incarnation the cluster recorded for `node`, as applied on this node.
     pub fn recorded_incarnation(&self, node: u64) -> Option<u64> {
-        self.sm.incarnation_of(node)
+        self.seam.record.incarnation_of(node)
     }
 
     /// Hands this node's leadership to an up-to-date voter before a shutdown, by `deadline`
@@ -801,157 +795,11 @@ impl RaftBackend {
     /// Stops raft and waits for it; the leadership watch closes and the data directory may be
     /// opened again.
     pub async fn shutdown(&self) {
-        let _ = self.raft.shutdown().await;
+        let _ = self.seam.raft.shutdown().await;
         for t in &self.tasks {
             t.abort();
         }
         self.dir_guard.lock().expect("dir guard lock").take();
-    }
-
-    fn current_leadership(&self) -> Leadership {
-        self.leadership.borrow().clone()
-    }
-
-    fn not_leader(&self, forward: &ForwardToLeader<NodeId, NodeAddrs>) -> ConsensusError {
-        let term = self.raft.metrics().borrow().current_term;
-        ConsensusError::NotLeader {
-            leader_endpoint: forward.leader_node.as_ref().map(|n| n.client_addr.clone()),
-            leader_epoch: forward.leader_id.map(|id| Epoch::from_parts(term, id)),
-        }
-    }
-
-    fn map_read_error(
-        &self,
-        e: RaftError<NodeId, CheckIsLeaderError<NodeId, NodeAddrs>>,
-    ) -> ConsensusError {
-        match e {
-            RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f)) => self.not_leader(&f),
-            RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(q)) => {
-                ConsensusError::Transient(format!("read barrier: {q}"))
-            }
-            RaftError::Fatal(f) => ConsensusError::Permanent(format!("raft stopped: {f}")),
-        }
-    }
-
-    fn map_write_error(
-        &self,
-        e: RaftError<NodeId, ClientWriteError<NodeId, NodeAddrs>>,
-    ) -> ConsensusError {
-        match e {
-            RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => self.not_leader(&f),
-            RaftError::APIError(ClientWriteError::ChangeMembershipError(c)) => {
-                ConsensusError::Permanent(format!("unexpected membership error: {c}"))
-            }
-            RaftError::Fatal(f) => ConsensusError::Permanent(format!("raft stopped: {f}")),
-        }
-    }
-
-    /// Refuses a persist under any epoch but this node's current leader epoch.
-    fn check_epoch(&self, epoch: Epoch) -> Result<(), ConsensusError> {
-        let current = stepped_down(self.current_leadership(), self.handover.borrow().as_ref());
-        leadership::check_epoch(current, epoch)
-    }
-
-    async fn load(&self) -> Result<u64, ConsensusError> {
-        let map = |e| self.map_read_error(e);
-        read_applied(&self.raft, &self.lease, &self.timings, map, || {
-            self.sm.high_water_ms()
-        })
-        .await
-    }
-
-    async fn persist(&self, at_least_ms: u64, epoch: Epoch) -> Result<u64, ConsensusError> {
-        if at_least_ms > PHYSICAL_MAX_MS {
-            return Err(ConsensusError::Permanent(format!(
-                "high-water {at_least_ms} ms is past the 46-bit timestamp layout ({PHYSICAL_MAX_MS} ms)"
-            )));
-        }
-        self.check_epoch(epoch)?;
-        let map = |e| self.map_write_error(e);
-        let reply = write_in_term(
-            &self.raft,
-            &self.lease,
-            &self.timings,
-            epoch,
-            Command::AdvanceHighWater { at_least_ms },
-            map,
-        )
-        .await?;
-        let applied = reply.data.high_water_ms;
-        assert!(
-            applied >= at_least_ms,
-            "applied high-water {applied} < requested {at_least_ms}"
-        );
-        Ok(applied)
-    }
-
-    async fn load_sequences(&self) -> Result<SeqCounters, ConsensusError> {
-        let map = |e| self.map_read_error(e);
-        read_applied(&self.raft, &self.lease, &self.timings, map, || {
-            self.sm.sequences()
-        })
-        .await
-    }
-
-    async fn persist_sequences(&self, ends: SeqEnds, epoch: Epoch) -> Result<(), ConsensusError> {
-        self.check_epoch(epoch)?;
-        let map = |e| self.map_write_error(e);
-        write_in_term(
-            &self.raft,
-            &self.lease,
-            &self.timings,
-            epoch,
-            Command::AdvanceSequences { ends: ends.clone() },
-            map,
-        )
-        .await?;
-        // openraft answers once the entry is applied; counters only grow, so this holds.
-        if let Some((key, applied, end)) = self.sm.sequence_below(&ends) {
-            return Err(ConsensusError::Permanent(format!(
-                "broken invariant: counter {key:?} applied at {applied} after advancing it to {end}"
-            )));
-        }
-        Ok(())
-    }
-
-    async fn load_leases(&self) -> Result<Vec<u8>, ConsensusError> {
-        let map = |e| self.map_read_error(e);
-        read_applied(&self.raft, &self.lease, &self.timings, map, || {
-            self.sm.leases().1
-        })
-        .await
-    }
-
-    async fn persist_leases(&self, record: Vec<u8>, epoch: Epoch) -> Result<(), ConsensusError> {
-        self.check_epoch(epoch)?;
-        let term = epoch.hi();
-        let map = |e| self.map_write_error(e);
-        write_in_term(
-            &self.raft,
-            &self.lease,
-            &self.timings,
-            epoch,
-            Command::ReplaceLeases { term, record },
-            map,
-        )
-        .await?;
-        lease_record_applied(term, self.sm.leases().0)
-    }
-}
-
-/// After a lease record of `term` committed: the applied record is that one, or a later
-/// term's (then this write was superseded: `Fenced`); an earlier one breaks the state machine.
-pub(super) fn lease_record_applied(term: u64, applied_term: u64) -> Result<(), ConsensusError> {
-    match applied_term.cmp(&term) {
-        std::cmp::Ordering::Equal => Ok(()),
-        std::cmp::Ordering::Greater => Err(ConsensusError::Fenced {
-            expected: Epoch::from_parts(term, 0),
-            current: Epoch::from_parts(applied_term, 0),
-        }),
-        std::cmp::Ordering::Less => Err(ConsensusError::Permanent(format!(
-            "broken invariant: the lease record of term {term} committed, but term \
-             {applied_term}'s is applied"
-        ))),
     }
 }
 
@@ -960,7 +808,7 @@ impl Drop for RaftBackend {
         for t in &self.tasks {
             t.abort();
         }
-        let raft = self.raft.clone();
+        let raft = self.seam.raft.clone();
         let guard = self.dir_guard.lock().expect("dir guard lock").take();
         if let Ok(handle) = tokio::runtime::Handle::try_current() {
             handle.spawn(async move {
@@ -973,11 +821,11 @@ impl Drop for RaftBackend {
 
 impl Consensus for RaftBackend {
     fn leadership(&self) -> watch::Receiver<Leadership> {
-        self.leadership.clone()
+        self.seam.leadership.clone()
     }
 
     fn load_high_water(&self) -> BoxFuture<'_, Result<u64, ConsensusError>> {
-        Box::pin(self.load())
+        Box::pin(self.seam.load_high_water())
     }
 
     fn persist_high_water(
@@ -985,11 +833,11 @@ impl Consensus for RaftBackend {
         at_least_ms: u64,
         epoch: Epoch,
     ) -> BoxFuture<'_, Result<u64, ConsensusError>> {
-        Box::pin(self.persist(at_least_ms, epoch))
+        Box::pin(self.seam.persist_high_water(at_least_ms, epoch))
     }
 
     fn lease_valid(&self, epoch: Epoch) -> bool {
-        self.lease.is_valid(epoch.hi())
+        self.seam.lease_valid(epoch)
     }
 
     fn sequences_supported(&self) -> bool {
@@ -997,7 +845,7 @@ impl Consensus for RaftBackend {
     }
 
     fn load_sequences(&self) -> BoxFuture<'_, Result<SeqCounters, ConsensusError>> {
-        Box::pin(RaftBackend::load_sequences(self))
+        Box::pin(self.seam.load_sequences())
     }
 
     fn persist_sequences(
@@ -1005,7 +853,7 @@ impl Consensus for RaftBackend {
         ends: SeqEnds,
         epoch: Epoch,
     ) -> BoxFuture<'_, Result<(), ConsensusError>> {
-        Box::pin(RaftBackend::persist_sequences(self, ends, epoch))
+        Box::pin(self.seam.persist_sequences(ends, epoch))
     }
 
     fn leases_supported(&self) -> bool {
@@ -1013,7 +861,7 @@ impl Consensus for RaftBackend {
     }
 
     fn load_leases(&self) -> BoxFuture<'_, Result<Vec<u8>, ConsensusError>> {
-        Box::pin(RaftBackend::load_leases(self))
+        Box::pin(self.seam.load_leases())
     }
 
     fn persist_leases(
@@ -1021,7 +869,7 @@ impl Consensus for RaftBackend {
         record: Vec<u8>,
         epoch: Epoch,
     ) -> BoxFuture<'_, Result<(), ConsensusError>> {
-        Box::pin(RaftBackend::persist_leases(self, record, epoch))
+        Box::pin(self.seam.persist_leases(record, epoch))
     }
 }
 

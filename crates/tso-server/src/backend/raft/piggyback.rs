@@ -11,32 +11,37 @@
 //!   seam, to hand to [`crate::OracleGuard::start`].
 //!
 //! Stamping leases are opt-in the same way ([`LeaseCommand`], [`LeaseState`],
-//! [`PiggybackConsensus::with_leases`]). Dense sequences (`GetSeq`) are opt-in: a host that also carries [`SequenceCommand`] in its
-//! log and a [`SequenceState`] in its state machine enables them with
-//! [`PiggybackConsensus::with_sequences`]; without it they answer `UNIMPLEMENTED`.
+//! [`PiggybackConsensus::with_leases`]). Dense sequences (`GetSeq`) are opt-in: a host that
+//! also carries [`SequenceCommand`] in its log and a [`SequenceState`] in its state machine
+//! enables them with [`PiggybackConsensus::with_sequences`]; without it they answer
+//! `UNIMPLEMENTED`.
 //!
 //! Leadership, epochs, error classes and the leader lease are those of the standalone raft
-//! backend: epoch `(term, leader id)`, `ForwardToLeader` → `NotLeader` naming the leader's
-//! oracle client address, fatal errors → `Permanent`, quorum loss and timeouts → `Transient`.
+//! backend, through the same adapter (`seam.rs`): epoch `(term, leader id)`, `ForwardToLeader`
+//! → `NotLeader` naming the leader's oracle client address, fatal errors → `Permanent`, quorum
+//! loss and timeouts → `Transient`. The three states apply the merge rules of
+//! [`crate::consensus::OracleState::apply`].
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use openraft::error::{CheckIsLeaderError, ClientWriteError, ForwardToLeader, RaftError};
 use openraft::impls::OneshotResponder;
 use openraft::{RaftTypeConfig, TokioRuntime};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tso_core::{Epoch, PHYSICAL_MAX_MS};
+use tso_core::Epoch;
 
 pub use super::leadership::{LeaseHeld, VoteGate};
-use super::leadership::{
-    leadership_with, read_applied, renew_lease, watch_leadership, write_in_term,
-};
+use super::leadership::{leadership_with, renew_lease, watch_leadership};
 use super::lease::{LeaseClock, lease_duration};
+use super::seam::{Record, Seam};
 use super::{LeaseView, RaftTimings};
-use crate::consensus::{BoxFuture, Consensus, ConsensusError, Leadership, SeqCounters, SeqEnds};
+use crate::consensus::state::{merge_high_water, merge_leases, merge_sequences};
+use crate::consensus::{
+    BoxFuture, Consensus, ConsensusError, Leadership, OracleCommand, OracleState, Part,
+    SeqCounters, SeqEnds,
+};
 
 /// The oracle's command in a host's log: raise the high-water to at least `at_least_ms`.
 ///
@@ -62,7 +67,7 @@ pub struct HighWaterState {
 impl HighWaterState {
     /// Applies one command and returns the high-water after it.
     pub fn apply(&mut self, cmd: &HighWaterCommand) -> u64 {
-        self.high_water_ms = self.high_water_ms.max(cmd.at_least_ms);
+        merge_high_water(&mut self.high_water_ms, cmd.at_least_ms);
         self.high_water_ms
     }
 
@@ -92,10 +97,7 @@ pub struct SequenceState {
 impl SequenceState {
     /// Applies one command.
     pub fn apply(&mut self, cmd: &SequenceCommand) {
-        for (key, end) in &cmd.ends {
-            let counter = self.counters.entry(key.clone()).or_insert(0);
-            *counter = (*counter).max(*end);
-        }
+        merge_sequences(&mut self.counters, &cmd.ends);
     }
 
     /// Each key's next unissued value (keys never advanced are absent).
@@ -126,10 +128,7 @@ pub struct LeaseState {
 impl LeaseState {
     /// Applies one command: replaces the record unless the stored one is of a later term.
     pub fn apply(&mut self, cmd: &LeaseCommand) {
-        if cmd.term >= self.term {
-            self.term = cmd.term;
-            self.record = cmd.record.clone();
-        }
+        merge_leases((&mut self.term, &mut self.record), cmd.term, &cmd.record);
     }
 
     /// The term of the record and the record.
@@ -173,16 +172,59 @@ pub type ClientAddrOf<C> =
 /// do"): pass every vote request its node receives through [`Self::vote_gate`], and give the
 /// oracle's commands the same durability as its own entries.
 pub struct PiggybackConsensus<C: RaftTypeConfig> {
-    raft: openraft::Raft<C>,
-    wrap: WrapCommand<C>,
-    read: ReadHighWater,
+    seam: Seam<C, HostRecord<C>>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+/// The oracle's record as a host keeps it: one command and one state per part, the high-water
+/// always, sequences and leases when the host enables them.
+struct HostRecord<C: RaftTypeConfig> {
+    high_water: (WrapCommand<C>, ReadHighWater),
     sequences: Option<(WrapSequenceCommand<C>, ReadSequences)>,
     leases: Option<(WrapLeaseCommand<C>, ReadLeases)>,
-    client_addr: ClientAddrOf<C>,
-    leadership: watch::Receiver<Leadership>,
-    lease: Arc<LeaseClock>,
-    timings: RaftTimings,
-    tasks: Vec<JoinHandle<()>>,
+}
+
+impl<C: RaftTypeConfig> Record<C> for HostRecord<C> {
+    fn keeps(&self, part: Part) -> bool {
+        match part {
+            Part::HighWater => true,
+            Part::Sequences => self.sequences.is_some(),
+            Part::Leases => self.leases.is_some(),
+        }
+    }
+
+    fn wrap(&self, cmd: OracleCommand, term: u64) -> C::D {
+        const KEPT: &str = "the seam wraps only a part the host keeps";
+        match cmd {
+            OracleCommand::AdvanceHighWater { at_least_ms } => {
+                (self.high_water.0)(HighWaterCommand { at_least_ms, term })
+            }
+            OracleCommand::AdvanceSequences { ends } => {
+                (self.sequences.as_ref().expect(KEPT).0)(SequenceCommand { ends, term })
+            }
+            OracleCommand::ReplaceLeases { term, record } => {
+                (self.leases.as_ref().expect(KEPT).0)(LeaseCommand { term, record })
+            }
+        }
+    }
+
+    fn read(&self, part: Part) -> OracleState {
+        let mut state = OracleState::default();
+        match part {
+            Part::HighWater => state.high_water_ms = (self.high_water.1)(),
+            Part::Sequences => {
+                if let Some((_, read)) = &self.sequences {
+                    state.sequences = read();
+                }
+            }
+            Part::Leases => {
+                if let Some((_, read)) = &self.leases {
+                    (state.lease_term, state.leases) = read();
+                }
+            }
+        }
+        state
+    }
 }
 
 impl<C> PiggybackConsensus<C>
@@ -229,24 +271,27 @@ where
                 timings,
             )),
         ];
-        Self {
-            raft,
-            wrap: Arc::new(wrap),
-            read: Arc::new(read),
+        let record = HostRecord {
+            high_water: (Arc::new(wrap), Arc::new(read)),
             sequences: None,
             leases: None,
+        };
+        let seam = Seam {
+            raft,
+            record,
             client_addr,
             leadership,
+            handover: watch::channel(None).1,
             lease,
             timings,
-            tasks,
-        }
+        };
+        Self { seam, tasks }
     }
 
     /// Bounds each write and read barrier by `call_timeout` (default one second); past it the
     /// call fails as `Transient`.
     pub fn with_call_timeout(mut self, call_timeout: Duration) -> Self {
-        self.timings.call_timeout = call_timeout;
+        self.seam.timings.call_timeout = call_timeout;
         self
     }
 
@@ -258,7 +303,7 @@ where
         wrap: impl Fn(SequenceCommand) -> C::D + Send + Sync + 'static,
         read: impl Fn() -> SeqCounters + Send + Sync + 'static,
     ) -> Self {
-        self.sequences = Some((Arc::new(wrap), Arc::new(read)));
+        self.seam.record.sequences = Some((Arc::new(wrap), Arc::new(read)));
         self
     }
 
@@ -270,7 +315,7 @@ where
         wrap: impl Fn(LeaseCommand) -> C::D + Send + Sync + 'static,
         read: impl Fn() -> (u64, Vec<u8>) + Send + Sync + 'static,
     ) -> Self {
-        self.leases = Some((Arc::new(wrap), Arc::new(read)));
+        self.seam.record.leases = Some((Arc::new(wrap), Arc::new(read)));
         self
     }
 
@@ -279,182 +324,17 @@ where
     /// `RaftNetwork::vote` target calls `gate.vote(&raft, request)` instead of
     /// `raft.vote(request)` and reports `Err(LeaseHeld)` to the candidate as a failed call.
     pub fn vote_gate(&self) -> VoteGate {
-        VoteGate::new(self.lease.clone())
+        VoteGate::new(self.seam.lease.clone())
     }
 
     /// The leader lease of this node (see [`super::RaftBackend::lease_view`]).
     pub fn lease_view(&self) -> LeaseView {
-        LeaseView {
-            clock: Arc::clone(&self.lease),
-            leadership: self.leadership.clone(),
-        }
+        self.seam.lease_view()
     }
 
     /// The high-water applied on this node (possibly stale on a follower; for diagnostics).
     pub fn applied_high_water_ms(&self) -> u64 {
-        (self.read)()
-    }
-
-    fn not_leader(&self, forward: &ForwardToLeader<u64, C::Node>) -> ConsensusError {
-        let term = self.raft.metrics().borrow().current_term;
-        let endpoint = match (forward.leader_id, forward.leader_node.as_ref()) {
-            (Some(id), Some(node)) => (self.client_addr)(id, node),
-            _ => None,
-        };
-        ConsensusError::NotLeader {
-            leader_endpoint: endpoint,
-            leader_epoch: forward.leader_id.map(|id| Epoch::from_parts(term, id)),
-        }
-    }
-
-    fn map_read_error(
-        &self,
-        e: RaftError<u64, CheckIsLeaderError<u64, C::Node>>,
-    ) -> ConsensusError {
-        match e {
-            RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f)) => self.not_leader(&f),
-            RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(q)) => {
-                ConsensusError::Transient(format!("read barrier: {q}"))
-            }
-            RaftError::Fatal(f) => ConsensusError::Permanent(format!("raft stopped: {f}")),
-        }
-    }
-
-    fn map_write_error(&self, e: RaftError<u64, ClientWriteError<u64, C::Node>>) -> ConsensusError {
-        match e {
-            RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => self.not_leader(&f),
-            RaftError::APIError(ClientWriteError::ChangeMembershipError(c)) => {
-                ConsensusError::Permanent(format!("unexpected membership error: {c}"))
-            }
-            RaftError::Fatal(f) => ConsensusError::Permanent(format!("raft stopped: {f}")),
-        }
-    }
-
-    /// Refuses a persist under any epoch but this node's current leader epoch.
-    fn check_epoch(&self, epoch: Epoch) -> Result<(), ConsensusError> {
-        super::leadership::check_epoch(self.leadership.borrow().clone(), epoch)
-    }
-
-    /// The fence's read: see [`read_applied`].
-    async fn load(&self) -> Result<u64, ConsensusError> {
-        let map = |e| self.map_read_error(e);
-        read_applied(&self.raft, &self.lease, &self.timings, map, || {
-            (self.read)()
-        })
-        .await
-    }
-
-    async fn persist(&self, at_least_ms: u64, epoch: Epoch) -> Result<u64, ConsensusError> {
-        if at_least_ms > PHYSICAL_MAX_MS {
-            return Err(ConsensusError::Permanent(format!(
-                "high-water {at_least_ms} ms is past the 46-bit timestamp layout ({PHYSICAL_MAX_MS} ms)"
-            )));
-        }
-        self.check_epoch(epoch)?;
-        let cmd = HighWaterCommand {
-            at_least_ms,
-            term: epoch.hi(),
-        };
-        let map = |e| self.map_write_error(e);
-        write_in_term(
-            &self.raft,
-            &self.lease,
-            &self.timings,
-            epoch,
-            (self.wrap)(cmd),
-            map,
-        )
-        .await?;
-        // openraft answers a write once the entry is applied, so the host's state has it.
-        let applied = (self.read)();
-        if applied < at_least_ms {
-            return Err(ConsensusError::Permanent(format!(
-                "the host's state machine reads high-water {applied} ms after applying \
-                 {at_least_ms} ms: it does not apply HighWaterCommand, or reads another state"
-            )));
-        }
-        Ok(applied)
-    }
-}
-
-impl<C> PiggybackConsensus<C>
-where
-    C: RaftTypeConfig<NodeId = u64, AsyncRuntime = TokioRuntime, Responder = OneshotResponder<C>>,
-{
-    fn sequence_parts(&self) -> Result<(WrapSequenceCommand<C>, ReadSequences), ConsensusError> {
-        self.sequences.clone().ok_or_else(|| {
-            ConsensusError::Permanent("dense sequences are not enabled by the host".into())
-        })
-    }
-
-    async fn load_sequences(&self) -> Result<SeqCounters, ConsensusError> {
-        let (_, read) = self.sequence_parts()?;
-        let map = |e| self.map_read_error(e);
-        read_applied(&self.raft, &self.lease, &self.timings, map, || read()).await
-    }
-
-    async fn persist_sequences(&self, ends: SeqEnds, epoch: Epoch) -> Result<(), ConsensusError> {
-        let (wrap, read) = self.sequence_parts()?;
-        self.check_epoch(epoch)?;
-        let cmd = SequenceCommand {
-            ends: ends.clone(),
-            term: epoch.hi(),
-        };
-        let map = |e| self.map_write_error(e);
-        write_in_term(
-            &self.raft,
-            &self.lease,
-            &self.timings,
-            epoch,
-            wrap(cmd),
-            map,
-        )
-        .await?;
-        let applied = read();
-        for (key, end) in &ends {
-            let value = applied.get(key).copied().unwrap_or(0);
-            if value < *end {
-                return Err(ConsensusError::Permanent(format!(
-                    "the host's state machine reads counter {key:?} at {value} after applying \
-                     {end}: it does not apply SequenceCommand, or reads another state"
-                )));
-            }
-        }
-        Ok(())
-    }
-}
-
-impl<C> PiggybackConsensus<C>
-where
-    C: RaftTypeConfig<NodeId = u64, AsyncRuntime = TokioRuntime, Responder = OneshotResponder<C>>,
-{
-    fn lease_parts(&self) -> Result<(WrapLeaseCommand<C>, ReadLeases), ConsensusError> {
-        self.leases.clone().ok_or_else(|| {
-            ConsensusError::Permanent("stamping leases are not enabled by the host".into())
-        })
-    }
-
-    async fn load_leases(&self) -> Result<Vec<u8>, ConsensusError> {
-        let (_, read) = self.lease_parts()?;
-        let map = |e| self.map_read_error(e);
-        read_applied(&self.raft, &self.lease, &self.timings, map, || read().1).await
-    }
-
-    async fn persist_leases(&self, record: Vec<u8>, epoch: Epoch) -> Result<(), ConsensusError> {
-        let (wrap, read) = self.lease_parts()?;
-        self.check_epoch(epoch)?;
-        let term = epoch.hi();
-        let map = |e| self.map_write_error(e);
-        write_in_term(
-            &self.raft,
-            &self.lease,
-            &self.timings,
-            epoch,
-            wrap(LeaseCommand { term, record }),
-            map,
-        )
-        .await?;
-        super::lease_record_applied(term, read().0)
+        (self.seam.record.high_water.1)()
     }
 }
 
@@ -471,11 +351,11 @@ where
     C: RaftTypeConfig<NodeId = u64, AsyncRuntime = TokioRuntime, Responder = OneshotResponder<C>>,
 {
     fn leadership(&self) -> watch::Receiver<Leadership> {
-        self.leadership.clone()
+        self.seam.leadership.clone()
     }
 
     fn load_high_water(&self) -> BoxFuture<'_, Result<u64, ConsensusError>> {
-        Box::pin(self.load())
+        Box::pin(self.seam.load_high_water())
     }
 
     fn persist_high_water(
@@ -483,19 +363,19 @@ where
         at_least_ms: u64,
         epoch: Epoch,
     ) -> BoxFuture<'_, Result<u64, ConsensusError>> {
-        Box::pin(self.persist(at_least_ms, epoch))
+        Box::pin(self.seam.persist_high_water(at_least_ms, epoch))
     }
 
     fn lease_valid(&self, epoch: Epoch) -> bool {
-        self.lease.is_valid(epoch.hi())
+        self.seam.lease_valid(epoch)
     }
 
     fn sequences_supported(&self) -> bool {
-        self.sequences.is_some()
+        self.seam.record.keeps(Part::Sequences)
     }
 
     fn load_sequences(&self) -> BoxFuture<'_, Result<SeqCounters, ConsensusError>> {
-        Box::pin(PiggybackConsensus::load_sequences(self))
+        Box::pin(self.seam.load_sequences())
     }
 
     fn persist_sequences(
@@ -503,15 +383,15 @@ where
         ends: SeqEnds,
         epoch: Epoch,
     ) -> BoxFuture<'_, Result<(), ConsensusError>> {
-        Box::pin(PiggybackConsensus::persist_sequences(self, ends, epoch))
+        Box::pin(self.seam.persist_sequences(ends, epoch))
     }
 
     fn leases_supported(&self) -> bool {
-        self.leases.is_some()
+        self.seam.record.keeps(Part::Leases)
     }
 
     fn load_leases(&self) -> BoxFuture<'_, Result<Vec<u8>, ConsensusError>> {
-        Box::pin(PiggybackConsensus::load_leases(self))
+        Box::pin(self.seam.load_leases())
     }
 
     fn persist_leases(
@@ -519,7 +399,7 @@ where
         record: Vec<u8>,
         epoch: Epoch,
     ) -> BoxFuture<'_, Result<(), ConsensusError>> {
-        Box::pin(PiggybackConsensus::persist_leases(self, record, epoch))
+        Box::pin(self.seam.persist_leases(record, epoch))
     }
 }
 

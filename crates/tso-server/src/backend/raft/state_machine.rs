@@ -1,11 +1,12 @@
-//! The replicated state machine: the high-water and the dense-sequence counters, each applied
-//! as `max`, the stamping-lease record (replaced only by a term at least as new), plus what openraft needs (last applied log id, membership) and its snapshot.
+//! The replicated state machine: the oracle's record ([`OracleState`], changed only by its
+//! merge rules), the cluster's identity, plus what openraft needs (last applied log id,
+//! membership) and its snapshot.
 //!
 //! The state itself lives in memory; durability comes from the log (entries are fsync'd before
 //! they count) and from the snapshot file, written atomically before openraft may purge the log
 //! it covers. At open the state is the snapshot's; openraft re-applies the log after it.
-//! Invariant: the high-water and every counter never decrease, whatever order or repetition of
-//! entries.
+//! Invariant: the snapshot layouts are those of earlier builds (the record's fields sit inline
+//! where the flat fields were), so every earlier build of a cluster reads what this one writes.
 
 use std::collections::BTreeMap;
 use std::io::Cursor;
@@ -17,11 +18,13 @@ use openraft::{EntryPayload, RaftSnapshotBuilder, StorageIOError};
 use serde::{Deserialize, Serialize};
 
 use super::record_file::{RecordFile, RecordFileError};
+use super::seam::Record;
 use super::types::{
     Applied, Command, Entry, LogId, Snapshot, SnapshotMeta, SnapshotMetaV1, StorageError,
     StoredMembership, StoredMembershipV1, TypeConfig, snapshot_meta_from_v1,
     stored_membership_from_v1,
 };
+use crate::consensus::{ConsensusError, OracleCommand, OracleState, Part, SeqCounters};
 
 /// File name of the snapshot inside the raft data directory.
 pub const SNAPSHOT_FILE: &str = "raft-snapshot";
@@ -31,12 +34,9 @@ pub const SNAPSHOT_FILE: &str = "raft-snapshot";
 struct State {
     last_applied: Option<LogId>,
     membership: StoredMembership,
-    high_water_ms: u64,
-    /// Dense-sequence counters: each key's next unissued value.
-    sequences: BTreeMap<String, u64>,
-    /// The term that wrote `leases`, and the stamping-lease record itself.
-    lease_term: u64,
-    leases: Vec<u8>,
+    /// postcard writes a nested struct's fields inline: the bytes are those of the flat fields
+    /// (high-water, counters, lease term, lease record) of earlier builds.
+    oracle: OracleState,
     /// The cluster's identity, once its first leader recorded one.
     cluster_id: Option<u128>,
     /// Each member's incarnation (the data directory it answered from), once recorded.
@@ -53,10 +53,7 @@ const LAYOUT_WITH_IDENTITY_MARK: u8 = 0xA3;
 struct StateV2 {
     last_applied: Option<LogId>,
     membership: StoredMembership,
-    high_water_ms: u64,
-    sequences: BTreeMap<String, u64>,
-    lease_term: u64,
-    leases: Vec<u8>,
+    oracle: OracleState,
 }
 
 /// The first byte of a snapshot (file record and state data) whose membership carries admin
@@ -71,10 +68,7 @@ const LAYOUT_WITH_ADMIN_MARK: u8 = 0xA2;
 struct StateV1WithLeases {
     last_applied: Option<LogId>,
     membership: StoredMembershipV1,
-    high_water_ms: u64,
-    sequences: BTreeMap<String, u64>,
-    lease_term: u64,
-    leases: Vec<u8>,
+    oracle: OracleState,
 }
 
 #[derive(Debug, Deserialize)]
@@ -173,18 +167,18 @@ impl StateMachine {
 
     /// The applied high-water, in milliseconds.
     pub fn high_water_ms(&self) -> u64 {
-        self.lock().state.high_water_ms
+        self.lock().state.oracle.high_water_ms
     }
 
     /// The applied dense-sequence counters.
-    pub fn sequences(&self) -> BTreeMap<String, u64> {
-        self.lock().state.sequences.clone()
+    pub fn sequences(&self) -> SeqCounters {
+        self.lock().state.oracle.sequences.clone()
     }
 
     /// The applied stamping-lease record and the term that wrote it.
     pub fn leases(&self) -> (u64, Vec<u8>) {
-        let inner = self.lock();
-        (inner.state.lease_term, inner.state.leases.clone())
+        let oracle = &self.lock().state.oracle;
+        (oracle.lease_term, oracle.leases.clone())
     }
 
     /// Whether a snapshot is stored.
@@ -212,14 +206,40 @@ impl StateMachine {
             .map(|(id, _)| *id)
             .collect()
     }
+}
 
-    /// The first of `ends` whose counter is applied below it, if any (the check after a write).
-    pub fn sequence_below(&self, ends: &[(String, u64)]) -> Option<(String, u64, u64)> {
-        let inner = self.lock();
-        ends.iter().find_map(|(key, end)| {
-            let applied = inner.state.sequences.get(key).copied().unwrap_or(0);
-            (applied < *end).then(|| (key.clone(), applied, *end))
-        })
+impl Record<TypeConfig> for StateMachine {
+    fn keeps(&self, _: Part) -> bool {
+        true
+    }
+
+    fn wrap(&self, cmd: OracleCommand, _term: u64) -> Command {
+        Command::from(cmd)
+    }
+
+    /// Copies only `part` of the applied record.
+    fn read(&self, part: Part) -> OracleState {
+        let oracle = &self.lock().state.oracle;
+        match part {
+            Part::HighWater => OracleState {
+                high_water_ms: oracle.high_water_ms,
+                ..OracleState::default()
+            },
+            Part::Sequences => OracleState {
+                sequences: oracle.sequences.clone(),
+                ..OracleState::default()
+            },
+            Part::Leases => OracleState {
+                lease_term: oracle.lease_term,
+                leases: oracle.leases.clone(),
+                ..OracleState::default()
+            },
+        }
+    }
+
+    /// Checks the applied record in place, without a copy.
+    fn includes(&self, cmd: &OracleCommand) -> Result<(), ConsensusError> {
+        self.lock().state.oracle.includes(cmd)
     }
 }
 
@@ -236,10 +256,7 @@ fn decode_state(data: &[u8]) -> Option<State> {
         return Some(State {
             last_applied: v2.last_applied,
             membership: v2.membership,
-            high_water_ms: v2.high_water_ms,
-            sequences: v2.sequences,
-            lease_term: v2.lease_term,
-            leases: v2.leases,
+            oracle: v2.oracle,
             ..State::default()
         });
     }
@@ -247,10 +264,7 @@ fn decode_state(data: &[u8]) -> Option<State> {
         return Some(State {
             last_applied: old.last_applied,
             membership: stored_membership_from_v1(old.membership),
-            high_water_ms: old.high_water_ms,
-            sequences: old.sequences,
-            lease_term: old.lease_term,
-            leases: old.leases,
+            oracle: old.oracle,
             ..State::default()
         });
     }
@@ -258,8 +272,11 @@ fn decode_state(data: &[u8]) -> Option<State> {
         return Some(State {
             last_applied: old.last_applied,
             membership: stored_membership_from_v1(old.membership),
-            high_water_ms: old.high_water_ms,
-            sequences: old.sequences,
+            oracle: OracleState {
+                high_water_ms: old.high_water_ms,
+                sequences: old.sequences,
+                ..OracleState::default()
+            },
             ..State::default()
         });
     }
@@ -267,7 +284,10 @@ fn decode_state(data: &[u8]) -> Option<State> {
     Some(State {
         last_applied: old.last_applied,
         membership: stored_membership_from_v1(old.membership),
-        high_water_ms: old.high_water_ms,
+        oracle: OracleState {
+            high_water_ms: old.high_water_ms,
+            ..OracleState::default()
+        },
         ..State::default()
     })
 }
@@ -283,46 +303,24 @@ fn encode_state(state: &State) -> Vec<u8> {
     encode_marked(&StateV2 {
         last_applied: state.last_applied,
         membership: state.membership.clone(),
-        high_water_ms: state.high_water_ms,
-        sequences: state.sequences.clone(),
-        lease_term: state.lease_term,
-        leases: state.leases.clone(),
+        oracle: state.oracle.clone(),
     })
 }
 
 /// What a decoded snapshot holds: last applied, high-water, number of counters (tests only).
 #[cfg(test)]
 pub(super) fn decode_state_for_tests(data: &[u8]) -> Option<(Option<LogId>, u64, usize)> {
-    decode_state(data).map(|s| (s.last_applied, s.high_water_ms, s.sequences.len()))
+    decode_state(data).map(|s| {
+        let oracle = &s.oracle;
+        (s.last_applied, oracle.high_water_ms, oracle.sequences.len())
+    })
 }
 
 fn apply_one(state: &mut State, entry: Entry) -> Applied {
     state.last_applied = Some(entry.log_id);
     match entry.payload {
         EntryPayload::Blank => {}
-        EntryPayload::Normal(Command::AdvanceHighWater { at_least_ms }) => {
-            state.high_water_ms = state.high_water_ms.max(at_least_ms);
-        }
-        EntryPayload::Normal(Command::AdvanceSequences { ends }) => {
-            for (key, end) in ends {
-                let counter = state.sequences.entry(key).or_insert(0);
-                *counter = (*counter).max(end);
-            }
-        }
-        EntryPayload::Normal(Command::ReplaceLeases { term, record }) => {
-            if term >= state.lease_term {
-                state.lease_term = term;
-                state.leases = record;
-            }
-        }
-        EntryPayload::Normal(Command::RecordClusterId { id }) => {
-            state.cluster_id.get_or_insert(id);
-        }
-        EntryPayload::Normal(Command::RecordIncarnation { node, incarnation }) => {
-            if state.membership.membership().get_node(&node).is_some() {
-                state.incarnations.entry(node).or_insert(incarnation);
-            }
-        }
+        EntryPayload::Normal(command) => apply_command(state, command),
         EntryPayload::Membership(m) => {
             // A node that leaves is forgotten: its id may come back as a new member.
             state.incarnations.retain(|id, _| m.get_node(id).is_some());
@@ -330,8 +328,29 @@ fn apply_one(state: &mut State, entry: Entry) -> Applied {
         }
     }
     Applied {
-        high_water_ms: state.high_water_ms,
+        high_water_ms: state.oracle.high_water_ms,
     }
+}
+
+fn apply_command(state: &mut State, command: Command) {
+    let cmd = match command {
+        Command::AdvanceHighWater { at_least_ms } => {
+            OracleCommand::AdvanceHighWater { at_least_ms }
+        }
+        Command::AdvanceSequences { ends } => OracleCommand::AdvanceSequences { ends },
+        Command::ReplaceLeases { term, record } => OracleCommand::ReplaceLeases { term, record },
+        Command::RecordClusterId { id } => {
+            state.cluster_id.get_or_insert(id);
+            return;
+        }
+        Command::RecordIncarnation { node, incarnation } => {
+            if state.membership.membership().get_node(&node).is_some() {
+                state.incarnations.entry(node).or_insert(incarnation);
+            }
+            return;
+        }
+    };
+    state.oracle.apply(&cmd);
 }
 
 impl Inner {

@@ -294,3 +294,94 @@ async fn a_snapshot_from_before_admin_addresses_opens() {
         }
     }
 }
+
+/// The log's oracle commands are [`crate::consensus::OracleCommand`]'s: same variant index,
+/// same fields, so an entry's bytes are the oracle command's bytes.
+#[test]
+fn log_commands_encode_as_the_oracle_commands() {
+    use crate::consensus::OracleCommand;
+    let commands = [
+        OracleCommand::AdvanceHighWater { at_least_ms: 300 },
+        OracleCommand::AdvanceSequences {
+            ends: vec![("k".to_owned(), 9)],
+        },
+        OracleCommand::ReplaceLeases {
+            term: 4,
+            record: vec![7, 8],
+        },
+    ];
+    for (index, cmd) in commands.into_iter().enumerate() {
+        let oracle = postcard::to_stdvec(&cmd).unwrap();
+        assert_eq!(oracle[0], index as u8, "variant index of {cmd:?}");
+        assert_eq!(postcard::to_stdvec(&Command::from(cmd)).unwrap(), oracle);
+    }
+}
+
+/// A snapshot's state data is the flat layout of earlier builds: the oracle's record nested in
+/// the state writes the same bytes as its fields did inline, with and without an identity.
+#[tokio::test]
+async fn snapshot_state_keeps_the_flat_layout() {
+    #[derive(serde::Serialize)]
+    struct Flat {
+        last_applied: Option<LogId>,
+        membership: super::types::StoredMembership,
+        high_water_ms: u64,
+        sequences: std::collections::BTreeMap<String, u64>,
+        lease_term: u64,
+        leases: Vec<u8>,
+    }
+    #[derive(serde::Serialize)]
+    struct FlatWithIdentity {
+        flat: Flat,
+        cluster_id: Option<u128>,
+        incarnations: std::collections::BTreeMap<u64, u64>,
+    }
+    let flat = || Flat {
+        last_applied: Some(log_id(1, 4)),
+        membership: Default::default(),
+        high_water_ms: 900,
+        sequences: [("a".to_owned(), 10)].into_iter().collect(),
+        lease_term: 1,
+        leases: vec![5, 6],
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut sm = StateMachine::open(dir.path()).unwrap();
+    let entry = |index, command| Entry {
+        log_id: log_id(1, index),
+        payload: EntryPayload::Normal(command),
+    };
+    sm.apply(vec![
+        advance(1, 1, 900),
+        advance_sequences(1, 2, &[("a", 10)]),
+        entry(
+            3,
+            Command::ReplaceLeases {
+                term: 1,
+                record: vec![5, 6],
+            },
+        ),
+        advance(1, 4, 800),
+    ])
+    .await
+    .unwrap();
+    let data = sm.build_snapshot().await.unwrap().snapshot.into_inner();
+    let mut expected = vec![0xA2];
+    expected.extend(postcard::to_stdvec(&flat()).unwrap());
+    assert_eq!(data, expected, "without an identity");
+
+    sm.apply(vec![entry(5, Command::RecordClusterId { id: 42 })])
+        .await
+        .unwrap();
+    let data = sm.build_snapshot().await.unwrap().snapshot.into_inner();
+    let with_identity = FlatWithIdentity {
+        flat: Flat {
+            last_applied: Some(log_id(1, 5)),
+            ..flat()
+        },
+        cluster_id: Some(42),
+        incarnations: Default::default(),
+    };
+    let mut expected = vec![0xA3];
+    expected.extend(postcard::to_stdvec(&with_identity).unwrap());
+    assert_eq!(data, expected, "with an identity");
+}

@@ -6,6 +6,8 @@ use std::io::Cursor;
 
 use serde::{Deserialize, Serialize};
 
+use crate::consensus::OracleCommand;
+
 /// A member's addresses, carried in the raft membership so that every node learns them from
 /// the log (a follower's hint can never drift from what the cluster agreed on). All are the
 /// *advertised* forms, `host:port`.
@@ -45,15 +47,17 @@ impl From<NodeAddrsV1> for NodeAddrs {
 
 /// The commands the oracle puts in the log. New variants go at the end: the variant index is
 /// what a stored entry carries.
+///
+/// The first three are [`OracleCommand`]'s, in its order and with its fields, so an entry's
+/// bytes are those of the oracle's command (`storage_tests.rs` checks it); the state machine
+/// applies them with [`crate::consensus::OracleState::apply`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {
-    /// Raise the high-water to at least this many milliseconds (applied as `max`).
+    /// [`OracleCommand::AdvanceHighWater`].
     AdvanceHighWater { at_least_ms: u64 },
-    /// Raise each dense-sequence counter to at least its end (applied as `max` per key), one
-    /// group commit of the leader.
+    /// [`OracleCommand::AdvanceSequences`].
     AdvanceSequences { ends: Vec<(String, u64)> },
-    /// Replace the stamping-lease record (opaque to the log) with one computed by the leader of
-    /// `term`; applied only if no record of a later term is already there.
+    /// [`OracleCommand::ReplaceLeases`].
     ReplaceLeases { term: u64, record: Vec<u8> },
     /// Name the cluster (made by its first leader, see `identity.rs`); the first one applied
     /// stays.
@@ -61,6 +65,20 @@ pub enum Command {
     /// Bind member `node` to the data directory it answered from (its incarnation); the first
     /// one applied stays until the node leaves the membership.
     RecordIncarnation { node: u64, incarnation: u64 },
+}
+
+impl From<OracleCommand> for Command {
+    fn from(cmd: OracleCommand) -> Self {
+        match cmd {
+            OracleCommand::AdvanceHighWater { at_least_ms } => {
+                Command::AdvanceHighWater { at_least_ms }
+            }
+            OracleCommand::AdvanceSequences { ends } => Command::AdvanceSequences { ends },
+            OracleCommand::ReplaceLeases { term, record } => {
+                Command::ReplaceLeases { term, record }
+            }
+        }
+    }
 }
 
 /// What applying any entry returns: the high-water after it.
