@@ -1,6 +1,8 @@
 //! Dense sequences through the client against the project's real server (`tso-server`) over
 //! loopback: the file backend keeps every key dense across concurrent callers and across a
-//! restart, and a backend without sequences is a definite refusal, not an uncertain one.
+//! restart, and a replicated backend across a failover (every backend keeps sequences, so no
+//! real server answers `UNIMPLEMENTED`; the client's handling of that answer is tested against
+//! the scripted server in `seq.rs`).
 
 mod common;
 
@@ -10,7 +12,7 @@ use std::time::Duration;
 use common::HANG_GUARD;
 use common::real::{ClusterBackend, ClusterStore, RealServer};
 use tokio::task::JoinSet;
-use tso_client::{Client, ClientBuilder, Epoch, Error};
+use tso_client::{Client, ClientBuilder, Epoch};
 use tso_server::consensus::Leadership;
 
 fn builder() -> ClientBuilder {
@@ -77,25 +79,35 @@ async fn a_restart_continues_each_key_exactly_where_it_stopped() {
 }
 
 #[tokio::test]
-async fn a_backend_without_sequences_refuses_for_certain() {
-    let backend = ClusterBackend::new(
-        Arc::new(ClusterStore::default()),
-        Leadership::Leader {
-            epoch: Epoch::new(1),
+async fn a_failover_continues_each_key_where_the_old_leader_stopped() {
+    let store = Arc::new(ClusterStore::default());
+    let (one, two) = (Epoch::new(1), Epoch::new(2));
+    let a_backend = ClusterBackend::new(store.clone(), Leadership::Leader { epoch: one });
+    let mut a = RealServer::start(a_backend.clone());
+    a.wait_serving(one).await;
+    let b_backend = ClusterBackend::new(
+        store,
+        Leadership::Follower {
+            leader_endpoint: Some(a.endpoint()),
+            leader_epoch: Some(one),
         },
     );
-    let mut server = RealServer::start(backend);
-    server.wait_serving(Epoch::new(1)).await;
-    let client = builder().connect([server.endpoint()]).await.unwrap();
-    let error = client.get_seq("k", 1).await.unwrap_err();
-    assert!(
-        matches!(
-            error,
-            Error::Server {
-                code: tonic::Code::Unimplemented,
-                ..
-            }
-        ),
-        "{error}"
-    );
+    let mut b = RealServer::start(b_backend.clone());
+    let client = builder()
+        .connect([b.endpoint(), a.endpoint()])
+        .await
+        .unwrap();
+    let before = client.get_seq("k", 10).await.unwrap();
+    assert_eq!((before.start(), before.epoch()), (0, one));
+
+    a_backend.set_leadership(Leadership::Follower {
+        leader_endpoint: Some(b.endpoint()),
+        leader_epoch: Some(two),
+    });
+    b_backend.set_leadership(Leadership::Leader { epoch: two });
+    a.wait_not_serving().await;
+    b.wait_serving(two).await;
+    let after = client.get_seq("k", 5).await.unwrap();
+    assert_eq!(after.start(), before.end(), "a value was lost or reissued");
+    assert_eq!(after.epoch(), two);
 }

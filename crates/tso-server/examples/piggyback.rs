@@ -1,9 +1,8 @@
 //! Piggyback mode: a host service that already runs openraft embeds the oracle.
 //!
 //! The host here is a small replicated key-value store. Its raft log carries both its own
-//! `Put` commands and the oracle's [`HighWaterCommand`] and [`SequenceCommand`]; its state
-//! machine holds the map, a [`HighWaterState`] and a [`SequenceState`]; one snapshot covers
-//! them all. Each node runs one tonic server with the
+//! `Put` commands and the oracle's [`OracleCommand`]; its state machine holds the map and an
+//! [`OracleState`]; one snapshot covers both. Each node runs one tonic server with the
 //! oracle's `TsoService` and the store's own `Kv` service. The three nodes live in one process
 //! and reach each other's raft through an in-process [`Router`] (a real host would use its own
 //! network). Storage is in memory, to keep the example short; a real host's is durable.
@@ -41,8 +40,7 @@ use tonic::transport::server::TcpIncoming;
 use tso_proto::tso::example_kv_v1::kv_server::{Kv, KvServer};
 use tso_proto::tso::example_kv_v1::{GetReply, GetRequest, PutReply, PutRequest};
 use tso_server::backend::raft::piggyback::{
-    HighWaterCommand, HighWaterState, LeaseCommand, LeaseHeld, LeaseState, PiggybackConsensus,
-    SequenceCommand, SequenceState, VoteGate,
+    LeaseHeld, OracleCommand, OracleState, PiggybackConsensus, VoteGate,
 };
 use tso_server::{Config, OracleGuard};
 
@@ -50,9 +48,7 @@ use tso_server::{Config, OracleGuard};
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum Cmd {
     Put { key: String, value: String },
-    HighWater(HighWaterCommand),
-    Sequences(SequenceCommand),
-    Leases(LeaseCommand),
+    Oracle(OracleCommand),
 }
 
 openraft::declare_raft_types!(
@@ -71,14 +67,11 @@ openraft::declare_raft_types!(
 pub type Raft = openraft::Raft<KvConfig>;
 type Entry = openraft::Entry<KvConfig>;
 
-/// The replicated state: the host's map, the oracle's high-water and its dense-sequence
-/// counters. A snapshot is this.
+/// The replicated state: the host's map and the oracle's state. A snapshot is this.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KvState {
     pub kv: BTreeMap<String, String>,
-    pub high_water: HighWaterState,
-    pub sequences: SequenceState,
-    pub leases: LeaseState,
+    pub oracle: OracleState,
 }
 
 // ---- log storage (in memory) ----
@@ -171,7 +164,7 @@ impl RaftLogStorage<KvConfig> for LogStore {
     }
 }
 
-// ---- state machine: the map and the high-water ----
+// ---- state machine: the map and the oracle's state ----
 
 #[derive(Debug, Default)]
 struct SmInner {
@@ -187,24 +180,18 @@ struct SmInner {
 pub struct StateMachine(Arc<Mutex<SmInner>>);
 
 impl StateMachine {
-    /// The applied state (the map and the high-water).
+    /// The applied state (the map and the oracle's state).
     pub fn state(&self) -> KvState {
         self.0.lock().unwrap().state.clone()
     }
 
-    /// The applied high-water: what the oracle's adapter reads.
-    pub fn leases(&self) -> (u64, Vec<u8>) {
-        let inner = self.0.lock().unwrap();
-        let (term, record) = inner.state.leases.get();
-        (term, record.to_vec())
-    }
-
-    pub fn sequences(&self) -> tso_server::consensus::SeqCounters {
-        self.0.lock().unwrap().state.sequences.counters().clone()
+    /// Calls `f` with the applied oracle state, in place: what the oracle's adapter reads.
+    pub fn with_oracle(&self, f: &mut dyn FnMut(&OracleState)) {
+        f(&self.0.lock().unwrap().state.oracle)
     }
 
     pub fn high_water_ms(&self) -> u64 {
-        self.0.lock().unwrap().state.high_water.high_water_ms()
+        self.0.lock().unwrap().state.oracle.high_water_ms
     }
 
     /// The current snapshot's metadata and bytes, if one was built or installed.
@@ -213,7 +200,7 @@ impl StateMachine {
     }
 }
 
-/// Decodes a snapshot's bytes: both the map and the high-water.
+/// Decodes a snapshot's bytes: both the map and the oracle's state.
 pub fn decode_snapshot(data: &[u8]) -> Option<KvState> {
     postcard::from_bytes(data).ok()
 }
@@ -264,14 +251,8 @@ impl RaftStateMachine<KvConfig> for StateMachine {
                 EntryPayload::Normal(Cmd::Put { key, value }) => {
                     inner.state.kv.insert(key, value);
                 }
-                EntryPayload::Normal(Cmd::HighWater(cmd)) => {
-                    inner.state.high_water.apply(&cmd);
-                }
-                EntryPayload::Normal(Cmd::Sequences(cmd)) => {
-                    inner.state.sequences.apply(&cmd);
-                }
-                EntryPayload::Normal(Cmd::Leases(cmd)) => {
-                    inner.state.leases.apply(&cmd);
+                EntryPayload::Normal(Cmd::Oracle(cmd)) => {
+                    inner.state.oracle.apply(&cmd);
                 }
                 EntryPayload::Membership(m) => {
                     inner.membership = StoredMembership::new(Some(entry.log_id), m);
@@ -546,19 +527,16 @@ pub async fn open_raft(
 }
 
 /// The oracle's adapter on this host's raft. The three pieces: the oracle's command wrapped in
-/// the host's enum, the applied high-water read from the host's state machine, and a member's
-/// oracle client address, from its membership entry; then, to serve dense sequences and
-/// stamping leases too, their commands and state the same way.
+/// the host's enum, the applied oracle state read in place from the host's state machine, and
+/// a member's oracle client address, from its membership entry.
 pub fn oracle_consensus(raft: &Raft, sm: &StateMachine) -> PiggybackConsensus<KvConfig> {
-    let (high_water, sequences, leases) = (sm.clone(), sm.clone(), sm.clone());
+    let sm = sm.clone();
     PiggybackConsensus::new(
         raft.clone(),
-        Cmd::HighWater,
-        move || high_water.high_water_ms(),
+        Cmd::Oracle,
+        move |f| sm.with_oracle(f),
         |_id, node: &BasicNode| Some(node.addr.clone()),
     )
-    .with_sequences(Cmd::Sequences, move || sequences.sequences())
-    .with_leases(Cmd::Leases, move || leases.leases())
 }
 
 /// Starts node `id` on `storage` (its log and state machine), serving the oracle and the

@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::backoff::Backoff;
-use crate::consensus::ConsensusError;
+use crate::consensus::{ConsensusError, OracleCommand};
 use crate::error::ServeError;
 use crate::metrics;
 use crate::oracle::{Plan, Shared, hint_of};
@@ -49,7 +49,7 @@ pub(crate) async fn run(
         let started = Instant::now();
         let result = tokio::select! {
             _ = cancel.cancelled() => return,
-            result = shared.backend.persist_high_water(target_ms, epoch) => result,
+            result = shared.backend.apply(OracleCommand::AdvanceHighWater { at_least_ms: target_ms }, epoch) => result.map(|s| s.high_water_ms),
         };
         match shared.finish_extension(term_id, target_ms, result) {
             Ok(()) => {

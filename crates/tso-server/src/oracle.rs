@@ -139,8 +139,6 @@ pub enum Refusal {
     ResourceExhausted(String),
     /// The request cannot succeed in the current state (a sequence counter at its end).
     FailedPrecondition(String),
-    /// The backend lacks the feature.
-    Unimplemented(String),
     /// The request names something the server does not know (a lease id).
     NotFound(String),
 }
@@ -312,11 +310,6 @@ impl Shared {
     /// the calls around it. Refuses before anything is written unless this node serves under a
     /// valid lease.
     pub async fn sequence(self: &Arc<Self>, call: SeqCall) -> Result<SeqStarts, Refusal> {
-        if !self.backend.sequences_supported() {
-            return Err(Refusal::Unimplemented(
-                "the configured consensus backend does not keep dense sequences".into(),
-            ));
-        }
         let sequencer = {
             let mut state = self.lock();
             let term = match &mut state.mode {
@@ -613,7 +606,7 @@ pub(crate) fn hint_of(err: &ConsensusError) -> LeaderHint {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::consensus::{BoxFuture, Leadership};
+    use crate::consensus::{BoxFuture, Leadership, OracleCommand, OracleState, Stored};
     use tso_core::Fence;
 
     /// A backend the test never calls: the state is driven by hand.
@@ -624,15 +617,19 @@ mod tests {
             watch::channel(Leadership::Unknown).1
         }
 
-        fn load_high_water(&self) -> BoxFuture<'_, Result<u64, ConsensusError>> {
+        fn lease_valid(&self, _: Epoch) -> bool {
+            true
+        }
+
+        fn load(&self) -> BoxFuture<'_, Result<OracleState, ConsensusError>> {
             unreachable!("not called")
         }
 
-        fn persist_high_water(
+        fn apply(
             &self,
-            _: u64,
+            _: OracleCommand,
             _: Epoch,
-        ) -> BoxFuture<'_, Result<u64, ConsensusError>> {
+        ) -> BoxFuture<'_, Result<Stored, ConsensusError>> {
             unreachable!("not called")
         }
     }
@@ -700,20 +697,20 @@ mod tests {
             Unused.leadership()
         }
 
-        fn load_high_water(&self) -> BoxFuture<'_, Result<u64, ConsensusError>> {
-            unreachable!("not called")
-        }
-
-        fn persist_high_water(
-            &self,
-            _: u64,
-            _: Epoch,
-        ) -> BoxFuture<'_, Result<u64, ConsensusError>> {
-            unreachable!("not called")
-        }
-
         fn lease_valid(&self, _: Epoch) -> bool {
             false
+        }
+
+        fn load(&self) -> BoxFuture<'_, Result<OracleState, ConsensusError>> {
+            unreachable!("not called")
+        }
+
+        fn apply(
+            &self,
+            _: OracleCommand,
+            _: Epoch,
+        ) -> BoxFuture<'_, Result<Stored, ConsensusError>> {
+            unreachable!("not called")
         }
     }
 

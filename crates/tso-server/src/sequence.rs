@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::oneshot;
 use tso_core::Epoch;
 
-use crate::consensus::{ConsensusError, SeqCounters};
+use crate::consensus::{ConsensusError, OracleCommand, SeqCounters};
 use crate::error::ServeError;
 use crate::metrics;
 use crate::oracle::{EXHAUSTED_WAIT_MAX, Refusal, Shared};
@@ -216,7 +216,8 @@ impl Sequencer {
             counters.insert(key.clone(), *end);
         }
         *self.counters.lock().expect("sequence counters lock") = Some(counters);
-        let result = shared.backend.persist_sequences(ends, self.epoch).await;
+        let cmd = OracleCommand::AdvanceSequences { ends };
+        let result = shared.backend.apply(cmd, self.epoch).await.map(drop);
         metrics::seq_write(result.is_ok(), granted.len());
         let answer = result.map_err(|e| write_refusal(e, shared));
         for (waiting, starts) in granted {
@@ -238,7 +239,8 @@ impl Sequencer {
         if shared.config.unsafe_seq_skip_load {
             return Ok(SeqCounters::new());
         }
-        shared.backend.load_sequences().await.map_err(|e| match e {
+        let loaded = shared.backend.load().await.map(|state| state.sequences);
+        loaded.map_err(|e| match e {
             ConsensusError::NotLeader { .. } | ConsensusError::Fenced { .. } => {
                 Refusal::NotLeader(shared.hint())
             }

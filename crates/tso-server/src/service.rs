@@ -25,27 +25,8 @@ impl TsoHandler {
         Self { shared }
     }
 
-    /// `UNIMPLEMENTED` unless the backend keeps stamping leases.
-    fn leases_supported(&self) -> Result<(), Status> {
-        if self.shared.backend.leases_supported() {
-            return Ok(());
-        }
-        Err(Status::unimplemented(
-            "stamping leases and the safe frontier: the configured consensus backend does not \
-             keep leases",
-        ))
-    }
-
-    /// A sequence call's arguments, checked; `UNIMPLEMENTED` first when the backend lacks
-    /// sequences, so that a client learns that before anything about its arguments.
+    /// A sequence call's arguments, checked.
     fn checked(&self, entries: Vec<(Vec<u8>, u32)>) -> Result<SeqCall, Status> {
-        if !self.shared.backend.sequences_supported() {
-            return Err(status_of(Refusal::Unimplemented(
-                "GetSeq and GetSeqBatch: the configured consensus backend does not keep dense \
-                 sequences"
-                    .into(),
-            )));
-        }
         check_call(entries, self.shared.config.seq_count_max).map_err(Status::invalid_argument)
     }
 }
@@ -62,7 +43,6 @@ fn status_of(refusal: Refusal) -> Status {
         Refusal::Internal(msg) => Status::internal(msg),
         Refusal::ResourceExhausted(msg) => Status::resource_exhausted(msg),
         Refusal::FailedPrecondition(msg) => Status::failed_precondition(msg),
-        Refusal::Unimplemented(msg) => Status::unimplemented(msg),
         Refusal::NotFound(msg) => Status::not_found(msg),
     }
 }
@@ -166,7 +146,6 @@ impl TsoService for TsoHandler {
         &self,
         request: Request<AcquireLeaseRequest>,
     ) -> Result<Response<AcquireLeaseResponse>, Status> {
-        self.leases_supported()?;
         let AcquireLeaseRequest {
             holder,
             holder_epoch,
@@ -191,7 +170,6 @@ impl TsoService for TsoHandler {
         &self,
         request: Request<RenewLeaseRequest>,
     ) -> Result<Response<RenewLeaseResponse>, Status> {
-        self.leases_supported()?;
         let lease_id = request.into_inner().lease_id;
         let grant = self.shared.renew_lease(lease_id).await.map_err(status_of)?;
         Ok(Response::new(RenewLeaseResponse {
@@ -205,7 +183,6 @@ impl TsoService for TsoHandler {
         &self,
         request: Request<ReleaseLeaseRequest>,
     ) -> Result<Response<ReleaseLeaseResponse>, Status> {
-        self.leases_supported()?;
         let lease_id = request.into_inner().lease_id;
         self.shared
             .release_lease(lease_id)
@@ -218,7 +195,6 @@ impl TsoService for TsoHandler {
         &self,
         _request: Request<GetSafeFrontierRequest>,
     ) -> Result<Response<GetSafeFrontierResponse>, Status> {
-        self.leases_supported()?;
         let (frontier_physical_ms, epoch) = self.shared.safe_frontier().await.map_err(status_of)?;
         Ok(Response::new(GetSafeFrontierResponse {
             frontier_physical_ms,

@@ -31,7 +31,7 @@ use std::time::Duration;
 
 use tso_core::{Epoch, PHYSICAL_MAX_MS};
 
-use crate::consensus::ConsensusError;
+use crate::consensus::{ConsensusError, OracleCommand};
 use crate::error::ServeError;
 use crate::oracle::{Refusal, Shared};
 
@@ -453,7 +453,8 @@ impl Shared {
                 ..LeaseSet::default()
             });
         }
-        let record = self.backend.load_leases().await.map_err(|e| match e {
+        let loaded = self.backend.load().await.map(|state| state.leases);
+        let record = loaded.map_err(|e| match e {
             ConsensusError::NotLeader { .. } | ConsensusError::Fenced { .. } => {
                 Refusal::NotLeader(self.hint())
             }
@@ -499,8 +500,9 @@ impl Shared {
     ) -> Result<(), Refusal> {
         book.next_id_floor = book.next_id_floor.max(next.next_id);
         book.set = None;
+        let cmd = OracleCommand::replace_leases(next.encode(), epoch);
         self.backend
-            .persist_leases(next.encode(), epoch)
+            .apply(cmd, epoch)
             .await
             .map_err(|err| self.lease_write_refusal(err, "writing the lease set"))?;
         book.set = Some(next);
@@ -536,10 +538,14 @@ impl Shared {
         let durable_ms = if self.config.unsafe_lease_bound_in_memory {
             target_ms
         } else {
+            let cmd = OracleCommand::AdvanceHighWater {
+                at_least_ms: target_ms,
+            };
             self.backend
-                .persist_high_water(target_ms, epoch)
+                .apply(cmd, epoch)
                 .await
                 .map_err(|e| self.lease_write_refusal(e, "persisting the lease's bound"))?
+                .high_water_ms
         };
         if durable_ms < target_ms || durable_ms > PHYSICAL_MAX_MS {
             let reason =

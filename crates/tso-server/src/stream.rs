@@ -161,7 +161,6 @@ fn refusal_of(refusal: Refusal) -> TsStreamRefusal {
         Refusal::Internal(m) => (Code::Internal, m, None),
         Refusal::ResourceExhausted(m) => (Code::ResourceExhausted, m, None),
         Refusal::FailedPrecondition(m) => (Code::FailedPrecondition, m, None),
-        Refusal::Unimplemented(m) => (Code::Unimplemented, m, None),
         Refusal::NotFound(m) => (Code::NotFound, m, None),
     };
     TsStreamRefusal {

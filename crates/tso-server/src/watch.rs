@@ -17,7 +17,7 @@ use tracing::{info, warn};
 use tso_core::{Epoch, Fence, Window};
 
 use crate::backoff::Backoff;
-use crate::consensus::{ConsensusError, Leadership};
+use crate::consensus::{ConsensusError, Leadership, OracleCommand};
 use crate::error::ServeError;
 use crate::extend;
 use crate::metrics;
@@ -356,18 +356,23 @@ impl Watcher {
 async fn fence_attempt(shared: Arc<Shared>, epoch: Epoch) -> Result<Window, FenceFailure> {
     let prior_ms = shared
         .backend
-        .load_high_water()
+        .load()
         .await
-        .map_err(FenceFailure::Backend)?;
+        .map_err(FenceFailure::Backend)?
+        .high_water_ms;
     let now_ms = shared.clock.now_ms();
     let failover_advance_ms = shared.config.failover_advance.as_millis() as u64;
     let fence = Fence::plan(prior_ms, now_ms, failover_advance_ms)
         .map_err(|e| FenceFailure::Invariant(e.to_string()))?;
+    let cmd = OracleCommand::AdvanceHighWater {
+        at_least_ms: fence.target_ms(),
+    };
     let durable_ms = shared
         .backend
-        .persist_high_water(fence.target_ms(), epoch)
+        .apply(cmd, epoch)
         .await
-        .map_err(FenceFailure::Backend)?;
+        .map_err(FenceFailure::Backend)?
+        .high_water_ms;
     fence
         .complete(durable_ms)
         .map_err(|e| FenceFailure::Invariant(e.to_string()))

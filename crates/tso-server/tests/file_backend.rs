@@ -1,9 +1,12 @@
 //! The file backend: the conformance suite, and what it does with locks, damage and new
 //! directories. Real files and fsync in temporary directories.
 
+mod common;
+
 use std::fs;
 use std::path::Path;
 
+use common::HighWaterCalls;
 use tso_core::Epoch;
 use tso_server::backend::file::{self, FileBackend, FileError};
 use tso_server::consensus::{Consensus, ConsensusError, Leadership, conformance};
@@ -63,12 +66,12 @@ async fn a_persisted_value_survives_reopen() {
     let dir = tempfile::tempdir().unwrap();
     let backend = FileBackend::open(dir.path()).unwrap();
     backend
-        .persist_high_water(123_456, backend.epoch())
+        .raise_high_water(123_456, backend.epoch())
         .await
         .unwrap();
     drop(backend);
     let backend = FileBackend::open(dir.path()).unwrap();
-    assert_eq!(backend.load_high_water().await.unwrap(), 123_456);
+    assert_eq!(backend.high_water_ms().await.unwrap(), 123_456);
 }
 
 #[tokio::test]
@@ -76,7 +79,7 @@ async fn a_stale_epoch_is_fenced() {
     let dir = tempfile::tempdir().unwrap();
     let backend = FileBackend::open(dir.path()).unwrap();
     let err = backend
-        .persist_high_water(5, Epoch::new(99))
+        .raise_high_water(5, Epoch::new(99))
         .await
         .unwrap_err();
     assert_eq!(
@@ -151,7 +154,7 @@ async fn init_seeds_a_fresh_directory_and_refuses_to_overwrite() {
     let err = file::init(dir.path(), 5).unwrap_err();
     assert!(matches!(err, FileError::AlreadyInitialized { .. }), "{err}");
     let backend = FileBackend::open(dir.path()).unwrap();
-    assert_eq!(backend.load_high_water().await.unwrap(), 1_900_000_000_000);
+    assert_eq!(backend.high_water_ms().await.unwrap(), 1_900_000_000_000);
     drop(backend);
     assert!(matches!(
         file::init(dir.path(), 5),
@@ -167,7 +170,7 @@ async fn init_seeds_a_fresh_directory_and_refuses_to_overwrite() {
 async fn seed(dir: &Path, value: u64) {
     let backend = FileBackend::open(dir).unwrap();
     backend
-        .persist_high_water(value, backend.epoch())
+        .raise_high_water(value, backend.epoch())
         .await
         .unwrap();
 }
@@ -205,4 +208,76 @@ fn a_directory_with_a_record_and_no_mark_opens_and_is_marked() {
     let backend = FileBackend::open(dir.path()).unwrap();
     assert_eq!(backend.epoch(), Epoch::new(2));
     assert!(dir.path().join("INITIALIZED").exists());
+}
+
+/// A data directory written by the binary of commit b179cd2 (`tests/fixtures/file-b179cd2`:
+/// three timestamps and one more, the blocks `invoice` 0..10 and 10..15, `a` 0..1 and `b` 0..1,
+/// lease 1 of `writer-a` with bound 1796621001181 ms and lease 2 released) opens and serves:
+/// timestamps above the last one it answered, each key where it stopped, lease 1 renewable and
+/// no lease id handed out again. Opening rewrites only the high-water record (its start
+/// counter); the others stay byte for byte.
+#[tokio::test]
+async fn a_data_directory_of_an_earlier_version_opens_and_serves() {
+    use std::sync::Arc;
+
+    use tso_proto::v1::{AcquireLeaseRequest, GetSeqRequest, GetTsRequest, RenewLeaseRequest};
+
+    const FIXTURE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/file-b179cd2");
+    const LAST_TS: u64 = 470_973_337_096_945_664;
+    let dir = tempfile::tempdir().unwrap();
+    for entry in fs::read_dir(FIXTURE).unwrap() {
+        let entry = entry.unwrap();
+        fs::copy(entry.path(), dir.path().join(entry.file_name())).unwrap();
+    }
+    let backend = FileBackend::open(dir.path()).unwrap();
+    assert_eq!(
+        backend.epoch(),
+        Epoch::new(2),
+        "the fixture was opened once"
+    );
+    for name in ["sequences", "leases", "INITIALIZED", "SEQUENCES", "LEASES"] {
+        assert_eq!(
+            fs::read(dir.path().join(name)).unwrap(),
+            fs::read(Path::new(FIXTURE).join(name)).unwrap(),
+            "{name} is left as it was"
+        );
+    }
+    let state = backend.load().await.unwrap();
+    assert!(state.high_water_ms > LAST_TS >> 18);
+    let mut server = common::TestServer::start(
+        Arc::new(backend),
+        tso_server::Config::default(),
+        Arc::new(tso_server::clock::SystemClock),
+    )
+    .await;
+    server.wait_serving().await;
+    let mut client = server.client().await;
+    let ts = client.get_ts(GetTsRequest { count: 1 }).await.unwrap();
+    let ts = ts.into_inner();
+    assert!((ts.physical_ms << 18 | ts.logical_start as u64) > LAST_TS);
+    for (key, start) in [("invoice", 15), ("a", 1), ("b", 1), ("new", 0)] {
+        let request = GetSeqRequest {
+            key: key.into(),
+            count: 1,
+        };
+        let reply = client.get_seq(request).await.unwrap().into_inner();
+        assert_eq!(reply.start, start, "{key} continues where it stopped");
+    }
+    let renewed = client
+        .renew_lease(RenewLeaseRequest { lease_id: 1 })
+        .await
+        .expect("lease 1 of the old directory is live")
+        .into_inner();
+    assert!(renewed.ts_upper_bound >= 1_796_621_001_181);
+    let acquired = client
+        .acquire_lease(AcquireLeaseRequest {
+            holder: b"writer-c".to_vec(),
+            holder_epoch: 0,
+            ttl_ms: 10_000,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(acquired.lease_id, 3, "ids 1 and 2 were handed out before");
+    server.stop().await.unwrap();
 }

@@ -21,7 +21,9 @@ use tso_proto::v1::{
     ReleaseLeaseRequest, RenewLeaseRequest,
 };
 use tso_server::backend::file::FileBackend;
-use tso_server::consensus::{BoxFuture, Consensus, ConsensusError, Leadership};
+use tso_server::consensus::{
+    BoxFuture, Consensus, ConsensusError, Leadership, OracleCommand, OracleState, Stored,
+};
 
 const START_MS: u64 = 1_800_000_000_000;
 
@@ -40,32 +42,25 @@ impl Consensus for Backend {
     fn leadership(&self) -> watch::Receiver<Leadership> {
         self.inner.leadership()
     }
-    fn load_high_water(&self) -> BoxFuture<'_, Result<u64, ConsensusError>> {
-        self.inner.load_high_water()
+    fn lease_valid(&self, epoch: Epoch) -> bool {
+        self.inner.lease_valid(epoch)
     }
-    fn persist_high_water(
-        &self,
-        at_least_ms: u64,
-        epoch: Epoch,
-    ) -> BoxFuture<'_, Result<u64, ConsensusError>> {
-        self.inner.persist_high_water(at_least_ms, epoch)
-    }
-    fn leases_supported(&self) -> bool {
-        true
-    }
-    fn load_leases(&self) -> BoxFuture<'_, Result<Vec<u8>, ConsensusError>> {
+    fn load(&self) -> BoxFuture<'_, Result<OracleState, ConsensusError>> {
         if self.fail_loads.load(Ordering::SeqCst) {
             return Box::pin(async {
                 Err(ConsensusError::Permanent("read failed (injected)".into()))
             });
         }
-        self.inner.load_leases()
+        self.inner.load()
     }
-    fn persist_leases(
+    fn apply(
         &self,
-        record: Vec<u8>,
+        cmd: OracleCommand,
         epoch: Epoch,
-    ) -> BoxFuture<'_, Result<(), ConsensusError>> {
+    ) -> BoxFuture<'_, Result<Stored, ConsensusError>> {
+        if !matches!(cmd, OracleCommand::ReplaceLeases { .. }) {
+            return self.inner.apply(cmd, epoch);
+        }
         let fail = self
             .fail_leases
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
@@ -78,11 +73,11 @@ impl Consensus for Backend {
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
             .is_ok();
         Box::pin(async move {
-            self.inner.persist_leases(record, epoch).await?;
+            let stored = self.inner.apply(cmd, epoch).await?;
             if fail_after {
                 return Err(ConsensusError::Transient("timed out (injected)".into()));
             }
-            Ok(())
+            Ok(stored)
         })
     }
 }
@@ -145,7 +140,7 @@ async fn release(client: &mut Client, lease_id: u64) {
 }
 
 async fn high_water(backend: &Backend) -> u64 {
-    backend.inner.load_high_water().await.unwrap()
+    backend.inner.high_water_ms().await.unwrap()
 }
 
 fn refused(result: Result<impl std::fmt::Debug, tonic::Status>, code: Code, text: &str) {
@@ -355,35 +350,6 @@ async fn leases_and_their_bounds_survive_a_restart() {
         b.lease_id > dead.lease_id,
         "ids are never reused across restarts"
     );
-    server.stop().await.unwrap();
-}
-
-/// A backend without leases says so for all four RPCs.
-#[tokio::test]
-async fn a_backend_without_leases_answers_unimplemented() {
-    let server = {
-        let mut server = TestServer::start(
-            FaultBackend::leader(1, 0),
-            test_config(),
-            ManualClock::new(START_MS),
-        )
-        .await;
-        server.wait_serving().await;
-        server
-    };
-    let mut client = server.client().await;
-    refused(
-        acquire(&mut client, b"h", 1, 5_000).await,
-        Code::Unimplemented,
-        "leases",
-    );
-    refused(renew(&mut client, 1).await, Code::Unimplemented, "leases");
-    let release = client
-        .release_lease(ReleaseLeaseRequest { lease_id: 1 })
-        .await;
-    refused(release, Code::Unimplemented, "leases");
-    let frontier = client.get_safe_frontier(GetSafeFrontierRequest {}).await;
-    refused(frontier, Code::Unimplemented, "leases");
     server.stop().await.unwrap();
 }
 

@@ -5,6 +5,7 @@ mod common;
 #[path = "../examples/piggyback.rs"]
 mod piggyback;
 
+use common::HighWaterCalls;
 use std::collections::BTreeSet;
 use std::io::Cursor;
 use std::sync::{Arc, Mutex};
@@ -17,7 +18,7 @@ use tso_proto::tso::example_kv_v1::kv_client::KvClient;
 use tso_proto::tso::example_kv_v1::{GetRequest, PutRequest};
 use tso_proto::v1::tso_service_client::TsoServiceClient;
 use tso_proto::v1::{GetSeqRequest, GetTsRequest};
-use tso_server::consensus::{Consensus, ConsensusError, Leadership, conformance};
+use tso_server::consensus::{Consensus, ConsensusError, Leadership, OracleCommand, conformance};
 
 const DEADLINE: Duration = Duration::from_secs(20);
 
@@ -136,13 +137,13 @@ async fn kv_writes_and_timestamps_share_one_log_snapshot_and_failover() {
         .count();
     let high_waters = commands
         .iter()
-        .filter(|c| matches!(c, Cmd::HighWater(_)))
+        .filter(|c| matches!(c, Cmd::Oracle(OracleCommand::AdvanceHighWater { .. })))
         .count();
     assert_eq!(puts, 5, "{commands:?}");
     assert!(high_waters >= 1, "{commands:?}");
     let sequences = commands
         .iter()
-        .filter(|c| matches!(c, Cmd::Sequences(_)))
+        .filter(|c| matches!(c, Cmd::Oracle(OracleCommand::AdvanceSequences { .. })))
         .count();
     assert_eq!(sequences, 2, "one entry per group write: {commands:?}");
     let hw = cluster.nodes[leader].sm.high_water_ms();
@@ -189,7 +190,7 @@ async fn kv_writes_and_timestamps_share_one_log_snapshot_and_failover() {
     };
     match cluster.nodes[follower]
         .consensus
-        .persist_high_water(1, epoch)
+        .raise_high_water(1, epoch)
         .await
     {
         Err(ConsensusError::NotLeader {
@@ -214,15 +215,15 @@ async fn kv_writes_and_timestamps_share_one_log_snapshot_and_failover() {
     let state = piggyback::decode_snapshot(&data).expect("snapshot decodes");
     assert_eq!(state.kv.len(), 5);
     assert_eq!(state.kv["k3"], "v3");
-    assert!(state.high_water.high_water_ms() >= stamps[4] >> 18);
-    assert_eq!(state.sequences.counters().get("invoice"), Some(&15));
+    assert!(state.oracle.high_water_ms >= stamps[4] >> 18);
+    assert_eq!(state.oracle.sequences.get("invoice"), Some(&15));
     let mut restored = StateMachine::default();
     restored
         .install_snapshot(&meta, Box::new(Cursor::new(data)))
         .await
         .unwrap();
     assert_eq!(restored.state(), state, "restoring restores both");
-    assert_eq!(restored.high_water_ms(), state.high_water.high_water_ms());
+    assert_eq!(restored.high_water_ms(), state.oracle.high_water_ms);
 
     // A learner that joins after the log is purged catches up from that snapshot, over raft.
     node.raft.trigger().purge_log(applied).await.unwrap();
@@ -246,11 +247,11 @@ async fn kv_writes_and_timestamps_share_one_log_snapshot_and_failover() {
     let learned = learner_sm.state();
     assert_eq!(learned.kv, state.kv, "the learner has the map");
     assert_eq!(
-        learned.sequences, state.sequences,
+        learned.oracle.sequences, state.oracle.sequences,
         "the learner has the counters"
     );
     assert!(
-        learned.high_water.high_water_ms() >= state.high_water.high_water_ms(),
+        learned.oracle.high_water_ms >= state.oracle.high_water_ms,
         "the learner has the high-water"
     );
     // openraft publishes the installed snapshot in its metrics just after the state machine
@@ -369,11 +370,11 @@ async fn losing_quorum_is_transient_and_service_resumes() {
         cluster.router.remove(node.id);
     }
     let started = std::time::Instant::now();
-    match consensus.persist_high_water(9_000, epoch).await {
+    match consensus.raise_high_water(9_000, epoch).await {
         Err(ConsensusError::Transient(_) | ConsensusError::NotLeader { .. }) => {}
         other => panic!("a persist without quorum must fail transiently, got {other:?}"),
     }
-    match consensus.load_high_water().await {
+    match consensus.high_water_ms().await {
         Err(ConsensusError::Transient(_) | ConsensusError::NotLeader { .. }) => {}
         other => panic!("a load without quorum must fail transiently, got {other:?}"),
     }

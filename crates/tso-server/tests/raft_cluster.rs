@@ -4,6 +4,7 @@
 
 mod common;
 
+use common::HighWaterCalls;
 use std::time::Duration;
 
 use common::raft::{
@@ -12,7 +13,7 @@ use common::raft::{
 };
 use tso_core::Epoch;
 use tso_server::backend::raft::{Links, SnapshotOptions};
-use tso_server::consensus::{Consensus, ConsensusError};
+use tso_server::consensus::ConsensusError;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_nodes_elect_persist_hint_and_fail_over_without_regression() {
@@ -31,7 +32,7 @@ async fn three_nodes_elect_persist_hint_and_fail_over_without_regression() {
 
     for &f in all.iter().filter(|&&i| i != leader) {
         wait_for_follower_of(&nodes[f], &client_addr(leader_id)).await;
-        match nodes[f].backend.persist_high_water(5_000, epoch).await {
+        match nodes[f].backend.raise_high_water(5_000, epoch).await {
             Err(ConsensusError::NotLeader {
                 leader_endpoint: Some(addr),
                 leader_epoch: Some(hinted),
@@ -61,27 +62,27 @@ async fn three_nodes_elect_persist_hint_and_fail_over_without_regression() {
     let rest: Vec<usize> = all.iter().copied().filter(|&i| i != leader).collect();
     let (next, next_epoch) = wait_for_leader(&nodes, &rest, epoch).await;
     assert!(next_epoch > epoch);
-    let loaded = nodes[next].backend.load_high_water().await.unwrap();
+    let loaded = nodes[next].backend.high_water_ms().await.unwrap();
     assert!(
         loaded >= 1_000,
         "the new leader sees every persisted value: {loaded}"
     );
     let higher = nodes[next]
         .backend
-        .persist_high_water(2_000, next_epoch)
+        .raise_high_water(2_000, next_epoch)
         .await
         .unwrap();
     assert_eq!(higher, 2_000);
     assert_eq!(
         nodes[next]
             .backend
-            .persist_high_water(1_500, next_epoch)
+            .raise_high_water(1_500, next_epoch)
             .await
             .unwrap(),
         2_000,
         "never lowered"
     );
-    match nodes[next].backend.persist_high_water(3_000, epoch).await {
+    match nodes[next].backend.raise_high_water(3_000, epoch).await {
         Err(ConsensusError::Fenced { .. } | ConsensusError::NotLeader { .. }) => {}
         other => panic!("the old epoch must be refused on the new leader, got {other:?}"),
     }
@@ -99,14 +100,14 @@ async fn losing_quorum_fails_transiently_and_service_resumes() {
     let (leader, epoch) = wait_for_leader(&nodes, &all, Epoch::ZERO).await;
     nodes[leader]
         .backend
-        .persist_high_water(1_000, epoch)
+        .raise_high_water(1_000, epoch)
         .await
         .unwrap();
 
     // Cut the leader off: no quorum on its side.
     links.isolate(nodes[leader].id, nodes.iter().map(|n| n.id));
     let started = std::time::Instant::now();
-    match nodes[leader].backend.persist_high_water(9_000, epoch).await {
+    match nodes[leader].backend.raise_high_water(9_000, epoch).await {
         Err(ConsensusError::Transient(_) | ConsensusError::NotLeader { .. }) => {}
         other => panic!("a leader without quorum must fail transiently, got {other:?}"),
     }
@@ -118,14 +119,14 @@ async fn losing_quorum_fails_transiently_and_service_resumes() {
     let rest: Vec<usize> = all.iter().copied().filter(|&i| i != leader).collect();
     let (next, next_epoch) = wait_for_leader(&nodes, &rest, epoch).await;
     links.heal_all();
-    let loaded = nodes[next].backend.load_high_water().await.unwrap();
+    let loaded = nodes[next].backend.high_water_ms().await.unwrap();
     assert!(
         loaded >= 1_000,
         "no regression after the partition: {loaded}"
     );
     let resumed = nodes[next]
         .backend
-        .persist_high_water(loaded + 1, next_epoch)
+        .raise_high_water(loaded + 1, next_epoch)
         .await
         .unwrap();
     assert!(resumed > loaded);
@@ -171,7 +172,7 @@ async fn a_restarted_follower_catches_up_and_a_full_restart_keeps_the_high_water
     // epoch after a full restart is at least, not above, the one before.
     let (leader, restarted_epoch) = wait_for_leader(&restarted, &all, Epoch::ZERO).await;
     assert!(restarted_epoch >= epoch, "epochs never go back");
-    let loaded = restarted[leader].backend.load_high_water().await.unwrap();
+    let loaded = restarted[leader].backend.high_water_ms().await.unwrap();
     assert_eq!(
         loaded, last,
         "all three killed and restarted: nothing acknowledged is lost"
@@ -233,7 +234,7 @@ async fn a_follower_behind_the_purged_log_catches_up_by_snapshot() {
 /// back in its own term after a restart (openraft restores a committed vote for itself as
 /// leadership at once, without a new blank entry). Its snapshot covers the term's first entry,
 /// so openraft's read point is already applied at start; the extensions committed after the
-/// snapshot must still be in what `load_high_water` returns, or the fence would seed the
+/// snapshot must still be in what a load returns, or the fence would seed the
 /// cursor from a stale high-water and, with a clock behind the last grants, repeat timestamps.
 /// Replication from the restarted leader is held while heartbeats pass, so its read barrier
 /// wins the race against its log replication (as it can after a power loss): the read must
@@ -308,7 +309,7 @@ async fn extend_in_one_term(nodes: &[common::raft::TestNode], last: &mut u64) ->
         let mut extensions = 0;
         loop {
             *last += 1_000;
-            if let Err(e) = backend.persist_high_water(*last, epoch).await {
+            if let Err(e) = backend.raise_high_water(*last, epoch).await {
                 eprintln!("persist in {epoch} failed ({e}); starting over");
                 continue 'term;
             }
@@ -333,7 +334,7 @@ async fn load_with_retries(node: &common::raft::TestNode, timeouts: u32) -> Opti
     let attempt = async {
         let mut left = timeouts;
         loop {
-            match node.backend.load_high_water().await {
+            match node.backend.high_water_ms().await {
                 Ok(v) => return Some(v),
                 Err(ConsensusError::Transient(e)) if e.contains("not confirmed") => {
                     left -= 1;

@@ -5,6 +5,7 @@
 
 mod common;
 
+use common::HighWaterCalls;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -15,7 +16,7 @@ use common::raft::{
 use tso_server::backend::raft::{
     Links, NodeAddrs, RaftBackend, RaftConfig, RaftOpenError, SnapshotOptions,
 };
-use tso_server::consensus::{Consensus, Leadership};
+use tso_server::consensus::Leadership;
 
 /// Waits until every node of `nodes` has applied the incarnations of all of them.
 async fn wait_identities_recorded(nodes: &[common::raft::TestNode]) {
@@ -97,7 +98,7 @@ async fn a_wiped_voter_never_lets_a_lagging_node_lead() {
     while tokio::time::Instant::now() < watch_until {
         for i in [lagging, wiped] {
             if let Leadership::Leader { epoch } = nodes[i].leadership() {
-                let loaded = nodes[i].backend.load_high_water().await;
+                let loaded = nodes[i].backend.high_water_ms().await;
                 if let Ok(loaded) = loaded {
                     assert!(
                         loaded >= last,

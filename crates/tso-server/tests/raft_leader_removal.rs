@@ -6,6 +6,7 @@
 
 mod common;
 
+use common::HighWaterCalls;
 use std::time::Instant;
 
 use common::raft::{start_cluster, wait_for_leader, wait_for_lease_holder, wait_until};
@@ -13,7 +14,6 @@ use tso_core::Epoch;
 use tso_proto::tso::admin_v1 as pb;
 use tso_proto::tso::admin_v1::admin_client::AdminClient;
 use tso_server::backend::raft::{AdminService, Links, RaftBackend};
-use tso_server::consensus::Consensus;
 
 /// Serves `backend`'s admin service on a loopback port; returns a client of it.
 async fn admin_client(backend: &RaftBackend) -> AdminClient<tonic::transport::Channel> {
@@ -94,7 +94,7 @@ async fn remove_the_leader_of_two_with(cut: bool, no_refusal: bool) {
         let (_, new_epoch) = wait_for_leader(&nodes, &[other], Epoch::ZERO).await;
         nodes[other]
             .backend
-            .persist_high_water(1, new_epoch)
+            .raise_high_water(1, new_epoch)
             .await
             .expect("the survivor commits alone");
         let now = Instant::now();
@@ -198,7 +198,7 @@ async fn the_leader_of_two_voters_is_removed_after_a_transfer() {
     assert!(epoch_now >= new_epoch);
     nodes[other]
         .backend
-        .persist_high_water(10, epoch_now)
+        .raise_high_water(10, epoch_now)
         .await
         .expect("the survivor commits alone");
     for node in &mut nodes {
@@ -242,7 +242,7 @@ async fn a_failed_transfer_leaves_a_cluster_that_elects_a_leader() {
     let (now_leads, new_epoch) = wait_for_leader(&nodes, &[leader, third], epoch).await;
     nodes[now_leads]
         .backend
-        .persist_high_water(5, new_epoch)
+        .raise_high_water(5, new_epoch)
         .await
         .expect("the new leader commits");
     for node in &mut nodes {

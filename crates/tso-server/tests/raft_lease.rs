@@ -4,6 +4,7 @@
 
 mod common;
 
+use common::HighWaterCalls;
 use std::time::{Duration, Instant};
 
 use common::raft::{start_cluster, wait_for_lease_holder, wait_until};
@@ -137,7 +138,7 @@ async fn random_partitions_never_give_two_nodes_a_lease() {
             for n in &nodes {
                 if let Leadership::Leader { epoch } = n.leadership() {
                     let ask = durable + 1;
-                    let persist = n.backend.persist_high_water(ask, epoch);
+                    let persist = n.backend.raise_high_water(ask, epoch);
                     if let Ok(Ok(got)) =
                         tokio::time::timeout(Duration::from_millis(100), persist).await
                     {
@@ -154,7 +155,7 @@ async fn random_partitions_never_give_two_nodes_a_lease() {
     let (leader, _) = common::raft::wait_for_leader(&nodes, &[0, 1, 2], Epoch::ZERO).await;
     let loaded = tokio::time::timeout(common::raft::CLUSTER_WAIT, async {
         loop {
-            if let Ok(v) = nodes[leader].backend.load_high_water().await {
+            if let Ok(v) = nodes[leader].backend.high_water_ms().await {
                 return v;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -263,7 +264,7 @@ async fn a_leader_holding_its_lease_never_votes_a_new_leader_in() {
                 && new > epoch
                 && nodes[candidate]
                     .backend
-                    .persist_high_water(1_000, new)
+                    .raise_high_water(1_000, new)
                     .await
                     .is_ok()
             {

@@ -6,6 +6,7 @@
 
 mod common;
 
+use common::HighWaterCalls;
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -71,15 +72,12 @@ async fn a_cluster_written_by_an_earlier_version_opens_and_serves() {
     let all = [0, 1, 2];
     let (leader, epoch) = wait_for_leader(&nodes, &all, Epoch::ZERO).await;
     let backend = &nodes[leader].backend;
-    assert!(backend.load_high_water().await.unwrap() >= 2_000_000);
-    let sequences = backend.load_sequences().await.unwrap();
-    assert_eq!(sequences.get("orders"), Some(&42));
-    assert_eq!(sequences.get("rows"), Some(&7));
-    assert_eq!(
-        backend.load_leases().await.unwrap(),
-        b"lease-record-from-main"
-    );
-    backend.persist_high_water(3_000_000, epoch).await.unwrap();
+    let state = backend.load().await.unwrap();
+    assert!(state.high_water_ms >= 2_000_000);
+    assert_eq!(state.sequences.get("orders"), Some(&42));
+    assert_eq!(state.sequences.get("rows"), Some(&7));
+    assert_eq!(state.leases, b"lease-record-from-main");
+    backend.raise_high_water(3_000_000, epoch).await.unwrap();
     wait_until(
         "the cluster records its identity and every incarnation",
         || {
@@ -102,11 +100,11 @@ async fn a_cluster_written_by_an_earlier_version_opens_and_serves() {
     let again: Vec<u64> = nodes.iter().map(|n| n.backend.incarnation()).collect();
     assert_eq!(again, incarnations);
     let (leader, epoch) = wait_for_leader(&nodes, &all, Epoch::ZERO).await;
-    let loaded = nodes[leader].backend.load_high_water().await.unwrap();
+    let loaded = nodes[leader].backend.high_water_ms().await.unwrap();
     assert!(loaded >= 3_000_000, "{loaded}");
     nodes[leader]
         .backend
-        .persist_high_water(loaded + 1, epoch)
+        .raise_high_water(loaded + 1, epoch)
         .await
         .unwrap();
     for node in &mut nodes {

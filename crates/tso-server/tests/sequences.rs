@@ -18,7 +18,7 @@ use tso_proto::v1::{GetSeqBatchRequest, GetSeqRequest, GetSeqResponse, SeqReques
 use tso_server::backend::file::FileBackend;
 use tso_server::clock::SystemClock;
 use tso_server::consensus::{
-    BoxFuture, Consensus, ConsensusError, Leadership, SeqCounters, SeqEnds,
+    BoxFuture, Consensus, ConsensusError, Leadership, OracleCommand, OracleState, SeqEnds, Stored,
 };
 use tso_server::{Config, OracleGuard};
 
@@ -74,31 +74,23 @@ impl Consensus for Probe {
         self.leadership.subscribe()
     }
 
-    fn load_high_water(&self) -> BoxFuture<'_, Result<u64, ConsensusError>> {
-        self.inner.load_high_water()
+    fn lease_valid(&self, epoch: Epoch) -> bool {
+        self.inner.lease_valid(epoch)
     }
 
-    fn persist_high_water(
+    fn load(&self) -> BoxFuture<'_, Result<OracleState, ConsensusError>> {
+        self.inner.load()
+    }
+
+    fn apply(
         &self,
-        at_least_ms: u64,
+        cmd: OracleCommand,
         epoch: Epoch,
-    ) -> BoxFuture<'_, Result<u64, ConsensusError>> {
-        self.inner.persist_high_water(at_least_ms, epoch)
-    }
-
-    fn sequences_supported(&self) -> bool {
-        true
-    }
-
-    fn load_sequences(&self) -> BoxFuture<'_, Result<SeqCounters, ConsensusError>> {
-        self.inner.load_sequences()
-    }
-
-    fn persist_sequences(
-        &self,
-        ends: SeqEnds,
-        epoch: Epoch,
-    ) -> BoxFuture<'_, Result<(), ConsensusError>> {
+    ) -> BoxFuture<'_, Result<Stored, ConsensusError>> {
+        let OracleCommand::AdvanceSequences { ends } = &cmd else {
+            return self.inner.apply(cmd, epoch);
+        };
+        let ends = ends.clone();
         Box::pin(async move {
             self.requested.lock().unwrap().push(ends.clone());
             self.writes.fetch_add(1, Ordering::SeqCst);
@@ -108,8 +100,8 @@ impl Consensus for Probe {
                     "injected before the write".into(),
                 ));
             }
-            self.written.lock().unwrap().push(ends.clone());
-            self.inner.persist_sequences(ends, epoch).await?;
+            self.written.lock().unwrap().push(ends);
+            let stored = self.inner.apply(cmd, epoch).await?;
             if Probe::take_one(&self.fail_after) {
                 return Err(ConsensusError::Transient("injected after the write".into()));
             }
@@ -120,7 +112,7 @@ impl Consensus for Probe {
                     current,
                 });
             }
-            Ok(())
+            Ok(stored)
         })
     }
 }
@@ -334,9 +326,10 @@ async fn a_counter_stops_at_u64_max_and_a_batch_with_it_spends_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let probe = Probe::open(dir.path(), false);
     let epoch = tso_server::consensus::conformance::wait_for_leader(&probe.inner).await;
+    let ends = vec![("end".into(), u64::MAX - 10)];
     probe
         .inner
-        .persist_sequences(vec![("end".into(), u64::MAX - 10)], epoch)
+        .apply(OracleCommand::AdvanceSequences { ends }, epoch)
         .await
         .unwrap();
     let server = server_on(probe, test_config()).await;
@@ -469,7 +462,7 @@ async fn a_failed_write_answers_unavailable_and_its_block_is_never_reused() {
     server.stop().await.unwrap();
     drop(probe);
     let backend = reopen(dir.path()).await;
-    let stored = backend.load_sequences().await.unwrap();
+    let stored = backend.load().await.unwrap().sequences;
     assert_eq!(stored.get("k"), Some(&11));
 }
 
@@ -558,38 +551,34 @@ async fn an_ended_term_writes_no_queued_group() {
 /// A permanent failure reading the counters stops serving loudly too.
 #[tokio::test]
 async fn a_permanent_load_failure_poisons_the_server() {
-    struct Broken(Arc<Probe>);
+    /// Its loads fail for good once the fence has loaded.
+    struct Broken(Arc<Probe>, std::sync::atomic::AtomicBool);
     impl Consensus for Broken {
         fn leadership(&self) -> watch::Receiver<Leadership> {
             self.0.leadership()
         }
-        fn load_high_water(&self) -> BoxFuture<'_, Result<u64, ConsensusError>> {
-            self.0.load_high_water()
+        fn lease_valid(&self, epoch: Epoch) -> bool {
+            self.0.lease_valid(epoch)
         }
-        fn persist_high_water(
+        fn load(&self) -> BoxFuture<'_, Result<OracleState, ConsensusError>> {
+            if self.1.swap(true, Ordering::SeqCst) {
+                return Box::pin(async {
+                    Err(ConsensusError::Permanent("read failed (injected)".into()))
+                });
+            }
+            self.0.load()
+        }
+        fn apply(
             &self,
-            ms: u64,
+            cmd: OracleCommand,
             epoch: Epoch,
-        ) -> BoxFuture<'_, Result<u64, ConsensusError>> {
-            self.0.persist_high_water(ms, epoch)
-        }
-        fn sequences_supported(&self) -> bool {
-            true
-        }
-        fn load_sequences(&self) -> BoxFuture<'_, Result<SeqCounters, ConsensusError>> {
-            Box::pin(async { Err(ConsensusError::Permanent("read failed (injected)".into())) })
-        }
-        fn persist_sequences(
-            &self,
-            ends: SeqEnds,
-            epoch: Epoch,
-        ) -> BoxFuture<'_, Result<(), ConsensusError>> {
-            self.0.persist_sequences(ends, epoch)
+        ) -> BoxFuture<'_, Result<Stored, ConsensusError>> {
+            self.0.apply(cmd, epoch)
         }
     }
     let dir = tempfile::tempdir().unwrap();
     let server = server_on(
-        Arc::new(Broken(Probe::open(dir.path(), false))),
+        Arc::new(Broken(Probe::open(dir.path(), false), Default::default())),
         test_config(),
     )
     .await;
@@ -611,28 +600,23 @@ async fn a_permanent_write_failure_poisons_the_server() {
         fn leadership(&self) -> watch::Receiver<Leadership> {
             self.0.leadership()
         }
-        fn load_high_water(&self) -> BoxFuture<'_, Result<u64, ConsensusError>> {
-            self.0.load_high_water()
+        fn lease_valid(&self, epoch: Epoch) -> bool {
+            self.0.lease_valid(epoch)
         }
-        fn persist_high_water(
+        fn load(&self) -> BoxFuture<'_, Result<OracleState, ConsensusError>> {
+            self.0.load()
+        }
+        fn apply(
             &self,
-            ms: u64,
+            cmd: OracleCommand,
             epoch: Epoch,
-        ) -> BoxFuture<'_, Result<u64, ConsensusError>> {
-            self.0.persist_high_water(ms, epoch)
-        }
-        fn sequences_supported(&self) -> bool {
-            true
-        }
-        fn load_sequences(&self) -> BoxFuture<'_, Result<SeqCounters, ConsensusError>> {
-            self.0.load_sequences()
-        }
-        fn persist_sequences(
-            &self,
-            _: SeqEnds,
-            _: Epoch,
-        ) -> BoxFuture<'_, Result<(), ConsensusError>> {
-            Box::pin(async { Err(ConsensusError::Permanent("fsync failed (injected)".into())) })
+        ) -> BoxFuture<'_, Result<Stored, ConsensusError>> {
+            if matches!(cmd, OracleCommand::AdvanceSequences { .. }) {
+                return Box::pin(async {
+                    Err(ConsensusError::Permanent("fsync failed (injected)".into()))
+                });
+            }
+            self.0.apply(cmd, epoch)
         }
     }
     let dir = tempfile::tempdir().unwrap();
@@ -651,28 +635,6 @@ async fn a_permanent_write_failure_poisons_the_server() {
     assert!(error.to_string().contains("fsync failed"), "{error}");
 }
 
-/// A backend without dense sequences says so, before looking at the arguments, and never
-/// disguises it as "not leader".
-#[tokio::test]
-async fn a_backend_without_sequences_answers_unimplemented() {
-    let backend = FaultBackend::leader(1, 0);
-    let server = server_on(backend, test_config()).await;
-    let mut client = server.client().await;
-    assert_code(
-        seq(&mut client, b"k", 1).await,
-        Code::Unimplemented,
-        "dense sequences",
-    );
-    assert_code(
-        seq(&mut client, b"", 0).await,
-        Code::Unimplemented,
-        "dense sequences",
-    );
-    let result = client.get_seq_batch(batch(&[(b"a", 1)])).await;
-    assert_code(result, Code::Unimplemented, "dense sequences");
-    server.stop().await.unwrap();
-}
-
 /// The sequences record is damage-checked like the high-water: a flipped bit, a truncation or
 /// a deleted record stops the start with an error naming the file.
 #[tokio::test]
@@ -681,8 +643,9 @@ async fn a_damaged_or_missing_sequences_record_is_refused() {
     {
         let backend = FileBackend::open(dir.path()).unwrap();
         let epoch = backend.epoch();
+        let ends = vec![("k".into(), 5)];
         backend
-            .persist_sequences(vec![("k".into(), 5)], epoch)
+            .apply(OracleCommand::AdvanceSequences { ends }, epoch)
             .await
             .unwrap();
     }
@@ -711,5 +674,6 @@ async fn a_damaged_or_missing_sequences_record_is_refused() {
     assert!(err.to_string().contains("missing"), "{err}");
     std::fs::write(&path, good).unwrap();
     let backend = FileBackend::open(dir.path()).unwrap();
-    assert_eq!(backend.load_sequences().await.unwrap().get("k"), Some(&5));
+    let loaded = backend.load().await.unwrap();
+    assert_eq!(loaded.sequences.get("k"), Some(&5));
 }

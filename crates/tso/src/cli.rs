@@ -5,6 +5,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use tso_lab::bench::{BenchRpc, LoadMode, SeqKeys};
+use tso_lab::check::{BenchMode, Workload};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -81,6 +83,32 @@ pub struct ServeArgs {
     /// Serve Prometheus metrics on this address (`/metrics`); off when not set.
     #[arg(long, env = "TSO_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
+    #[command(flatten)]
+    pub controls: ServeControls,
+    /// Largest `count` of one key in one GetSeq/GetSeqBatch entry.
+    #[arg(long, default_value_t = tso_server::SEQ_COUNT_MAX_DEFAULT,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub seq_count_max: u32,
+    /// Most distinct dense-sequence keys this server keeps; a new key past it is refused with
+    /// RESOURCE_EXHAUSTED.
+    #[arg(long, default_value_t = tso_server::SEQ_KEYS_MAX_DEFAULT as u64,
+          value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+    pub seq_keys_max: u64,
+    /// Shortest TTL a stamping lease may ask for.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub lease_ttl_min: Duration,
+    /// Longest TTL a stamping lease may ask for; leases expired longer ago are forgotten.
+    #[arg(long, default_value = "300s", value_parser = humantime::parse_duration)]
+    pub lease_ttl_max: Duration,
+    /// Log filter (tracing syntax, e.g. `info`, `tso_server=debug`). Logs go to stderr.
+    #[arg(long, default_value = "info,openraft=warn", env = "TSO_LOG")]
+    pub log: String,
+}
+
+/// The hidden `--unsafe-*` flags of `tso serve`: servers broken on purpose for the checker's
+/// positive controls, and the fault tests' hooks. Never set in production.
+#[derive(Debug, Args)]
+pub struct ServeControls {
     /// FOR THE CHECKER'S POSITIVE CONTROL ONLY: the failover fence reads the durable
     /// high-water as 0, as if the backend had lost its record, so a restart under a clock set
     /// back reissues timestamps. This breaks the oracle on purpose. Never set it.
@@ -101,26 +129,11 @@ pub struct ServeArgs {
     /// elect a node whose log lacks committed writes. This breaks the oracle on purpose.
     #[arg(long, hide = true)]
     pub unsafe_trust_wiped: bool,
-    /// Largest `count` of one key in one GetSeq/GetSeqBatch entry.
-    #[arg(long, default_value_t = tso_server::SEQ_COUNT_MAX_DEFAULT,
-          value_parser = clap::value_parser!(u32).range(1..))]
-    pub seq_count_max: u32,
-    /// Most distinct dense-sequence keys this server keeps; a new key past it is refused with
-    /// RESOURCE_EXHAUSTED.
-    #[arg(long, default_value_t = tso_server::SEQ_KEYS_MAX_DEFAULT as u64,
-          value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
-    pub seq_keys_max: u64,
     /// FOR THE CHECKER'S POSITIVE CONTROL ONLY: each new leader starts every sequence from 0
     /// instead of loading the durable counters, so blocks are handed out twice after a failover
     /// or restart. This breaks the oracle on purpose. Never set it.
     #[arg(long, hide = true)]
     pub unsafe_seq_forget: bool,
-    /// Shortest TTL a stamping lease may ask for.
-    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
-    pub lease_ttl_min: Duration,
-    /// Longest TTL a stamping lease may ask for; leases expired longer ago are forgotten.
-    #[arg(long, default_value = "300s", value_parser = humantime::parse_duration)]
-    pub lease_ttl_max: Duration,
     /// FOR THE CHECKER'S POSITIVE CONTROL ONLY: each new leader starts with an empty lease
     /// set instead of loading it, so its safe frontier can pass the bound of a live lease.
     /// This breaks the oracle on purpose. Never set it.
@@ -159,9 +172,6 @@ pub struct ServeArgs {
     /// waits, as on a stuck disk. Never set it in production.
     #[arg(long, hide = true)]
     pub unsafe_fsync_stall_file: Option<PathBuf>,
-    /// Log filter (tracing syntax, e.g. `info`, `tso_server=debug`). Logs go to stderr.
-    #[arg(long, default_value = "info,openraft=warn", env = "TSO_LOG")]
-    pub log: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -438,7 +448,6 @@ pub struct BenchArgs {
 }
 
 #[derive(Debug, Args)]
-#[command(group(clap::ArgGroup::new("control").multiple(false)))]
 pub struct CheckArgs {
     /// Nodes of the local cluster (1: file backend).
     #[arg(long, default_value_t = 1)]
@@ -457,7 +466,7 @@ pub struct CheckArgs {
     pub clients: usize,
     /// Calls recorded at most, over all clients: when they have made this many, the clients
     /// and the nemesis stop together and the history is checked.
-    #[arg(long, default_value_t = crate::check::clients::CALLS_MAX)]
+    #[arg(long, default_value_t = tso_lab::check::clients::CALLS_MAX)]
     pub calls_max: usize,
     /// What the clients call: `GetTs` (timestamps), `GetSeq` and `GetSeqBatch` on a few fixed
     /// keys (dense sequences, checked for D1, D2 and the order of their epochs), or the
@@ -483,7 +492,7 @@ pub struct CheckArgs {
     /// or shrink to one voter and grow back, through the admin service) and wipe (lose a
     /// follower's raft log or whole data directory, then replace it).
     #[arg(long, value_delimiter = ',', default_value = "kill,pause,clock")]
-    pub faults: Vec<crate::check::schedule::FaultKind>,
+    pub faults: Vec<tso_lab::check::schedule::FaultKind>,
     /// Mean quiet time between faults (each gap is drawn from half to 1.5 times this).
     #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
     pub fault_interval: Duration,
@@ -518,167 +527,70 @@ pub struct CheckArgs {
     /// run].
     #[arg(long)]
     pub work_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub controls: CheckControls,
+}
+
+/// The positive controls of `tso check` (and its one ablation), at most one per run: each runs
+/// servers broken on purpose, through their hidden `--unsafe-*` flags.
+#[derive(Debug, Args)]
+#[group(id = "control", multiple = false)]
+pub struct CheckControls {
     /// POSITIVE CONTROL: run servers that forget their durable high-water at start, set their
     /// clocks back and kill them. A working checker reports a violation (exit 1).
-    #[arg(long, group = "control")]
+    #[arg(long)]
     pub unsafe_positive_control: bool,
     /// POSITIVE CONTROL of partition safety: run raft servers that grant without checking
     /// their leader lease, and cut the leader off from its peers. A working checker reports a
     /// violation (exit 1).
-    #[arg(long, group = "control")]
+    #[arg(long)]
     pub unsafe_no_lease: bool,
     /// POSITIVE CONTROL of dense sequences (with `--workload seq`): run servers whose every new
     /// leader starts each sequence from 0, and kill the leader. A working checker reports a D1
     /// violation (exit 1).
-    #[arg(long, group = "control")]
+    #[arg(long)]
     pub unsafe_seq_forget: bool,
     /// POSITIVE CONTROL of stamping leases (with `--workload lease`): run servers whose every
     /// new leader starts with an empty lease set, and kill the leader. A working checker
     /// reports a rule-1 violation, a frontier above a live lease's bound (exit 1).
-    #[arg(long, group = "control")]
+    #[arg(long)]
     pub unsafe_lease_forget: bool,
     /// POSITIVE CONTROL of membership changes (raft clusters, `--workload ts`): run servers that
     /// let the leader of two voters be removed at once, and shrink the cluster to two voters
     /// then remove its leader, with clients pinned to every node. A working checker reports a
     /// real-time violation (exit 1): the survivor grants while the removed leader still does.
-    #[arg(long, group = "control")]
+    #[arg(long)]
     pub unsafe_allow_leader_removal: bool,
     /// POSITIVE CONTROL of cluster identity (`--nodes 3`, `--workload ts`): run servers that
     /// let a member restarted under its old id on a wiped directory vote again, and open with
     /// a follower cut off, the leader killed and the other follower wiped: the cut-off one is
     /// elected on a stale log. A working checker reports duplicates and real-time violations
     /// (exit 1).
-    #[arg(long, group = "control")]
+    #[arg(long)]
     pub unsafe_trust_wiped: bool,
     /// POSITIVE CONTROL of monotonic lease expiry (`--workload lease`, with clock faults): run
     /// servers that judge stamping leases' expiry by the wall clock. A working checker reports
     /// a frontier above a live lease's bound or a frontier going back (exit 1).
-    #[arg(long, group = "control")]
+    #[arg(long)]
     pub unsafe_lease_wall_expiry: bool,
     /// POSITIVE CONTROL of durable lease bounds (`--workload lease`): run servers that raise
     /// the high-water for a lease's bound in memory only, and kill the leader. A working
     /// checker reports a later leader's grant above an answered bound (exit 1).
-    #[arg(long, group = "control")]
+    #[arg(long)]
     pub unsafe_lease_bound_in_memory: bool,
     /// POSITIVE CONTROL of D2 (`--workload seq`): run servers that now and then refuse a
     /// sequence call after spending its block. A working checker reports an unexplained gap
     /// (exit 1).
-    #[arg(long, group = "control")]
+    #[arg(long)]
     pub unsafe_seq_burn_refused: bool,
     /// POSITIVE CONTROL of the handoff (raft clusters, `--workload ts`, with `handoff` faults):
     /// run servers whose leader keeps its lease, and keeps granting, after handing off. A
     /// working checker reports a real-time violation (exit 1).
-    #[arg(long, group = "control")]
+    #[arg(long)]
     pub unsafe_handoff_keep_lease: bool,
     /// ABLATION, not a control: run raft servers whose elections skip the pre-vote gate, as
     /// before it was built, to measure what a follower's heal costs the clients without it
     /// (the run's "longest gap in answers" line). It breaks no guarantee the checker judges.
-    #[arg(long, group = "control")]
+    #[arg(long)]
     pub unsafe_ungate_elections: bool,
-}
-
-/// What `tso check` clients call.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Workload {
-    /// `GetTs`: timestamps, checked for duplicates, regression, real-time order and shape.
-    Ts,
-    /// `GetSeq` and `GetSeqBatch` on a few fixed keys: blocks checked for overlaps (D1), gaps
-    /// (D2), the order of their epochs, and shape.
-    Seq,
-    /// Stamping leases (acquire, renew, release), `GetSafeFrontier` reads and `GetTs`: the
-    /// frontier checked against live leases and itself, bounds against earlier grants.
-    Lease,
-}
-
-impl Workload {
-    pub fn name(self) -> &'static str {
-        match self {
-            Workload::Ts => "ts",
-            Workload::Seq => "seq",
-            Workload::Lease => "lease",
-        }
-    }
-}
-
-/// The RPC `tso bench` loads.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum BenchRpc {
-    /// `GetTs`.
-    Ts,
-    /// `GetSeq`.
-    Seq,
-}
-
-impl BenchRpc {
-    pub fn name(self) -> &'static str {
-        match self {
-            BenchRpc::Ts => "ts",
-            BenchRpc::Seq => "seq",
-        }
-    }
-}
-
-/// Which sequence keys `tso bench --rpc seq` callers use.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum SeqKeys {
-    /// One key for every caller: they contend on one counter.
-    Shared,
-    /// One key per caller: no two callers share a counter.
-    PerCaller,
-}
-
-impl SeqKeys {
-    pub fn name(self) -> &'static str {
-        match self {
-            SeqKeys::Shared => "shared",
-            SeqKeys::PerCaller => "per-caller",
-        }
-    }
-
-    /// The key caller `id` uses.
-    pub fn key(self, id: usize) -> String {
-        match self {
-            SeqKeys::Shared => "bench-shared".into(),
-            SeqKeys::PerCaller => format!("bench-caller-{id}"),
-        }
-    }
-}
-
-/// How `tso bench` callers reach the server.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum LoadMode {
-    /// One unary `GetTs` (or `GetSeq`) RPC per call.
-    Raw,
-    /// One request per call on a `GetTsStream` stream (`tso.stream.v1`).
-    Stream,
-    /// Through `tso-client`, which coalesces concurrent callers into shared RPCs.
-    Library,
-}
-
-impl LoadMode {
-    pub fn name(self) -> &'static str {
-        match self {
-            LoadMode::Raw => "raw",
-            LoadMode::Stream => "stream",
-            LoadMode::Library => "library",
-        }
-    }
-}
-
-/// How `tso bench` and `tso check` callers reach the server.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum BenchMode {
-    /// One `GetTs` RPC per call.
-    Raw,
-    /// Through `tso-client`, which coalesces concurrent callers into shared RPCs.
-    Library,
-}
-
-impl BenchMode {
-    pub fn name(self) -> &'static str {
-        match self {
-            BenchMode::Raw => "raw",
-            BenchMode::Library => "library",
-        }
-    }
 }

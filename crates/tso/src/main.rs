@@ -1,4 +1,3 @@
-#![recursion_limit = "256"]
 //! `tso`: the timestamp oracle's one binary. Parses flags, wires parts, maps errors to exit
 //! codes; everything else is library code.
 
@@ -7,16 +6,13 @@ use std::process::ExitCode;
 use clap::Parser;
 
 mod admin;
-mod bench;
-mod check;
 mod cli;
 mod cluster;
 mod get;
+mod lab;
 mod lease;
-mod node;
 mod seq;
 mod serve;
-mod targets;
 mod tls;
 
 /// Exit code of a failure at run time (clap uses 2 for usage errors).
@@ -31,8 +27,8 @@ fn main() -> ExitCode {
         cli::Command::Seq(args) => seq::run(args),
         cli::Command::Lease(args) => lease::run(args),
         cli::Command::Frontier(args) => lease::frontier(args),
-        cli::Command::Bench(args) => bench::run(args),
-        cli::Command::Check(args) => return check::main(args),
+        cli::Command::Bench(args) => lab::bench(args),
+        cli::Command::Check(args) => return lab::check(args),
         cli::Command::Admin(args) => admin::run(args),
     };
     match result {

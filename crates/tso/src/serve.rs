@@ -13,7 +13,9 @@ use tokio_util::sync::CancellationToken;
 use tso_server::backend::file::{self, FileBackend};
 use tso_server::backend::raft::{HandoffOutcome, RaftBackend};
 use tso_server::clock::{Clock, OffsetClock, SystemClock};
-use tso_server::consensus::{BoxFuture, Consensus, ConsensusError, Leadership};
+use tso_server::consensus::{
+    BoxFuture, Consensus, ConsensusError, Leadership, OracleCommand, OracleState, Stored,
+};
 use tso_server::{Config, OracleGuard, serve_listener_tls};
 
 use crate::cli::{BackendKind, InitArgs, ServeArgs};
@@ -178,32 +180,32 @@ async fn bind_client(args: &ServeArgs) -> anyhow::Result<TcpListener> {
 }
 
 fn oracle_config(args: &ServeArgs) -> Config {
-    if args.unsafe_no_lease {
+    if args.controls.unsafe_no_lease {
         tracing::warn!(
             "UNSAFE: grants skip the leader lease check; this server breaks its guarantees on purpose"
         );
     }
-    if args.unsafe_lease_forget {
+    if args.controls.unsafe_lease_forget {
         tracing::warn!(
             "UNSAFE: every term starts with no stamping leases; this server breaks its guarantees on purpose"
         );
     }
-    if args.unsafe_seq_forget {
+    if args.controls.unsafe_seq_forget {
         tracing::warn!(
             "UNSAFE: sequences restart from 0 in every term; this server breaks its guarantees on purpose"
         );
     }
-    if args.unsafe_lease_wall_expiry {
+    if args.controls.unsafe_lease_wall_expiry {
         tracing::warn!(
             "UNSAFE: stamping leases expire by the wall clock; this server breaks its guarantees on purpose"
         );
     }
-    if args.unsafe_lease_bound_in_memory {
+    if args.controls.unsafe_lease_bound_in_memory {
         tracing::warn!(
             "UNSAFE: stamping lease bounds are not made durable; this server breaks its guarantees on purpose"
         );
     }
-    if args.unsafe_seq_burn_refused {
+    if args.controls.unsafe_seq_burn_refused {
         tracing::warn!(
             "UNSAFE: some refused sequence calls spend their block; this server breaks its guarantees on purpose"
         );
@@ -212,16 +214,16 @@ fn oracle_config(args: &ServeArgs) -> Config {
         window_ahead: args.window_ahead,
         failover_advance: args.failover_advance,
         shutdown_grace: args.shutdown_grace,
-        unsafe_skip_lease_check: args.unsafe_no_lease,
+        unsafe_skip_lease_check: args.controls.unsafe_no_lease,
         seq_count_max: args.seq_count_max,
         seq_keys_max: args.seq_keys_max as usize,
-        unsafe_seq_skip_load: args.unsafe_seq_forget,
+        unsafe_seq_skip_load: args.controls.unsafe_seq_forget,
         lease_ttl_min: args.lease_ttl_min,
         lease_ttl_max: args.lease_ttl_max,
-        unsafe_lease_skip_load: args.unsafe_lease_forget,
-        unsafe_lease_wall_expiry: args.unsafe_lease_wall_expiry,
-        unsafe_lease_bound_in_memory: args.unsafe_lease_bound_in_memory,
-        unsafe_seq_burn_refused: args.unsafe_seq_burn_refused,
+        unsafe_lease_skip_load: args.controls.unsafe_lease_forget,
+        unsafe_lease_wall_expiry: args.controls.unsafe_lease_wall_expiry,
+        unsafe_lease_bound_in_memory: args.controls.unsafe_lease_bound_in_memory,
+        unsafe_seq_burn_refused: args.controls.unsafe_seq_burn_refused,
     }
 }
 
@@ -243,7 +245,7 @@ async fn serve_raft(
     let listener = bind_client(&args).await?;
     let addr = listener.local_addr()?;
     let admin_listener = cluster::bind_admin(&args).await?;
-    if let Some(path) = &args.unsafe_fsync_stall_file {
+    if let Some(path) = &args.controls.unsafe_fsync_stall_file {
         tracing::warn!(path = %path.display(), "UNSAFE: raft fsyncs stall while this file exists; for fault tests only");
         tso_server::backend::raft::unsafe_stall_fsync_while_exists(path.clone());
     }
@@ -252,17 +254,17 @@ async fn serve_raft(
             .await
             .context("starting the raft node")?,
     );
-    if args.unsafe_ungate_elections {
+    if args.controls.unsafe_ungate_elections {
         tracing::warn!("UNSAFE: elections skip the pre-vote gate; for measurements only");
         backend.unsafe_ungate_elections();
     }
-    if args.unsafe_trust_wiped {
+    if args.controls.unsafe_trust_wiped {
         tracing::warn!(
             "UNSAFE: members on wiped data directories count again; this server breaks its guarantees on purpose"
         );
         backend.unsafe_trust_wiped_members();
     }
-    if args.unsafe_handoff_keep_lease {
+    if args.controls.unsafe_handoff_keep_lease {
         tracing::warn!(
             "UNSAFE: a handoff keeps this node's lease and grants under it; this server breaks its guarantees on purpose"
         );
@@ -272,7 +274,7 @@ async fn serve_raft(
     let admin = cluster::serve_admin(
         admin_listener,
         &backend,
-        args.unsafe_allow_leader_removal,
+        args.controls.unsafe_allow_leader_removal,
         stop_admin.clone(),
     )?;
     let (stop_peers, peers_stopped) = tokio::sync::oneshot::channel::<()>();
@@ -362,9 +364,10 @@ async fn serve_file(
     Ok(())
 }
 
-/// The positive control of `tso check`: a backend that reads the durable high-water as 0, as
-/// if its record were lost, so the fence starts from the clock alone. Persisting still
-/// ratchets the real record; only the fence's view of it is wrong.
+/// The positive control of `tso check`: a backend whose loads read the durable high-water as
+/// 0, as if its record were lost, so the fence starts from the clock alone. Applying still
+/// ratchets the real record, and the leader lease is the backend's own; only the fence's view
+/// of the high-water is wrong.
 struct ForgetHighWater<B>(B);
 
 impl<B: Consensus> Consensus for ForgetHighWater<B> {
@@ -372,23 +375,33 @@ impl<B: Consensus> Consensus for ForgetHighWater<B> {
         self.0.leadership()
     }
 
-    fn load_high_water(&self) -> BoxFuture<'_, Result<u64, ConsensusError>> {
-        Box::pin(async { Ok(0) })
+    fn lease_valid(&self, epoch: tso_core::Epoch) -> bool {
+        self.0.lease_valid(epoch)
     }
 
-    fn persist_high_water(
+    fn load(&self) -> BoxFuture<'_, Result<OracleState, ConsensusError>> {
+        Box::pin(async {
+            let state = self.0.load().await?;
+            Ok(OracleState {
+                high_water_ms: 0,
+                ..state
+            })
+        })
+    }
+
+    fn apply(
         &self,
-        at_least_ms: u64,
+        cmd: OracleCommand,
         epoch: tso_core::Epoch,
-    ) -> BoxFuture<'_, Result<u64, ConsensusError>> {
-        self.0.persist_high_water(at_least_ms, epoch)
+    ) -> BoxFuture<'_, Result<Stored, ConsensusError>> {
+        self.0.apply(cmd, epoch)
     }
 }
 
 /// `backend`, or, for the checker's positive control, the same backend with its high-water
 /// forgotten by the fence.
 fn positive_control(args: &ServeArgs, backend: Arc<dyn Consensus>) -> Arc<dyn Consensus> {
-    if !args.unsafe_forget_high_water {
+    if !args.controls.unsafe_forget_high_water {
         return backend;
     }
     tracing::warn!(
@@ -399,7 +412,7 @@ fn positive_control(args: &ServeArgs, backend: Arc<dyn Consensus>) -> Arc<dyn Co
 
 /// The system clock, or, for fault tests, one shifted by the offset in a file.
 fn clock(args: &ServeArgs) -> Arc<dyn Clock> {
-    let Some(path) = args.unsafe_clock_offset_file.clone() else {
+    let Some(path) = args.controls.unsafe_clock_offset_file.clone() else {
         return Arc::new(SystemClock);
     };
     tracing::warn!(path = %path.display(), "UNSAFE: the clock follows an offset file; for fault tests only");

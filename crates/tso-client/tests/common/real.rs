@@ -1,6 +1,6 @@
 //! The project's real server (`tso-server`) on loopback, for the client's tests: over the file
-//! backend, or over [`ClusterBackend`], an in-memory "replicated" high-water shared by several
-//! nodes whose leadership the test sets, so a follower's hint and a failover are the real
+//! backend, or over [`ClusterBackend`], an in-memory "replicated" oracle state shared by
+//! several nodes whose leadership the test sets, so a follower's hint and a failover are the real
 //! server's own.
 //!
 //! Each node runs on its own thread and runtime; stopping it drops every connection at once.
@@ -13,15 +13,17 @@ use std::thread::JoinHandle;
 use tokio::sync::{oneshot, watch};
 use tso_core::Epoch;
 use tso_server::backend::file::FileBackend;
-use tso_server::consensus::{BoxFuture, Consensus, ConsensusError, Leadership};
+use tso_server::consensus::{
+    BoxFuture, Consensus, ConsensusError, Leadership, OracleCommand, OracleState, Stored,
+};
 use tso_server::{Config, OracleGuard, ServingState};
 
 use super::HANG_GUARD;
 
-/// One high-water shared by every node of a pretend cluster: what a quorum would store.
+/// One oracle state shared by every node of a pretend cluster: what a quorum would store.
 #[derive(Default)]
 pub struct ClusterStore {
-    high_water_ms: Mutex<u64>,
+    state: Mutex<OracleState>,
 }
 
 /// One node's view of the [`ClusterStore`], with leadership set by the test.
@@ -64,21 +66,30 @@ impl Consensus for ClusterBackend {
         self.leadership.subscribe()
     }
 
-    fn load_high_water(&self) -> BoxFuture<'_, Result<u64, ConsensusError>> {
-        let value = *self.store.high_water_ms.lock().unwrap();
-        Box::pin(async move { Ok(value) })
+    /// No lease: the test moves leadership by hand, and a deposed node learns it at once.
+    fn lease_valid(&self, _epoch: Epoch) -> bool {
+        true
     }
 
-    fn persist_high_water(
+    fn load(&self) -> BoxFuture<'_, Result<OracleState, ConsensusError>> {
+        let state = self.store.state.lock().unwrap().clone();
+        Box::pin(async move { Ok(state) })
+    }
+
+    fn apply(
         &self,
-        at_least_ms: u64,
+        cmd: OracleCommand,
         epoch: Epoch,
-    ) -> BoxFuture<'_, Result<u64, ConsensusError>> {
+    ) -> BoxFuture<'_, Result<Stored, ConsensusError>> {
         let leads = *self.leadership.borrow() == Leadership::Leader { epoch };
         let result = if leads {
-            let mut stored = self.store.high_water_ms.lock().unwrap();
-            *stored = (*stored).max(at_least_ms);
-            Ok(*stored)
+            cmd.check(epoch).map(|()| {
+                let mut state = self.store.state.lock().unwrap();
+                state.apply(&cmd);
+                Stored {
+                    high_water_ms: state.high_water_ms,
+                }
+            })
         } else {
             Err(self.not_leader())
         };

@@ -10,7 +10,9 @@ use std::time::Duration;
 
 use tso_core::{Epoch, PHYSICAL_MAX_MS};
 
-use super::{Consensus, ConsensusError, Leadership, SeqCounters};
+use super::{
+    Consensus, ConsensusError, Leadership, OracleCommand, OracleState, SeqCounters, SeqEnds,
+};
 
 /// How long the suite waits for a fresh backend to report `Leader`.
 const LEADER_WAIT: Duration = Duration::from_secs(30);
@@ -25,31 +27,19 @@ where
     let backend = open().await;
     let epoch = wait_for_leader(&backend).await;
     assert_eq!(
-        backend
-            .load_high_water()
-            .await
-            .expect("load on a fresh store"),
-        0,
-        "a fresh store loads 0"
+        backend.load().await.expect("load on a fresh store"),
+        OracleState::default(),
+        "a fresh store loads the default state"
     );
     persist_returns_the_maximum(&backend, epoch).await;
     refuses_out_of_range(&backend, epoch).await;
     refuses_a_stale_epoch(&backend, epoch).await;
     refuses_a_newer_epoch(&backend, epoch).await;
     a_dropped_persist_is_harmless(&backend, epoch).await;
-    let stored = backend.load_high_water().await.expect("load");
-    let leases = backend.leases_supported();
-    let lease_record = if leases {
-        lease_records_replace_and_fence(&backend, epoch).await
-    } else {
-        Vec::new()
-    };
-    let sequences = backend.sequences_supported();
-    let counters = if sequences {
-        sequences_ratchet_per_key(&backend, epoch).await
-    } else {
-        SeqCounters::new()
-    };
+    let stored = high_water(&backend).await.expect("load");
+    let lease_record = lease_records_replace_and_fence(&backend, epoch).await;
+    let counters = sequences_ratchet_per_key(&backend, epoch).await;
+    let whole = backend.load().await.expect("load");
     drop(backend);
 
     let backend = open().await;
@@ -58,50 +48,74 @@ where
         reopened_epoch >= epoch,
         "epochs never go back: {reopened_epoch} after {epoch}"
     );
+    let reopened = backend.load().await.expect("load after reopen");
+    assert_eq!(reopened.high_water_ms, stored, "durable across reopen");
     assert_eq!(
-        backend.load_high_water().await.expect("load after reopen"),
-        stored,
-        "durable across reopen"
+        reopened.sequences, counters,
+        "sequence counters are durable across reopen"
     );
+    assert_eq!(
+        reopened.leases, lease_record,
+        "the lease record is durable across reopen"
+    );
+    assert_eq!(reopened, whole, "the whole state is durable across reopen");
     concurrent_persists_ratchet(&backend, reopened_epoch, stored).await;
     the_last_millisecond_is_the_limit(&backend, reopened_epoch).await;
-    if sequences {
-        assert_eq!(
-            backend
-                .load_sequences()
-                .await
-                .expect("load sequences after reopen"),
-            counters,
-            "sequence counters are durable across reopen"
-        );
-        concurrent_sequence_persists_ratchet(&backend, reopened_epoch).await;
-    }
-    if leases {
-        assert_eq!(
-            backend
-                .load_leases()
-                .await
-                .expect("load leases after reopen"),
-            lease_record,
-            "the lease record is durable across reopen"
-        );
-    }
+    concurrent_sequence_persists_ratchet(&backend, reopened_epoch).await;
+}
+
+async fn high_water<B: Consensus>(backend: &B) -> Result<u64, ConsensusError> {
+    backend.load().await.map(|s| s.high_water_ms)
+}
+
+async fn sequences<B: Consensus>(backend: &B) -> Result<SeqCounters, ConsensusError> {
+    backend.load().await.map(|s| s.sequences)
+}
+
+async fn leases<B: Consensus>(backend: &B) -> Result<Vec<u8>, ConsensusError> {
+    backend.load().await.map(|s| s.leases)
+}
+
+/// Applies an advance of the high-water; returns the durable high-water.
+async fn raise<B: Consensus>(
+    backend: &B,
+    at_least_ms: u64,
+    epoch: Epoch,
+) -> Result<u64, ConsensusError> {
+    let cmd = OracleCommand::AdvanceHighWater { at_least_ms };
+    backend.apply(cmd, epoch).await.map(|s| s.high_water_ms)
+}
+
+async fn advance<B: Consensus>(
+    backend: &B,
+    ends: SeqEnds,
+    epoch: Epoch,
+) -> Result<(), ConsensusError> {
+    let cmd = OracleCommand::AdvanceSequences { ends };
+    backend.apply(cmd, epoch).await.map(drop)
+}
+
+async fn replace<B: Consensus>(
+    backend: &B,
+    record: Vec<u8>,
+    epoch: Epoch,
+) -> Result<(), ConsensusError> {
+    let cmd = OracleCommand::replace_leases(record, epoch);
+    backend.apply(cmd, epoch).await.map(drop)
 }
 
 /// The stamping-lease record (SEMANTICS §14): empty on a fresh store, replaced whole by each
 /// persist, refused under another epoch. Returns what is stored.
 async fn lease_records_replace_and_fence<B: Consensus>(backend: &B, epoch: Epoch) -> Vec<u8> {
-    let load = || async { backend.load_leases().await.expect("load leases") };
+    let load = || async { leases(backend).await.expect("load leases") };
     assert!(load().await.is_empty(), "a fresh store has no lease record");
     let first = b"first lease set".to_vec();
-    backend
-        .persist_leases(first.clone(), epoch)
+    replace(backend, first.clone(), epoch)
         .await
         .expect("persist leases");
     assert_eq!(load().await, first, "a persisted lease record loads back");
     let second = vec![7u8; 4096];
-    backend
-        .persist_leases(second.clone(), epoch)
+    replace(backend, second.clone(), epoch)
         .await
         .expect("persist leases");
     assert_eq!(load().await, second, "a lease record is replaced whole");
@@ -112,7 +126,7 @@ async fn lease_records_replace_and_fence<B: Consensus>(backend: &B, epoch: Epoch
         if other == epoch {
             continue;
         }
-        match backend.persist_leases(b"stale".to_vec(), other).await {
+        match replace(backend, b"stale".to_vec(), other).await {
             Err(ConsensusError::Fenced { .. } | ConsensusError::NotLeader { .. }) => {}
             res => panic!("a lease persist under epoch {other} must be refused, got {res:?}"),
         }
@@ -137,21 +151,23 @@ fn ends_of(pairs: &[(&str, u64)]) -> Vec<(String, u64)> {
 /// key as `max`, never lowers one, takes the longest key and the largest value, is refused
 /// under another epoch, and a dropped one leaves old-or-new values. Returns what is stored.
 async fn sequences_ratchet_per_key<B: Consensus>(backend: &B, epoch: Epoch) -> SeqCounters {
-    let load = || async { backend.load_sequences().await.expect("load sequences") };
+    let load = || async { sequences(backend).await.expect("load sequences") };
     assert_eq!(
         load().await,
         SeqCounters::new(),
         "a fresh store has no counters"
     );
     let long = "k".repeat(128);
-    backend
-        .persist_sequences(ends_of(&[("a", 5), ("b", 3), (&long, u64::MAX)]), epoch)
-        .await
-        .expect("persist sequences");
+    advance(
+        backend,
+        ends_of(&[("a", 5), ("b", 3), (&long, u64::MAX)]),
+        epoch,
+    )
+    .await
+    .expect("persist sequences");
     let expected = counters_of(&[("a", 5), ("b", 3), (&long, u64::MAX)]);
     assert_eq!(load().await, expected, "persisted counters load back");
-    backend
-        .persist_sequences(ends_of(&[("a", 2), ("b", 4)]), epoch)
+    advance(backend, ends_of(&[("a", 2), ("b", 4)]), epoch)
         .await
         .expect("persist sequences");
     let expected = counters_of(&[("a", 5), ("b", 4), (&long, u64::MAX)]);
@@ -163,10 +179,7 @@ async fn sequences_ratchet_per_key<B: Consensus>(backend: &B, epoch: Epoch) -> S
         if other == epoch {
             continue;
         }
-        match backend
-            .persist_sequences(ends_of(&[("a", 100)]), other)
-            .await
-        {
+        match advance(backend, ends_of(&[("a", 100)]), other).await {
             Err(ConsensusError::Fenced { .. } | ConsensusError::NotLeader { .. }) => {}
             res => panic!("a sequence persist under epoch {other} must be refused, got {res:?}"),
         }
@@ -177,7 +190,7 @@ async fn sequences_ratchet_per_key<B: Consensus>(backend: &B, epoch: Epoch) -> S
         );
     }
     {
-        let call = backend.persist_sequences(ends_of(&[("a", 50)]), epoch);
+        let call = advance(backend, ends_of(&[("a", 50)]), epoch);
         let _ = tokio::time::timeout(Duration::ZERO, call).await;
     }
     let after = load().await;
@@ -186,19 +199,18 @@ async fn sequences_ratchet_per_key<B: Consensus>(backend: &B, epoch: Epoch) -> S
         "after a dropped sequence persist of 50 over 5, the store holds {}",
         after["a"]
     );
-    backend
-        .persist_sequences(ends_of(&[("a", 51)]), epoch)
+    advance(backend, ends_of(&[("a", 51)]), epoch)
         .await
         .expect("a sequence persist after a dropped one works");
     load().await
 }
 
 async fn concurrent_sequence_persists_ratchet<B: Consensus>(backend: &B, epoch: Epoch) {
-    let calls = (1..=16u64).map(|i| backend.persist_sequences(ends_of(&[("c", i * 10)]), epoch));
+    let calls = (1..=16u64).map(|i| advance(backend, ends_of(&[("c", i * 10)]), epoch));
     for result in futures_util::future::join_all(calls).await {
         result.expect("concurrent sequence persist");
     }
-    let loaded = backend.load_sequences().await.expect("load sequences");
+    let loaded = sequences(backend).await.expect("load sequences");
     assert_eq!(
         loaded.get("c"),
         Some(&160),
@@ -226,46 +238,43 @@ pub async fn wait_for_leader<B: Consensus>(backend: &B) -> Epoch {
 
 async fn persist_returns_the_maximum<B: Consensus>(backend: &B, epoch: Epoch) {
     assert_eq!(
-        backend.persist_high_water(1_000, epoch).await.unwrap(),
+        raise(backend, 1_000, epoch).await.unwrap(),
         1_000,
         "persist returns the value"
     );
     assert_eq!(
-        backend.load_high_water().await.unwrap(),
+        high_water(backend).await.unwrap(),
         1_000,
         "load sees the persisted value"
     );
     assert_eq!(
-        backend.persist_high_water(500, epoch).await.unwrap(),
+        raise(backend, 500, epoch).await.unwrap(),
         1_000,
         "a lower persist is absorbed"
     );
     assert_eq!(
-        backend.persist_high_water(1_000, epoch).await.unwrap(),
+        raise(backend, 1_000, epoch).await.unwrap(),
         1_000,
         "a repeated persist is absorbed"
     );
+    assert_eq!(raise(backend, 2_000, epoch).await.unwrap(), 2_000);
     assert_eq!(
-        backend.persist_high_water(2_000, epoch).await.unwrap(),
-        2_000
-    );
-    assert_eq!(
-        backend.load_high_water().await.unwrap(),
+        high_water(backend).await.unwrap(),
         2_000,
         "load never sees a lowered value"
     );
 }
 
 async fn refuses_out_of_range<B: Consensus>(backend: &B, epoch: Epoch) {
-    let before = backend.load_high_water().await.unwrap();
-    match backend.persist_high_water(PHYSICAL_MAX_MS + 1, epoch).await {
+    let before = high_water(backend).await.unwrap();
+    match raise(backend, PHYSICAL_MAX_MS + 1, epoch).await {
         Err(ConsensusError::Permanent(_)) => {}
         other => {
             panic!("a value past the 46-bit layout must be refused as Permanent, got {other:?}")
         }
     }
     assert_eq!(
-        backend.load_high_water().await.unwrap(),
+        high_water(backend).await.unwrap(),
         before,
         "a refused value is not stored"
     );
@@ -276,20 +285,20 @@ async fn refuses_a_stale_epoch<B: Consensus>(backend: &B, epoch: Epoch) {
         return;
     }
     let stale = Epoch::new(epoch.get() - 1);
-    let before = backend.load_high_water().await.unwrap();
-    match backend.persist_high_water(before + 10_000, stale).await {
+    let before = high_water(backend).await.unwrap();
+    match raise(backend, before + 10_000, stale).await {
         Err(ConsensusError::Fenced { .. } | ConsensusError::NotLeader { .. }) => {}
         other => panic!("a persist under a stale epoch must be refused, got {other:?}"),
     }
     assert_eq!(
-        backend.load_high_water().await.unwrap(),
+        high_water(backend).await.unwrap(),
         before,
         "a fenced persist is not stored"
     );
 }
 
 async fn concurrent_persists_ratchet<B: Consensus>(backend: &B, epoch: Epoch, base: u64) {
-    let calls = (1..=16u64).map(|i| backend.persist_high_water(base + i * 100, epoch));
+    let calls = (1..=16u64).map(|i| raise(backend, base + i * 100, epoch));
     let mut highest = base;
     for (i, result) in futures_util::future::join_all(calls)
         .await
@@ -305,7 +314,7 @@ async fn concurrent_persists_ratchet<B: Consensus>(backend: &B, epoch: Epoch, ba
     }
     assert_eq!(highest, base + 1_600);
     assert_eq!(
-        backend.load_high_water().await.unwrap(),
+        high_water(backend).await.unwrap(),
         base + 1_600,
         "the highest concurrent persist wins"
     );
@@ -313,15 +322,15 @@ async fn concurrent_persists_ratchet<B: Consensus>(backend: &B, epoch: Epoch, ba
 
 async fn refuses_a_newer_epoch<B: Consensus>(backend: &B, epoch: Epoch) {
     let newer = Epoch::new(epoch.get() + 1);
-    let before = backend.load_high_water().await.unwrap();
-    match backend.persist_high_water(before + 10_000, newer).await {
+    let before = high_water(backend).await.unwrap();
+    match raise(backend, before + 10_000, newer).await {
         Err(ConsensusError::Fenced { .. } | ConsensusError::NotLeader { .. }) => {}
         other => panic!(
             "a persist under an epoch this node does not lead must be refused, got {other:?}"
         ),
     }
     assert_eq!(
-        backend.load_high_water().await.unwrap(),
+        high_water(backend).await.unwrap(),
         before,
         "a persist under a newer epoch is not stored"
     );
@@ -331,14 +340,13 @@ async fn refuses_a_newer_epoch<B: Consensus>(backend: &B, epoch: Epoch) {
 /// but it leaves nothing else behind: the store holds the old value or the dropped one, and
 /// the next calls work as usual.
 async fn a_dropped_persist_is_harmless<B: Consensus>(backend: &B, epoch: Epoch) {
-    let before = backend.load_high_water().await.unwrap();
+    let before = high_water(backend).await.unwrap();
     let dropped = before + 5_000;
     {
-        let call = backend.persist_high_water(dropped, epoch);
+        let call = raise(backend, dropped, epoch);
         let _ = tokio::time::timeout(Duration::ZERO, call).await;
     }
-    let after = backend
-        .load_high_water()
+    let after = high_water(backend)
         .await
         .expect("load after a dropped persist");
     assert!(
@@ -346,10 +354,7 @@ async fn a_dropped_persist_is_harmless<B: Consensus>(backend: &B, epoch: Epoch) 
         "after a dropped persist of {dropped} over {before}, the store holds {after}"
     );
     assert_eq!(
-        backend
-            .persist_high_water(dropped + 1, epoch)
-            .await
-            .unwrap(),
+        raise(backend, dropped + 1, epoch).await.unwrap(),
         dropped + 1,
         "a persist after a dropped one works"
     );
@@ -358,15 +363,12 @@ async fn a_dropped_persist_is_harmless<B: Consensus>(backend: &B, epoch: Epoch) 
 /// The last millisecond of the 46-bit layout is storable, and nothing past it ever loads.
 async fn the_last_millisecond_is_the_limit<B: Consensus>(backend: &B, epoch: Epoch) {
     assert_eq!(
-        backend
-            .persist_high_water(PHYSICAL_MAX_MS, epoch)
-            .await
-            .unwrap(),
+        raise(backend, PHYSICAL_MAX_MS, epoch).await.unwrap(),
         PHYSICAL_MAX_MS,
         "the largest physical value is storable"
     );
     refuses_out_of_range(backend, epoch).await;
-    let loaded = backend.load_high_water().await.unwrap();
+    let loaded = high_water(backend).await.unwrap();
     assert_eq!(loaded, PHYSICAL_MAX_MS, "values stay in range");
 }
 
@@ -377,14 +379,12 @@ mod tests {
     use tokio::sync::watch;
 
     use super::*;
-    use crate::consensus::BoxFuture;
+    use crate::consensus::{BoxFuture, Stored};
 
-    /// An in-memory backend, correct unless told to accept any epoch: the suite must pass the
-    /// one and catch the other.
+    /// An in-memory backend, correct unless told to accept any epoch or to overwrite counters:
+    /// the suite must pass the one and catch the others.
     struct Memory {
-        stored: Arc<Mutex<u64>>,
-        counters: Arc<Mutex<SeqCounters>>,
-        leases: Arc<Mutex<Vec<u8>>>,
+        stored: Arc<Mutex<OracleState>>,
         epoch: Epoch,
         bug: Bug,
         leadership: watch::Sender<Leadership>,
@@ -398,21 +398,13 @@ mod tests {
     }
 
     impl Memory {
-        fn open(
-            stored: Arc<Mutex<u64>>,
-            counters: Arc<Mutex<SeqCounters>>,
-            leases: Arc<Mutex<Vec<u8>>>,
-            starts: &Mutex<u128>,
-            bug: Bug,
-        ) -> Self {
+        fn open(stored: Arc<Mutex<OracleState>>, starts: &Mutex<u128>, bug: Bug) -> Self {
             let mut n = starts.lock().unwrap();
             *n += 1;
             let epoch = Epoch::new(*n);
             let (leadership, _) = watch::channel(Leadership::Leader { epoch });
             Self {
                 stored,
-                counters,
-                leases,
                 epoch,
                 bug,
                 leadership,
@@ -436,95 +428,49 @@ mod tests {
             self.leadership.subscribe()
         }
 
-        fn load_high_water(&self) -> BoxFuture<'_, Result<u64, ConsensusError>> {
-            let v = *self.stored.lock().unwrap();
-            Box::pin(async move { Ok(v) })
-        }
-
-        fn persist_high_water(
-            &self,
-            at_least_ms: u64,
-            epoch: Epoch,
-        ) -> BoxFuture<'_, Result<u64, ConsensusError>> {
-            Box::pin(async move {
-                if at_least_ms > PHYSICAL_MAX_MS {
-                    return Err(ConsensusError::Permanent("out of range".into()));
-                }
-                self.check(epoch)?;
-                let mut v = self.stored.lock().unwrap();
-                *v = (*v).max(at_least_ms);
-                Ok(*v)
-            })
-        }
-
         fn lease_valid(&self, _epoch: Epoch) -> bool {
             true
         }
 
-        fn sequences_supported(&self) -> bool {
-            true
+        fn load(&self) -> BoxFuture<'_, Result<OracleState, ConsensusError>> {
+            let state = self.stored.lock().unwrap().clone();
+            Box::pin(async move { Ok(state) })
         }
 
-        fn load_sequences(&self) -> BoxFuture<'_, Result<SeqCounters, ConsensusError>> {
-            let counters = self.counters.lock().unwrap().clone();
-            Box::pin(async move { Ok(counters) })
-        }
-
-        fn persist_sequences(
+        fn apply(
             &self,
-            ends: crate::consensus::SeqEnds,
+            cmd: OracleCommand,
             epoch: Epoch,
-        ) -> BoxFuture<'_, Result<(), ConsensusError>> {
+        ) -> BoxFuture<'_, Result<Stored, ConsensusError>> {
             Box::pin(async move {
+                cmd.check(epoch)?;
                 self.check(epoch)?;
-                let mut counters = self.counters.lock().unwrap();
-                for (key, end) in ends {
-                    let counter = counters.entry(key).or_insert(0);
-                    *counter = if self.bug == Bug::SequencesOverwrite {
-                        end
-                    } else {
-                        (*counter).max(end)
-                    };
+                let mut state = self.stored.lock().unwrap();
+                match &cmd {
+                    OracleCommand::AdvanceSequences { ends }
+                        if self.bug == Bug::SequencesOverwrite =>
+                    {
+                        for (key, end) in ends {
+                            state.sequences.insert(key.clone(), *end);
+                        }
+                    }
+                    _ => {
+                        state.apply(&cmd);
+                    }
                 }
-                Ok(())
-            })
-        }
-
-        fn leases_supported(&self) -> bool {
-            true
-        }
-
-        fn load_leases(&self) -> BoxFuture<'_, Result<Vec<u8>, ConsensusError>> {
-            let record = self.leases.lock().unwrap().clone();
-            Box::pin(async move { Ok(record) })
-        }
-
-        fn persist_leases(
-            &self,
-            record: Vec<u8>,
-            epoch: Epoch,
-        ) -> BoxFuture<'_, Result<(), ConsensusError>> {
-            Box::pin(async move {
-                self.check(epoch)?;
-                *self.leases.lock().unwrap() = record;
-                Ok(())
+                state.includes(&cmd)?;
+                Ok(Stored {
+                    high_water_ms: state.high_water_ms,
+                })
             })
         }
     }
 
     async fn run(bug: Bug) {
-        let stored = Arc::new(Mutex::new(0));
-        let counters = Arc::default();
-        let leases = Arc::default();
+        let stored = Arc::default();
         let starts = Mutex::new(0);
         run_all(|| {
-            let backend = Memory::open(
-                stored.clone(),
-                Arc::clone(&counters),
-                Arc::clone(&leases),
-                &starts,
-                bug,
-            );
+            let backend = Memory::open(Arc::clone(&stored), &starts, bug);
             async move { backend }
         })
         .await;

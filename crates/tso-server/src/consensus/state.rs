@@ -8,7 +8,7 @@
 
 #[cfg(feature = "raft")]
 use serde::{Deserialize, Serialize};
-use tso_core::Epoch;
+use tso_core::{Epoch, PHYSICAL_MAX_MS};
 
 use super::{ConsensusError, SeqCounters, SeqEnds};
 
@@ -44,24 +44,6 @@ pub enum OracleCommand {
     ReplaceLeases { term: u64, record: Vec<u8> },
 }
 
-/// The part of the [`OracleState`] a command changes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Part {
-    HighWater,
-    Sequences,
-    Leases,
-}
-
-impl std::fmt::Display for Part {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Part::HighWater => "the high-water",
-            Part::Sequences => "dense sequences",
-            Part::Leases => "stamping leases",
-        })
-    }
-}
-
 /// What applying one command did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Merged {
@@ -72,12 +54,33 @@ pub enum Merged {
 }
 
 impl OracleCommand {
-    /// The part of the state this command changes.
-    pub fn part(&self) -> Part {
+    /// Replaces the lease record with `record`, written under `epoch`: the record carries the
+    /// epoch's term (its high half; on the file backend, with one writer, always 0).
+    pub fn replace_leases(record: Vec<u8>, epoch: Epoch) -> OracleCommand {
+        OracleCommand::ReplaceLeases {
+            term: epoch.hi(),
+            record,
+        }
+    }
+
+    /// Refuses, before anything is written, a command no backend may apply under `epoch`: a
+    /// high-water past the 46-bit timestamp layout, or a lease record of another term than the
+    /// epoch's (a caller's bug). Both are `Permanent`.
+    pub fn check(&self, epoch: Epoch) -> Result<(), ConsensusError> {
         match self {
-            OracleCommand::AdvanceHighWater { .. } => Part::HighWater,
-            OracleCommand::AdvanceSequences { .. } => Part::Sequences,
-            OracleCommand::ReplaceLeases { .. } => Part::Leases,
+            OracleCommand::AdvanceHighWater { at_least_ms } if *at_least_ms > PHYSICAL_MAX_MS => {
+                Err(ConsensusError::Permanent(format!(
+                    "high-water {at_least_ms} ms is past the 46-bit timestamp layout \
+                     ({PHYSICAL_MAX_MS} ms)"
+                )))
+            }
+            OracleCommand::ReplaceLeases { term, .. } if *term != epoch.hi() => {
+                Err(ConsensusError::Permanent(format!(
+                    "a lease record of term {term} written under epoch {epoch}: build it with \
+                     OracleCommand::replace_leases"
+                )))
+            }
+            _ => Ok(()),
         }
     }
 }
@@ -279,9 +282,19 @@ mod tests {
         s.apply(&leases(1, b"r"));
         assert_eq!(s.sequences.len(), 1);
         assert_ne!(s, before);
-        assert_eq!(hw(1).part(), Part::HighWater);
-        assert_eq!(seq(&[]).part(), Part::Sequences);
-        assert_eq!(leases(1, b"").part(), Part::Leases);
+    }
+
+    #[test]
+    fn check_refuses_an_out_of_range_high_water_and_a_foreign_term() {
+        let epoch = Epoch::from_parts(3, 1);
+        let permanent = |r| matches!(r, Err(ConsensusError::Permanent(_)));
+        assert_eq!(hw(PHYSICAL_MAX_MS).check(epoch), Ok(()));
+        assert!(permanent(hw(PHYSICAL_MAX_MS + 1).check(epoch)));
+        let mine = OracleCommand::replace_leases(b"r".to_vec(), epoch);
+        assert_eq!(mine, leases(3, b"r"));
+        assert_eq!(mine.check(epoch), Ok(()));
+        assert!(permanent(leases(2, b"r").check(epoch)));
+        assert_eq!(seq(&[("k", u64::MAX)]).check(epoch), Ok(()));
     }
 
     fn command() -> impl Strategy<Value = OracleCommand> {

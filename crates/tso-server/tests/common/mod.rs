@@ -13,12 +13,14 @@ use prost::Message;
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 use tonic::transport::Channel;
-use tso_core::{Epoch, PHYSICAL_MAX_MS};
+use tso_core::Epoch;
 use tso_proto::LEADER_HINT_KEY;
 use tso_proto::v1::tso_service_client::TsoServiceClient;
 use tso_proto::v1::{GetTsRequest, GetTsResponse};
 use tso_server::clock::Clock;
-use tso_server::consensus::{BoxFuture, Consensus, ConsensusError, Leadership};
+use tso_server::consensus::{
+    BoxFuture, Consensus, ConsensusError, Leadership, OracleCommand, OracleState, Stored,
+};
 use tso_server::{Config, OracleGuard, ServeError, ServingState};
 
 /// Hang guard for waits in tests: generous, never the thing a test asserts on.
@@ -102,7 +104,7 @@ struct Faults {
 /// next N calls, stalled or hung calls, panics, and leadership events.
 pub struct FaultBackend {
     me: Weak<FaultBackend>,
-    stored: Mutex<u64>,
+    stored: Mutex<OracleState>,
     leadership: Mutex<Option<watch::Sender<Leadership>>>,
     faults: Mutex<Faults>,
     /// Release generation: a stalled call waits for it to pass the value it saw when it began,
@@ -122,7 +124,10 @@ impl FaultBackend {
     pub fn new(initial: Leadership, stored_ms: u64) -> Arc<Self> {
         Arc::new_cyclic(|me| FaultBackend {
             me: me.clone(),
-            stored: Mutex::new(stored_ms),
+            stored: Mutex::new(OracleState {
+                high_water_ms: stored_ms,
+                ..OracleState::default()
+            }),
             leadership: Mutex::new(Some(watch::channel(initial).0)),
             faults: Mutex::default(),
             released: watch::channel(0).0,
@@ -184,11 +189,11 @@ impl FaultBackend {
     }
 
     pub fn stored(&self) -> u64 {
-        *self.stored.lock().unwrap()
+        self.stored.lock().unwrap().high_water_ms
     }
 
     pub fn set_stored(&self, value: u64) {
-        *self.stored.lock().unwrap() = value;
+        self.stored.lock().unwrap().high_water_ms = value;
     }
 
     fn next_fault(&self, op: Op) -> Option<Fault> {
@@ -208,7 +213,7 @@ impl FaultBackend {
         }
     }
 
-    async fn apply(&self, fault: Option<Fault>) -> Result<(), ConsensusError> {
+    async fn fault(&self, fault: Option<Fault>) -> Result<(), ConsensusError> {
         match fault {
             None | Some(Fault::Pass) => Ok(()),
             Some(Fault::Fail(err)) => Err(err),
@@ -221,11 +226,16 @@ impl FaultBackend {
         }
     }
 
-    fn commit(&self, at_least_ms: u64, epoch: Epoch) -> u64 {
+    /// Applies `cmd`; an advance of the high-water is recorded in [`Self::persisted`].
+    fn commit(&self, cmd: &OracleCommand, epoch: Epoch) -> Stored {
         let mut stored = self.stored.lock().unwrap();
-        *stored = (*stored).max(at_least_ms);
-        self.persisted.lock().unwrap().push((at_least_ms, epoch));
-        *stored
+        stored.apply(cmd);
+        if let OracleCommand::AdvanceHighWater { at_least_ms } = cmd {
+            self.persisted.lock().unwrap().push((*at_least_ms, epoch));
+        }
+        Stored {
+            high_water_ms: stored.high_water_ms,
+        }
     }
 }
 
@@ -237,32 +247,37 @@ impl Consensus for FaultBackend {
         }
     }
 
-    fn load_high_water(&self) -> BoxFuture<'_, Result<u64, ConsensusError>> {
+    /// A single node's backend: its lease always holds.
+    fn lease_valid(&self, _epoch: Epoch) -> bool {
+        true
+    }
+
+    fn load(&self) -> BoxFuture<'_, Result<OracleState, ConsensusError>> {
         Box::pin(async move {
             self.loads.fetch_add(1, Ordering::SeqCst);
             let call = CallGuard::new(self);
-            let result = self.apply(self.next_fault(Op::Load)).await;
+            let result = self.fault(self.next_fault(Op::Load)).await;
             call.returned();
-            result.map(|()| self.stored())
+            result.map(|()| self.stored.lock().unwrap().clone())
         })
     }
 
-    fn persist_high_water(
+    fn apply(
         &self,
-        at_least_ms: u64,
+        cmd: OracleCommand,
         epoch: Epoch,
-    ) -> BoxFuture<'_, Result<u64, ConsensusError>> {
+    ) -> BoxFuture<'_, Result<Stored, ConsensusError>> {
         Box::pin(async move {
             self.persists.fetch_add(1, Ordering::SeqCst);
             let call = CallGuard::new(self);
-            if at_least_ms > PHYSICAL_MAX_MS {
+            if let Err(err) = cmd.check(epoch) {
                 call.returned();
-                return Err(ConsensusError::Permanent("out of range".into()));
+                return Err(err);
             }
             let result = match self.next_fault(Op::Persist) {
-                Some(Fault::StallCommit) => self.commit_detached(at_least_ms, epoch).await,
-                fault => match self.apply(fault).await {
-                    Ok(()) => Ok(self.commit(at_least_ms, epoch)),
+                Some(Fault::StallCommit) => self.commit_detached(cmd, epoch).await,
+                fault => match self.fault(fault).await {
+                    Ok(()) => Ok(self.commit(&cmd, epoch)),
                     Err(err) => Err(err),
                 },
             };
@@ -274,19 +289,43 @@ impl Consensus for FaultBackend {
 
 impl FaultBackend {
     /// Commits at the next release in a task of its own, so dropping the call does not stop it.
-    async fn commit_detached(&self, at_least_ms: u64, epoch: Epoch) -> Result<u64, ConsensusError> {
+    async fn commit_detached(
+        &self,
+        cmd: OracleCommand,
+        epoch: Epoch,
+    ) -> Result<Stored, ConsensusError> {
         let me = self.me.upgrade().expect("backend alive during a call");
         let released = self.released_later();
         let (done, durable) = oneshot::channel();
         tokio::spawn(async move {
             released.await;
-            let _ = done.send(me.commit(at_least_ms, epoch));
+            let _ = done.send(me.commit(&cmd, epoch));
         });
         durable
             .await
             .map_err(|_| ConsensusError::Transient("runtime shutting down".into()))
     }
 }
+
+/// The high-water calls tests make most, in terms of the seam's `load` and `apply`.
+pub trait HighWaterCalls: Consensus {
+    /// The high-water of a linearizable load.
+    fn high_water_ms(&self) -> BoxFuture<'_, Result<u64, ConsensusError>> {
+        Box::pin(async move { self.load().await.map(|s| s.high_water_ms) })
+    }
+
+    /// Applies an advance of the high-water; the durable high-water after it.
+    fn raise_high_water(
+        &self,
+        at_least_ms: u64,
+        epoch: Epoch,
+    ) -> BoxFuture<'_, Result<u64, ConsensusError>> {
+        let cmd = OracleCommand::AdvanceHighWater { at_least_ms };
+        Box::pin(async move { self.apply(cmd, epoch).await.map(|s| s.high_water_ms) })
+    }
+}
+
+impl<B: Consensus + ?Sized> HighWaterCalls for B {}
 
 /// Counts a backend call as returned, or as abandoned if its caller drops it first.
 struct CallGuard<'a> {

@@ -11,7 +11,7 @@ use tso_core::Epoch;
 use tso_server::backend::raft::{
     Links, NodeAddrs, RaftBackend, RaftConfig, RaftTimings, SnapshotOptions,
 };
-use tso_server::consensus::{Consensus, Leadership};
+use tso_server::consensus::{Consensus, Leadership, OracleCommand};
 
 /// Bound on any wait for a cluster to reach a state (elections take well under a second; the
 /// rest is slack for a busy 2-core machine).
@@ -252,12 +252,9 @@ pub async fn persist_on_leader(nodes: &[TestNode], running: &[usize], at_least_m
     let attempt = async {
         loop {
             let (leader, epoch) = wait_for_leader(nodes, running, Epoch::ZERO).await;
-            match nodes[leader]
-                .backend
-                .persist_high_water(at_least_ms, epoch)
-                .await
-            {
-                Ok(v) => return v,
+            let cmd = OracleCommand::AdvanceHighWater { at_least_ms };
+            match nodes[leader].backend.apply(cmd, epoch).await {
+                Ok(stored) => return stored.high_water_ms,
                 Err(e) => eprintln!("persist on node {} failed, retrying: {e}", nodes[leader].id),
             }
             tokio::time::sleep(Duration::from_millis(20)).await;

@@ -299,7 +299,7 @@ fn text(status: StatusCode, body: String) -> Response<String> {
 mod tests {
     use std::io::{Read, Write};
 
-    use tso_server::consensus::{BoxFuture, ConsensusError};
+    use tso_server::consensus::{BoxFuture, ConsensusError, OracleCommand, OracleState, Stored};
 
     use super::*;
 
@@ -382,16 +382,21 @@ mod tests {
             self.0.subscribe()
         }
 
-        fn load_high_water(&self) -> BoxFuture<'_, Result<u64, ConsensusError>> {
+        /// Like a single node's: the lease always holds.
+        fn lease_valid(&self, _: Epoch) -> bool {
+            true
+        }
+
+        fn load(&self) -> BoxFuture<'_, Result<OracleState, ConsensusError>> {
             unreachable!("the probes never load")
         }
 
-        fn persist_high_water(
+        fn apply(
             &self,
-            _: u64,
+            _: OracleCommand,
             _: Epoch,
-        ) -> BoxFuture<'_, Result<u64, ConsensusError>> {
-            unreachable!("the probes never persist")
+        ) -> BoxFuture<'_, Result<Stored, ConsensusError>> {
+            unreachable!("the probes never apply")
         }
     }
 

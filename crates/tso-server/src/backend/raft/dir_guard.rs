@@ -8,6 +8,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use super::RaftOpenError;
+use crate::backend::dir::DirError;
 
 /// How long [`DirGuard::acquire`] waits for a previous backend on the same directory in this
 /// process to finish shutting down (openraft stops its tasks within a heartbeat or two).
@@ -54,22 +55,10 @@ impl DirGuard {
 /// Takes the exclusive lock on `dir/LOCK` (creating the directory), refusing at once if
 /// another process holds it.
 fn lock_file(dir: &Path) -> Result<std::fs::File, RaftOpenError> {
-    let data_dir = |source| RaftOpenError::DataDir {
-        path: dir.to_owned(),
-        source,
-    };
-    std::fs::create_dir_all(dir).map_err(data_dir)?;
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(dir.join("LOCK"))
-        .map_err(data_dir)?;
-    match file.try_lock() {
-        Ok(()) => Ok(file),
-        Err(std::fs::TryLockError::WouldBlock) => Err(RaftOpenError::Locked(dir.to_owned())),
-        Err(std::fs::TryLockError::Error(source)) => Err(data_dir(source)),
-    }
+    crate::backend::dir::create_and_lock(dir).map_err(|e| match e {
+        DirError::Locked => RaftOpenError::Locked(dir.to_owned()),
+        DirError::Io { path, source } => RaftOpenError::DataDir { path, source },
+    })
 }
 
 impl Drop for DirGuard {

@@ -40,7 +40,9 @@ use tokio::task::JoinHandle;
 use tso_core::Epoch;
 use tso_proto::tso::raft_v1::raft_peer_server::RaftPeerServer;
 
-use crate::consensus::{BoxFuture, Consensus, ConsensusError, Leadership, SeqCounters, SeqEnds};
+use crate::consensus::{
+    BoxFuture, Consensus, ConsensusError, Leadership, OracleCommand, OracleState, Stored,
+};
 use crate::tls::PeerTls;
 pub use admin::{AdminService, PROMOTE_LAG_ENTRIES_MAX};
 use dir_guard::DirGuard;
@@ -327,7 +329,7 @@ pub struct RaftConfig {
 pub enum RaftOpenError {
     #[error("raft storage: {0}")]
     Storage(#[from] RecordFileError),
-    #[error("cannot create data directory {path}: {source}")]
+    #[error("cannot create or lock data directory at {path}: {source}")]
     DataDir {
         path: PathBuf,
         source: std::io::Error,
@@ -824,52 +826,20 @@ impl Consensus for RaftBackend {
         self.seam.leadership.clone()
     }
 
-    fn load_high_water(&self) -> BoxFuture<'_, Result<u64, ConsensusError>> {
-        Box::pin(self.seam.load_high_water())
-    }
-
-    fn persist_high_water(
-        &self,
-        at_least_ms: u64,
-        epoch: Epoch,
-    ) -> BoxFuture<'_, Result<u64, ConsensusError>> {
-        Box::pin(self.seam.persist_high_water(at_least_ms, epoch))
-    }
-
     fn lease_valid(&self, epoch: Epoch) -> bool {
         self.seam.lease_valid(epoch)
     }
 
-    fn sequences_supported(&self) -> bool {
-        true
+    fn load(&self) -> BoxFuture<'_, Result<OracleState, ConsensusError>> {
+        Box::pin(self.seam.load())
     }
 
-    fn load_sequences(&self) -> BoxFuture<'_, Result<SeqCounters, ConsensusError>> {
-        Box::pin(self.seam.load_sequences())
-    }
-
-    fn persist_sequences(
+    fn apply(
         &self,
-        ends: SeqEnds,
+        cmd: OracleCommand,
         epoch: Epoch,
-    ) -> BoxFuture<'_, Result<(), ConsensusError>> {
-        Box::pin(self.seam.persist_sequences(ends, epoch))
-    }
-
-    fn leases_supported(&self) -> bool {
-        true
-    }
-
-    fn load_leases(&self) -> BoxFuture<'_, Result<Vec<u8>, ConsensusError>> {
-        Box::pin(self.seam.load_leases())
-    }
-
-    fn persist_leases(
-        &self,
-        record: Vec<u8>,
-        epoch: Epoch,
-    ) -> BoxFuture<'_, Result<(), ConsensusError>> {
-        Box::pin(self.seam.persist_leases(record, epoch))
+    ) -> BoxFuture<'_, Result<Stored, ConsensusError>> {
+        Box::pin(self.seam.apply(cmd, epoch))
     }
 }
 

@@ -2,12 +2,12 @@
 //! piggyback mode both delegate to a [`Seam`], generic over the raft's type configuration.
 //!
 //! A seam holds what the two share: the raft handle, the leader lease, the leadership watch
-//! (with the handoff's override of it), the timings, the error classes, the epoch check, and
-//! each part's load and persist. What differs sits in a [`Record`]: how an [`OracleCommand`]
-//! becomes the raft's app data, and how the record applied on this node is read.
+//! (with the handoff's override of it), the timings, the error classes, the epoch check, the
+//! load and the apply. What differs sits in a [`Record`]: how an [`OracleCommand`] becomes the
+//! raft's app data, and where the state applied on this node is.
 //!
-//! Invariant: a persist answers `Ok` only once its command committed in the caller's term and
-//! the applied record includes it ([`OracleState::includes`]).
+//! Invariant: an apply answers `Ok` only once its command committed in the caller's term and
+//! the applied state includes it ([`OracleState::includes`]).
 
 use std::sync::Arc;
 
@@ -15,33 +15,21 @@ use openraft::error::{CheckIsLeaderError, ClientWriteError, ForwardToLeader, Raf
 use openraft::impls::OneshotResponder;
 use openraft::{RaftTypeConfig, TokioRuntime};
 use tokio::sync::watch;
-use tso_core::{Epoch, PHYSICAL_MAX_MS};
+use tso_core::Epoch;
 
 use super::leadership::{ClientAddrFn, Handover, read_applied, stepped_down, write_in_term};
 use super::lease::LeaseClock;
 use super::{LeaseView, RaftTimings};
-use crate::consensus::{
-    ConsensusError, Leadership, OracleCommand, OracleState, Part, SeqCounters, SeqEnds,
-};
+use crate::consensus::{ConsensusError, Leadership, OracleCommand, OracleState, Stored};
 
 /// Where a raft's state machine keeps the oracle's record.
 pub(super) trait Record<C: RaftTypeConfig>: Send + Sync + 'static {
-    /// Whether the state machine keeps `part` (a piggyback host may leave sequences or leases
-    /// out; the seam refuses those calls as `Permanent` before anything is written).
-    fn keeps(&self, part: Part) -> bool;
+    /// `cmd` as the raft's app data.
+    fn wrap(&self, cmd: OracleCommand) -> C::D;
 
-    /// `cmd` as the raft's app data; `term` is the proposing leader's. Called only for a part
-    /// the record keeps.
-    fn wrap(&self, cmd: OracleCommand, term: u64) -> C::D;
-
-    /// The record applied on this node, with at least `part` filled in; it must show an entry's
-    /// effect once openraft has applied the entry.
-    fn read(&self, part: Part) -> OracleState;
-
-    /// Whether the record applied on this node includes `cmd` (checked after each write).
-    fn includes(&self, cmd: &OracleCommand) -> Result<(), ConsensusError> {
-        self.read(cmd.part()).includes(cmd)
-    }
+    /// Calls `f` with the state applied on this node, in place (no copy of the whole record on
+    /// the write path). It must show an entry's effect once openraft has applied the entry.
+    fn with_state<T>(&self, f: impl FnOnce(&OracleState) -> T) -> T;
 }
 
 /// The consensus seam on one node of `openraft::Raft<C>`.
@@ -75,87 +63,31 @@ where
         self.lease.is_valid(epoch.hi())
     }
 
-    pub async fn load_high_water(&self) -> Result<u64, ConsensusError> {
-        self.load(Part::HighWater, |s| s.high_water_ms).await
-    }
-
-    pub async fn persist_high_water(
-        &self,
-        at_least_ms: u64,
-        epoch: Epoch,
-    ) -> Result<u64, ConsensusError> {
-        if at_least_ms > PHYSICAL_MAX_MS {
-            return Err(ConsensusError::Permanent(format!(
-                "high-water {at_least_ms} ms is past the 46-bit timestamp layout ({PHYSICAL_MAX_MS} ms)"
-            )));
-        }
-        self.persist(OracleCommand::AdvanceHighWater { at_least_ms }, epoch)
-            .await?;
-        Ok(self.record.read(Part::HighWater).high_water_ms)
-    }
-
-    pub async fn load_sequences(&self) -> Result<SeqCounters, ConsensusError> {
-        self.load(Part::Sequences, |s| s.sequences).await
-    }
-
-    pub async fn persist_sequences(
-        &self,
-        ends: SeqEnds,
-        epoch: Epoch,
-    ) -> Result<(), ConsensusError> {
-        self.persist(OracleCommand::AdvanceSequences { ends }, epoch)
-            .await
-    }
-
-    pub async fn load_leases(&self) -> Result<Vec<u8>, ConsensusError> {
-        self.load(Part::Leases, |s| s.leases).await
-    }
-
-    pub async fn persist_leases(
-        &self,
-        record: Vec<u8>,
-        epoch: Epoch,
-    ) -> Result<(), ConsensusError> {
-        let term = epoch.hi();
-        self.persist(OracleCommand::ReplaceLeases { term, record }, epoch)
-            .await
-    }
-
-    /// The fence's read of `part` (see [`read_applied`]).
-    async fn load<T>(
-        &self,
-        part: Part,
-        get: impl Fn(OracleState) -> T,
-    ) -> Result<T, ConsensusError> {
-        self.kept(part)?;
+    /// The whole state, as of a read barrier (see [`read_applied`]).
+    pub async fn load(&self) -> Result<OracleState, ConsensusError> {
         let map = |e| self.map_read_error(e);
         read_applied(&self.raft, &self.lease, &self.timings, map, || {
-            get(self.record.read(part))
+            self.record.with_state(OracleState::clone)
         })
         .await
     }
 
     /// Commits `cmd` in the term of `epoch` (see [`write_in_term`]), then checks that the
-    /// applied record includes it: openraft answers a write once the entry is applied.
-    async fn persist(&self, cmd: OracleCommand, epoch: Epoch) -> Result<(), ConsensusError> {
-        self.kept(cmd.part())?;
+    /// applied state includes it: openraft answers a write once the entry is applied.
+    pub async fn apply(&self, cmd: OracleCommand, epoch: Epoch) -> Result<Stored, ConsensusError> {
+        cmd.check(epoch)?;
         self.check_epoch(epoch)?;
-        let data = self.record.wrap(cmd.clone(), epoch.hi());
+        let data = self.record.wrap(cmd.clone());
         let map = |e| self.map_write_error(e);
         write_in_term(&self.raft, &self.lease, &self.timings, epoch, data, map).await?;
-        self.record.includes(&cmd)
+        self.record.with_state(|state| {
+            state.includes(&cmd).map(|()| Stored {
+                high_water_ms: state.high_water_ms,
+            })
+        })
     }
 
-    fn kept(&self, part: Part) -> Result<(), ConsensusError> {
-        if self.record.keeps(part) {
-            return Ok(());
-        }
-        Err(ConsensusError::Permanent(format!(
-            "{part} are not enabled by the host"
-        )))
-    }
-
-    /// Refuses a persist under any epoch but this node's current leader epoch (as published,
+    /// Refuses an apply under any epoch but this node's current leader epoch (as published,
     /// with a handoff's stepdown applied).
     fn check_epoch(&self, epoch: Epoch) -> Result<(), ConsensusError> {
         let current = self.leadership.borrow().clone();

@@ -24,7 +24,7 @@ use super::types::{
     StoredMembership, StoredMembershipV1, TypeConfig, snapshot_meta_from_v1,
     stored_membership_from_v1,
 };
-use crate::consensus::{ConsensusError, OracleCommand, OracleState, Part, SeqCounters};
+use crate::consensus::{OracleCommand, OracleState, SeqCounters};
 
 /// File name of the snapshot inside the raft data directory.
 pub const SNAPSHOT_FILE: &str = "raft-snapshot";
@@ -209,37 +209,12 @@ impl StateMachine {
 }
 
 impl Record<TypeConfig> for StateMachine {
-    fn keeps(&self, _: Part) -> bool {
-        true
-    }
-
-    fn wrap(&self, cmd: OracleCommand, _term: u64) -> Command {
+    fn wrap(&self, cmd: OracleCommand) -> Command {
         Command::from(cmd)
     }
 
-    /// Copies only `part` of the applied record.
-    fn read(&self, part: Part) -> OracleState {
-        let oracle = &self.lock().state.oracle;
-        match part {
-            Part::HighWater => OracleState {
-                high_water_ms: oracle.high_water_ms,
-                ..OracleState::default()
-            },
-            Part::Sequences => OracleState {
-                sequences: oracle.sequences.clone(),
-                ..OracleState::default()
-            },
-            Part::Leases => OracleState {
-                lease_term: oracle.lease_term,
-                leases: oracle.leases.clone(),
-                ..OracleState::default()
-            },
-        }
-    }
-
-    /// Checks the applied record in place, without a copy.
-    fn includes(&self, cmd: &OracleCommand) -> Result<(), ConsensusError> {
-        self.lock().state.oracle.includes(cmd)
+    fn with_state<T>(&self, f: impl FnOnce(&OracleState) -> T) -> T {
+        f(&self.lock().state.oracle)
     }
 }
 

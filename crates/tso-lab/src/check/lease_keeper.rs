@@ -11,7 +11,7 @@
 //! grant it came from, so rule 6 pairs each permit with the latest grant recorded before it.
 //!
 //! Each keeper gets a holder epoch one above the last and a TTL drawn anew, holds for one to
-//! three TTLs asking for a permit every [`PERMIT_PAUSE`], then is stopped (its lease released)
+//! three TTLs asking for a permit every `PERMIT_PAUSE`, then is stopped (its lease released)
 //! or, one time in three, superseded: the next keeper starts first, so the old lease is
 //! superseded while its keeper still runs.
 

@@ -107,13 +107,18 @@ impl Slot {
     /// named, so that each node reaches this one through the proxy of that one link.
     pub fn member(&self, i: usize) -> String {
         format!(
-            "{}={}/{}:{}/{}",
+            "{}={}/{}/{}",
             self.id,
             self.client,
-            peer_name(i),
-            self.peer.port(),
+            self.peer_addr(i),
             self.admin
         )
+    }
+
+    /// The peer address other nodes dial to reach the node in slot `i`: its name (see
+    /// [`Slot::member`]) and its peer port.
+    pub fn peer_addr(&self, i: usize) -> String {
+        format!("{}:{}", peer_name(i), self.peer.port())
     }
 }
 
@@ -516,10 +521,11 @@ mod tests {
             members,
             "1=127.0.0.1:7001/n0:7101/127.0.0.1:7201,4=127.0.0.1:7002/n1:7102/127.0.0.1:7202"
         );
-        let list: Vec<String> = members.split(',').map(str::to_string).collect();
-        let parsed = crate::cluster::parse_members(&list).unwrap();
-        assert_eq!(parsed[&4].peer_addr, "n1:7102");
-        assert_eq!(parsed[&4].admin_addr, "127.0.0.1:7202");
+        assert_eq!(
+            slot(4, 2).peer_addr(1),
+            "n1:7102",
+            "what add-learner is given"
+        );
     }
 
     #[test]

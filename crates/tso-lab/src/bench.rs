@@ -21,12 +21,13 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use hdrhistogram::Histogram;
 
-use crate::cli::{BenchArgs, BenchRpc, LoadMode, SeqKeys};
 use crate::node::Node;
-use crate::targets::{Dial, Failure, Route, Targets};
+use crate::targets::{Dial, Failure, Route, Targets, client_builder};
 
+pub mod options;
 mod stream;
 
+pub use options::{BenchOptions, BenchRpc, LoadMode, SeqKeys};
 use stream::StreamSlot;
 
 /// Callers at most: each is one task with a ~60 KiB histogram.
@@ -167,7 +168,7 @@ struct Got {
     bad_shape: bool,
 }
 
-pub fn run(args: BenchArgs) -> anyhow::Result<()> {
+pub fn run(args: BenchOptions) -> anyhow::Result<()> {
     anyhow::ensure!(
         (1..=CALLERS_MAX).contains(&args.callers),
         "--callers must be 1 to {CALLERS_MAX}"
@@ -205,7 +206,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
 /// shares the machine with the generator, so by default each gets half of the cores (at least
 /// one): on two cores, one thread each beats two each, which spend their time waking each
 /// other across cores. Against `--endpoints` the generator takes every core.
-fn thread_split(args: &BenchArgs) -> (usize, Option<usize>) {
+fn thread_split(args: &BenchOptions) -> (usize, Option<usize>) {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let generator = args.threads.unwrap_or(if args.spawn {
         (cores / 2).max(1)
@@ -216,15 +217,14 @@ fn thread_split(args: &BenchArgs) -> (usize, Option<usize>) {
     (generator, server)
 }
 
-async fn bench(args: BenchArgs) -> anyhow::Result<()> {
+async fn bench(args: BenchOptions) -> anyhow::Result<()> {
     anyhow::ensure!(
-        !args.spawn || args.tls.tls_ca.is_none(),
+        !args.spawn || args.tls.is_none(),
         "the server of --spawn has no TLS: give --tls-* only with --endpoints"
     );
     let mut spawned = None;
     let endpoints = if args.spawn {
         let dir = tempfile::tempdir().context("creating a temporary directory")?;
-        let bin = std::env::current_exe().context("finding this binary")?;
         let server_threads = thread_split(&args).1.unwrap_or(1);
         let extra = vec![
             "--log".into(),
@@ -232,7 +232,7 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
             "--threads".into(),
             server_threads.to_string(),
         ];
-        let mut node = Node::new(&bin, dir.path(), "bench", extra, false)?;
+        let mut node = Node::new(&args.server_bin, dir.path(), "bench", extra, false)?;
         node.start().await?;
         let endpoint = node.endpoint();
         spawned = Some((node, dir));
@@ -240,8 +240,7 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
     } else {
         args.endpoints.clone()
     };
-    let tls = args.tls.load()?;
-    let dial = Dial::new(tls.as_ref().map(tso_client::ClientTls::tonic_config));
+    let dial = Dial::new(args.tls.as_ref().map(tso_client::ClientTls::tonic_config));
     let targets = Arc::new(Targets::new(
         &endpoints,
         args.connections,
@@ -262,8 +261,7 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
     let library = match args.mode {
         LoadMode::Raw | LoadMode::Stream => None,
         LoadMode::Library => Some(
-            args.tls
-                .client_builder()?
+            client_builder(args.tls.as_ref())
                 .overall_timeout(args.timeout)
                 .connect(&endpoints)
                 .await
@@ -605,7 +603,7 @@ impl Checks {
 
 impl Report {
     fn merge(
-        args: &BenchArgs,
+        args: &BenchOptions,
         endpoints: &[String],
         mut stats: Vec<CallerStats>,
         live: &Live,

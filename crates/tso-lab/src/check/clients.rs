@@ -27,8 +27,8 @@ use tokio::sync::Notify;
 
 use super::History;
 use super::history::{Call, Outcome, WireGrant, monotonic_ns};
+use super::options::Workload;
 use super::seq::{BlockEpoch, SeqCall, SeqOutcome};
-use crate::cli::Workload;
 use crate::targets::{Failure, Route, WireBlock};
 
 /// Calls recorded in one run at most, over all clients (each entry of a `GetSeqBatch` counts as

@@ -69,6 +69,16 @@ impl Dial {
     }
 }
 
+/// A client-library builder with `tls` set, if any: the library callers' counterpart of
+/// [`Dial`].
+pub fn client_builder(tls: Option<&tso_client::ClientTls>) -> tso_client::ClientBuilder {
+    let builder = tso_client::Client::builder();
+    match tls {
+        Some(tls) => builder.tls(tls.clone()),
+        None => builder,
+    }
+}
+
 pub struct Targets {
     endpoints: Vec<String>,
     connections: usize,

@@ -6,9 +6,10 @@
 //! reply within a bound after each fault heals). With `--workload seq` the clients take blocks
 //! of dense sequences instead (`GetSeq` and `GetSeqBatch`), checked for overlaps (D1),
 //! unexplained gaps (D2), the order of epochs and shape (`seq.rs`). With `--workload lease` they hold stamping leases, read the safe frontier and
-//! take timestamps, checked for the frontier's rules (`lease.rs`). Exit codes: 0 clean,
-//! 1 violation, 2 usage or setup error. The seed is printed first, and the schedule and history
-//! summary go to a file.
+//! take timestamps, checked for the frontier's rules (`lease.rs`). A run ends in a [`Verdict`]
+//! or an error of usage or setup (the `tso` binary exits 0, 1 or 2). The seed is printed
+//! first, and the schedule and history summary go to a file. A run is given [`CheckOptions`]
+//! (`options.rs`), and starts its servers from the `tso` binary they name.
 
 pub mod admin_client;
 pub mod clients;
@@ -19,6 +20,7 @@ pub mod lease;
 pub mod lease_client;
 pub mod lease_keeper;
 pub mod member;
+pub mod options;
 pub mod proxy;
 pub mod schedule;
 pub mod seq;
@@ -26,29 +28,23 @@ pub mod wipe;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
-use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
-use self::clients::{CALLS_MAX, Client, Mix, SEQ_BATCH_ONE_IN, SEQ_COUNT_MAX, SEQ_KEYS, Shared};
+use self::clients::{Client, Mix, SEQ_BATCH_ONE_IN, SEQ_COUNT_MAX, SEQ_KEYS, Shared};
 use self::cluster::Cluster;
 use self::history::{Call, LivenessScope, Outcome, WireGrant, check, check_liveness, monotonic_ns};
 use self::lease::{LeaseCall, LeaseOp, LeaseOutcome};
 use self::lease_client::{LeaseClient, LeaseRoute};
+use self::options::validate;
+pub use self::options::{BenchMode, CheckOptions, Controls, Workload};
 use self::schedule::{Plan, Step};
 use self::seq::{SeqCall, SeqOutcome};
-use crate::cli::{BenchMode, CheckArgs, Workload};
-use crate::targets::{CONNECTIONS_MAX, Dial, Route, Targets};
+use crate::targets::{CONNECTIONS_MAX, Dial, Route, Targets, client_builder};
 
-/// Exit code of a clean history.
-pub const EXIT_CLEAN: u8 = 0;
-/// Exit code of a violation (history or liveness).
-pub const EXIT_VIOLATION: u8 = 1;
-/// Exit code of a usage or setup error.
-pub const EXIT_SETUP: u8 = 2;
 /// Clients in one run at most: each is a task with its own connection.
 pub const CLIENTS_MAX: usize = 256;
 /// The longest pause drawn (and never more than half the liveness bound): long enough that
@@ -64,26 +60,13 @@ pub enum Verdict {
     Violation,
 }
 
-/// Runs `tso check` and maps the outcome to its exit code.
-pub fn main(args: CheckArgs) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+/// Runs the checker on a runtime of its own: the verdict, or an error of usage or setup.
+pub fn run(args: CheckOptions) -> anyhow::Result<Verdict> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
-    {
-        Ok(runtime) => runtime,
-        Err(err) => {
-            eprintln!("tso check: error: starting the async runtime: {err}");
-            return ExitCode::from(EXIT_SETUP);
-        }
-    };
-    match runtime.block_on(run(args)) {
-        Ok(Verdict::Clean) => ExitCode::from(EXIT_CLEAN),
-        Ok(Verdict::Violation) => ExitCode::from(EXIT_VIOLATION),
-        Err(err) => {
-            eprintln!("tso check: error: {err:#}");
-            ExitCode::from(EXIT_SETUP)
-        }
-    }
+        .context("starting the async runtime")?;
+    runtime.block_on(run_checker(args))
 }
 
 /// One applied fault, as written to the result file.
@@ -157,7 +140,7 @@ fn describe_fault_counts(counts: &BTreeMap<&'static str, BTreeMap<&'static str, 
     }
 }
 
-async fn run(args: CheckArgs) -> anyhow::Result<Verdict> {
+async fn run_checker(args: CheckOptions) -> anyhow::Result<Verdict> {
     validate(&args)?;
     if !args.verify.is_empty() {
         return verify(&args.verify);
@@ -203,7 +186,7 @@ struct Recorded {
 /// Runs the clients and the nemesis for the duration (or until the call cap), then waits for
 /// the service to answer after the last heal, and collects every call.
 async fn record(
-    args: &CheckArgs,
+    args: &CheckOptions,
     seed: u64,
     cluster: Option<&mut Cluster>,
     work: &WorkDir,
@@ -255,7 +238,7 @@ async fn record(
 }
 
 /// The nemesis plan of a run; attached runs (no local cluster) draw no faults.
-fn plan(args: &CheckArgs, seed: u64, local: bool) -> Plan {
+fn plan(args: &CheckOptions, seed: u64, local: bool) -> Plan {
     Plan {
         seed,
         nodes: args.nodes,
@@ -263,17 +246,17 @@ fn plan(args: &CheckArgs, seed: u64, local: bool) -> Plan {
         duration: args.duration,
         interval: args.fault_interval,
         pause_max: (args.liveness_bound / 2).min(PAUSE_MAX),
-        positive_control: args.unsafe_positive_control,
-        no_lease_control: args.unsafe_no_lease,
-        seq_forget_control: args.unsafe_seq_forget,
-        lease_forget_control: args.unsafe_lease_forget,
-        leader_removal_control: args.unsafe_allow_leader_removal,
-        trust_wiped_control: args.unsafe_trust_wiped,
+        positive_control: args.controls.unsafe_positive_control,
+        no_lease_control: args.controls.unsafe_no_lease,
+        seq_forget_control: args.controls.unsafe_seq_forget,
+        lease_forget_control: args.controls.unsafe_lease_forget,
+        leader_removal_control: args.controls.unsafe_allow_leader_removal,
+        trust_wiped_control: args.controls.unsafe_trust_wiped,
     }
 }
 
 /// "8 raw client(s) (3 pinned one per node, 5 following the leader)", for the opening line.
-fn describe_clients(args: &CheckArgs, mix: Mix) -> String {
+fn describe_clients(args: &CheckOptions, mix: Mix) -> String {
     let clients = describe_mix(args, mix);
     match args.workload {
         Workload::Ts => clients,
@@ -296,7 +279,7 @@ fn describe_clients(args: &CheckArgs, mix: Mix) -> String {
     }
 }
 
-fn describe_mix(args: &CheckArgs, mix: Mix) -> String {
+fn describe_mix(args: &CheckOptions, mix: Mix) -> String {
     let mode = args.mode.name();
     match (mix.pinned, args.mode) {
         (0, _) => format!("{} {mode} client(s)", args.clients),
@@ -313,46 +296,12 @@ fn describe_mix(args: &CheckArgs, mix: Mix) -> String {
     }
 }
 
-async fn start_cluster(args: &CheckArgs, work: &WorkDir) -> anyhow::Result<Cluster> {
-    let bin = std::env::current_exe().context("finding this binary")?;
-    let mut unsafe_flags = Vec::new();
-    if args.unsafe_positive_control {
-        unsafe_flags.push(cluster::FORGET_HIGH_WATER_FLAG);
-    }
-    if args.unsafe_no_lease {
-        unsafe_flags.push(cluster::NO_LEASE_FLAG);
-    }
-    if args.unsafe_seq_forget {
-        unsafe_flags.push(cluster::SEQ_FORGET_FLAG);
-    }
-    if args.unsafe_lease_forget {
-        unsafe_flags.push(cluster::LEASE_FORGET_FLAG);
-    }
-    if args.unsafe_allow_leader_removal {
-        unsafe_flags.push(cluster::ALLOW_LEADER_REMOVAL_FLAG);
-    }
-    if args.unsafe_trust_wiped {
-        unsafe_flags.push(cluster::TRUST_WIPED_FLAG);
-    }
-    if args.unsafe_lease_wall_expiry {
-        unsafe_flags.push(cluster::LEASE_WALL_EXPIRY_FLAG);
-    }
-    if args.unsafe_lease_bound_in_memory {
-        unsafe_flags.push(cluster::LEASE_BOUND_IN_MEMORY_FLAG);
-    }
-    if args.unsafe_seq_burn_refused {
-        unsafe_flags.push(cluster::SEQ_BURN_REFUSED_FLAG);
-    }
-    if args.unsafe_handoff_keep_lease {
-        unsafe_flags.push(cluster::HANDOFF_KEEP_LEASE_FLAG);
-    }
-    if args.unsafe_ungate_elections {
-        unsafe_flags.push(cluster::UNGATE_ELECTIONS_FLAG);
-    }
+async fn start_cluster(args: &CheckOptions, work: &WorkDir) -> anyhow::Result<Cluster> {
+    let mut unsafe_flags = args.controls.server_flags();
     if args.workload == Workload::Lease {
         unsafe_flags.extend(lease_client::SERVE_LEASE_TTL_MIN_FLAGS);
     }
-    Cluster::start(&bin, work.path(), args.nodes, &unsafe_flags).await
+    Cluster::start(&args.server_bin, work.path(), args.nodes, &unsafe_flags).await
 }
 
 type ClientTask = tokio::task::JoinHandle<anyhow::Result<History>>;
@@ -360,23 +309,21 @@ type ClientTask = tokio::task::JoinHandle<anyhow::Result<History>>;
 /// Starts the recording clients: the pinned ones on raw RPCs to their node, the others raw or
 /// through one shared client library.
 async fn start_clients(
-    args: &CheckArgs,
+    args: &CheckOptions,
     seed: u64,
     endpoints: &[String],
     mix: Mix,
 ) -> anyhow::Result<(Arc<Shared>, Vec<ClientTask>)> {
-    let tls = args.tls.load()?;
     let targets = Arc::new(Targets::new(
         endpoints,
         args.clients.min(CONNECTIONS_MAX),
         args.call_timeout,
-        Dial::new(tls.as_ref().map(tso_client::ClientTls::tonic_config)),
+        Dial::new(args.tls.as_ref().map(tso_client::ClientTls::tonic_config)),
     )?);
     let library = match args.mode {
         BenchMode::Raw => None,
         BenchMode::Library => Some(
-            args.tls
-                .client_builder()?
+            client_builder(args.tls.as_ref())
                 .overall_timeout(args.call_timeout)
                 .connect(endpoints)
                 .await
@@ -414,7 +361,7 @@ async fn start_clients(
 /// `lease_client.rs`), or with `library` its holders through `LeaseKeeper` and its readers
 /// through the library too (`lease_keeper.rs`).
 fn start_lease_clients(
-    args: &CheckArgs,
+    args: &CheckOptions,
     seed: u64,
     targets: Arc<Targets>,
     library: Option<&tso_client::Client>,
@@ -461,198 +408,6 @@ fn start_lease_clients(
         tasks.push(task);
     }
     Ok(tasks)
-}
-
-fn validate(args: &CheckArgs) -> anyhow::Result<()> {
-    anyhow::ensure!(
-        (1..=CLIENTS_MAX).contains(&args.clients),
-        "--clients must be 1 to {CLIENTS_MAX}"
-    );
-    anyhow::ensure!(
-        (1..=CALLS_MAX).contains(&args.calls_max),
-        "--calls-max must be 1 to {CALLS_MAX}"
-    );
-    anyhow::ensure!(
-        (1..=tso_core::LOGICAL_COUNT).contains(&args.count_max),
-        "--count-max must be 1 to {}",
-        tso_core::LOGICAL_COUNT
-    );
-    anyhow::ensure!(matches!(args.nodes, 1 | 3 | 5), "--nodes must be 1, 3 or 5");
-    anyhow::ensure!(
-        !args.endpoints.is_empty() || args.tls.tls_ca.is_none(),
-        "the cluster the checker starts has no TLS: give --tls-* only with --endpoints"
-    );
-    let control = args.unsafe_positive_control
-        || args.unsafe_no_lease
-        || args.unsafe_seq_forget
-        || args.unsafe_lease_forget
-        || args.unsafe_allow_leader_removal
-        || args.unsafe_trust_wiped
-        || args.unsafe_lease_wall_expiry
-        || args.unsafe_lease_bound_in_memory
-        || args.unsafe_seq_burn_refused
-        || args.unsafe_handoff_keep_lease
-        || args.unsafe_ungate_elections;
-    anyhow::ensure!(
-        args.endpoints.is_empty() || !control,
-        "the positive controls need a local cluster: drop --endpoints"
-    );
-    anyhow::ensure!(
-        args.nodes > 1 || !args.unsafe_ungate_elections,
-        "--unsafe-ungate-elections changes raft elections: give --nodes 3"
-    );
-    anyhow::ensure!(
-        args.workload == Workload::Seq || !args.unsafe_seq_forget,
-        "the --unsafe-seq-forget control breaks sequences: add --workload seq"
-    );
-    validate_seq(args)?;
-    anyhow::ensure!(
-        args.workload == Workload::Lease || !args.unsafe_lease_forget,
-        "the --unsafe-lease-forget control breaks stamping leases: add --workload lease"
-    );
-    validate_lease(args)?;
-    anyhow::ensure!(
-        args.workload == Workload::Ts || !(args.unsafe_positive_control || args.unsafe_no_lease),
-        "the --unsafe-positive-control and --unsafe-no-lease controls break timestamps: use them with --workload ts"
-    );
-    anyhow::ensure!(
-        !args.fault_interval.is_zero(),
-        "--fault-interval must be above 0"
-    );
-    if let Some(kind) = args.faults.iter().find(|k| k.needs_cluster())
-        && args.nodes == 1
-    {
-        anyhow::bail!(
-            "{} faults need a raft cluster (one node runs the file backend): add --nodes 3 or 5",
-            kind.name()
-        );
-    }
-    anyhow::ensure!(
-        args.nodes > 1 || !args.unsafe_no_lease,
-        "the no-lease control needs a raft cluster: add --nodes 3 or 5"
-    );
-    validate_leader_removal(args)?;
-    validate_handoff_keep_lease(args)?;
-    anyhow::ensure!(
-        !args.unsafe_trust_wiped || args.nodes == 3,
-        "the trust-wiped control cuts off one of two followers and wipes the other: add --nodes 3"
-    );
-    anyhow::ensure!(
-        args.workload == Workload::Ts || !args.unsafe_trust_wiped,
-        "the --unsafe-trust-wiped control breaks timestamps: use it with --workload ts"
-    );
-    Ok(())
-}
-
-/// What the sequence controls refuse beyond `--unsafe-seq-forget`'s own check: the burnt
-/// refusals show only in a sequence history, from servers the checker starts.
-fn validate_seq(args: &CheckArgs) -> anyhow::Result<()> {
-    if !args.unsafe_seq_burn_refused {
-        return Ok(());
-    }
-    anyhow::ensure!(
-        args.workload == Workload::Seq,
-        "the --unsafe-seq-burn-refused control breaks sequences: add --workload seq"
-    );
-    anyhow::ensure!(
-        args.endpoints.is_empty(),
-        "the positive controls need a local cluster: drop --endpoints"
-    );
-    Ok(())
-}
-
-/// What the leader-removal control refuses.
-fn validate_leader_removal(args: &CheckArgs) -> anyhow::Result<()> {
-    if !args.unsafe_allow_leader_removal {
-        return Ok(());
-    }
-    anyhow::ensure!(
-        args.nodes > 1,
-        "the leader-removal control needs a raft cluster: add --nodes 3 or 5"
-    );
-    anyhow::ensure!(
-        args.workload == Workload::Ts,
-        "the --unsafe-allow-leader-removal control breaks timestamps: use it with --workload ts"
-    );
-    // Two leaders granting side by side show only in a history that has both: one client
-    // pinned to each node, and one more to follow the leader.
-    anyhow::ensure!(
-        args.clients > args.nodes,
-        "the --unsafe-allow-leader-removal control pins one client to each node: give --clients \
-         {} or more",
-        args.nodes + 1
-    );
-    Ok(())
-}
-
-/// What the handoff control refuses: its two granting nodes show only with handoffs, on a raft
-/// cluster the checker starts, in a history of timestamps with a client pinned to each node.
-fn validate_handoff_keep_lease(args: &CheckArgs) -> anyhow::Result<()> {
-    if !args.unsafe_handoff_keep_lease {
-        return Ok(());
-    }
-    anyhow::ensure!(
-        args.endpoints.is_empty(),
-        "the positive controls need a local cluster: drop --endpoints"
-    );
-    anyhow::ensure!(
-        args.nodes > 1,
-        "the handoff control needs a raft cluster: add --nodes 3 or 5"
-    );
-    anyhow::ensure!(
-        args.faults.contains(&schedule::FaultKind::Handoff),
-        "the --unsafe-handoff-keep-lease control breaks handoffs: add handoff to --faults"
-    );
-    anyhow::ensure!(
-        args.workload == Workload::Ts,
-        "the --unsafe-handoff-keep-lease control breaks timestamps: use it with --workload ts"
-    );
-    anyhow::ensure!(
-        args.clients > args.nodes,
-        "the --unsafe-handoff-keep-lease control pins one client to each node: give --clients \
-         {} or more",
-        args.nodes + 1
-    );
-    Ok(())
-}
-
-/// What the stamping-lease controls need. `--workload lease` itself takes every fault (lease
-/// liveness is on monotonic time, which clock faults leave alone) and both modes.
-fn validate_lease(args: &CheckArgs) -> anyhow::Result<()> {
-    use schedule::FaultKind;
-    let controls = [
-        // A server that judges expiry by its wall clock is wrong only when that clock steps:
-        // forward, it drops a live lease (rule 1); back, an expired one binds again (rule 2).
-        (
-            args.unsafe_lease_wall_expiry,
-            "--unsafe-lease-wall-expiry",
-            FaultKind::Clock,
-        ),
-        // A bound kept in memory only is lost when its leader dies: the next leader grants
-        // below it (rule 5).
-        (
-            args.unsafe_lease_bound_in_memory,
-            "--unsafe-lease-bound-in-memory",
-            FaultKind::Kill,
-        ),
-    ];
-    for (_, flag, fault) in controls.into_iter().filter(|(on, _, _)| *on) {
-        anyhow::ensure!(
-            args.workload == Workload::Lease,
-            "the {flag} control breaks stamping leases: add --workload lease"
-        );
-        anyhow::ensure!(
-            args.faults.contains(&fault),
-            "the {flag} control is caught through {} faults: add {} to --faults",
-            fault.name(),
-            fault.name()
-        );
-        anyhow::ensure!(
-            args.endpoints.is_empty(),
-            "the positive controls need a local cluster: drop --endpoints"
-        );
-    }
-    Ok(())
 }
 
 /// Applies the schedule in real time; every fault heals before the next one starts, and a
@@ -920,7 +675,7 @@ struct Findings {
 }
 
 impl Findings {
-    fn gather(args: &CheckArgs, recorded: &Recorded) -> Findings {
+    fn gather(args: &CheckOptions, recorded: &Recorded) -> Findings {
         let (mut granted, mut malformed) = (0, 0);
         let mut errors: BTreeMap<String, u64> = BTreeMap::new();
         let mut uncertain: BTreeMap<String, u64> = BTreeMap::new();
@@ -995,7 +750,7 @@ impl Findings {
             && self.partial_started == 0
     }
 
-    fn print(&self, args: &CheckArgs, recorded: &Recorded) {
+    fn print(&self, args: &CheckOptions, recorded: &Recorded) {
         if let Some(capped_ms) = recorded.capped_ms {
             println!(
                 "tso check: the clients reached --calls-max ({}) after {capped_ms} ms; the nemesis stopped with them ({} of {} fault(s) applied)",
@@ -1110,7 +865,7 @@ impl Findings {
         );
     }
 
-    fn print_liveness(&self, args: &CheckArgs, heals: usize) {
+    fn print_liveness(&self, args: &CheckOptions, heals: usize) {
         let bound = humantime::format_duration(args.liveness_bound);
         let worst_ms = self
             .recoveries
@@ -1139,7 +894,7 @@ impl Findings {
 }
 
 /// Checks the history, prints the verdict, and writes the result file.
-fn judge(args: &CheckArgs, recorded: &Recorded, work: &WorkDir) -> anyhow::Result<Verdict> {
+fn judge(args: &CheckOptions, recorded: &Recorded, work: &WorkDir) -> anyhow::Result<Verdict> {
     let findings = Findings::gather(args, recorded);
     findings.print(args, recorded);
     let clean = findings.clean();
@@ -1165,7 +920,7 @@ fn judge(args: &CheckArgs, recorded: &Recorded, work: &WorkDir) -> anyhow::Resul
 /// For each fault that applied, the longest stretch without an answer to the clients that
 /// follow the leader, from its start until the liveness bound after its heal (or the next
 /// fault's start, or the clients' stop, if sooner).
-fn fault_gaps(args: &CheckArgs, recorded: &Recorded) -> Vec<Option<u64>> {
+fn fault_gaps(args: &CheckOptions, recorded: &Recorded) -> Vec<Option<u64>> {
     let counts = |client: u32| recorded.mix.node_of(client).is_none();
     let answers = match &recorded.history {
         History::Ts(calls) => gaps::Answers::new(calls, |c| counts(c.client)),
@@ -1188,7 +943,7 @@ fn fault_gaps(args: &CheckArgs, recorded: &Recorded) -> Vec<Option<u64>> {
 
 /// Recovery after each heal, judged on the calls of the clients that follow the leader.
 fn liveness<C: history::Answered>(
-    args: &CheckArgs,
+    args: &CheckOptions,
     recorded: &Recorded,
     calls: &[C],
 ) -> (Vec<Option<u64>>, Vec<history::Stall>) {
@@ -1202,7 +957,7 @@ fn liveness<C: history::Answered>(
 
 /// The result file: the run's parameters, the schedule as applied, and the findings.
 fn result_json(
-    args: &CheckArgs,
+    args: &CheckOptions,
     recorded: &Recorded,
     findings: &Findings,
     work: &WorkDir,
@@ -1229,17 +984,17 @@ fn result_json(
         "calls_max": args.calls_max,
         "duration_s": args.duration.as_secs_f64(),
         "capped_ms": recorded.capped_ms,
-        "positive_control": args.unsafe_positive_control,
-        "no_lease_control": args.unsafe_no_lease,
-        "seq_forget_control": args.unsafe_seq_forget,
-        "seq_burn_refused_control": args.unsafe_seq_burn_refused,
-        "lease_forget_control": args.unsafe_lease_forget,
-        "lease_wall_expiry_control": args.unsafe_lease_wall_expiry,
-        "lease_bound_in_memory_control": args.unsafe_lease_bound_in_memory,
-        "leader_removal_control": args.unsafe_allow_leader_removal,
-        "trust_wiped_control": args.unsafe_trust_wiped,
-        "handoff_keep_lease_control": args.unsafe_handoff_keep_lease,
-        "ungate_elections_ablation": args.unsafe_ungate_elections,
+        "positive_control": args.controls.unsafe_positive_control,
+        "no_lease_control": args.controls.unsafe_no_lease,
+        "seq_forget_control": args.controls.unsafe_seq_forget,
+        "seq_burn_refused_control": args.controls.unsafe_seq_burn_refused,
+        "lease_forget_control": args.controls.unsafe_lease_forget,
+        "lease_wall_expiry_control": args.controls.unsafe_lease_wall_expiry,
+        "lease_bound_in_memory_control": args.controls.unsafe_lease_bound_in_memory,
+        "leader_removal_control": args.controls.unsafe_allow_leader_removal,
+        "trust_wiped_control": args.controls.unsafe_trust_wiped,
+        "handoff_keep_lease_control": args.controls.unsafe_handoff_keep_lease,
+        "ungate_elections_ablation": args.controls.unsafe_ungate_elections,
         "partial_started": findings.partial_started,
         "work_dir": work.path(),
         "faults_planned": recorded.faults_planned,

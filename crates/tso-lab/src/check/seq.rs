@@ -8,9 +8,9 @@
 //! durable, a definite refusal (nothing spent), an uncertain failure (the block may have been
 //! spent, and we never see where), or a reply the client refused as malformed. Per key, the
 //! checks are: D1, no two blocks share a value; D2, every value below the highest block that no
-//! block holds is explained by uncertain calls on that key (see [`check_gaps`]); the order of
-//! epochs, by value per key and by real time over every key (see [`check_epoch_order`] and
-//! [`check_epoch_time`]); and the shape of each block and batch. Each key costs O(n log n)
+//! block holds is explained by uncertain calls on that key (see `check_gaps`); the order of
+//! epochs, by value per key and by real time over every key (see `check_epoch_order` and
+//! `check_epoch_time`); and the shape of each block and batch. Each key costs O(n log n)
 //! plus a bounded subset-sum bitset.
 
 use std::collections::{HashMap, HashSet};

@@ -210,7 +210,9 @@ impl Cluster {
         slot.admin = ports[1];
         slot.member = false;
         slot.kept_out = false;
-        let member = slot.member(at);
+        let client_addr = slot.client.to_string();
+        let peer_addr = slot.peer_addr(at);
+        let admin_addr = slot.admin.to_string();
         self.links.retain(|link| link.target != old_peer);
         self.proxy_links_to(at).await?;
         self.nodes[at] = self.raft_node(at, None)?;
@@ -218,12 +220,11 @@ impl Cluster {
             .start()
             .await
             .with_context(|| format!("starting node {id} to join"))?;
-        let (_, addrs) = crate::cluster::parse_member(&member)?;
         self.change(Change::AddLearner {
             id,
-            client_addr: addrs.client_addr,
-            peer_addr: addrs.peer_addr,
-            admin_addr: addrs.admin_addr,
+            client_addr,
+            peer_addr,
+            admin_addr,
         })
         .await?;
         self.change(Change::Promote(id)).await?;
