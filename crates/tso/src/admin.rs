@@ -12,7 +12,7 @@ use tonic::transport::{Channel, ClientTlsConfig};
 use tso_proto::tso::admin_v1 as pb;
 use tso_proto::tso::admin_v1::admin_client::AdminClient;
 
-use crate::cluster::parse_member;
+use crate::members::parse_member;
 use crate::tls::ClientTlsArgs;
 
 /// Redirects followed for one command. A cluster points at its one leader, so two are enough

@@ -466,7 +466,7 @@ pub struct CheckArgs {
     pub clients: usize,
     /// Calls recorded at most, over all clients: when they have made this many, the clients
     /// and the nemesis stop together and the history is checked.
-    #[arg(long, default_value_t = tso_lab::check::clients::CALLS_MAX)]
+    #[arg(long, default_value_t = tso_lab::check::options::CALLS_MAX)]
     pub calls_max: usize,
     /// What the clients call: `GetTs` (timestamps), `GetSeq` and `GetSeqBatch` on a few fixed
     /// keys (dense sequences, checked for D1, D2 and the order of their epochs), or the

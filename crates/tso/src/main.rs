@@ -11,6 +11,7 @@ mod cluster;
 mod get;
 mod lab;
 mod lease;
+mod members;
 mod seq;
 mod serve;
 mod tls;

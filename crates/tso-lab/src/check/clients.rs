@@ -31,11 +31,6 @@ use super::options::Workload;
 use super::seq::{BlockEpoch, SeqCall, SeqOutcome};
 use crate::targets::{Failure, Route, WireBlock};
 
-/// Calls recorded in one run at most, over all clients (each entry of a `GetSeqBatch` counts as
-/// one): about 60 bytes each (80 for a sequence call), under 1.3 GiB (a release build against 3
-/// local nodes makes about 13k calls/s, so 10 minutes fit). When the clients have made this
-/// many they stop, and the nemesis with them.
-pub const CALLS_MAX: usize = 16_000_000;
 /// The sequence keys of `--workload seq`: few, so that every key sees many blocks, failures
 /// and failovers; fixed names, so repeated runs against one server do not grow its key set.
 pub const SEQ_KEYS: [&str; 3] = ["check-seq-0", "check-seq-1", "check-seq-2"];

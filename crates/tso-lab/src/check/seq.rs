@@ -1194,7 +1194,7 @@ mod tests {
 
     #[test]
     fn a_recorded_call_stays_small() {
-        // `clients::CALLS_MAX` counts on it.
+        // `options::CALLS_MAX` counts on it.
         assert!(std::mem::size_of::<SeqCall>() <= 80);
     }
 
