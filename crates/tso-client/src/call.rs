@@ -19,42 +19,16 @@ use std::time::Duration;
 
 use rand::Rng;
 use tokio::time::Instant;
-use tonic::Code;
-use tso_proto::LEADER_HINT_KEY;
 use tso_proto::v1::GetTsRequest;
 use tso_proto::v1::tso_service_client::TsoServiceClient;
 
+use crate::attempt::{AttemptClock, Outcome, classify, is_timeout};
 use crate::config::{HINTED_LEADER_POLL, HINTED_LEADER_POLLS_MAX, REDIRECTS_PER_CALL_MAX};
-use crate::endpoint::{Hint, Target, decode_hint};
+use crate::endpoint::{Hint, Target};
 use crate::grant::{Granted, TsRange, validate_reply};
 use crate::router::Router;
+use crate::stream::{self, Streams};
 use crate::{Error, Result};
-
-/// What one attempt came to.
-#[derive(Debug)]
-pub(crate) enum Outcome<G> {
-    Granted(G),
-    NotLeader(Hint),
-    /// "not leader" with a hint that cannot be decoded or used: why.
-    MalformedHint(String),
-    /// The server answered `UNAVAILABLE` (or `UNKNOWN`): still leader, a transient refusal.
-    Refused(String),
-    /// Nothing reached a server: a transport failure (refused, reset, HTTP/2 error) or a
-    /// per-attempt timeout (for `GetTs`, where a lost request costs nothing), or a failure to
-    /// connect (for sequences).
-    Unreachable(String),
-    /// The call's own deadline ended the attempt before anything that matters was sent: nothing
-    /// is known about the endpoint.
-    DeadlinePassed,
-    /// A request that may have been granted failed (SEMANTICS §11, D2): the call ends with
-    /// `error`, unretried. `endpoint_failed` when the transport failed or the attempt timed out:
-    /// the endpoint is then dropped as leader and passed over, as for `Unreachable`.
-    Uncertain {
-        error: Error,
-        endpoint_failed: bool,
-    },
-    Fatal(Error),
-}
 
 /// What to do after an attempt.
 enum Step<G> {
@@ -71,12 +45,13 @@ pub(crate) type LastError = Mutex<String>;
 /// error seen in `last_error`.
 pub(crate) async fn fetch(
     router: &Router,
+    streams: &Streams,
     count: u32,
     deadline: Instant,
     last_error: &LastError,
 ) -> Result<TsRange> {
     drive(router, deadline, last_error, |target| {
-        attempt(router, target, count, deadline)
+        attempt(router, streams, target, count, deadline)
     })
     .await
 }
@@ -352,26 +327,23 @@ fn full_jitter(base: Duration, cap: Duration, retry: u32) -> Duration {
 /// by the per-attempt deadline and the call's deadline.
 async fn attempt(
     router: &Router,
+    streams: &Streams,
     target: Target,
     count: u32,
     deadline: Instant,
 ) -> Outcome<TsRange> {
     let target = &target;
-    let now = Instant::now();
-    let attempt_timeout = router.config().attempt_timeout;
-    // When the call's deadline comes first, running out of time says nothing about the server.
-    let cut_by_caller = deadline <= now + attempt_timeout;
-    let attempt_deadline = deadline.min(now + attempt_timeout);
-    let budget = attempt_deadline.saturating_duration_since(now);
+    let clock = AttemptClock::start(deadline, router.config().attempt_timeout);
+    let budget = clock.budget();
     let timed_out = || {
-        if cut_by_caller {
+        if clock.cut_by_caller() {
             return Outcome::DeadlinePassed;
         }
         router.drop_channel(target);
         Outcome::Unreachable(format!("{target} did not answer within {budget:?}"))
     };
-    if router.stream_offered(target) {
-        let stream = crate::stream::attempt(router, target, count, attempt_deadline, timed_out);
+    if streams.offered(target) {
+        let stream = stream::attempt(router, streams, target, count, clock.deadline(), timed_out);
         if let Some(outcome) = stream.await {
             return outcome;
         }
@@ -379,7 +351,7 @@ async fn attempt(
     let mut request = tonic::Request::new(GetTsRequest { count });
     request.set_timeout(budget);
     let mut client = TsoServiceClient::new(router.channel(target));
-    match tokio::time::timeout_at(attempt_deadline, client.get_ts(request)).await {
+    match tokio::time::timeout_at(clock.deadline(), client.get_ts(request)).await {
         Err(_) => timed_out(),
         Ok(Ok(reply)) => match validate_reply(count, reply.get_ref()) {
             Ok(range) => Outcome::Granted(range),
@@ -396,55 +368,6 @@ async fn attempt(
         }
         Ok(Err(status)) => classify(target, &status),
     }
-}
-
-/// True when the attempt's `grpc-timeout` ran out, on this side (tonic enforces it and reports
-/// `TimeoutExpired`) or on the server (a `DEADLINE_EXCEEDED` or `CANCELLED` status).
-pub(crate) fn is_timeout(status: &tonic::Status) -> bool {
-    let mut source = status.source();
-    while let Some(error) = source {
-        if error.is::<tonic::TimeoutExpired>() {
-            return true;
-        }
-        source = error.source();
-    }
-    status.source().is_none() && matches!(status.code(), Code::DeadlineExceeded | Code::Cancelled)
-}
-
-/// Sorts a status sent by the server into what the call does next (docs/protocol.md, errors).
-pub(crate) fn classify(target: &Target, status: &tonic::Status) -> Outcome<TsRange> {
-    let endpoint = target.to_string();
-    match status.code() {
-        Code::FailedPrecondition => match hint_of(target, status) {
-            Ok(hint) => Outcome::NotLeader(hint),
-            Err(reason) => Outcome::MalformedHint(reason),
-        },
-        Code::InvalidArgument => Outcome::Fatal(Error::InvalidArgument {
-            message: status.message().into(),
-        }),
-        Code::Unavailable | Code::Unknown => Outcome::Refused(format!(
-            "{endpoint}: {:?}: {}",
-            status.code(),
-            status.message()
-        )),
-        code => Outcome::Fatal(Error::Server {
-            endpoint,
-            code,
-            message: status.message().into(),
-        }),
-    }
-}
-
-pub(crate) fn hint_of(target: &Target, status: &tonic::Status) -> Result<Hint, String> {
-    let bytes = match status.metadata().get_bin(LEADER_HINT_KEY) {
-        None => None,
-        Some(value) => Some(
-            value
-                .to_bytes()
-                .map_err(|e| format!("trailer is not base64: {e}"))?,
-        ),
-    };
-    decode_hint(bytes.as_deref(), target)
 }
 
 #[cfg(test)]

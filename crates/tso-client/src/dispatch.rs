@@ -26,6 +26,7 @@ use tso_core::LOGICAL_COUNT;
 use crate::call::{LastError, fetch};
 use crate::grant::{TsRange, slice_grant};
 use crate::router::Router;
+use crate::stream::Streams;
 use crate::{Error, Result};
 
 /// One caller waiting for `count` (1..=LOGICAL_COUNT) timestamps.
@@ -48,6 +49,8 @@ struct Drained {
 /// Runs until every sender of `queue` is gone.
 pub(crate) async fn run(mut queue: mpsc::Receiver<Waiter>, router: Arc<Router>) {
     let permits = Arc::new(Semaphore::new(router.config().in_flight_rpcs_max));
+    // Only `GetTs` uses timestamp streams, and every `GetTs` is sent from here.
+    let streams = Arc::new(Streams::new(router.config().endpoints.clone()));
     let mut rpcs = JoinSet::new();
     let mut carry = None;
     loop {
@@ -76,7 +79,8 @@ pub(crate) async fn run(mut queue: mpsc::Receiver<Waiter>, router: Arc<Router>) 
         }
         while rpcs.try_join_next().is_some() {}
         if !drained.batch.is_empty() {
-            rpcs.spawn(serve(Arc::clone(&router), drained.batch, permit));
+            let (router, streams) = (Arc::clone(&router), Arc::clone(&streams));
+            rpcs.spawn(serve(router, streams, drained.batch, permit));
         }
     }
 }
@@ -149,7 +153,12 @@ fn drain(first: Waiter, queue: &mut mpsc::Receiver<Waiter>, now: Instant) -> Dra
 
 /// Sends one RPC for the whole batch and fans the result out: each waiter its slice, or the
 /// same error; a waiter whose deadline passes before the result gets `DeadlineExceeded` then.
-async fn serve(router: Arc<Router>, batch: Vec<Waiter>, permit: OwnedSemaphorePermit) {
+async fn serve(
+    router: Arc<Router>,
+    streams: Arc<Streams>,
+    batch: Vec<Waiter>,
+    permit: OwnedSemaphorePermit,
+) {
     let counts: Vec<u32> = batch.iter().map(|w| w.count).collect();
     let deadline = batch
         .iter()
@@ -158,7 +167,8 @@ async fn serve(router: Arc<Router>, batch: Vec<Waiter>, permit: OwnedSemaphorePe
         .expect("a batch is never empty");
     let mut waiters: Vec<Option<Waiter>> = batch.into_iter().map(Some).collect();
     let last_error = LastError::new("none".into());
-    let fetch = fetch(&router, counts.iter().sum(), deadline, &last_error);
+    let count = counts.iter().sum();
+    let fetch = fetch(&router, &streams, count, deadline, &last_error);
     let result = until_answered(&router, fetch, &mut waiters, &last_error).await;
     drop(permit);
     match result {

@@ -28,7 +28,8 @@ use tonic::transport::Channel;
 use tso_proto::v1::tso_service_client::TsoServiceClient;
 use tso_proto::v1::{GetSafeFrontierRequest, ReleaseLeaseRequest, RenewLeaseRequest};
 
-use crate::call::{LastError, Outcome, drive, hint_of, is_timeout};
+use crate::attempt::{AttemptClock, Outcome, hint_of, is_timeout};
+use crate::call::{LastError, drive};
 use crate::endpoint::{Hint, Target};
 use crate::lease::{self, AcquireRequest, Frontier, LeaseGrant, Released};
 use crate::router::Router;
@@ -180,21 +181,17 @@ async fn exchange<R, G, F>(
 where
     F: Future<Output = Result<tonic::Response<R>, tonic::Status>>,
 {
-    let now = Instant::now();
-    let attempt_timeout = router.config().attempt_timeout;
-    // When the call's deadline comes first, running out of time says nothing about the server.
-    let cut_by_caller = deadline <= now + attempt_timeout;
-    let attempt_deadline = deadline.min(now + attempt_timeout);
-    let budget = attempt_deadline.saturating_duration_since(now);
+    let clock = AttemptClock::start(deadline, router.config().attempt_timeout);
+    let budget = clock.budget();
     let timed_out = || {
-        if cut_by_caller {
+        if clock.cut_by_caller() {
             return Outcome::DeadlinePassed;
         }
         router.drop_channel(target);
         Outcome::Unreachable(format!("{target} did not answer within {budget:?}"))
     };
     let client = TsoServiceClient::new(router.channel(target));
-    match tokio::time::timeout_at(attempt_deadline, send(client, budget)).await {
+    match tokio::time::timeout_at(clock.deadline(), send(client, budget)).await {
         Err(_) => Err(timed_out()),
         Ok(Ok(reply)) => Ok(reply.into_inner()),
         Ok(Err(status)) if is_timeout(&status) => Err(timed_out()),

@@ -41,6 +41,7 @@
 //!   TLS are followed over TLS, never over plaintext.
 //! - Dropping the last [`Client`] clone stops its background task.
 
+mod attempt;
 mod call;
 mod client;
 mod config;

@@ -1,7 +1,7 @@
 //! Where the next attempt goes: the cached leader, else the configured endpoints in rotation;
 //! and the gRPC channels: one lazily dialed channel per address for `GetTs`, and one per
-//! address for sequence calls that is handed out only once connected; and the timestamp
-//! streams: at most one open per address, or a note that the address has none.
+//! address for sequence calls that is handed out only once connected. (The timestamp streams
+//! on those channels are kept by `stream.rs`.)
 //!
 //! Invariants: the cached leader's epoch never goes back. A leader is cached only at an epoch at
 //! least the highest one seen; forgetting a leader (it failed) keeps that floor. Rotation passes
@@ -9,7 +9,7 @@
 //! still moves: it takes the one whose skip ends first.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -17,9 +17,8 @@ use tokio::time::Instant;
 use tonic::transport::{Channel, Endpoint};
 use tso_core::Epoch;
 
-use crate::config::{CHANNELS_MAX, Config, STREAM_UNSUPPORTED_RECHECK};
+use crate::config::{CHANNELS_MAX, Config};
 use crate::endpoint::{Scheme, Target};
-use crate::stream::TsStream;
 
 #[derive(Debug, Default)]
 struct LeaderCache {
@@ -48,18 +47,6 @@ pub(crate) struct Router {
     /// nothing (a lazy channel connects inside the call, where a timeout cannot tell "never
     /// connected" from "sent and unanswered"). At most `CHANNELS_MAX` entries.
     seq_channels: Mutex<HashMap<Target, Channel>>,
-    /// The timestamp stream of each address, on its `GetTs` channel. At most `CHANNELS_MAX`
-    /// entries.
-    streams: Mutex<HashMap<Target, StreamSlot>>,
-}
-
-/// What the client knows of an address's timestamp stream.
-enum StreamSlot {
-    Open(Arc<TsStream>),
-    /// It answered `UNIMPLEMENTED` (a plain `tsoracle.v1` server): unary `GetTs` until then.
-    Unsupported {
-        until: Instant,
-    },
 }
 
 /// Why no connected sequence channel could be made; in both cases nothing was sent.
@@ -98,7 +85,6 @@ impl Router {
             leader: Mutex::new(LeaderCache::default()),
             channels: Mutex::new(HashMap::new()),
             seq_channels: Mutex::new(HashMap::new()),
-            streams: Mutex::new(HashMap::new()),
         }
     }
 
@@ -250,62 +236,6 @@ impl Router {
         self.lock_seq_channels().remove(target);
     }
 
-    /// False while `target` is known to have no timestamp stream.
-    pub(crate) fn stream_offered(&self, target: &Target) -> bool {
-        match self.lock_streams().get(target) {
-            Some(StreamSlot::Unsupported { until }) => *until <= Instant::now(),
-            _ => true,
-        }
-    }
-
-    /// The open timestamp stream to `target`, if there is one that still takes requests.
-    pub(crate) fn ts_stream(&self, target: &Target) -> Option<Arc<TsStream>> {
-        match self.lock_streams().get(target) {
-            Some(StreamSlot::Open(stream)) if !stream.is_closed() => Some(Arc::clone(stream)),
-            _ => None,
-        }
-    }
-
-    /// Keeps `stream` as `target`'s stream, unless another attempt opened one first that still
-    /// takes requests: then that one, so callers share one stream per connection.
-    pub(crate) fn keep_stream(&self, target: &Target, stream: Arc<TsStream>) -> Arc<TsStream> {
-        let mut streams = self.lock_streams();
-        if let Some(StreamSlot::Open(kept)) = streams.get(target)
-            && !kept.is_closed()
-        {
-            return Arc::clone(kept);
-        }
-        if streams.len() >= CHANNELS_MAX && !streams.contains_key(target) {
-            streams.retain(|t, _| self.config.endpoints.contains(t));
-        }
-        streams.insert(target.clone(), StreamSlot::Open(Arc::clone(&stream)));
-        stream
-    }
-
-    /// Forgets `stream` as `target`'s stream (a newer one stays).
-    pub(crate) fn drop_stream(&self, target: &Target, stream: &Arc<TsStream>) {
-        let mut streams = self.lock_streams();
-        if let Some(StreamSlot::Open(kept)) = streams.get(target)
-            && Arc::ptr_eq(kept, stream)
-        {
-            streams.remove(target);
-        }
-    }
-
-    /// Records that `target` has no timestamp stream: unary `GetTs` until the recheck.
-    pub(crate) fn mark_stream_unsupported(&self, target: &Target) {
-        let mut streams = self.lock_streams();
-        if streams.len() >= CHANNELS_MAX && !streams.contains_key(target) {
-            streams.retain(|t, _| self.config.endpoints.contains(t));
-        }
-        let until = Instant::now() + STREAM_UNSUPPORTED_RECHECK;
-        streams.insert(target.clone(), StreamSlot::Unsupported { until });
-    }
-
-    fn lock_streams(&self) -> std::sync::MutexGuard<'_, HashMap<Target, StreamSlot>> {
-        self.streams.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
     fn dial_lazily(&self, target: &Target) -> Channel {
         self.endpoint(target).connect_lazy()
     }
@@ -420,20 +350,6 @@ mod tests {
         assert_eq!(r.next_configured(), b);
         tokio::time::advance(UNREACHABLE_SKIP).await;
         assert_eq!(r.next_configured(), c);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn an_address_without_the_stream_is_asked_again_only_after_the_recheck() {
-        let r = router(&["a:1", "b:2"]);
-        let [a, b] = [0, 1].map(|i| r.config.endpoints[i].clone());
-        assert!(r.stream_offered(&a));
-        r.mark_stream_unsupported(&a);
-        assert!(!r.stream_offered(&a));
-        assert!(r.stream_offered(&b), "remembered per address");
-        tokio::time::advance(STREAM_UNSUPPORTED_RECHECK - Duration::from_millis(1)).await;
-        assert!(!r.stream_offered(&a));
-        tokio::time::advance(Duration::from_millis(1)).await;
-        assert!(r.stream_offered(&a));
     }
 
     #[test]

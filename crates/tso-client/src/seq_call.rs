@@ -23,7 +23,8 @@ use tonic::Code;
 use tonic::transport::Channel;
 use tso_proto::v1::tso_service_client::TsoServiceClient;
 
-use crate::call::{LastError, Outcome, drive, hint_of, is_timeout};
+use crate::attempt::{AttemptClock, Outcome, hint_of, is_timeout};
+use crate::call::{LastError, drive};
 use crate::endpoint::Target;
 use crate::router::{Router, SeqConnectError};
 use crate::seq::{SeqBatch, SeqRequest, SeqRpc};
@@ -53,12 +54,10 @@ async fn attempt(
     request: &SeqRequest,
     deadline: Instant,
 ) -> Outcome<SeqBatch> {
-    let now = Instant::now();
     let attempt_timeout = router.config().attempt_timeout;
-    // When the call's deadline comes first, running out of time says nothing about the server.
-    let cut_by_caller = deadline <= now + attempt_timeout;
-    let attempt_deadline = deadline.min(now + attempt_timeout);
-    let channel = match router.seq_channel(&target, attempt_deadline).await {
+    let clock = AttemptClock::start(deadline, attempt_timeout);
+    let cut_by_caller = clock.cut_by_caller();
+    let channel = match router.seq_channel(&target, clock.deadline()).await {
         Ok(channel) => channel,
         Err(SeqConnectError::TimedOut) if cut_by_caller => return Outcome::DeadlinePassed,
         Err(SeqConnectError::TimedOut) => {
@@ -70,7 +69,7 @@ async fn attempt(
             return Outcome::Unreachable(format!("{target}: cannot connect: {error}"));
         }
     };
-    let budget = attempt_deadline.saturating_duration_since(Instant::now());
+    let budget = clock.remaining();
     if budget.is_zero() {
         // Connecting took the whole attempt; the request was not sent.
         return if cut_by_caller {
@@ -80,7 +79,7 @@ async fn attempt(
         };
     }
     let sent = send(channel, request, budget, &target);
-    match tokio::time::timeout_at(attempt_deadline, sent).await {
+    match tokio::time::timeout_at(clock.deadline(), sent).await {
         Ok(Ok(outcome)) => outcome,
         Ok(Err(status)) => classify(router, &target, request, &status, cut_by_caller),
         Err(_) => {

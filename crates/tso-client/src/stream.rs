@@ -12,9 +12,10 @@
 //!   on a stream) the requests behind it get the same refusal.
 //! - Nothing is fetched ahead: a request is sent only by a call's attempt, for callers already
 //!   batched, exactly as a unary `GetTs` would be.
-//! - At most [`STREAM_PENDING_MAX`] requests wait on one stream.
+//! - At most [`STREAM_PENDING_MAX`] requests wait on one stream, and [`Streams`] keeps at most
+//!   one open stream per address, `CHANNELS_MAX` addresses in all.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::error::Error as _;
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -32,7 +33,8 @@ use tso_proto::tso::stream::v1::{
     TsStreamRefusal, TsStreamRequest, TsStreamResponse, ts_stream_response,
 };
 
-use crate::call::{Outcome, classify, is_timeout};
+use crate::attempt::{Outcome, classify, is_timeout};
+use crate::config::{CHANNELS_MAX, STREAM_UNSUPPORTED_RECHECK};
 use crate::endpoint::Target;
 use crate::grant::{TsRange, validate_reply};
 use crate::router::Router;
@@ -159,6 +161,92 @@ impl TsStream {
     }
 }
 
+/// What the client knows of an address's timestamp stream.
+enum StreamSlot {
+    Open(Arc<TsStream>),
+    /// It answered `UNIMPLEMENTED` (a plain `tsoracle.v1` server): unary `GetTs` until then.
+    Unsupported {
+        until: Instant,
+    },
+}
+
+/// The timestamp stream of each address, on its `GetTs` channel: at most one open per address,
+/// or a note that the address has none. At most `CHANNELS_MAX` entries; when full, addresses
+/// that are not configured endpoints (hinted leaders) are forgotten first.
+pub(crate) struct Streams {
+    configured: Vec<Target>,
+    slots: Mutex<HashMap<Target, StreamSlot>>,
+}
+
+impl Streams {
+    /// No streams yet, over the `configured` endpoints.
+    pub(crate) fn new(configured: Vec<Target>) -> Self {
+        Self {
+            configured,
+            slots: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// False while `target` is known to have no timestamp stream.
+    pub(crate) fn offered(&self, target: &Target) -> bool {
+        match self.lock_slots().get(target) {
+            Some(StreamSlot::Unsupported { until }) => *until <= Instant::now(),
+            _ => true,
+        }
+    }
+
+    /// The open timestamp stream to `target`, if there is one that still takes requests.
+    fn kept(&self, target: &Target) -> Option<Arc<TsStream>> {
+        match self.lock_slots().get(target) {
+            Some(StreamSlot::Open(stream)) if !stream.is_closed() => Some(Arc::clone(stream)),
+            _ => None,
+        }
+    }
+
+    /// Keeps `stream` as `target`'s stream, unless another attempt opened one first that still
+    /// takes requests: then that one, so callers share one stream per connection.
+    fn keep(&self, target: &Target, stream: Arc<TsStream>) -> Arc<TsStream> {
+        let mut slots = self.lock_slots();
+        if let Some(StreamSlot::Open(kept)) = slots.get(target)
+            && !kept.is_closed()
+        {
+            return Arc::clone(kept);
+        }
+        self.make_room(&mut slots, target);
+        slots.insert(target.clone(), StreamSlot::Open(Arc::clone(&stream)));
+        stream
+    }
+
+    /// Forgets `stream` as `target`'s stream (a newer one stays).
+    fn forget(&self, target: &Target, stream: &Arc<TsStream>) {
+        let mut slots = self.lock_slots();
+        if let Some(StreamSlot::Open(kept)) = slots.get(target)
+            && Arc::ptr_eq(kept, stream)
+        {
+            slots.remove(target);
+        }
+    }
+
+    /// Records that `target` has no timestamp stream: unary `GetTs` until the recheck.
+    fn mark_unsupported(&self, target: &Target) {
+        let mut slots = self.lock_slots();
+        self.make_room(&mut slots, target);
+        let until = Instant::now() + STREAM_UNSUPPORTED_RECHECK;
+        slots.insert(target.clone(), StreamSlot::Unsupported { until });
+    }
+
+    /// Before `target` gets a slot: when full, forgets every address that is not configured.
+    fn make_room(&self, slots: &mut HashMap<Target, StreamSlot>, target: &Target) {
+        if slots.len() >= CHANNELS_MAX && !slots.contains_key(target) {
+            slots.retain(|t, _| self.configured.contains(t));
+        }
+    }
+
+    fn lock_slots(&self) -> MutexGuard<'_, HashMap<Target, StreamSlot>> {
+        self.slots.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
 fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
     state.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -273,23 +361,26 @@ fn status_of(refusal: TsStreamRefusal) -> tonic::Status {
 }
 
 /// One `GetTs` attempt over the stream to `target`, until `attempt_deadline`; `timed_out`
-/// says what running out of time means. `None` when `target` has no stream service: the
-/// router remembers it and the caller falls back to unary `GetTs`.
+/// says what running out of time means. `None` when `target` has no stream service:
+/// `streams` remembers it and the caller falls back to unary `GetTs`.
 pub(crate) async fn attempt(
     router: &Router,
+    streams: &Streams,
     target: &Target,
     count: u32,
     attempt_deadline: Instant,
     timed_out: impl Fn() -> Outcome<TsRange>,
 ) -> Option<Outcome<TsRange>> {
-    let stream = match router.ts_stream(target) {
+    let stream = match streams.kept(target) {
         Some(stream) => stream,
         None => {
             let open = TsStream::open(router.channel(target), target);
             match tokio::time::timeout_at(attempt_deadline, open).await {
                 Err(_) => return Some(timed_out()),
-                Ok(Ok(stream)) => router.keep_stream(target, Arc::new(stream)),
-                Ok(Err(status)) => return refused_to_open(router, target, &status, timed_out),
+                Ok(Ok(stream)) => streams.keep(target, Arc::new(stream)),
+                Ok(Err(status)) => {
+                    return refused_to_open(router, streams, target, &status, timed_out);
+                }
             }
         }
     };
@@ -303,7 +394,7 @@ pub(crate) async fn attempt(
             if let Outcome::Unreachable(reason) = &outcome {
                 // A stream that does not answer is dead: its other requests fail now too.
                 stream.close(Closed::Broken(reason.clone()));
-                router.drop_stream(target, &stream);
+                streams.forget(target, &stream);
             }
             outcome
         }
@@ -325,6 +416,7 @@ fn on_broken(router: &Router, target: &Target, outcome: Outcome<TsRange>) -> Out
 /// the server, else what the same status of a unary `GetTs` means.
 fn refused_to_open(
     router: &Router,
+    streams: &Streams,
     target: &Target,
     status: &tonic::Status,
     timed_out: impl Fn() -> Outcome<TsRange>,
@@ -339,7 +431,7 @@ fn refused_to_open(
     }
     if status.code() == Code::Unimplemented {
         tracing::debug!(%target, "no timestamp stream on this server: using unary GetTs");
-        router.mark_stream_unsupported(target);
+        streams.mark_unsupported(target);
         return None;
     }
     Some(classify(target, status))
@@ -349,6 +441,7 @@ fn refused_to_open(
 mod tests {
     use super::*;
     use crate::endpoint::{Hint, Scheme, parse_address};
+    use std::time::Duration;
     use tso_proto::v1::{GetTsResponse, LeaderHint};
 
     fn state_with(
@@ -390,6 +483,20 @@ mod tests {
                 hint,
             })),
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_address_without_the_stream_is_asked_again_only_after_the_recheck() {
+        let [a, b] = ["a:1", "b:2"].map(|s| parse_address(s, Scheme::Http).unwrap());
+        let streams = Streams::new(vec![a.clone(), b.clone()]);
+        assert!(streams.offered(&a));
+        streams.mark_unsupported(&a);
+        assert!(!streams.offered(&a));
+        assert!(streams.offered(&b), "remembered per address");
+        tokio::time::advance(STREAM_UNSUPPORTED_RECHECK - Duration::from_millis(1)).await;
+        assert!(!streams.offered(&a));
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert!(streams.offered(&a));
     }
 
     #[test]

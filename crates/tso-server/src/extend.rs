@@ -15,7 +15,8 @@ use crate::backoff::Backoff;
 use crate::consensus::{ConsensusError, OracleCommand};
 use crate::error::ServeError;
 use crate::metrics;
-use crate::oracle::{Plan, Shared, hint_of};
+use crate::oracle::{Plan, Shared};
+use crate::refusal::hint_of;
 
 /// Shortest idle tick, so a tiny window does not spin the task.
 const TICK_MIN: Duration = Duration::from_millis(1);

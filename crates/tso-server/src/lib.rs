@@ -13,16 +13,19 @@ mod error;
 mod extend;
 pub mod metrics;
 mod oracle;
+mod refusal;
 mod sequence;
 mod serve;
 mod service;
 mod stamping;
 mod stream;
+mod term;
 pub mod tls;
 mod watch;
 
 pub use error::ServeError;
-pub use oracle::{Config, EXHAUSTED_WAIT_MAX, LeaderHint, ServingState};
+pub use oracle::{Config, ServingState};
+pub use refusal::LeaderHint;
 pub use sequence::{
     SEQ_BATCH_KEYS_MAX, SEQ_COUNT_MAX_DEFAULT, SEQ_KEY_LEN_MAX, SEQ_KEYS_MAX_DEFAULT, SEQ_QUEUE_MAX,
 };
@@ -35,3 +38,4 @@ pub use stamping::{
     LEASE_HOLDER_LEN_MAX, LEASE_TTL_MAX_DEFAULT, LEASE_TTL_MIN_DEFAULT, LEASES_MAX,
 };
 pub use stream::{STREAM_REPLIES_BUFFERED, TsoStreamHandler};
+pub use term::EXHAUSTED_WAIT_MAX;

@@ -17,12 +17,10 @@ use crate::clock::Clock;
 use crate::consensus::{Consensus, ConsensusError};
 use crate::error::ServeError;
 use crate::metrics;
+use crate::refusal::{Call, LeaderHint, Refusal};
 use crate::sequence::{SeqCall, SeqStarts, Sequencer};
-use crate::stamping::LeaseBook;
-
-/// Callers that found the window exhausted wait at most this long for the extension, then get
-/// `UNAVAILABLE`; it bounds a request on a stalled backend below common client deadlines.
-pub const EXHAUSTED_WAIT_MAX: Duration = Duration::from_secs(5);
+use crate::stamping::{LeaseBook, LeaseGrant};
+use crate::term::{EXHAUSTED_WAIT_MAX, Serving, TermIo, TermLimits};
 /// Extensions a single request waits through before giving up: one covers `now + ahead`, so
 /// a second is only needed when the clock jumps during the first.
 pub const EXHAUSTED_ROUNDS_MAX: usize = 3;
@@ -102,13 +100,18 @@ impl Config {
     pub(crate) fn low_water_ms(&self) -> u64 {
         self.window_ahead_ms() / 2
     }
-}
 
-/// What this node knows of the leader, as sent in a "not leader" hint.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct LeaderHint {
-    pub endpoint: Option<String>,
-    pub epoch: Option<Epoch>,
+    fn term_limits(&self) -> TermLimits {
+        TermLimits {
+            seq_keys_max: self.seq_keys_max,
+            lease_ttl_max: self.lease_ttl_max,
+            unsafe_seq_skip_load: self.unsafe_seq_skip_load,
+            unsafe_seq_burn_refused: self.unsafe_seq_burn_refused,
+            unsafe_lease_skip_load: self.unsafe_lease_skip_load,
+            unsafe_lease_wall_expiry: self.unsafe_lease_wall_expiry,
+            unsafe_lease_bound_in_memory: self.unsafe_lease_bound_in_memory,
+        }
+    }
 }
 
 /// The serving state, observable by embedders and operators.
@@ -125,22 +128,6 @@ pub enum ServingState {
     Failed {
         reason: String,
     },
-}
-
-/// Why a request was not served; the service maps each to a gRPC status.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Refusal {
-    NotLeader(LeaderHint),
-    InvalidArgument(String),
-    OutOfRange(String),
-    Unavailable(String),
-    Internal(String),
-    /// A configured cap is reached (sequence keys, queued sequence calls).
-    ResourceExhausted(String),
-    /// The request cannot succeed in the current state (a sequence counter at its end).
-    FailedPrecondition(String),
-    /// The request names something the server does not know (a lease id).
-    NotFound(String),
 }
 
 /// The outcome of the latest extension of a term, broadcast to callers waiting on it.
@@ -262,7 +249,9 @@ impl Shared {
                 Ok(Ok(())) => {}
             }
             if let Some(err) = outcome.borrow().error.clone() {
-                return Err(refusal_for(err, self));
+                // The extender retries or steps down on its own; nothing to poison here.
+                let call = Call::Read("extending the window");
+                return Err(Refusal::from_backend(err, call, || self.hint(), None));
             }
         }
         Err(Refusal::Unavailable(
@@ -275,15 +264,7 @@ impl Shared {
         let now_ms = self.clock.now_ms();
         let low_water_ms = self.config.low_water_ms();
         let mut state = self.lock();
-        let term = match &mut state.mode {
-            Mode::Serving(term) => term,
-            Mode::NotServing(hint) => return Err(Refusal::NotLeader(hint.clone())),
-            Mode::Poisoned => return Err(Refusal::NotLeader(LeaderHint::default())),
-        };
-        // A leader cut off from its peers stops granting before a new leader can start.
-        if !self.config.unsafe_skip_lease_check && !self.backend.lease_valid(term.epoch) {
-            return Err(Refusal::NotLeader(LeaderHint::default()));
-        }
+        let term = self.serving_term(&mut state)?;
         match term.window.grant(count, now_ms) {
             Ok(grant) => {
                 if !term.extension_wanted && term.window.wants_extension(now_ms, low_water_ms) {
@@ -310,30 +291,64 @@ impl Shared {
     /// the calls around it. Refuses before anything is written unless this node serves under a
     /// valid lease.
     pub async fn sequence(self: &Arc<Self>, call: SeqCall) -> Result<SeqStarts, Refusal> {
-        let sequencer = {
+        let (sequencer, io) = {
             let mut state = self.lock();
-            let term = match &mut state.mode {
-                Mode::Serving(term) => term,
-                Mode::NotServing(hint) => return Err(Refusal::NotLeader(hint.clone())),
-                Mode::Poisoned => return Err(Refusal::NotLeader(LeaderHint::default())),
-            };
-            if !self.config.unsafe_skip_lease_check && !self.backend.lease_valid(term.epoch) {
-                return Err(Refusal::NotLeader(LeaderHint::default()));
-            }
-            let epoch = term.epoch;
-            Arc::clone(
-                term.sequencer
-                    .get_or_insert_with(|| Arc::new(Sequencer::new(epoch))),
-            )
+            let term = self.serving_term(&mut state)?;
+            let sequencer = Arc::clone(term.sequencer.get_or_insert_with(Default::default));
+            (sequencer, Arc::new(self.term_io(term.epoch)))
         };
-        sequencer.submit(self, call).await
+        sequencer.submit(io, call).await
     }
 
-    /// The current term's lease book and epoch, if this node serves under a valid lease.
-    pub(crate) fn lease_book(
-        &self,
-    ) -> Result<(Arc<tokio::sync::Mutex<LeaseBook>>, Epoch), Refusal> {
+    /// Acquires (or renews, or supersedes) the lease of `holder` (SEMANTICS §14).
+    pub async fn acquire_lease(
+        self: &Arc<Self>,
+        holder: Vec<u8>,
+        holder_epoch: u64,
+        ttl_ms: u64,
+    ) -> Result<LeaseGrant, Refusal> {
+        let (book, io) = self.lease_book()?;
+        let mut book = book.lock().await;
+        book.acquire(&io, holder, holder_epoch, ttl_ms).await
+    }
+
+    /// Renews lease `lease_id` with its original TTL: a fresh bound and expiry.
+    pub async fn renew_lease(self: &Arc<Self>, lease_id: u64) -> Result<LeaseGrant, Refusal> {
+        let (book, io) = self.lease_book()?;
+        let mut book = book.lock().await;
+        book.renew(&io, lease_id).await
+    }
+
+    /// Releases lease `lease_id` (idempotent): it stops binding the frontier at once.
+    pub async fn release_lease(self: &Arc<Self>, lease_id: u64) -> Result<(), Refusal> {
+        let (book, io) = self.lease_book()?;
+        let mut book = book.lock().await;
+        book.release(&io, lease_id).await
+    }
+
+    /// The safe frontier: `(0, zero epoch)` unless serving under a valid lease; else
+    /// `min(H, the bounds of every live lease)` and the epoch.
+    pub async fn safe_frontier(self: &Arc<Self>) -> Result<(u64, Epoch), Refusal> {
+        let Ok((book, io)) = self.lease_book() else {
+            return Ok((0, Epoch::ZERO));
+        };
+        let mut book = book.lock().await;
+        book.safe_frontier(&io).await
+    }
+
+    /// The current term's lease book and access, if this node serves under a valid lease.
+    fn lease_book(
+        self: &Arc<Self>,
+    ) -> Result<(Arc<tokio::sync::Mutex<LeaseBook>>, TermIo), Refusal> {
         let mut state = self.lock();
+        let term = self.serving_term(&mut state)?;
+        let book = Arc::clone(term.leases.get_or_insert_with(Default::default));
+        Ok((book, self.term_io(term.epoch)))
+    }
+
+    /// The term being served, if this node serves under a valid lease: a leader cut off from
+    /// its peers stops answering before a new leader can start.
+    fn serving_term<'a>(&self, state: &'a mut State) -> Result<&'a mut Term, Refusal> {
         let term = match &mut state.mode {
             Mode::Serving(term) => term,
             Mode::NotServing(hint) => return Err(Refusal::NotLeader(hint.clone())),
@@ -342,24 +357,18 @@ impl Shared {
         if !self.config.unsafe_skip_lease_check && !self.backend.lease_valid(term.epoch) {
             return Err(Refusal::NotLeader(LeaderHint::default()));
         }
-        let book = term.leases.get_or_insert_with(Default::default);
-        Ok((Arc::clone(book), term.epoch))
+        Ok(term)
     }
 
-    /// The durable high-water of the term serving `epoch`, if that term still serves.
-    pub(crate) fn serving_high_water(&self, epoch: Epoch) -> Option<u64> {
-        match &self.lock().mode {
-            Mode::Serving(term) if term.epoch == epoch => Some(term.window.high_water_ms()),
-            _ => None,
-        }
-    }
-
-    /// Raises the window of the term serving `epoch` to a newly durable high-water.
-    pub(crate) fn raise_serving_high_water(&self, epoch: Epoch, durable_ms: u64) {
-        if let Mode::Serving(term) = &mut self.lock().mode
-            && term.epoch == epoch
-        {
-            term.window.raise_high_water(durable_ms);
+    /// The access the writers of the term serving `epoch` get: the backend, the clock, their
+    /// limits, and this oracle seen through [`Serving`].
+    fn term_io(self: &Arc<Self>, epoch: Epoch) -> TermIo {
+        TermIo {
+            backend: Arc::clone(&self.backend),
+            clock: Arc::clone(&self.clock),
+            epoch,
+            limits: self.config.term_limits(),
+            serving: Arc::clone(self) as Arc<dyn Serving>,
         }
     }
 
@@ -574,32 +583,28 @@ impl Shared {
     }
 }
 
-/// Maps an extension error to the caller's answer, stepping down on NotLeader/Fenced.
-pub(crate) fn refusal_for(err: ConsensusError, shared: &Shared) -> Refusal {
-    match err {
-        ConsensusError::NotLeader { .. } | ConsensusError::Fenced { .. } => {
-            Refusal::NotLeader(shared.hint())
-        }
-        ConsensusError::Transient(msg) => Refusal::Unavailable(format!(
-            "extending the window failed transiently: {msg}; retry"
-        )),
-        ConsensusError::Permanent(msg) => {
-            Refusal::Internal(format!("extending the window failed: {msg}"))
+impl Serving for Shared {
+    fn hint(&self) -> LeaderHint {
+        Shared::hint(self)
+    }
+
+    fn poison(&self, error: ServeError) {
+        Shared::poison(self, error);
+    }
+
+    fn serving_high_water(&self, epoch: Epoch) -> Option<u64> {
+        match &self.lock().mode {
+            Mode::Serving(term) if term.epoch == epoch => Some(term.window.high_water_ms()),
+            _ => None,
         }
     }
-}
 
-/// The hint carried by a NotLeader error.
-pub(crate) fn hint_of(err: &ConsensusError) -> LeaderHint {
-    match err {
-        ConsensusError::NotLeader {
-            leader_endpoint,
-            leader_epoch,
-        } => LeaderHint {
-            endpoint: leader_endpoint.clone(),
-            epoch: *leader_epoch,
-        },
-        _ => LeaderHint::default(),
+    fn raise_serving_high_water(&self, epoch: Epoch, durable_ms: u64) {
+        if let Mode::Serving(term) = &mut self.lock().mode
+            && term.epoch == epoch
+        {
+            term.window.raise_high_water(durable_ms);
+        }
     }
 }
 

@@ -23,10 +23,10 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::oneshot;
 use tso_core::Epoch;
 
-use crate::consensus::{ConsensusError, OracleCommand, SeqCounters};
-use crate::error::ServeError;
+use crate::consensus::{OracleCommand, SeqCounters};
 use crate::metrics;
-use crate::oracle::{EXHAUSTED_WAIT_MAX, Refusal, Shared};
+use crate::refusal::{Call, Refusal};
+use crate::term::{EXHAUSTED_WAIT_MAX, TermIo};
 
 /// Keys are non-empty UTF-8 of at most this many bytes (SEMANTICS §11).
 pub const SEQ_KEY_LEN_MAX: usize = 128;
@@ -100,23 +100,15 @@ struct Queue {
     writing: bool,
 }
 
-/// The group committer of one term.
+/// The group committer of one term; it writes through that term's [`TermIo`].
+#[derive(Default)]
 pub(crate) struct Sequencer {
-    epoch: Epoch,
     queue: Mutex<Queue>,
     /// The counters as the writer knows them; `None` until loaded. Only the writer touches it.
     counters: Mutex<Option<SeqCounters>>,
 }
 
 impl Sequencer {
-    pub fn new(epoch: Epoch) -> Sequencer {
-        Sequencer {
-            epoch,
-            queue: Mutex::default(),
-            counters: Mutex::default(),
-        }
-    }
-
     /// Calls waiting for the next write.
     pub fn queued(&self) -> usize {
         self.queue
@@ -126,10 +118,11 @@ impl Sequencer {
             .len()
     }
 
-    /// Queues `call` and waits for its blocks. Starts a writer if none runs.
+    /// Queues `call` and waits for its blocks. Starts a writer if none runs, on `io`, the
+    /// access of the term that owns this sequencer.
     pub async fn submit(
         self: &Arc<Self>,
-        shared: &Arc<Shared>,
+        io: Arc<TermIo>,
         call: SeqCall,
     ) -> Result<SeqStarts, Refusal> {
         let (reply, answer) = oneshot::channel();
@@ -145,7 +138,7 @@ impl Sequencer {
         };
         if start_writer {
             // Its own task: a caller that goes away must not stop the writes of the others.
-            tokio::spawn(Arc::clone(self).write_all(Arc::clone(shared)));
+            tokio::spawn(Arc::clone(self).write_all(io));
         }
         match tokio::time::timeout(EXHAUSTED_WAIT_MAX, answer).await {
             Ok(Ok(result)) => result,
@@ -161,7 +154,7 @@ impl Sequencer {
     }
 
     /// Writes group after group until the queue is empty.
-    async fn write_all(self: Arc<Self>, shared: Arc<Shared>) {
+    async fn write_all(self: Arc<Self>, io: Arc<TermIo>) {
         loop {
             let group = {
                 let mut queue = self.queue.lock().expect("sequence queue lock");
@@ -171,22 +164,22 @@ impl Sequencer {
                 }
                 std::mem::take(&mut queue.waiting)
             };
-            self.write_group(&shared, group).await;
+            self.write_group(&io, group).await;
         }
     }
 
     /// Hands out the blocks of one group and makes them durable in one write.
-    async fn write_group(&self, shared: &Shared, group: Vec<Waiting>) {
+    async fn write_group(&self, io: &TermIo, group: Vec<Waiting>) {
         // A term that has ended writes nothing more: its queued callers hear "not leader", which
         // is definite because nothing was written for them.
-        if shared.serving_high_water(self.epoch).is_none() {
-            let refusal = Refusal::NotLeader(shared.hint());
+        if io.high_water_ms().is_none() {
+            let refusal = Refusal::NotLeader(io.hint());
             for waiting in group {
                 let _ = waiting.reply.send(Err(refusal.clone()));
             }
             return;
         }
-        let mut counters = match self.loaded_counters(shared).await {
+        let mut counters = match self.loaded_counters(io).await {
             Ok(counters) => counters,
             Err(refusal) => {
                 for waiting in group {
@@ -195,7 +188,7 @@ impl Sequencer {
                 return;
             }
         };
-        let keys_max = shared.config.seq_keys_max;
+        let keys_max = io.limits.seq_keys_max;
         let mut planned = Planned::default();
         let mut granted = Vec::with_capacity(group.len());
         for waiting in group {
@@ -217,12 +210,16 @@ impl Sequencer {
         }
         *self.counters.lock().expect("sequence counters lock") = Some(counters);
         let cmd = OracleCommand::AdvanceSequences { ends };
-        let result = shared.backend.apply(cmd, self.epoch).await.map(drop);
+        let result = io.backend.apply(cmd, io.epoch).await.map(drop);
         metrics::seq_write(result.is_ok(), granted.len());
-        let answer = result.map_err(|e| write_refusal(e, shared));
+        // Only "not leader" is definite (the backend refuses before writing); any other failure
+        // may have made the blocks durable. `Fenced` among them: raft reports it for an entry
+        // that committed in a later term of this same node, after its leadership watch fell
+        // behind, and the state machine applied it.
+        let answer = result.map_err(|e| io.refusal(e, Call::Spend("the sequence write")));
         for (waiting, starts) in granted {
-            let mut reply = answer.clone().map(|()| (waiting.call, starts, self.epoch));
-            if shared.config.unsafe_seq_burn_refused && reply.is_ok() && burn_this_one() {
+            let mut reply = answer.clone().map(|()| (waiting.call, starts, io.epoch));
+            if io.limits.unsafe_seq_burn_refused && reply.is_ok() && burn_this_one() {
                 reply = Err(Refusal::ResourceExhausted(
                     "refused after its block was spent (--unsafe-seq-burn-refused)".into(),
                 ));
@@ -232,28 +229,16 @@ impl Sequencer {
     }
 
     /// The counters, loaded from the backend on the term's first write.
-    async fn loaded_counters(&self, shared: &Shared) -> Result<SeqCounters, Refusal> {
+    async fn loaded_counters(&self, io: &TermIo) -> Result<SeqCounters, Refusal> {
         if let Some(counters) = self.counters.lock().expect("sequence counters lock").take() {
             return Ok(counters);
         }
-        if shared.config.unsafe_seq_skip_load {
+        if io.limits.unsafe_seq_skip_load {
             return Ok(SeqCounters::new());
         }
-        let loaded = shared.backend.load().await.map(|state| state.sequences);
-        loaded.map_err(|e| match e {
-            ConsensusError::NotLeader { .. } | ConsensusError::Fenced { .. } => {
-                Refusal::NotLeader(shared.hint())
-            }
-            // Nothing was written yet: the load failing is a definite refusal.
-            ConsensusError::Transient(msg) => Refusal::Unavailable(format!(
-                "reading the sequence counters failed transiently: {msg}; retry"
-            )),
-            ConsensusError::Permanent(msg) => {
-                let reason = format!("reading the sequence counters failed: {msg}");
-                shared.poison(ServeError::Consensus(ConsensusError::Permanent(msg)));
-                Refusal::Internal(reason)
-            }
-        })
+        let loaded = io.backend.load().await.map(|state| state.sequences);
+        // Nothing was written yet: the load failing is a definite refusal.
+        loaded.map_err(|e| io.refusal(e, Call::Read("reading the sequence counters")))
     }
 }
 
@@ -314,28 +299,6 @@ fn plan(
         }
     }
     Ok(starts)
-}
-
-/// What the callers of a failed write are told. Only "not leader" is definite (the backend
-/// refuses before writing); any other failure may have made the blocks durable. `Fenced` among
-/// them: raft reports it for an entry that committed in a later term of this same node, after
-/// its leadership watch fell behind, and the state machine applied it.
-fn write_refusal(err: ConsensusError, shared: &Shared) -> Refusal {
-    match err {
-        ConsensusError::NotLeader { .. } => Refusal::NotLeader(shared.hint()),
-        ConsensusError::Fenced { expected, current } => Refusal::Unavailable(format!(
-            "the sequence write of epoch {expected} was fenced at epoch {current}; the block \
-             may have been spent"
-        )),
-        ConsensusError::Transient(msg) => Refusal::Unavailable(format!(
-            "the sequence write failed: {msg}; the block may have been spent"
-        )),
-        ConsensusError::Permanent(msg) => {
-            let reason = format!("the sequence write failed: {msg}");
-            shared.poison(ServeError::Consensus(ConsensusError::Permanent(msg)));
-            Refusal::Internal(reason)
-        }
-    }
 }
 
 #[cfg(test)]

@@ -11,7 +11,8 @@ use tso_proto::LEADER_HINT_KEY;
 use tso_proto::v1::tso_service_server::TsoService;
 use tso_proto::v1::*;
 
-use crate::oracle::{LeaderHint as Hint, Refusal, Shared};
+use crate::oracle::Shared;
+use crate::refusal::{LeaderHint as Hint, Refusal};
 use crate::sequence::{SeqCall, check_call};
 
 /// The gRPC handler; mount it with [`crate::OracleGuard::service`].
@@ -151,7 +152,11 @@ impl TsoService for TsoHandler {
             holder_epoch,
             ttl_ms,
         } = request.into_inner();
-        crate::stamping::check_acquire(&holder, ttl_ms, &self.shared)
+        let ttl_range = (
+            self.shared.config.lease_ttl_min,
+            self.shared.config.lease_ttl_max,
+        );
+        crate::stamping::check_acquire(&holder, ttl_ms, ttl_range)
             .map_err(Status::invalid_argument)?;
         let grant = self
             .shared

@@ -26,14 +26,14 @@
 //!   write may yet commit), keeps its deadlines, and never hands out the failed write's id again.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Arc;
 use std::time::Duration;
 
 use tso_core::{Epoch, PHYSICAL_MAX_MS};
 
-use crate::consensus::{ConsensusError, OracleCommand};
+use crate::consensus::OracleCommand;
 use crate::error::ServeError;
-use crate::oracle::{Refusal, Shared};
+use crate::refusal::{Call, Refusal};
+use crate::term::TermIo;
 
 /// Default shortest and longest TTL a holder may ask for (SEMANTICS §14; `--lease-ttl-min`,
 /// `--lease-ttl-max`).
@@ -228,14 +228,17 @@ pub(crate) struct LeaseGrant {
 }
 
 /// Checks an acquire's holder and TTL against SEMANTICS §14 and the configured bounds.
-pub(crate) fn check_acquire(holder: &[u8], ttl_ms: u64, shared: &Shared) -> Result<(), String> {
+pub(crate) fn check_acquire(
+    holder: &[u8],
+    ttl_ms: u64,
+    (min, max): (Duration, Duration),
+) -> Result<(), String> {
     if holder.is_empty() || holder.len() > LEASE_HOLDER_LEN_MAX {
         return Err(format!(
             "the holder is {} bytes: holders are 1 to {LEASE_HOLDER_LEN_MAX} bytes",
             holder.len()
         ));
     }
-    let (min, max) = (shared.config.lease_ttl_min, shared.config.lease_ttl_max);
     let (min_ms, max_ms) = (min.as_millis() as u64, max.as_millis() as u64);
     if ttl_ms < min_ms || ttl_ms > max_ms {
         return Err(format!(
@@ -245,30 +248,29 @@ pub(crate) fn check_acquire(holder: &[u8], ttl_ms: u64, shared: &Shared) -> Resu
     Ok(())
 }
 
-impl Shared {
+impl LeaseBook {
     /// Acquires (or renews, or supersedes) the lease of `holder` (SEMANTICS §14).
-    pub async fn acquire_lease(
-        self: &Arc<Self>,
+    pub async fn acquire(
+        &mut self,
+        io: &TermIo,
         holder: Vec<u8>,
         holder_epoch: u64,
         ttl_ms: u64,
     ) -> Result<LeaseGrant, Refusal> {
-        let (book, epoch) = self.lease_book()?;
-        let mut book = book.lock().await;
-        let mut set = self.loaded_leases(&mut book).await?;
-        let now = self.lease_now();
-        let wall = self.config.unsafe_lease_wall_expiry;
-        book.forget_long_expired(&mut set, now, self.config.lease_ttl_max, wall);
+        let mut set = self.loaded_leases(io).await?;
+        let now = Now::read(io);
+        let wall = io.limits.unsafe_lease_wall_expiry;
+        self.forget_long_expired(&mut set, now, io.limits.lease_ttl_max, wall);
         let mine = set.leases.iter().filter(|(_, l)| l.holder == holder);
         let highest = mine.clone().map(|(_, l)| l.holder_epoch).max();
         if let Some(highest) = highest.filter(|h| holder_epoch < *h) {
-            book.set = Some(set);
+            self.set = Some(set);
             return Err(Refusal::FailedPrecondition(format!(
                 "holder epoch {holder_epoch} is below {highest}, already used by this holder"
             )));
         }
         let active = mine
-            .filter(|(id, l)| !l.superseded && book.live(**id, l, now, wall))
+            .filter(|(id, l)| !l.superseded && self.live(**id, l, now, wall))
             .map(|(id, l)| (*id, l.clone()))
             .next();
         if let Some((id, lease)) = &active
@@ -277,7 +279,7 @@ impl Shared {
             // The answer has no TTL field: a lease with another TTL than asked would leave the
             // holder counting on time the server does not hold (SEMANTICS §14).
             if lease.ttl_ms != ttl_ms {
-                book.set = Some(set);
+                self.set = Some(set);
                 return Err(Refusal::FailedPrecondition(format!(
                     "holder epoch {holder_epoch} already holds live lease {id} with a TTL of {} \
                      ms, not {ttl_ms} ms: ask with the same TTL, or supersede it with a higher \
@@ -288,18 +290,18 @@ impl Shared {
             // The same lease back, renewed: the holder counts its TTL from this call, so the
             // server's must not have started earlier (a retried acquire whose first answer was
             // lost would otherwise leave the holder stamping past the server's expiry).
-            return self.renew_in(&mut book, set, *id, now, epoch).await;
+            return self.renew_in(io, set, *id, now).await;
         }
         if set.leases.len() >= LEASES_MAX {
-            book.set = Some(set);
+            self.set = Some(set);
             return Err(Refusal::ResourceExhausted(format!(
                 "{LEASES_MAX} leases are held; release some, or wait for them to expire"
             )));
         }
-        let bound_ms = match self.raise_for_lease(epoch, now.wall_ms, ttl_ms).await {
+        let bound_ms = match raise_for_lease(io, now.wall_ms, ttl_ms).await {
             Ok(bound_ms) => bound_ms,
             Err(refusal) => {
-                book.set = Some(set);
+                self.set = Some(set);
                 return Err(refusal);
             }
         };
@@ -321,58 +323,55 @@ impl Shared {
                 superseded: false,
             },
         );
-        self.write_leases(&mut book, next, epoch, Some((lease_id, ttl_ms)))
+        self.write_leases(io, next, Some((lease_id, ttl_ms)))
             .await?;
         Ok(LeaseGrant {
             lease_id,
             bound_ms,
             expires_at_ms,
-            epoch,
+            epoch: io.epoch,
         })
     }
 
     /// Renews lease `lease_id` with its original TTL: a fresh bound and expiry.
-    pub async fn renew_lease(self: &Arc<Self>, lease_id: u64) -> Result<LeaseGrant, Refusal> {
-        let (book, epoch) = self.lease_book()?;
-        let mut book = book.lock().await;
-        let set = self.loaded_leases(&mut book).await?;
-        let now = self.lease_now();
+    pub async fn renew(&mut self, io: &TermIo, lease_id: u64) -> Result<LeaseGrant, Refusal> {
+        let set = self.loaded_leases(io).await?;
+        let now = Now::read(io);
         let Some(lease) = set.leases.get(&lease_id) else {
-            book.set = Some(set);
+            self.set = Some(set);
             return Err(Refusal::NotFound(format!(
                 "lease {lease_id} is unknown (never acquired, released, or expired long ago)"
             )));
         };
         let refused = if lease.superseded {
             Some("was superseded by a higher holder epoch")
-        } else if !book.live(lease_id, lease, now, self.config.unsafe_lease_wall_expiry) {
+        } else if !self.live(lease_id, lease, now, io.limits.unsafe_lease_wall_expiry) {
             Some("has expired")
         } else {
             None
         };
         if let Some(why) = refused {
-            book.set = Some(set);
+            self.set = Some(set);
             return Err(Refusal::FailedPrecondition(format!(
                 "lease {lease_id} {why}: acquire a new one"
             )));
         }
-        self.renew_in(&mut book, set, lease_id, now, epoch).await
+        self.renew_in(io, set, lease_id, now).await
     }
 
     /// Gives live lease `lease_id` of `set` a fresh bound and expiry and writes it.
     async fn renew_in(
-        &self,
-        book: &mut LeaseBook,
+        &mut self,
+        io: &TermIo,
         set: LeaseSet,
         lease_id: u64,
         now: Now,
-        epoch: Epoch,
     ) -> Result<LeaseGrant, Refusal> {
         let lease = set.leases.get(&lease_id).expect("a live lease").clone();
-        let bound_ms = match self.raise_for_lease(epoch, now.wall_ms, lease.ttl_ms).await {
+        let bound_ms = match raise_for_lease(io, now.wall_ms, lease.ttl_ms).await {
             Ok(bound_ms) => bound_ms.max(lease.bound_ms),
             Err(refusal) => {
-                book.set = Some(set);
+                self.set = Some(set);
                 return Err(refusal);
             }
         };
@@ -381,199 +380,159 @@ impl Shared {
         let renewed = next.leases.get_mut(&lease_id).expect("known lease");
         renewed.bound_ms = bound_ms;
         renewed.expires_at_ms = expires_at_ms;
-        self.write_leases(book, next, epoch, Some((lease_id, lease.ttl_ms)))
+        self.write_leases(io, next, Some((lease_id, lease.ttl_ms)))
             .await?;
         Ok(LeaseGrant {
             lease_id,
             bound_ms,
             expires_at_ms,
-            epoch,
+            epoch: io.epoch,
         })
     }
 
     /// Releases lease `lease_id` (idempotent): it stops binding the frontier at once.
-    pub async fn release_lease(self: &Arc<Self>, lease_id: u64) -> Result<(), Refusal> {
-        let (book, epoch) = self.lease_book()?;
-        let mut book = book.lock().await;
-        let mut next = self.loaded_leases(&mut book).await?;
+    pub async fn release(&mut self, io: &TermIo, lease_id: u64) -> Result<(), Refusal> {
+        let mut next = self.loaded_leases(io).await?;
         if next.leases.remove(&lease_id).is_none() {
-            book.set = Some(next);
+            self.set = Some(next);
             return Ok(());
         }
-        self.write_leases(&mut book, next, epoch, None).await?;
-        book.deadlines.remove(&lease_id);
+        self.write_leases(io, next, None).await?;
+        self.deadlines.remove(&lease_id);
         Ok(())
     }
 
-    /// The safe frontier: `(0, zero epoch)` unless serving under a valid lease; else
+    /// The safe frontier: `(0, zero epoch)` unless the term still serves; else
     /// `min(H, the bounds of every live lease)` and the epoch.
-    pub async fn safe_frontier(self: &Arc<Self>) -> Result<(u64, Epoch), Refusal> {
-        let Ok((book, epoch)) = self.lease_book() else {
-            return Ok((0, Epoch::ZERO));
-        };
-        let mut book = book.lock().await;
-        let set = match self.loaded_leases(&mut book).await {
+    pub async fn safe_frontier(&mut self, io: &TermIo) -> Result<(u64, Epoch), Refusal> {
+        let set = match self.loaded_leases(io).await {
             Ok(set) => set,
             Err(Refusal::NotLeader(_)) => return Ok((0, Epoch::ZERO)),
             Err(refusal) => return Err(refusal),
         };
-        let now = self.lease_now();
-        let wall = self.config.unsafe_lease_wall_expiry;
+        let now = Now::read(io);
+        let wall = io.limits.unsafe_lease_wall_expiry;
         let lowest_bound = set
             .leases
             .iter()
-            .filter(|(id, l)| book.live(**id, l, now, wall))
+            .filter(|(id, l)| self.live(**id, l, now, wall))
             .map(|(_, l)| l.bound_ms)
             .min();
-        book.set = Some(set);
-        let Some(high_water_ms) = self.serving_high_water(epoch) else {
+        self.set = Some(set);
+        let Some(high_water_ms) = io.high_water_ms() else {
             return Ok((0, Epoch::ZERO));
         };
         let frontier = lowest_bound.map_or(high_water_ms, |b| b.min(high_water_ms));
-        Ok((frontier, epoch))
-    }
-
-    fn lease_now(&self) -> Now {
-        Now {
-            wall_ms: self.clock.now_ms(),
-            monotonic_ms: self.clock.monotonic_ms(),
-        }
+        Ok((frontier, io.epoch))
     }
 
     /// The set of the book, loaded from the backend if this term has not yet (or a write since
     /// left it uncertain). A lease the book has no deadline for is live for its full TTL from
     /// now: whatever the stored wall-clock expiry says, its holder's count may not have ended.
-    async fn loaded_leases(&self, book: &mut LeaseBook) -> Result<LeaseSet, Refusal> {
-        if let Some(set) = book.set.take() {
+    async fn loaded_leases(&mut self, io: &TermIo) -> Result<LeaseSet, Refusal> {
+        if let Some(set) = self.set.take() {
             return Ok(set);
         }
-        if self.config.unsafe_lease_skip_load {
+        if io.limits.unsafe_lease_skip_load {
             return Ok(LeaseSet {
-                next_id: book.next_id_floor.max(1),
+                next_id: self.next_id_floor.max(1),
                 ..LeaseSet::default()
             });
         }
-        let loaded = self.backend.load().await.map(|state| state.leases);
-        let record = loaded.map_err(|e| match e {
-            ConsensusError::NotLeader { .. } | ConsensusError::Fenced { .. } => {
-                Refusal::NotLeader(self.hint())
-            }
-            ConsensusError::Transient(msg) => Refusal::Unavailable(format!(
-                "reading the lease set failed transiently: {msg}; retry"
-            )),
-            ConsensusError::Permanent(msg) => {
-                let reason = format!("reading the lease set failed: {msg}");
-                self.poison(ServeError::Consensus(ConsensusError::Permanent(msg)));
-                Refusal::Internal(reason)
-            }
-        })?;
+        let loaded = io.backend.load().await.map(|state| state.leases);
+        let record = loaded.map_err(|e| io.refusal(e, Call::Read("reading the lease set")))?;
         let mut set = LeaseSet::decode(&record).map_err(|problem| {
             let reason = format!("the stored lease set is damaged: {problem}");
-            self.poison(ServeError::Invariant(reason.clone()));
+            io.poison(ServeError::Invariant(reason.clone()));
             Refusal::Internal(reason)
         })?;
-        set.next_id = set.next_id.max(book.next_id_floor);
-        let now = self.lease_now();
-        if self.config.unsafe_lease_wall_expiry {
+        set.next_id = set.next_id.max(self.next_id_floor);
+        let now = Now::read(io);
+        if io.limits.unsafe_lease_wall_expiry {
             set.leases
                 .retain(|_, lease| now.wall_ms < lease.expires_at_ms);
         }
-        book.deadlines.retain(|id, _| set.leases.contains_key(id));
+        self.deadlines.retain(|id, _| set.leases.contains_key(id));
         for (id, lease) in &set.leases {
-            book.deadlines
+            self.deadlines
                 .entry(*id)
                 .or_insert(now.monotonic_ms.saturating_add(lease.ttl_ms));
         }
         Ok(set)
     }
 
-    /// Writes `next` through the backend, fenced by `epoch`; on success the book holds it and
-    /// `live` (a lease granted or renewed, and its TTL) gets its deadline, counted from now.
-    /// On failure the book forgets its copy: the write may yet commit (a raft entry appended
-    /// before a timeout), so the next call reads the set back. The id counter stays advanced.
+    /// Writes `next` through the backend, fenced by the term's epoch; on success the book holds
+    /// it and `live` (a lease granted or renewed, and its TTL) gets its deadline, counted from
+    /// now. On failure the book forgets its copy: the write may yet commit (a raft entry
+    /// appended before a timeout), so the next call reads the set back. The id counter stays
+    /// advanced.
     async fn write_leases(
-        &self,
-        book: &mut LeaseBook,
+        &mut self,
+        io: &TermIo,
         next: LeaseSet,
-        epoch: Epoch,
         live: Option<(u64, u64)>,
     ) -> Result<(), Refusal> {
-        book.next_id_floor = book.next_id_floor.max(next.next_id);
-        book.set = None;
-        let cmd = OracleCommand::replace_leases(next.encode(), epoch);
-        self.backend
-            .apply(cmd, epoch)
+        self.next_id_floor = self.next_id_floor.max(next.next_id);
+        self.set = None;
+        let cmd = OracleCommand::replace_leases(next.encode(), io.epoch);
+        io.backend
+            .apply(cmd, io.epoch)
             .await
-            .map_err(|err| self.lease_write_refusal(err, "writing the lease set"))?;
-        book.set = Some(next);
+            .map_err(|err| io.refusal(err, Call::Write("writing the lease set")))?;
+        self.set = Some(next);
         if let Some((id, ttl_ms)) = live {
-            let deadline = self.clock.monotonic_ms().saturating_add(ttl_ms);
-            let known = book.deadlines.entry(id).or_insert(deadline);
+            let deadline = io.clock.monotonic_ms().saturating_add(ttl_ms);
+            let known = self.deadlines.entry(id).or_insert(deadline);
             *known = (*known).max(deadline);
         }
         Ok(())
     }
+}
 
-    /// Persists `max(H + 1, now + ttl)` as the high-water and raises the term's window to it;
-    /// returns the durable value, the lease's bound. Not `max(H + 1, now) + ttl`: `H` already
-    /// holds the previous bound, so that would add a whole TTL on every renewal however little
-    /// time passed, and walk the high-water (and every later failover) away from the clock.
-    /// This bound still covers the TTL (`>= now + ttl`) and every timestamp granted so far
-    /// (`> H`).
-    async fn raise_for_lease(
-        &self,
-        epoch: Epoch,
-        now_ms: u64,
-        ttl_ms: u64,
-    ) -> Result<u64, Refusal> {
-        let high_water_ms = self
-            .serving_high_water(epoch)
-            .ok_or_else(|| Refusal::NotLeader(self.hint()))?;
-        let target_ms = (high_water_ms + 1).max(now_ms.saturating_add(ttl_ms));
-        if target_ms > PHYSICAL_MAX_MS {
-            return Err(Refusal::OutOfRange(format!(
-                "a bound of {target_ms} ms would pass the 46-bit physical field"
-            )));
-        }
-        let durable_ms = if self.config.unsafe_lease_bound_in_memory {
-            target_ms
-        } else {
-            let cmd = OracleCommand::AdvanceHighWater {
-                at_least_ms: target_ms,
-            };
-            self.backend
-                .apply(cmd, epoch)
-                .await
-                .map_err(|e| self.lease_write_refusal(e, "persisting the lease's bound"))?
-                .high_water_ms
-        };
-        if durable_ms < target_ms || durable_ms > PHYSICAL_MAX_MS {
-            let reason =
-                format!("the backend made {durable_ms} ms durable when asked for {target_ms} ms");
-            self.poison(ServeError::Invariant(reason.clone()));
-            return Err(Refusal::Internal(reason));
-        }
-        self.raise_serving_high_water(epoch, durable_ms);
-        Ok(durable_ms)
+/// Persists `max(H + 1, now + ttl)` as the high-water and raises the term's window to it;
+/// returns the durable value, the lease's bound. Not `max(H + 1, now) + ttl`: `H` already
+/// holds the previous bound, so that would add a whole TTL on every renewal however little
+/// time passed, and walk the high-water (and every later failover) away from the clock.
+/// This bound still covers the TTL (`>= now + ttl`) and every timestamp granted so far
+/// (`> H`).
+async fn raise_for_lease(io: &TermIo, now_ms: u64, ttl_ms: u64) -> Result<u64, Refusal> {
+    let high_water_ms = io
+        .high_water_ms()
+        .ok_or_else(|| Refusal::NotLeader(io.hint()))?;
+    let target_ms = (high_water_ms + 1).max(now_ms.saturating_add(ttl_ms));
+    if target_ms > PHYSICAL_MAX_MS {
+        return Err(Refusal::OutOfRange(format!(
+            "a bound of {target_ms} ms would pass the 46-bit physical field"
+        )));
     }
+    let durable_ms = if io.limits.unsafe_lease_bound_in_memory {
+        target_ms
+    } else {
+        let cmd = OracleCommand::AdvanceHighWater {
+            at_least_ms: target_ms,
+        };
+        let what = "persisting the lease's bound";
+        io.backend
+            .apply(cmd, io.epoch)
+            .await
+            .map_err(|e| io.refusal(e, Call::Write(what)))?
+            .high_water_ms
+    };
+    if durable_ms < target_ms || durable_ms > PHYSICAL_MAX_MS {
+        let reason =
+            format!("the backend made {durable_ms} ms durable when asked for {target_ms} ms");
+        io.poison(ServeError::Invariant(reason.clone()));
+        return Err(Refusal::Internal(reason));
+    }
+    io.raise_high_water(durable_ms);
+    Ok(durable_ms)
+}
 
-    fn lease_write_refusal(&self, err: ConsensusError, what: &str) -> Refusal {
-        match err {
-            ConsensusError::NotLeader { .. } => Refusal::NotLeader(self.hint()),
-            // Raft reports a write that committed in a later term of this same node as fenced:
-            // it may have taken effect, so the answer is not a definite "not leader".
-            ConsensusError::Fenced { expected, current } => Refusal::Unavailable(format!(
-                "{what} in epoch {expected} was fenced at epoch {current}; it may have taken \
-                 effect: retry"
-            )),
-            ConsensusError::Transient(msg) => {
-                Refusal::Unavailable(format!("{what} failed transiently: {msg}; retry"))
-            }
-            ConsensusError::Permanent(msg) => {
-                let reason = format!("{what} failed: {msg}");
-                self.poison(ServeError::Consensus(ConsensusError::Permanent(msg)));
-                Refusal::Internal(reason)
-            }
+impl Now {
+    fn read(io: &TermIo) -> Now {
+        Now {
+            wall_ms: io.clock.now_ms(),
+            monotonic_ms: io.clock.monotonic_ms(),
         }
     }
 }

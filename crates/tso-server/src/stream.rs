@@ -24,7 +24,8 @@ use tso_proto::tso::stream::v1::{
 };
 use tso_proto::v1::{EpochWire, GetTsResponse, LeaderHint};
 
-use crate::oracle::{Refusal, Shared};
+use crate::oracle::Shared;
+use crate::refusal::Refusal;
 
 /// Replies of one stream waiting to be written to its connection. Past it the stream's task
 /// waits, and stops reading requests. 64 replies of about 40 bytes each: a few kilobytes per

@@ -21,7 +21,8 @@ use crate::consensus::{ConsensusError, Leadership, OracleCommand};
 use crate::error::ServeError;
 use crate::extend;
 use crate::metrics;
-use crate::oracle::{LeaderHint, Shared, hint_of};
+use crate::oracle::Shared;
+use crate::refusal::{LeaderHint, hint_of};
 
 /// What the watch does after handling a state.
 enum Next {
