@@ -784,7 +784,7 @@ impl RaftBackend {
     }
 
     /// Hands this node's leadership to an up-to-date voter before a shutdown, by `deadline`
-    /// (see [`Handoff::run`] and `docs/raft-lease.md`, "Handoff"). A follower, or a single
+    /// (see `handoff.rs` and `docs/raft-lease.md`, "Handoff"). A follower, or a single
     /// voter, returns at once. After an `Err` past the point where grants stopped, this node
     /// never grants again in its term: call it only to shut down.
     pub async fn hand_off(

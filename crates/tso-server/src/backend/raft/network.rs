@@ -456,8 +456,8 @@ impl RaftNetwork<TypeConfig> for PeerClient {
 /// Vote requests pass through the node's [`VoteGate`]: while the node holds an unexpired leader
 /// lease they are refused (as unavailable), so its vote cannot elect anyone before its lease ends.
 ///
-/// Every request must carry the sender's raft timings ([`TIMINGS_HEADER`]) equal to this node's:
-/// others are refused as a failed precondition, and logged.
+/// Every request must carry the sender's raft timings (the `tso-raft-timings` header) equal to
+/// this node's: others are refused as a failed precondition, and logged.
 #[derive(Clone)]
 pub struct PeerService {
     raft: Raft,
