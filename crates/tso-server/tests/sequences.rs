@@ -5,7 +5,7 @@
 mod common;
 
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use common::*;
@@ -38,6 +38,10 @@ struct Probe {
     /// Writes that reach the disk and are then reported as fenced, as raft does for an entry
     /// that committed in a later term of the same leader.
     fenced_after: AtomicUsize,
+    /// While set, every load fails for good.
+    loads_fail: AtomicBool,
+    /// While set, every sequence write fails for good before it reaches the disk.
+    writes_fail: AtomicBool,
     /// What the oracle is told about leadership: the file backend's, until the test changes it.
     leadership: watch::Sender<Leadership>,
 }
@@ -58,6 +62,8 @@ impl Probe {
             fail_before: AtomicUsize::new(0),
             fail_after: AtomicUsize::new(0),
             fenced_after: AtomicUsize::new(0),
+            loads_fail: AtomicBool::new(false),
+            writes_fail: AtomicBool::new(false),
             leadership,
         })
     }
@@ -79,6 +85,11 @@ impl Consensus for Probe {
     }
 
     fn load(&self) -> BoxFuture<'_, Result<OracleState, ConsensusError>> {
+        if self.loads_fail.load(Ordering::SeqCst) {
+            return Box::pin(async {
+                Err(ConsensusError::Permanent("read failed (injected)".into()))
+            });
+        }
         self.inner.load()
     }
 
@@ -90,6 +101,11 @@ impl Consensus for Probe {
         let OracleCommand::AdvanceSequences { ends } = &cmd else {
             return self.inner.apply(cmd, epoch);
         };
+        if self.writes_fail.load(Ordering::SeqCst) {
+            return Box::pin(async {
+                Err(ConsensusError::Permanent("fsync failed (injected)".into()))
+            });
+        }
         let ends = ends.clone();
         Box::pin(async move {
             self.requested.lock().unwrap().push(ends.clone());
@@ -551,37 +567,10 @@ async fn an_ended_term_writes_no_queued_group() {
 /// A permanent failure reading the counters stops serving loudly too.
 #[tokio::test]
 async fn a_permanent_load_failure_poisons_the_server() {
-    /// Its loads fail for good once the fence has loaded.
-    struct Broken(Arc<Probe>, std::sync::atomic::AtomicBool);
-    impl Consensus for Broken {
-        fn leadership(&self) -> watch::Receiver<Leadership> {
-            self.0.leadership()
-        }
-        fn lease_valid(&self, epoch: Epoch) -> bool {
-            self.0.lease_valid(epoch)
-        }
-        fn load(&self) -> BoxFuture<'_, Result<OracleState, ConsensusError>> {
-            if self.1.swap(true, Ordering::SeqCst) {
-                return Box::pin(async {
-                    Err(ConsensusError::Permanent("read failed (injected)".into()))
-                });
-            }
-            self.0.load()
-        }
-        fn apply(
-            &self,
-            cmd: OracleCommand,
-            epoch: Epoch,
-        ) -> BoxFuture<'_, Result<Stored, ConsensusError>> {
-            self.0.apply(cmd, epoch)
-        }
-    }
     let dir = tempfile::tempdir().unwrap();
-    let server = server_on(
-        Arc::new(Broken(Probe::open(dir.path(), false), Default::default())),
-        test_config(),
-    )
-    .await;
+    let probe = Probe::open(dir.path(), false);
+    let server = server_on(probe.clone(), test_config()).await;
+    probe.loads_fail.store(true, Ordering::SeqCst);
     let mut client = server.client().await;
     assert_code(
         seq(&mut client, b"k", 1).await,
@@ -595,36 +584,10 @@ async fn a_permanent_load_failure_poisons_the_server() {
 /// A permanent failure of a sequence write stops serving loudly, like one of the high-water.
 #[tokio::test]
 async fn a_permanent_write_failure_poisons_the_server() {
-    struct Broken(Arc<Probe>);
-    impl Consensus for Broken {
-        fn leadership(&self) -> watch::Receiver<Leadership> {
-            self.0.leadership()
-        }
-        fn lease_valid(&self, epoch: Epoch) -> bool {
-            self.0.lease_valid(epoch)
-        }
-        fn load(&self) -> BoxFuture<'_, Result<OracleState, ConsensusError>> {
-            self.0.load()
-        }
-        fn apply(
-            &self,
-            cmd: OracleCommand,
-            epoch: Epoch,
-        ) -> BoxFuture<'_, Result<Stored, ConsensusError>> {
-            if matches!(cmd, OracleCommand::AdvanceSequences { .. }) {
-                return Box::pin(async {
-                    Err(ConsensusError::Permanent("fsync failed (injected)".into()))
-                });
-            }
-            self.0.apply(cmd, epoch)
-        }
-    }
     let dir = tempfile::tempdir().unwrap();
-    let server = server_on(
-        Arc::new(Broken(Probe::open(dir.path(), false))),
-        test_config(),
-    )
-    .await;
+    let probe = Probe::open(dir.path(), false);
+    probe.writes_fail.store(true, Ordering::SeqCst);
+    let server = server_on(probe, test_config()).await;
     let mut client = server.client().await;
     assert_code(
         seq(&mut client, b"k", 1).await,
