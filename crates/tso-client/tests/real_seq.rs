@@ -6,14 +6,12 @@
 
 mod common;
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use common::HANG_GUARD;
-use common::real::{ClusterBackend, ClusterStore, RealServer};
+use common::real::{Pair, RealServer};
 use tokio::task::JoinSet;
-use tso_client::{Client, ClientBuilder, Epoch};
-use tso_server::consensus::Leadership;
+use tso_client::{Client, ClientBuilder};
 
 fn builder() -> ClientBuilder {
     Client::builder()
@@ -80,34 +78,16 @@ async fn a_restart_continues_each_key_exactly_where_it_stopped() {
 
 #[tokio::test]
 async fn a_failover_continues_each_key_where_the_old_leader_stopped() {
-    let store = Arc::new(ClusterStore::default());
-    let (one, two) = (Epoch::new(1), Epoch::new(2));
-    let a_backend = ClusterBackend::new(store.clone(), Leadership::Leader { epoch: one });
-    let mut a = RealServer::start(a_backend.clone());
-    a.wait_serving(one).await;
-    let b_backend = ClusterBackend::new(
-        store,
-        Leadership::Follower {
-            leader_endpoint: Some(a.endpoint()),
-            leader_epoch: Some(one),
-        },
-    );
-    let mut b = RealServer::start(b_backend.clone());
+    let mut pair = Pair::start().await;
     let client = builder()
-        .connect([b.endpoint(), a.endpoint()])
+        .connect([pair.b.endpoint(), pair.a.endpoint()])
         .await
         .unwrap();
     let before = client.get_seq("k", 10).await.unwrap();
-    assert_eq!((before.start(), before.epoch()), (0, one));
+    assert_eq!((before.start(), before.epoch()), (0, Pair::FIRST));
 
-    a_backend.set_leadership(Leadership::Follower {
-        leader_endpoint: Some(b.endpoint()),
-        leader_epoch: Some(two),
-    });
-    b_backend.set_leadership(Leadership::Leader { epoch: two });
-    a.wait_not_serving().await;
-    b.wait_serving(two).await;
+    pair.fail_over().await;
     let after = client.get_seq("k", 5).await.unwrap();
     assert_eq!(after.start(), before.end(), "a value was lost or reissued");
-    assert_eq!(after.epoch(), two);
+    assert_eq!(after.epoch(), Pair::SECOND);
 }

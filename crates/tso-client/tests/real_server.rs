@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use common::HANG_GUARD;
-use common::real::{ClusterBackend, ClusterStore, RealServer};
+use common::real::{ClusterBackend, ClusterStore, Pair, RealServer};
 use tokio::task::JoinSet;
 use tso_client::{Client, ClientBuilder, Epoch, LOGICAL_COUNT};
 use tso_server::consensus::Leadership;
@@ -110,40 +110,22 @@ async fn a_real_follower_hint_leads_to_the_leader() {
 
 #[tokio::test]
 async fn the_client_follows_a_failover_between_real_servers() {
-    let store = Arc::new(ClusterStore::default());
-    let (one, two) = (Epoch::new(1), Epoch::new(2));
-    let a_backend = ClusterBackend::new(store.clone(), Leadership::Leader { epoch: one });
-    let mut a = RealServer::start(a_backend.clone());
-    a.wait_serving(one).await;
-    let b_backend = ClusterBackend::new(
-        store,
-        Leadership::Follower {
-            leader_endpoint: Some(a.endpoint()),
-            leader_epoch: Some(one),
-        },
-    );
-    let mut b = RealServer::start(b_backend.clone());
+    let mut pair = Pair::start().await;
     let client = builder()
-        .connect([b.endpoint(), a.endpoint()])
+        .connect([pair.b.endpoint(), pair.a.endpoint()])
         .await
         .unwrap();
     let before = client.get_ts_batch(5).await.unwrap();
-    assert_eq!(before.ranges()[0].epoch(), one);
+    assert_eq!(before.ranges()[0].epoch(), Pair::FIRST);
 
-    a_backend.set_leadership(Leadership::Follower {
-        leader_endpoint: Some(b.endpoint()),
-        leader_epoch: Some(two),
-    });
-    b_backend.set_leadership(Leadership::Leader { epoch: two });
-    a.wait_not_serving().await;
-    b.wait_serving(two).await;
+    pair.fail_over().await;
 
     let after = client.get_ts_batch(5).await.unwrap();
     assert!(after.first() > before.last());
-    assert_eq!(after.ranges()[0].epoch(), two);
+    assert_eq!(after.ranges()[0].epoch(), Pair::SECOND);
     assert_eq!(
         client.leader(),
-        (Some(format!("http://{}", b.endpoint())), two)
+        (Some(format!("http://{}", pair.b.endpoint())), Pair::SECOND)
     );
 }
 

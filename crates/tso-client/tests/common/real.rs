@@ -202,3 +202,52 @@ impl Drop for RealServer {
         self.stop_now();
     }
 }
+
+/// Two real servers over one [`ClusterStore`]: `a` leads in epoch 1, `b` follows it, until
+/// [`Pair::fail_over`] moves leadership to `b` in epoch 2.
+pub struct Pair {
+    pub a: RealServer,
+    pub b: RealServer,
+    a_backend: Arc<ClusterBackend>,
+    b_backend: Arc<ClusterBackend>,
+}
+
+impl Pair {
+    pub const FIRST: Epoch = Epoch::new(1);
+    pub const SECOND: Epoch = Epoch::new(2);
+
+    pub async fn start() -> Pair {
+        let store = Arc::new(ClusterStore::default());
+        let a_backend =
+            ClusterBackend::new(store.clone(), Leadership::Leader { epoch: Pair::FIRST });
+        let mut a = RealServer::start(a_backend.clone());
+        a.wait_serving(Pair::FIRST).await;
+        let b_backend = ClusterBackend::new(
+            store,
+            Leadership::Follower {
+                leader_endpoint: Some(a.endpoint()),
+                leader_epoch: Some(Pair::FIRST),
+            },
+        );
+        let b = RealServer::start(b_backend.clone());
+        Pair {
+            a,
+            b,
+            a_backend,
+            b_backend,
+        }
+    }
+
+    /// `a` follows `b`, `b` leads in epoch 2; returns once `a` stopped and `b` started serving.
+    pub async fn fail_over(&mut self) {
+        self.a_backend.set_leadership(Leadership::Follower {
+            leader_endpoint: Some(self.b.endpoint()),
+            leader_epoch: Some(Pair::SECOND),
+        });
+        self.b_backend.set_leadership(Leadership::Leader {
+            epoch: Pair::SECOND,
+        });
+        self.a.wait_not_serving().await;
+        self.b.wait_serving(Pair::SECOND).await;
+    }
+}
