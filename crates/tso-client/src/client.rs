@@ -144,7 +144,7 @@ impl Client {
 
     /// Blocks of several distinct keys at once, all or nothing, from one `GetSeqBatch` RPC:
     /// `entries` are `(key, count)`, at most
-    /// [`SEQ_BATCH_ENTRIES_MAX`](crate::SEQ_BATCH_ENTRIES_MAX), each key once. The blocks come
+    /// [`SEQ_BATCH_KEYS_MAX`](crate::SEQ_BATCH_KEYS_MAX), each key once. The blocks come
     /// back in the order asked. Errors as for [`Client::get_seq`].
     pub async fn get_seq_batch<K: AsRef<str>>(&self, entries: &[(K, u32)]) -> Result<SeqBatch> {
         let request = SeqRequest::batch(entries)?;

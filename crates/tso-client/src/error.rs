@@ -67,7 +67,7 @@ pub enum Error {
     )]
     InvalidSeqCount { key: String, count: u32 },
     /// A sequence batch that is empty, has more than
-    /// [`SEQ_BATCH_ENTRIES_MAX`](crate::SEQ_BATCH_ENTRIES_MAX) entries, or names a key twice.
+    /// [`SEQ_BATCH_KEYS_MAX`](crate::SEQ_BATCH_KEYS_MAX) entries, or names a key twice.
     /// Refused before any RPC.
     #[error("a sequence batch of {entries} entries is invalid: {reason}")]
     InvalidSeqBatch { entries: usize, reason: String },

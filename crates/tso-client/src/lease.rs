@@ -18,8 +18,7 @@ use tso_proto::v1::{
 use crate::grant::Granted;
 use crate::{Error, Result};
 
-/// Longest lease holder, in bytes (the protocol's limit).
-pub const LEASE_HOLDER_BYTES_MAX: usize = 128;
+pub use tso_proto::limits::LEASE_HOLDER_BYTES_MAX;
 
 /// One grant of a stamping lease, from `AcquireLease` or `RenewLease`: until the lease runs
 /// out, its holder may stamp events with physical parts up to

@@ -67,7 +67,7 @@ pub use error::{Error, Result};
 pub use grant::{Batch, TsRange};
 pub use keeper::{LEASE_EXPIRY_MARGIN_DEFAULT, LeaseKeeper, LeaseKeeperBuilder, StampPermit};
 pub use lease::{Frontier, LEASE_HOLDER_BYTES_MAX, LeaseGrant};
-pub use seq::{SEQ_BATCH_ENTRIES_MAX, SEQ_COUNT_MAX, SEQ_KEY_BYTES_MAX, SeqBatch, SeqBlock};
+pub use seq::{SEQ_BATCH_KEYS_MAX, SEQ_COUNT_MAX, SEQ_KEY_BYTES_MAX, SeqBatch, SeqBlock};
 pub use seq_call::seq_status_is_uncertain;
 pub use tso_core::{Epoch, LOGICAL_COUNT, Timestamp};
 pub use tso_proto::tls::{CaCertificates, PemError, TlsIdentity};

@@ -19,15 +19,7 @@ use tso_proto::v1::{
 use crate::grant::Granted;
 use crate::{Error, Result};
 
-/// Longest sequence key, in bytes of UTF-8 (the protocol's limit).
-pub const SEQ_KEY_BYTES_MAX: usize = 128;
-
-/// Most values one block may hold: the protocol's limit and the server's default. A server
-/// configured lower refuses larger counts with `INVALID_ARGUMENT`.
-pub const SEQ_COUNT_MAX: u32 = 65_536;
-
-/// Most entries (distinct keys) of one `get_seq_batch` call.
-pub const SEQ_BATCH_ENTRIES_MAX: usize = 128;
+pub use tso_proto::limits::{SEQ_BATCH_KEYS_MAX, SEQ_COUNT_MAX, SEQ_KEY_BYTES_MAX};
 
 /// A contiguous block of one key's sequence: `start, start + 1, ..., end() - 1`, granted by the
 /// leader of `epoch`. Nobody else ever receives these values (D1).
@@ -131,7 +123,7 @@ pub(crate) enum SeqRpc {
     Batch,
 }
 
-/// A validated sequence request: 1 to `SEQ_BATCH_ENTRIES_MAX` distinct, valid keys, each with a
+/// A validated sequence request: 1 to `SEQ_BATCH_KEYS_MAX` distinct, valid keys, each with a
 /// count in `1..=SEQ_COUNT_MAX` (one entry for `SeqRpc::One`).
 #[derive(Clone, Debug)]
 pub(crate) struct SeqRequest {
@@ -158,9 +150,9 @@ impl SeqRequest {
         if entries.is_empty() {
             return Err(invalid("ask for at least one key".into()));
         }
-        if entries.len() > SEQ_BATCH_ENTRIES_MAX {
+        if entries.len() > SEQ_BATCH_KEYS_MAX {
             return Err(invalid(format!(
-                "ask for at most {SEQ_BATCH_ENTRIES_MAX} keys per call"
+                "ask for at most {SEQ_BATCH_KEYS_MAX} keys per call"
             )));
         }
         let mut seen = HashSet::with_capacity(entries.len());
@@ -367,13 +359,13 @@ mod tests {
 
     #[test]
     fn batches_are_validated_at_the_bounds() {
-        let keys: Vec<(String, u32)> = (0..=SEQ_BATCH_ENTRIES_MAX)
+        let keys: Vec<(String, u32)> = (0..=SEQ_BATCH_KEYS_MAX)
             .map(|i| (format!("k{i}"), 1))
             .collect();
-        assert!(SeqRequest::batch(&keys[..SEQ_BATCH_ENTRIES_MAX]).is_ok());
+        assert!(SeqRequest::batch(&keys[..SEQ_BATCH_KEYS_MAX]).is_ok());
         assert!(matches!(
             SeqRequest::batch(&keys),
-            Err(Error::InvalidSeqBatch { entries, .. }) if entries == SEQ_BATCH_ENTRIES_MAX + 1
+            Err(Error::InvalidSeqBatch { entries, .. }) if entries == SEQ_BATCH_KEYS_MAX + 1
         ));
         let none: [(&str, u32); 0] = [];
         assert!(matches!(

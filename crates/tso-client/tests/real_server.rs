@@ -12,7 +12,7 @@ use common::HANG_GUARD;
 use common::real::{ClusterBackend, ClusterStore, Pair, RealServer};
 use tokio::task::JoinSet;
 use tso_client::{Client, ClientBuilder, Epoch, LOGICAL_COUNT};
-use tso_server::consensus::Leadership;
+use tso_server::backend::Leadership;
 
 fn builder() -> ClientBuilder {
     Client::builder()

@@ -14,7 +14,7 @@ use rand::{Rng, SeedableRng};
 use tokio::task::JoinSet;
 use tonic::Code;
 use tso_client::{
-    Client, ClientBuilder, Epoch, Error, SEQ_BATCH_ENTRIES_MAX, SEQ_COUNT_MAX, SEQ_KEY_BYTES_MAX,
+    Client, ClientBuilder, Epoch, Error, SEQ_BATCH_KEYS_MAX, SEQ_COUNT_MAX, SEQ_KEY_BYTES_MAX,
 };
 
 /// Options for tests: deadlines far beyond any real wait, short backoff so retries are quick.
@@ -92,11 +92,11 @@ async fn a_batch_is_one_rpc_with_blocks_in_request_order() {
         client.get_seq_batch(&owned).await.unwrap().blocks().len(),
         1
     );
-    let keys: Vec<(String, u32)> = (0..SEQ_BATCH_ENTRIES_MAX)
+    let keys: Vec<(String, u32)> = (0..SEQ_BATCH_KEYS_MAX)
         .map(|i| (format!("k{i}"), 1))
         .collect();
     let full = client.get_seq_batch(&keys).await.unwrap();
-    assert_eq!(full.blocks().len(), SEQ_BATCH_ENTRIES_MAX);
+    assert_eq!(full.blocks().len(), SEQ_BATCH_KEYS_MAX);
     assert_eq!(server.shared().rpcs(), 4, "one RPC per call");
 }
 
@@ -411,7 +411,7 @@ async fn invalid_requests_are_refused_without_an_rpc() {
     );
 
     let none: [(&str, u32); 0] = [];
-    let too_many: Vec<(String, u32)> = (0..=SEQ_BATCH_ENTRIES_MAX)
+    let too_many: Vec<(String, u32)> = (0..=SEQ_BATCH_KEYS_MAX)
         .map(|i| (format!("k{i}"), 1))
         .collect();
     let batch_errors = [
@@ -435,7 +435,7 @@ async fn invalid_requests_are_refused_without_an_rpc() {
         Error::InvalidSeqBatch { entries: 0, .. }
     ));
     assert!(
-        matches!(batch_errors[1], Error::InvalidSeqBatch { entries, .. } if entries == SEQ_BATCH_ENTRIES_MAX + 1)
+        matches!(batch_errors[1], Error::InvalidSeqBatch { entries, .. } if entries == SEQ_BATCH_KEYS_MAX + 1)
     );
     assert!(matches!(
         batch_errors[2],

@@ -10,6 +10,7 @@ pub mod tsoracle {
 
 pub use tsoracle::v1;
 
+pub mod limits;
 pub mod tls;
 
 /// This project's own packages.

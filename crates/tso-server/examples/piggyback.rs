@@ -40,7 +40,7 @@ use tonic::transport::server::TcpIncoming;
 use tso_proto::tso::example_kv_v1::kv_server::{Kv, KvServer};
 use tso_proto::tso::example_kv_v1::{GetReply, GetRequest, PutReply, PutRequest};
 use tso_server::backend::raft::piggyback::{
-    LeaseHeld, OracleCommand, OracleState, PiggybackConsensus, VoteGate,
+    LeaderLeaseHeld, OracleCommand, OracleState, PiggybackBackend, VoteGate,
 };
 use tso_server::{Config, OracleGuard};
 
@@ -353,7 +353,7 @@ impl Conn {
         RPCError::Unreachable(Unreachable::new(&e))
     }
 
-    fn refused<E: std::error::Error>(&self, held: LeaseHeld) -> RPCError<u64, BasicNode, E> {
+    fn refused<E: std::error::Error>(&self, held: LeaderLeaseHeld) -> RPCError<u64, BasicNode, E> {
         RPCError::Unreachable(Unreachable::new(&held))
     }
 
@@ -406,7 +406,7 @@ impl RaftNetwork<KvConfig> for Conn {
             Some(gate) => gate
                 .vote(&target.raft, rpc)
                 .await
-                .map_err(|held: LeaseHeld| self.refused(held))?,
+                .map_err(|held: LeaderLeaseHeld| self.refused(held))?,
             None => target.raft.vote(rpc).await,
         };
         answer.map_err(|e| self.remote(e))
@@ -471,7 +471,7 @@ pub struct Node {
     pub sm: StateMachine,
     pub log: LogStore,
     /// The oracle's adapter on this node's raft (also held by the oracle).
-    pub consensus: Arc<PiggybackConsensus<KvConfig>>,
+    pub backend: Arc<PiggybackBackend<KvConfig>>,
     /// The client address of the node's tonic server (`host:port`).
     pub addr: SocketAddr,
     oracle: Option<OracleGuard>,
@@ -529,9 +529,9 @@ pub async fn open_raft(
 /// The oracle's adapter on this host's raft. The three pieces: the oracle's command wrapped in
 /// the host's enum, the applied oracle state read in place from the host's state machine, and
 /// a member's oracle client address, from its membership entry.
-pub fn oracle_consensus(raft: &Raft, sm: &StateMachine) -> PiggybackConsensus<KvConfig> {
+pub fn oracle_backend(raft: &Raft, sm: &StateMachine) -> PiggybackBackend<KvConfig> {
     let sm = sm.clone();
-    PiggybackConsensus::new(
+    PiggybackBackend::new(
         raft.clone(),
         Cmd::Oracle,
         move |f| sm.with_oracle(f),
@@ -549,9 +549,9 @@ pub async fn start_node(
 ) -> Result<Node, Box<dyn std::error::Error>> {
     let addr = listener.local_addr()?;
     let raft = open_raft(id, log.clone(), sm.clone(), router).await?;
-    let consensus = Arc::new(oracle_consensus(&raft, &sm));
-    router.gate_votes(id, consensus.vote_gate());
-    let oracle = OracleGuard::start(consensus.clone(), Config::default());
+    let backend = Arc::new(oracle_backend(&raft, &sm));
+    router.gate_votes(id, backend.vote_gate());
+    let oracle = OracleGuard::start(backend.clone(), Config::default());
 
     let stop = CancellationToken::new();
     let server = Server::builder()
@@ -566,7 +566,7 @@ pub async fn start_node(
         raft,
         sm,
         log,
-        consensus,
+        backend,
         addr,
         oracle: Some(oracle),
         stop,

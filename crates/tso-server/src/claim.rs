@@ -5,7 +5,7 @@
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 
-use crate::consensus::Consensus;
+use crate::backend::Backend;
 
 static CLAIMED: Mutex<BTreeSet<usize>> = Mutex::new(BTreeSet::new());
 
@@ -15,7 +15,7 @@ pub(crate) struct Claim(usize);
 
 impl Claim {
     /// Claims `backend`, or `None` if another live oracle holds it.
-    pub fn take(backend: &Arc<dyn Consensus>) -> Option<Claim> {
+    pub fn take(backend: &Arc<dyn Backend>) -> Option<Claim> {
         let key = Arc::as_ptr(backend) as *const () as usize;
         let fresh = CLAIMED.lock().expect("claims lock").insert(key);
         // Built only when won: a `Claim` dropped on the losing path would release the winner's.

@@ -1,7 +1,7 @@
 //! The server's error type: why serving stopped, or could not start.
 
+use crate::backend::BackendError;
 use crate::backend::file::FileError;
-use crate::consensus::ConsensusError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -16,13 +16,11 @@ pub enum ServeError {
     File(#[from] FileError),
     /// A permanent backend error: serving is poisoned.
     #[error("stopped serving on a permanent consensus error: {0}")]
-    Consensus(ConsensusError),
+    Backend(BackendError),
     /// A broken invariant (a backend that broke its contract, a value past the layout).
     #[error("stopped serving on a broken invariant: {0}")]
     Invariant(String),
-    #[error(
-        "the leadership stream of the consensus backend closed; the node cannot know whether it leads"
-    )]
+    #[error("the leadership stream of the backend closed; the node cannot know whether it leads")]
     LeadershipClosed,
     #[error(
         "this backend already serves another oracle in this process: two oracles on one backend \

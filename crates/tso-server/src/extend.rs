@@ -11,8 +11,8 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
+use crate::backend::{BackendError, OracleCommand};
 use crate::backoff::Backoff;
-use crate::consensus::{ConsensusError, OracleCommand};
 use crate::error::ServeError;
 use crate::metrics;
 use crate::oracle::{Plan, Shared};
@@ -76,23 +76,23 @@ pub(crate) async fn run(
 }
 
 /// Acts on a failed extension; returns whether the term goes on.
-fn on_error(shared: &Shared, err: ConsensusError) -> bool {
+fn on_error(shared: &Shared, err: BackendError) -> bool {
     match err {
-        ConsensusError::Transient(ref msg) => {
+        BackendError::Transient(ref msg) => {
             metrics::extension_failed("transient");
             warn!(error = %msg, "window extension failed transiently; still leader, retrying");
             true
         }
-        ConsensusError::NotLeader { .. } | ConsensusError::Fenced { .. } => {
+        BackendError::NotLeader { .. } | BackendError::Fenced { .. } => {
             metrics::extension_failed("not_leader");
             warn!(error = %err, "window extension refused: stepping down");
             shared.step_down(hint_of(&err));
             false
         }
-        ConsensusError::Permanent(_) => {
+        BackendError::Permanent(_) => {
             metrics::extension_failed("permanent");
             tracing::error!(error = %err, "window extension failed permanently: stopping serving");
-            shared.poison(ServeError::Consensus(err));
+            shared.poison(ServeError::Backend(err));
             false
         }
     }

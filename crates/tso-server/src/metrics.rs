@@ -63,7 +63,7 @@ pub fn serving(on: bool) {
 
 pub const RAFT_TERM: &str = "tso_raft_term";
 pub const RAFT_LEADER: &str = "tso_raft_leader";
-pub const RAFT_LEASE_RENEWALS: &str = "tso_raft_lease_renewals_total";
+pub const LEADER_LEASE_RENEWALS: &str = "tso_raft_lease_renewals_total";
 pub const RAFT_HANDOFFS: &str = "tso_raft_handoffs_total";
 
 /// One leadership handoff at shutdown (`ok`: a successor was elected; `failed`: the cluster
@@ -80,7 +80,7 @@ pub fn raft_leadership(term: u64, leader: bool) {
 }
 
 /// One attempt of the leader to renew its lease (`ok`, or `failed`: no quorum in time).
-pub fn raft_lease_renewal(ok: bool) {
+pub fn leader_lease_renewal(ok: bool) {
     let outcome = if ok { "ok" } else { "failed" };
-    metrics::counter!(RAFT_LEASE_RENEWALS, "outcome" => outcome).increment(1);
+    metrics::counter!(LEADER_LEASE_RENEWALS, "outcome" => outcome).increment(1);
 }

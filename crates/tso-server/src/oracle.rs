@@ -13,8 +13,8 @@ use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 use tso_core::{Epoch, Error as CoreError, Grant, PHYSICAL_MAX_MS, Window};
 
+use crate::backend::{Backend, BackendError};
 use crate::clock::Clock;
-use crate::consensus::{Consensus, ConsensusError};
 use crate::error::ServeError;
 use crate::metrics;
 use crate::refusal::{Call, LeaderHint, Refusal};
@@ -37,7 +37,7 @@ pub struct Config {
     /// FOR THE CHECKER'S POSITIVE CONTROL ONLY: grant without checking the backend's leader
     /// lease, so a leader cut off from its peers keeps granting while a new leader serves
     /// (SEMANTICS G3 broken on purpose). Always `false` outside that test.
-    pub unsafe_skip_lease_check: bool,
+    pub unsafe_skip_leader_lease_check: bool,
     /// The largest `count` of one key in one `GetSeq`/`GetSeqBatch` entry (SEMANTICS §11).
     pub seq_count_max: u32,
     /// The most distinct sequence keys the server keeps; a new key past it is refused with
@@ -76,8 +76,8 @@ impl Default for Config {
             window_ahead: Duration::from_secs(3),
             failover_advance: Duration::from_secs(1),
             shutdown_grace: Duration::from_secs(10),
-            unsafe_skip_lease_check: false,
-            seq_count_max: crate::sequence::SEQ_COUNT_MAX_DEFAULT,
+            unsafe_skip_leader_lease_check: false,
+            seq_count_max: tso_proto::limits::SEQ_COUNT_MAX,
             seq_keys_max: crate::sequence::SEQ_KEYS_MAX_DEFAULT,
             unsafe_seq_skip_load: false,
             lease_ttl_min: crate::stamping::LEASE_TTL_MIN_DEFAULT,
@@ -133,7 +133,7 @@ pub enum ServingState {
 /// The outcome of the latest extension of a term, broadcast to callers waiting on it.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct ExtensionOutcome {
-    pub error: Option<ConsensusError>,
+    pub error: Option<BackendError>,
 }
 
 pub(crate) struct Term {
@@ -167,7 +167,7 @@ struct State {
 pub(crate) struct Shared {
     pub config: Config,
     pub clock: Arc<dyn Clock>,
-    pub backend: Arc<dyn Consensus>,
+    pub backend: Arc<dyn Backend>,
     state: Mutex<State>,
     serving: watch::Sender<ServingState>,
     /// Cancelled when serving is poisoned; the watch and the server stop on it.
@@ -192,7 +192,7 @@ pub(crate) enum Plan {
 }
 
 impl Shared {
-    pub fn new(backend: Arc<dyn Consensus>, config: Config, clock: Arc<dyn Clock>) -> Shared {
+    pub fn new(backend: Arc<dyn Backend>, config: Config, clock: Arc<dyn Clock>) -> Shared {
         let claim = crate::claim::Claim::take(&backend);
         let not_serving = ServingState::NotServing {
             leader_endpoint: None,
@@ -354,7 +354,9 @@ impl Shared {
             Mode::NotServing(hint) => return Err(Refusal::NotLeader(hint.clone())),
             Mode::Poisoned => return Err(Refusal::NotLeader(LeaderHint::default())),
         };
-        if !self.config.unsafe_skip_lease_check && !self.backend.lease_valid(term.epoch) {
+        if !self.config.unsafe_skip_leader_lease_check
+            && !self.backend.leader_lease_valid(term.epoch)
+        {
             return Err(Refusal::NotLeader(LeaderHint::default()));
         }
         Ok(term)
@@ -528,13 +530,13 @@ impl Shared {
         &self,
         term_id: u64,
         target_ms: u64,
-        result: Result<u64, ConsensusError>,
-    ) -> Result<(), ConsensusError> {
+        result: Result<u64, BackendError>,
+    ) -> Result<(), BackendError> {
         // Checked before the lock: the allocator asserts the layout, and a panic with the lock
         // held would leave every later call panicking instead of failing fast.
         let result = result.and_then(|durable_ms| {
             if durable_ms > PHYSICAL_MAX_MS {
-                return Err(ConsensusError::Permanent(format!(
+                return Err(BackendError::Permanent(format!(
                     "the backend reports high-water {durable_ms} ms, past the 46-bit timestamp \
                      layout ({PHYSICAL_MAX_MS} ms)"
                 )));
@@ -554,7 +556,7 @@ impl Shared {
                 term.window.raise_high_water(durable_ms);
                 None
             }
-            Ok(durable_ms) => Some(ConsensusError::Permanent(
+            Ok(durable_ms) => Some(BackendError::Permanent(
                 CoreError::DurableBelowTarget {
                     durable_ms,
                     target_ms,
@@ -567,7 +569,7 @@ impl Shared {
         // waiters then answer "not leader" with the hint of the step-down.
         if !matches!(
             error,
-            Some(ConsensusError::NotLeader { .. } | ConsensusError::Fenced { .. })
+            Some(BackendError::NotLeader { .. } | BackendError::Fenced { .. })
         ) {
             term.outcome.send_replace(ExtensionOutcome {
                 error: error.clone(),
@@ -611,30 +613,26 @@ impl Serving for Shared {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::consensus::{BoxFuture, Leadership, OracleCommand, OracleState, Stored};
+    use crate::backend::{BoxFuture, Leadership, OracleCommand, OracleState, Stored};
     use tso_core::Fence;
 
     /// A backend the test never calls: the state is driven by hand.
     struct Unused;
 
-    impl Consensus for Unused {
+    impl Backend for Unused {
         fn leadership(&self) -> watch::Receiver<Leadership> {
             watch::channel(Leadership::Unknown).1
         }
 
-        fn lease_valid(&self, _: Epoch) -> bool {
+        fn leader_lease_valid(&self, _: Epoch) -> bool {
             true
         }
 
-        fn load(&self) -> BoxFuture<'_, Result<OracleState, ConsensusError>> {
+        fn load(&self) -> BoxFuture<'_, Result<OracleState, BackendError>> {
             unreachable!("not called")
         }
 
-        fn apply(
-            &self,
-            _: OracleCommand,
-            _: Epoch,
-        ) -> BoxFuture<'_, Result<Stored, ConsensusError>> {
+        fn apply(&self, _: OracleCommand, _: Epoch) -> BoxFuture<'_, Result<Stored, BackendError>> {
             unreachable!("not called")
         }
     }
@@ -697,24 +695,20 @@ mod tests {
     /// A backend whose lease has always run out, like a leader cut off from its peers.
     struct LeaseLost;
 
-    impl Consensus for LeaseLost {
+    impl Backend for LeaseLost {
         fn leadership(&self) -> watch::Receiver<Leadership> {
             Unused.leadership()
         }
 
-        fn lease_valid(&self, _: Epoch) -> bool {
+        fn leader_lease_valid(&self, _: Epoch) -> bool {
             false
         }
 
-        fn load(&self) -> BoxFuture<'_, Result<OracleState, ConsensusError>> {
+        fn load(&self) -> BoxFuture<'_, Result<OracleState, BackendError>> {
             unreachable!("not called")
         }
 
-        fn apply(
-            &self,
-            _: OracleCommand,
-            _: Epoch,
-        ) -> BoxFuture<'_, Result<Stored, ConsensusError>> {
+        fn apply(&self, _: OracleCommand, _: Epoch) -> BoxFuture<'_, Result<Stored, BackendError>> {
             unreachable!("not called")
         }
     }
@@ -730,13 +724,13 @@ mod tests {
     }
 
     /// The grant path refuses once the lease ran out; only the checker's positive control
-    /// (`unsafe_skip_lease_check`) grants anyway.
+    /// (`unsafe_skip_leader_lease_check`) grants anyway.
     #[test]
     fn an_expired_lease_refuses_grants_unless_the_check_is_skipped() {
         let safe = serving_without_lease(Config::default());
         assert!(matches!(safe.try_grant(1), Err(Refusal::NotLeader(_))));
         let broken = serving_without_lease(Config {
-            unsafe_skip_lease_check: true,
+            unsafe_skip_leader_lease_check: true,
             ..Config::default()
         });
         assert!(matches!(broken.try_grant(1), Ok(Attempt::Granted(..))));

@@ -6,7 +6,7 @@
 
 use tso_core::Epoch;
 
-use crate::consensus::ConsensusError;
+use crate::backend::BackendError;
 use crate::error::ServeError;
 
 /// What this node knows of the leader, as sent in a "not leader" hint.
@@ -50,39 +50,40 @@ impl Refusal {
     /// Maps a backend failure of `call` to the caller's answer. `hint` is asked only for "not
     /// leader"; `poison`, if given, is called with a permanent failure before it is answered.
     pub(crate) fn from_backend(
-        err: ConsensusError,
+        err: BackendError,
         call: Call<'_>,
         hint: impl FnOnce() -> LeaderHint,
         poison: Option<&dyn Fn(ServeError)>,
     ) -> Refusal {
         match (err, call) {
-            (ConsensusError::NotLeader { .. }, _)
-            | (ConsensusError::Fenced { .. }, Call::Read(_)) => Refusal::NotLeader(hint()),
-            (ConsensusError::Fenced { expected, current }, Call::Write(what)) => {
+            (BackendError::NotLeader { .. }, _) | (BackendError::Fenced { .. }, Call::Read(_)) => {
+                Refusal::NotLeader(hint())
+            }
+            (BackendError::Fenced { expected, current }, Call::Write(what)) => {
                 Refusal::Unavailable(format!(
                     "{what} in epoch {expected} was fenced at epoch {current}; it may have taken \
                      effect: retry"
                 ))
             }
-            (ConsensusError::Fenced { expected, current }, Call::Spend(what)) => {
+            (BackendError::Fenced { expected, current }, Call::Spend(what)) => {
                 Refusal::Unavailable(format!(
                     "{what} of epoch {expected} was fenced at epoch {current}; the block may have \
                      been spent"
                 ))
             }
-            (ConsensusError::Transient(msg), Call::Read(what) | Call::Write(what)) => {
+            (BackendError::Transient(msg), Call::Read(what) | Call::Write(what)) => {
                 Refusal::Unavailable(format!("{what} failed transiently: {msg}; retry"))
             }
-            (ConsensusError::Transient(msg), Call::Spend(what)) => Refusal::Unavailable(format!(
+            (BackendError::Transient(msg), Call::Spend(what)) => Refusal::Unavailable(format!(
                 "{what} failed: {msg}; the block may have been spent"
             )),
             (
-                ConsensusError::Permanent(msg),
+                BackendError::Permanent(msg),
                 Call::Read(what) | Call::Write(what) | Call::Spend(what),
             ) => {
                 let reason = format!("{what} failed: {msg}");
                 if let Some(poison) = poison {
-                    poison(ServeError::Consensus(ConsensusError::Permanent(msg)));
+                    poison(ServeError::Backend(BackendError::Permanent(msg)));
                 }
                 Refusal::Internal(reason)
             }
@@ -91,9 +92,9 @@ impl Refusal {
 }
 
 /// The hint carried by a NotLeader error.
-pub(crate) fn hint_of(err: &ConsensusError) -> LeaderHint {
+pub(crate) fn hint_of(err: &BackendError) -> LeaderHint {
     match err {
-        ConsensusError::NotLeader {
+        BackendError::NotLeader {
             leader_endpoint,
             leader_epoch,
         } => LeaderHint {

@@ -22,18 +22,13 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::oneshot;
 use tso_core::Epoch;
+use tso_proto::limits::{SEQ_BATCH_KEYS_MAX, SEQ_KEY_BYTES_MAX};
 
-use crate::consensus::{OracleCommand, SeqCounters};
+use crate::backend::{OracleCommand, SeqCounters};
 use crate::metrics;
 use crate::refusal::{Call, Refusal};
 use crate::term::{EXHAUSTED_WAIT_MAX, TermIo};
 
-/// Keys are non-empty UTF-8 of at most this many bytes (SEMANTICS §11).
-pub const SEQ_KEY_LEN_MAX: usize = 128;
-/// Keys in one `GetSeqBatch` (SEMANTICS §11).
-pub const SEQ_BATCH_KEYS_MAX: usize = 128;
-/// Default largest `count` of one key in one call (SEMANTICS §11; `--seq-count-max`).
-pub const SEQ_COUNT_MAX_DEFAULT: u32 = 65_536;
 /// Default cap on distinct keys (SEMANTICS §11; `--seq-keys-max`).
 pub const SEQ_KEYS_MAX_DEFAULT: usize = 10_000;
 /// Calls waiting for the next write of one term; past it a call is refused with
@@ -66,9 +61,9 @@ pub(crate) fn check_call(entries: Vec<(Vec<u8>, u32)>, count_max: u32) -> Result
                 "entry {i}: count {count} is out of range: ask for 1 to {count_max}"
             ));
         }
-        if key.is_empty() || key.len() > SEQ_KEY_LEN_MAX {
+        if key.is_empty() || key.len() > SEQ_KEY_BYTES_MAX {
             return Err(format!(
-                "entry {i}: the key is {} bytes: keys are 1 to {SEQ_KEY_LEN_MAX} bytes",
+                "entry {i}: the key is {} bytes: keys are 1 to {SEQ_KEY_BYTES_MAX} bytes",
                 key.len()
             ));
         }
@@ -319,11 +314,11 @@ mod tests {
 
     #[test]
     fn calls_are_checked_entry_by_entry() {
-        let long = [b'k'; SEQ_KEY_LEN_MAX + 1];
-        let max_key = [b'k'; SEQ_KEY_LEN_MAX];
+        let long = [b'k'; SEQ_KEY_BYTES_MAX + 1];
+        let max_key = [b'k'; SEQ_KEY_BYTES_MAX];
         let cases: Vec<(Raw, Option<&str>)> = vec![
             (raw(&[(b"a", 1)]), None),
-            (raw(&[(&max_key, 65_536)]), None),
+            (raw(&[(&max_key, tso_proto::limits::SEQ_COUNT_MAX)]), None),
             (raw(&[]), Some("empty")),
             (raw(&[(b"a", 0)]), Some("count 0")),
             (raw(&[(b"a", 65_537)]), Some("count 65537")),
@@ -333,7 +328,7 @@ mod tests {
             (raw(&[(b"a", 1), (b"b", 1), (b"a", 2)]), Some("twice")),
         ];
         for (entries, error) in cases {
-            let result = check_call(entries.clone(), SEQ_COUNT_MAX_DEFAULT);
+            let result = check_call(entries.clone(), tso_proto::limits::SEQ_COUNT_MAX);
             match error {
                 None => assert!(result.is_ok(), "{entries:?}: {result:?}"),
                 Some(text) => {

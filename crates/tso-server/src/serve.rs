@@ -21,8 +21,8 @@ use tracing::{error, info, warn};
 use tso_proto::tso::stream::v1::tso_stream_server::TsoStreamServer;
 use tso_proto::v1::tso_service_server::TsoServiceServer;
 
+use crate::backend::Backend;
 use crate::clock::{Clock, SystemClock};
-use crate::consensus::Consensus;
 use crate::error::ServeError;
 use crate::oracle::{Config, ServingState, Shared};
 use crate::service::TsoHandler;
@@ -62,13 +62,13 @@ impl Drop for OracleGuard {
 
 impl OracleGuard {
     /// Starts the oracle over `backend` with the system clock.
-    pub fn start(backend: Arc<dyn Consensus>, config: Config) -> OracleGuard {
+    pub fn start(backend: Arc<dyn Backend>, config: Config) -> OracleGuard {
         Self::start_with_clock(backend, config, Arc::new(SystemClock))
     }
 
     /// Starts the oracle with an injected clock (tests, fault injection).
     pub fn start_with_clock(
-        backend: Arc<dyn Consensus>,
+        backend: Arc<dyn Backend>,
         config: Config,
         clock: Arc<dyn Clock>,
     ) -> OracleGuard {
@@ -264,7 +264,7 @@ impl Activity {
 /// Binds `addr` and serves until `shutdown` resolves or serving is poisoned.
 pub async fn serve_with_shutdown(
     addr: SocketAddr,
-    backend: Arc<dyn Consensus>,
+    backend: Arc<dyn Backend>,
     config: Config,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {

@@ -29,8 +29,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use tso_core::{Epoch, PHYSICAL_MAX_MS};
+use tso_proto::limits::LEASE_HOLDER_BYTES_MAX;
 
-use crate::consensus::OracleCommand;
+use crate::backend::OracleCommand;
 use crate::error::ServeError;
 use crate::refusal::{Call, Refusal};
 use crate::term::TermIo;
@@ -39,8 +40,6 @@ use crate::term::TermIo;
 /// `--lease-ttl-max`).
 pub const LEASE_TTL_MIN_DEFAULT: Duration = Duration::from_secs(5);
 pub const LEASE_TTL_MAX_DEFAULT: Duration = Duration::from_secs(300);
-/// A holder is 1 to 128 opaque bytes (SEMANTICS §14).
-pub const LEASE_HOLDER_LEN_MAX: usize = 128;
 /// Leases the set keeps (live, superseded, or expired but not yet forgotten); an acquire past
 /// it is refused with `RESOURCE_EXHAUSTED`. 10 000 records of at most ~170 bytes keep every
 /// write of the set under 2 MB.
@@ -233,9 +232,9 @@ pub(crate) fn check_acquire(
     ttl_ms: u64,
     (min, max): (Duration, Duration),
 ) -> Result<(), String> {
-    if holder.is_empty() || holder.len() > LEASE_HOLDER_LEN_MAX {
+    if holder.is_empty() || holder.len() > LEASE_HOLDER_BYTES_MAX {
         return Err(format!(
-            "the holder is {} bytes: holders are 1 to {LEASE_HOLDER_LEN_MAX} bytes",
+            "the holder is {} bytes: holders are 1 to {LEASE_HOLDER_BYTES_MAX} bytes",
             holder.len()
         ));
     }
@@ -560,8 +559,10 @@ mod tests {
         };
         set.leases
             .insert(2, lease(b"writer-a", 1_700_000_000_000, false));
-        set.leases
-            .insert(7, lease(&[0xff; 128], u64::MAX - 1, true));
+        set.leases.insert(
+            7,
+            lease(&[0xff; LEASE_HOLDER_BYTES_MAX], u64::MAX - 1, true),
+        );
         let bytes = set.encode();
         assert_eq!(LeaseSet::decode(&bytes), Ok(set.clone()));
         assert_eq!(LeaseSet::decode(&[]), Ok(LeaseSet::default()));

@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use tso_core::Epoch;
 
+use crate::backend::{Backend, BackendError};
 use crate::clock::Clock;
-use crate::consensus::{Consensus, ConsensusError};
 use crate::error::ServeError;
 use crate::refusal::{Call, LeaderHint, Refusal};
 
@@ -47,7 +47,7 @@ pub(crate) struct TermLimits {
 
 /// One serving term's access to the backend and the serving state.
 pub(crate) struct TermIo {
-    pub backend: Arc<dyn Consensus>,
+    pub backend: Arc<dyn Backend>,
     pub clock: Arc<dyn Clock>,
     /// The term's epoch: every write is fenced by it.
     pub epoch: Epoch,
@@ -76,7 +76,7 @@ impl TermIo {
     }
 
     /// Maps a failed backend call to its callers' answer; a permanent failure poisons serving.
-    pub fn refusal(&self, err: ConsensusError, call: Call<'_>) -> Refusal {
+    pub fn refusal(&self, err: BackendError, call: Call<'_>) -> Refusal {
         Refusal::from_backend(err, call, || self.hint(), Some(&|e| self.poison(e)))
     }
 }

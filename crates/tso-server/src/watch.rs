@@ -16,8 +16,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 use tso_core::{Epoch, Fence, Window};
 
+use crate::backend::{BackendError, Leadership, OracleCommand};
 use crate::backoff::Backoff;
-use crate::consensus::{ConsensusError, Leadership, OracleCommand};
 use crate::error::ServeError;
 use crate::extend;
 use crate::metrics;
@@ -97,7 +97,7 @@ impl FenceRetry {
 
 /// Why a fence attempt failed.
 enum FenceFailure {
-    Backend(ConsensusError),
+    Backend(BackendError),
     Invariant(String),
 }
 
@@ -318,16 +318,16 @@ impl Watcher {
             Err(FenceFailure::Backend(err)) => err,
         };
         match err {
-            ConsensusError::Transient(msg) => Ok(Settled::Retry(msg)),
-            ConsensusError::NotLeader { .. } | ConsensusError::Fenced { .. } => {
+            BackendError::Transient(msg) => Ok(Settled::Retry(msg)),
+            BackendError::NotLeader { .. } | BackendError::Fenced { .. } => {
                 metrics::fence_done("stepped_down");
                 warn!(%epoch, error = %err, "fence refused: stepping down");
                 self.shared.step_down(hint_of(&err));
                 Ok(Settled::SteppedDown)
             }
-            ConsensusError::Permanent(_) => {
+            BackendError::Permanent(_) => {
                 metrics::fence_done("fatal");
-                Err(ServeError::Consensus(err))
+                Err(ServeError::Backend(err))
             }
         }
     }

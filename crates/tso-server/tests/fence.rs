@@ -1,5 +1,5 @@
 //! The failover fence under failure (SEMANTICS §4 to §7), driven over real gRPC on loopback
-//! against a backend whose faults each test scripts at the consensus seam.
+//! against a backend whose faults each test scripts at the backend seam.
 //!
 //! Every wait is on a condition (the serving state, a backend counter, a metric) bounded by the
 //! hang guard; no test sleeps and hopes, and none asserts on speed. Each `#[tokio::test]` runs the
@@ -20,7 +20,7 @@ use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
 use tso_core::Epoch;
 use tso_proto::v1::GetCurrentMaxSafeRequest;
-use tso_server::consensus::{ConsensusError, Leadership};
+use tso_server::backend::{BackendError, Leadership};
 use tso_server::metrics::{EXTENSION_ERRORS, FENCE_RETRIES, FENCES};
 use tso_server::{OracleGuard, ServeError, ServingState};
 
@@ -45,11 +45,11 @@ fn follower(epoch: u128) -> Leadership {
 }
 
 fn transient() -> Fault {
-    Fault::Fail(ConsensusError::Transient("quorum lost for a moment".into()))
+    Fault::Fail(BackendError::Transient("quorum lost for a moment".into()))
 }
 
-fn not_leader(epoch: u128) -> ConsensusError {
-    ConsensusError::NotLeader {
+fn not_leader(epoch: u128) -> BackendError {
+    BackendError::NotLeader {
         leader_endpoint: Some(OTHER_LEADER.into()),
         leader_epoch: Some(Epoch::new(epoch)),
     }
@@ -283,7 +283,7 @@ async fn follower_event_stops_the_retries_and_a_later_leader_serves() {
 /// (another node leads at epoch 4 and issued timestamps meanwhile), then serves at epoch 5.
 /// Checks the node steps down, serves again, and stays monotonic across all terms.
 async fn refused_fence_steps_down_then_serves(
-    refusal: ConsensusError,
+    refusal: BackendError,
     hint_endpoint: Option<&str>,
     hint_epoch_expected: Option<u128>,
 ) {
@@ -330,7 +330,7 @@ async fn not_leader_during_the_fence_steps_down_with_a_hint_then_serves() {
 /// Scenario 6. Fenced during the fence: likewise (a Fenced error names no leader).
 #[tokio::test]
 async fn fenced_during_the_fence_steps_down_then_serves() {
-    let fenced = ConsensusError::Fenced {
+    let fenced = BackendError::Fenced {
         expected: Epoch::new(3),
         current: Epoch::new(4),
     };
@@ -346,7 +346,7 @@ async fn permanent_fence_error_poisons_and_the_serve_call_returns_it() {
     let backend = FaultBackend::leader(1, 0);
     backend.inject(
         Op::Persist,
-        Fault::Fail(ConsensusError::Permanent("disk is read-only".into())),
+        Fault::Fail(BackendError::Permanent("disk is read-only".into())),
         1,
     );
     let mut server =
@@ -354,7 +354,7 @@ async fn permanent_fence_error_poisons_and_the_serve_call_returns_it() {
     let state = server.wait_for("Failed", is_failed).await;
     let err = server.finished().await.unwrap_err();
     assert!(
-        matches!(&err, ServeError::Consensus(ConsensusError::Permanent(m)) if m == "disk is read-only"),
+        matches!(&err, ServeError::Backend(BackendError::Permanent(m)) if m == "disk is read-only"),
         "{err:?}"
     );
     assert_failed_for(&state, &err);
@@ -386,7 +386,7 @@ async fn poisoned_embedded_oracle_refuses_calls_and_its_guard_returns_the_error(
     let backend = FaultBackend::leader(1, 0);
     backend.inject(
         Op::Persist,
-        Fault::Fail(ConsensusError::Permanent("record damaged".into())),
+        Fault::Fail(BackendError::Permanent("record damaged".into())),
         1,
     );
     let guard =
@@ -424,7 +424,7 @@ async fn poisoned_embedded_oracle_refuses_calls_and_its_guard_returns_the_error(
 
     let err = guard.shutdown().await.unwrap_err();
     assert!(
-        matches!(&err, ServeError::Consensus(ConsensusError::Permanent(m)) if m == "record damaged"),
+        matches!(&err, ServeError::Backend(BackendError::Permanent(m)) if m == "record damaged"),
         "{err:?}"
     );
     let status = get_ts(&mut client, 1).await.unwrap_err();
@@ -574,7 +574,7 @@ async fn extension_permanent_error_answers_internal_and_poisons() {
     let (backend, _clock, mut server, _) = serving_with_an_exhausted_window().await;
     backend.inject(
         Op::Persist,
-        Fault::Fail(ConsensusError::Permanent("fatal raft error".into())),
+        Fault::Fail(BackendError::Permanent("fatal raft error".into())),
         1,
     );
     let mut client = server.client().await;
@@ -586,7 +586,7 @@ async fn extension_permanent_error_answers_internal_and_poisons() {
     let err = server.finished().await.unwrap_err();
     let server_state = serving.borrow().clone();
     assert!(
-        matches!(&err, ServeError::Consensus(ConsensusError::Permanent(m)) if m == "fatal raft error"),
+        matches!(&err, ServeError::Backend(BackendError::Permanent(m)) if m == "fatal raft error"),
         "{err:?}"
     );
     // Read after the serve call returned: the watch's own end must not relabel the cause.
@@ -618,7 +618,7 @@ async fn extension_not_leader_error_answers_not_leader_with_hint_and_steps_down(
 #[tokio::test]
 async fn extension_fenced_error_steps_down_and_hints_never_go_back() {
     let (backend, clock, mut server, _) = serving_with_an_exhausted_window().await;
-    let fenced = ConsensusError::Fenced {
+    let fenced = BackendError::Fenced {
         expected: Epoch::new(1),
         current: Epoch::new(2),
     };

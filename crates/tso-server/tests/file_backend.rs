@@ -9,7 +9,7 @@ use std::path::Path;
 use common::HighWaterCalls;
 use tso_core::Epoch;
 use tso_server::backend::file::{self, FileBackend, FileError};
-use tso_server::consensus::{Consensus, ConsensusError, Leadership, conformance};
+use tso_server::backend::{Backend, BackendError, Leadership, conformance};
 
 #[tokio::test]
 async fn conformance_suite() {
@@ -84,7 +84,7 @@ async fn a_stale_epoch_is_fenced() {
         .unwrap_err();
     assert_eq!(
         err,
-        ConsensusError::Fenced {
+        BackendError::Fenced {
             expected: Epoch::new(99),
             current: backend.epoch()
         }

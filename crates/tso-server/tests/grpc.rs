@@ -222,7 +222,7 @@ async fn a_new_term_starts_above_a_fully_used_window() {
     server.stop().await.unwrap();
 
     backend.clear_faults();
-    backend.set_leadership(tso_server::consensus::Leadership::Leader {
+    backend.set_leadership(tso_server::backend::Leadership::Leader {
         epoch: tso_core::Epoch::new(2),
     });
     let mut server = TestServer::start(backend.clone(), test_config(), clock).await;

@@ -21,14 +21,14 @@ use tso_proto::v1::{
     ReleaseLeaseRequest, RenewLeaseRequest,
 };
 use tso_server::backend::file::FileBackend;
-use tso_server::consensus::{
-    BoxFuture, Consensus, ConsensusError, Leadership, OracleCommand, OracleState, Stored,
+use tso_server::backend::{
+    Backend, BackendError, BoxFuture, Leadership, OracleCommand, OracleState, Stored,
 };
 
 const START_MS: u64 = 1_800_000_000_000;
 
 /// The file backend, with the next `fail_leases` lease writes failing before they reach it.
-struct Backend {
+struct Scripted {
     inner: FileBackend,
     fail_leases: AtomicUsize,
     /// The next lease writes that reach the disk and then report a timeout, as a raft entry
@@ -38,17 +38,17 @@ struct Backend {
     fail_loads: std::sync::atomic::AtomicBool,
 }
 
-impl Consensus for Backend {
+impl Backend for Scripted {
     fn leadership(&self) -> watch::Receiver<Leadership> {
         self.inner.leadership()
     }
-    fn lease_valid(&self, epoch: Epoch) -> bool {
-        self.inner.lease_valid(epoch)
+    fn leader_lease_valid(&self, epoch: Epoch) -> bool {
+        self.inner.leader_lease_valid(epoch)
     }
-    fn load(&self) -> BoxFuture<'_, Result<OracleState, ConsensusError>> {
+    fn load(&self) -> BoxFuture<'_, Result<OracleState, BackendError>> {
         if self.fail_loads.load(Ordering::SeqCst) {
             return Box::pin(async {
-                Err(ConsensusError::Permanent("read failed (injected)".into()))
+                Err(BackendError::Permanent("read failed (injected)".into()))
             });
         }
         self.inner.load()
@@ -57,7 +57,7 @@ impl Consensus for Backend {
         &self,
         cmd: OracleCommand,
         epoch: Epoch,
-    ) -> BoxFuture<'_, Result<Stored, ConsensusError>> {
+    ) -> BoxFuture<'_, Result<Stored, BackendError>> {
         if !matches!(cmd, OracleCommand::ReplaceLeases { .. }) {
             return self.inner.apply(cmd, epoch);
         }
@@ -66,7 +66,7 @@ impl Consensus for Backend {
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
             .is_ok();
         if fail {
-            return Box::pin(async { Err(ConsensusError::Transient("injected".into())) });
+            return Box::pin(async { Err(BackendError::Transient("injected".into())) });
         }
         let fail_after = self
             .fail_after_leases
@@ -75,15 +75,15 @@ impl Consensus for Backend {
         Box::pin(async move {
             let stored = self.inner.apply(cmd, epoch).await?;
             if fail_after {
-                return Err(ConsensusError::Transient("timed out (injected)".into()));
+                return Err(BackendError::Transient("timed out (injected)".into()));
             }
             Ok(stored)
         })
     }
 }
 
-async fn start(dir: &Path, clock: Arc<ManualClock>) -> (TestServer, Arc<Backend>, Client) {
-    let backend = Arc::new(Backend {
+async fn start(dir: &Path, clock: Arc<ManualClock>) -> (TestServer, Arc<Scripted>, Client) {
+    let backend = Arc::new(Scripted {
         inner: FileBackend::open(dir).unwrap(),
         fail_leases: AtomicUsize::new(0),
         fail_after_leases: AtomicUsize::new(0),
@@ -139,7 +139,7 @@ async fn release(client: &mut Client, lease_id: u64) {
         .expect("release is idempotent and always answers");
 }
 
-async fn high_water(backend: &Backend) -> u64 {
+async fn high_water(backend: &Scripted) -> u64 {
     backend.inner.high_water_ms().await.unwrap()
 }
 

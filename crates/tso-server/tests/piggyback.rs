@@ -1,5 +1,5 @@
 //! The piggyback example: three host nodes in one process whose raft log carries both the
-//! store's writes and the oracle's high-water, and the consensus contract on a one-node host.
+//! store's writes and the oracle's high-water, and the backend contract on a one-node host.
 
 mod common;
 #[path = "../examples/piggyback.rs"]
@@ -18,7 +18,7 @@ use tso_proto::tso::example_kv_v1::kv_client::KvClient;
 use tso_proto::tso::example_kv_v1::{GetRequest, PutRequest};
 use tso_proto::v1::tso_service_client::TsoServiceClient;
 use tso_proto::v1::{GetSeqRequest, GetTsRequest};
-use tso_server::consensus::{Consensus, ConsensusError, Leadership, OracleCommand, conformance};
+use tso_server::backend::{Backend, BackendError, Leadership, OracleCommand, conformance};
 
 const DEADLINE: Duration = Duration::from_secs(20);
 
@@ -175,25 +175,25 @@ async fn kv_writes_and_timestamps_share_one_log_snapshot_and_failover() {
     // The adapter's view: the leader holds a lease, a follower refuses a persist under the
     // leader's epoch with a hint naming the leader.
     common::wait_until("the leader holds a lease", || {
-        cluster.nodes[leader].consensus.lease_view().is_valid()
+        cluster.nodes[leader].backend.leader_lease_view().is_valid()
     })
     .await;
-    assert!(!cluster.nodes[follower].consensus.lease_view().is_valid());
-    let epoch = match cluster.nodes[leader]
-        .consensus
-        .leadership()
-        .borrow()
-        .clone()
-    {
+    assert!(
+        !cluster.nodes[follower]
+            .backend
+            .leader_lease_view()
+            .is_valid()
+    );
+    let epoch = match cluster.nodes[leader].backend.leadership().borrow().clone() {
         Leadership::Leader { epoch } => epoch,
         other => panic!("leader reports {other:?}"),
     };
     match cluster.nodes[follower]
-        .consensus
+        .backend
         .raise_high_water(1, epoch)
         .await
     {
-        Err(ConsensusError::NotLeader {
+        Err(BackendError::NotLeader {
             leader_endpoint, ..
         }) => assert_eq!(leader_endpoint, Some(leader_addr.to_string())),
         other => panic!("a follower must refuse with NotLeader, got {other:?}"),
@@ -315,7 +315,7 @@ async fn kv_writes_and_timestamps_share_one_log_snapshot_and_failover() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn one_node_piggyback_host_keeps_the_consensus_contract() {
+async fn one_node_piggyback_host_keeps_the_backend_contract() {
     // The same storage on each reopen; the previous raft is shut down before the next starts.
     let log = LogStore::default();
     let sm = StateMachine::default();
@@ -344,7 +344,7 @@ async fn one_node_piggyback_host_keeps_the_consensus_contract() {
                 .unwrap();
             }
             *previous.lock().unwrap() = Some(raft.clone());
-            piggyback::oracle_consensus(&raft, &sm)
+            piggyback::oracle_backend(&raft, &sm)
         }
     })
     .await;
@@ -359,8 +359,8 @@ async fn losing_quorum_is_transient_and_service_resumes() {
     let mut cluster = piggyback::start_cluster(3).await.unwrap();
     let leader = cluster.wait_leader(&BTreeSet::new()).await;
     ts_from(cluster.nodes[leader].addr).await;
-    let consensus = cluster.nodes[leader].consensus.clone();
-    let epoch = match consensus.leadership().borrow().clone() {
+    let backend = cluster.nodes[leader].backend.clone();
+    let epoch = match backend.leadership().borrow().clone() {
         Leadership::Leader { epoch } => epoch,
         other => panic!("leader reports {other:?}"),
     };
@@ -370,12 +370,12 @@ async fn losing_quorum_is_transient_and_service_resumes() {
         cluster.router.remove(node.id);
     }
     let started = std::time::Instant::now();
-    match consensus.raise_high_water(9_000, epoch).await {
-        Err(ConsensusError::Transient(_) | ConsensusError::NotLeader { .. }) => {}
+    match backend.raise_high_water(9_000, epoch).await {
+        Err(BackendError::Transient(_) | BackendError::NotLeader { .. }) => {}
         other => panic!("a persist without quorum must fail transiently, got {other:?}"),
     }
-    match consensus.high_water_ms().await {
-        Err(ConsensusError::Transient(_) | ConsensusError::NotLeader { .. }) => {}
+    match backend.high_water_ms().await {
+        Err(BackendError::Transient(_) | BackendError::NotLeader { .. }) => {}
         other => panic!("a load without quorum must fail transiently, got {other:?}"),
     }
     assert!(
@@ -386,9 +386,7 @@ async fn losing_quorum_is_transient_and_service_resumes() {
     // Quorum back: a leader serves again.
     for node in &cluster.nodes {
         cluster.router.add(node.id, node.raft.clone());
-        cluster
-            .router
-            .gate_votes(node.id, node.consensus.vote_gate());
+        cluster.router.gate_votes(node.id, node.backend.vote_gate());
     }
     // Followers that timed out while cut off may hold a new election once healed: take a
     // timestamp from whichever node ends up serving.

@@ -10,8 +10,8 @@ use common::raft::client_addr;
 use common::raft::{start_cluster, test_timings, wait_for_follower_of, wait_for_lease_holder};
 use tso_proto::tso::raft_v1::RaftMessage;
 use tso_proto::tso::raft_v1::raft_peer_client::RaftPeerClient;
+use tso_server::backend::Leadership;
 use tso_server::backend::raft::Links;
-use tso_server::consensus::Leadership;
 
 /// A Campaign as the leader `leader_id` sends it in `term` (postcard: two varints and an
 /// optional varint), from the process `process` of that leader.

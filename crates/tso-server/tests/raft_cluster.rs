@@ -12,8 +12,8 @@ use common::raft::{
     wait_for_leader,
 };
 use tso_core::Epoch;
+use tso_server::backend::BackendError;
 use tso_server::backend::raft::{Links, SnapshotOptions};
-use tso_server::consensus::ConsensusError;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_nodes_elect_persist_hint_and_fail_over_without_regression() {
@@ -33,7 +33,7 @@ async fn three_nodes_elect_persist_hint_and_fail_over_without_regression() {
     for &f in all.iter().filter(|&&i| i != leader) {
         wait_for_follower_of(&nodes[f], &client_addr(leader_id)).await;
         match nodes[f].backend.raise_high_water(5_000, epoch).await {
-            Err(ConsensusError::NotLeader {
+            Err(BackendError::NotLeader {
                 leader_endpoint: Some(addr),
                 leader_epoch: Some(hinted),
             }) => {
@@ -83,7 +83,7 @@ async fn three_nodes_elect_persist_hint_and_fail_over_without_regression() {
         "never lowered"
     );
     match nodes[next].backend.raise_high_water(3_000, epoch).await {
-        Err(ConsensusError::Fenced { .. } | ConsensusError::NotLeader { .. }) => {}
+        Err(BackendError::Fenced { .. } | BackendError::NotLeader { .. }) => {}
         other => panic!("the old epoch must be refused on the new leader, got {other:?}"),
     }
     for n in &mut nodes {
@@ -108,7 +108,7 @@ async fn losing_quorum_fails_transiently_and_service_resumes() {
     links.isolate(nodes[leader].id, nodes.iter().map(|n| n.id));
     let started = std::time::Instant::now();
     match nodes[leader].backend.raise_high_water(9_000, epoch).await {
-        Err(ConsensusError::Transient(_) | ConsensusError::NotLeader { .. }) => {}
+        Err(BackendError::Transient(_) | BackendError::NotLeader { .. }) => {}
         other => panic!("a leader without quorum must fail transiently, got {other:?}"),
     }
     assert!(
@@ -336,13 +336,13 @@ async fn load_with_retries(node: &common::raft::TestNode, timeouts: u32) -> Opti
         loop {
             match node.backend.high_water_ms().await {
                 Ok(v) => return Some(v),
-                Err(ConsensusError::Transient(e)) if e.contains("not confirmed") => {
+                Err(BackendError::Transient(e)) if e.contains("not confirmed") => {
                     left -= 1;
                     if left == 0 {
                         return None;
                     }
                 }
-                Err(ConsensusError::Transient(_)) => {}
+                Err(BackendError::Transient(_)) => {}
                 Err(e) => panic!("the restarted leader's load failed: {e}"),
             }
         }

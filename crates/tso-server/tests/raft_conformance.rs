@@ -1,15 +1,15 @@
-//! The consensus-seam conformance suite against a one-node raft cluster on disk.
+//! The backend-seam conformance suite against a one-node raft cluster on disk.
 #![cfg(feature = "raft")]
 
 use std::collections::BTreeMap;
 
+use tso_server::backend::conformance;
 use tso_server::backend::raft::{
     Links, NodeAddrs, RaftBackend, RaftConfig, RaftOpenError, RaftTimings, SnapshotOptions,
 };
-use tso_server::consensus::conformance;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn one_node_raft_cluster_keeps_the_consensus_contract() {
+async fn one_node_raft_cluster_keeps_the_backend_contract() {
     let dir = tempfile::tempdir().unwrap();
     let members = BTreeMap::from([(
         1,

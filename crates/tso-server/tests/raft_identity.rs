@@ -13,10 +13,10 @@ use common::raft::{
     client_addr, persist_on_leader, start_cluster, start_node, test_timings, wait_for_lease_holder,
     wait_until,
 };
+use tso_server::backend::Leadership;
 use tso_server::backend::raft::{
     Links, NodeAddrs, RaftBackend, RaftConfig, RaftOpenError, SnapshotOptions,
 };
-use tso_server::consensus::Leadership;
 
 /// Waits until every node of `nodes` has applied the incarnations of all of them.
 async fn wait_identities_recorded(nodes: &[common::raft::TestNode]) {

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use common::raft::{start_cluster, wait_for_lease_holder, wait_until};
 use tso_core::Epoch;
 use tso_server::backend::raft::{Links, RaftTimings, SnapshotOptions};
-use tso_server::consensus::{Consensus, Leadership};
+use tso_server::backend::{Backend, Leadership};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_isolated_leader_loses_its_lease_before_a_new_leader_is_elected() {
@@ -20,7 +20,7 @@ async fn an_isolated_leader_loses_its_lease_before_a_new_leader_is_elected() {
     let all = [0usize, 1, 2];
     let (leader, epoch) = wait_for_lease_holder(&nodes).await;
 
-    let view = nodes[leader].backend.lease_view();
+    let view = nodes[leader].backend.leader_lease_view();
     assert!(
         view.is_valid(),
         "the view shows the lease the backend reports"
@@ -121,7 +121,7 @@ async fn random_partitions_never_give_two_nodes_a_lease() {
         while Instant::now() < until {
             let ends: Vec<Option<Instant>> = nodes
                 .iter()
-                .map(|n| n.backend.lease_valid_until())
+                .map(|n| n.backend.leader_lease_valid_until())
                 .collect();
             let now = Instant::now();
             let holders: Vec<u64> = ends
@@ -206,7 +206,7 @@ async fn a_follower_restarted_within_the_lease_does_not_elect_a_new_leader_early
     links.isolate(nodes[leader].id, nodes.iter().map(|n| n.id));
     let lease_end = nodes[leader]
         .backend
-        .lease_valid_until()
+        .leader_lease_valid_until()
         .expect("the leader held a lease");
     nodes[acker] = common::raft::restart_node(dir.path(), acker_id, &acker_peer, &links).await;
 
@@ -239,7 +239,7 @@ async fn a_follower_restarted_within_the_lease_does_not_elect_a_new_leader_early
 /// office its raft votes for any higher-term candidate with an up-to-date log. Here one
 /// follower stops hearing the leader (a one-way cut) and campaigns, the other still hears it
 /// and refuses: the candidate can win only with the leader's own vote. The grant path of the
-/// old leader is held at its epoch (the oracle checks `lease_valid(epoch)` on every grant,
+/// old leader is held at its epoch (the oracle checks `leader_lease_valid(epoch)` on every grant,
 /// whatever the leadership watch says later), so the check is: once the candidate has been
 /// elected and has committed a write, the old leader's lease in its term must be over.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -270,7 +270,7 @@ async fn a_leader_holding_its_lease_never_votes_a_new_leader_in() {
             {
                 elected += 1;
                 assert!(
-                    !nodes[leader].backend.lease_valid(epoch),
+                    !nodes[leader].backend.leader_lease_valid(epoch),
                     "node {} was elected in {new} and committed a write while the old leader \
                      still holds its lease in {epoch}",
                     nodes[candidate].id,

@@ -14,8 +14,8 @@ use common::raft::{
 use tso_core::Epoch;
 use tso_proto::tso::admin_v1 as pb;
 use tso_proto::tso::admin_v1::admin_client::AdminClient;
+use tso_server::backend::Leadership;
 use tso_server::backend::raft::{Links, RaftBackend, RaftConfig, SnapshotOptions};
-use tso_server::consensus::Leadership;
 
 /// Serves `backend`'s admin service on a loopback port; returns a client of it.
 async fn admin_client(backend: &RaftBackend) -> AdminClient<tonic::transport::Channel> {

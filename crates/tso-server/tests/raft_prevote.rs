@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use common::raft::client_addr;
 use common::raft::{start_cluster, test_timings, wait_for_follower_of, wait_for_lease_holder};
+use tso_server::backend::Leadership;
 use tso_server::backend::raft::Links;
-use tso_server::consensus::Leadership;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_healed_follower_neither_raises_its_term_nor_unseats_the_leader() {

@@ -202,7 +202,7 @@ async fn a_node_with_other_timings_cannot_join() {
     .await;
     assert_eq!(nodes[2].backend.applied_high_water_ms(), 0);
     assert!(
-        !matches!(nodes[2].leadership(), tso_server::consensus::Leadership::Leader { epoch: e } if e >= epoch),
+        !matches!(nodes[2].leadership(), tso_server::backend::Leadership::Leader { epoch: e } if e >= epoch),
         "the odd node never leads"
     );
     for n in &mut nodes {

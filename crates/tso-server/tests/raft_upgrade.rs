@@ -12,8 +12,8 @@ use std::path::Path;
 
 use common::raft::{TestNode, start_node, test_timings, wait_for_leader, wait_until};
 use tso_core::Epoch;
+use tso_server::backend::Backend;
 use tso_server::backend::raft::{Links, RaftBackend, RaftConfig, SnapshotOptions};
-use tso_server::consensus::Consensus;
 
 const FIXTURE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/raft-86af38c");
 

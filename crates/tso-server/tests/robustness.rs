@@ -1,7 +1,7 @@
 //! The server stays honest when its own parts misbehave: a backend that reports a value past
 //! the timestamp layout, an extender that dies, an extension refused as "not leader" while the
 //! backend still says this node leads, a guard dropped or shut down, and two oracles started on
-//! one backend. Real gRPC on loopback; faults at the consensus seam.
+//! one backend. Real gRPC on loopback; faults at the backend seam.
 
 mod common;
 
@@ -10,8 +10,8 @@ use std::sync::Arc;
 use common::*;
 use tonic::Code;
 use tso_core::{Epoch, PHYSICAL_MAX_MS};
+use tso_server::backend::BackendError;
 use tso_server::backend::file::FileBackend;
-use tso_server::consensus::ConsensusError;
 use tso_server::{OracleGuard, ServingState};
 
 const START_MS: u64 = 1_800_000_000_000;
@@ -92,7 +92,7 @@ async fn an_extension_refused_while_still_leader_is_fenced_again() {
     let backend = FaultBackend::leader(1, START_MS);
     let (mut server, clock) = serving_node(backend.clone()).await;
     let mut client = server.client().await;
-    let refused = ConsensusError::NotLeader {
+    let refused = BackendError::NotLeader {
         leader_endpoint: None,
         leader_epoch: None,
     };

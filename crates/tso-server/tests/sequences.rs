@@ -16,10 +16,10 @@ use tso_core::Epoch;
 use tso_proto::v1::tso_service_client::TsoServiceClient;
 use tso_proto::v1::{GetSeqBatchRequest, GetSeqRequest, GetSeqResponse, SeqRequestEntry};
 use tso_server::backend::file::FileBackend;
-use tso_server::clock::SystemClock;
-use tso_server::consensus::{
-    BoxFuture, Consensus, ConsensusError, Leadership, OracleCommand, OracleState, SeqEnds, Stored,
+use tso_server::backend::{
+    Backend, BackendError, BoxFuture, Leadership, OracleCommand, OracleState, SeqEnds, Stored,
 };
+use tso_server::clock::SystemClock;
 use tso_server::{Config, OracleGuard};
 
 /// The file backend, with every sequence write counted and recorded, the first one held until
@@ -75,19 +75,19 @@ impl Probe {
     }
 }
 
-impl Consensus for Probe {
+impl Backend for Probe {
     fn leadership(&self) -> watch::Receiver<Leadership> {
         self.leadership.subscribe()
     }
 
-    fn lease_valid(&self, epoch: Epoch) -> bool {
-        self.inner.lease_valid(epoch)
+    fn leader_lease_valid(&self, epoch: Epoch) -> bool {
+        self.inner.leader_lease_valid(epoch)
     }
 
-    fn load(&self) -> BoxFuture<'_, Result<OracleState, ConsensusError>> {
+    fn load(&self) -> BoxFuture<'_, Result<OracleState, BackendError>> {
         if self.loads_fail.load(Ordering::SeqCst) {
             return Box::pin(async {
-                Err(ConsensusError::Permanent("read failed (injected)".into()))
+                Err(BackendError::Permanent("read failed (injected)".into()))
             });
         }
         self.inner.load()
@@ -97,13 +97,13 @@ impl Consensus for Probe {
         &self,
         cmd: OracleCommand,
         epoch: Epoch,
-    ) -> BoxFuture<'_, Result<Stored, ConsensusError>> {
+    ) -> BoxFuture<'_, Result<Stored, BackendError>> {
         let OracleCommand::AdvanceSequences { ends } = &cmd else {
             return self.inner.apply(cmd, epoch);
         };
         if self.writes_fail.load(Ordering::SeqCst) {
             return Box::pin(async {
-                Err(ConsensusError::Permanent("fsync failed (injected)".into()))
+                Err(BackendError::Permanent("fsync failed (injected)".into()))
             });
         }
         let ends = ends.clone();
@@ -112,18 +112,16 @@ impl Consensus for Probe {
             self.writes.fetch_add(1, Ordering::SeqCst);
             let _ = self.gate.subscribe().wait_for(|open| *open).await;
             if Probe::take_one(&self.fail_before) {
-                return Err(ConsensusError::Transient(
-                    "injected before the write".into(),
-                ));
+                return Err(BackendError::Transient("injected before the write".into()));
             }
             self.written.lock().unwrap().push(ends);
             let stored = self.inner.apply(cmd, epoch).await?;
             if Probe::take_one(&self.fail_after) {
-                return Err(ConsensusError::Transient("injected after the write".into()));
+                return Err(BackendError::Transient("injected after the write".into()));
             }
             if Probe::take_one(&self.fenced_after) {
                 let current = Epoch::from_parts(epoch.hi() + 1, epoch.lo());
-                return Err(ConsensusError::Fenced {
+                return Err(BackendError::Fenced {
                     expected: epoch,
                     current,
                 });
@@ -149,7 +147,7 @@ async fn reopen(dir: &Path) -> FileBackend {
     }
 }
 
-async fn server_on(backend: Arc<dyn Consensus>, config: Config) -> TestServer {
+async fn server_on(backend: Arc<dyn Backend>, config: Config) -> TestServer {
     let mut server = TestServer::start(backend, config, Arc::new(SystemClock)).await;
     server.wait_serving().await;
     server
@@ -341,7 +339,7 @@ async fn the_key_cap_refuses_new_keys_and_whole_batches() {
 async fn a_counter_stops_at_u64_max_and_a_batch_with_it_spends_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let probe = Probe::open(dir.path(), false);
-    let epoch = tso_server::consensus::conformance::wait_for_leader(&probe.inner).await;
+    let epoch = tso_server::backend::conformance::wait_for_leader(&probe.inner).await;
     let ends = vec![("end".into(), u64::MAX - 10)];
     probe
         .inner

@@ -19,8 +19,8 @@ use tso_core::Epoch;
 use tso_proto::tso::stream::v1::tso_stream_client::TsoStreamClient;
 use tso_proto::tso::stream::v1::{TsStreamRequest, TsStreamResponse, ts_stream_response};
 use tso_proto::v1::GetTsResponse;
+use tso_server::backend::Leadership;
 use tso_server::clock::SystemClock;
-use tso_server::consensus::Leadership;
 
 /// One open stream: requests go in through `send`, replies come out of `replies`.
 struct Stream {

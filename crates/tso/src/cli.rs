@@ -7,6 +7,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use tso_lab::bench::{BenchRpc, LoadMode, SeqKeys};
 use tso_lab::check::{BenchMode, Workload};
+use tso_proto::limits::SEQ_COUNT_MAX;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -85,9 +86,9 @@ pub struct ServeArgs {
     pub metrics_listen: Option<SocketAddr>,
     #[command(flatten)]
     pub controls: ServeControls,
-    /// Largest `count` of one key in one GetSeq/GetSeqBatch entry.
-    #[arg(long, default_value_t = tso_server::SEQ_COUNT_MAX_DEFAULT,
-          value_parser = clap::value_parser!(u32).range(1..))]
+    /// Largest `count` of one key in one GetSeq/GetSeqBatch entry (at most the protocol's 65536).
+    #[arg(long, default_value_t = SEQ_COUNT_MAX,
+          value_parser = clap::value_parser!(u32).range(1..=i64::from(SEQ_COUNT_MAX)))]
     pub seq_count_max: u32,
     /// Most distinct dense-sequence keys this server keeps; a new key past it is refused with
     /// RESOURCE_EXHAUSTED.
@@ -118,7 +119,7 @@ pub struct ServeControls {
     /// so a leader cut off from its peers keeps granting while a new leader serves. This breaks
     /// the oracle on purpose. Never set it.
     #[arg(long, hide = true)]
-    pub unsafe_no_lease: bool,
+    pub unsafe_no_leader_lease: bool,
     /// FOR THE CHECKER'S POSITIVE CONTROL ONLY: the admin service no longer refuses to remove
     /// the leader of a two-voter cluster, so the survivor elects itself at once while the old
     /// leader still grants under its lease. This breaks the oracle on purpose. Never set it.
@@ -544,7 +545,7 @@ pub struct CheckControls {
     /// their leader lease, and cut the leader off from its peers. A working checker reports a
     /// violation (exit 1).
     #[arg(long)]
-    pub unsafe_no_lease: bool,
+    pub unsafe_no_leader_lease: bool,
     /// POSITIVE CONTROL of dense sequences (with `--workload seq`): run servers whose every new
     /// leader starts each sequence from 0, and kill the leader. A working checker reports a D1
     /// violation (exit 1).

@@ -84,7 +84,7 @@ fn check_options(args: CheckArgs) -> anyhow::Result<CheckOptions> {
 fn controls(flags: CheckControls) -> Controls {
     Controls {
         unsafe_positive_control: flags.unsafe_positive_control,
-        unsafe_no_lease: flags.unsafe_no_lease,
+        unsafe_no_leader_lease: flags.unsafe_no_leader_lease,
         unsafe_seq_forget: flags.unsafe_seq_forget,
         unsafe_lease_forget: flags.unsafe_lease_forget,
         unsafe_allow_leader_removal: flags.unsafe_allow_leader_removal,

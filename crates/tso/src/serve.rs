@@ -12,10 +12,10 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tso_server::backend::file::{self, FileBackend};
 use tso_server::backend::raft::{HandoffOutcome, RaftBackend};
-use tso_server::clock::{Clock, OffsetClock, SystemClock};
-use tso_server::consensus::{
-    BoxFuture, Consensus, ConsensusError, Leadership, OracleCommand, OracleState, Stored,
+use tso_server::backend::{
+    Backend, BackendError, BoxFuture, Leadership, OracleCommand, OracleState, Stored,
 };
+use tso_server::clock::{Clock, OffsetClock, SystemClock};
 use tso_server::{Config, OracleGuard, serve_listener_tls};
 
 use crate::cli::{BackendKind, InitArgs, ServeArgs};
@@ -180,7 +180,7 @@ async fn bind_client(args: &ServeArgs) -> anyhow::Result<TcpListener> {
 }
 
 fn oracle_config(args: &ServeArgs) -> Config {
-    if args.controls.unsafe_no_lease {
+    if args.controls.unsafe_no_leader_lease {
         tracing::warn!(
             "UNSAFE: grants skip the leader lease check; this server breaks its guarantees on purpose"
         );
@@ -214,7 +214,7 @@ fn oracle_config(args: &ServeArgs) -> Config {
         window_ahead: args.window_ahead,
         failover_advance: args.failover_advance,
         shutdown_grace: args.shutdown_grace,
-        unsafe_skip_lease_check: args.controls.unsafe_no_lease,
+        unsafe_skip_leader_lease_check: args.controls.unsafe_no_leader_lease,
         seq_count_max: args.seq_count_max,
         seq_keys_max: args.seq_keys_max as usize,
         unsafe_seq_skip_load: args.controls.unsafe_seq_forget,
@@ -342,7 +342,7 @@ async fn serve_file(
     );
     let tls = args.tls.client_port()?;
     let client_tls = tls.is_some();
-    let backend: Arc<dyn Consensus> = Arc::new(FileBackend::open(&args.data_dir)?);
+    let backend: Arc<dyn Backend> = Arc::new(FileBackend::open(&args.data_dir)?);
     let listener = bind_client(&args).await?;
     let addr = listener.local_addr()?;
     let guard = OracleGuard::start_with_clock(
@@ -370,16 +370,16 @@ async fn serve_file(
 /// of the high-water is wrong.
 struct ForgetHighWater<B>(B);
 
-impl<B: Consensus> Consensus for ForgetHighWater<B> {
+impl<B: Backend> Backend for ForgetHighWater<B> {
     fn leadership(&self) -> tokio::sync::watch::Receiver<Leadership> {
         self.0.leadership()
     }
 
-    fn lease_valid(&self, epoch: tso_core::Epoch) -> bool {
-        self.0.lease_valid(epoch)
+    fn leader_lease_valid(&self, epoch: tso_core::Epoch) -> bool {
+        self.0.leader_lease_valid(epoch)
     }
 
-    fn load(&self) -> BoxFuture<'_, Result<OracleState, ConsensusError>> {
+    fn load(&self) -> BoxFuture<'_, Result<OracleState, BackendError>> {
         Box::pin(async {
             let state = self.0.load().await?;
             Ok(OracleState {
@@ -393,14 +393,14 @@ impl<B: Consensus> Consensus for ForgetHighWater<B> {
         &self,
         cmd: OracleCommand,
         epoch: tso_core::Epoch,
-    ) -> BoxFuture<'_, Result<Stored, ConsensusError>> {
+    ) -> BoxFuture<'_, Result<Stored, BackendError>> {
         self.0.apply(cmd, epoch)
     }
 }
 
 /// `backend`, or, for the checker's positive control, the same backend with its high-water
 /// forgotten by the fence.
-fn positive_control(args: &ServeArgs, backend: Arc<dyn Consensus>) -> Arc<dyn Consensus> {
+fn positive_control(args: &ServeArgs, backend: Arc<dyn Backend>) -> Arc<dyn Backend> {
     if !args.controls.unsafe_forget_high_water {
         return backend;
     }

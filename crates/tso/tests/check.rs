@@ -8,7 +8,7 @@
 //! runs in its own mount namespace), as CI has.
 //!
 //! Nothing here depends on timing: the liveness bound is far above any restart, and the
-//! positive controls' violations follow from their schedules, not from luck (the no-lease
+//! positive controls' violations follow from their schedules, not from luck (the no-leader-lease
 //! control cuts the leader off three times, each for longer than its window lasts).
 
 mod common;
@@ -254,14 +254,14 @@ fn the_raft_positive_control_is_reported_as_a_violation() {
 /// serves: the clients pinned to each node put both leaders' grants in one history, and the
 /// real-time order check catches the old leader's lower values.
 #[test]
-fn the_no_lease_control_is_reported_as_a_violation() {
+fn the_no_leader_lease_control_is_reported_as_a_violation() {
     let dir = tempfile::tempdir().unwrap();
     let (output, result) = tso_check(
         dir.path(),
         &[
             "--nodes",
             "3",
-            "--unsafe-no-lease",
+            "--unsafe-no-leader-lease",
             "--faults",
             "partition",
             "--seed",
@@ -275,7 +275,7 @@ fn the_no_lease_control_is_reported_as_a_violation() {
         ],
     );
     assert_eq!(output.status.code(), Some(1), "{}", explain(&output));
-    assert_eq!(result["no_lease_control"], true, "{result:#}");
+    assert_eq!(result["no_leader_lease_control"], true, "{result:#}");
     assert_eq!(
         result["pinned_clients"].as_array().unwrap().len(),
         3,
@@ -371,14 +371,14 @@ fn usage_and_setup_errors_exit_with_2() {
     assert_eq!(output.status.code(), Some(2), "{}", explain(&output));
     let (output, _) = tso_check(dir.path(), &["--calls-max", "0"]);
     assert_eq!(output.status.code(), Some(2), "{}", explain(&output));
-    let (output, _) = tso_check(dir.path(), &["--unsafe-no-lease"]);
+    let (output, _) = tso_check(dir.path(), &["--unsafe-no-leader-lease"]);
     assert_eq!(output.status.code(), Some(2), "{}", explain(&output));
     let (output, _) = tso_check(
         dir.path(),
         &[
             "--nodes",
             "3",
-            "--unsafe-no-lease",
+            "--unsafe-no-leader-lease",
             "--unsafe-positive-control",
         ],
     );

@@ -111,7 +111,7 @@ fn the_handoff_keep_lease_control_is_reported_as_a_violation() {
         &[
             "--nodes",
             "3",
-            "--unsafe-handoff-keep-lease",
+            "--unsafe-handoff-keep-leader-lease",
             "--faults",
             "handoff",
             "--seed",
@@ -146,14 +146,14 @@ fn the_handoff_keep_lease_control_refuses_what_cannot_show_it() {
     let dir = tempfile::tempdir().unwrap();
     for (args, says) in [
         (
-            &["--unsafe-handoff-keep-lease", "--faults", "handoff"][..],
+            &["--unsafe-handoff-keep-leader-lease", "--faults", "handoff"][..],
             "--nodes 3 or 5",
         ),
         (
             &[
                 "--nodes",
                 "3",
-                "--unsafe-handoff-keep-lease",
+                "--unsafe-handoff-keep-leader-lease",
                 "--faults",
                 "kill",
             ],
@@ -163,7 +163,7 @@ fn the_handoff_keep_lease_control_refuses_what_cannot_show_it() {
             &[
                 "--nodes",
                 "3",
-                "--unsafe-handoff-keep-lease",
+                "--unsafe-handoff-keep-leader-lease",
                 "--faults",
                 "handoff",
                 "--workload",
@@ -175,7 +175,7 @@ fn the_handoff_keep_lease_control_refuses_what_cannot_show_it() {
             &[
                 "--nodes",
                 "3",
-                "--unsafe-handoff-keep-lease",
+                "--unsafe-handoff-keep-leader-lease",
                 "--faults",
                 "handoff",
                 "--clients",

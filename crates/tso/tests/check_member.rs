@@ -182,7 +182,7 @@ fn usage_errors_exit_with_2() {
             "--nodes",
             "3",
             "--unsafe-allow-leader-removal",
-            "--unsafe-no-lease",
+            "--unsafe-no-leader-lease",
         ],
     ] {
         let (output, _) = tso_check(dir.path(), args);

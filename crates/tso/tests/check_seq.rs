@@ -243,7 +243,13 @@ fn usage_errors_exit_with_2() {
         &["--unsafe-seq-forget"][..],
         &["--workload", "ts", "--unsafe-seq-forget"],
         &["--workload", "seq", "--unsafe-positive-control"],
-        &["--workload", "seq", "--nodes", "3", "--unsafe-no-lease"],
+        &[
+            "--workload",
+            "seq",
+            "--nodes",
+            "3",
+            "--unsafe-no-leader-lease",
+        ],
         &[
             "--workload",
             "seq",

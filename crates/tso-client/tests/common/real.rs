@@ -13,8 +13,8 @@ use std::thread::JoinHandle;
 use tokio::sync::{oneshot, watch};
 use tso_core::Epoch;
 use tso_server::backend::file::FileBackend;
-use tso_server::consensus::{
-    BoxFuture, Consensus, ConsensusError, Leadership, OracleCommand, OracleState, Stored,
+use tso_server::backend::{
+    Backend, BackendError, BoxFuture, Leadership, OracleCommand, OracleState, Stored,
 };
 use tso_server::{Config, OracleGuard, ServingState};
 
@@ -44,16 +44,16 @@ impl ClusterBackend {
         self.leadership.send_replace(state);
     }
 
-    fn not_leader(&self) -> ConsensusError {
+    fn not_leader(&self) -> BackendError {
         match &*self.leadership.borrow() {
             Leadership::Follower {
                 leader_endpoint,
                 leader_epoch,
-            } => ConsensusError::NotLeader {
+            } => BackendError::NotLeader {
                 leader_endpoint: leader_endpoint.clone(),
                 leader_epoch: *leader_epoch,
             },
-            _ => ConsensusError::NotLeader {
+            _ => BackendError::NotLeader {
                 leader_endpoint: None,
                 leader_epoch: None,
             },
@@ -61,17 +61,17 @@ impl ClusterBackend {
     }
 }
 
-impl Consensus for ClusterBackend {
+impl Backend for ClusterBackend {
     fn leadership(&self) -> watch::Receiver<Leadership> {
         self.leadership.subscribe()
     }
 
     /// No lease: the test moves leadership by hand, and a deposed node learns it at once.
-    fn lease_valid(&self, _epoch: Epoch) -> bool {
+    fn leader_lease_valid(&self, _epoch: Epoch) -> bool {
         true
     }
 
-    fn load(&self) -> BoxFuture<'_, Result<OracleState, ConsensusError>> {
+    fn load(&self) -> BoxFuture<'_, Result<OracleState, BackendError>> {
         let state = self.store.state.lock().unwrap().clone();
         Box::pin(async move { Ok(state) })
     }
@@ -80,7 +80,7 @@ impl Consensus for ClusterBackend {
         &self,
         cmd: OracleCommand,
         epoch: Epoch,
-    ) -> BoxFuture<'_, Result<Stored, ConsensusError>> {
+    ) -> BoxFuture<'_, Result<Stored, BackendError>> {
         let leads = *self.leadership.borrow() == Leadership::Leader { epoch };
         let result = if leads {
             cmd.check(epoch).map(|()| {
@@ -107,7 +107,7 @@ pub struct RealServer {
 
 impl RealServer {
     /// A node over `backend` on a fresh loopback port.
-    pub fn start(backend: Arc<dyn Consensus>) -> Self {
+    pub fn start(backend: Arc<dyn Backend>) -> Self {
         Self::start_on(backend, "127.0.0.1:0".parse().unwrap())
     }
 
@@ -117,7 +117,7 @@ impl RealServer {
         Self::start_on(Arc::new(backend), addr)
     }
 
-    fn start_on(backend: Arc<dyn Consensus>, addr: SocketAddr) -> Self {
+    fn start_on(backend: Arc<dyn Backend>, addr: SocketAddr) -> Self {
         let (stop, stopped) = oneshot::channel::<()>();
         let (ready, ready_rx) = std::sync::mpsc::channel();
         let thread = std::thread::spawn(move || {

@@ -37,10 +37,14 @@ pub const SEQ_KEYS: [&str; 3] = ["check-seq-0", "check-seq-1", "check-seq-2"];
 /// A sequence call asks for 1 to this many values of each key. Counts this large make gaps of
 /// every size, and the D2 subset sums stay cheap: a bitset of the skipped values per uncertain
 /// call (see `seq::SubsetSums`).
-pub const SEQ_COUNT_MAX: u32 = 64;
+pub const BLOCK_COUNT_MAX: u32 = 64;
 /// One sequence call in this many is a `GetSeqBatch` of 1 to all of [`SEQ_KEYS`], distinct and
 /// in a random order; the others are a `GetSeq`.
 pub const SEQ_BATCH_ONE_IN: u32 = 3;
+// The workload's requests stay inside the protocol's limits, so every refusal it sees is a
+// server's answer to a valid call.
+const _: () = assert!(BLOCK_COUNT_MAX <= tso_proto::limits::SEQ_COUNT_MAX);
+const _: () = assert!(SEQ_KEYS.len() <= tso_proto::limits::SEQ_BATCH_KEYS_MAX);
 /// Pause after a failed call, so a down server (or a pinned client's follower) is not spun on.
 const FAILED_PAUSE: Duration = Duration::from_millis(5);
 
@@ -290,14 +294,14 @@ impl Client {
 fn draw_seq(rng: &mut StdRng) -> (bool, Vec<(usize, u32)>) {
     if rng.random_range(0..SEQ_BATCH_ONE_IN) > 0 {
         let key = rng.random_range(0..SEQ_KEYS.len());
-        return (false, vec![(key, rng.random_range(1..=SEQ_COUNT_MAX))]);
+        return (false, vec![(key, rng.random_range(1..=BLOCK_COUNT_MAX))]);
     }
     let mut keys: Vec<usize> = (0..SEQ_KEYS.len()).collect();
     keys.shuffle(rng);
     keys.truncate(rng.random_range(1..=SEQ_KEYS.len()));
     let entries = keys
         .into_iter()
-        .map(|key| (key, rng.random_range(1..=SEQ_COUNT_MAX)))
+        .map(|key| (key, rng.random_range(1..=BLOCK_COUNT_MAX)))
         .collect();
     (true, entries)
 }
@@ -355,7 +359,7 @@ mod tests {
             assert!(
                 entries
                     .iter()
-                    .all(|&(_, n)| (1..=SEQ_COUNT_MAX).contains(&n))
+                    .all(|&(_, n)| (1..=BLOCK_COUNT_MAX).contains(&n))
             );
         }
         let batches = drawn.iter().filter(|(batch, _)| *batch).count();

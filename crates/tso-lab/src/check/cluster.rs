@@ -30,8 +30,8 @@ const LEADER_PROBE_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// Hidden server flag of the positive control: the fence reads the durable high-water as 0.
 pub const FORGET_HIGH_WATER_FLAG: &str = "--unsafe-forget-high-water";
-/// Hidden server flag of the no-lease control: grants skip the leader lease check.
-pub const NO_LEASE_FLAG: &str = "--unsafe-no-lease";
+/// Hidden server flag of the no-leader-lease control: grants skip the leader lease check.
+pub const NO_LEADER_LEASE_FLAG: &str = "--unsafe-no-leader-lease";
 /// Hidden server flag of the sequence control: each new leader starts every sequence from 0.
 pub const SEQ_FORGET_FLAG: &str = "--unsafe-seq-forget";
 /// Hidden server flag of the lease control: each new leader starts with an empty lease set.
@@ -49,7 +49,7 @@ pub const LEASE_BOUND_IN_MEMORY_FLAG: &str = "--unsafe-lease-bound-in-memory";
 /// Hidden server flag of the burnt-refusal control: some refused sequence calls spend a block.
 pub const SEQ_BURN_REFUSED_FLAG: &str = "--unsafe-seq-burn-refused";
 /// Hidden server flag of the handoff control: a leader handing off keeps its lease.
-pub const HANDOFF_KEEP_LEASE_FLAG: &str = "--unsafe-handoff-keep-lease";
+pub const HANDOFF_KEEP_LEADER_LEASE_FLAG: &str = "--unsafe-handoff-keep-leader-lease";
 /// Hidden server flag of the pre-vote ablation: elections skip the pre-vote gate.
 pub const UNGATE_ELECTIONS_FLAG: &str = "--unsafe-ungate-elections";
 /// How long a SIGTERM'd node may take to exit before it is killed: its whole exit, handoff and

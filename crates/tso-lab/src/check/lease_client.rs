@@ -392,6 +392,17 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_longest_holder_name_is_inside_the_protocol_limit() {
+        let longest = holder_name(u64::MAX, u32::MAX);
+        assert!(
+            longest.len() <= tso_proto::limits::LEASE_HOLDER_BYTES_MAX,
+            "{}",
+            longest.len()
+        );
+        assert_ne!(holder_name(1, 2), holder_name(2, 1));
+    }
+
+    #[test]
     fn roles_cover_every_rule() {
         let roles: Vec<Role> = (0..8).map(|id| role(id, 3)).collect();
         use Role::*;

@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
-use self::clients::{Client, Mix, SEQ_BATCH_ONE_IN, SEQ_COUNT_MAX, SEQ_KEYS, Shared};
+use self::clients::{BLOCK_COUNT_MAX, Client, Mix, SEQ_BATCH_ONE_IN, SEQ_KEYS, Shared};
 use self::cluster::Cluster;
 use self::history::{Call, LivenessScope, Outcome, WireGrant, check, check_liveness, monotonic_ns};
 use self::lease::{LeaseCall, LeaseOp, LeaseOutcome};
@@ -247,7 +247,7 @@ fn plan(args: &CheckOptions, seed: u64, local: bool) -> Plan {
         interval: args.fault_interval,
         pause_max: (args.liveness_bound / 2).min(PAUSE_MAX),
         positive_control: args.controls.unsafe_positive_control,
-        no_lease_control: args.controls.unsafe_no_lease,
+        no_leader_lease_control: args.controls.unsafe_no_leader_lease,
         seq_forget_control: args.controls.unsafe_seq_forget,
         lease_forget_control: args.controls.unsafe_lease_forget,
         leader_removal_control: args.controls.unsafe_allow_leader_removal,
@@ -261,7 +261,7 @@ fn describe_clients(args: &CheckOptions, mix: Mix) -> String {
     match args.workload {
         Workload::Ts => clients,
         Workload::Seq => format!(
-            "{clients} taking blocks of 1 to {SEQ_COUNT_MAX} values of {} (one call in \
+            "{clients} taking blocks of 1 to {BLOCK_COUNT_MAX} values of {} (one call in \
              {SEQ_BATCH_ONE_IN} a GetSeqBatch of 1 to {} of them)",
             SEQ_KEYS.join(","),
             SEQ_KEYS.len()
@@ -978,14 +978,14 @@ fn result_json(
         "mode": args.mode.name(),
         "count_max": match args.workload {
             Workload::Ts => args.count_max,
-            Workload::Seq => SEQ_COUNT_MAX,
+            Workload::Seq => BLOCK_COUNT_MAX,
             Workload::Lease => 1,
         },
         "calls_max": args.calls_max,
         "duration_s": args.duration.as_secs_f64(),
         "capped_ms": recorded.capped_ms,
         "positive_control": args.controls.unsafe_positive_control,
-        "no_lease_control": args.controls.unsafe_no_lease,
+        "no_leader_lease_control": args.controls.unsafe_no_leader_lease,
         "seq_forget_control": args.controls.unsafe_seq_forget,
         "seq_burn_refused_control": args.controls.unsafe_seq_burn_refused,
         "lease_forget_control": args.controls.unsafe_lease_forget,

@@ -67,7 +67,7 @@ pub struct Controls {
     /// Servers that forget their durable high-water at start; clocks set back, nodes killed.
     pub unsafe_positive_control: bool,
     /// Raft servers that grant without checking their leader lease; the leader cut off.
-    pub unsafe_no_lease: bool,
+    pub unsafe_no_leader_lease: bool,
     /// Servers whose every new leader starts each sequence from 0; the leader killed.
     pub unsafe_seq_forget: bool,
     /// Servers whose every new leader starts with an empty lease set; the leader killed.
@@ -94,7 +94,7 @@ impl Controls {
     /// Whether any control (or the ablation) is on.
     pub fn any(&self) -> bool {
         self.unsafe_positive_control
-            || self.unsafe_no_lease
+            || self.unsafe_no_leader_lease
             || self.unsafe_seq_forget
             || self.unsafe_lease_forget
             || self.unsafe_allow_leader_removal
@@ -112,8 +112,8 @@ impl Controls {
         if self.unsafe_positive_control {
             unsafe_flags.push(super::cluster::FORGET_HIGH_WATER_FLAG);
         }
-        if self.unsafe_no_lease {
-            unsafe_flags.push(super::cluster::NO_LEASE_FLAG);
+        if self.unsafe_no_leader_lease {
+            unsafe_flags.push(super::cluster::NO_LEADER_LEASE_FLAG);
         }
         if self.unsafe_seq_forget {
             unsafe_flags.push(super::cluster::SEQ_FORGET_FLAG);
@@ -137,7 +137,7 @@ impl Controls {
             unsafe_flags.push(super::cluster::SEQ_BURN_REFUSED_FLAG);
         }
         if self.unsafe_handoff_keep_lease {
-            unsafe_flags.push(super::cluster::HANDOFF_KEEP_LEASE_FLAG);
+            unsafe_flags.push(super::cluster::HANDOFF_KEEP_LEADER_LEASE_FLAG);
         }
         if self.unsafe_ungate_elections {
             unsafe_flags.push(super::cluster::UNGATE_ELECTIONS_FLAG);
@@ -226,8 +226,8 @@ pub(super) fn validate(args: &CheckOptions) -> anyhow::Result<()> {
     validate_lease(args)?;
     anyhow::ensure!(
         args.workload == Workload::Ts
-            || !(args.controls.unsafe_positive_control || args.controls.unsafe_no_lease),
-        "the --unsafe-positive-control and --unsafe-no-lease controls break timestamps: use them with --workload ts"
+            || !(args.controls.unsafe_positive_control || args.controls.unsafe_no_leader_lease),
+        "the --unsafe-positive-control and --unsafe-no-leader-lease controls break timestamps: use them with --workload ts"
     );
     anyhow::ensure!(
         !args.fault_interval.is_zero(),
@@ -242,8 +242,8 @@ pub(super) fn validate(args: &CheckOptions) -> anyhow::Result<()> {
         );
     }
     anyhow::ensure!(
-        args.nodes > 1 || !args.controls.unsafe_no_lease,
-        "the no-lease control needs a raft cluster: add --nodes 3 or 5"
+        args.nodes > 1 || !args.controls.unsafe_no_leader_lease,
+        "the no-leader-lease control needs a raft cluster: add --nodes 3 or 5"
     );
     validate_leader_removal(args)?;
     validate_handoff_keep_lease(args)?;
@@ -315,15 +315,15 @@ fn validate_handoff_keep_lease(args: &CheckOptions) -> anyhow::Result<()> {
     );
     anyhow::ensure!(
         args.faults.contains(&schedule::FaultKind::Handoff),
-        "the --unsafe-handoff-keep-lease control breaks handoffs: add handoff to --faults"
+        "the --unsafe-handoff-keep-leader-lease control breaks handoffs: add handoff to --faults"
     );
     anyhow::ensure!(
         args.workload == Workload::Ts,
-        "the --unsafe-handoff-keep-lease control breaks timestamps: use it with --workload ts"
+        "the --unsafe-handoff-keep-leader-lease control breaks timestamps: use it with --workload ts"
     );
     anyhow::ensure!(
         args.clients > args.nodes,
-        "the --unsafe-handoff-keep-lease control pins one client to each node: give --clients \
+        "the --unsafe-handoff-keep-leader-lease control pins one client to each node: give --clients \
          {} or more",
         args.nodes + 1
     );

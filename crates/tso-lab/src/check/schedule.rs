@@ -24,12 +24,12 @@ pub const PARTITION_MAX_MS: u64 = 5_000;
 /// The positive control sets clocks back this far before its kills: far more than a restart
 /// takes, so a server that forgets its high-water reissues values it already gave out.
 pub const POSITIVE_CONTROL_SHIFT_MS: i64 = -60_000;
-/// The no-lease control cuts the leader off for this long: past the election (followers
+/// The no-leader-lease control cuts the leader off for this long: past the election (followers
 /// campaign 550 to 700 ms after the last heartbeat, then the new leader fences) and past the
 /// old leader's window (1.5 to 3 s ahead of its clock at the cut with `--window-ahead 3s`), so
 /// the two leaders grant side by side until the old one's window runs dry.
 pub const NO_LEASE_CUT_MS: u64 = 4_000;
-/// Cuts of the leader the no-lease control opens with: each one alone gives the checker a
+/// Cuts of the leader the no-leader-lease control opens with: each one alone gives the checker a
 /// second or more of two leaders granting; three make a miss on a slow machine unlikely.
 pub const NO_LEASE_CUTS: usize = 3;
 
@@ -351,7 +351,7 @@ pub struct Plan {
     /// Open with clock-back-then-kill steps that a server forgetting its high-water fails.
     pub positive_control: bool,
     /// Open with long cuts of the leader that a server granting without its lease fails.
-    pub no_lease_control: bool,
+    pub no_leader_lease_control: bool,
     /// Open with kills of the leader that a server forgetting its sequences fails.
     pub seq_forget_control: bool,
     /// Open with kills of the leader that a server forgetting its leases fails.
@@ -407,7 +407,7 @@ fn control_steps(plan: &Plan, interval_ms: u64) -> (Vec<Step>, u64) {
         });
         t += 100 + interval_ms;
     }
-    if plan.no_lease_control {
+    if plan.no_leader_lease_control {
         for _ in 0..NO_LEASE_CUTS {
             steps.push(Step {
                 at_ms: t,
@@ -541,7 +541,7 @@ mod tests {
             interval: Duration::from_secs(1),
             pause_max: Duration::from_secs(2),
             positive_control: false,
-            no_lease_control: false,
+            no_leader_lease_control: false,
             seq_forget_control: false,
             lease_forget_control: false,
             leader_removal_control: false,
@@ -602,9 +602,9 @@ mod tests {
     }
 
     #[test]
-    fn the_no_lease_control_cuts_the_leader_off_then_draws() {
+    fn the_no_leader_lease_control_cuts_the_leader_off_then_draws() {
         let steps = draw(&Plan {
-            no_lease_control: true,
+            no_leader_lease_control: true,
             kinds: vec![FaultKind::Partition],
             ..plan(1)
         });

@@ -1,4 +1,4 @@
-//! Shared test helpers: a fault-injecting backend at the consensus seam, a manual clock, a real
+//! Shared test helpers: a fault-injecting backend at the backend seam, a manual clock, a real
 //! gRPC server on loopback, and a metrics recorder local to one test's thread.
 #![allow(dead_code)]
 
@@ -17,10 +17,10 @@ use tso_core::Epoch;
 use tso_proto::LEADER_HINT_KEY;
 use tso_proto::v1::tso_service_client::TsoServiceClient;
 use tso_proto::v1::{GetTsRequest, GetTsResponse};
-use tso_server::clock::Clock;
-use tso_server::consensus::{
-    BoxFuture, Consensus, ConsensusError, Leadership, OracleCommand, OracleState, Stored,
+use tso_server::backend::{
+    Backend, BackendError, BoxFuture, Leadership, OracleCommand, OracleState, Stored,
 };
+use tso_server::clock::Clock;
 use tso_server::{Config, OracleGuard, ServeError, ServingState};
 
 /// Hang guard for waits in tests: generous, never the thing a test asserts on.
@@ -81,7 +81,7 @@ pub enum Op {
 pub enum Fault {
     /// Do the call for real (a placeholder to fault a later call).
     Pass,
-    Fail(ConsensusError),
+    Fail(BackendError),
     /// Wait until [`FaultBackend::release`] before doing the call for real. A stalled call
     /// that its caller drops does nothing.
     Stall,
@@ -100,7 +100,7 @@ struct Faults {
     persist: VecDeque<Fault>,
 }
 
-/// A backend at the consensus seam whose faults the test scripts: errors of each class on the
+/// A backend at the backend seam whose faults the test scripts: errors of each class on the
 /// next N calls, stalled or hung calls, panics, and leadership events.
 pub struct FaultBackend {
     me: Weak<FaultBackend>,
@@ -213,7 +213,7 @@ impl FaultBackend {
         }
     }
 
-    async fn fault(&self, fault: Option<Fault>) -> Result<(), ConsensusError> {
+    async fn fault(&self, fault: Option<Fault>) -> Result<(), BackendError> {
         match fault {
             None | Some(Fault::Pass) => Ok(()),
             Some(Fault::Fail(err)) => Err(err),
@@ -239,7 +239,7 @@ impl FaultBackend {
     }
 }
 
-impl Consensus for FaultBackend {
+impl Backend for FaultBackend {
     fn leadership(&self) -> watch::Receiver<Leadership> {
         match self.leadership.lock().unwrap().as_ref() {
             Some(sender) => sender.subscribe(),
@@ -248,11 +248,11 @@ impl Consensus for FaultBackend {
     }
 
     /// A single node's backend: its lease always holds.
-    fn lease_valid(&self, _epoch: Epoch) -> bool {
+    fn leader_lease_valid(&self, _epoch: Epoch) -> bool {
         true
     }
 
-    fn load(&self) -> BoxFuture<'_, Result<OracleState, ConsensusError>> {
+    fn load(&self) -> BoxFuture<'_, Result<OracleState, BackendError>> {
         Box::pin(async move {
             self.loads.fetch_add(1, Ordering::SeqCst);
             let call = CallGuard::new(self);
@@ -266,7 +266,7 @@ impl Consensus for FaultBackend {
         &self,
         cmd: OracleCommand,
         epoch: Epoch,
-    ) -> BoxFuture<'_, Result<Stored, ConsensusError>> {
+    ) -> BoxFuture<'_, Result<Stored, BackendError>> {
         Box::pin(async move {
             self.persists.fetch_add(1, Ordering::SeqCst);
             let call = CallGuard::new(self);
@@ -293,7 +293,7 @@ impl FaultBackend {
         &self,
         cmd: OracleCommand,
         epoch: Epoch,
-    ) -> Result<Stored, ConsensusError> {
+    ) -> Result<Stored, BackendError> {
         let me = self.me.upgrade().expect("backend alive during a call");
         let released = self.released_later();
         let (done, durable) = oneshot::channel();
@@ -303,14 +303,14 @@ impl FaultBackend {
         });
         durable
             .await
-            .map_err(|_| ConsensusError::Transient("runtime shutting down".into()))
+            .map_err(|_| BackendError::Transient("runtime shutting down".into()))
     }
 }
 
 /// The high-water calls tests make most, in terms of the seam's `load` and `apply`.
-pub trait HighWaterCalls: Consensus {
+pub trait HighWaterCalls: Backend {
     /// The high-water of a linearizable load.
-    fn high_water_ms(&self) -> BoxFuture<'_, Result<u64, ConsensusError>> {
+    fn high_water_ms(&self) -> BoxFuture<'_, Result<u64, BackendError>> {
         Box::pin(async move { self.load().await.map(|s| s.high_water_ms) })
     }
 
@@ -319,13 +319,13 @@ pub trait HighWaterCalls: Consensus {
         &self,
         at_least_ms: u64,
         epoch: Epoch,
-    ) -> BoxFuture<'_, Result<u64, ConsensusError>> {
+    ) -> BoxFuture<'_, Result<u64, BackendError>> {
         let cmd = OracleCommand::AdvanceHighWater { at_least_ms };
         Box::pin(async move { self.apply(cmd, epoch).await.map(|s| s.high_water_ms) })
     }
 }
 
-impl<B: Consensus + ?Sized> HighWaterCalls for B {}
+impl<B: Backend + ?Sized> HighWaterCalls for B {}
 
 /// Counts a backend call as returned, or as abandoned if its caller drops it first.
 struct CallGuard<'a> {
@@ -367,7 +367,7 @@ pub struct TestServer {
 
 impl TestServer {
     pub async fn start(
-        backend: Arc<dyn Consensus>,
+        backend: Arc<dyn Backend>,
         config: Config,
         clock: Arc<dyn Clock>,
     ) -> TestServer {

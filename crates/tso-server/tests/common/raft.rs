@@ -11,7 +11,7 @@ use tso_core::Epoch;
 use tso_server::backend::raft::{
     Links, NodeAddrs, RaftBackend, RaftConfig, RaftTimings, SnapshotOptions,
 };
-use tso_server::consensus::{Consensus, Leadership, OracleCommand};
+use tso_server::backend::{Backend, Leadership, OracleCommand};
 
 /// Bound on any wait for a cluster to reach a state (elections take well under a second; the
 /// rest is slack for a busy 2-core machine).

@@ -24,7 +24,7 @@ use tokio::sync::{Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 use tso_core::Epoch;
 use tso_server::ServingState;
-use tso_server::consensus::{Consensus, Leadership};
+use tso_server::backend::{Backend, Leadership};
 
 /// Connections served at once. A probe or scrape holds one for a few milliseconds; 64 covers a
 /// kubelet (two probes), several Prometheus replicas and an operator's curl many times over,
@@ -78,12 +78,12 @@ struct Inner {
 struct Oracle {
     serving: watch::Receiver<ServingState>,
     /// Read for the leadership (is a not-serving leader still fencing?) and the lease.
-    backend: Arc<dyn Consensus>,
+    backend: Arc<dyn Backend>,
 }
 
 impl ProbeState {
     /// From now on, report the serving state `serving` of the oracle over `backend`. Called once.
-    pub fn follow(&self, serving: watch::Receiver<ServingState>, backend: Arc<dyn Consensus>) {
+    pub fn follow(&self, serving: watch::Receiver<ServingState>, backend: Arc<dyn Backend>) {
         let set = self.0.oracle.set(Oracle { serving, backend });
         assert!(set.is_ok(), "the probes follow one oracle");
     }
@@ -118,7 +118,7 @@ impl ProbeState {
         readiness_of(
             &serving,
             &leadership,
-            |epoch| oracle.backend.lease_valid(epoch),
+            |epoch| oracle.backend.leader_lease_valid(epoch),
             stopping,
         )
     }
@@ -134,13 +134,13 @@ impl ProbeState {
 fn readiness_of(
     serving: &ServingState,
     leadership: &Leadership,
-    lease_valid: impl Fn(Epoch) -> bool,
+    leader_lease_valid: impl Fn(Epoch) -> bool,
     stopping: bool,
 ) -> Probe {
     match serving {
         ServingState::Failed { reason } => Probe::fail(format!("failed: {reason}")),
         _ if stopping => Probe::fail("shutting down"),
-        ServingState::Serving { epoch } if lease_valid(*epoch) => {
+        ServingState::Serving { epoch } if leader_lease_valid(*epoch) => {
             Probe::pass(format!("serving epoch {epoch}"))
         }
         // Cut off from its peers: grants are refused until a quorum renews the lease.
@@ -299,7 +299,7 @@ fn text(status: StatusCode, body: String) -> Response<String> {
 mod tests {
     use std::io::{Read, Write};
 
-    use tso_server::consensus::{BoxFuture, ConsensusError, OracleCommand, OracleState, Stored};
+    use tso_server::backend::{BackendError, BoxFuture, OracleCommand, OracleState, Stored};
 
     use super::*;
 
@@ -377,25 +377,21 @@ mod tests {
     /// A backend that only reports leadership; the probes never persist.
     struct Stub(watch::Sender<Leadership>);
 
-    impl Consensus for Stub {
+    impl Backend for Stub {
         fn leadership(&self) -> watch::Receiver<Leadership> {
             self.0.subscribe()
         }
 
         /// Like a single node's: the lease always holds.
-        fn lease_valid(&self, _: Epoch) -> bool {
+        fn leader_lease_valid(&self, _: Epoch) -> bool {
             true
         }
 
-        fn load(&self) -> BoxFuture<'_, Result<OracleState, ConsensusError>> {
+        fn load(&self) -> BoxFuture<'_, Result<OracleState, BackendError>> {
             unreachable!("the probes never load")
         }
 
-        fn apply(
-            &self,
-            _: OracleCommand,
-            _: Epoch,
-        ) -> BoxFuture<'_, Result<Stored, ConsensusError>> {
+        fn apply(&self, _: OracleCommand, _: Epoch) -> BoxFuture<'_, Result<Stored, BackendError>> {
             unreachable!("the probes never apply")
         }
     }

@@ -31,10 +31,9 @@ use tso_core::{Epoch, PHYSICAL_MAX_MS};
 
 use self::record::{Kind, Payload, RecordFile};
 use super::dir::{self, DirError};
-use crate::consensus::state::{merge_high_water, merge_sequences};
-use crate::consensus::{
-    BoxFuture, Consensus, ConsensusError, Leadership, OracleCommand, OracleState, SeqCounters,
-    Stored,
+use crate::backend::state::{merge_high_water, merge_sequences};
+use crate::backend::{
+    Backend, BackendError, BoxFuture, Leadership, OracleCommand, OracleState, SeqCounters, Stored,
 };
 
 /// Why the data directory could not be used.
@@ -107,7 +106,8 @@ impl Payload for HighWater {
 
 /// The longest key a `sequences` record holds: its length is one byte (SEMANTICS §11 allows
 /// 128).
-const SEQ_KEY_LEN_MAX: usize = u8::MAX as usize;
+const KEY_BYTES_ENCODABLE_MAX: usize = u8::MAX as usize;
+const _: () = assert!(tso_proto::limits::SEQ_KEY_BYTES_MAX <= KEY_BYTES_ENCODABLE_MAX);
 
 /// The `sequences` record: each key's next unissued value.
 impl Payload for SeqCounters {
@@ -126,7 +126,7 @@ impl Payload for SeqCounters {
         buf.extend_from_slice(&count.to_le_bytes());
         for (key, next) in self {
             assert!(
-                !key.is_empty() && key.len() <= SEQ_KEY_LEN_MAX,
+                !key.is_empty() && key.len() <= KEY_BYTES_ENCODABLE_MAX,
                 "encoding a sequence key of {} bytes",
                 key.len()
             );
@@ -349,14 +349,14 @@ impl FileBackend {
     }
 }
 
-fn classify(err: FileError) -> ConsensusError {
+fn classify(err: FileError) -> BackendError {
     match &err {
         FileError::Io { source, .. } if is_transient(source) => {
-            ConsensusError::Transient(err.to_string())
+            BackendError::Transient(err.to_string())
         }
         // A failed fsync leaves the page cache in an unknown state: retrying could report a
         // value durable that is not. Everything else is Permanent too.
-        _ => ConsensusError::Permanent(err.to_string()),
+        _ => BackendError::Permanent(err.to_string()),
     }
 }
 
@@ -379,17 +379,17 @@ fn is_transient(e: &io::Error) -> bool {
     kind || errno
 }
 
-impl Consensus for FileBackend {
+impl Backend for FileBackend {
     fn leadership(&self) -> watch::Receiver<Leadership> {
         self.leadership.subscribe()
     }
 
     /// Always leader: no other node can be elected behind this one's back.
-    fn lease_valid(&self, _epoch: Epoch) -> bool {
+    fn leader_lease_valid(&self, _epoch: Epoch) -> bool {
         true
     }
 
-    fn load(&self) -> BoxFuture<'_, Result<OracleState, ConsensusError>> {
+    fn load(&self) -> BoxFuture<'_, Result<OracleState, BackendError>> {
         let state = self.parts.load();
         Box::pin(async move { Ok(state) })
     }
@@ -398,13 +398,13 @@ impl Consensus for FileBackend {
         &self,
         cmd: OracleCommand,
         epoch: Epoch,
-    ) -> BoxFuture<'_, Result<Stored, ConsensusError>> {
+    ) -> BoxFuture<'_, Result<Stored, BackendError>> {
         let parts = Arc::clone(&self.parts);
         let current = self.epoch;
         Box::pin(async move {
             cmd.check(epoch)?;
             if epoch != current {
-                return Err(ConsensusError::Fenced {
+                return Err(BackendError::Fenced {
                     expected: epoch,
                     current,
                 });
@@ -414,7 +414,7 @@ impl Consensus for FileBackend {
             let write = tokio::task::spawn_blocking(move || parts.apply(&cmd).map_err(classify));
             write
                 .await
-                .map_err(|e| ConsensusError::Permanent(format!("file write task failed: {e}")))?
+                .map_err(|e| BackendError::Permanent(format!("file write task failed: {e}")))?
         })
     }
 }
@@ -441,13 +441,13 @@ mod tests {
             libc::EAGAIN,
         ] {
             assert!(
-                matches!(classify(at(errno)), ConsensusError::Transient(_)),
+                matches!(classify(at(errno)), BackendError::Transient(_)),
                 "errno {errno} must be transient"
             );
         }
         for errno in [libc::EIO, libc::EROFS, libc::EACCES] {
             assert!(
-                matches!(classify(at(errno)), ConsensusError::Permanent(_)),
+                matches!(classify(at(errno)), BackendError::Permanent(_)),
                 "errno {errno} must be permanent"
             );
         }
@@ -484,7 +484,10 @@ mod tests {
         let counters: SeqCounters = [
             ("a", 0),
             ("invoice", 42),
-            ("z".repeat(128).as_str(), u64::MAX),
+            (
+                "z".repeat(tso_proto::limits::SEQ_KEY_BYTES_MAX).as_str(),
+                u64::MAX,
+            ),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v))

@@ -20,8 +20,8 @@ use tokio::sync::watch;
 use tso_core::Epoch;
 
 use super::RaftTimings;
+use super::leader_lease::LeaderLease;
 use super::leadership::{Handover, Stepdown};
-use super::lease::LeaseClock;
 use super::network::{CampaignRequest, Network};
 use super::types::{NodeId, Raft};
 
@@ -65,13 +65,13 @@ const ELECTION_WAIT_TIMEOUTS: u32 = 2;
 pub(super) struct Handoff {
     pub(super) id: NodeId,
     pub(super) raft: Raft,
-    pub(super) lease: Arc<LeaseClock>,
+    pub(super) lease: Arc<LeaderLease>,
     pub(super) network: Network,
     /// Set when grants stop: this node no longer reports itself leader in that term.
     pub(super) handover: Arc<watch::Sender<Option<Handover>>>,
     pub(super) timings: RaftTimings,
     /// FOR THE CHECKER'S POSITIVE CONTROL ONLY: hand off without giving up the lease.
-    pub(super) unsafe_keep_lease: Arc<AtomicBool>,
+    pub(super) unsafe_keep_leader_lease: Arc<AtomicBool>,
 }
 
 impl Handoff {
@@ -93,7 +93,7 @@ impl Handoff {
         stopped_in: &mut Option<u64>,
     ) -> Result<HandoffOutcome, HandoffError> {
         let result = self.try_run(deadline, to, stopped_in).await;
-        let kept_lease = self.unsafe_keep_lease.load(Ordering::Relaxed);
+        let kept_lease = self.unsafe_keep_leader_lease.load(Ordering::Relaxed);
         match &result {
             Ok(HandoffOutcome::HandedTo { to, term, took }) => {
                 crate::metrics::raft_handoff(true);
@@ -206,7 +206,7 @@ impl Handoff {
         // From here this node never grants in `term` again.
         let stopped_granting = Instant::now();
         *stopped_in = Some(term);
-        if self.unsafe_keep_lease.load(Ordering::Relaxed) {
+        if self.unsafe_keep_leader_lease.load(Ordering::Relaxed) {
             self.keep_lease(term);
         } else {
             self.lease.relinquish(term);

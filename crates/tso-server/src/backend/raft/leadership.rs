@@ -14,9 +14,9 @@ use tokio::sync::watch;
 use tso_core::Epoch;
 
 use super::RaftTimings;
-use super::lease::LeaseClock;
+use super::leader_lease::LeaderLease;
 use super::types::{NodeAddrs, NodeId};
-use crate::consensus::{ConsensusError, Leadership};
+use crate::backend::{BackendError, Leadership};
 
 /// The client address of a tso cluster member: the one its membership entry carries.
 pub fn tso_client_addr(_id: NodeId, node: &NodeAddrs) -> Option<String> {
@@ -58,21 +58,21 @@ pub fn leadership_with<N: openraft::Node>(
 
 /// Refuses a persist under `epoch` unless `current` is this node leading in exactly that epoch:
 /// another epoch of this node is Fenced, a follower or an unknown leader is NotLeader.
-pub fn check_epoch(current: Leadership, epoch: Epoch) -> Result<(), ConsensusError> {
+pub fn check_epoch(current: Leadership, epoch: Epoch) -> Result<(), BackendError> {
     match current {
         Leadership::Leader { epoch: current } if current == epoch => Ok(()),
-        Leadership::Leader { epoch: current } => Err(ConsensusError::Fenced {
+        Leadership::Leader { epoch: current } => Err(BackendError::Fenced {
             expected: epoch,
             current,
         }),
         Leadership::Follower {
             leader_endpoint,
             leader_epoch,
-        } => Err(ConsensusError::NotLeader {
+        } => Err(BackendError::NotLeader {
             leader_endpoint,
             leader_epoch,
         }),
-        Leadership::Unknown => Err(ConsensusError::NotLeader {
+        Leadership::Unknown => Err(BackendError::NotLeader {
             leader_endpoint: None,
             leader_epoch: None,
         }),
@@ -185,10 +185,10 @@ pub async fn watch_leadership<N: openraft::Node>(
 
 /// While this node leads, confirms leadership with a quorum every heartbeat interval and
 /// extends the lease from the instant read *before* each confirmation was sent.
-pub async fn renew_lease<C>(
+pub async fn renew_leader_lease<C>(
     raft: openraft::Raft<C>,
     mut leadership: watch::Receiver<Leadership>,
-    lease: Arc<LeaseClock>,
+    lease: Arc<LeaderLease>,
     timings: RaftTimings,
 ) where
     C: openraft::RaftTypeConfig<NodeId = NodeId>,
@@ -211,7 +211,7 @@ pub async fn renew_lease<C>(
         if confirmed {
             lease.extend(epoch.hi(), sent);
         }
-        crate::metrics::raft_lease_renewal(confirmed);
+        crate::metrics::leader_lease_renewal(confirmed);
         tokio::time::sleep(timings.heartbeat_interval).await;
     }
 }
@@ -226,13 +226,13 @@ pub async fn renew_lease<C>(
 /// leader still grants. Every vote request a node receives must pass through this gate.
 #[derive(Debug, Clone)]
 pub struct VoteGate {
-    lease: Arc<LeaseClock>,
+    lease: Arc<LeaderLease>,
 }
 
 /// A vote request refused because this node holds a leader lease that has not ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("this node holds the leader lease of term {term} for another {remaining:?}; not voting")]
-pub struct LeaseHeld {
+pub struct LeaderLeaseHeld {
     pub term: u64,
     pub remaining: std::time::Duration,
 }
@@ -240,7 +240,7 @@ pub struct LeaseHeld {
 /// Ends a vote admitted by the gate, even if the task handling it is torn down: the vote term
 /// stays the request's (the vote may have been given) unless raft's answer says otherwise.
 struct VoteInFlight {
-    lease: Arc<LeaseClock>,
+    lease: Arc<LeaderLease>,
     vote_term: u64,
 }
 
@@ -251,23 +251,23 @@ impl Drop for VoteInFlight {
 }
 
 impl VoteGate {
-    pub(super) fn new(lease: Arc<LeaseClock>) -> Self {
+    pub(super) fn new(lease: Arc<LeaderLease>) -> Self {
         Self { lease }
     }
 
-    /// Handles one peer vote request on `raft`: `Err(LeaseHeld)` if refused here, else raft's
+    /// Handles one peer vote request on `raft`: `Err(LeaderLeaseHeld)` if refused here, else raft's
     /// answer. The request is decided in its own task, so a caller that goes away (a cancelled
     /// RPC) cannot leave lease extensions suspended.
     pub async fn vote<C>(
         &self,
         raft: &openraft::Raft<C>,
         req: VoteRequest<NodeId>,
-    ) -> Result<Result<VoteResponse<NodeId>, RaftError<NodeId>>, LeaseHeld>
+    ) -> Result<Result<VoteResponse<NodeId>, RaftError<NodeId>>, LeaderLeaseHeld>
     where
         C: openraft::RaftTypeConfig<NodeId = NodeId, AsyncRuntime = openraft::TokioRuntime>,
     {
         let now = Instant::now();
-        self.lease.begin_vote(now).map_err(|held| LeaseHeld {
+        self.lease.begin_vote(now).map_err(|held| LeaderLeaseHeld {
             term: held.term,
             remaining: held.valid_until - now,
         })?;
@@ -302,11 +302,11 @@ impl VoteGate {
 /// not answer in time is retried within `call_timeout`; past it, `Transient`.
 pub async fn read_applied<C, T>(
     raft: &openraft::Raft<C>,
-    lease: &LeaseClock,
+    lease: &LeaderLease,
     timings: &RaftTimings,
-    map_read_error: impl Fn(RaftError<NodeId, CheckIsLeaderError<NodeId, C::Node>>) -> ConsensusError,
+    map_read_error: impl Fn(RaftError<NodeId, CheckIsLeaderError<NodeId, C::Node>>) -> BackendError,
     read: impl Fn() -> T,
-) -> Result<T, ConsensusError>
+) -> Result<T, BackendError>
 where
     C: openraft::RaftTypeConfig<NodeId = NodeId, AsyncRuntime = openraft::TokioRuntime>,
 {
@@ -328,13 +328,13 @@ where
                 {
                     Ok(_) => Ok(read()),
                     Err(openraft::metrics::WaitError::Timeout(..)) => Err(timeout()),
-                    Err(e) => Err(ConsensusError::Permanent(format!("raft stopped: {e}"))),
+                    Err(e) => Err(BackendError::Permanent(format!("raft stopped: {e}"))),
                 };
             }
             Ok(Err(e)) => map_read_error(e),
         };
         let retry_at = tokio::time::Instant::now() + timings.heartbeat_interval;
-        if !matches!(error, ConsensusError::Transient(_)) || retry_at >= deadline {
+        if !matches!(error, BackendError::Transient(_)) || retry_at >= deadline {
             return Err(error);
         }
         tokio::time::sleep_until(retry_at).await;
@@ -346,12 +346,12 @@ where
 /// instant the write was sent, so the lease is extended from then.
 pub async fn write_in_term<C>(
     raft: &openraft::Raft<C>,
-    lease: &LeaseClock,
+    lease: &LeaderLease,
     timings: &RaftTimings,
     epoch: Epoch,
     data: C::D,
-    map_write_error: impl Fn(RaftError<NodeId, ClientWriteError<NodeId, C::Node>>) -> ConsensusError,
-) -> Result<ClientWriteResponse<C>, ConsensusError>
+    map_write_error: impl Fn(RaftError<NodeId, ClientWriteError<NodeId, C::Node>>) -> BackendError,
+) -> Result<ClientWriteResponse<C>, BackendError>
 where
     C: openraft::RaftTypeConfig<
             NodeId = NodeId,
@@ -368,7 +368,7 @@ where
     let committed_term = reply.log_id.leader_id.term;
     if committed_term != epoch.hi() {
         let current = Epoch::from_parts(committed_term, reply.log_id.leader_id.node_id);
-        return Err(ConsensusError::Fenced {
+        return Err(BackendError::Fenced {
             expected: epoch,
             current,
         });
@@ -378,8 +378,8 @@ where
 }
 
 /// A raft call that a quorum did not confirm in time.
-pub fn transient_timeout(what: &str, after: std::time::Duration) -> ConsensusError {
-    ConsensusError::Transient(format!(
+pub fn transient_timeout(what: &str, after: std::time::Duration) -> BackendError {
+    BackendError::Transient(format!(
         "raft {what} not confirmed by a quorum within {after:?}; retry"
     ))
 }

@@ -1,21 +1,21 @@
-//! The replicated backend: the consensus seam ([`Consensus`]) on an openraft cluster.
+//! The replicated backend: the backend seam ([`Backend`]) on an openraft cluster.
 //!
-//! The replicated state is the oracle's record, [`crate::consensus::OracleState`], under its
+//! The replicated state is the oracle's record, [`crate::backend::OracleState`], under its
 //! merge rules (`state_machine.rs`); the log and vote are an fsync'd record file
-//! (`log_store.rs`); peers talk gRPC (`network.rs`). The consensus calls go through `seam.rs`,
+//! (`log_store.rs`); peers talk gRPC (`network.rs`). The backend calls go through `seam.rs`,
 //! the adapter this backend shares with piggyback mode. Leadership comes from openraft's
 //! metrics: `Leader` at epoch `(term, node id)` while this node leads, `Follower` naming the
 //! leader's *client* address from the membership, else `Unknown`.
 //! openraft's generics stay inside this module: callers see [`RaftBackend`], [`RaftConfig`],
 //! [`NodeAddrs`] and [`Links`], and a host that runs its own openraft sees
-//! [`piggyback::PiggybackConsensus`], generic over the host's own type configuration only.
+//! [`piggyback::PiggybackBackend`], generic over the host's own type configuration only.
 
 mod admin;
 mod dir_guard;
 mod handoff;
 mod identity;
+mod leader_lease;
 mod leadership;
-mod lease;
 mod log_store;
 mod network;
 mod peer_identity;
@@ -40,17 +40,17 @@ use tokio::task::JoinHandle;
 use tso_core::Epoch;
 use tso_proto::tso::raft_v1::raft_peer_server::RaftPeerServer;
 
-use crate::consensus::{
-    BoxFuture, Consensus, ConsensusError, Leadership, OracleCommand, OracleState, Stored,
+use crate::backend::{
+    Backend, BackendError, BoxFuture, Leadership, OracleCommand, OracleState, Stored,
 };
 use crate::tls::PeerTls;
 pub use admin::{AdminService, PROMOTE_LAG_ENTRIES_MAX};
 use dir_guard::DirGuard;
 use handoff::Handoff;
 pub use handoff::{HandoffError, HandoffOutcome};
-pub use leadership::{LeaseHeld, VoteGate};
-use leadership::{leadership_of, renew_lease, watch_leadership};
-use lease::LeaseClock;
+use leader_lease::LeaderLease;
+pub use leadership::{LeaderLeaseHeld, VoteGate};
+use leadership::{leadership_of, renew_leader_lease, watch_leadership};
 use log_store::LogStore;
 use network::Network;
 pub use network::{Links, PeerService};
@@ -261,7 +261,7 @@ impl RaftTimings {
                 self.heartbeat_interval, self.election_timeout_min, self.election_timeout_max
             ));
         }
-        let lease = lease::lease_duration(self.election_timeout_max);
+        let lease = leader_lease::leader_lease_duration(self.election_timeout_max);
         if self.heartbeat_interval * HEARTBEATS_PER_LEASE_MIN > lease {
             return Err(format!(
                 "the heartbeat interval {:?} is not well inside the leader lease {lease:?} \
@@ -401,14 +401,14 @@ pub enum RaftOpenError {
     Start(String),
 }
 
-/// The leader lease of one node (see [`RaftBackend::lease_valid_until`]). Clones share it.
+/// The leader lease of one node (see [`RaftBackend::leader_lease_valid_until`]). Clones share it.
 #[derive(Debug, Clone)]
-pub struct LeaseView {
-    clock: Arc<LeaseClock>,
+pub struct LeaderLeaseView {
+    clock: Arc<LeaderLease>,
     leadership: watch::Receiver<Leadership>,
 }
 
-impl LeaseView {
+impl LeaderLeaseView {
     /// The end of the lease held in the current leader term, if any (it may be in the past).
     pub fn valid_until(&self) -> Option<Instant> {
         match *self.leadership.borrow() {
@@ -423,10 +423,10 @@ impl LeaseView {
     }
 }
 
-/// One node of a tso raft cluster, implementing the consensus seam.
+/// One node of a tso raft cluster, implementing the backend seam.
 pub struct RaftBackend {
     id: NodeId,
-    /// The raft, its state machine, leadership, lease and timings; the [`Consensus`] calls.
+    /// The raft, its state machine, leadership, lease and timings; the [`Backend`] calls.
     seam: Seam<TypeConfig, StateMachine>,
     handoff: Handoff,
     peer_tls: Option<PeerTls>,
@@ -554,7 +554,7 @@ impl RaftBackend {
         let (handover, handover_rx) = watch::channel(None);
         let (leader_silent, leader_silent_rx) = watch::channel(false);
         let ungated = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let lease = Arc::new(LeaseClock::new(lease::lease_duration(
+        let lease = Arc::new(LeaderLease::new(leader_lease::leader_lease_duration(
             config.timings.election_timeout_max,
         )));
         let tasks = vec![
@@ -565,7 +565,7 @@ impl RaftBackend {
                 handover_rx.clone(),
                 leader_silent_rx,
             )),
-            tokio::spawn(renew_lease(
+            tokio::spawn(renew_leader_lease(
                 raft.clone(),
                 leadership.clone(),
                 lease.clone(),
@@ -593,7 +593,7 @@ impl RaftBackend {
             network,
             handover: Arc::new(handover),
             timings: config.timings,
-            unsafe_keep_lease: Arc::default(),
+            unsafe_keep_leader_lease: Arc::default(),
         };
         let seam = Seam {
             raft,
@@ -601,7 +601,7 @@ impl RaftBackend {
             client_addr: Arc::new(leadership::tso_client_addr),
             leadership,
             handover: handover_rx,
-            lease,
+            leader_lease: lease,
             timings: config.timings,
         };
         Self {
@@ -621,7 +621,7 @@ impl RaftBackend {
     /// The `tso.raft.v1.RaftPeer` service of this node, to be served on its peer address
     /// (alone, or next to other services on one tonic server).
     pub fn peer_service(&self) -> RaftPeerServer<PeerService> {
-        let votes = VoteGate::new(self.seam.lease.clone());
+        let votes = VoteGate::new(self.seam.leader_lease.clone());
         PeerService::new(
             self.seam.raft.clone(),
             votes,
@@ -675,26 +675,26 @@ impl RaftBackend {
     }
 
     /// The end of this node's leader lease, if it leads and a quorum acknowledged it in its
-    /// current term. Grant only while `Instant::now() < lease_valid_until()`: until then no
+    /// current term. Grant only while `Instant::now() < leader_lease_valid_until()`: until then no
     /// other node can have been elected (see `docs/raft-lease.md`).
-    pub fn lease_valid_until(&self) -> Option<Instant> {
-        self.lease_view().valid_until()
+    pub fn leader_lease_valid_until(&self) -> Option<Instant> {
+        self.leader_lease_view().valid_until()
     }
 
     /// The end of the lease this node held in `epoch`'s term, whatever it leads now; `None` if
     /// it never held one there, or gave it up by voting for a later term.
     pub fn lease_end_in(&self, epoch: Epoch) -> Option<Instant> {
-        self.seam.lease.valid_until(epoch.hi())
+        self.seam.leader_lease.valid_until(epoch.hi())
     }
 
     /// True while this node leads under an unexpired lease.
     pub fn lease_is_valid(&self) -> bool {
-        self.lease_view().is_valid()
+        self.leader_lease_view().is_valid()
     }
 
     /// A cheap, cloneable view of the lease, for a grant path that does not hold the backend.
-    pub fn lease_view(&self) -> LeaseView {
-        self.seam.lease_view()
+    pub fn leader_lease_view(&self) -> LeaderLeaseView {
+        self.seam.leader_lease_view()
     }
 
     /// This node's id.
@@ -764,7 +764,7 @@ impl RaftBackend {
     /// oracle on purpose.
     pub fn unsafe_handoff_keep_lease(&self) {
         self.handoff
-            .unsafe_keep_lease
+            .unsafe_keep_leader_lease
             .store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
@@ -821,16 +821,16 @@ impl Drop for RaftBackend {
     }
 }
 
-impl Consensus for RaftBackend {
+impl Backend for RaftBackend {
     fn leadership(&self) -> watch::Receiver<Leadership> {
         self.seam.leadership.clone()
     }
 
-    fn lease_valid(&self, epoch: Epoch) -> bool {
-        self.seam.lease_valid(epoch)
+    fn leader_lease_valid(&self, epoch: Epoch) -> bool {
+        self.seam.leader_lease_valid(epoch)
     }
 
-    fn load(&self) -> BoxFuture<'_, Result<OracleState, ConsensusError>> {
+    fn load(&self) -> BoxFuture<'_, Result<OracleState, BackendError>> {
         Box::pin(self.seam.load())
     }
 
@@ -838,7 +838,7 @@ impl Consensus for RaftBackend {
         &self,
         cmd: OracleCommand,
         epoch: Epoch,
-    ) -> BoxFuture<'_, Result<Stored, ConsensusError>> {
+    ) -> BoxFuture<'_, Result<Stored, BackendError>> {
         Box::pin(self.seam.apply(cmd, epoch))
     }
 }

@@ -9,7 +9,7 @@
 //! - [`OracleState`]: the state the host embeds in its state machine (the high-water, the
 //!   dense-sequence counters and the stamping-lease set), serialized with the rest of the
 //!   host's snapshot;
-//! - [`PiggybackConsensus`]: the adapter from the host's `openraft::Raft<C>` to the consensus
+//! - [`PiggybackBackend`]: the adapter from the host's `openraft::Raft<C>` to the backend
 //!   seam, to hand to [`crate::OracleGuard::start`]. Every oracle RPC is served: timestamps,
 //!   dense sequences and stamping leases.
 //!
@@ -27,13 +27,13 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tso_core::Epoch;
 
-pub use super::leadership::{LeaseHeld, VoteGate};
-use super::leadership::{leadership_with, renew_lease, watch_leadership};
-use super::lease::{LeaseClock, lease_duration};
+use super::leader_lease::{LeaderLease, leader_lease_duration};
+pub use super::leadership::{LeaderLeaseHeld, VoteGate};
+use super::leadership::{leadership_with, renew_leader_lease, watch_leadership};
 use super::seam::{Record, Seam};
-use super::{LeaseView, RaftTimings};
-use crate::consensus::{BoxFuture, Consensus, ConsensusError, Leadership, Stored};
-pub use crate::consensus::{OracleCommand, OracleState};
+use super::{LeaderLeaseView, RaftTimings};
+use crate::backend::{Backend, BackendError, BoxFuture, Leadership, Stored};
+pub use crate::backend::{OracleCommand, OracleState};
 
 /// Turns the oracle's command into the host's app data (`C::D`).
 pub type WrapCommand<C> = Arc<dyn Fn(OracleCommand) -> <C as RaftTypeConfig>::D + Send + Sync>;
@@ -46,9 +46,9 @@ pub type ReadState = Arc<dyn Fn(&mut dyn FnMut(&OracleState)) + Send + Sync>;
 pub type ClientAddrOf<C> =
     Arc<dyn Fn(u64, &<C as RaftTypeConfig>::Node) -> Option<String> + Send + Sync>;
 
-/// The consensus seam on a host's own openraft node.
+/// The backend seam on a host's own openraft node.
 ///
-/// Built with [`PiggybackConsensus::new`] inside a tokio runtime (it starts two tasks: the
+/// Built with [`PiggybackBackend::new`] inside a tokio runtime (it starts two tasks: the
 /// leadership watch and the lease renewal; dropping the adapter stops them). The host keeps
 /// owning its raft: the adapter never shuts it down, and when the host's raft stops the
 /// leadership watch closes, which stops the oracle.
@@ -56,7 +56,7 @@ pub type ClientAddrOf<C> =
 /// For the oracle's guarantees to hold, the host must (see `docs/raft.md`, "What a host must
 /// do"): pass every vote request its node receives through [`Self::vote_gate`], and give the
 /// oracle's commands the same durability as its own entries.
-pub struct PiggybackConsensus<C: RaftTypeConfig> {
+pub struct PiggybackBackend<C: RaftTypeConfig> {
     seam: Seam<C, HostRecord<C>>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -85,7 +85,7 @@ impl<C: RaftTypeConfig> Record<C> for HostRecord<C> {
     }
 }
 
-impl<C> PiggybackConsensus<C>
+impl<C> PiggybackBackend<C>
 where
     C: RaftTypeConfig<NodeId = u64, AsyncRuntime = TokioRuntime, Responder = OneshotResponder<C>>,
 {
@@ -111,7 +111,7 @@ where
         let metrics = raft.metrics();
         let initial = leadership_with(&metrics.borrow(), &*client_addr);
         let (tx, leadership) = watch::channel(initial);
-        let lease = Arc::new(LeaseClock::new(lease_duration(
+        let lease = Arc::new(LeaderLease::new(leader_lease_duration(
             timings.election_timeout_max,
         )));
         let tasks = vec![
@@ -122,7 +122,7 @@ where
                 watch::channel(None).1,
                 watch::channel(false).1,
             )),
-            tokio::spawn(renew_lease(
+            tokio::spawn(renew_leader_lease(
                 raft.clone(),
                 leadership.clone(),
                 lease.clone(),
@@ -139,7 +139,7 @@ where
             client_addr,
             leadership,
             handover: watch::channel(None).1,
-            lease,
+            leader_lease: lease,
             timings,
         };
         Self { seam, tasks }
@@ -155,14 +155,14 @@ where
     /// The gate every vote request this node receives must pass before it reaches the host's
     /// raft: it refuses while this node holds an unexpired leader lease. A host's
     /// `RaftNetwork::vote` target calls `gate.vote(&raft, request)` instead of
-    /// `raft.vote(request)` and reports `Err(LeaseHeld)` to the candidate as a failed call.
+    /// `raft.vote(request)` and reports `Err(LeaderLeaseHeld)` to the candidate as a failed call.
     pub fn vote_gate(&self) -> VoteGate {
-        VoteGate::new(self.seam.lease.clone())
+        VoteGate::new(self.seam.leader_lease.clone())
     }
 
-    /// The leader lease of this node (see [`super::RaftBackend::lease_view`]).
-    pub fn lease_view(&self) -> LeaseView {
-        self.seam.lease_view()
+    /// The leader lease of this node (see [`super::RaftBackend::leader_lease_view`]).
+    pub fn leader_lease_view(&self) -> LeaderLeaseView {
+        self.seam.leader_lease_view()
     }
 
     /// The high-water applied on this node (possibly stale on a follower; for diagnostics).
@@ -171,7 +171,7 @@ where
     }
 }
 
-impl<C: RaftTypeConfig> Drop for PiggybackConsensus<C> {
+impl<C: RaftTypeConfig> Drop for PiggybackBackend<C> {
     fn drop(&mut self) {
         for t in &self.tasks {
             t.abort();
@@ -179,7 +179,7 @@ impl<C: RaftTypeConfig> Drop for PiggybackConsensus<C> {
     }
 }
 
-impl<C> Consensus for PiggybackConsensus<C>
+impl<C> Backend for PiggybackBackend<C>
 where
     C: RaftTypeConfig<NodeId = u64, AsyncRuntime = TokioRuntime, Responder = OneshotResponder<C>>,
 {
@@ -187,11 +187,11 @@ where
         self.seam.leadership.clone()
     }
 
-    fn lease_valid(&self, epoch: Epoch) -> bool {
-        self.seam.lease_valid(epoch)
+    fn leader_lease_valid(&self, epoch: Epoch) -> bool {
+        self.seam.leader_lease_valid(epoch)
     }
 
-    fn load(&self) -> BoxFuture<'_, Result<OracleState, ConsensusError>> {
+    fn load(&self) -> BoxFuture<'_, Result<OracleState, BackendError>> {
         Box::pin(self.seam.load())
     }
 
@@ -199,7 +199,7 @@ where
         &self,
         cmd: OracleCommand,
         epoch: Epoch,
-    ) -> BoxFuture<'_, Result<Stored, ConsensusError>> {
+    ) -> BoxFuture<'_, Result<Stored, BackendError>> {
         Box::pin(self.seam.apply(cmd, epoch))
     }
 }

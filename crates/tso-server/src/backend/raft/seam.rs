@@ -1,4 +1,4 @@
-//! The consensus seam on any openraft node, written once: the standalone raft backend and
+//! The backend seam on any openraft node, written once: the standalone raft backend and
 //! piggyback mode both delegate to a [`Seam`], generic over the raft's type configuration.
 //!
 //! A seam holds what the two share: the raft handle, the leader lease, the leadership watch
@@ -17,10 +17,10 @@ use openraft::{RaftTypeConfig, TokioRuntime};
 use tokio::sync::watch;
 use tso_core::Epoch;
 
+use super::leader_lease::LeaderLease;
 use super::leadership::{ClientAddrFn, Handover, read_applied, stepped_down, write_in_term};
-use super::lease::LeaseClock;
-use super::{LeaseView, RaftTimings};
-use crate::consensus::{ConsensusError, Leadership, OracleCommand, OracleState, Stored};
+use super::{LeaderLeaseView, RaftTimings};
+use crate::backend::{BackendError, Leadership, OracleCommand, OracleState, Stored};
 
 /// Where a raft's state machine keeps the oracle's record.
 pub(super) trait Record<C: RaftTypeConfig>: Send + Sync + 'static {
@@ -32,7 +32,7 @@ pub(super) trait Record<C: RaftTypeConfig>: Send + Sync + 'static {
     fn with_state<T>(&self, f: impl FnOnce(&OracleState) -> T) -> T;
 }
 
-/// The consensus seam on one node of `openraft::Raft<C>`.
+/// The backend seam on one node of `openraft::Raft<C>`.
 pub(super) struct Seam<C: RaftTypeConfig, R> {
     pub raft: openraft::Raft<C>,
     pub record: R,
@@ -41,7 +41,7 @@ pub(super) struct Seam<C: RaftTypeConfig, R> {
     pub leadership: watch::Receiver<Leadership>,
     /// A handoff's override of this node's own leadership (never set in piggyback mode).
     pub handover: watch::Receiver<Option<Handover>>,
-    pub lease: Arc<LeaseClock>,
+    pub leader_lease: Arc<LeaderLease>,
     pub timings: RaftTimings,
 }
 
@@ -51,22 +51,22 @@ where
     R: Record<C>,
 {
     /// The leader lease of this node, as a cheap view.
-    pub fn lease_view(&self) -> LeaseView {
-        LeaseView {
-            clock: Arc::clone(&self.lease),
+    pub fn leader_lease_view(&self) -> LeaderLeaseView {
+        LeaderLeaseView {
+            clock: Arc::clone(&self.leader_lease),
             leadership: self.leadership.clone(),
         }
     }
 
     /// Whether this node may still grant under `epoch` (its leader lease of that term holds).
-    pub fn lease_valid(&self, epoch: Epoch) -> bool {
-        self.lease.is_valid(epoch.hi())
+    pub fn leader_lease_valid(&self, epoch: Epoch) -> bool {
+        self.leader_lease.is_valid(epoch.hi())
     }
 
     /// The whole state, as of a read barrier (see [`read_applied`]).
-    pub async fn load(&self) -> Result<OracleState, ConsensusError> {
+    pub async fn load(&self) -> Result<OracleState, BackendError> {
         let map = |e| self.map_read_error(e);
-        read_applied(&self.raft, &self.lease, &self.timings, map, || {
+        read_applied(&self.raft, &self.leader_lease, &self.timings, map, || {
             self.record.with_state(OracleState::clone)
         })
         .await
@@ -74,12 +74,20 @@ where
 
     /// Commits `cmd` in the term of `epoch` (see [`write_in_term`]), then checks that the
     /// applied state includes it: openraft answers a write once the entry is applied.
-    pub async fn apply(&self, cmd: OracleCommand, epoch: Epoch) -> Result<Stored, ConsensusError> {
+    pub async fn apply(&self, cmd: OracleCommand, epoch: Epoch) -> Result<Stored, BackendError> {
         cmd.check(epoch)?;
         self.check_epoch(epoch)?;
         let data = self.record.wrap(cmd.clone());
         let map = |e| self.map_write_error(e);
-        write_in_term(&self.raft, &self.lease, &self.timings, epoch, data, map).await?;
+        write_in_term(
+            &self.raft,
+            &self.leader_lease,
+            &self.timings,
+            epoch,
+            data,
+            map,
+        )
+        .await?;
         self.record.with_state(|state| {
             state.includes(&cmd).map(|()| Stored {
                 high_water_ms: state.high_water_ms,
@@ -89,44 +97,41 @@ where
 
     /// Refuses an apply under any epoch but this node's current leader epoch (as published,
     /// with a handoff's stepdown applied).
-    fn check_epoch(&self, epoch: Epoch) -> Result<(), ConsensusError> {
+    fn check_epoch(&self, epoch: Epoch) -> Result<(), BackendError> {
         let current = self.leadership.borrow().clone();
         let current = stepped_down(current, self.handover.borrow().as_ref());
         super::leadership::check_epoch(current, epoch)
     }
 
-    fn not_leader(&self, forward: &ForwardToLeader<u64, C::Node>) -> ConsensusError {
+    fn not_leader(&self, forward: &ForwardToLeader<u64, C::Node>) -> BackendError {
         let term = self.raft.metrics().borrow().current_term;
         let endpoint = match (forward.leader_id, forward.leader_node.as_ref()) {
             (Some(id), Some(node)) => (self.client_addr)(id, node),
             _ => None,
         };
-        ConsensusError::NotLeader {
+        BackendError::NotLeader {
             leader_endpoint: endpoint,
             leader_epoch: forward.leader_id.map(|id| Epoch::from_parts(term, id)),
         }
     }
 
-    fn map_read_error(
-        &self,
-        e: RaftError<u64, CheckIsLeaderError<u64, C::Node>>,
-    ) -> ConsensusError {
+    fn map_read_error(&self, e: RaftError<u64, CheckIsLeaderError<u64, C::Node>>) -> BackendError {
         match e {
             RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f)) => self.not_leader(&f),
             RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(q)) => {
-                ConsensusError::Transient(format!("read barrier: {q}"))
+                BackendError::Transient(format!("read barrier: {q}"))
             }
-            RaftError::Fatal(f) => ConsensusError::Permanent(format!("raft stopped: {f}")),
+            RaftError::Fatal(f) => BackendError::Permanent(format!("raft stopped: {f}")),
         }
     }
 
-    fn map_write_error(&self, e: RaftError<u64, ClientWriteError<u64, C::Node>>) -> ConsensusError {
+    fn map_write_error(&self, e: RaftError<u64, ClientWriteError<u64, C::Node>>) -> BackendError {
         match e {
             RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => self.not_leader(&f),
             RaftError::APIError(ClientWriteError::ChangeMembershipError(c)) => {
-                ConsensusError::Permanent(format!("unexpected membership error: {c}"))
+                BackendError::Permanent(format!("unexpected membership error: {c}"))
             }
-            RaftError::Fatal(f) => ConsensusError::Permanent(format!("raft stopped: {f}")),
+            RaftError::Fatal(f) => BackendError::Permanent(format!("raft stopped: {f}")),
         }
     }
 }

@@ -24,7 +24,7 @@ use super::types::{
     StoredMembership, StoredMembershipV1, TypeConfig, snapshot_meta_from_v1,
     stored_membership_from_v1,
 };
-use crate::consensus::{OracleCommand, OracleState, SeqCounters};
+use crate::backend::{OracleCommand, OracleState, SeqCounters};
 
 /// File name of the snapshot inside the raft data directory.
 pub const SNAPSHOT_FILE: &str = "raft-snapshot";

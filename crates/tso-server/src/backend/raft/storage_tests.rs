@@ -295,11 +295,11 @@ async fn a_snapshot_from_before_admin_addresses_opens() {
     }
 }
 
-/// The log's oracle commands are [`crate::consensus::OracleCommand`]'s: same variant index,
+/// The log's oracle commands are [`crate::backend::OracleCommand`]'s: same variant index,
 /// same fields, so an entry's bytes are the oracle command's bytes.
 #[test]
 fn log_commands_encode_as_the_oracle_commands() {
-    use crate::consensus::OracleCommand;
+    use crate::backend::OracleCommand;
     let commands = [
         OracleCommand::AdvanceHighWater { at_least_ms: 300 },
         OracleCommand::AdvanceSequences {

@@ -6,7 +6,7 @@ use std::io::Cursor;
 
 use serde::{Deserialize, Serialize};
 
-use crate::consensus::OracleCommand;
+use crate::backend::OracleCommand;
 
 /// A member's addresses, carried in the raft membership so that every node learns them from
 /// the log (a follower's hint can never drift from what the cluster agreed on). All are the
@@ -50,7 +50,7 @@ impl From<NodeAddrsV1> for NodeAddrs {
 ///
 /// The first three are [`OracleCommand`]'s, in its order and with its fields, so an entry's
 /// bytes are those of the oracle's command (`storage_tests.rs` checks it); the state machine
-/// applies them with [`crate::consensus::OracleState::apply`].
+/// applies them with [`crate::backend::OracleState::apply`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {
     /// [`OracleCommand::AdvanceHighWater`].

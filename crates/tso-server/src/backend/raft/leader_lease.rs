@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 pub const LEASE_MARGIN_DIVISOR: u32 = 10;
 
 /// The lease length for a cluster whose followers wait `election_timeout_max` before voting.
-pub fn lease_duration(election_timeout_max: Duration) -> Duration {
+pub fn leader_lease_duration(election_timeout_max: Duration) -> Duration {
     election_timeout_max - election_timeout_max / LEASE_MARGIN_DIVISOR
 }
 
@@ -39,7 +39,7 @@ struct State {
     votes_in_flight: u32,
     /// Terms below this are over for this node: it voted in this term or a later one.
     floor_term: u64,
-    /// Set by the checker's positive control only ([`LeaseClock::unsafe_keep_through_votes`]):
+    /// Set by the checker's positive control only ([`LeaderLease::unsafe_keep_through_votes`]):
     /// the lease of this term holds no vote back, and a vote past it does not end it.
     unsafe_kept_term: Option<u64>,
 }
@@ -47,19 +47,19 @@ struct State {
 /// The lease of one node; shared by the tasks that extend it, the callers that check it, and
 /// the peer vote handler that must not give this node's vote away while it holds one.
 #[derive(Debug)]
-pub struct LeaseClock {
+pub struct LeaderLease {
     duration: Duration,
     state: Mutex<State>,
 }
 
 /// Why a vote request was refused without reaching raft.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct HoldsLease {
+pub struct HoldsLeaderLease {
     pub term: u64,
     pub valid_until: Instant,
 }
 
-impl LeaseClock {
+impl LeaderLease {
     pub fn new(duration: Duration) -> Self {
         Self {
             duration,
@@ -112,14 +112,14 @@ impl LeaseClock {
     /// Called before a peer's vote request is handed to raft. Refuses while this node holds an
     /// unexpired lease: its vote would let a candidate win while this node still grants.
     /// Otherwise suspends lease extensions until [`Self::end_vote`].
-    pub fn begin_vote(&self, now: Instant) -> Result<(), HoldsLease> {
+    pub fn begin_vote(&self, now: Instant) -> Result<(), HoldsLeaderLease> {
         let mut state = self.lock();
         if let Some(l) = state.lease
             && l.term >= state.floor_term
             && now < l.valid_until
             && state.unsafe_kept_term != Some(l.term)
         {
-            return Err(HoldsLease {
+            return Err(HoldsLeaderLease {
                 term: l.term,
                 valid_until: l.valid_until,
             });
@@ -173,12 +173,12 @@ mod tests {
     #[test]
     fn lease_is_shorter_than_the_follower_wait() {
         let max = Duration::from_millis(350);
-        assert_eq!(lease_duration(max), Duration::from_millis(315));
+        assert_eq!(leader_lease_duration(max), Duration::from_millis(315));
     }
 
     #[test]
     fn extends_forward_only_and_only_in_its_term() {
-        let clock = LeaseClock::new(Duration::from_millis(100));
+        let clock = LeaderLease::new(Duration::from_millis(100));
         let t0 = Instant::now();
         assert_eq!(clock.valid_until(1), None);
         clock.extend(1, t0 + Duration::from_millis(50));
@@ -193,13 +193,13 @@ mod tests {
 
     #[test]
     fn a_vote_is_refused_while_the_lease_runs() {
-        let clock = LeaseClock::new(Duration::from_millis(100));
+        let clock = LeaderLease::new(Duration::from_millis(100));
         let t0 = Instant::now();
         clock.extend(3, t0);
         let refused = clock.begin_vote(t0 + Duration::from_millis(99));
         assert_eq!(
             refused,
-            Err(HoldsLease {
+            Err(HoldsLeaderLease {
                 term: 3,
                 valid_until: t0 + Duration::from_millis(100)
             })
@@ -215,7 +215,7 @@ mod tests {
 
     #[test]
     fn a_relinquished_lease_ends_at_once_admits_votes_and_is_never_extended_again() {
-        let clock = LeaseClock::new(Duration::from_secs(60));
+        let clock = LeaderLease::new(Duration::from_secs(60));
         let t0 = Instant::now();
         clock.extend(7, t0);
         assert!(clock.is_valid(7));
@@ -241,7 +241,7 @@ mod tests {
 
     #[test]
     fn a_lease_kept_through_votes_admits_them_and_grants_until_it_ends_by_time() {
-        let clock = LeaseClock::new(Duration::from_millis(200));
+        let clock = LeaderLease::new(Duration::from_millis(200));
         let t0 = Instant::now();
         clock.extend(7, t0);
         clock.unsafe_keep_through_votes(7);
@@ -264,7 +264,7 @@ mod tests {
 
     #[test]
     fn no_confirmation_extends_a_lease_during_or_after_a_vote_for_a_higher_term() {
-        let clock = LeaseClock::new(Duration::from_millis(100));
+        let clock = LeaderLease::new(Duration::from_millis(100));
         let t0 = Instant::now();
         clock.extend(3, t0);
         let after = t0 + Duration::from_millis(150);

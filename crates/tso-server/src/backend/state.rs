@@ -10,7 +10,7 @@
 use serde::{Deserialize, Serialize};
 use tso_core::{Epoch, PHYSICAL_MAX_MS};
 
-use super::{ConsensusError, SeqCounters, SeqEnds};
+use super::{BackendError, SeqCounters, SeqEnds};
 
 /// Everything the oracle keeps durable.
 ///
@@ -66,16 +66,16 @@ impl OracleCommand {
     /// Refuses, before anything is written, a command no backend may apply under `epoch`: a
     /// high-water past the 46-bit timestamp layout, or a lease record of another term than the
     /// epoch's (a caller's bug). Both are `Permanent`.
-    pub fn check(&self, epoch: Epoch) -> Result<(), ConsensusError> {
+    pub fn check(&self, epoch: Epoch) -> Result<(), BackendError> {
         match self {
             OracleCommand::AdvanceHighWater { at_least_ms } if *at_least_ms > PHYSICAL_MAX_MS => {
-                Err(ConsensusError::Permanent(format!(
+                Err(BackendError::Permanent(format!(
                     "high-water {at_least_ms} ms is past the 46-bit timestamp layout \
                      ({PHYSICAL_MAX_MS} ms)"
                 )))
             }
             OracleCommand::ReplaceLeases { term, .. } if *term != epoch.hi() => {
-                Err(ConsensusError::Permanent(format!(
+                Err(BackendError::Permanent(format!(
                     "a lease record of term {term} written under epoch {epoch}: build it with \
                      OracleCommand::replace_leases"
                 )))
@@ -108,9 +108,9 @@ impl OracleState {
     /// later term's lease record won (the write was superseded), `Permanent` if the state lacks
     /// the command's effect (the backend lost the write, or reads another state than it applies
     /// to). Only the part `cmd` changes is read.
-    pub fn includes(&self, cmd: &OracleCommand) -> Result<(), ConsensusError> {
+    pub fn includes(&self, cmd: &OracleCommand) -> Result<(), BackendError> {
         let lost = |what: String| {
-            Err(ConsensusError::Permanent(format!(
+            Err(BackendError::Permanent(format!(
                 "broken invariant: {what}; the state machine does not apply the oracle's \
                  commands, or the backend reads another state than it applies to"
             )))
@@ -138,7 +138,7 @@ impl OracleState {
             }
             OracleCommand::ReplaceLeases { term, .. } => match self.lease_term.cmp(term) {
                 std::cmp::Ordering::Equal => Ok(()),
-                std::cmp::Ordering::Greater => Err(ConsensusError::Fenced {
+                std::cmp::Ordering::Greater => Err(BackendError::Fenced {
                     expected: Epoch::from_parts(*term, 0),
                     current: Epoch::from_parts(self.lease_term, 0),
                 }),
@@ -216,7 +216,7 @@ mod tests {
         assert_eq!(s.includes(&hw(5)), Ok(()));
         assert!(matches!(
             s.includes(&hw(11)),
-            Err(ConsensusError::Permanent(_))
+            Err(BackendError::Permanent(_))
         ));
     }
 
@@ -232,7 +232,7 @@ mod tests {
         assert_eq!(s.includes(&seq(&[("a", 9), ("b", 4)])), Ok(()));
         assert!(matches!(
             s.includes(&seq(&[("a", 1), ("d", 1)])),
-            Err(ConsensusError::Permanent(_))
+            Err(BackendError::Permanent(_))
         ));
         assert_eq!(
             s.includes(&seq(&[("d", 0)])),
@@ -258,7 +258,7 @@ mod tests {
         assert_eq!(s.includes(&leases(3, b"anything")), Ok(()));
         assert_eq!(
             s.includes(&leases(2, b"old")),
-            Err(ConsensusError::Fenced {
+            Err(BackendError::Fenced {
                 expected: Epoch::from_parts(2, 0),
                 current: Epoch::from_parts(3, 0),
             }),
@@ -266,7 +266,7 @@ mod tests {
         );
         assert!(matches!(
             s.includes(&leases(4, b"")),
-            Err(ConsensusError::Permanent(_))
+            Err(BackendError::Permanent(_))
         ));
         assert_eq!(s.apply(&leases(5, b"")), Merged::Included);
         assert_eq!((s.lease_term, s.leases.len()), (5, 0));
@@ -287,7 +287,7 @@ mod tests {
     #[test]
     fn check_refuses_an_out_of_range_high_water_and_a_foreign_term() {
         let epoch = Epoch::from_parts(3, 1);
-        let permanent = |r| matches!(r, Err(ConsensusError::Permanent(_)));
+        let permanent = |r| matches!(r, Err(BackendError::Permanent(_)));
         assert_eq!(hw(PHYSICAL_MAX_MS).check(epoch), Ok(()));
         assert!(permanent(hw(PHYSICAL_MAX_MS + 1).check(epoch)));
         let mine = OracleCommand::replace_leases(b"r".to_vec(), epoch);
@@ -338,7 +338,7 @@ mod tests {
                     Merged::Superseded { lease_term } => {
                         prop_assert_eq!(&s, &before, "a superseded command changes nothing");
                         prop_assert_eq!(lease_term, s.lease_term);
-                        let fenced = matches!(s.includes(c), Err(ConsensusError::Fenced { .. }));
+                        let fenced = matches!(s.includes(c), Err(BackendError::Fenced { .. }));
                         prop_assert!(fenced);
                     }
                 }

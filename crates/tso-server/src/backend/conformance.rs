@@ -1,4 +1,4 @@
-//! The conformance suite every [`Consensus`] implementation runs.
+//! The conformance suite every [`Backend`] implementation runs.
 //!
 //! Call [`run_all`] from a test with a function that opens the backend on the same storage each
 //! time it is called (the previous instance is dropped first). The backend must become leader
@@ -10,9 +10,7 @@ use std::time::Duration;
 
 use tso_core::{Epoch, PHYSICAL_MAX_MS};
 
-use super::{
-    Consensus, ConsensusError, Leadership, OracleCommand, OracleState, SeqCounters, SeqEnds,
-};
+use super::{Backend, BackendError, Leadership, OracleCommand, OracleState, SeqCounters, SeqEnds};
 
 /// How long the suite waits for a fresh backend to report `Leader`.
 const LEADER_WAIT: Duration = Duration::from_secs(30);
@@ -20,7 +18,7 @@ const LEADER_WAIT: Duration = Duration::from_secs(30);
 /// Runs every check, reopening the backend between them with `open`.
 pub async fn run_all<B, F, Fut>(mut open: F)
 where
-    B: Consensus,
+    B: Backend,
     F: FnMut() -> Fut,
     Fut: Future<Output = B>,
 {
@@ -64,49 +62,45 @@ where
     concurrent_sequence_persists_ratchet(&backend, reopened_epoch).await;
 }
 
-async fn high_water<B: Consensus>(backend: &B) -> Result<u64, ConsensusError> {
+async fn high_water<B: Backend>(backend: &B) -> Result<u64, BackendError> {
     backend.load().await.map(|s| s.high_water_ms)
 }
 
-async fn sequences<B: Consensus>(backend: &B) -> Result<SeqCounters, ConsensusError> {
+async fn sequences<B: Backend>(backend: &B) -> Result<SeqCounters, BackendError> {
     backend.load().await.map(|s| s.sequences)
 }
 
-async fn leases<B: Consensus>(backend: &B) -> Result<Vec<u8>, ConsensusError> {
+async fn leases<B: Backend>(backend: &B) -> Result<Vec<u8>, BackendError> {
     backend.load().await.map(|s| s.leases)
 }
 
 /// Applies an advance of the high-water; returns the durable high-water.
-async fn raise<B: Consensus>(
+async fn raise<B: Backend>(
     backend: &B,
     at_least_ms: u64,
     epoch: Epoch,
-) -> Result<u64, ConsensusError> {
+) -> Result<u64, BackendError> {
     let cmd = OracleCommand::AdvanceHighWater { at_least_ms };
     backend.apply(cmd, epoch).await.map(|s| s.high_water_ms)
 }
 
-async fn advance<B: Consensus>(
-    backend: &B,
-    ends: SeqEnds,
-    epoch: Epoch,
-) -> Result<(), ConsensusError> {
+async fn advance<B: Backend>(backend: &B, ends: SeqEnds, epoch: Epoch) -> Result<(), BackendError> {
     let cmd = OracleCommand::AdvanceSequences { ends };
     backend.apply(cmd, epoch).await.map(drop)
 }
 
-async fn replace<B: Consensus>(
+async fn replace<B: Backend>(
     backend: &B,
     record: Vec<u8>,
     epoch: Epoch,
-) -> Result<(), ConsensusError> {
+) -> Result<(), BackendError> {
     let cmd = OracleCommand::replace_leases(record, epoch);
     backend.apply(cmd, epoch).await.map(drop)
 }
 
 /// The stamping-lease record (SEMANTICS §14): empty on a fresh store, replaced whole by each
 /// persist, refused under another epoch. Returns what is stored.
-async fn lease_records_replace_and_fence<B: Consensus>(backend: &B, epoch: Epoch) -> Vec<u8> {
+async fn lease_records_replace_and_fence<B: Backend>(backend: &B, epoch: Epoch) -> Vec<u8> {
     let load = || async { leases(backend).await.expect("load leases") };
     assert!(load().await.is_empty(), "a fresh store has no lease record");
     let first = b"first lease set".to_vec();
@@ -127,7 +121,7 @@ async fn lease_records_replace_and_fence<B: Consensus>(backend: &B, epoch: Epoch
             continue;
         }
         match replace(backend, b"stale".to_vec(), other).await {
-            Err(ConsensusError::Fenced { .. } | ConsensusError::NotLeader { .. }) => {}
+            Err(BackendError::Fenced { .. } | BackendError::NotLeader { .. }) => {}
             res => panic!("a lease persist under epoch {other} must be refused, got {res:?}"),
         }
         assert_eq!(
@@ -150,14 +144,14 @@ fn ends_of(pairs: &[(&str, u64)]) -> Vec<(String, u64)> {
 /// Dense-sequence counters (SEMANTICS §11): a fresh store holds none; a persist applies each
 /// key as `max`, never lowers one, takes the longest key and the largest value, is refused
 /// under another epoch, and a dropped one leaves old-or-new values. Returns what is stored.
-async fn sequences_ratchet_per_key<B: Consensus>(backend: &B, epoch: Epoch) -> SeqCounters {
+async fn sequences_ratchet_per_key<B: Backend>(backend: &B, epoch: Epoch) -> SeqCounters {
     let load = || async { sequences(backend).await.expect("load sequences") };
     assert_eq!(
         load().await,
         SeqCounters::new(),
         "a fresh store has no counters"
     );
-    let long = "k".repeat(128);
+    let long = "k".repeat(tso_proto::limits::SEQ_KEY_BYTES_MAX);
     advance(
         backend,
         ends_of(&[("a", 5), ("b", 3), (&long, u64::MAX)]),
@@ -180,7 +174,7 @@ async fn sequences_ratchet_per_key<B: Consensus>(backend: &B, epoch: Epoch) -> S
             continue;
         }
         match advance(backend, ends_of(&[("a", 100)]), other).await {
-            Err(ConsensusError::Fenced { .. } | ConsensusError::NotLeader { .. }) => {}
+            Err(BackendError::Fenced { .. } | BackendError::NotLeader { .. }) => {}
             res => panic!("a sequence persist under epoch {other} must be refused, got {res:?}"),
         }
         assert_eq!(
@@ -205,7 +199,7 @@ async fn sequences_ratchet_per_key<B: Consensus>(backend: &B, epoch: Epoch) -> S
     load().await
 }
 
-async fn concurrent_sequence_persists_ratchet<B: Consensus>(backend: &B, epoch: Epoch) {
+async fn concurrent_sequence_persists_ratchet<B: Backend>(backend: &B, epoch: Epoch) {
     let calls = (1..=16u64).map(|i| advance(backend, ends_of(&[("c", i * 10)]), epoch));
     for result in futures_util::future::join_all(calls).await {
         result.expect("concurrent sequence persist");
@@ -219,7 +213,7 @@ async fn concurrent_sequence_persists_ratchet<B: Consensus>(backend: &B, epoch: 
 }
 
 /// Waits until the backend reports `Leader` and returns its epoch.
-pub async fn wait_for_leader<B: Consensus>(backend: &B) -> Epoch {
+pub async fn wait_for_leader<B: Backend>(backend: &B) -> Epoch {
     let mut rx = backend.leadership();
     let wait = async {
         loop {
@@ -236,7 +230,7 @@ pub async fn wait_for_leader<B: Consensus>(backend: &B) -> Epoch {
         .expect("backend did not become leader")
 }
 
-async fn persist_returns_the_maximum<B: Consensus>(backend: &B, epoch: Epoch) {
+async fn persist_returns_the_maximum<B: Backend>(backend: &B, epoch: Epoch) {
     assert_eq!(
         raise(backend, 1_000, epoch).await.unwrap(),
         1_000,
@@ -265,10 +259,10 @@ async fn persist_returns_the_maximum<B: Consensus>(backend: &B, epoch: Epoch) {
     );
 }
 
-async fn refuses_out_of_range<B: Consensus>(backend: &B, epoch: Epoch) {
+async fn refuses_out_of_range<B: Backend>(backend: &B, epoch: Epoch) {
     let before = high_water(backend).await.unwrap();
     match raise(backend, PHYSICAL_MAX_MS + 1, epoch).await {
-        Err(ConsensusError::Permanent(_)) => {}
+        Err(BackendError::Permanent(_)) => {}
         other => {
             panic!("a value past the 46-bit layout must be refused as Permanent, got {other:?}")
         }
@@ -280,14 +274,14 @@ async fn refuses_out_of_range<B: Consensus>(backend: &B, epoch: Epoch) {
     );
 }
 
-async fn refuses_a_stale_epoch<B: Consensus>(backend: &B, epoch: Epoch) {
+async fn refuses_a_stale_epoch<B: Backend>(backend: &B, epoch: Epoch) {
     if epoch == Epoch::ZERO {
         return;
     }
     let stale = Epoch::new(epoch.get() - 1);
     let before = high_water(backend).await.unwrap();
     match raise(backend, before + 10_000, stale).await {
-        Err(ConsensusError::Fenced { .. } | ConsensusError::NotLeader { .. }) => {}
+        Err(BackendError::Fenced { .. } | BackendError::NotLeader { .. }) => {}
         other => panic!("a persist under a stale epoch must be refused, got {other:?}"),
     }
     assert_eq!(
@@ -297,7 +291,7 @@ async fn refuses_a_stale_epoch<B: Consensus>(backend: &B, epoch: Epoch) {
     );
 }
 
-async fn concurrent_persists_ratchet<B: Consensus>(backend: &B, epoch: Epoch, base: u64) {
+async fn concurrent_persists_ratchet<B: Backend>(backend: &B, epoch: Epoch, base: u64) {
     let calls = (1..=16u64).map(|i| raise(backend, base + i * 100, epoch));
     let mut highest = base;
     for (i, result) in futures_util::future::join_all(calls)
@@ -320,11 +314,11 @@ async fn concurrent_persists_ratchet<B: Consensus>(backend: &B, epoch: Epoch, ba
     );
 }
 
-async fn refuses_a_newer_epoch<B: Consensus>(backend: &B, epoch: Epoch) {
+async fn refuses_a_newer_epoch<B: Backend>(backend: &B, epoch: Epoch) {
     let newer = Epoch::new(epoch.get() + 1);
     let before = high_water(backend).await.unwrap();
     match raise(backend, before + 10_000, newer).await {
-        Err(ConsensusError::Fenced { .. } | ConsensusError::NotLeader { .. }) => {}
+        Err(BackendError::Fenced { .. } | BackendError::NotLeader { .. }) => {}
         other => panic!(
             "a persist under an epoch this node does not lead must be refused, got {other:?}"
         ),
@@ -339,7 +333,7 @@ async fn refuses_a_newer_epoch<B: Consensus>(backend: &B, epoch: Epoch) {
 /// A persist dropped before it finished may or may not take effect (SEMANTICS §4: cancel-safe),
 /// but it leaves nothing else behind: the store holds the old value or the dropped one, and
 /// the next calls work as usual.
-async fn a_dropped_persist_is_harmless<B: Consensus>(backend: &B, epoch: Epoch) {
+async fn a_dropped_persist_is_harmless<B: Backend>(backend: &B, epoch: Epoch) {
     let before = high_water(backend).await.unwrap();
     let dropped = before + 5_000;
     {
@@ -361,7 +355,7 @@ async fn a_dropped_persist_is_harmless<B: Consensus>(backend: &B, epoch: Epoch) 
 }
 
 /// The last millisecond of the 46-bit layout is storable, and nothing past it ever loads.
-async fn the_last_millisecond_is_the_limit<B: Consensus>(backend: &B, epoch: Epoch) {
+async fn the_last_millisecond_is_the_limit<B: Backend>(backend: &B, epoch: Epoch) {
     assert_eq!(
         raise(backend, PHYSICAL_MAX_MS, epoch).await.unwrap(),
         PHYSICAL_MAX_MS,
@@ -379,7 +373,7 @@ mod tests {
     use tokio::sync::watch;
 
     use super::*;
-    use crate::consensus::{BoxFuture, Stored};
+    use crate::backend::{BoxFuture, Stored};
 
     /// An in-memory backend, correct unless told to accept any epoch or to overwrite counters:
     /// the suite must pass the one and catch the others.
@@ -411,10 +405,10 @@ mod tests {
             }
         }
 
-        fn check(&self, epoch: Epoch) -> Result<(), ConsensusError> {
+        fn check(&self, epoch: Epoch) -> Result<(), BackendError> {
             let any = self.bug == Bug::AnyNewerEpoch && epoch > self.epoch;
             if epoch != self.epoch && !any {
-                return Err(ConsensusError::Fenced {
+                return Err(BackendError::Fenced {
                     expected: epoch,
                     current: self.epoch,
                 });
@@ -423,16 +417,16 @@ mod tests {
         }
     }
 
-    impl Consensus for Memory {
+    impl Backend for Memory {
         fn leadership(&self) -> watch::Receiver<Leadership> {
             self.leadership.subscribe()
         }
 
-        fn lease_valid(&self, _epoch: Epoch) -> bool {
+        fn leader_lease_valid(&self, _epoch: Epoch) -> bool {
             true
         }
 
-        fn load(&self) -> BoxFuture<'_, Result<OracleState, ConsensusError>> {
+        fn load(&self) -> BoxFuture<'_, Result<OracleState, BackendError>> {
             let state = self.stored.lock().unwrap().clone();
             Box::pin(async move { Ok(state) })
         }
@@ -441,7 +435,7 @@ mod tests {
             &self,
             cmd: OracleCommand,
             epoch: Epoch,
-        ) -> BoxFuture<'_, Result<Stored, ConsensusError>> {
+        ) -> BoxFuture<'_, Result<Stored, BackendError>> {
             Box::pin(async move {
                 cmd.check(epoch)?;
                 self.check(epoch)?;
