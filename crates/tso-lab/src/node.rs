@@ -39,6 +39,9 @@ pub struct Node {
     hosts_file: Option<PathBuf>,
     child: Option<Child>,
     paused: bool,
+    /// The fault layer under `data/`, when the run has disk faults: dropped after `child`
+    /// (which kills the process), so the mount goes once nothing uses it.
+    disk: Option<tso_faultfs::Mount>,
 }
 
 impl Node {
@@ -64,9 +67,42 @@ impl Node {
             hosts_file: None,
             child: None,
             paused: false,
+            disk: None,
         };
         node.set_clock_offset_ms(0)?;
         Ok(node)
+    }
+
+    /// Puts the node's data directory on the fault layer (an in-memory filesystem that knows
+    /// what each fsync made durable), mounted at `data/`. The checker's process must be in a
+    /// private mount namespace ([`tso_faultfs::enter_private_mount_namespace`]).
+    pub fn with_fault_disk(mut self) -> anyhow::Result<Node> {
+        let data = self.dir.join("data");
+        std::fs::create_dir_all(&data)
+            .with_context(|| format!("creating the mount point {}", data.display()))?;
+        let mount = tso_faultfs::Mount::new(&data)
+            .with_context(|| format!("mounting the fault layer on {}", data.display()))?;
+        self.disk = Some(mount);
+        Ok(self)
+    }
+
+    /// The switches of the node's fault layer, if it has one.
+    pub fn disk(&self) -> Option<tso_faultfs::Control> {
+        self.disk.as_ref().map(tso_faultfs::Mount::control)
+    }
+
+    /// Whether the process ended on its own (reaps it if so): a server that stopped on a
+    /// permanent error, say.
+    pub fn exited(&mut self) -> bool {
+        let ended = match self.child.as_mut().map(Child::try_wait) {
+            Some(Ok(Some(_))) | Some(Err(_)) => true,
+            Some(Ok(None)) | None => false,
+        };
+        if ended {
+            self.child = None;
+            self.paused = false;
+        }
+        ended
     }
 
     /// Starts on `listen` instead of a port the OS picks (a raft cluster's members list names

@@ -9,7 +9,7 @@
 //!
 //! Run: `cargo run -p tso-server --example piggyback`
 //!
-//! `tests/piggyback.rs` includes this file and drives the same cluster.
+//! `tests/it/piggyback.rs` includes this file and drives the same cluster.
 #![allow(dead_code)]
 
 use std::collections::{BTreeMap, BTreeSet};

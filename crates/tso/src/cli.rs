@@ -159,12 +159,23 @@ pub struct ServeControls {
     /// transfer-leader) keeps its lease and keeps granting under it after its vote gate lets
     /// the successor be elected. This breaks the oracle on purpose. Never set it.
     #[arg(long, hide = true)]
-    pub unsafe_handoff_keep_lease: bool,
+    pub unsafe_handoff_keep_leader_lease: bool,
     /// FOR MEASURING WHAT THE PRE-VOTE GATE BUYS ONLY: elections skip it, as before it was
     /// built, so a follower cut off and healed raises the term and unseats the leader. Never
     /// set it.
     #[arg(long, hide = true)]
     pub unsafe_ungate_elections: bool,
+    /// FOR THE CHECKER'S POSITIVE CONTROL ONLY (file backend): a record replaced by rename is
+    /// not followed by an fsync of the directory, so after a power loss the old record is back.
+    /// This breaks the oracle on purpose. Never set it.
+    #[arg(long, hide = true)]
+    pub unsafe_skip_dir_fsync: bool,
+    /// FOR THE CHECKER'S POSITIVE CONTROL ONLY (raft backend): the log store acknowledges
+    /// appended entries before they are durable and fsyncs them at most once a second, so a
+    /// power loss of a quorum loses committed entries. This breaks the oracle on purpose.
+    /// Never set it.
+    #[arg(long, hide = true)]
+    pub unsafe_ack_before_fsync: bool,
     /// FOR FAULT TESTS ONLY: shift this server's clock by the signed number of milliseconds
     /// written in this file (re-read every 50 ms). Never set it in production.
     #[arg(long, hide = true)]
@@ -491,12 +502,18 @@ pub struct CheckArgs {
     /// Faults the nemesis draws from, comma-separated: kill, pause, clock, and for raft
     /// clusters partition, handoff (SIGTERM the leader, restart it) and member (replace a node,
     /// or shrink to one voter and grow back, through the admin service) and wipe (lose a
-    /// follower's raft log or whole data directory, then replace it).
+    /// follower's raft log or whole data directory, then replace it); and on the fault layer under
+    /// each data directory: power (kill -9 and drop what no fsync made durable), disk-error (EIO
+    /// from fsync), disk-full (ENOSPC), slow-disk (slow fsyncs).
     #[arg(long, value_delimiter = ',', default_value = "kill,pause,clock")]
     pub faults: Vec<tso_lab::check::schedule::FaultKind>,
     /// Mean quiet time between faults (each gap is drawn from half to 1.5 times this).
     #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
     pub fault_interval: Duration,
+    /// How long each fsync takes during a slow-disk fault [default: drawn for each fault, 1 to
+    /// 300 ms].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub slow_fsync: Option<Duration>,
     /// Seed of the schedule and of the clients' counts; random when absent, always printed.
     #[arg(long)]
     pub seed: Option<u64>,
@@ -588,7 +605,18 @@ pub struct CheckControls {
     /// run servers whose leader keeps its lease, and keeps granting, after handing off. A
     /// working checker reports a real-time violation (exit 1).
     #[arg(long)]
-    pub unsafe_handoff_keep_lease: bool,
+    pub unsafe_handoff_keep_leader_lease: bool,
+    /// POSITIVE CONTROL of the file backend's durability (`--nodes 1`, with `power` faults):
+    /// run a server that renames records into place without fsyncing the directory, and open
+    /// with power losses. A working checker reports values answered again (exit 1).
+    #[arg(long)]
+    pub unsafe_skip_dir_fsync: bool,
+    /// POSITIVE CONTROL of the raft log's durability (raft clusters, with `power` faults): run
+    /// servers whose log store acknowledges appends before they are durable, and open with
+    /// power losses of every node at once. A working checker reports values answered again
+    /// (exit 1).
+    #[arg(long)]
+    pub unsafe_ack_before_fsync: bool,
     /// ABLATION, not a control: run raft servers whose elections skip the pre-vote gate, as
     /// before it was built, to measure what a follower's heal costs the clients without it
     /// (the run's "longest gap in answers" line). It breaks no guarantee the checker judges.

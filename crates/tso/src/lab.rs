@@ -70,6 +70,7 @@ fn check_options(args: CheckArgs) -> anyhow::Result<CheckOptions> {
         duration: args.duration,
         faults: args.faults,
         fault_interval: args.fault_interval,
+        slow_fsync: args.slow_fsync,
         seed: args.seed,
         liveness_bound: args.liveness_bound,
         call_timeout: args.call_timeout,
@@ -92,7 +93,9 @@ fn controls(flags: CheckControls) -> Controls {
         unsafe_lease_wall_expiry: flags.unsafe_lease_wall_expiry,
         unsafe_lease_bound_in_memory: flags.unsafe_lease_bound_in_memory,
         unsafe_seq_burn_refused: flags.unsafe_seq_burn_refused,
-        unsafe_handoff_keep_lease: flags.unsafe_handoff_keep_lease,
+        unsafe_handoff_keep_leader_lease: flags.unsafe_handoff_keep_leader_lease,
+        unsafe_skip_dir_fsync: flags.unsafe_skip_dir_fsync,
+        unsafe_ack_before_fsync: flags.unsafe_ack_before_fsync,
         unsafe_ungate_elections: flags.unsafe_ungate_elections,
     }
 }

@@ -245,6 +245,16 @@ async fn serve_raft(
     let listener = bind_client(&args).await?;
     let addr = listener.local_addr()?;
     let admin_listener = cluster::bind_admin(&args).await?;
+    anyhow::ensure!(
+        !args.controls.unsafe_skip_dir_fsync,
+        "--unsafe-skip-dir-fsync breaks the file backend: use it without --backend raft"
+    );
+    if args.controls.unsafe_ack_before_fsync {
+        tracing::warn!(
+            "UNSAFE: the raft log acknowledges entries before they are durable; this server breaks its guarantees on purpose"
+        );
+        tso_server::backend::raft::unsafe_ack_before_fsync();
+    }
     if let Some(path) = &args.controls.unsafe_fsync_stall_file {
         tracing::warn!(path = %path.display(), "UNSAFE: raft fsyncs stall while this file exists; for fault tests only");
         tso_server::backend::raft::unsafe_stall_fsync_while_exists(path.clone());
@@ -264,11 +274,11 @@ async fn serve_raft(
         );
         backend.unsafe_trust_wiped_members();
     }
-    if args.controls.unsafe_handoff_keep_lease {
+    if args.controls.unsafe_handoff_keep_leader_lease {
         tracing::warn!(
             "UNSAFE: a handoff keeps this node's lease and grants under it; this server breaks its guarantees on purpose"
         );
-        backend.unsafe_handoff_keep_lease();
+        backend.unsafe_handoff_keep_leader_lease();
     }
     let stop_admin = CancellationToken::new();
     let admin = cluster::serve_admin(
@@ -340,8 +350,18 @@ async fn serve_file(
         args.cluster.admin_listen.is_none() && !args.tls.has_admin_flags(),
         "--admin-listen and --admin-tls-* serve raft membership changes: use them with --backend raft"
     );
+    anyhow::ensure!(
+        !args.controls.unsafe_ack_before_fsync,
+        "--unsafe-ack-before-fsync breaks the raft log store: use it with --backend raft"
+    );
     let tls = args.tls.client_port()?;
     let client_tls = tls.is_some();
+    if args.controls.unsafe_skip_dir_fsync {
+        tracing::warn!(
+            "UNSAFE: replaced records are not followed by a directory fsync; this server breaks its guarantees on purpose"
+        );
+        tso_server::backend::file::unsafe_skip_dir_fsync();
+    }
     let backend: Arc<dyn Backend> = Arc::new(FileBackend::open(&args.data_dir)?);
     let listener = bind_client(&args).await?;
     let addr = listener.local_addr()?;

@@ -50,6 +50,12 @@ pub const LEASE_BOUND_IN_MEMORY_FLAG: &str = "--unsafe-lease-bound-in-memory";
 pub const SEQ_BURN_REFUSED_FLAG: &str = "--unsafe-seq-burn-refused";
 /// Hidden server flag of the handoff control: a leader handing off keeps its lease.
 pub const HANDOFF_KEEP_LEADER_LEASE_FLAG: &str = "--unsafe-handoff-keep-leader-lease";
+/// Hidden server flag of the skip-dir-fsync control: the file backend renames records into
+/// place without fsyncing the directory.
+pub const SKIP_DIR_FSYNC_FLAG: &str = "--unsafe-skip-dir-fsync";
+/// Hidden server flag of the ack-before-fsync control: the raft log store acknowledges
+/// appends before they are durable.
+pub const ACK_BEFORE_FSYNC_FLAG: &str = "--unsafe-ack-before-fsync";
 /// Hidden server flag of the pre-vote ablation: elections skip the pre-vote gate.
 pub const UNGATE_ELECTIONS_FLAG: &str = "--unsafe-ungate-elections";
 /// How long a SIGTERM'd node may take to exit before it is killed: its whole exit, handoff and
@@ -67,6 +73,8 @@ pub struct Cluster {
     /// The slots of the wiped follower A and the cut-off follower B of the trust-wiped
     /// control's opening under way (`wipe.rs`).
     pub(super) stale_vote: Option<(usize, usize)>,
+    /// The seed of torn power losses: each draws the next value.
+    pub(super) torn_seed: u64,
 }
 
 /// The loopback proxy of the directed peer link from slot `from` to the peer port `target` of
@@ -146,11 +154,13 @@ impl Applied {
 impl Cluster {
     /// Starts `nodes` local servers under `dir`: one on the file backend, or a raft cluster.
     /// Every server also gets `unsafe_flags` (a positive control's broken server).
+    /// With `fault_disk`, each node's data directory is on the fault layer.
     pub async fn start(
         bin: &Path,
         dir: &Path,
         nodes: usize,
         unsafe_flags: &[&str],
+        fault_disk: bool,
     ) -> anyhow::Result<Cluster> {
         let mut common = vec!["--log".to_string(), "info".to_string()];
         common.extend(unsafe_flags.iter().map(|f| f.to_string()));
@@ -160,10 +170,17 @@ impl Cluster {
                 links: Vec::new(),
                 raft: None,
                 stale_vote: None,
+                torn_seed: 0,
             }
         } else {
             Cluster::raft(bin, dir, nodes, common).await?
         };
+        if fault_disk {
+            let plain = std::mem::take(&mut cluster.nodes);
+            for node in plain {
+                cluster.nodes.push(node.with_fault_disk()?);
+            }
+        }
         for node in &mut cluster.nodes {
             node.start()
                 .await
@@ -203,6 +220,7 @@ impl Cluster {
                 next_id: nodes as u64 + 1,
             }),
             stale_vote: None,
+            torn_seed: 0,
         };
         for i in 0..nodes {
             cluster.proxy_links_to(i).await?;
@@ -322,6 +340,16 @@ impl Cluster {
             } => return self.shrink(remove_leader, slow_ms).await,
             Fault::Wipe { loss, .. } => return self.wipe(at, loss).await.map(Some),
             Fault::StaleVote { cut_ms, .. } => return self.stale_vote(at, cut_ms).await,
+            Fault::Power { every, torn, .. } => return self.power_loss(at, every, torn).await,
+            Fault::DiskError { once, .. } => self.disk(at)?.fsync_error(if once {
+                tso_faultfs::FsyncError::Once
+            } else {
+                tso_faultfs::FsyncError::UntilHealed
+            }),
+            Fault::DiskFull { .. } => self.disk(at)?.disk_full(true),
+            Fault::SlowDisk { fsync_ms, .. } => {
+                self.disk(at)?.slow_fsync(Duration::from_millis(fsync_ms))
+            }
         }
         Ok(Some(Applied::plain()))
     }
@@ -341,6 +369,39 @@ impl Cluster {
             Fault::Shrink { .. } => return self.grow().await.map(Some),
             Fault::Wipe { .. } => return self.repair_wiped(at).await.map(Some),
             Fault::StaleVote { .. } => return self.end_stale_vote(at).await.map(Some),
+            Fault::Power { every, .. } => {
+                for i in self.power_targets(at, every) {
+                    if !self.nodes[i].is_running() {
+                        self.nodes[i].start().await?;
+                    }
+                }
+            }
+            // A disk that failed fsyncs is replaced by a good one, and the node restarted as an
+            // operator would: it stops serving on such an error (SEMANTICS §6).
+            Fault::DiskError { .. } => {
+                self.disk(at)?.heal();
+                let exited = self.nodes[at].exited();
+                self.nodes[at].kill().await?;
+                self.nodes[at].start().await?;
+                return Ok(Some(if exited {
+                    "the node had stopped on the error; restarted on a healed disk".to_string()
+                } else {
+                    "restarted on a healed disk".to_string()
+                }));
+            }
+            // Space is freed: a node that kept running serves again by itself; one that
+            // stopped is restarted.
+            Fault::DiskFull { .. } => {
+                self.disk(at)?.heal();
+                if self.nodes[at].exited() {
+                    self.nodes[at].start().await?;
+                    return Ok(Some(
+                        "the node had stopped on the full disk; restarted".to_string(),
+                    ));
+                }
+                return Ok(Some("space freed; the node kept running".to_string()));
+            }
+            Fault::SlowDisk { .. } => self.disk(at)?.heal(),
         }
         Ok(None)
     }
@@ -354,6 +415,54 @@ impl Cluster {
         let log_from = node.log_len();
         let stopped = node.terminate(TERM_EXIT_MAX).await?;
         Ok(handoff_outcome(stopped, &node.log_since(log_from)))
+    }
+
+    /// The switches of node `at`'s fault layer.
+    fn disk(&self, at: usize) -> anyhow::Result<tso_faultfs::Control> {
+        self.nodes[at]
+            .disk()
+            .with_context(|| format!("node {} has no fault layer", self.nodes[at].name))
+    }
+
+    /// The nodes a power loss hits: `at`, or every node.
+    fn power_targets(&self, at: usize, every: bool) -> Vec<usize> {
+        if every {
+            (0..self.nodes.len()).collect()
+        } else {
+            vec![at]
+        }
+    }
+
+    /// Power loss of node `at` (or of every node): `kill -9` whatever runs, then every write
+    /// no fsync made durable is dropped (with `torn`, a write in flight lands partly).
+    async fn power_loss(
+        &mut self,
+        at: usize,
+        every: bool,
+        torn: bool,
+    ) -> anyhow::Result<Option<Applied>> {
+        let targets = self.power_targets(at, every);
+        for &i in &targets {
+            self.nodes[i].kill().await?;
+        }
+        let mut notes = Vec::new();
+        for &i in &targets {
+            self.torn_seed += 1;
+            let lost = self.disk(i)?.power_loss(torn.then_some(self.torn_seed));
+            notes.push(format!(
+                "node {}: {} file(s) and {} name(s) reverted, {} byte(s) lost, {} write(s) torn",
+                self.nodes[i].name,
+                lost.files_reverted,
+                lost.names_reverted,
+                lost.bytes_lost,
+                lost.torn_writes
+            ));
+        }
+        Ok(Some(Applied {
+            outcome: "applied",
+            note: Some(notes.join("; ")),
+            hung: false,
+        }))
     }
 
     /// Cuts (or heals) every peer link to and from node `at`.

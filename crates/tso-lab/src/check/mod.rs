@@ -62,6 +62,14 @@ pub enum Verdict {
 
 /// Runs the checker on a runtime of its own: the verdict, or an error of usage or setup.
 pub fn run(args: CheckOptions) -> anyhow::Result<Verdict> {
+    if args.fault_disk() {
+        // Before any thread: the fault layers' mounts then live in this process's own mount
+        // namespace, and vanish with it however the run ends.
+        tso_faultfs::enter_private_mount_namespace().context(
+            "disk faults mount a filesystem under each node: run tso check as root, with \
+             /dev/fuse",
+        )?;
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -252,6 +260,8 @@ fn plan(args: &CheckOptions, seed: u64, local: bool) -> Plan {
         lease_forget_control: args.controls.unsafe_lease_forget,
         leader_removal_control: args.controls.unsafe_allow_leader_removal,
         trust_wiped_control: args.controls.unsafe_trust_wiped,
+        power_control: args.controls.power_control(),
+        slow_fsync_ms: args.slow_fsync.map(|d| d.as_millis() as u64),
     }
 }
 
@@ -301,7 +311,14 @@ async fn start_cluster(args: &CheckOptions, work: &WorkDir) -> anyhow::Result<Cl
     if args.workload == Workload::Lease {
         unsafe_flags.extend(lease_client::SERVE_LEASE_TTL_MIN_FLAGS);
     }
-    Cluster::start(&args.server_bin, work.path(), args.nodes, &unsafe_flags).await
+    Cluster::start(
+        &args.server_bin,
+        work.path(),
+        args.nodes,
+        &unsafe_flags,
+        args.fault_disk(),
+    )
+    .await
 }
 
 type ClientTask = tokio::task::JoinHandle<anyhow::Result<History>>;
@@ -993,7 +1010,9 @@ fn result_json(
         "lease_bound_in_memory_control": args.controls.unsafe_lease_bound_in_memory,
         "leader_removal_control": args.controls.unsafe_allow_leader_removal,
         "trust_wiped_control": args.controls.unsafe_trust_wiped,
-        "handoff_keep_lease_control": args.controls.unsafe_handoff_keep_lease,
+        "skip_dir_fsync_control": args.controls.unsafe_skip_dir_fsync,
+        "ack_before_fsync_control": args.controls.unsafe_ack_before_fsync,
+        "handoff_keep_leader_lease_control": args.controls.unsafe_handoff_keep_leader_lease,
         "ungate_elections_ablation": args.controls.unsafe_ungate_elections,
         "partial_started": findings.partial_started,
         "work_dir": work.path(),

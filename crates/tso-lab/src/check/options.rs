@@ -15,7 +15,7 @@ use std::time::Duration;
 use tso_client::ClientTls;
 
 use super::CLIENTS_MAX;
-use super::schedule;
+use super::schedule::{self, FaultKind};
 
 /// One run of the checker (each field is the flag of the same name of `tso check`).
 #[derive(Debug, Clone)]
@@ -42,6 +42,8 @@ pub struct CheckOptions {
     pub faults: Vec<schedule::FaultKind>,
     /// Mean quiet time between faults.
     pub fault_interval: Duration,
+    /// How long each fsync takes during a slow-disk fault; drawn for each fault when `None`.
+    pub slow_fsync: Option<Duration>,
     /// Seed of the schedule and of the clients' counts; random when absent.
     pub seed: Option<u64>,
     /// After each fault heals, a call must succeed within this long.
@@ -84,10 +86,23 @@ pub struct Controls {
     /// Servers that now and then refuse a sequence call after spending its block.
     pub unsafe_seq_burn_refused: bool,
     /// Servers whose leader keeps its lease, and keeps granting, after handing off.
-    pub unsafe_handoff_keep_lease: bool,
+    pub unsafe_handoff_keep_leader_lease: bool,
+    /// File-backend servers that replace records without the directory fsync; power losses.
+    pub unsafe_skip_dir_fsync: bool,
+    /// Raft servers whose log store acknowledges appends before they are durable; power
+    /// losses of every node at once.
+    pub unsafe_ack_before_fsync: bool,
     /// Not a control: raft servers whose elections skip the pre-vote gate, to measure what a
     /// follower's heal costs without it.
     pub unsafe_ungate_elections: bool,
+}
+
+impl CheckOptions {
+    /// Whether the nodes' data directories sit on the fault layer: a disk fault is drawn, or a
+    /// power control runs.
+    pub fn fault_disk(&self) -> bool {
+        self.faults.iter().any(|k| k.needs_fault_disk()) || self.controls.power_control()
+    }
 }
 
 impl Controls {
@@ -102,8 +117,15 @@ impl Controls {
             || self.unsafe_lease_wall_expiry
             || self.unsafe_lease_bound_in_memory
             || self.unsafe_seq_burn_refused
-            || self.unsafe_handoff_keep_lease
+            || self.unsafe_handoff_keep_leader_lease
+            || self.unsafe_skip_dir_fsync
+            || self.unsafe_ack_before_fsync
             || self.unsafe_ungate_elections
+    }
+
+    /// Whether a control that opens with power losses is on.
+    pub fn power_control(&self) -> bool {
+        self.unsafe_skip_dir_fsync || self.unsafe_ack_before_fsync
     }
 
     /// The hidden `tso serve` flags of the controls that are on.
@@ -136,7 +158,13 @@ impl Controls {
         if self.unsafe_seq_burn_refused {
             unsafe_flags.push(super::cluster::SEQ_BURN_REFUSED_FLAG);
         }
-        if self.unsafe_handoff_keep_lease {
+        if self.unsafe_skip_dir_fsync {
+            unsafe_flags.push(super::cluster::SKIP_DIR_FSYNC_FLAG);
+        }
+        if self.unsafe_ack_before_fsync {
+            unsafe_flags.push(super::cluster::ACK_BEFORE_FSYNC_FLAG);
+        }
+        if self.unsafe_handoff_keep_leader_lease {
             unsafe_flags.push(super::cluster::HANDOFF_KEEP_LEADER_LEASE_FLAG);
         }
         if self.unsafe_ungate_elections {
@@ -230,9 +258,14 @@ pub(super) fn validate(args: &CheckOptions) -> anyhow::Result<()> {
         "the --unsafe-positive-control and --unsafe-no-leader-lease controls break timestamps: use them with --workload ts"
     );
     anyhow::ensure!(
+        args.slow_fsync.is_none_or(|d| d <= Duration::from_secs(10)),
+        "--slow-fsync must be at most 10s"
+    );
+    anyhow::ensure!(
         !args.fault_interval.is_zero(),
         "--fault-interval must be above 0"
     );
+    validate_fault_disk(args)?;
     if let Some(kind) = args.faults.iter().find(|k| k.needs_cluster())
         && args.nodes == 1
     {
@@ -275,6 +308,43 @@ fn validate_seq(args: &CheckOptions) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What the disk faults and the power controls refuse: they need the nodes the checker starts,
+/// and they do not mix with faults that wipe or replace a node's data directory (its mount).
+fn validate_fault_disk(args: &CheckOptions) -> anyhow::Result<()> {
+    if !args.fault_disk() {
+        return Ok(());
+    }
+    anyhow::ensure!(
+        args.endpoints.is_empty(),
+        "disk faults and the power controls need the nodes the checker starts: drop --endpoints"
+    );
+    if let Some(kind) = args
+        .faults
+        .iter()
+        .find(|k| matches!(k, FaultKind::Member | FaultKind::Wipe))
+    {
+        anyhow::bail!(
+            "{} faults replace data directories, which disk faults keep on a mount: run them in \
+             another check",
+            kind.name()
+        );
+    }
+    let controls = &args.controls;
+    anyhow::ensure!(
+        !controls.unsafe_skip_dir_fsync || args.nodes == 1,
+        "the --unsafe-skip-dir-fsync control breaks the file backend: give --nodes 1"
+    );
+    anyhow::ensure!(
+        !controls.unsafe_ack_before_fsync || args.nodes > 1,
+        "the --unsafe-ack-before-fsync control breaks the raft log: add --nodes 3 or 5"
+    );
+    anyhow::ensure!(
+        !controls.power_control() || args.faults.contains(&FaultKind::Power),
+        "the power controls are caught by power losses: add --faults power"
+    );
+    Ok(())
+}
+
 /// What the leader-removal control refuses.
 fn validate_leader_removal(args: &CheckOptions) -> anyhow::Result<()> {
     if !args.controls.unsafe_allow_leader_removal {
@@ -302,7 +372,7 @@ fn validate_leader_removal(args: &CheckOptions) -> anyhow::Result<()> {
 /// What the handoff control refuses: its two granting nodes show only with handoffs, on a raft
 /// cluster the checker starts, in a history of timestamps with a client pinned to each node.
 fn validate_handoff_keep_lease(args: &CheckOptions) -> anyhow::Result<()> {
-    if !args.controls.unsafe_handoff_keep_lease {
+    if !args.controls.unsafe_handoff_keep_leader_lease {
         return Ok(());
     }
     anyhow::ensure!(

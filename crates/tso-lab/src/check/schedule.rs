@@ -89,6 +89,21 @@ pub const TRUST_WIPED_CLOCK_MS: i64 = -60_000;
 /// restarts the leader and repairs A: past an election or two (550 to 700 ms each).
 pub const TRUST_WIPED_HOLD_MS: u64 = 3_000;
 
+/// A power loss takes the node (or every node) down this long at most before the restart.
+pub const POWER_DOWN_MAX_MS: u64 = 1_000;
+/// A disk fault (errors, full, slow) lasts from this long to this long before it heals.
+pub const DISK_FAULT_MIN_MS: u64 = 500;
+pub const DISK_FAULT_MAX_MS: u64 = 4_000;
+/// How long each fsync takes on a slow disk, at most (the docs' figures use 200 ms).
+pub const SLOW_FSYNC_MAX_MS: u64 = 300;
+/// Power losses the power controls open with (of the one node, or of every node of a
+/// cluster at once): a server that acknowledged a write its disk had not made durable loses
+/// it at each, and answers below what it answered before.
+pub const POWER_CONTROL_LOSSES: usize = 3;
+/// Between the power control's losses: long enough for the servers to extend their windows
+/// (at half of `--window-ahead`, 1.5 s by default) and answer above the last durable end.
+pub const POWER_CONTROL_GAP_MS: u64 = 3_000;
+
 /// The kinds of fault a run may draw from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, clap::ValueEnum)]
 pub enum FaultKind {
@@ -109,6 +124,16 @@ pub enum FaultKind {
     /// Lose a follower's data: its raft log alone (the restart must be refused), or all of it
     /// (restarted under its old id, it must be kept out); then replace it (clusters only).
     Wipe,
+    /// Power loss: `kill -9`, every write no fsync made durable is forgotten (sometimes a
+    /// write in flight lands partly), restart. In a cluster one node, or now and then every
+    /// node at once (a rack losing power).
+    Power,
+    /// Every fsync answers EIO (once, or until healed); the node is restarted at the heal.
+    DiskError,
+    /// Writes and fsyncs answer ENOSPC until healed.
+    DiskFull,
+    /// Every fsync takes up to [`SLOW_FSYNC_MAX_MS`] until healed.
+    SlowDisk,
 }
 
 impl FaultKind {
@@ -122,7 +147,19 @@ impl FaultKind {
             FaultKind::Handoff => "handoff",
             FaultKind::Member => "member",
             FaultKind::Wipe => "wipe",
+            FaultKind::Power => "power",
+            FaultKind::DiskError => "disk-error",
+            FaultKind::DiskFull => "disk-full",
+            FaultKind::SlowDisk => "slow-disk",
         }
+    }
+
+    /// Whether the kind needs the nodes' data directories on the fault layer.
+    pub fn needs_fault_disk(self) -> bool {
+        matches!(
+            self,
+            FaultKind::Power | FaultKind::DiskError | FaultKind::DiskFull | FaultKind::SlowDisk
+        )
     }
 
     /// Whether the kind needs a raft cluster (more than one node).
@@ -226,6 +263,33 @@ pub enum Fault {
         cut_ms: u64,
         hold_ms: u64,
     },
+    /// `kill -9` `node` (every node when `every`), drop what no fsync made durable (with a
+    /// write in flight landing partly when `torn`), restart after `down_ms`.
+    Power {
+        node: Target,
+        every: bool,
+        torn: bool,
+        down_ms: u64,
+    },
+    /// Fsyncs of `node` answer EIO (the next one only when `once`) for `for_ms`; then the disk
+    /// heals and the node is restarted (an operator replacing the disk).
+    DiskError {
+        node: Target,
+        once: bool,
+        for_ms: u64,
+    },
+    /// Writes and fsyncs of `node` answer ENOSPC for `for_ms`; the node is restarted at the
+    /// heal only if it exited.
+    DiskFull {
+        node: Target,
+        for_ms: u64,
+    },
+    /// Every fsync of `node` takes `fsync_ms` for `for_ms`.
+    SlowDisk {
+        node: Target,
+        fsync_ms: u64,
+        for_ms: u64,
+    },
 }
 
 impl Fault {
@@ -241,6 +305,10 @@ impl Fault {
             Fault::Shrink { for_ms, .. } => for_ms,
             Fault::Wipe { for_ms, .. } => for_ms,
             Fault::StaleVote { hold_ms, .. } => hold_ms,
+            Fault::Power { down_ms, .. } => down_ms,
+            Fault::DiskError { for_ms, .. }
+            | Fault::DiskFull { for_ms, .. }
+            | Fault::SlowDisk { for_ms, .. } => for_ms,
         }
     }
 
@@ -253,6 +321,10 @@ impl Fault {
             Fault::Handoff { .. } => FaultKind::Handoff,
             Fault::Replace { .. } | Fault::Shrink { .. } => FaultKind::Member,
             Fault::Wipe { .. } | Fault::StaleVote { .. } => FaultKind::Wipe,
+            Fault::Power { .. } => FaultKind::Power,
+            Fault::DiskError { .. } => FaultKind::DiskError,
+            Fault::DiskFull { .. } => FaultKind::DiskFull,
+            Fault::SlowDisk { .. } => FaultKind::SlowDisk,
         }
     }
 
@@ -264,7 +336,11 @@ impl Fault {
             | Fault::Clock { node, .. }
             | Fault::Partition { node, .. }
             | Fault::Replace { node, .. }
-            | Fault::Wipe { node, .. } => node,
+            | Fault::Wipe { node, .. }
+            | Fault::Power { node, .. }
+            | Fault::DiskError { node, .. }
+            | Fault::DiskFull { node, .. }
+            | Fault::SlowDisk { node, .. } => node,
             Fault::Handoff { .. } | Fault::Shrink { .. } | Fault::StaleVote { .. } => {
                 Target::Leader
             }
@@ -326,6 +402,41 @@ impl Fault {
                  -9 the leader, restart follower A wiped under its old id, heal B; after \
                  {hold_ms} ms restart the leader and replace A"
             ),
+            Fault::Power {
+                node,
+                every,
+                torn,
+                down_ms,
+            } => format!(
+                "power loss of {}: kill -9, drop every write no fsync made durable{}, restart \
+                 after {down_ms} ms",
+                if every {
+                    "every node".to_string()
+                } else {
+                    node.to_string()
+                },
+                if torn {
+                    " (a write in flight lands partly)"
+                } else {
+                    ""
+                }
+            ),
+            Fault::DiskError { node, once, for_ms } => format!(
+                "the disk of {node} answers EIO to {} for {for_ms} ms, then it is restarted",
+                if once {
+                    "the next fsync"
+                } else {
+                    "every fsync"
+                }
+            ),
+            Fault::DiskFull { node, for_ms } => {
+                format!("the disk of {node} is full (ENOSPC) for {for_ms} ms")
+            }
+            Fault::SlowDisk {
+                node,
+                fsync_ms,
+                for_ms,
+            } => format!("every fsync of {node} takes {fsync_ms} ms for {for_ms} ms"),
         }
     }
 }
@@ -360,6 +471,11 @@ pub struct Plan {
     pub leader_removal_control: bool,
     /// Open with stale-vote elections that a server trusting wiped nodes fails.
     pub trust_wiped_control: bool,
+    /// Open with power losses (of every node of a cluster at once) that a server acknowledging
+    /// writes before they are durable fails.
+    pub power_control: bool,
+    /// How long each fsync of a slow disk takes; drawn for each fault when `None`.
+    pub slow_fsync_ms: Option<u64>,
 }
 
 /// Draws the schedule of `plan`: same plan, same schedule.
@@ -459,6 +575,21 @@ fn control_steps(plan: &Plan, interval_ms: u64) -> (Vec<Step>, u64) {
             t += TRUST_WIPED_CUT_MS + TRUST_WIPED_HOLD_MS + interval_ms;
         }
     }
+    if plan.power_control {
+        for _ in 0..POWER_CONTROL_LOSSES {
+            t += POWER_CONTROL_GAP_MS;
+            steps.push(Step {
+                at_ms: t,
+                fault: Fault::Power {
+                    node: Target::Leader,
+                    every: plan.nodes > 1,
+                    torn: false,
+                    down_ms: 100,
+                },
+            });
+            t += 100 + interval_ms;
+        }
+    }
     (steps, t)
 }
 
@@ -520,6 +651,28 @@ fn draw_fault(plan: &Plan, rng: &mut StdRng) -> Fault {
                 }
             }
         }
+        FaultKind::Power => Fault::Power {
+            node,
+            every: plan.nodes > 1 && rng.random_ratio(1, 4),
+            torn: rng.random_bool(0.5),
+            down_ms: rng.random_range(0..=POWER_DOWN_MAX_MS),
+        },
+        FaultKind::DiskError => Fault::DiskError {
+            node,
+            once: rng.random_bool(0.5),
+            for_ms: rng.random_range(DISK_FAULT_MIN_MS..=DISK_FAULT_MAX_MS),
+        },
+        FaultKind::DiskFull => Fault::DiskFull {
+            node,
+            for_ms: rng.random_range(DISK_FAULT_MIN_MS..=DISK_FAULT_MAX_MS),
+        },
+        FaultKind::SlowDisk => Fault::SlowDisk {
+            node,
+            fsync_ms: plan
+                .slow_fsync_ms
+                .unwrap_or_else(|| rng.random_range(1..=SLOW_FSYNC_MAX_MS)),
+            for_ms: rng.random_range(DISK_FAULT_MIN_MS..=DISK_FAULT_MAX_MS),
+        },
     }
 }
 
@@ -546,6 +699,8 @@ mod tests {
             lease_forget_control: false,
             leader_removal_control: false,
             trust_wiped_control: false,
+            power_control: false,
+            slow_fsync_ms: None,
         }
     }
 
@@ -584,9 +739,56 @@ mod tests {
                         assert!((PARTITION_MIN_MS..=PARTITION_MAX_MS).contains(&for_ms))
                     }
                     Fault::Wipe { .. } | Fault::StaleVote { .. } => {}
+                    Fault::Power { down_ms, .. } => assert!(down_ms <= POWER_DOWN_MAX_MS),
+                    Fault::DiskError { for_ms, .. }
+                    | Fault::DiskFull { for_ms, .. }
+                    | Fault::SlowDisk { for_ms, .. } => {
+                        assert!((DISK_FAULT_MIN_MS..=DISK_FAULT_MAX_MS).contains(&for_ms))
+                    }
                 }
             }
         }
+    }
+
+    #[test]
+    fn disk_faults_are_drawn_in_their_bounds_and_the_power_control_opens_with_losses() {
+        let disk = Plan {
+            kinds: vec![
+                FaultKind::Power,
+                FaultKind::DiskError,
+                FaultKind::DiskFull,
+                FaultKind::SlowDisk,
+            ],
+            ..plan(3)
+        };
+        let steps = draw(&disk);
+        for kind in &disk.kinds {
+            assert!(steps.iter().any(|s| s.fault.kind() == *kind), "{kind:?}");
+        }
+        for step in &steps {
+            if let Fault::SlowDisk { fsync_ms, .. } = step.fault {
+                assert!((1..=SLOW_FSYNC_MAX_MS).contains(&fsync_ms));
+            }
+        }
+        let fixed = draw(&Plan {
+            slow_fsync_ms: Some(200),
+            ..disk.clone()
+        });
+        assert!(fixed.iter().all(|s| match s.fault {
+            Fault::SlowDisk { fsync_ms, .. } => fsync_ms == 200,
+            _ => true,
+        }));
+        let control = draw(&Plan {
+            power_control: true,
+            kinds: vec![],
+            ..plan(1)
+        });
+        assert_eq!(control.len(), POWER_CONTROL_LOSSES);
+        assert!(
+            control
+                .iter()
+                .all(|s| matches!(s.fault, Fault::Power { every: true, .. }))
+        );
     }
 
     #[test]

@@ -21,6 +21,8 @@
 
 mod record;
 
+pub use record::unsafe_skip_dir_fsync;
+
 use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};

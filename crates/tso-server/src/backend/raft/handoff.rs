@@ -8,7 +8,7 @@
 //! down and clients are sent to the successor), ask the successor to campaign, and wait until it
 //! leads. This node's vote, now admitted by its vote gate, elects it in the next term.
 //!
-//! The checker's positive control (`RaftBackend::unsafe_handoff_keep_lease`) hands off
+//! The checker's positive control (`RaftBackend::unsafe_handoff_keep_leader_lease`) hands off
 //! without giving up the lease: only the vote gate is told, and this node grants on until the
 //! lease ends by time while its successor already serves.
 

@@ -155,7 +155,15 @@ impl Inner {
     /// Writes the records durably, then applies them to memory.
     fn commit(&mut self, records: Vec<Record>) -> Result<(), RecordFileError> {
         let payloads: Vec<Vec<u8>> = records.iter().map(encode).collect();
-        self.file.append(&payloads)?;
+        let lazily = super::record_file::acks_before_fsync()
+            && records
+                .iter()
+                .all(|r| matches!(r, Record::Entry(_) | Record::Committed(_)));
+        if lazily {
+            self.file.append_lazily(&payloads)?;
+        } else {
+            self.file.append(&payloads)?;
+        }
         for r in records {
             self.replay(r);
         }

@@ -55,7 +55,7 @@ use log_store::LogStore;
 use network::Network;
 pub use network::{Links, PeerService};
 use peer_identity::PeerIdentity;
-pub use record_file::{RecordFileError, unsafe_stall_fsync_while_exists};
+pub use record_file::{RecordFileError, unsafe_ack_before_fsync, unsafe_stall_fsync_while_exists};
 use seam::Seam;
 use state_machine::StateMachine;
 pub use types::NodeAddrs;
@@ -762,7 +762,7 @@ impl RaftBackend {
     /// it had, but the node goes on reporting itself leader of its old term and grants until
     /// that lease ends by time, while the successor is elected and serves. This breaks the
     /// oracle on purpose.
-    pub fn unsafe_handoff_keep_lease(&self) {
+    pub fn unsafe_handoff_keep_leader_lease(&self) {
         self.handoff
             .unsafe_keep_leader_lease
             .store(true, std::sync::atomic::Ordering::Relaxed);

@@ -39,6 +39,8 @@ pub struct RecordFile {
     path: PathBuf,
     file: File,
     len_bytes: u64,
+    /// When the last fsync of appended records returned (see [`Self::append_lazily`]).
+    synced_at: std::time::Instant,
 }
 
 impl RecordFile {
@@ -75,6 +77,7 @@ impl RecordFile {
             path: path.to_owned(),
             file,
             len_bytes: intact_bytes as u64,
+            synced_at: std::time::Instant::now(),
         };
         Ok((this, payloads))
     }
@@ -89,6 +92,26 @@ impl RecordFile {
         self.file.write_all(&buf).map_err(io)?;
         wait_while_fsync_stalled();
         self.file.sync_data().map_err(io)?;
+        self.len_bytes += buf.len() as u64;
+        self.synced_at = std::time::Instant::now();
+        Ok(())
+    }
+
+    /// FOR THE CHECKER'S POSITIVE CONTROL ONLY (see [`unsafe_ack_before_fsync`]): appends the
+    /// payloads and returns before they are durable; they are fsync'd with a later append once
+    /// a second has passed since the last fsync. A power loss loses what was acknowledged in
+    /// that second.
+    pub fn append_lazily(&mut self, payloads: &[Vec<u8>]) -> Result<(), RecordFileError> {
+        if self.synced_at.elapsed() >= LAZY_FSYNC_EVERY {
+            return self.append(payloads);
+        }
+        let buf = frame_all(payloads);
+        self.file
+            .write_all(&buf)
+            .map_err(|source| RecordFileError::Io {
+                path: self.path.clone(),
+                source,
+            })?;
         self.len_bytes += buf.len() as u64;
         Ok(())
     }
@@ -197,6 +220,26 @@ fn first_bad_offset(bytes: &[u8]) -> u64 {
         at += n;
     }
     at as u64
+}
+
+/// How often [`RecordFile::append_lazily`] makes what it acknowledged durable.
+const LAZY_FSYNC_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The switch of [`unsafe_ack_before_fsync`].
+static ACK_BEFORE_FSYNC: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// FOR THE CHECKER'S POSITIVE CONTROL ONLY: from now on the raft log store acknowledges
+/// appended entries and commit marks before they are durable, fsyncing them at most once a
+/// second (votes, truncations and purges stay durable before they are acknowledged). Raft's
+/// safety assumes the opposite, so a power loss of a quorum loses committed entries. For the
+/// whole process.
+pub fn unsafe_ack_before_fsync() {
+    ACK_BEFORE_FSYNC.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Whether [`unsafe_ack_before_fsync`] was called.
+pub(super) fn acks_before_fsync() -> bool {
+    ACK_BEFORE_FSYNC.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 /// The fault seam of [`unsafe_stall_fsync_while_exists`].
