@@ -15,7 +15,7 @@ pub enum ServeError {
     #[error(transparent)]
     File(#[from] FileError),
     /// A permanent backend error: serving is poisoned.
-    #[error("stopped serving on a permanent consensus error: {0}")]
+    #[error("stopped serving on a permanent backend error: {0}")]
     Backend(BackendError),
     /// A broken invariant (a backend that broke its contract, a value past the layout).
     #[error("stopped serving on a broken invariant: {0}")]

@@ -640,21 +640,30 @@ impl Checked {
     }
 }
 
-/// When the run restarted a server process (the heal of a kill, a handoff, a membership change
-/// or a wipe): a restarted raft leader may resume its term, so the lease checks do not take
-/// one epoch for one process across these.
+/// When the run restarted a server process (the heal of a kill, a handoff, a membership change,
+/// a wipe, a power loss, or a disk error or full disk that stopped it): a restarted raft leader
+/// may resume its term, so the lease checks do not take one epoch for one process across these.
 fn restarts_ns(events: &[Event]) -> Vec<u64> {
-    use schedule::FaultKind;
     events
         .iter()
-        .filter(|e| {
-            matches!(
-                e.step.fault.kind(),
-                FaultKind::Kill | FaultKind::Handoff | FaultKind::Member | FaultKind::Wipe
-            )
-        })
+        .filter(|e| restarts_a_process(e.step.fault.kind()))
         .filter_map(|e| e.heal_ns)
         .collect()
+}
+
+/// Whether the heal of a fault of `kind` may start a server process anew.
+fn restarts_a_process(kind: schedule::FaultKind) -> bool {
+    use schedule::FaultKind;
+    match kind {
+        FaultKind::Kill
+        | FaultKind::Handoff
+        | FaultKind::Member
+        | FaultKind::Wipe
+        | FaultKind::Power
+        | FaultKind::DiskError
+        | FaultKind::DiskFull => true,
+        FaultKind::Pause | FaultKind::Clock | FaultKind::Partition | FaultKind::SlowDisk => false,
+    }
 }
 
 /// Checks a sequence history: from 0 on a local cluster (fresh), from each key's lowest block

@@ -60,10 +60,10 @@ pub enum BackendError {
     #[error("fenced: call made in epoch {expected}, backend is at epoch {current}")]
     Fenced { expected: Epoch, current: Epoch },
     /// May succeed if retried: momentary quorum loss, a transport flap, a timeout.
-    #[error("transient consensus error: {0}")]
+    #[error("transient backend error: {0}")]
     Transient(String),
     /// Will not succeed: corruption, a read-only disk, a fatal raft error, an out-of-range value.
-    #[error("permanent consensus error: {0}")]
+    #[error("permanent backend error: {0}")]
     Permanent(String),
 }
 
