@@ -10,6 +10,13 @@ pub mod tsoracle {
 
 pub use tsoracle::v1;
 
+/// The subset of etcd's v3 gRPC API (package `etcdserverpb`, numbers of etcd v3.4) that the
+/// server's etcd backend speaks: KV, Lease and Maintenance (see `proto/etcd_rpc.proto`). A
+/// client only: tso never serves these services.
+pub mod etcd {
+    tonic::include_proto!("etcdserverpb");
+}
+
 pub mod limits;
 pub mod tls;
 

@@ -15,6 +15,8 @@ use tso_core::Epoch;
 
 pub mod conformance;
 pub(crate) mod dir;
+#[cfg(feature = "raft")]
+pub mod etcd;
 pub mod file;
 #[cfg(feature = "raft")]
 pub mod raft;

@@ -7,6 +7,8 @@
 
 mod common;
 
+#[cfg(feature = "raft")]
+mod etcd_conformance;
 mod example;
 mod fence;
 mod file_backend;
