@@ -4,7 +4,9 @@
 //! runs a binary's tests on a shared thread pool. The process and cluster tests of one topic
 //! must not compete for the machine with another topic's, as they never did when every topic
 //! was a binary of its own (binaries run one after another): every test takes its topic's turn
-//! first, with [`topic`].
+//! first, with [`topic`]. The etcd backend's tests share a real etcd process ([`etcd`]).
+
+pub mod etcd;
 
 /// Whose turn it is: the topic (test module) whose tests are running, and how many of them.
 struct Turn {

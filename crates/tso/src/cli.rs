@@ -54,11 +54,14 @@ pub struct ServeArgs {
         env = "TSO_LISTEN"
     )]
     pub listen: SocketAddr,
-    /// Where durability and leadership come from: `file` (one node) or `raft` (a cluster).
+    /// Where durability and leadership come from: `file` (one node), `raft` (a cluster) or
+    /// `etcd` (nodes that keep nothing locally, on an etcd cluster you run).
     #[arg(long, value_enum, default_value_t = BackendKind::File, env = "TSO_BACKEND")]
     pub backend: BackendKind,
     #[command(flatten)]
     pub cluster: ClusterArgs,
+    #[command(flatten)]
+    pub etcd: EtcdArgs,
     #[command(flatten)]
     pub tls: crate::tls::ServeTlsArgs,
     /// Data directory (created if missing; locked while the server runs).
@@ -192,6 +195,25 @@ pub enum BackendKind {
     File,
     /// One node of a raft cluster (needs --node-id, --peer-addr and, on first start, --members).
     Raft,
+    /// One of any number of nodes that elect a leader and keep their state on an etcd v3
+    /// cluster (needs --node-id and --etcd-endpoints); nothing is kept on local disk.
+    Etcd,
+}
+
+/// Flags of `--backend etcd` (with `--node-id` and `--advertise-client-addr` of the raft flags).
+#[derive(Debug, Args)]
+pub struct EtcdArgs {
+    /// The etcd cluster's client URLs, comma-separated (`http://10.0.0.1:2379,...`).
+    #[arg(long, value_delimiter = ',', env = "TSO_ETCD_ENDPOINTS")]
+    pub etcd_endpoints: Vec<String>,
+    /// The key prefix this oracle keeps its leader key and its state under; oracles sharing an
+    /// etcd cluster need different prefixes.
+    #[arg(long, default_value = "/tso/default", env = "TSO_ETCD_PREFIX")]
+    pub etcd_prefix: String,
+    /// TTL of the etcd lease that holds the leader key (whole seconds, at least 2 s): a dead
+    /// leader is replaced about this long after its last keep-alive.
+    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+    pub etcd_lease_ttl: Duration,
 }
 
 /// Flags of `--backend raft`.

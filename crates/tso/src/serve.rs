@@ -10,6 +10,7 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
+use tso_server::backend::etcd::{EtcdBackend, EtcdConfig};
 use tso_server::backend::file::{self, FileBackend};
 use tso_server::backend::raft::{HandoffOutcome, RaftBackend};
 use tso_server::backend::{
@@ -89,6 +90,7 @@ async fn serve(args: ServeArgs, stop: watch::Receiver<bool>) -> anyhow::Result<(
     let served = match args.backend {
         BackendKind::File => serve_file(args, &probes, stop).await,
         BackendKind::Raft => serve_raft(args, &probes, stop).await,
+        BackendKind::Etcd => serve_etcd(args, &probes, stop).await,
     };
     stop_probes.cancel();
     served
@@ -331,6 +333,74 @@ async fn serve_raft(
     }
     let _ = stop_peers.send(());
     let _ = peers.await;
+    backend.shutdown().await;
+    served?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn serve_etcd(
+    args: ServeArgs,
+    probes: &ProbeState,
+    stop_rx: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        !args.tls.has_peer_flags() && !args.tls.has_admin_flags(),
+        "--peer-tls-* and --admin-tls-* apply to raft clusters: use them with --backend raft"
+    );
+    anyhow::ensure!(
+        args.cluster.admin_listen.is_none()
+            && args.cluster.peer_addr.is_none()
+            && args.cluster.members.is_empty()
+            && !args.cluster.join,
+        "--admin-listen, --peer-addr, --members and --join are raft flags: an etcd backend's \
+         members are whoever runs with the same --etcd-endpoints and --etcd-prefix"
+    );
+    anyhow::ensure!(
+        !args.controls.unsafe_ack_before_fsync && !args.controls.unsafe_skip_dir_fsync,
+        "the fsync controls break a local disk; the etcd backend keeps nothing on one"
+    );
+    let node_id = args
+        .cluster
+        .node_id
+        .context("--backend etcd needs --node-id (distinct for every node of one oracle)")?;
+    anyhow::ensure!(
+        !args.etcd.etcd_endpoints.is_empty(),
+        "--backend etcd needs --etcd-endpoints (the etcd cluster's client URLs)"
+    );
+    let tls = args.tls.client_port()?;
+    let client_tls = tls.is_some();
+    let listener = bind_client(&args).await?;
+    let addr = listener.local_addr()?;
+    let client_addr = args
+        .cluster
+        .advertise_client_addr
+        .clone()
+        .unwrap_or_else(|| addr.to_string());
+    let config = EtcdConfig {
+        endpoints: args.etcd.etcd_endpoints.clone(),
+        prefix: args.etcd.etcd_prefix.clone(),
+        node_id,
+        client_addr,
+        lease_ttl: args.etcd.etcd_lease_ttl,
+    };
+    let backend = Arc::new(
+        EtcdBackend::open(config)
+            .await
+            .context("starting the etcd backend")?,
+    );
+    let guard = OracleGuard::start_with_clock(
+        positive_control(&args, backend.clone()),
+        oracle_config(&args),
+        clock(&args),
+    );
+    probes.follow(guard.serving(), backend.clone());
+    tracing::info!(
+        %addr, node_id, etcd = %args.etcd.etcd_endpoints.join(","),
+        prefix = %args.etcd.etcd_prefix, client_tls, "serving"
+    );
+    println!("serving on {addr}");
+    let served = serve_listener_tls(listener, guard, tls, stop_requested(probes, stop_rx)).await;
     backend.shutdown().await;
     served?;
     tracing::info!("stopped");

@@ -2,9 +2,6 @@
 //! backend-seam conformance suite, leadership between two nodes, the fence on a deposed
 //! leader's writes, and the leader lease ending when keep-alives stop reaching etcd.
 
-use std::net::TcpListener;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
@@ -16,58 +13,29 @@ use tso_proto::etcd::{LeaseRevokeRequest, RangeRequest, StatusRequest};
 use tso_server::backend::conformance;
 use tso_server::backend::etcd::{EtcdBackend, EtcdConfig};
 use tso_server::backend::{Backend, BackendError, Leadership, OracleCommand};
+use tso_testkit::etcd::EtcdProcess;
 
-const ETCD: &str = "/usr/bin/etcd";
 const PREFIX: &str = "/tso/test";
 /// The shortest TTL the backend (and etcd, at its default election timeout) accepts.
 const TTL: Duration = Duration::from_secs(2);
 /// Hang guard for waits: generous, never what a test asserts on.
 const WAIT: Duration = Duration::from_secs(30);
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// One single-member etcd cluster in a temporary directory, killed on drop.
+/// One single-member etcd, killed on drop (`tso_testkit::etcd`).
 struct Etcd {
-    child: Child,
+    process: EtcdProcess,
     client_url: String,
-    _dir: tempfile::TempDir,
 }
 
 impl Etcd {
     async fn start() -> Etcd {
-        assert!(
-            Path::new(ETCD).exists(),
-            "{ETCD} is missing: install Debian's `etcd-server` package (apt-get install \
-             etcd-server) to run the etcd backend tests"
-        );
-        let dir = tempfile::tempdir().unwrap();
-        let (client, peer) = (free_port(), free_port());
-        let client_url = format!("http://127.0.0.1:{client}");
-        let peer_url = format!("http://127.0.0.1:{peer}");
-        let log = std::fs::File::create(dir.path().join("etcd.log")).unwrap();
-        let child = Command::new(ETCD)
-            .arg("--name=default")
-            .arg(format!("--data-dir={}", dir.path().join("data").display()))
-            .arg(format!("--listen-client-urls={client_url}"))
-            .arg(format!("--advertise-client-urls={client_url}"))
-            .arg(format!("--listen-peer-urls={peer_url}"))
-            .arg(format!("--initial-advertise-peer-urls={peer_url}"))
-            .arg(format!("--initial-cluster=default={peer_url}"))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {ETCD}: {e}"));
+        let process = tokio::task::spawn_blocking(EtcdProcess::start)
+            .await
+            .expect("starting etcd");
+        let client_url = process.client_url().to_string();
         let etcd = Etcd {
-            child,
+            process,
             client_url,
-            _dir: dir,
         };
         etcd.wait_ready().await;
         etcd
@@ -104,15 +72,7 @@ impl Etcd {
     }
 
     fn signal(&self, signal: libc::c_int) {
-        let rc = unsafe { libc::kill(self.child.id() as libc::pid_t, signal) };
-        assert_eq!(rc, 0, "kill({signal}) of etcd");
-    }
-}
-
-impl Drop for Etcd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.process.signal(signal);
     }
 }
 

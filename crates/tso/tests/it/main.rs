@@ -14,6 +14,7 @@ mod check_lease;
 mod check_member;
 mod check_seq;
 mod check_wipe;
+mod etcd;
 mod handoff_statuses;
 mod lease;
 mod lease_crash;
