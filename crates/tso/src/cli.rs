@@ -483,9 +483,15 @@ pub struct BenchArgs {
 
 #[derive(Debug, Args)]
 pub struct CheckArgs {
-    /// Nodes of the local cluster (1: file backend).
+    /// Nodes of the local cluster (1: file backend, unless --backend etcd).
     #[arg(long, default_value_t = 1)]
     pub nodes: usize,
+    /// What the local cluster's nodes keep their state on: raft among themselves (the file
+    /// backend with --nodes 1), or a 3-member etcd cluster the checker starts (`/usr/bin/etcd`),
+    /// with --nodes oracle nodes on it. etcd takes the faults kill, pause, clock, etcd-kill and
+    /// etcd-quorum, and no --unsafe-* control.
+    #[arg(long, value_enum, default_value = "raft")]
+    pub backend: tso_lab::check::CheckBackend,
     /// Attach to these endpoints instead of starting a cluster: load and history checks only,
     /// no faults. The TLS flags apply only here: a cluster the checker starts itself runs
     /// without TLS.
@@ -526,7 +532,9 @@ pub struct CheckArgs {
     /// or shrink to one voter and grow back, through the admin service) and wipe (lose a
     /// follower's raft log or whole data directory, then replace it); and on the fault layer under
     /// each data directory: power (kill -9 and drop what no fsync made durable), disk-error (EIO
-    /// from fsync), disk-full (ENOSPC), slow-disk (slow fsyncs).
+    /// from fsync), disk-full (ENOSPC), slow-disk (slow fsyncs); and with --backend etcd:
+    /// etcd-kill (kill -9 one etcd member, restart it within 1 s) and etcd-quorum (kill -9 two
+    /// of the three, restart both after 1 to 4 s).
     #[arg(long, value_delimiter = ',', default_value = "kill,pause,clock")]
     pub faults: Vec<tso_lab::check::schedule::FaultKind>,
     /// Mean quiet time between faults (each gap is drawn from half to 1.5 times this).

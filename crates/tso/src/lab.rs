@@ -60,6 +60,7 @@ fn check_options(args: CheckArgs) -> anyhow::Result<CheckOptions> {
     Ok(CheckOptions {
         server_bin: this_binary()?,
         nodes: args.nodes,
+        backend: args.backend,
         endpoints: args.endpoints,
         tls: args.tls.load()?,
         clients: args.clients,

@@ -6,6 +6,11 @@
 //! watermark, followers with 0. A partition blackholes the loopback proxies of every directed
 //! peer link of one node (see TESTING.md); clients still reach every node directly.
 //!
+//! On the etcd backend (`--backend etcd`), a 3-member etcd cluster starts first (`etcd.rs`),
+//! then `--nodes` oracle nodes `tso serve --backend etcd` on it, with ids 1 to `--nodes`; they
+//! keep nothing on disk (each node's directory holds its log and clock offset file). The etcd
+//! faults kill and restart etcd members; the others hit oracle nodes as on raft.
+//!
 //! A raft cluster has a fixed number of slots, one per node of `--nodes`. A slot keeps its
 //! client address, its directory and its name for good, so clients keep one endpoint list and
 //! a client stays pinned to a slot; a membership change (`member.rs`) puts a new node, with a
@@ -21,8 +26,10 @@ use std::time::Duration;
 use tso_proto::v1::GetCurrentMaxSafeRequest;
 use tso_proto::v1::tso_service_client::TsoServiceClient;
 
+use super::etcd::EtcdCluster;
+use super::options::CheckBackend;
 use super::proxy::LinkProxy;
-use super::schedule::{Fault, Target};
+use super::schedule::{Fault, Target, etcd_quorum_members};
 use crate::node::{Node, Stopped};
 
 /// How long finding the leader may ask one node before treating it as not leading.
@@ -58,6 +65,11 @@ pub const SKIP_DIR_FSYNC_FLAG: &str = "--unsafe-skip-dir-fsync";
 pub const ACK_BEFORE_FSYNC_FLAG: &str = "--unsafe-ack-before-fsync";
 /// Hidden server flag of the pre-vote ablation: elections skip the pre-vote gate.
 pub const UNGATE_ELECTIONS_FLAG: &str = "--unsafe-ungate-elections";
+/// The key prefix of the oracle a check on the etcd backend runs.
+pub const ETCD_PREFIX: &str = "/tso/check";
+/// The TTL of the etcd leases of a check's oracle nodes: etcd's smallest with its default
+/// election timeout, so failovers are quick.
+pub const ETCD_LEASE_TTL: &str = "2s";
 /// How long a SIGTERM'd node may take to exit before it is killed: its whole exit, handoff and
 /// drain, is bounded by the server's `--shutdown-grace` (10 s by default), and 5 s cover a
 /// loaded machine.
@@ -75,6 +87,8 @@ pub struct Cluster {
     pub(super) stale_vote: Option<(usize, usize)>,
     /// The seed of torn power losses: each draws the next value.
     pub(super) torn_seed: u64,
+    /// The etcd cluster the nodes run on (`--backend etcd`).
+    pub(super) etcd: Option<EtcdCluster>,
 }
 
 /// The loopback proxy of the directed peer link from slot `from` to the peer port `target` of
@@ -155,22 +169,27 @@ impl Cluster {
     /// Starts `nodes` local servers under `dir`: one on the file backend, or a raft cluster.
     /// Every server also gets `unsafe_flags` (a positive control's broken server).
     /// With `fault_disk`, each node's data directory is on the fault layer.
+    /// On `CheckBackend::Etcd`, starts an etcd cluster first and `nodes` oracle nodes on it.
     pub async fn start(
         bin: &Path,
         dir: &Path,
         nodes: usize,
+        backend: CheckBackend,
         unsafe_flags: &[&str],
         fault_disk: bool,
     ) -> anyhow::Result<Cluster> {
         let mut common = vec!["--log".to_string(), "info".to_string()];
         common.extend(unsafe_flags.iter().map(|f| f.to_string()));
-        let mut cluster = if nodes == 1 {
+        let mut cluster = if backend == CheckBackend::Etcd {
+            Cluster::on_etcd(bin, dir, nodes, common).await?
+        } else if nodes == 1 {
             Cluster {
                 nodes: vec![Node::new(bin, &dir.join("n0"), "n0", common, true)?],
                 links: Vec::new(),
                 raft: None,
                 stale_vote: None,
                 torn_seed: 0,
+                etcd: None,
             }
         } else {
             Cluster::raft(bin, dir, nodes, common).await?
@@ -187,6 +206,50 @@ impl Cluster {
                 .with_context(|| format!("starting node {}", node.name))?;
         }
         Ok(cluster)
+    }
+
+    /// A started etcd cluster under `dir/etcd`, and `nodes` oracle nodes on it (ids 1 to
+    /// `nodes`), not started yet.
+    async fn on_etcd(
+        bin: &Path,
+        dir: &Path,
+        nodes: usize,
+        common: Vec<String>,
+    ) -> anyhow::Result<Cluster> {
+        let etcd = EtcdCluster::start(&dir.join("etcd"))
+            .await
+            .context("starting the etcd cluster")?;
+        let endpoints = etcd.client_urls().join(",");
+        let nodes = (0..nodes)
+            .map(|i| {
+                let mut extra: Vec<String> = [
+                    "--backend",
+                    "etcd",
+                    "--node-id",
+                    &(i + 1).to_string(),
+                    "--etcd-endpoints",
+                    &endpoints,
+                    "--etcd-prefix",
+                    ETCD_PREFIX,
+                    "--etcd-lease-ttl",
+                    ETCD_LEASE_TTL,
+                ]
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
+                extra.extend(common.iter().cloned());
+                let name = peer_name(i);
+                Node::new(bin, &dir.join(&name), &name, extra, true)
+            })
+            .collect::<anyhow::Result<Vec<Node>>>()?;
+        Ok(Cluster {
+            nodes,
+            links: Vec::new(),
+            raft: None,
+            stale_vote: None,
+            torn_seed: 0,
+            etcd: Some(etcd),
+        })
     }
 
     /// A raft cluster of `nodes` slots, ids 1 to `nodes`, with every peer link proxied; not
@@ -221,6 +284,7 @@ impl Cluster {
             }),
             stale_vote: None,
             torn_seed: 0,
+            etcd: None,
         };
         for i in 0..nodes {
             cluster.proxy_links_to(i).await?;
@@ -321,7 +385,11 @@ impl Cluster {
 
     /// Starts a fault on node `at`. Returns `None` when it does not apply now (the node is
     /// down).
+    /// The etcd faults take `at` as an etcd member's index.
     pub async fn apply(&mut self, fault: Fault, at: usize) -> anyhow::Result<Option<Applied>> {
+        if fault.kind().on_etcd() {
+            return self.apply_etcd(fault, at).await;
+        }
         let running = self.nodes[at].is_running();
         match fault {
             Fault::Kill { .. } | Fault::Pause { .. } | Fault::Handoff { .. } if !running => {
@@ -350,6 +418,36 @@ impl Cluster {
             Fault::SlowDisk { fsync_ms, .. } => {
                 self.disk(at)?.slow_fsync(Duration::from_millis(fsync_ms))
             }
+            Fault::EtcdKill { .. } | Fault::EtcdQuorum { .. } => {
+                unreachable!("etcd faults are applied by apply_etcd")
+            }
+        }
+        Ok(Some(Applied::plain()))
+    }
+
+    /// The etcd members an etcd fault at member `at` kills.
+    fn etcd_targets(fault: Fault, at: usize) -> Vec<usize> {
+        match fault {
+            Fault::EtcdQuorum { .. } => {
+                let (a, b) = etcd_quorum_members(at);
+                vec![a, b]
+            }
+            _ => vec![at],
+        }
+    }
+
+    /// `kill -9` the etcd member(s) an etcd fault hits; `None` when one is down already.
+    async fn apply_etcd(&mut self, fault: Fault, at: usize) -> anyhow::Result<Option<Applied>> {
+        let etcd = self
+            .etcd
+            .as_mut()
+            .context("etcd faults need --backend etcd")?;
+        let targets = Self::etcd_targets(fault, at);
+        if targets.iter().any(|&i| !etcd.is_running(i)) {
+            return Ok(None);
+        }
+        for &i in &targets {
+            etcd.kill(i).await?;
         }
         Ok(Some(Applied::plain()))
     }
@@ -402,6 +500,19 @@ impl Cluster {
                 return Ok(Some("space freed; the node kept running".to_string()));
             }
             Fault::SlowDisk { .. } => self.disk(at)?.heal(),
+            Fault::EtcdKill { .. } | Fault::EtcdQuorum { .. } => {
+                let targets = Self::etcd_targets(fault, at);
+                let etcd = self
+                    .etcd
+                    .as_mut()
+                    .context("etcd faults need --backend etcd")?;
+                let started = std::time::Instant::now();
+                etcd.start_members(&targets).await?;
+                return Ok(Some(format!(
+                    "restarted; serving again in {} ms",
+                    started.elapsed().as_millis()
+                )));
+            }
         }
         Ok(None)
     }
@@ -483,12 +594,15 @@ impl Cluster {
         }
     }
 
-    /// Stops every node gracefully (bounded).
+    /// Stops every node gracefully (bounded), then the etcd cluster under them, if any.
     pub async fn stop(&mut self) {
         for node in &mut self.nodes {
             if let Err(err) = node.stop().await {
                 eprintln!("tso check: stopping node {}: {err:#}", node.name);
             }
+        }
+        if let Some(etcd) = self.etcd.as_mut() {
+            etcd.stop().await;
         }
     }
 }

@@ -14,6 +14,7 @@
 pub mod admin_client;
 pub mod clients;
 pub mod cluster;
+pub mod etcd;
 pub mod gaps;
 pub mod history;
 pub mod lease;
@@ -40,7 +41,7 @@ use self::history::{Call, LivenessScope, Outcome, WireGrant, check, check_livene
 use self::lease::{LeaseCall, LeaseOp, LeaseOutcome};
 use self::lease_client::{LeaseClient, LeaseRoute};
 use self::options::validate;
-pub use self::options::{BenchMode, CheckOptions, Controls, Workload};
+pub use self::options::{BenchMode, CheckBackend, CheckOptions, Controls, Workload};
 use self::schedule::{Plan, Step};
 use self::seq::{SeqCall, SeqOutcome};
 use crate::targets::{CONNECTIONS_MAX, Dial, Route, Targets, client_builder};
@@ -315,6 +316,7 @@ async fn start_cluster(args: &CheckOptions, work: &WorkDir) -> anyhow::Result<Cl
         &args.server_bin,
         work.path(),
         args.nodes,
+        args.backend,
         &unsafe_flags,
         args.fault_disk(),
     )
@@ -492,7 +494,8 @@ async fn apply_step(cluster: &mut Cluster, step: Step, origin: Instant, shared: 
     };
     let at = cluster.resolve(step.fault.target()).await;
     event.node = at;
-    if let Some(at) = at {
+    // An etcd fault's target is an etcd member, whose role the oracle does not know.
+    if let (Some(at), false) = (at, step.fault.kind().on_etcd()) {
         event.role = Some(cluster.role_of(step.fault.target(), at).await);
     }
     if let Some(at) = at {
@@ -662,7 +665,14 @@ fn restarts_a_process(kind: schedule::FaultKind) -> bool {
         | FaultKind::Power
         | FaultKind::DiskError
         | FaultKind::DiskFull => true,
-        FaultKind::Pause | FaultKind::Clock | FaultKind::Partition | FaultKind::SlowDisk => false,
+        // An etcd member's restart leaves every oracle process running (its leader may lose
+        // its lease and campaign again, for a new epoch).
+        FaultKind::Pause
+        | FaultKind::Clock
+        | FaultKind::Partition
+        | FaultKind::SlowDisk
+        | FaultKind::EtcdKill
+        | FaultKind::EtcdQuorum => false,
     }
 }
 
@@ -999,6 +1009,7 @@ fn result_json(
         "workload": args.workload.name(),
         "endpoints": recorded.endpoints,
         "nodes": args.nodes,
+        "backend": args.backend.name(),
         "clients": args.clients,
         "pinned_clients": pinned,
         "mode": args.mode.name(),

@@ -22,8 +22,11 @@ use super::schedule::{self, FaultKind};
 pub struct CheckOptions {
     /// The `tso` binary whose `serve` runs the nodes of the local cluster.
     pub server_bin: PathBuf,
-    /// Nodes of the local cluster (1: file backend).
+    /// Nodes of the local cluster (1: file backend, unless `backend` is etcd).
     pub nodes: usize,
+    /// What the nodes of a local cluster keep their state on: raft among themselves (or the
+    /// file backend on one node), or a 3-member etcd cluster the checker starts.
+    pub backend: CheckBackend,
     /// Attach to these instead of starting a cluster: load and history checks only.
     pub endpoints: Vec<String>,
     /// TLS towards `endpoints`, loaded; a cluster the checker starts runs without TLS.
@@ -174,6 +177,26 @@ impl Controls {
     }
 }
 
+/// The backend of the local cluster `tso check` starts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum CheckBackend {
+    /// A raft cluster of `--nodes` nodes (the file backend with `--nodes 1`).
+    #[default]
+    Raft,
+    /// `--nodes` oracle nodes on a 3-member etcd cluster the checker starts (`/usr/bin/etcd`,
+    /// or `etcd` on the PATH).
+    Etcd,
+}
+
+impl CheckBackend {
+    pub fn name(self) -> &'static str {
+        match self {
+            CheckBackend::Raft => "raft",
+            CheckBackend::Etcd => "etcd",
+        }
+    }
+}
+
 /// What `tso check` clients call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Workload {
@@ -265,6 +288,7 @@ pub(super) fn validate(args: &CheckOptions) -> anyhow::Result<()> {
         !args.fault_interval.is_zero(),
         "--fault-interval must be above 0"
     );
+    validate_etcd(args)?;
     validate_fault_disk(args)?;
     if let Some(kind) = args.faults.iter().find(|k| k.needs_cluster())
         && args.nodes == 1
@@ -287,6 +311,44 @@ pub(super) fn validate(args: &CheckOptions) -> anyhow::Result<()> {
     anyhow::ensure!(
         args.workload == Workload::Ts || !args.controls.unsafe_trust_wiped,
         "the --unsafe-trust-wiped control breaks timestamps: use it with --workload ts"
+    );
+    Ok(())
+}
+
+/// What `--backend etcd` refuses: attached runs, the faults of raft clusters and of local
+/// disks (etcd nodes keep nothing on one), and the positive controls (none breaks an etcd
+/// node yet); and what only it takes: the faults of etcd members.
+fn validate_etcd(args: &CheckOptions) -> anyhow::Result<()> {
+    if args.backend != CheckBackend::Etcd {
+        if let Some(kind) = args.faults.iter().find(|k| k.on_etcd()) {
+            anyhow::bail!(
+                "{} faults hit the etcd cluster under the oracle: add --backend etcd",
+                kind.name()
+            );
+        }
+        return Ok(());
+    }
+    anyhow::ensure!(
+        args.endpoints.is_empty(),
+        "--backend etcd starts its own etcd cluster and oracle nodes: drop --endpoints"
+    );
+    if let Some(kind) = args.faults.iter().find(|k| k.needs_cluster()) {
+        anyhow::bail!(
+            "{} faults need a raft cluster: use them with --backend raft (the default)",
+            kind.name()
+        );
+    }
+    if let Some(kind) = args.faults.iter().find(|k| k.needs_fault_disk()) {
+        anyhow::bail!(
+            "{} faults hit a node's local disk, and an etcd node keeps nothing on one: use them \
+             with --backend raft (the default)",
+            kind.name()
+        );
+    }
+    anyhow::ensure!(
+        !args.controls.any(),
+        "the --unsafe-* controls break raft or file-backend servers: use them with --backend \
+         raft (the default)"
     );
     Ok(())
 }

@@ -104,6 +104,16 @@ pub const POWER_CONTROL_LOSSES: usize = 3;
 /// (at half of `--window-ahead`, 1.5 s by default) and answer above the last durable end.
 pub const POWER_CONTROL_GAP_MS: u64 = 3_000;
 
+/// Members of the etcd cluster a check on the etcd backend starts (`--backend etcd`).
+pub const ETCD_MEMBERS: usize = 3;
+/// A killed etcd member (`etcd-kill`) stays down up to this long before its restart.
+pub const ETCD_DOWN_MAX_MS: u64 = 1_000;
+/// An etcd cluster that lost its quorum (`etcd-quorum`: two of three members killed) stays so
+/// from this long to this long: long enough, past 2 s, that the oracle's leader lease (TTL 2 s)
+/// runs out with no keep-alive answered, and the oracle must stop granting.
+pub const ETCD_QUORUM_MIN_MS: u64 = 1_000;
+pub const ETCD_QUORUM_MAX_MS: u64 = 4_000;
+
 /// The kinds of fault a run may draw from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, clap::ValueEnum)]
 pub enum FaultKind {
@@ -134,6 +144,12 @@ pub enum FaultKind {
     DiskFull,
     /// Every fsync takes up to [`SLOW_FSYNC_MAX_MS`] until healed.
     SlowDisk,
+    /// `kill -9` one member of the etcd cluster (maybe etcd's leader), restart it on the same
+    /// data after up to [`ETCD_DOWN_MAX_MS`] (`--backend etcd` only).
+    EtcdKill,
+    /// `kill -9` two of the three etcd members (quorum lost), restart both after
+    /// [`ETCD_QUORUM_MIN_MS`] to [`ETCD_QUORUM_MAX_MS`] (`--backend etcd` only).
+    EtcdQuorum,
 }
 
 impl FaultKind {
@@ -151,7 +167,15 @@ impl FaultKind {
             FaultKind::DiskError => "disk-error",
             FaultKind::DiskFull => "disk-full",
             FaultKind::SlowDisk => "slow-disk",
+            FaultKind::EtcdKill => "etcd-kill",
+            FaultKind::EtcdQuorum => "etcd-quorum",
         }
+    }
+
+    /// Whether the kind hits the etcd cluster under the oracle rather than an oracle node
+    /// (`--backend etcd` only).
+    pub fn on_etcd(self) -> bool {
+        matches!(self, FaultKind::EtcdKill | FaultKind::EtcdQuorum)
     }
 
     /// Whether the kind needs the nodes' data directories on the fault layer.
@@ -290,6 +314,18 @@ pub enum Fault {
         fsync_ms: u64,
         for_ms: u64,
     },
+    /// `kill -9` etcd member `member` (an index below [`ETCD_MEMBERS`], not an oracle node),
+    /// restart it on its data after `down_ms`.
+    EtcdKill {
+        member: usize,
+        down_ms: u64,
+    },
+    /// `kill -9` etcd members `first` and the next one after it (mod [`ETCD_MEMBERS`]): the
+    /// etcd cluster loses its quorum; restart both after `down_ms`.
+    EtcdQuorum {
+        first: usize,
+        down_ms: u64,
+    },
 }
 
 impl Fault {
@@ -309,6 +345,7 @@ impl Fault {
             Fault::DiskError { for_ms, .. }
             | Fault::DiskFull { for_ms, .. }
             | Fault::SlowDisk { for_ms, .. } => for_ms,
+            Fault::EtcdKill { down_ms, .. } | Fault::EtcdQuorum { down_ms, .. } => down_ms,
         }
     }
 
@@ -325,10 +362,13 @@ impl Fault {
             Fault::DiskError { .. } => FaultKind::DiskError,
             Fault::DiskFull { .. } => FaultKind::DiskFull,
             Fault::SlowDisk { .. } => FaultKind::SlowDisk,
+            Fault::EtcdKill { .. } => FaultKind::EtcdKill,
+            Fault::EtcdQuorum { .. } => FaultKind::EtcdQuorum,
         }
     }
 
-    /// The node the fault hits.
+    /// The node the fault hits. For the etcd faults, `Target::Node(i)` names etcd member `i`
+    /// (the first of the two an `etcd-quorum` kills), not an oracle node.
     pub fn target(&self) -> Target {
         match *self {
             Fault::Kill { node, .. }
@@ -344,6 +384,8 @@ impl Fault {
             Fault::Handoff { .. } | Fault::Shrink { .. } | Fault::StaleVote { .. } => {
                 Target::Leader
             }
+            Fault::EtcdKill { member, .. } => Target::Node(member),
+            Fault::EtcdQuorum { first, .. } => Target::Node(first),
         }
     }
 
@@ -437,8 +479,23 @@ impl Fault {
                 fsync_ms,
                 for_ms,
             } => format!("every fsync of {node} takes {fsync_ms} ms for {for_ms} ms"),
+            Fault::EtcdKill { member, down_ms } => {
+                format!("kill -9 etcd member m{member}, restart it after {down_ms} ms")
+            }
+            Fault::EtcdQuorum { first, down_ms } => {
+                let (a, b) = etcd_quorum_members(first);
+                format!(
+                    "kill -9 etcd members m{a} and m{b} (quorum lost), restart both after \
+                     {down_ms} ms"
+                )
+            }
         }
     }
+}
+
+/// The two etcd members an `etcd-quorum` fault starting at member `first` kills.
+pub fn etcd_quorum_members(first: usize) -> (usize, usize) {
+    (first % ETCD_MEMBERS, (first + 1) % ETCD_MEMBERS)
 }
 
 /// A fault at `at_ms` after the start of the run.
@@ -673,6 +730,14 @@ fn draw_fault(plan: &Plan, rng: &mut StdRng) -> Fault {
                 .unwrap_or_else(|| rng.random_range(1..=SLOW_FSYNC_MAX_MS)),
             for_ms: rng.random_range(DISK_FAULT_MIN_MS..=DISK_FAULT_MAX_MS),
         },
+        FaultKind::EtcdKill => Fault::EtcdKill {
+            member: rng.random_range(0..ETCD_MEMBERS),
+            down_ms: rng.random_range(0..=ETCD_DOWN_MAX_MS),
+        },
+        FaultKind::EtcdQuorum => Fault::EtcdQuorum {
+            first: rng.random_range(0..ETCD_MEMBERS),
+            down_ms: rng.random_range(ETCD_QUORUM_MIN_MS..=ETCD_QUORUM_MAX_MS),
+        },
     }
 }
 
@@ -745,6 +810,7 @@ mod tests {
                     | Fault::SlowDisk { for_ms, .. } => {
                         assert!((DISK_FAULT_MIN_MS..=DISK_FAULT_MAX_MS).contains(&for_ms))
                     }
+                    Fault::EtcdKill { .. } | Fault::EtcdQuorum { .. } => {}
                 }
             }
         }
@@ -964,6 +1030,56 @@ mod tests {
                 _ => 0,
             };
             assert!(pair[0].at_ms + cut + pair[0].fault.length_ms() < pair[1].at_ms);
+        }
+    }
+
+    #[test]
+    fn etcd_faults_are_drawn_in_their_bounds() {
+        let kinds = vec![FaultKind::Kill, FaultKind::EtcdKill, FaultKind::EtcdQuorum];
+        let steps: Vec<Step> = (0..20)
+            .flat_map(|seed| {
+                draw(&Plan {
+                    kinds: kinds.clone(),
+                    ..plan(seed)
+                })
+            })
+            .collect();
+        for kind in &kinds {
+            assert!(steps.iter().any(|s| s.fault.kind() == *kind), "{kind:?}");
+        }
+        let mut members = [false; ETCD_MEMBERS];
+        for step in &steps {
+            match step.fault {
+                Fault::EtcdKill { member, down_ms } => {
+                    assert!(member < ETCD_MEMBERS);
+                    assert!(down_ms <= ETCD_DOWN_MAX_MS);
+                    assert_eq!(step.fault.target(), Target::Node(member));
+                    members[member] = true;
+                }
+                Fault::EtcdQuorum { first, down_ms } => {
+                    assert!(first < ETCD_MEMBERS);
+                    assert!((ETCD_QUORUM_MIN_MS..=ETCD_QUORUM_MAX_MS).contains(&down_ms));
+                    let (a, b) = etcd_quorum_members(first);
+                    assert!(a != b && a < ETCD_MEMBERS && b < ETCD_MEMBERS);
+                }
+                _ => {}
+            }
+            assert_eq!(
+                step.fault.kind().on_etcd(),
+                matches!(
+                    step.fault,
+                    Fault::EtcdKill { .. } | Fault::EtcdQuorum { .. }
+                )
+            );
+        }
+        assert!(
+            members.iter().all(|&m| m),
+            "every member is drawn: {members:?}"
+        );
+        for pair in steps.windows(2) {
+            if pair[0].at_ms < pair[1].at_ms {
+                assert!(pair[0].at_ms + pair[0].fault.length_ms() < pair[1].at_ms);
+            }
         }
     }
 

@@ -9,6 +9,7 @@ mod common;
 mod bench;
 mod check;
 mod check_disk;
+mod check_etcd;
 mod check_handoff;
 mod check_lease;
 mod check_member;
