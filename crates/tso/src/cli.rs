@@ -179,6 +179,12 @@ pub struct ServeControls {
     /// Never set it.
     #[arg(long, hide = true)]
     pub unsafe_ack_before_fsync: bool,
+    /// FOR THE CHECKER'S POSITIVE CONTROL ONLY (etcd backend): the leader lease never runs
+    /// out by its deadline, and the node keeps leading while its keep-alives fail, so a leader
+    /// cut off from etcd keeps granting while another node wins. This breaks the oracle on
+    /// purpose. Never set it.
+    #[arg(long, hide = true)]
+    pub unsafe_etcd_ignore_lease: bool,
     /// FOR FAULT TESTS ONLY: shift this server's clock by the signed number of milliseconds
     /// written in this file (re-read every 50 ms). Never set it in production.
     #[arg(long, hide = true)]
@@ -647,6 +653,12 @@ pub struct CheckControls {
     /// (exit 1).
     #[arg(long)]
     pub unsafe_ack_before_fsync: bool,
+    /// POSITIVE CONTROL of the etcd backend's leader lease (`--backend etcd`, `--workload
+    /// ts`): run oracle nodes whose leader lease ignores its deadline, and cut the leader off
+    /// from etcd. A working checker reports real-time violations (exit 1): the cut-off leader
+    /// grants while another node wins.
+    #[arg(long)]
+    pub unsafe_etcd_ignore_lease: bool,
     /// ABLATION, not a control: run raft servers whose elections skip the pre-vote gate, as
     /// before it was built, to measure what a follower's heal costs the clients without it
     /// (the run's "longest gap in answers" line). It breaks no guarantee the checker judges.

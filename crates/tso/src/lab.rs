@@ -98,6 +98,7 @@ fn controls(flags: CheckControls) -> Controls {
         unsafe_skip_dir_fsync: flags.unsafe_skip_dir_fsync,
         unsafe_ack_before_fsync: flags.unsafe_ack_before_fsync,
         unsafe_ungate_elections: flags.unsafe_ungate_elections,
+        unsafe_etcd_ignore_lease: flags.unsafe_etcd_ignore_lease,
     }
 }
 

@@ -251,6 +251,10 @@ async fn serve_raft(
         !args.controls.unsafe_skip_dir_fsync,
         "--unsafe-skip-dir-fsync breaks the file backend: use it without --backend raft"
     );
+    anyhow::ensure!(
+        !args.controls.unsafe_etcd_ignore_lease,
+        "--unsafe-etcd-ignore-lease breaks the etcd backend: use it with --backend etcd"
+    );
     if args.controls.unsafe_ack_before_fsync {
         tracing::warn!(
             "UNSAFE: the raft log acknowledges entries before they are durable; this server breaks its guarantees on purpose"
@@ -360,6 +364,12 @@ async fn serve_etcd(
         !args.controls.unsafe_ack_before_fsync && !args.controls.unsafe_skip_dir_fsync,
         "the fsync controls break a local disk; the etcd backend keeps nothing on one"
     );
+    if args.controls.unsafe_etcd_ignore_lease {
+        tracing::warn!(
+            "UNSAFE: the etcd leader lease ignores its deadline; this server breaks its guarantees on purpose"
+        );
+        tso_server::backend::etcd::unsafe_etcd_ignore_lease();
+    }
     let node_id = args
         .cluster
         .node_id
@@ -423,6 +433,10 @@ async fn serve_file(
     anyhow::ensure!(
         !args.controls.unsafe_ack_before_fsync,
         "--unsafe-ack-before-fsync breaks the raft log store: use it with --backend raft"
+    );
+    anyhow::ensure!(
+        !args.controls.unsafe_etcd_ignore_lease,
+        "--unsafe-etcd-ignore-lease breaks the etcd backend: use it with --backend etcd"
     );
     let tls = args.tls.client_port()?;
     let client_tls = tls.is_some();

@@ -8,8 +8,10 @@
 //!
 //! On the etcd backend (`--backend etcd`), a 3-member etcd cluster starts first (`etcd.rs`),
 //! then `--nodes` oracle nodes `tso serve --backend etcd` on it, with ids 1 to `--nodes`; they
-//! keep nothing on disk (each node's directory holds its log and clock offset file). The etcd
-//! faults kill and restart etcd members; the others hit oracle nodes as on raft.
+//! keep nothing on disk (each node's directory holds its log and clock offset file). Each node
+//! reaches each etcd member through a loopback proxy of its own, so `etcd-cut` blackholes one
+//! node's links to etcd while its clients still reach it. The etcd faults kill and restart etcd
+//! members; the others hit oracle nodes as on raft.
 //!
 //! A raft cluster has a fixed number of slots, one per node of `--nodes`. A slot keeps its
 //! client address, its directory and its name for good, so clients keep one endpoint list and
@@ -65,6 +67,9 @@ pub const SKIP_DIR_FSYNC_FLAG: &str = "--unsafe-skip-dir-fsync";
 pub const ACK_BEFORE_FSYNC_FLAG: &str = "--unsafe-ack-before-fsync";
 /// Hidden server flag of the pre-vote ablation: elections skip the pre-vote gate.
 pub const UNGATE_ELECTIONS_FLAG: &str = "--unsafe-ungate-elections";
+/// Hidden server flag of the ignore-lease control: an etcd-backend leader grants past its
+/// leader lease's deadline, and keeps leading while its keep-alives fail.
+pub const ETCD_IGNORE_LEASE_FLAG: &str = "--unsafe-etcd-ignore-lease";
 /// The key prefix of the oracle a check on the etcd backend runs.
 pub const ETCD_PREFIX: &str = "/tso/check";
 /// The TTL of the etcd leases of a check's oracle nodes: etcd's smallest with its default
@@ -89,6 +94,10 @@ pub struct Cluster {
     pub(super) torn_seed: u64,
     /// The etcd cluster the nodes run on (`--backend etcd`).
     pub(super) etcd: Option<EtcdCluster>,
+    /// On the etcd backend, the proxy of every link from an oracle node (the index) to an etcd
+    /// member: each node's `--etcd-endpoints` are its own proxies, so `etcd-cut` cuts one node
+    /// off from etcd while its clients still reach it.
+    pub(super) etcd_links: Vec<(usize, LinkProxy)>,
 }
 
 /// The loopback proxy of the directed peer link from slot `from` to the peer port `target` of
@@ -190,6 +199,7 @@ impl Cluster {
                 stale_vote: None,
                 torn_seed: 0,
                 etcd: None,
+                etcd_links: Vec::new(),
             }
         } else {
             Cluster::raft(bin, dir, nodes, common).await?
@@ -219,29 +229,35 @@ impl Cluster {
         let etcd = EtcdCluster::start(&dir.join("etcd"))
             .await
             .context("starting the etcd cluster")?;
-        let endpoints = etcd.client_urls().join(",");
-        let nodes = (0..nodes)
-            .map(|i| {
-                let mut extra: Vec<String> = [
-                    "--backend",
-                    "etcd",
-                    "--node-id",
-                    &(i + 1).to_string(),
-                    "--etcd-endpoints",
-                    &endpoints,
-                    "--etcd-prefix",
-                    ETCD_PREFIX,
-                    "--etcd-lease-ttl",
-                    ETCD_LEASE_TTL,
-                ]
-                .iter()
-                .map(|s| s.to_string())
-                .collect();
-                extra.extend(common.iter().cloned());
-                let name = peer_name(i);
-                Node::new(bin, &dir.join(&name), &name, extra, true)
-            })
-            .collect::<anyhow::Result<Vec<Node>>>()?;
+        let mut etcd_links = Vec::new();
+        let mut node_list = Vec::with_capacity(nodes);
+        for i in 0..nodes {
+            let mut endpoints = Vec::new();
+            for (member, target) in etcd.client_addrs().into_iter().enumerate() {
+                let listen = etcd_link_addr(i, member, target.port());
+                etcd_links.push((i, LinkProxy::start(listen, target).await?));
+                endpoints.push(format!("http://{listen}"));
+            }
+            let mut extra: Vec<String> = [
+                "--backend",
+                "etcd",
+                "--node-id",
+                &(i + 1).to_string(),
+                "--etcd-endpoints",
+                &endpoints.join(","),
+                "--etcd-prefix",
+                ETCD_PREFIX,
+                "--etcd-lease-ttl",
+                ETCD_LEASE_TTL,
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+            extra.extend(common.iter().cloned());
+            let name = peer_name(i);
+            node_list.push(Node::new(bin, &dir.join(&name), &name, extra, true)?);
+        }
+        let nodes = node_list;
         Ok(Cluster {
             nodes,
             links: Vec::new(),
@@ -249,6 +265,7 @@ impl Cluster {
             stale_vote: None,
             torn_seed: 0,
             etcd: Some(etcd),
+            etcd_links,
         })
     }
 
@@ -285,6 +302,7 @@ impl Cluster {
             stale_vote: None,
             torn_seed: 0,
             etcd: None,
+            etcd_links: Vec::new(),
         };
         for i in 0..nodes {
             cluster.proxy_links_to(i).await?;
@@ -399,6 +417,7 @@ impl Cluster {
             Fault::Pause { .. } => self.nodes[at].pause()?,
             Fault::Clock { offset_ms, .. } => self.nodes[at].set_clock_offset_ms(offset_ms)?,
             Fault::Partition { .. } => self.cut(at, true),
+            Fault::EtcdCut { .. } => self.cut_etcd(at, true)?,
             Fault::Handoff { .. } => return self.terminate(at).await.map(Some),
             Fault::Replace { stop, .. } => return self.stop_to_replace(at, stop).await,
             Fault::Shrink {
@@ -462,6 +481,7 @@ impl Cluster {
             }
             Fault::Pause { .. } => self.nodes[at].resume()?,
             Fault::Partition { .. } => self.cut(at, false),
+            Fault::EtcdCut { .. } => self.cut_etcd(at, false)?,
             Fault::Clock { .. } => {}
             Fault::Replace { .. } => return self.replace(at).await.map(Some),
             Fault::Shrink { .. } => return self.grow().await.map(Some),
@@ -585,6 +605,20 @@ impl Cluster {
         }
     }
 
+    /// Blackholes (`true`) or heals every link of oracle node `at` to the etcd members.
+    fn cut_etcd(&self, at: usize, cut: bool) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            !self.etcd_links.is_empty(),
+            "etcd-cut faults need --backend etcd"
+        );
+        for (node, proxy) in &self.etcd_links {
+            if *node == at {
+                proxy.set_cut(cut);
+            }
+        }
+        Ok(())
+    }
+
     /// Makes the links between nodes `a` and `b`, both ways, hold every reply for `delay`.
     pub(super) fn slow(&self, a: usize, b: usize, delay: Duration) {
         for link in &self.links {
@@ -706,6 +740,12 @@ fn raft_members(slots: &[Slot]) -> String {
 /// is loopback on Linux), on the target's peer port.
 fn link_addr(from: usize, to: usize, port: u16) -> SocketAddr {
     SocketAddr::from(([127, 10 + from as u8, 10 + to as u8, 1], port))
+}
+
+/// The listen address of the proxy of the link from oracle node `node` to etcd member `member`
+/// (whose client port is `port`): an address of its own on loopback, so no port is raced for.
+fn etcd_link_addr(node: usize, member: usize, port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 100 + node as u8, 10 + member as u8, 1], port))
 }
 
 /// Node `i`'s `/etc/hosts`: itself on 127.0.0.1, every other node at the proxy of the link

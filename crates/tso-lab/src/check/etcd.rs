@@ -94,6 +94,19 @@ impl EtcdCluster {
         Ok(cluster)
     }
 
+    /// The client address of every member (the targets of the nodes' etcd link proxies).
+    pub fn client_addrs(&self) -> Vec<std::net::SocketAddr> {
+        self.members
+            .iter()
+            .map(|m| {
+                m.client_url
+                    .trim_start_matches("http://")
+                    .parse()
+                    .expect("a member's client URL is http://IP:PORT")
+            })
+            .collect()
+    }
+
     /// The client URLs of every member, for `--etcd-endpoints`.
     pub fn client_urls(&self) -> Vec<String> {
         self.members.iter().map(|m| m.client_url.clone()).collect()

@@ -262,6 +262,7 @@ fn plan(args: &CheckOptions, seed: u64, local: bool) -> Plan {
         leader_removal_control: args.controls.unsafe_allow_leader_removal,
         trust_wiped_control: args.controls.unsafe_trust_wiped,
         power_control: args.controls.power_control(),
+        etcd_ignore_lease_control: args.controls.unsafe_etcd_ignore_lease,
         slow_fsync_ms: args.slow_fsync.map(|d| d.as_millis() as u64),
     }
 }
@@ -672,7 +673,8 @@ fn restarts_a_process(kind: schedule::FaultKind) -> bool {
         | FaultKind::Partition
         | FaultKind::SlowDisk
         | FaultKind::EtcdKill
-        | FaultKind::EtcdQuorum => false,
+        | FaultKind::EtcdQuorum
+        | FaultKind::EtcdCut => false,
     }
 }
 

@@ -98,6 +98,9 @@ pub struct Controls {
     /// Not a control: raft servers whose elections skip the pre-vote gate, to measure what a
     /// follower's heal costs without it.
     pub unsafe_ungate_elections: bool,
+    /// Etcd-backend servers whose leader lease ignores its deadline; the leader cut off from
+    /// etcd.
+    pub unsafe_etcd_ignore_lease: bool,
 }
 
 impl CheckOptions {
@@ -124,6 +127,7 @@ impl Controls {
             || self.unsafe_skip_dir_fsync
             || self.unsafe_ack_before_fsync
             || self.unsafe_ungate_elections
+            || self.unsafe_etcd_ignore_lease
     }
 
     /// Whether a control that opens with power losses is on.
@@ -172,6 +176,9 @@ impl Controls {
         }
         if self.unsafe_ungate_elections {
             unsafe_flags.push(super::cluster::UNGATE_ELECTIONS_FLAG);
+        }
+        if self.unsafe_etcd_ignore_lease {
+            unsafe_flags.push(super::cluster::ETCD_IGNORE_LEASE_FLAG);
         }
         unsafe_flags
     }
@@ -316,11 +323,16 @@ pub(super) fn validate(args: &CheckOptions) -> anyhow::Result<()> {
 }
 
 /// What `--backend etcd` refuses: attached runs, the faults of raft clusters and of local
-/// disks (etcd nodes keep nothing on one), and the positive controls (none breaks an etcd
-/// node yet); and what only it takes: the faults of etcd members.
+/// disks (etcd nodes keep nothing on one), and the positive controls but its own; and what
+/// only it takes: the faults of etcd members and of the links to them, and the ignore-lease
+/// control.
 fn validate_etcd(args: &CheckOptions) -> anyhow::Result<()> {
     if args.backend != CheckBackend::Etcd {
-        if let Some(kind) = args.faults.iter().find(|k| k.on_etcd()) {
+        anyhow::ensure!(
+            !args.controls.unsafe_etcd_ignore_lease,
+            "the --unsafe-etcd-ignore-lease control breaks etcd-backend servers: add --backend etcd"
+        );
+        if let Some(kind) = args.faults.iter().find(|k| k.needs_etcd()) {
             anyhow::bail!(
                 "{} faults hit the etcd cluster under the oracle: add --backend etcd",
                 kind.name()
@@ -345,11 +357,29 @@ fn validate_etcd(args: &CheckOptions) -> anyhow::Result<()> {
             kind.name()
         );
     }
+    let controls = Controls {
+        unsafe_etcd_ignore_lease: false,
+        ..args.controls
+    };
     anyhow::ensure!(
-        !args.controls.any(),
-        "the --unsafe-* controls break raft or file-backend servers: use them with --backend \
-         raft (the default)"
+        !controls.any(),
+        "the --unsafe-* controls break raft or file-backend servers (on etcd only \
+         --unsafe-etcd-ignore-lease runs): use them with --backend raft (the default)"
     );
+    if args.controls.unsafe_etcd_ignore_lease {
+        anyhow::ensure!(
+            args.workload == Workload::Ts,
+            "the --unsafe-etcd-ignore-lease control breaks timestamps: use it with --workload ts"
+        );
+        // A cut-off leader granting beside the new one shows only in a history that has both:
+        // one client pinned to each node, and one more to follow the leader.
+        anyhow::ensure!(
+            args.nodes > 1 && args.clients > args.nodes,
+            "the --unsafe-etcd-ignore-lease control pins one client to each of several nodes: \
+             give --nodes 3 and --clients {} or more",
+            args.nodes.max(3) + 1
+        );
+    }
     Ok(())
 }
 

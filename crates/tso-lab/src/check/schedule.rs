@@ -113,6 +113,18 @@ pub const ETCD_DOWN_MAX_MS: u64 = 1_000;
 /// runs out with no keep-alive answered, and the oracle must stop granting.
 pub const ETCD_QUORUM_MIN_MS: u64 = 1_000;
 pub const ETCD_QUORUM_MAX_MS: u64 = 4_000;
+/// An oracle node cut off from every etcd member (`etcd-cut`) stays so from this long to this
+/// long: from less than the leader lease (TTL 2 s, a cut-off leader may keep leading) to past
+/// it and the other nodes' campaign (a cut-off leader must have stopped granting).
+pub const ETCD_CUT_MIN_MS: u64 = 1_000;
+pub const ETCD_CUT_MAX_MS: u64 = 5_000;
+/// The ignore-lease control cuts the leader off from etcd for this long: past its etcd lease
+/// (TTL 2 s from its last keep-alive), another node's campaign (polls every 100 ms) and fence,
+/// so a leader that ignores its lease deadline grants while the new one does, until its window
+/// runs dry (1.5 to 3 s ahead of its clock at the cut with `--window-ahead 3s`).
+pub const ETCD_IGNORE_LEASE_CUT_MS: u64 = 5_000;
+/// Cuts of the leader the ignore-lease control opens with.
+pub const ETCD_IGNORE_LEASE_CUTS: usize = 3;
 
 /// The kinds of fault a run may draw from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, clap::ValueEnum)]
@@ -150,6 +162,9 @@ pub enum FaultKind {
     /// `kill -9` two of the three etcd members (quorum lost), restart both after
     /// [`ETCD_QUORUM_MIN_MS`] to [`ETCD_QUORUM_MAX_MS`] (`--backend etcd` only).
     EtcdQuorum,
+    /// Cut every link of one oracle node to the etcd members (its clients still reach it) for
+    /// [`ETCD_CUT_MIN_MS`] to [`ETCD_CUT_MAX_MS`], then heal (`--backend etcd` only).
+    EtcdCut,
 }
 
 impl FaultKind {
@@ -169,6 +184,7 @@ impl FaultKind {
             FaultKind::SlowDisk => "slow-disk",
             FaultKind::EtcdKill => "etcd-kill",
             FaultKind::EtcdQuorum => "etcd-quorum",
+            FaultKind::EtcdCut => "etcd-cut",
         }
     }
 
@@ -176,6 +192,12 @@ impl FaultKind {
     /// (`--backend etcd` only).
     pub fn on_etcd(self) -> bool {
         matches!(self, FaultKind::EtcdKill | FaultKind::EtcdQuorum)
+    }
+
+    /// Whether the kind needs the etcd backend (`--backend etcd`): the faults of etcd members,
+    /// and the cut of an oracle node's links to them.
+    pub fn needs_etcd(self) -> bool {
+        self.on_etcd() || self == FaultKind::EtcdCut
     }
 
     /// Whether the kind needs the nodes' data directories on the fault layer.
@@ -326,6 +348,11 @@ pub enum Fault {
         first: usize,
         down_ms: u64,
     },
+    /// Cut every link of oracle node `node` to the etcd members for `for_ms`, then heal.
+    EtcdCut {
+        node: Target,
+        for_ms: u64,
+    },
 }
 
 impl Fault {
@@ -346,6 +373,7 @@ impl Fault {
             | Fault::DiskFull { for_ms, .. }
             | Fault::SlowDisk { for_ms, .. } => for_ms,
             Fault::EtcdKill { down_ms, .. } | Fault::EtcdQuorum { down_ms, .. } => down_ms,
+            Fault::EtcdCut { for_ms, .. } => for_ms,
         }
     }
 
@@ -364,6 +392,7 @@ impl Fault {
             Fault::SlowDisk { .. } => FaultKind::SlowDisk,
             Fault::EtcdKill { .. } => FaultKind::EtcdKill,
             Fault::EtcdQuorum { .. } => FaultKind::EtcdQuorum,
+            Fault::EtcdCut { .. } => FaultKind::EtcdCut,
         }
     }
 
@@ -380,7 +409,8 @@ impl Fault {
             | Fault::Power { node, .. }
             | Fault::DiskError { node, .. }
             | Fault::DiskFull { node, .. }
-            | Fault::SlowDisk { node, .. } => node,
+            | Fault::SlowDisk { node, .. }
+            | Fault::EtcdCut { node, .. } => node,
             Fault::Handoff { .. } | Fault::Shrink { .. } | Fault::StaleVote { .. } => {
                 Target::Leader
             }
@@ -489,6 +519,9 @@ impl Fault {
                      {down_ms} ms"
                 )
             }
+            Fault::EtcdCut { node, for_ms } => {
+                format!("cut every etcd link of {node} for {for_ms} ms")
+            }
         }
     }
 }
@@ -531,6 +564,9 @@ pub struct Plan {
     /// Open with power losses (of every node of a cluster at once) that a server acknowledging
     /// writes before they are durable fails.
     pub power_control: bool,
+    /// Open with long cuts of the leader from etcd that an etcd node ignoring its leader
+    /// lease's deadline fails.
+    pub etcd_ignore_lease_control: bool,
     /// How long each fsync of a slow disk takes; drawn for each fault when `None`.
     pub slow_fsync_ms: Option<u64>,
 }
@@ -590,6 +626,18 @@ fn control_steps(plan: &Plan, interval_ms: u64) -> (Vec<Step>, u64) {
                 },
             });
             t += NO_LEASE_CUT_MS + interval_ms;
+        }
+    }
+    if plan.etcd_ignore_lease_control {
+        for _ in 0..ETCD_IGNORE_LEASE_CUTS {
+            steps.push(Step {
+                at_ms: t,
+                fault: Fault::EtcdCut {
+                    node: Target::Leader,
+                    for_ms: ETCD_IGNORE_LEASE_CUT_MS,
+                },
+            });
+            t += ETCD_IGNORE_LEASE_CUT_MS + interval_ms;
         }
     }
     let kills = match (plan.seq_forget_control, plan.lease_forget_control) {
@@ -738,6 +786,10 @@ fn draw_fault(plan: &Plan, rng: &mut StdRng) -> Fault {
             first: rng.random_range(0..ETCD_MEMBERS),
             down_ms: rng.random_range(ETCD_QUORUM_MIN_MS..=ETCD_QUORUM_MAX_MS),
         },
+        FaultKind::EtcdCut => Fault::EtcdCut {
+            node,
+            for_ms: rng.random_range(ETCD_CUT_MIN_MS..=ETCD_CUT_MAX_MS),
+        },
     }
 }
 
@@ -765,6 +817,7 @@ mod tests {
             leader_removal_control: false,
             trust_wiped_control: false,
             power_control: false,
+            etcd_ignore_lease_control: false,
             slow_fsync_ms: None,
         }
     }
@@ -811,6 +864,9 @@ mod tests {
                         assert!((DISK_FAULT_MIN_MS..=DISK_FAULT_MAX_MS).contains(&for_ms))
                     }
                     Fault::EtcdKill { .. } | Fault::EtcdQuorum { .. } => {}
+                    Fault::EtcdCut { for_ms, .. } => {
+                        assert!((ETCD_CUT_MIN_MS..=ETCD_CUT_MAX_MS).contains(&for_ms))
+                    }
                 }
             }
         }
@@ -1080,6 +1136,56 @@ mod tests {
             if pair[0].at_ms < pair[1].at_ms {
                 assert!(pair[0].at_ms + pair[0].fault.length_ms() < pair[1].at_ms);
             }
+        }
+    }
+
+    #[test]
+    fn etcd_cuts_are_drawn_in_their_bounds_and_the_ignore_lease_control_cuts_the_leader() {
+        let kinds = vec![FaultKind::Kill, FaultKind::EtcdCut];
+        let steps: Vec<Step> = (0..20)
+            .flat_map(|seed| {
+                draw(&Plan {
+                    kinds: kinds.clone(),
+                    ..plan(seed)
+                })
+            })
+            .collect();
+        let cuts: Vec<&Step> = steps
+            .iter()
+            .filter(|s| s.fault.kind() == FaultKind::EtcdCut)
+            .collect();
+        assert!(!cuts.is_empty());
+        let mut leader = false;
+        for step in cuts {
+            let Fault::EtcdCut { node, for_ms } = step.fault else {
+                unreachable!("an etcd-cut step")
+            };
+            assert!((ETCD_CUT_MIN_MS..=ETCD_CUT_MAX_MS).contains(&for_ms));
+            assert!(!step.fault.kind().on_etcd() && step.fault.kind().needs_etcd());
+            match node {
+                Target::Leader => leader = true,
+                Target::Node(i) => assert!(i < 3),
+                Target::Follower(_) => panic!("a cut aims at the leader or a node"),
+            }
+        }
+        assert!(leader, "the leader is cut now and then");
+        let control = draw(&Plan {
+            etcd_ignore_lease_control: true,
+            kinds: vec![FaultKind::EtcdCut],
+            ..plan(1)
+        });
+        let cut = Fault::EtcdCut {
+            node: Target::Leader,
+            for_ms: ETCD_IGNORE_LEASE_CUT_MS,
+        };
+        assert!(control.len() > ETCD_IGNORE_LEASE_CUTS);
+        assert!(
+            control[..ETCD_IGNORE_LEASE_CUTS]
+                .iter()
+                .all(|s| s.fault == cut)
+        );
+        for pair in control.windows(2) {
+            assert!(pair[0].at_ms + pair[0].fault.length_ms() < pair[1].at_ms);
         }
     }
 

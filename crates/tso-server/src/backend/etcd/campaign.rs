@@ -22,7 +22,7 @@ use tso_proto::etcd::compare::{CompareTarget, TargetUnion};
 use tso_proto::etcd::{KeyValue, LeaseKeepAliveRequest, LeaseKeepAliveResponse, TxnRequest};
 
 use super::client::{self, Etcd, equal, put_op, range_op};
-use super::{Keys, Shared, Term};
+use super::{Keys, Shared, Term, leader_lease};
 use crate::backend::{BackendError, Leadership};
 
 /// How often a node reads the leader key (followers, to campaign when it is gone; the leader,
@@ -211,11 +211,13 @@ impl Campaign {
             let Some(until) = self.shared.clock.until(term.epoch) else {
                 return Lost::LeaseRanOut;
             };
-            if Instant::now() >= until {
+            // The ignore-lease control leads on past its deadline (see leader_lease.rs).
+            let ignore = leader_lease::ignores_lease();
+            if !ignore && Instant::now() >= until {
                 return Lost::LeaseRanOut;
             }
             tokio::select! {
-                _ = tokio::time::sleep_until(until.into()) => return Lost::LeaseRanOut,
+                _ = tokio::time::sleep_until(until.into()), if !ignore => return Lost::LeaseRanOut,
                 _ = tokio::time::sleep_until(next_renewal) => {
                     match keep_alive.renew(interval).await {
                         Ok((sent, ttl)) if ttl > 0 => {

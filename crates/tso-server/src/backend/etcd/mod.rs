@@ -33,6 +33,7 @@ mod client;
 pub mod leader_lease;
 
 pub use campaign::POLL_INTERVAL;
+pub use leader_lease::unsafe_etcd_ignore_lease;
 
 /// The default TTL of the etcd lease that holds the leader key.
 pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(3);
