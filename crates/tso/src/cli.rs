@@ -34,6 +34,9 @@ pub enum Command {
     Lease(LeaseArgs),
     /// Print the safe frontier (GetSafeFrontier) from the leader, in physical ms.
     Frontier(FrontierArgs),
+    /// Decode timestamps (physical ms as RFC 3339 UTC, logical), or print the smallest
+    /// timestamp of a millisecond (--at); no server needed.
+    Parse(ParseArgs),
     /// Closed-loop load against a server: rate, latency percentiles, errors; checks the replies.
     Bench(BenchArgs),
     /// Jepsen-style check: clients recording every call, a seeded nemesis, history checks.
@@ -274,6 +277,16 @@ pub struct InitArgs {
     /// by the oracle this one replaces).
     #[arg(long)]
     pub seed_physical_ms: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct ParseArgs {
+    /// Timestamps to decode; `-` reads more from stdin (whitespace-separated).
+    pub timestamps: Vec<String>,
+    /// Print the smallest timestamp of this millisecond instead (RFC 3339 in UTC, e.g.
+    /// 2026-12-01T00:00:00Z).
+    #[arg(long)]
+    pub at: Option<String>,
 }
 
 #[derive(Debug, Args)]

@@ -12,6 +12,7 @@ mod get;
 mod lab;
 mod lease;
 mod members;
+mod parse;
 mod seq;
 mod serve;
 mod tls;
@@ -28,6 +29,7 @@ fn main() -> ExitCode {
         cli::Command::Seq(args) => seq::run(args),
         cli::Command::Lease(args) => lease::run(args),
         cli::Command::Frontier(args) => lease::frontier(args),
+        cli::Command::Parse(args) => parse::run(args),
         cli::Command::Bench(args) => lab::bench(args),
         cli::Command::Check(args) => return lab::check(args),
         cli::Command::Admin(args) => admin::run(args),

@@ -20,6 +20,7 @@ mod handoff_statuses;
 mod lease;
 mod lease_crash;
 mod membership;
+mod parse;
 mod probes;
 mod process;
 mod raft_handoff;
