@@ -11,6 +11,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     files.sort();
     println!("cargo:rerun-if-changed=proto");
     let fds = protox::compile(&files, [&dir])?;
+    // The descriptors the client port's reflection service answers with: the public protocol
+    // and our streaming extension only (not the raft, admin, etcd or example packages).
+    let mut public = fds.clone();
+    public
+        .file
+        .retain(|f| matches!(f.name(), "tsoracle.proto" | "tso_stream.proto"));
+    let out = PathBuf::from(std::env::var("OUT_DIR")?);
+    std::fs::write(
+        out.join("client_port_descriptors.bin"),
+        prost::Message::encode_to_vec(&public),
+    )?;
     tonic_prost_build::configure().compile_fds(fds)?;
     Ok(())
 }

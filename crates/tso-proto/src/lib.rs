@@ -18,6 +18,11 @@ pub mod etcd {
 }
 
 pub mod limits;
+
+/// The encoded `FileDescriptorSet` of the services a client port serves (`tsoracle.v1` and
+/// `tso.stream.v1`), for the server's gRPC reflection.
+pub const CLIENT_PORT_DESCRIPTORS: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/client_port_descriptors.bin"));
 pub mod tls;
 
 /// This project's own packages.

@@ -285,6 +285,19 @@ pub async fn serve_listener(
     serve_listener_tls(listener, guard, None, shutdown).await
 }
 
+/// gRPC server reflection (`grpc.reflection.v1`) for the services of the client port:
+/// `tsoracle.v1`, `tso.stream.v1` and health, so reflection-based tools (grpcurl, Postman) list
+/// and call them with no `.proto` at hand.
+pub fn reflection_service() -> tonic_reflection::server::v1::ServerReflectionServer<
+    impl tonic_reflection::server::v1::ServerReflection,
+> {
+    tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(tso_proto::CLIENT_PORT_DESCRIPTORS)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .expect("the descriptor sets compiled into this binary decode")
+}
+
 /// [`serve_listener`], over TLS when `tls` is given (build it with
 /// [`crate::tls::server_tls_config`]).
 pub async fn serve_listener_tls(
@@ -313,6 +326,7 @@ pub async fn serve_listener_tls(
         }))
         .add_service(guard.stream_service())
         .add_service(guard.health_service())
+        .add_service(reflection_service())
         .serve_with_incoming_shutdown(incoming, stop.clone().cancelled_owned());
     tokio::pin!(server);
     let served = tokio::select! {

@@ -25,6 +25,7 @@ mod probes;
 mod process;
 mod raft_handoff;
 mod raft_process;
+mod reflection;
 mod seq;
 mod seq_crash;
 mod shutdown;
