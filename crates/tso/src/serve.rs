@@ -303,12 +303,7 @@ async fn serve_raft(
             backend.serve_peers(peer_listener, stopped).await
         })
     };
-    let guard = OracleGuard::start_with_clock(
-        positive_control(&args, backend.clone()),
-        oracle_config(&args),
-        clock(&args),
-    );
-    probes.follow(guard.serving(), backend.clone());
+    let guard = start_oracle(&args, backend.clone(), probes);
     tracing::info!(
         %addr, node_id, peers = %peer_listen, client_tls, peer_tls,
         data_dir = %args.data_dir.display(), "serving"
@@ -399,12 +394,7 @@ async fn serve_etcd(
             .await
             .context("starting the etcd backend")?,
     );
-    let guard = OracleGuard::start_with_clock(
-        positive_control(&args, backend.clone()),
-        oracle_config(&args),
-        clock(&args),
-    );
-    probes.follow(guard.serving(), backend.clone());
+    let guard = start_oracle(&args, backend.clone(), probes);
     tracing::info!(
         %addr, node_id, etcd = %args.etcd.etcd_endpoints.join(","),
         prefix = %args.etcd.etcd_prefix, client_tls, "serving"
@@ -449,12 +439,7 @@ async fn serve_file(
     let backend: Arc<dyn Backend> = Arc::new(FileBackend::open(&args.data_dir)?);
     let listener = bind_client(&args).await?;
     let addr = listener.local_addr()?;
-    let guard = OracleGuard::start_with_clock(
-        positive_control(&args, Arc::clone(&backend)),
-        oracle_config(&args),
-        clock(&args),
-    );
-    probes.follow(guard.serving(), backend);
+    let guard = start_oracle(&args, backend, probes);
     if !guard.wait_serving().await {
         return guard
             .shutdown()
@@ -500,6 +485,18 @@ impl<B: Backend> Backend for ForgetHighWater<B> {
     ) -> BoxFuture<'_, Result<Stored, BackendError>> {
         self.0.apply(cmd, epoch)
     }
+}
+
+/// Starts the oracle on `backend` (through a positive control's wrapper when one is asked
+/// for), with this server's configuration and clock, and points the probes at it.
+fn start_oracle(args: &ServeArgs, backend: Arc<dyn Backend>, probes: &ProbeState) -> OracleGuard {
+    let guard = OracleGuard::start_with_clock(
+        positive_control(args, Arc::clone(&backend)),
+        oracle_config(args),
+        clock(args),
+    );
+    probes.follow(guard.serving(), backend);
+    guard
 }
 
 /// `backend`, or, for the checker's positive control, the same backend with its high-water
