@@ -12,6 +12,17 @@ pub const ETCD: &str = "/usr/bin/etcd";
 /// How long etcd may take to say it serves: a hang guard, never a measure.
 const START_WAIT: Duration = Duration::from_secs(30);
 
+/// The PEM files of an etcd serving TLS to its clients.
+#[derive(Debug, Clone)]
+pub struct EtcdTlsFiles {
+    /// The CA that signs the server's certificate and, with `client_cert_auth`, the clients'.
+    pub ca: std::path::PathBuf,
+    pub cert: std::path::PathBuf,
+    pub key: std::path::PathBuf,
+    /// Refuse clients without a certificate `ca` signed (etcd's `--client-cert-auth`).
+    pub client_cert_auth: bool,
+}
+
 /// One single-member etcd cluster, killed on drop.
 pub struct EtcdProcess {
     child: Child,
@@ -23,6 +34,16 @@ impl EtcdProcess {
     /// Starts etcd and waits until its log says it serves clients. Panics with what to install
     /// when etcd is missing: a test that needs etcd never skips.
     pub fn start() -> EtcdProcess {
+        Self::start_with(None)
+    }
+
+    /// Starts etcd serving its clients over TLS (`https://`): it presents `tls.cert`, and with
+    /// `tls.client_cert_auth` it accepts only clients whose certificate `tls.ca` signed.
+    pub fn start_tls(tls: &EtcdTlsFiles) -> EtcdProcess {
+        Self::start_with(Some(tls))
+    }
+
+    fn start_with(tls: Option<&EtcdTlsFiles>) -> EtcdProcess {
         assert!(
             Path::new(ETCD).exists(),
             "{ETCD} is missing: install Debian's `etcd-server` package (`scripts/test` does) to \
@@ -30,11 +51,22 @@ impl EtcdProcess {
         );
         let dir = tempfile::tempdir().expect("a temporary directory for etcd");
         let (client, peer) = (free_port(), free_port());
-        let client_url = format!("http://127.0.0.1:{client}");
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let client_url = format!("{scheme}://127.0.0.1:{client}");
         let peer_url = format!("http://127.0.0.1:{peer}");
         let log_path = dir.path().join("etcd.log");
         let log = std::fs::File::create(&log_path).expect("etcd's log file");
-        let child = Command::new(ETCD)
+        let mut command = Command::new(ETCD);
+        if let Some(tls) = tls {
+            command
+                .arg(format!("--cert-file={}", tls.cert.display()))
+                .arg(format!("--key-file={}", tls.key.display()))
+                .arg(format!("--trusted-ca-file={}", tls.ca.display()));
+            if tls.client_cert_auth {
+                command.arg("--client-cert-auth");
+            }
+        }
+        let child = command
             .arg("--name=default")
             .arg(format!("--data-dir={}", dir.path().join("data").display()))
             .arg(format!("--listen-client-urls={client_url}"))
@@ -69,7 +101,7 @@ impl EtcdProcess {
         }
     }
 
-    /// The client URL (`http://127.0.0.1:PORT`).
+    /// The client URL (`http://127.0.0.1:PORT`, or `https://` when it serves TLS).
     pub fn client_url(&self) -> &str {
         &self.client_url
     }

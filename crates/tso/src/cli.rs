@@ -110,6 +110,15 @@ pub struct ServeArgs {
     /// Log filter (tracing syntax, e.g. `info`, `tso_server=debug`). Logs go to stderr.
     #[arg(long, default_value = "info,openraft=warn", env = "TSO_LOG")]
     pub log: String,
+    /// Read settings from this TOML file: one key per flag above, named as the flag
+    /// (`data-dir = "/var/lib/tso"`); flags and TSO_* variables override it. See
+    /// examples/tso.toml.
+    #[arg(long, value_name = "FILE", env = "TSO_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Print the effective configuration (file, TSO_* variables and flags) as a TOML file that
+    /// --config accepts, and exit without serving.
+    #[arg(long)]
+    pub print_config: bool,
 }
 
 /// The hidden `--unsafe-*` flags of `tso serve`: servers broken on purpose for the checker's
@@ -188,6 +197,11 @@ pub struct ServeControls {
     /// purpose. Never set it.
     #[arg(long, hide = true)]
     pub unsafe_etcd_ignore_lease: bool,
+    /// FOR THE CHECKER'S POSITIVE CONTROL ONLY (etcd backend): every write of the state key
+    /// skips the transaction's fencing compares, so a deposed leader's write lands over its
+    /// successor's. This breaks the oracle on purpose. Never set it.
+    #[arg(long, hide = true)]
+    pub unsafe_etcd_skip_fence: bool,
     /// FOR FAULT TESTS ONLY: shift this server's clock by the signed number of milliseconds
     /// written in this file (re-read every 50 ms). Never set it in production.
     #[arg(long, hide = true)]
@@ -223,6 +237,20 @@ pub struct EtcdArgs {
     /// leader is replaced about this long after its last keep-alive.
     #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
     pub etcd_lease_ttl: Duration,
+    /// PEM file of the CA certificates that signed the etcd members' server certificates:
+    /// calls to etcd use TLS (`https://` endpoints; a bare `host:port` then means https).
+    #[arg(long, env = "TSO_ETCD_TLS_CA")]
+    pub etcd_tls_ca: Option<PathBuf>,
+    /// PEM certificate this node presents to etcd (for etcd's `--client-cert-auth`); needs
+    /// --etcd-tls-key and --etcd-tls-ca.
+    #[arg(long, requires_all = ["etcd_tls_key", "etcd_tls_ca"], env = "TSO_ETCD_TLS_CERT")]
+    pub etcd_tls_cert: Option<PathBuf>,
+    /// PEM private key of --etcd-tls-cert.
+    #[arg(long, requires = "etcd_tls_cert", env = "TSO_ETCD_TLS_KEY")]
+    pub etcd_tls_key: Option<PathBuf>,
+    /// The name etcd's server certificate must carry, when it is not the endpoint's host.
+    #[arg(long, requires = "etcd_tls_ca", env = "TSO_ETCD_TLS_SERVER_NAME")]
+    pub etcd_tls_server_name: Option<String>,
 }
 
 /// Flags of `--backend raft`.
@@ -672,6 +700,12 @@ pub struct CheckControls {
     /// grants while another node wins.
     #[arg(long)]
     pub unsafe_etcd_ignore_lease: bool,
+    /// POSITIVE CONTROL of the etcd backend's fencing (`--backend etcd`, `--workload seq`):
+    /// run oracle nodes whose writes skip the transaction's compares, and pause the leader past
+    /// its etcd lease while it has sequence calls queued. A working checker reports values
+    /// answered twice (exit 1): the resumed leader's blind write lands over its successor's.
+    #[arg(long)]
+    pub unsafe_etcd_skip_fence: bool,
     /// ABLATION, not a control: run raft servers whose elections skip the pre-vote gate, as
     /// before it was built, to measure what a follower's heal costs the clients without it
     /// (the run's "longest gap in answers" line). It breaks no guarantee the checker judges.

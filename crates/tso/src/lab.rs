@@ -99,6 +99,7 @@ fn controls(flags: CheckControls) -> Controls {
         unsafe_ack_before_fsync: flags.unsafe_ack_before_fsync,
         unsafe_ungate_elections: flags.unsafe_ungate_elections,
         unsafe_etcd_ignore_lease: flags.unsafe_etcd_ignore_lease,
+        unsafe_etcd_skip_fence: flags.unsafe_etcd_skip_fence,
     }
 }
 

@@ -3,11 +3,10 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
-
 mod admin;
 mod cli;
 mod cluster;
+mod config;
 mod get;
 mod lab;
 mod lease;
@@ -19,9 +18,24 @@ mod tls;
 
 /// Exit code of a failure at run time (clap uses 2 for usage errors).
 const EXIT_FAILURE: u8 = 1;
+/// Exit code of a bad `--config` file: a usage error, as clap's.
+const EXIT_USAGE: u8 = 2;
 
 fn main() -> ExitCode {
-    let cli = cli::Cli::parse();
+    let cli = match config::parse() {
+        Ok(config::Parsed {
+            print_config: Some(text),
+            ..
+        }) => {
+            print!("{text}");
+            return ExitCode::SUCCESS;
+        }
+        Ok(parsed) => parsed.cli,
+        Err(err) => {
+            eprintln!("tso: error: {err:#}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
     let result = match cli.command {
         cli::Command::Serve(args) => serve::run(*args),
         cli::Command::Init(args) => serve::init(args),

@@ -10,7 +10,7 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tso_server::backend::etcd::{EtcdBackend, EtcdConfig};
+use tso_server::backend::etcd::{EtcdBackend, EtcdConfig, EtcdTls};
 use tso_server::backend::file::{self, FileBackend};
 use tso_server::backend::raft::{HandoffOutcome, RaftBackend};
 use tso_server::backend::{
@@ -252,8 +252,8 @@ async fn serve_raft(
         "--unsafe-skip-dir-fsync breaks the file backend: use it without --backend raft"
     );
     anyhow::ensure!(
-        !args.controls.unsafe_etcd_ignore_lease,
-        "--unsafe-etcd-ignore-lease breaks the etcd backend: use it with --backend etcd"
+        !args.controls.unsafe_etcd_ignore_lease && !args.controls.unsafe_etcd_skip_fence,
+        "--unsafe-etcd-ignore-lease and --unsafe-etcd-skip-fence break the etcd backend: use them with --backend etcd"
     );
     if args.controls.unsafe_ack_before_fsync {
         tracing::warn!(
@@ -365,6 +365,12 @@ async fn serve_etcd(
         );
         tso_server::backend::etcd::unsafe_etcd_ignore_lease();
     }
+    if args.controls.unsafe_etcd_skip_fence {
+        tracing::warn!(
+            "UNSAFE: etcd writes skip their fencing compares; this server breaks its guarantees on purpose"
+        );
+        tso_server::backend::etcd::unsafe_etcd_skip_fence();
+    }
     let node_id = args
         .cluster
         .node_id
@@ -388,6 +394,7 @@ async fn serve_etcd(
         node_id,
         client_addr,
         lease_ttl: args.etcd.etcd_lease_ttl,
+        tls: etcd_tls(&args.etcd)?,
     };
     let backend = Arc::new(
         EtcdBackend::open(config)
@@ -405,6 +412,26 @@ async fn serve_etcd(
     served?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// TLS to etcd from the `--etcd-tls-*` flags, each file checked now (an error names the flag
+/// and the file).
+fn etcd_tls(args: &crate::cli::EtcdArgs) -> anyhow::Result<Option<EtcdTls>> {
+    let Some(ca) = &args.etcd_tls_ca else {
+        return Ok(None);
+    };
+    let identity = match (&args.etcd_tls_cert, &args.etcd_tls_key) {
+        (Some(cert), Some(key)) => Some(crate::tls::load_identity(
+            ("--etcd-tls-cert", cert),
+            ("--etcd-tls-key", key),
+        )?),
+        _ => None,
+    };
+    Ok(Some(EtcdTls {
+        ca: crate::tls::load_ca("--etcd-tls-ca", ca)?,
+        identity,
+        server_name: args.etcd_tls_server_name.clone(),
+    }))
 }
 
 async fn serve_file(
@@ -425,8 +452,8 @@ async fn serve_file(
         "--unsafe-ack-before-fsync breaks the raft log store: use it with --backend raft"
     );
     anyhow::ensure!(
-        !args.controls.unsafe_etcd_ignore_lease,
-        "--unsafe-etcd-ignore-lease breaks the etcd backend: use it with --backend etcd"
+        !args.controls.unsafe_etcd_ignore_lease && !args.controls.unsafe_etcd_skip_fence,
+        "--unsafe-etcd-ignore-lease and --unsafe-etcd-skip-fence break the etcd backend: use them with --backend etcd"
     );
     let tls = args.tls.client_port()?;
     let client_tls = tls.is_some();

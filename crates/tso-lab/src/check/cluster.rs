@@ -70,6 +70,8 @@ pub const UNGATE_ELECTIONS_FLAG: &str = "--unsafe-ungate-elections";
 /// Hidden server flag of the ignore-lease control: an etcd-backend leader grants past its
 /// leader lease's deadline, and keeps leading while its keep-alives fail.
 pub const ETCD_IGNORE_LEASE_FLAG: &str = "--unsafe-etcd-ignore-lease";
+/// The hidden `tso serve` flag of the skip-fence control (etcd backend).
+pub const ETCD_SKIP_FENCE_FLAG: &str = "--unsafe-etcd-skip-fence";
 /// The key prefix of the oracle a check on the etcd backend runs.
 pub const ETCD_PREFIX: &str = "/tso/check";
 /// The TTL of the etcd leases of a check's oracle nodes: etcd's smallest with its default
@@ -437,7 +439,10 @@ impl Cluster {
             Fault::SlowDisk { fsync_ms, .. } => {
                 self.disk(at)?.slow_fsync(Duration::from_millis(fsync_ms))
             }
-            Fault::EtcdKill { .. } | Fault::EtcdQuorum { .. } => {
+            Fault::EtcdKill { .. }
+            | Fault::EtcdQuorum { .. }
+            | Fault::EtcdCompact { .. }
+            | Fault::EtcdDefrag { .. } => {
                 unreachable!("etcd faults are applied by apply_etcd")
             }
         }
@@ -465,10 +470,33 @@ impl Cluster {
         if targets.iter().any(|&i| !etcd.is_running(i)) {
             return Ok(None);
         }
-        for &i in &targets {
-            etcd.kill(i).await?;
-        }
-        Ok(Some(Applied::plain()))
+        let note = match fault {
+            Fault::EtcdCompact { .. } => Some(match etcd.compact(at).await? {
+                Some(revision) => format!("compacted at revision {revision}"),
+                None => "compacted already: nothing written since".to_string(),
+            }),
+            Fault::EtcdDefrag { .. } => {
+                let took = etcd.defragment(at).await?;
+                Some(format!("defragmented in {} ms", took.as_millis()))
+            }
+            _ => {
+                for &i in &targets {
+                    etcd.kill(i).await?;
+                }
+                None
+            }
+        };
+        Ok(Some(Applied {
+            note,
+            ..Applied::plain()
+        }))
+    }
+
+    /// `leader` or `follower`: the role etcd member `at` has in etcd's own raft now, if it
+    /// answers.
+    pub async fn etcd_role_of(&self, at: usize) -> Option<&'static str> {
+        let leads = self.etcd.as_ref()?.leads(at).await?;
+        Some(if leads { "leader" } else { "follower" })
     }
 
     /// Ends a fault on node `at`: restarts a killed or SIGTERM'd node, resumes a paused one,
@@ -520,6 +548,7 @@ impl Cluster {
                 return Ok(Some("space freed; the node kept running".to_string()));
             }
             Fault::SlowDisk { .. } => self.disk(at)?.heal(),
+            Fault::EtcdCompact { .. } | Fault::EtcdDefrag { .. } => {}
             Fault::EtcdKill { .. } | Fault::EtcdQuorum { .. } => {
                 let targets = Self::etcd_targets(fault, at);
                 let etcd = self

@@ -1,7 +1,8 @@
 //! The etcd cluster a check on the etcd backend (`--backend etcd`) runs its oracle nodes on:
 //! [`ETCD_MEMBERS`] local etcd processes, `m0` to `m2`, each with its data directory and log
 //! under `etcd/` of the work directory, on free loopback ports picked at start and kept for
-//! every restart. The nemesis kills members (`kill -9`) and restarts them on their data.
+//! every restart. The nemesis kills members (`kill -9`) and restarts them on their data,
+//! compacts the keyspace and defragments members, and asks each member whether it leads.
 //!
 //! Children are killed when the cluster is dropped, and when the thread that started them ends
 //! (`PR_SET_PDEATHSIG`), so a failed or killed run leaves no etcd behind.
@@ -12,6 +13,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use tokio::process::{Child, Command};
+use tso_proto::etcd::kv_client::KvClient;
+use tso_proto::etcd::maintenance_client::MaintenanceClient;
+use tso_proto::etcd::{CompactionRequest, DefragmentRequest, RangeRequest, StatusRequest};
 
 use super::cluster::free_ports;
 use super::schedule::ETCD_MEMBERS;
@@ -23,6 +27,8 @@ const ETCD_BIN: &str = "/usr/bin/etcd";
 const READY: &str = "ready to serve client requests";
 /// How long a member may take to serve: a start needs a quorum, a restart an election.
 pub const ETCD_START_TIMEOUT: Duration = Duration::from_secs(30);
+/// The deadline of the checker's own calls to a member (status, compaction, defragmentation).
+const ETCD_CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// One etcd member.
 struct Member {
@@ -209,6 +215,69 @@ impl EtcdCluster {
     /// Whether member `i` runs (as far as this cluster knows).
     pub fn is_running(&self, i: usize) -> bool {
         self.members[i].child.is_some()
+    }
+
+    /// A channel to member `i`'s client port (connected now, with a short deadline).
+    async fn channel(&self, i: usize) -> anyhow::Result<tonic::transport::Channel> {
+        let url = &self.members[i].client_url;
+        tonic::transport::Endpoint::from_shared(url.clone())
+            .with_context(|| format!("etcd member URL {url}"))?
+            .connect_timeout(ETCD_CALL_TIMEOUT)
+            .timeout(ETCD_CALL_TIMEOUT)
+            .connect()
+            .await
+            .with_context(|| format!("connecting to etcd member m{i} at {url}"))
+    }
+
+    /// Whether member `i` is etcd's leader now; `None` when it does not answer.
+    pub async fn leads(&self, i: usize) -> Option<bool> {
+        if !self.is_running(i) {
+            return None;
+        }
+        let mut client = MaintenanceClient::new(self.channel(i).await.ok()?);
+        let status = client.status(StatusRequest {}).await.ok()?.into_inner();
+        let me = status.header?.member_id;
+        Some(status.leader != 0 && status.leader == me)
+    }
+
+    /// Compacts the keyspace at its current revision through member `i`, physically (the
+    /// call returns once the old revisions are gone from that member's database). Returns the
+    /// revision, or `None` when it was compacted already (nothing written since).
+    pub async fn compact(&self, i: usize) -> anyhow::Result<Option<i64>> {
+        let mut kv = KvClient::new(self.channel(i).await?);
+        let head = kv
+            .range(RangeRequest {
+                key: b"/".to_vec(),
+                ..Default::default()
+            })
+            .await
+            .with_context(|| format!("reading etcd's revision from m{i}"))?
+            .into_inner();
+        let revision = head.header.map_or(0, |h| h.revision);
+        match kv
+            .compact(CompactionRequest {
+                revision,
+                physical: true,
+            })
+            .await
+        {
+            Ok(_) => Ok(Some(revision)),
+            // Nothing was written since the last compaction.
+            Err(status) if status.code() == tonic::Code::OutOfRange => Ok(None),
+            Err(status) => Err(status)
+                .with_context(|| format!("compacting etcd at revision {revision} through m{i}")),
+        }
+    }
+
+    /// Defragments member `i`; returns how long it took.
+    pub async fn defragment(&self, i: usize) -> anyhow::Result<Duration> {
+        let mut client = MaintenanceClient::new(self.channel(i).await?);
+        let started = std::time::Instant::now();
+        client
+            .defragment(DefragmentRequest {})
+            .await
+            .with_context(|| format!("defragmenting etcd member m{i}"))?;
+        Ok(started.elapsed())
     }
 
     /// Kills every member.

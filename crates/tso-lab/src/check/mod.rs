@@ -263,6 +263,7 @@ fn plan(args: &CheckOptions, seed: u64, local: bool) -> Plan {
         trust_wiped_control: args.controls.unsafe_trust_wiped,
         power_control: args.controls.power_control(),
         etcd_ignore_lease_control: args.controls.unsafe_etcd_ignore_lease,
+        etcd_skip_fence_control: args.controls.unsafe_etcd_skip_fence,
         slow_fsync_ms: args.slow_fsync.map(|d| d.as_millis() as u64),
     }
 }
@@ -495,9 +496,11 @@ async fn apply_step(cluster: &mut Cluster, step: Step, origin: Instant, shared: 
     };
     let at = cluster.resolve(step.fault.target()).await;
     event.node = at;
-    // An etcd fault's target is an etcd member, whose role the oracle does not know.
-    if let (Some(at), false) = (at, step.fault.kind().on_etcd()) {
-        event.role = Some(cluster.role_of(step.fault.target(), at).await);
+    // An etcd fault's target is an etcd member: its role is the one it has in etcd's raft.
+    match (at, step.fault.kind().on_etcd()) {
+        (Some(at), false) => event.role = Some(cluster.role_of(step.fault.target(), at).await),
+        (Some(at), true) => event.role = cluster.etcd_role_of(at).await,
+        (None, _) => {}
     }
     if let Some(at) = at {
         match cluster.apply(step.fault, at).await {
@@ -674,7 +677,9 @@ fn restarts_a_process(kind: schedule::FaultKind) -> bool {
         | FaultKind::SlowDisk
         | FaultKind::EtcdKill
         | FaultKind::EtcdQuorum
-        | FaultKind::EtcdCut => false,
+        | FaultKind::EtcdCut
+        | FaultKind::EtcdCompact
+        | FaultKind::EtcdDefrag => false,
     }
 }
 

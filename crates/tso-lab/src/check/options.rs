@@ -101,6 +101,9 @@ pub struct Controls {
     /// Etcd-backend servers whose leader lease ignores its deadline; the leader cut off from
     /// etcd.
     pub unsafe_etcd_ignore_lease: bool,
+    /// Etcd-backend servers whose writes skip the fencing compares; the leader paused past its
+    /// etcd lease.
+    pub unsafe_etcd_skip_fence: bool,
 }
 
 impl CheckOptions {
@@ -128,6 +131,7 @@ impl Controls {
             || self.unsafe_ack_before_fsync
             || self.unsafe_ungate_elections
             || self.unsafe_etcd_ignore_lease
+            || self.unsafe_etcd_skip_fence
     }
 
     /// Whether a control that opens with power losses is on.
@@ -179,6 +183,9 @@ impl Controls {
         }
         if self.unsafe_etcd_ignore_lease {
             unsafe_flags.push(super::cluster::ETCD_IGNORE_LEASE_FLAG);
+        }
+        if self.unsafe_etcd_skip_fence {
+            unsafe_flags.push(super::cluster::ETCD_SKIP_FENCE_FLAG);
         }
         unsafe_flags
     }
@@ -329,8 +336,8 @@ pub(super) fn validate(args: &CheckOptions) -> anyhow::Result<()> {
 fn validate_etcd(args: &CheckOptions) -> anyhow::Result<()> {
     if args.backend != CheckBackend::Etcd {
         anyhow::ensure!(
-            !args.controls.unsafe_etcd_ignore_lease,
-            "the --unsafe-etcd-ignore-lease control breaks etcd-backend servers: add --backend etcd"
+            !args.controls.unsafe_etcd_ignore_lease && !args.controls.unsafe_etcd_skip_fence,
+            "the --unsafe-etcd-* controls break etcd-backend servers: add --backend etcd"
         );
         if let Some(kind) = args.faults.iter().find(|k| k.needs_etcd()) {
             anyhow::bail!(
@@ -359,13 +366,38 @@ fn validate_etcd(args: &CheckOptions) -> anyhow::Result<()> {
     }
     let controls = Controls {
         unsafe_etcd_ignore_lease: false,
+        unsafe_etcd_skip_fence: false,
         ..args.controls
     };
     anyhow::ensure!(
         !controls.any(),
         "the --unsafe-* controls break raft or file-backend servers (on etcd only \
-         --unsafe-etcd-ignore-lease runs): use them with --backend raft (the default)"
+         --unsafe-etcd-ignore-lease and --unsafe-etcd-skip-fence run): use them with --backend \
+         raft (the default)"
     );
+    anyhow::ensure!(
+        !(args.controls.unsafe_etcd_ignore_lease && args.controls.unsafe_etcd_skip_fence),
+        "--unsafe-etcd-ignore-lease and --unsafe-etcd-skip-fence each open with their own \
+         faults: run them one at a time"
+    );
+    if args.controls.unsafe_etcd_skip_fence {
+        // Only a sequence call queued before the pause, written after it, shows the blind
+        // write: its values are answered again by the successor.
+        anyhow::ensure!(
+            args.workload == Workload::Seq,
+            "the --unsafe-etcd-skip-fence control breaks sequences: use it with --workload seq"
+        );
+        anyhow::ensure!(
+            args.nodes > 1,
+            "the --unsafe-etcd-skip-fence control needs a successor: give --nodes 3"
+        );
+        let pause = Duration::from_millis(schedule::ETCD_SKIP_FENCE_PAUSE_MS);
+        anyhow::ensure!(
+            args.call_timeout > pause + Duration::from_secs(1),
+            "the --unsafe-etcd-skip-fence control pauses the leader for {pause:?}, and the calls \
+             it had queued must still be awaited when it resumes: give --call-timeout 5s"
+        );
+    }
     if args.controls.unsafe_etcd_ignore_lease {
         anyhow::ensure!(
             args.workload == Workload::Ts,

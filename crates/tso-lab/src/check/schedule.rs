@@ -125,6 +125,12 @@ pub const ETCD_CUT_MAX_MS: u64 = 5_000;
 pub const ETCD_IGNORE_LEASE_CUT_MS: u64 = 5_000;
 /// Cuts of the leader the ignore-lease control opens with.
 pub const ETCD_IGNORE_LEASE_CUTS: usize = 3;
+/// The skip-fence control pauses the leader for this long: past its etcd lease (TTL 2 s),
+/// another node's campaign, fence and first sequence writes, so the sequence calls the paused
+/// leader had queued are written, blindly, over its successor's state when it resumes.
+pub const ETCD_SKIP_FENCE_PAUSE_MS: u64 = 3_500;
+/// Pauses of the leader the skip-fence control opens with.
+pub const ETCD_SKIP_FENCE_PAUSES: usize = 3;
 
 /// The kinds of fault a run may draw from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, clap::ValueEnum)]
@@ -165,6 +171,12 @@ pub enum FaultKind {
     /// Cut every link of one oracle node to the etcd members (its clients still reach it) for
     /// [`ETCD_CUT_MIN_MS`] to [`ETCD_CUT_MAX_MS`], then heal (`--backend etcd` only).
     EtcdCut,
+    /// Compact the etcd keyspace at its current revision (physically: old revisions are
+    /// dropped, as etcd's auto-compaction does), through one member (`--backend etcd` only).
+    EtcdCompact,
+    /// Defragment one etcd member (maybe etcd's leader): it rewrites its database and answers
+    /// nothing meanwhile (`--backend etcd` only).
+    EtcdDefrag,
 }
 
 impl FaultKind {
@@ -185,13 +197,21 @@ impl FaultKind {
             FaultKind::EtcdKill => "etcd-kill",
             FaultKind::EtcdQuorum => "etcd-quorum",
             FaultKind::EtcdCut => "etcd-cut",
+            FaultKind::EtcdCompact => "etcd-compact",
+            FaultKind::EtcdDefrag => "etcd-defrag",
         }
     }
 
     /// Whether the kind hits the etcd cluster under the oracle rather than an oracle node
     /// (`--backend etcd` only).
     pub fn on_etcd(self) -> bool {
-        matches!(self, FaultKind::EtcdKill | FaultKind::EtcdQuorum)
+        matches!(
+            self,
+            FaultKind::EtcdKill
+                | FaultKind::EtcdQuorum
+                | FaultKind::EtcdCompact
+                | FaultKind::EtcdDefrag
+        )
     }
 
     /// Whether the kind needs the etcd backend (`--backend etcd`): the faults of etcd members,
@@ -353,6 +373,14 @@ pub enum Fault {
         node: Target,
         for_ms: u64,
     },
+    /// Compact etcd's keyspace at its current revision, through etcd member `member`.
+    EtcdCompact {
+        member: usize,
+    },
+    /// Defragment etcd member `member`.
+    EtcdDefrag {
+        member: usize,
+    },
 }
 
 impl Fault {
@@ -374,6 +402,7 @@ impl Fault {
             | Fault::SlowDisk { for_ms, .. } => for_ms,
             Fault::EtcdKill { down_ms, .. } | Fault::EtcdQuorum { down_ms, .. } => down_ms,
             Fault::EtcdCut { for_ms, .. } => for_ms,
+            Fault::EtcdCompact { .. } | Fault::EtcdDefrag { .. } => 0,
         }
     }
 
@@ -393,6 +422,8 @@ impl Fault {
             Fault::EtcdKill { .. } => FaultKind::EtcdKill,
             Fault::EtcdQuorum { .. } => FaultKind::EtcdQuorum,
             Fault::EtcdCut { .. } => FaultKind::EtcdCut,
+            Fault::EtcdCompact { .. } => FaultKind::EtcdCompact,
+            Fault::EtcdDefrag { .. } => FaultKind::EtcdDefrag,
         }
     }
 
@@ -414,7 +445,9 @@ impl Fault {
             Fault::Handoff { .. } | Fault::Shrink { .. } | Fault::StaleVote { .. } => {
                 Target::Leader
             }
-            Fault::EtcdKill { member, .. } => Target::Node(member),
+            Fault::EtcdKill { member, .. }
+            | Fault::EtcdCompact { member }
+            | Fault::EtcdDefrag { member } => Target::Node(member),
             Fault::EtcdQuorum { first, .. } => Target::Node(first),
         }
     }
@@ -522,6 +555,10 @@ impl Fault {
             Fault::EtcdCut { node, for_ms } => {
                 format!("cut every etcd link of {node} for {for_ms} ms")
             }
+            Fault::EtcdCompact { member } => {
+                format!("compact etcd at its current revision through member m{member}")
+            }
+            Fault::EtcdDefrag { member } => format!("defragment etcd member m{member}"),
         }
     }
 }
@@ -567,6 +604,9 @@ pub struct Plan {
     /// Open with long cuts of the leader from etcd that an etcd node ignoring its leader
     /// lease's deadline fails.
     pub etcd_ignore_lease_control: bool,
+    /// Open with pauses of the leader past its etcd lease that an etcd node writing without
+    /// its fencing compares fails.
+    pub etcd_skip_fence_control: bool,
     /// How long each fsync of a slow disk takes; drawn for each fault when `None`.
     pub slow_fsync_ms: Option<u64>,
 }
@@ -638,6 +678,18 @@ fn control_steps(plan: &Plan, interval_ms: u64) -> (Vec<Step>, u64) {
                 },
             });
             t += ETCD_IGNORE_LEASE_CUT_MS + interval_ms;
+        }
+    }
+    if plan.etcd_skip_fence_control {
+        for _ in 0..ETCD_SKIP_FENCE_PAUSES {
+            steps.push(Step {
+                at_ms: t,
+                fault: Fault::Pause {
+                    node: Target::Leader,
+                    for_ms: ETCD_SKIP_FENCE_PAUSE_MS,
+                },
+            });
+            t += ETCD_SKIP_FENCE_PAUSE_MS + interval_ms;
         }
     }
     let kills = match (plan.seq_forget_control, plan.lease_forget_control) {
@@ -790,6 +842,12 @@ fn draw_fault(plan: &Plan, rng: &mut StdRng) -> Fault {
             node,
             for_ms: rng.random_range(ETCD_CUT_MIN_MS..=ETCD_CUT_MAX_MS),
         },
+        FaultKind::EtcdCompact => Fault::EtcdCompact {
+            member: rng.random_range(0..ETCD_MEMBERS),
+        },
+        FaultKind::EtcdDefrag => Fault::EtcdDefrag {
+            member: rng.random_range(0..ETCD_MEMBERS),
+        },
     }
 }
 
@@ -818,6 +876,7 @@ mod tests {
             trust_wiped_control: false,
             power_control: false,
             etcd_ignore_lease_control: false,
+            etcd_skip_fence_control: false,
             slow_fsync_ms: None,
         }
     }
@@ -863,7 +922,10 @@ mod tests {
                     | Fault::SlowDisk { for_ms, .. } => {
                         assert!((DISK_FAULT_MIN_MS..=DISK_FAULT_MAX_MS).contains(&for_ms))
                     }
-                    Fault::EtcdKill { .. } | Fault::EtcdQuorum { .. } => {}
+                    Fault::EtcdKill { .. }
+                    | Fault::EtcdQuorum { .. }
+                    | Fault::EtcdCompact { .. }
+                    | Fault::EtcdDefrag { .. } => {}
                     Fault::EtcdCut { for_ms, .. } => {
                         assert!((ETCD_CUT_MIN_MS..=ETCD_CUT_MAX_MS).contains(&for_ms))
                     }
@@ -1171,6 +1233,7 @@ mod tests {
         assert!(leader, "the leader is cut now and then");
         let control = draw(&Plan {
             etcd_ignore_lease_control: true,
+            etcd_skip_fence_control: false,
             kinds: vec![FaultKind::EtcdCut],
             ..plan(1)
         });

@@ -121,11 +121,29 @@ fn usage_the_etcd_backend_cannot_run_is_refused() {
     );
     refused(
         &["--nodes", "3", "--unsafe-etcd-ignore-lease"],
-        "control breaks etcd-backend servers: add --backend etcd",
+        "break etcd-backend servers: add --backend etcd",
     );
     refused(
         &etcd(&["--workload", "seq", "--unsafe-etcd-ignore-lease"]),
         "use it with --workload ts",
+    );
+    refused(
+        &[
+            "--nodes",
+            "3",
+            "--workload",
+            "seq",
+            "--unsafe-etcd-skip-fence",
+        ],
+        "break etcd-backend servers: add --backend etcd",
+    );
+    refused(
+        &etcd(&["--unsafe-etcd-skip-fence", "--call-timeout", "5s"]),
+        "use it with --workload seq",
+    );
+    refused(
+        &etcd(&["--workload", "seq", "--unsafe-etcd-skip-fence"]),
+        "give --call-timeout 5s",
     );
 }
 
@@ -199,4 +217,89 @@ fn the_etcd_ignore_lease_control_is_caught() {
     );
     let leftover = process_under(&dir.path().join("work"));
     assert!(leftover.is_none(), "left running: {leftover:?}");
+}
+
+/// The skip-fence control: oracle nodes whose writes skip the transaction's compares, the
+/// leader paused for 3.5 s (past its 2 s etcd lease) three times while clients wait up to 5 s:
+/// the calls it had queued are written blindly over its successor's state when it resumes and
+/// answered with blocks the successor already handed out, so the checker sees values answered
+/// twice (D1 overlaps, exit 1).
+#[test]
+fn the_etcd_skip_fence_control_is_caught() {
+    let _turn = crate::common::topic(module_path!());
+    let dir = tempfile::tempdir().unwrap();
+    let (output, result) = tso_check(
+        dir.path(),
+        &[
+            "--backend",
+            "etcd",
+            "--nodes",
+            "3",
+            "--workload",
+            "seq",
+            "--unsafe-etcd-skip-fence",
+            "--call-timeout",
+            "5s",
+            "--seed",
+            "7",
+            "--duration",
+            "14s",
+            "--fault-interval",
+            "1s",
+        ],
+    );
+    assert_eq!(output.status.code(), Some(1), "{}", explain(&output));
+    assert_eq!(result["verdict"], "violation", "{result:#}");
+    assert!(
+        result["violations"]["overlap"].as_u64().unwrap_or(0) > 0,
+        "{result:#}"
+    );
+    let leftover = process_under(&dir.path().join("work"));
+    assert!(leftover.is_none(), "left running: {leftover:?}");
+}
+
+/// Compactions of etcd's keyspace and defragmentations of its members while three oracle nodes
+/// hand out sequences (every block is a write of the state key, so compaction has old revisions
+/// to drop): the backend reads no old revision and rides out a member that stops answering
+/// while it defragments, so the history is clean.
+#[test]
+fn etcd_compaction_and_defragmentation_while_serving_are_clean() {
+    let _turn = crate::common::topic(module_path!());
+    let dir = tempfile::tempdir().unwrap();
+    let (output, result) = tso_check(
+        dir.path(),
+        &[
+            "--backend",
+            "etcd",
+            "--nodes",
+            "3",
+            "--workload",
+            "seq",
+            "--faults",
+            "etcd-compact,etcd-defrag",
+            "--seed",
+            "3",
+            "--duration",
+            "10s",
+            "--fault-interval",
+            "500ms",
+        ],
+    );
+    assert_eq!(output.status.code(), Some(0), "{}", explain(&output));
+    assert_eq!(result["verdict"], "clean", "{result:#}");
+    for kind in ["etcd-compact", "etcd-defrag"] {
+        assert!(
+            result["faults"][kind]["applied"].as_u64().unwrap_or(0) >= 2,
+            "{kind}: {:#}",
+            result["faults"]
+        );
+    }
+    // The schedule's lines (on stderr) say what each one did.
+    let said = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        said.contains("compacted at revision"),
+        "{}",
+        explain(&output)
+    );
+    assert!(said.contains("defragmented in"), "{}", explain(&output));
 }

@@ -6,7 +6,7 @@
 use std::time::{Duration, Instant};
 
 use tso_proto::v1::GetTsRequest;
-use tso_testkit::etcd::EtcdProcess;
+use tso_testkit::etcd::{EtcdProcess, EtcdTlsFiles};
 
 use crate::common;
 
@@ -31,6 +31,23 @@ fn node_flags(id: &'static str, etcd: &str) -> Vec<String> {
     .iter()
     .map(|s| s.to_string())
     .collect()
+}
+
+/// The first line of `server`'s log that contains `text` (panics past the hang guard).
+fn log_line(server: &Server, text: &str) -> String {
+    let deadline = Instant::now() + WAIT;
+    let mut seen = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match server.stderr.recv_timeout(left) {
+            Ok(line) if line.contains(text) => return line,
+            Ok(line) => seen.push(line),
+            Err(_) => panic!(
+                "no log line with {text:?} within {WAIT:?}:\n{}",
+                seen.join("\n")
+            ),
+        }
+    }
 }
 
 /// Waits until the node at `server` grants; returns its first grant's last timestamp.
@@ -140,4 +157,126 @@ fn the_etcd_backend_refuses_what_it_cannot_run() {
     ]);
     assert_eq!(status.code(), Some(1), "{err}");
     assert!(err.contains("raft flags"), "{err}");
+}
+
+/// TLS to etcd, with certificates made here: etcd serves https and requires client
+/// certificates from one CA. A node given that CA and a client certificate it signed leads and
+/// grants; one whose client certificate another CA signed is refused in the handshake and says
+/// so in its log (it never leads); and the TLS flags that cannot work are refused at start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_reaches_etcd_over_tls_with_a_client_certificate() {
+    let _turn = crate::common::topic(module_path!());
+    let certs = tempfile::tempdir().unwrap();
+    let ca = common::certs::Ca::new("etcd test CA");
+    let server = ca.write_leaf(certs.path(), "etcd");
+    let client = ca.write_leaf(certs.path(), "tso");
+    let etcd = tokio::task::spawn_blocking(move || {
+        EtcdProcess::start_tls(&EtcdTlsFiles {
+            ca: server.ca,
+            cert: server.cert,
+            key: server.key,
+            client_cert_auth: true,
+        })
+    })
+    .await
+    .unwrap();
+    let url = etcd.client_url().to_string();
+    assert!(url.starts_with("https://"), "{url}");
+    let path = |p: &std::path::Path| p.to_str().unwrap().to_string();
+
+    let mut good = node_flags("1", &url);
+    good.extend([
+        "--etcd-tls-ca".to_string(),
+        path(&client.ca),
+        "--etcd-tls-cert".to_string(),
+        path(&client.cert),
+        "--etcd-tls-key".to_string(),
+        path(&client.key),
+    ]);
+    let d1 = tempfile::tempdir().unwrap();
+    let a = Server::start(
+        d1.path(),
+        &good.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    let first = first_grant(&a).await;
+    let (_, later) = last_of(&mut a.client().await, 10).await;
+    assert!(later > first, "{later} after {first}");
+
+    // A client certificate from a CA etcd does not trust: the handshake fails, the node says
+    // why, and it never leads.
+    let stranger = common::certs::Ca::new("another CA").write_leaf(certs.path(), "stranger");
+    let mut bad = node_flags("2", &url);
+    bad.extend([
+        "--etcd-tls-ca".to_string(),
+        path(&client.ca),
+        "--etcd-tls-cert".to_string(),
+        path(&stranger.cert),
+        "--etcd-tls-key".to_string(),
+        path(&stranger.key),
+    ]);
+    let d2 = tempfile::tempdir().unwrap();
+    let b = Server::start(
+        d2.path(),
+        &bad.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    let line = log_line(&b, "etcd campaign round failed");
+    assert!(line.contains("WARN"), "{line}");
+    let refused = b
+        .client()
+        .await
+        .get_ts(GetTsRequest { count: 1 })
+        .await
+        .expect_err("a node etcd refuses never leads");
+    assert_eq!(
+        refused.code(),
+        tonic::Code::FailedPrecondition,
+        "{refused:?}"
+    );
+
+    // What cannot work is refused at start, naming the flag.
+    let flags = |more: &[&str]| {
+        let mut v = vec!["serve", "--backend", "etcd", "--node-id", "3"];
+        v.extend_from_slice(more);
+        v.iter().map(|s| s.to_string()).collect::<Vec<_>>()
+    };
+    let ca_path = path(&client.ca);
+    for (args, expect) in [
+        (flags(&["--etcd-endpoints", &url]), "--etcd-tls-ca"),
+        (
+            flags(&[
+                "--etcd-endpoints",
+                "http://127.0.0.1:1",
+                "--etcd-tls-ca",
+                &ca_path,
+            ]),
+            "use https://",
+        ),
+        (
+            flags(&[
+                "--etcd-endpoints",
+                &url,
+                "--etcd-tls-ca",
+                "/nonexistent/ca.pem",
+            ]),
+            "--etcd-tls-ca /nonexistent/ca.pem",
+        ),
+        (
+            flags(&[
+                "--etcd-endpoints",
+                &url,
+                "--etcd-tls-ca",
+                &ca_path,
+                "--etcd-tls-cert",
+                &ca_path,
+            ]),
+            "--etcd-tls-key",
+        ),
+    ] {
+        let (status, _, err) = run_tso(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        assert_ne!(status.code(), Some(0), "{args:?}: {err}");
+        assert!(
+            err.contains(expect),
+            "{args:?}: expected {expect:?} in {err}"
+        );
+    }
 }

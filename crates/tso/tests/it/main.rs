@@ -15,6 +15,8 @@ mod check_lease;
 mod check_member;
 mod check_seq;
 mod check_wipe;
+mod config;
+mod deploy;
 mod etcd;
 mod handoff_statuses;
 mod lease;

@@ -31,6 +31,8 @@ pub const POLL_INTERVAL: Duration = Duration::from_millis(100);
 
 /// The longest wait between two failed rounds.
 const MAX_BACKOFF: Duration = Duration::from_secs(1);
+/// While campaign rounds keep failing, how often that is logged at warn level.
+const FAILURE_LOG_EVERY: Duration = Duration::from_secs(10);
 
 /// The value of the leader key: `"<node_id> <client_addr>"`.
 pub(super) fn leader_value(node_id: u64, client_addr: &str) -> Vec<u8> {
@@ -69,11 +71,42 @@ enum Lost {
 impl Campaign {
     pub async fn run(mut self) {
         let mut backoff = POLL_INTERVAL;
+        // Since when rounds fail, and when that was last logged at warn level: an etcd that
+        // cannot be reached (wrong address, TLS refused) is said at once, then every
+        // FAILURE_LOG_EVERY, not at every retry.
+        let mut failing: Option<(Instant, Instant)> = None;
         loop {
             match self.round().await {
-                Ok(()) => backoff = POLL_INTERVAL,
+                Ok(()) => {
+                    backoff = POLL_INTERVAL;
+                    if let Some((since, _)) = failing.take() {
+                        tracing::info!(
+                            node_id = self.node_id,
+                            failing_ms = since.elapsed().as_millis() as u64,
+                            "etcd answers again"
+                        );
+                    }
+                }
                 Err(e) => {
-                    tracing::debug!(node_id = self.node_id, error = %e, "etcd campaign round failed");
+                    let now = Instant::now();
+                    match &mut failing {
+                        None => {
+                            failing = Some((now, now));
+                            tracing::warn!(node_id = self.node_id, error = %e, "etcd campaign round failed; retrying");
+                        }
+                        Some((since, logged)) if now - *logged >= FAILURE_LOG_EVERY => {
+                            *logged = now;
+                            tracing::warn!(
+                                node_id = self.node_id,
+                                error = %e,
+                                failing_ms = (now - *since).as_millis() as u64,
+                                "etcd campaign rounds still fail; retrying"
+                            );
+                        }
+                        Some(_) => {
+                            tracing::debug!(node_id = self.node_id, error = %e, "etcd campaign round failed");
+                        }
+                    }
                     self.publish(Leadership::Unknown);
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(MAX_BACKOFF);
