@@ -12,11 +12,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto");
     let fds = protox::compile(&files, [&dir])?;
     // The descriptors the client port's reflection service answers with: the public protocol
-    // and our streaming extension only (not the raft, admin, etcd or example packages).
+    // our streaming extension and the operator calls only (not the raft, admin, etcd or example
+    // packages).
     let mut public = fds.clone();
-    public
-        .file
-        .retain(|f| matches!(f.name(), "tsoracle.proto" | "tso_stream.proto"));
+    public.file.retain(|f| {
+        matches!(
+            f.name(),
+            "tsoracle.proto" | "tso_stream.proto" | "tso_ops.proto"
+        )
+    });
     let out = PathBuf::from(std::env::var("OUT_DIR")?);
     std::fs::write(
         out.join("client_port_descriptors.bin"),

@@ -108,6 +108,20 @@ impl Window {
         self.high_water_ms = self.high_water_ms.max(durable_ms);
     }
 
+    /// Moves the cursor above every timestamp of millisecond `above_ms`, so that every later
+    /// grant's physical part is above it. Needs `above_ms < H` (raise `H` first); a cursor
+    /// already past it stays.
+    pub fn raise_floor(&mut self, above_ms: u64) {
+        assert!(
+            above_ms < self.high_water_ms,
+            "floor {above_ms} not below the high-water {}",
+            self.high_water_ms
+        );
+        if above_ms + 1 > self.cursor_ms {
+            (self.cursor_ms, self.next_logical) = (above_ms + 1, 0);
+        }
+    }
+
     /// What an extension should persist: `max(H + 1, now) + window_ahead`.
     pub fn extension_target_ms(&self, now_ms: u64, window_ahead_ms: u64) -> u64 {
         (self.high_water_ms + 1)

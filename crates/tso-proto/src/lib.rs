@@ -40,6 +40,11 @@ pub mod tso {
         }
     }
 
+    /// Operator calls on the client port of every backend: status, raising the high-water.
+    pub mod ops_v1 {
+        tonic::include_proto!("tso.ops.v1");
+    }
+
     /// Run-time membership of a raft cluster (the admin port).
     pub mod admin_v1 {
         tonic::include_proto!("tso.admin.v1");

@@ -59,7 +59,7 @@ pub(crate) async fn run(
                     took_us = started.elapsed().as_micros() as u64,
                     "window extended"
                 );
-                metrics::extension_done(started.elapsed(), target_ms);
+                metrics::extension_done(started.elapsed(), target_ms, shared.clock.now_ms());
                 backoff.reset();
             }
             Err(err) => {

@@ -11,6 +11,7 @@ pub mod clock;
 mod error;
 mod extend;
 pub mod metrics;
+pub mod ops;
 mod oracle;
 mod refusal;
 mod sequence;

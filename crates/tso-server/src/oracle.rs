@@ -7,7 +7,7 @@
 //! unless a burst exhausts the window.
 
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
@@ -161,6 +161,31 @@ struct State {
     /// The highest epoch this node has reported; hints never name a lower one.
     reported_epoch: Epoch,
     next_term_id: u64,
+    /// Since when this node has known no leader (`None` while it leads or knows one).
+    leaderless_since: Option<Instant>,
+    /// When the current term started serving (wall clock, ms), and how long its fence took.
+    serving_since_unix_ms: u64,
+    last_fence: Option<Duration>,
+}
+
+/// What the status call reports of the oracle itself; the backend's part is added by the
+/// caller. Read from memory only.
+#[derive(Default)]
+pub(crate) struct OracleStatus {
+    /// The epoch served, if this node leads.
+    pub serving: Option<Epoch>,
+    /// Why serving stopped for good.
+    pub failed: Option<String>,
+    /// A follower's knowledge of its leader.
+    pub hint: LeaderHint,
+    pub serving_since_unix_ms: u64,
+    pub high_water_ms: u64,
+    pub clock_ms: u64,
+    pub last_fence: Option<Duration>,
+    pub leaderless: Option<Duration>,
+    /// Live stamping leases and sequence keys of the current term, when loaded.
+    pub live_leases: Option<usize>,
+    pub sequence_keys: Option<usize>,
 }
 
 /// State shared by the service, the leadership watch and the extender.
@@ -206,6 +231,9 @@ impl Shared {
                 mode: Mode::NotServing(LeaderHint::default()),
                 reported_epoch: Epoch::ZERO,
                 next_term_id: 1,
+                leaderless_since: Some(Instant::now()),
+                serving_since_unix_ms: 0,
+                last_fence: None,
             }),
             serving: watch::channel(not_serving).0,
             failed: CancellationToken::new(),
@@ -418,6 +446,10 @@ impl Shared {
             }
             None => hint,
         };
+        state.leaderless_since = match (&hint.endpoint, hint.epoch) {
+            (None, None) => state.leaderless_since.or_else(|| Some(Instant::now())),
+            _ => None,
+        };
         state.mode = Mode::NotServing(hint.clone());
         // Published with the lock held, so that states are published in the order they were
         // taken: a poisoning in between can never be overwritten by a stale NotServing.
@@ -450,8 +482,15 @@ impl Shared {
         let id = state.next_term_id;
         state.next_term_id += 1;
         state.reported_epoch = state.reported_epoch.max(epoch);
+        state.leaderless_since = None;
+        state.serving_since_unix_ms = self.clock.now_ms();
         let wake = Arc::new(Notify::new());
-        metrics::extension_done(Default::default(), window.high_water_ms());
+        metrics::extension_done(
+            Default::default(),
+            window.high_water_ms(),
+            self.clock.now_ms(),
+        );
+        metrics::term_started(self.config.seq_keys_max);
         state.mode = Mode::Serving(Term {
             id,
             epoch,
@@ -466,6 +505,111 @@ impl Shared {
         self.serving.send_replace(ServingState::Serving { epoch });
         drop(state);
         Some((id, wake))
+    }
+
+    /// Records how long the fence of the term about to serve took (for the status call).
+    pub fn note_fence(&self, took: Duration) {
+        metrics::fence_took(took);
+        self.lock().last_fence = Some(took);
+    }
+
+    /// This node's view for the status call, from memory (never a backend call).
+    pub async fn status(&self) -> OracleStatus {
+        let clock_ms = self.clock.now_ms();
+        let failed = match &*self.serving.borrow() {
+            ServingState::Failed { reason } => Some(reason.clone()),
+            _ => None,
+        };
+        let (mut status, leases) = {
+            let state = self.lock();
+            let mut status = OracleStatus {
+                failed,
+                clock_ms,
+                last_fence: state.last_fence,
+                leaderless: state.leaderless_since.map(|since| since.elapsed()),
+                ..OracleStatus::default()
+            };
+            let mut leases = None;
+            match &state.mode {
+                Mode::Serving(term) => {
+                    status.serving = Some(term.epoch);
+                    status.serving_since_unix_ms = state.serving_since_unix_ms;
+                    status.high_water_ms = term.window.high_water_ms();
+                    status.sequence_keys = term.sequencer.as_ref().and_then(|s| s.key_count());
+                    leases = term.leases.clone();
+                }
+                Mode::NotServing(hint) => status.hint = hint.clone(),
+                Mode::Poisoned => {}
+            }
+            (status, leases)
+        };
+        if let Some(book) = leases {
+            // A lease call holding the book is a write in flight: report the set as unknown
+            // rather than wait on it.
+            if let Ok(book) = book.try_lock() {
+                status.live_leases = book.live_count(self.clock.monotonic_ms());
+            }
+        }
+        status
+    }
+
+    /// Leader only: makes every later timestamp's physical part above `above_ms`, durably
+    /// (the high-water goes to `above_ms` plus the window first, so every later leader fences
+    /// above it too). Refused past the layout, and above this node's clock plus `max_ahead_ms`.
+    /// Returns the durable high-water and the epoch.
+    pub async fn raise(&self, above_ms: u64, max_ahead_ms: u64) -> Result<(u64, Epoch), Refusal> {
+        let now_ms = self.clock.now_ms();
+        if above_ms > now_ms.saturating_add(max_ahead_ms) {
+            return Err(Refusal::InvalidArgument(format!(
+                "{above_ms} ms is {} ms ahead of this leader's clock ({now_ms} ms), past the \
+                 ceiling of {max_ahead_ms} ms ahead: a typo? (`tso admin raise --max-ahead` moves the \
+                 ceiling)",
+                above_ms - now_ms
+            )));
+        }
+        let target_ms = above_ms
+            .saturating_add(self.config.window_ahead_ms())
+            .max(above_ms.saturating_add(1));
+        if target_ms > PHYSICAL_MAX_MS {
+            return Err(Refusal::OutOfRange(format!(
+                "{above_ms} ms and the window above it pass the 46-bit timestamp layout \
+                 ({PHYSICAL_MAX_MS} ms)"
+            )));
+        }
+        let epoch = {
+            let mut state = self.lock();
+            self.serving_term(&mut state)?.epoch
+        };
+        let cmd = crate::backend::OracleCommand::AdvanceHighWater {
+            at_least_ms: target_ms,
+        };
+        let stored = if crate::ops::raises_in_memory() {
+            crate::backend::Stored {
+                high_water_ms: target_ms,
+            }
+        } else {
+            self.backend.apply(cmd, epoch).await.map_err(|e| {
+                Refusal::from_backend(
+                    e,
+                    Call::Write("raising the high-water"),
+                    || self.hint(),
+                    None,
+                )
+            })?
+        };
+        let mut state = self.lock();
+        match &mut state.mode {
+            Mode::Serving(term) if term.epoch == epoch => {
+                term.window.raise_high_water(stored.high_water_ms);
+                term.window.raise_floor(above_ms);
+                Ok((term.window.high_water_ms(), epoch))
+            }
+            // The raise is durable, so the next term fences above it; this one ended.
+            _ => Err(Refusal::NotLeader(match &state.mode {
+                Mode::NotServing(hint) => hint.clone(),
+                _ => LeaderHint::default(),
+            })),
+        }
     }
 
     /// Poisons serving for good and records why, for [`Shared::take_fatal`].

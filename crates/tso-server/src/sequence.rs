@@ -113,6 +113,16 @@ impl Sequencer {
             .len()
     }
 
+    /// How many keys the writer's counters hold; `None` until loaded (or while a write holds
+    /// them).
+    pub fn key_count(&self) -> Option<usize> {
+        self.counters
+            .lock()
+            .expect("sequence counters lock")
+            .as_ref()
+            .map(|c| c.len())
+    }
+
     /// Queues `call` and waits for its blocks. Starts a writer if none runs, on `io`, the
     /// access of the term that owns this sequencer.
     pub async fn submit(
@@ -203,10 +213,14 @@ impl Sequencer {
         for (key, end) in &ends {
             counters.insert(key.clone(), *end);
         }
+        let keys = counters.len();
         *self.counters.lock().expect("sequence counters lock") = Some(counters);
         let cmd = OracleCommand::AdvanceSequences { ends };
         let result = io.backend.apply(cmd, io.epoch).await.map(drop);
         metrics::seq_write(result.is_ok(), granted.len());
+        if io.high_water_ms().is_some() {
+            metrics::seq_keys(keys);
+        }
         // Only "not leader" is definite (the backend refuses before writing); any other failure
         // may have made the blocks durable. `Fenced` among them: raft reports it for an entry
         // that committed in a later term of this same node, after its leadership watch fell

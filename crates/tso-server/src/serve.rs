@@ -52,6 +52,8 @@ pub struct OracleGuard {
     /// Taken by [`OracleGuard::shutdown`].
     supervisor: Option<JoinHandle<Result<(), ServeError>>>,
     activity: Activity,
+    /// What the status call says of this node's backend.
+    node_info: crate::ops::NodeInfo,
 }
 
 impl Drop for OracleGuard {
@@ -82,7 +84,22 @@ impl OracleGuard {
             shutdown,
             supervisor: Some(supervisor),
             activity: Activity::default(),
+            node_info: crate::ops::NodeInfo::default(),
         }
+    }
+
+    /// Names this node's backend, id and raft view in the status call ([`Self::ops_service`]).
+    pub fn with_node_info(mut self, info: crate::ops::NodeInfo) -> OracleGuard {
+        self.node_info = info;
+        self
+    }
+
+    /// The operator calls (`tso.ops.v1`: status, raising the high-water), to add beside
+    /// [`Self::service`] on the client port.
+    pub fn ops_service(
+        &self,
+    ) -> tso_proto::tso::ops_v1::ops_server::OpsServer<crate::ops::OpsHandler> {
+        crate::ops::OpsHandler::server(Arc::clone(&self.shared), self.node_info.clone())
     }
 
     /// The gRPC service, to add to a tonic server or router.
@@ -286,7 +303,7 @@ pub async fn serve_listener(
 }
 
 /// gRPC server reflection (`grpc.reflection.v1`) for the services of the client port:
-/// `tsoracle.v1`, `tso.stream.v1` and health, so reflection-based tools (grpcurl, Postman) list
+/// `tsoracle.v1`, `tso.stream.v1`, `tso.ops.v1` and health, so reflection-based tools (grpcurl, Postman) list
 /// and call them with no `.proto` at hand.
 pub fn reflection_service() -> tonic_reflection::server::v1::ServerReflectionServer<
     impl tonic_reflection::server::v1::ServerReflection,
@@ -325,6 +342,7 @@ pub async fn serve_listener_tls(
             }
         }))
         .add_service(guard.stream_service())
+        .add_service(guard.ops_service())
         .add_service(guard.health_service())
         .add_service(reflection_service())
         .serve_with_incoming_shutdown(incoming, stop.clone().cancelled_owned());

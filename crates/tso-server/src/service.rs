@@ -35,7 +35,7 @@ impl TsoHandler {
 /// The message of every "not leader" status; clients match on the code, not the text.
 pub const NOT_LEADER_MESSAGE: &str = "not leader";
 
-fn status_of(refusal: Refusal) -> Status {
+pub(crate) fn status_of(refusal: Refusal) -> Status {
     match refusal {
         Refusal::NotLeader(hint) => not_leader(&hint),
         Refusal::InvalidArgument(msg) => Status::invalid_argument(msg),

@@ -215,6 +215,19 @@ impl LeaseBook {
         set.leases
             .retain(|id, lease| self.live(*id, lease, long_ago, wall));
     }
+
+    /// Exports how many leases of `set` are live and held, while the term still serves.
+    fn export(&self, set: &LeaseSet, io: &TermIo) {
+        if io.high_water_ms().is_none() {
+            return;
+        }
+        let (now, wall) = (Now::read(io), io.limits.unsafe_lease_wall_expiry);
+        let leases = set.leases.iter();
+        let live = leases
+            .filter(|(id, l)| self.live(**id, l, now, wall))
+            .count();
+        crate::metrics::stamping_leases(live, set.leases.len());
+    }
 }
 
 /// What an acquire or renew answers.
@@ -417,6 +430,7 @@ impl LeaseBook {
             .filter(|(id, l)| self.live(**id, l, now, wall))
             .map(|(_, l)| l.bound_ms)
             .min();
+        self.export(&set, io);
         self.set = Some(set);
         let Some(high_water_ms) = io.high_water_ms() else {
             return Ok((0, Epoch::ZERO));
@@ -457,6 +471,7 @@ impl LeaseBook {
                 .entry(*id)
                 .or_insert(now.monotonic_ms.saturating_add(lease.ttl_ms));
         }
+        self.export(&set, io);
         Ok(set)
     }
 
@@ -483,6 +498,9 @@ impl LeaseBook {
             let deadline = io.clock.monotonic_ms().saturating_add(ttl_ms);
             let known = self.deadlines.entry(id).or_insert(deadline);
             *known = (*known).max(deadline);
+        }
+        if let Some(set) = &self.set {
+            self.export(set, io);
         }
         Ok(())
     }
@@ -533,6 +551,25 @@ impl Now {
             wall_ms: io.clock.now_ms(),
             monotonic_ms: io.clock.monotonic_ms(),
         }
+    }
+}
+
+/// For the status call: how many leases of the loaded set are live now.
+impl LeaseBook {
+    /// Leases of the loaded set whose life (by this term's monotonic deadlines) has not ended;
+    /// `None` while the set is not loaded.
+    pub(crate) fn live_count(&self, monotonic_now_ms: u64) -> Option<usize> {
+        let set = self.set.as_ref()?;
+        Some(
+            set.leases
+                .keys()
+                .filter(|id| {
+                    self.deadlines
+                        .get(id)
+                        .is_some_and(|&end| end > monotonic_now_ms)
+                })
+                .count(),
+        )
     }
 }
 

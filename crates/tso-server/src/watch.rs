@@ -281,6 +281,7 @@ impl Watcher {
     /// leadership state arrives.
     async fn fence(&mut self, epoch: Epoch) -> Result<Next, ServeError> {
         info!(%epoch, "leader: fencing before serving");
+        let started = std::time::Instant::now();
         self.step_down(LeaderHint::default()).await;
         let mut retry = FenceRetry::new(epoch);
         loop {
@@ -290,7 +291,10 @@ impl Watcher {
                 Raced::Interrupted(next) => return Ok(next),
             };
             let delay = match self.settle(epoch, result)? {
-                Settled::Done => return Ok(Next::Wait),
+                Settled::Done => {
+                    self.shared.note_fence(started.elapsed());
+                    return Ok(Next::Wait);
+                }
                 Settled::SteppedDown => return Ok(Next::Recheck(epoch)),
                 Settled::Retry(error) => retry.next_delay(&error),
             };

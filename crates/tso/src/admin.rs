@@ -66,9 +66,16 @@ pub enum AdminAction {
     /// Hand leadership to a caught-up voter; returns once it leads. The leader stops granting
     /// at once and clients follow the hint to the new leader, so callers see a short pause.
     TransferLeader { node_id: u64 },
+    /// Raise a running oracle's high-water so that every later timestamp is above a
+    /// millisecond (moving from another oracle without downtime). Any backend: it goes to the
+    /// leader's client port (--endpoints), not the admin port; forward only.
+    Raise(crate::ops::RaiseArgs),
 }
 
 pub fn run(args: AdminArgs) -> anyhow::Result<()> {
+    if let AdminAction::Raise(raise) = args.action {
+        return crate::ops::raise(raise, &args.tls);
+    }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -88,6 +95,7 @@ async fn run_async(args: AdminArgs) -> anyhow::Result<()> {
     let tls = args.tls.load()?.map(|tls| tls.tonic_config());
     let dial = Dial { tls: tls.as_ref() };
     match args.action {
+        AdminAction::Raise(_) => unreachable!("run sends a raise to the client port"),
         AdminAction::Members { local } => {
             let mut reply = list(dial, &endpoint).await?;
             let leader_admin = leader_admin_addr(&reply);

@@ -24,8 +24,13 @@ pub struct Cli {
 pub enum Command {
     /// Run a server.
     Serve(Box<ServeArgs>),
-    /// Seed a fresh data directory so the first timestamps are above a given millisecond.
+    /// Seed a fresh data directory so the first timestamps are above a given millisecond, or,
+    /// with --from, so every timestamp and sequence value is above what `tso export` files hold
+    /// (disaster recovery; see docs/operations.md).
     Init(InitArgs),
+    /// Write the durable state (high-water, sequence counters, lease set) of a stopped node's
+    /// data directory, or of etcd, as checksummed JSON for `tso init --from`.
+    Export(ExportArgs),
     /// Ask a server for timestamps and print them, one per line.
     Get(GetArgs),
     /// Take a block of a dense sequence (GetSeq; several keys: one GetSeqBatch) and print it.
@@ -45,6 +50,10 @@ pub enum Command {
     /// Raft cluster membership: list members, add a learner, promote, remove (see
     /// docs/membership.md). Exit code 0 done, 1 refused or failed.
     Admin(crate::admin::AdminArgs),
+    /// One row per node (role, epoch, leader, high-water, fence, raft progress, leases,
+    /// sequences, version) and whether the cluster is healthy, in words. Exit code 0 healthy,
+    /// 1 degraded (a node unreachable or far behind, no leader), 2 no node answers.
+    Status(crate::ops::StatusArgs),
 }
 
 #[derive(Debug, Args)]
@@ -202,6 +211,11 @@ pub struct ServeControls {
     /// successor's. This breaks the oracle on purpose. Never set it.
     #[arg(long, hide = true)]
     pub unsafe_etcd_skip_fence: bool,
+    /// FOR THE CHECKER'S POSITIVE CONTROL ONLY: `RaiseHighWater` moves the leader's window in
+    /// memory and persists nothing, so a later leader grants below what was answered after the
+    /// raise. This breaks the oracle on purpose. Never set it.
+    #[arg(long, hide = true)]
+    pub unsafe_raise_in_memory: bool,
     /// FOR FAULT TESTS ONLY: shift this server's clock by the signed number of milliseconds
     /// written in this file (re-read every 50 ms). Never set it in production.
     #[arg(long, hide = true)]
@@ -298,13 +312,47 @@ pub struct ClusterArgs {
 
 #[derive(Debug, Args)]
 pub struct InitArgs {
-    /// Data directory to seed (must not hold a record yet).
+    /// Data directory to seed (must not hold a record yet; with --from, must be empty).
     #[arg(long)]
     pub data_dir: PathBuf,
     /// Millisecond the first timestamps must be above (for example the last physical ms issued
     /// by the oracle this one replaces).
+    #[arg(long, required_unless_present = "from", conflicts_with = "from")]
+    pub seed_physical_ms: Option<u64>,
+    /// A `tso export` file; repeat for every surviving copy. Each is verified; the seed is the
+    /// maximum of them all, plus --ts-margin and --seq-margin.
+    #[arg(long, value_name = "FILE")]
+    pub from: Vec<PathBuf>,
+    /// With --from: added to the highest high-water (and lease bound) of the exports. Covers
+    /// what the exports may lag the dead cluster by (see docs/operations.md).
+    #[arg(long, requires = "from", value_parser = humantime::parse_duration)]
+    pub ts_margin: Option<Duration>,
+    /// With --from: added to every sequence counter (and to the next lease id). Covers the
+    /// group commits the exports may lack.
+    #[arg(long, requires = "from")]
+    pub seq_margin: Option<u64>,
+    /// With --from: the backend of the directory to seed. `raft`: one initial member of a new
+    /// cluster; seed every initial member from the same exports and margins before its first
+    /// start.
+    #[arg(long, value_enum, default_value_t = BackendKind::File, requires = "from")]
+    pub backend: BackendKind,
+}
+
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    /// The data directory of a stopped node (or a copy of it); the backend (file or raft) is
+    /// told by its files. Read only: nothing in it is changed.
+    #[arg(long, required_unless_present = "backend", conflicts_with = "backend")]
+    pub data_dir: Option<PathBuf>,
+    /// `etcd`: read the state key of --etcd-prefix from --etcd-endpoints (may run against a live
+    /// etcd) instead of a data directory.
+    #[arg(long, value_enum)]
+    pub backend: Option<BackendKind>,
+    #[command(flatten)]
+    pub etcd: EtcdArgs,
+    /// Write the export here (atomically) instead of to stdout.
     #[arg(long)]
-    pub seed_physical_ms: u64,
+    pub out: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -706,6 +754,12 @@ pub struct CheckControls {
     /// answered twice (exit 1): the resumed leader's blind write lands over its successor's.
     #[arg(long)]
     pub unsafe_etcd_skip_fence: bool,
+    /// POSITIVE CONTROL of `tso admin raise` (`--workload ts`): run servers whose raise of the
+    /// high-water is kept in memory only, and open with raises 6 s ahead of the clock, each
+    /// followed by a kill of the leader. A working checker reports real-time violations (exit
+    /// 1): the next leader grants below what was answered after the raise.
+    #[arg(long)]
+    pub unsafe_raise_in_memory: bool,
     /// ABLATION, not a control: run raft servers whose elections skip the pre-vote gate, as
     /// before it was built, to measure what a follower's heal costs the clients without it
     /// (the run's "longest gap in answers" line). It breaks no guarantee the checker judges.

@@ -100,6 +100,7 @@ fn controls(flags: CheckControls) -> Controls {
         unsafe_ungate_elections: flags.unsafe_ungate_elections,
         unsafe_etcd_ignore_lease: flags.unsafe_etcd_ignore_lease,
         unsafe_etcd_skip_fence: flags.unsafe_etcd_skip_fence,
+        unsafe_raise_in_memory: flags.unsafe_raise_in_memory,
     }
 }
 

@@ -11,7 +11,9 @@ mod get;
 mod lab;
 mod lease;
 mod members;
+mod ops;
 mod parse;
+mod recover;
 mod seq;
 mod serve;
 mod tls;
@@ -39,6 +41,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         cli::Command::Serve(args) => serve::run(*args),
         cli::Command::Init(args) => serve::init(args),
+        cli::Command::Export(args) => recover::export(args),
         cli::Command::Get(args) => get::run(args),
         cli::Command::Seq(args) => seq::run(args),
         cli::Command::Lease(args) => lease::run(args),
@@ -47,6 +50,15 @@ fn main() -> ExitCode {
         cli::Command::Bench(args) => lab::bench(args),
         cli::Command::Check(args) => return lab::check(args),
         cli::Command::Admin(args) => admin::run(args),
+        cli::Command::Status(args) => {
+            return match ops::status(args) {
+                Ok(code) => ExitCode::from(code),
+                Err(err) => {
+                    eprintln!("tso: error: {err:#}");
+                    ExitCode::from(ops::DOWN)
+                }
+            };
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -17,6 +17,7 @@ use tso_server::backend::{
     Backend, BackendError, BoxFuture, Leadership, OracleCommand, OracleState, Stored,
 };
 use tso_server::clock::{Clock, OffsetClock, SystemClock};
+use tso_server::ops::NodeInfo;
 use tso_server::{Config, OracleGuard, serve_listener_tls};
 
 use crate::cli::{BackendKind, InitArgs, ServeArgs};
@@ -303,7 +304,12 @@ async fn serve_raft(
             backend.serve_peers(peer_listener, stopped).await
         })
     };
-    let guard = start_oracle(&args, backend.clone(), probes);
+    let info = NodeInfo {
+        backend: "raft".into(),
+        node_id,
+        raft: Some(backend.status_reader()),
+    };
+    let guard = start_oracle(&args, backend.clone(), probes).with_node_info(info);
     tracing::info!(
         %addr, node_id, peers = %peer_listen, client_tls, peer_tls,
         data_dir = %args.data_dir.display(), "serving"
@@ -401,7 +407,12 @@ async fn serve_etcd(
             .await
             .context("starting the etcd backend")?,
     );
-    let guard = start_oracle(&args, backend.clone(), probes);
+    let info = NodeInfo {
+        backend: "etcd".into(),
+        node_id,
+        raft: None,
+    };
+    let guard = start_oracle(&args, backend.clone(), probes).with_node_info(info);
     tracing::info!(
         %addr, node_id, etcd = %args.etcd.etcd_endpoints.join(","),
         prefix = %args.etcd.etcd_prefix, client_tls, "serving"
@@ -466,7 +477,12 @@ async fn serve_file(
     let backend: Arc<dyn Backend> = Arc::new(FileBackend::open(&args.data_dir)?);
     let listener = bind_client(&args).await?;
     let addr = listener.local_addr()?;
-    let guard = start_oracle(&args, backend, probes);
+    let info = NodeInfo {
+        backend: "file".into(),
+        node_id: 0,
+        raft: None,
+    };
+    let guard = start_oracle(&args, backend, probes).with_node_info(info);
     if !guard.wait_serving().await {
         return guard
             .shutdown()
@@ -517,6 +533,12 @@ impl<B: Backend> Backend for ForgetHighWater<B> {
 /// Starts the oracle on `backend` (through a positive control's wrapper when one is asked
 /// for), with this server's configuration and clock, and points the probes at it.
 fn start_oracle(args: &ServeArgs, backend: Arc<dyn Backend>, probes: &ProbeState) -> OracleGuard {
+    if args.controls.unsafe_raise_in_memory {
+        tracing::warn!(
+            "UNSAFE: raises of the high-water stay in memory; this server breaks its guarantees on purpose"
+        );
+        tso_server::ops::unsafe_raise_in_memory();
+    }
     let guard = OracleGuard::start_with_clock(
         positive_control(args, Arc::clone(&backend)),
         oracle_config(args),
@@ -580,11 +602,14 @@ pub fn init_logging(filter: &str) -> anyhow::Result<()> {
 }
 
 pub fn init(args: InitArgs) -> anyhow::Result<()> {
-    file::init(&args.data_dir, args.seed_physical_ms)?;
+    let Some(seed_physical_ms) = args.seed_physical_ms else {
+        return crate::recover::init(args);
+    };
+    file::init(&args.data_dir, seed_physical_ms)?;
     println!(
         "initialized {} at {} ms",
         args.data_dir.display(),
-        args.seed_physical_ms
+        seed_physical_ms
     );
     Ok(())
 }

@@ -70,6 +70,8 @@ pub const UNGATE_ELECTIONS_FLAG: &str = "--unsafe-ungate-elections";
 /// Hidden server flag of the ignore-lease control: an etcd-backend leader grants past its
 /// leader lease's deadline, and keeps leading while its keep-alives fail.
 pub const ETCD_IGNORE_LEASE_FLAG: &str = "--unsafe-etcd-ignore-lease";
+/// Hidden server flag of the raise control: a raise of the high-water stays in memory.
+pub const RAISE_IN_MEMORY_FLAG: &str = "--unsafe-raise-in-memory";
 /// The hidden `tso serve` flag of the skip-fence control (etcd backend).
 pub const ETCD_SKIP_FENCE_FLAG: &str = "--unsafe-etcd-skip-fence";
 /// The key prefix of the oracle a check on the etcd backend runs.
@@ -421,6 +423,7 @@ impl Cluster {
             Fault::Partition { .. } => self.cut(at, true),
             Fault::EtcdCut { .. } => self.cut_etcd(at, true)?,
             Fault::Handoff { .. } => return self.terminate(at).await.map(Some),
+            Fault::Raise { ahead_ms } => return self.raise(at, ahead_ms).await,
             Fault::Replace { stop, .. } => return self.stop_to_replace(at, stop).await,
             Fault::Shrink {
                 remove_leader,
@@ -492,6 +495,45 @@ impl Cluster {
         }))
     }
 
+    /// Raises the high-water to `ahead_ms` ahead of the checker's clock through node `at` (the
+    /// leader, as found), else any running node that leads by now; `None` when none does.
+    async fn raise(&self, at: usize, ahead_ms: u64) -> anyhow::Result<Option<Applied>> {
+        use tso_proto::tso::ops_v1::RaiseHighWaterRequest;
+        use tso_proto::tso::ops_v1::ops_client::OpsClient;
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .context("the clock is before 1970")?
+            .as_millis() as u64;
+        let to = now_ms + ahead_ms;
+        let order = std::iter::once(at).chain((0..self.nodes.len()).filter(|&i| i != at));
+        for i in order {
+            if !self.nodes[i].is_running() {
+                continue;
+            }
+            let call = async {
+                let mut client = OpsClient::connect(self.nodes[i].endpoint()).await.ok()?;
+                client
+                    .raise_high_water(RaiseHighWaterRequest {
+                        to_physical_ms: to,
+                        max_ahead_ms: 0,
+                    })
+                    .await
+                    .ok()
+                    .map(|r| r.into_inner())
+            };
+            if let Ok(Some(reply)) = tokio::time::timeout(LEADER_PROBE_TIMEOUT * 4, call).await {
+                return Ok(Some(Applied {
+                    note: Some(format!(
+                        "{} raised above {to} ms, high-water {} ms",
+                        self.nodes[i].name, reply.high_water_ms
+                    )),
+                    ..Applied::plain()
+                }));
+            }
+        }
+        Ok(None)
+    }
+
     /// `leader` or `follower`: the role etcd member `at` has in etcd's own raft now, if it
     /// answers.
     pub async fn etcd_role_of(&self, at: usize) -> Option<&'static str> {
@@ -548,7 +590,7 @@ impl Cluster {
                 return Ok(Some("space freed; the node kept running".to_string()));
             }
             Fault::SlowDisk { .. } => self.disk(at)?.heal(),
-            Fault::EtcdCompact { .. } | Fault::EtcdDefrag { .. } => {}
+            Fault::EtcdCompact { .. } | Fault::EtcdDefrag { .. } | Fault::Raise { .. } => {}
             Fault::EtcdKill { .. } | Fault::EtcdQuorum { .. } => {
                 let targets = Self::etcd_targets(fault, at);
                 let etcd = self

@@ -264,6 +264,7 @@ fn plan(args: &CheckOptions, seed: u64, local: bool) -> Plan {
         power_control: args.controls.power_control(),
         etcd_ignore_lease_control: args.controls.unsafe_etcd_ignore_lease,
         etcd_skip_fence_control: args.controls.unsafe_etcd_skip_fence,
+        raise_control: args.controls.unsafe_raise_in_memory,
         slow_fsync_ms: args.slow_fsync.map(|d| d.as_millis() as u64),
     }
 }
@@ -679,7 +680,8 @@ fn restarts_a_process(kind: schedule::FaultKind) -> bool {
         | FaultKind::EtcdQuorum
         | FaultKind::EtcdCut
         | FaultKind::EtcdCompact
-        | FaultKind::EtcdDefrag => false,
+        | FaultKind::EtcdDefrag
+        | FaultKind::Raise => false,
     }
 }
 

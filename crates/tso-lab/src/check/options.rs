@@ -104,6 +104,8 @@ pub struct Controls {
     /// Etcd-backend servers whose writes skip the fencing compares; the leader paused past its
     /// etcd lease.
     pub unsafe_etcd_skip_fence: bool,
+    /// Servers whose raise of the high-water stays in memory; raises then kills of the leader.
+    pub unsafe_raise_in_memory: bool,
 }
 
 impl CheckOptions {
@@ -132,6 +134,7 @@ impl Controls {
             || self.unsafe_ungate_elections
             || self.unsafe_etcd_ignore_lease
             || self.unsafe_etcd_skip_fence
+            || self.unsafe_raise_in_memory
     }
 
     /// Whether a control that opens with power losses is on.
@@ -186,6 +189,9 @@ impl Controls {
         }
         if self.unsafe_etcd_skip_fence {
             unsafe_flags.push(super::cluster::ETCD_SKIP_FENCE_FLAG);
+        }
+        if self.unsafe_raise_in_memory {
+            unsafe_flags.push(super::cluster::RAISE_IN_MEMORY_FLAG);
         }
         unsafe_flags
     }
@@ -280,6 +286,10 @@ pub(super) fn validate(args: &CheckOptions) -> anyhow::Result<()> {
         "--unsafe-ungate-elections changes raft elections: give --nodes 3"
     );
     anyhow::ensure!(
+        args.workload == Workload::Ts || !args.controls.unsafe_raise_in_memory,
+        "the --unsafe-raise-in-memory control breaks timestamps: use it with --workload ts"
+    );
+    anyhow::ensure!(
         args.workload == Workload::Seq || !args.controls.unsafe_seq_forget,
         "the --unsafe-seq-forget control breaks sequences: add --workload seq"
     );
@@ -367,13 +377,14 @@ fn validate_etcd(args: &CheckOptions) -> anyhow::Result<()> {
     let controls = Controls {
         unsafe_etcd_ignore_lease: false,
         unsafe_etcd_skip_fence: false,
+        unsafe_raise_in_memory: false,
         ..args.controls
     };
     anyhow::ensure!(
         !controls.any(),
         "the --unsafe-* controls break raft or file-backend servers (on etcd only \
-         --unsafe-etcd-ignore-lease and --unsafe-etcd-skip-fence run): use them with --backend \
-         raft (the default)"
+         --unsafe-etcd-ignore-lease, --unsafe-etcd-skip-fence and --unsafe-raise-in-memory run): \
+         use them with --backend raft (the default)"
     );
     anyhow::ensure!(
         !(args.controls.unsafe_etcd_ignore_lease && args.controls.unsafe_etcd_skip_fence),
@@ -395,7 +406,7 @@ fn validate_etcd(args: &CheckOptions) -> anyhow::Result<()> {
         anyhow::ensure!(
             args.call_timeout > pause + Duration::from_secs(1),
             "the --unsafe-etcd-skip-fence control pauses the leader for {pause:?}, and the calls \
-             it had queued must still be awaited when it resumes: give --call-timeout 5s"
+             it had queued must still be awaited when it resumes: give --call-timeout 6s"
         );
     }
     if args.controls.unsafe_etcd_ignore_lease {

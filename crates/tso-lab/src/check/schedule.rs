@@ -127,10 +127,19 @@ pub const ETCD_IGNORE_LEASE_CUT_MS: u64 = 5_000;
 pub const ETCD_IGNORE_LEASE_CUTS: usize = 3;
 /// The skip-fence control pauses the leader for this long: past its etcd lease (TTL 2 s),
 /// another node's campaign, fence and first sequence writes, so the sequence calls the paused
-/// leader had queued are written, blindly, over its successor's state when it resumes.
-pub const ETCD_SKIP_FENCE_PAUSE_MS: u64 = 3_500;
+/// leader had queued are written, blindly, over its successor's state when it resumes; and
+/// below the server's own 5 s wait for a sequence write, so those calls are still answered.
+pub const ETCD_SKIP_FENCE_PAUSE_MS: u64 = 4_500;
 /// Pauses of the leader the skip-fence control opens with.
-pub const ETCD_SKIP_FENCE_PAUSES: usize = 3;
+pub const ETCD_SKIP_FENCE_PAUSES: usize = 5;
+/// The furthest ahead of the clock a drawn raise goes: past the window (`--window-ahead`, 3 s
+/// by default) and a failover's advance (1 s), so a later leader must fence above a raise, not
+/// merely above its own clock.
+pub const RAISE_AHEAD_MAX_MS: u64 = 5_000;
+/// The raise control raises this far ahead of the clock, then kills the leader.
+pub const RAISE_CONTROL_AHEAD_MS: u64 = 6_000;
+/// Raise-then-kill steps the raise control opens with.
+pub const RAISE_CONTROL_ROUNDS: usize = 3;
 
 /// The kinds of fault a run may draw from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, clap::ValueEnum)]
@@ -177,6 +186,9 @@ pub enum FaultKind {
     /// Defragment one etcd member (maybe etcd's leader): it rewrites its database and answers
     /// nothing meanwhile (`--backend etcd` only).
     EtcdDefrag,
+    /// `tso admin raise`: raise the leader's high-water to 0 to [`RAISE_AHEAD_MAX_MS`] ahead
+    /// of the checker's clock (`RaiseHighWater` on the client port); every backend.
+    Raise,
 }
 
 impl FaultKind {
@@ -199,6 +211,7 @@ impl FaultKind {
             FaultKind::EtcdCut => "etcd-cut",
             FaultKind::EtcdCompact => "etcd-compact",
             FaultKind::EtcdDefrag => "etcd-defrag",
+            FaultKind::Raise => "raise",
         }
     }
 
@@ -381,6 +394,10 @@ pub enum Fault {
     EtcdDefrag {
         member: usize,
     },
+    /// Raise the leader's high-water to `ahead_ms` ahead of the checker's clock.
+    Raise {
+        ahead_ms: u64,
+    },
 }
 
 impl Fault {
@@ -402,7 +419,7 @@ impl Fault {
             | Fault::SlowDisk { for_ms, .. } => for_ms,
             Fault::EtcdKill { down_ms, .. } | Fault::EtcdQuorum { down_ms, .. } => down_ms,
             Fault::EtcdCut { for_ms, .. } => for_ms,
-            Fault::EtcdCompact { .. } | Fault::EtcdDefrag { .. } => 0,
+            Fault::EtcdCompact { .. } | Fault::EtcdDefrag { .. } | Fault::Raise { .. } => 0,
         }
     }
 
@@ -424,6 +441,7 @@ impl Fault {
             Fault::EtcdCut { .. } => FaultKind::EtcdCut,
             Fault::EtcdCompact { .. } => FaultKind::EtcdCompact,
             Fault::EtcdDefrag { .. } => FaultKind::EtcdDefrag,
+            Fault::Raise { .. } => FaultKind::Raise,
         }
     }
 
@@ -442,9 +460,10 @@ impl Fault {
             | Fault::DiskFull { node, .. }
             | Fault::SlowDisk { node, .. }
             | Fault::EtcdCut { node, .. } => node,
-            Fault::Handoff { .. } | Fault::Shrink { .. } | Fault::StaleVote { .. } => {
-                Target::Leader
-            }
+            Fault::Handoff { .. }
+            | Fault::Shrink { .. }
+            | Fault::StaleVote { .. }
+            | Fault::Raise { .. } => Target::Leader,
             Fault::EtcdKill { member, .. }
             | Fault::EtcdCompact { member }
             | Fault::EtcdDefrag { member } => Target::Node(member),
@@ -559,6 +578,9 @@ impl Fault {
                 format!("compact etcd at its current revision through member m{member}")
             }
             Fault::EtcdDefrag { member } => format!("defragment etcd member m{member}"),
+            Fault::Raise { ahead_ms } => {
+                format!("raise the leader's high-water to {ahead_ms} ms ahead of the clock")
+            }
         }
     }
 }
@@ -607,6 +629,9 @@ pub struct Plan {
     /// Open with pauses of the leader past its etcd lease that an etcd node writing without
     /// its fencing compares fails.
     pub etcd_skip_fence_control: bool,
+    /// Open with raises of the high-water, each followed by a kill of the leader, that a
+    /// server keeping its raises in memory fails.
+    pub raise_control: bool,
     /// How long each fsync of a slow disk takes; drawn for each fault when `None`.
     pub slow_fsync_ms: Option<u64>,
 }
@@ -678,6 +703,25 @@ fn control_steps(plan: &Plan, interval_ms: u64) -> (Vec<Step>, u64) {
                 },
             });
             t += ETCD_IGNORE_LEASE_CUT_MS + interval_ms;
+        }
+    }
+    if plan.raise_control {
+        for _ in 0..RAISE_CONTROL_ROUNDS {
+            steps.push(Step {
+                at_ms: t,
+                fault: Fault::Raise {
+                    ahead_ms: RAISE_CONTROL_AHEAD_MS,
+                },
+            });
+            t += interval_ms;
+            steps.push(Step {
+                at_ms: t,
+                fault: Fault::Kill {
+                    node: Target::Leader,
+                    down_ms: 100,
+                },
+            });
+            t += 100 + interval_ms;
         }
     }
     if plan.etcd_skip_fence_control {
@@ -848,6 +892,9 @@ fn draw_fault(plan: &Plan, rng: &mut StdRng) -> Fault {
         FaultKind::EtcdDefrag => Fault::EtcdDefrag {
             member: rng.random_range(0..ETCD_MEMBERS),
         },
+        FaultKind::Raise => Fault::Raise {
+            ahead_ms: rng.random_range(0..=RAISE_AHEAD_MAX_MS),
+        },
     }
 }
 
@@ -877,6 +924,7 @@ mod tests {
             power_control: false,
             etcd_ignore_lease_control: false,
             etcd_skip_fence_control: false,
+            raise_control: false,
             slow_fsync_ms: None,
         }
     }
@@ -926,6 +974,7 @@ mod tests {
                     | Fault::EtcdQuorum { .. }
                     | Fault::EtcdCompact { .. }
                     | Fault::EtcdDefrag { .. } => {}
+                    Fault::Raise { ahead_ms } => assert!(ahead_ms <= RAISE_AHEAD_MAX_MS),
                     Fault::EtcdCut { for_ms, .. } => {
                         assert!((ETCD_CUT_MIN_MS..=ETCD_CUT_MAX_MS).contains(&for_ms))
                     }
@@ -1234,6 +1283,7 @@ mod tests {
         let control = draw(&Plan {
             etcd_ignore_lease_control: true,
             etcd_skip_fence_control: false,
+            raise_control: false,
             kinds: vec![FaultKind::EtcdCut],
             ..plan(1)
         });

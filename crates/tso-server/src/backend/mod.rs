@@ -20,6 +20,7 @@ pub mod etcd;
 pub mod file;
 #[cfg(feature = "raft")]
 pub mod raft;
+pub mod recover;
 pub mod state;
 
 pub use state::{Merged, OracleCommand, OracleState};

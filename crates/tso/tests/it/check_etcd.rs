@@ -138,12 +138,12 @@ fn usage_the_etcd_backend_cannot_run_is_refused() {
         "break etcd-backend servers: add --backend etcd",
     );
     refused(
-        &etcd(&["--unsafe-etcd-skip-fence", "--call-timeout", "5s"]),
+        &etcd(&["--unsafe-etcd-skip-fence", "--call-timeout", "6s"]),
         "use it with --workload seq",
     );
     refused(
         &etcd(&["--workload", "seq", "--unsafe-etcd-skip-fence"]),
-        "give --call-timeout 5s",
+        "give --call-timeout 6s",
     );
 }
 
@@ -220,7 +220,8 @@ fn the_etcd_ignore_lease_control_is_caught() {
 }
 
 /// The skip-fence control: oracle nodes whose writes skip the transaction's compares, the
-/// leader paused for 3.5 s (past its 2 s etcd lease) three times while clients wait up to 5 s:
+/// leader paused for 4.5 s (past its 2 s etcd lease and the successor's campaign) five times while
+/// clients wait up to 6 s:
 /// the calls it had queued are written blindly over its successor's state when it resumes and
 /// answered with blocks the successor already handed out, so the checker sees values answered
 /// twice (D1 overlaps, exit 1).
@@ -239,11 +240,11 @@ fn the_etcd_skip_fence_control_is_caught() {
             "seq",
             "--unsafe-etcd-skip-fence",
             "--call-timeout",
-            "5s",
+            "6s",
             "--seed",
             "7",
             "--duration",
-            "14s",
+            "29s",
             "--fault-interval",
             "1s",
         ],

@@ -49,6 +49,7 @@ async fn reflection_lists_the_public_services_and_serves_their_descriptors() {
     for expected in [
         "tsoracle.v1.TsoService",
         "tso.stream.v1.TsoStream",
+        "tso.ops.v1.Ops",
         "grpc.health.v1.Health",
     ] {
         assert!(

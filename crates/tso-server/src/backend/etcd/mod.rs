@@ -456,6 +456,44 @@ impl Drop for EtcdBackend {
     }
 }
 
+/// Reads this oracle's state key (`P/state`) once, for `tso export --backend etcd`: a
+/// linearizable read, safe against a live cluster (it writes nothing and takes no part in the
+/// election). Returns the state and the key's mod revision, or `None` when the key is absent
+/// (nothing was ever stored under `prefix`). Errors are for an operator to read.
+pub async fn read_state_key(
+    endpoints: &[String],
+    prefix: &str,
+    tls: Option<&EtcdTls>,
+) -> Result<Option<(OracleState, i64)>, String> {
+    let prefix = prefix.trim_end_matches('/');
+    if prefix.is_empty() {
+        return Err(EtcdOpenError::EmptyPrefix.to_string());
+    }
+    let endpoints = endpoints
+        .iter()
+        .map(|e| endpoint(e, tls))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| e.to_string())?;
+    let channel = match endpoints.len() {
+        0 => return Err(EtcdOpenError::NoEndpoints.to_string()),
+        1 => endpoints[0].connect_lazy(),
+        _ => Channel::balance_list(endpoints.into_iter()),
+    };
+    let etcd = client::Etcd {
+        kv: KvClient::new(channel.clone()),
+        lease: LeaseClient::new(channel),
+        timeout: REQUEST_TIMEOUT,
+    };
+    let key = format!("{prefix}/state").into_bytes();
+    match etcd.get(&key).await.map_err(|e| e.to_string())? {
+        Some(kv) => Ok(Some((
+            decode(&kv.value).map_err(|e| e.to_string())?,
+            kv.mod_revision,
+        ))),
+        None => Ok(None),
+    }
+}
+
 /// The state key's value: [`STATE_VERSION`], then postcard.
 fn encode(state: &OracleState) -> Vec<u8> {
     let mut buf = vec![STATE_VERSION];

@@ -307,6 +307,115 @@ pub fn init(dir: &Path, seed_physical_ms: u64) -> Result<(), FileError> {
     })
 }
 
+/// Made durable before [`init_state`] writes its records and removed after the last one: a
+/// directory that still holds it was cut short in the middle of a seed, and is refused by
+/// [`FileBackend::open`] (its records could hold the seed's counters without its high-water,
+/// or the reverse).
+const INIT_PENDING: &str = "INIT-PENDING";
+
+/// Seeds the fresh data directory `dir` with the whole `state` (`tso init --from`): the
+/// high-water, every counter and the lease set. Refuses a directory that holds any record.
+/// All or nothing: see [`INIT_PENDING`].
+pub fn init_state(dir: &Path, state: &OracleState) -> Result<(), FileError> {
+    if state.high_water_ms > PHYSICAL_MAX_MS {
+        return Err(FileError::OutOfRange {
+            value_ms: state.high_water_ms,
+        });
+    }
+    let _lock = lock_dir(dir)?;
+    let mut high_water = RecordFile::<HighWater>::open(dir)?;
+    let mut sequences = RecordFile::<SeqCounters>::open(dir)?;
+    let mut leases = RecordFile::<Vec<u8>>::open(dir)?;
+    let kinds = [
+        (high_water.written(), HighWater::KIND.file),
+        (sequences.written(), SeqCounters::KIND.file),
+        (leases.written(), <Vec<u8> as Payload>::KIND.file),
+    ];
+    if let Some((_, file)) = kinds.iter().find(|(written, _)| *written) {
+        return Err(FileError::AlreadyInitialized {
+            path: dir.join(file),
+        });
+    }
+    let pending = dir.join(INIT_PENDING);
+    File::create(&pending)
+        .and_then(|f| f.sync_all())
+        .map_err(record::io_at(&pending))?;
+    dir::sync(dir).map_err(|e| dir_error(e, dir))?;
+    sequences.replace(state.sequences.clone())?;
+    leases.replace(state.leases.clone())?;
+    high_water.replace(HighWater {
+        high_water_ms: state.high_water_ms,
+        starts: 0,
+    })?;
+    std::fs::remove_file(&pending).map_err(record::io_at(&pending))?;
+    dir::sync(dir).map_err(|e| dir_error(e, dir))
+}
+
+/// Whether `dir` holds any record of the file backend (or its mark).
+pub fn is_file_dir(dir: &Path) -> bool {
+    [
+        HighWater::KIND,
+        SeqCounters::KIND,
+        <Vec<u8> as Payload>::KIND,
+    ]
+    .iter()
+    .any(|k| dir.join(k.file).exists() || dir.join(k.mark).exists())
+        || dir.join(INIT_PENDING).exists()
+}
+
+/// The state of a stopped node's data directory (or of a copy of it), read without changing
+/// anything: no lock is taken, no mark written and no temporary file removed (a temporary file
+/// is never what was answered: a record counts only once renamed into place). The caller makes
+/// sure no process runs on the directory. A damaged record, or one whose mark says it is
+/// missing, is an error naming the file; a directory cut short by `tso init` is refused.
+pub fn read_offline(dir: &Path) -> Result<OracleState, FileError> {
+    if dir.join(INIT_PENDING).exists() {
+        return Err(init_pending(dir));
+    }
+    let high_water = read_record::<HighWater>(dir)?.unwrap_or_default();
+    Ok(OracleState {
+        high_water_ms: high_water.high_water_ms,
+        sequences: read_record::<SeqCounters>(dir)?.unwrap_or_default(),
+        lease_term: 0,
+        leases: read_record::<Vec<u8>>(dir)?.unwrap_or_default(),
+    })
+}
+
+fn init_pending(dir: &Path) -> FileError {
+    let path = dir.join(INIT_PENDING);
+    FileError::Damaged {
+        problem: "`tso init` was cut short in this directory (its records may hold part of \
+                  the seed only); remove the directory and run `tso init` again"
+            .into(),
+        path,
+    }
+}
+
+/// One record of `dir`, read only: `None` if it was never written.
+fn read_record<T: Payload>(dir: &Path) -> Result<Option<T>, FileError> {
+    let kind = &T::KIND;
+    let path = dir.join(kind.file);
+    match std::fs::read(&path) {
+        Ok(bytes) => record::unseal(kind, &bytes)
+            .and_then(T::decode)
+            .map(Some)
+            .map_err(|problem| FileError::Damaged { path, problem }),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            if dir.join(kind.mark).exists() {
+                return Err(FileError::Damaged {
+                    path,
+                    problem: format!(
+                        "the record is missing from a directory that held one ({} is there)",
+                        kind.mark
+                    ),
+                });
+            }
+            Ok(None)
+        }
+        Err(source) => Err(FileError::Io { path, source }),
+    }
+}
+
 /// The file backend. Cheap to share (`Arc`); the directory stays locked until it is dropped.
 pub struct FileBackend {
     dir: PathBuf,
@@ -319,6 +428,9 @@ impl FileBackend {
     /// Opens (creating if needed) and locks `dir`, and records this start.
     pub fn open(dir: &Path) -> Result<FileBackend, FileError> {
         let lock = lock_dir(dir)?;
+        if dir.join(INIT_PENDING).exists() {
+            return Err(init_pending(dir));
+        }
         let mut high_water = RecordFile::<HighWater>::open(dir)?;
         let this_start = HighWater {
             starts: high_water.value.starts + 1,

@@ -89,6 +89,18 @@ pub fn joined_before(dir: &Path, node_id: u64) -> Result<bool, RaftOpenError> {
     Ok(stored.node_id == node_id && stored.member_ids.is_empty())
 }
 
+/// The node id a data directory belongs to, read without changing anything (for `tso export`
+/// of a stopped node's copy); `None` when it has no identity record.
+pub fn node_id_read_only(dir: &Path) -> Result<Option<u64>, RecordFileError> {
+    let path = dir.join(IDENTITY_FILE);
+    let Some(first) = super::record_file::read_only(&path)?.into_iter().next() else {
+        return Ok(None);
+    };
+    let identity: Identity =
+        postcard::from_bytes(&first).map_err(|_| RecordFileError::Corrupt { path, offset: 0 })?;
+    Ok(Some(identity.node_id))
+}
+
 /// What a start found of a data directory's durable parts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DirParts {
@@ -254,6 +266,11 @@ pub fn formation_digest(members: &BTreeMap<u64, NodeAddrs>) -> u32 {
 /// The formation digest of this directory: recorded at the first start of an initial member
 /// (`fresh` with `members`), read back on every later start; `None` for a node that joined, or
 /// a directory from before the digest.
+///
+/// A directory seeded by `tso init --from` folds its seed's fingerprint into the digest, so
+/// that initial members seeded differently (or one not seeded at all) refuse each other's peer
+/// RPCs like members given different lists: a seeded majority can never elect a leader whose
+/// state lacks the seed.
 pub fn formation(
     dir: &Path,
     fresh: bool,
@@ -273,7 +290,10 @@ pub fn formation(
     if !fresh || members.is_empty() {
         return Ok(None);
     }
-    let digest = formation_digest(members);
+    let digest = match super::state_machine::read_seed(dir)? {
+        Some((_, seed)) => crc32c::crc32c_append(formation_digest(members), &seed.to_le_bytes()),
+        None => formation_digest(members),
+    };
     file.rewrite(&[digest.to_le_bytes().to_vec()])?;
     Ok(Some(digest))
 }

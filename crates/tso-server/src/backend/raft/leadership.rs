@@ -139,9 +139,11 @@ pub async fn watch_leadership<N: openraft::Node>(
     let mut highest: Option<Epoch> = None;
     let mut handover_open = true;
     let mut silent_open = true;
+    let mut gauges = crate::metrics::RaftGauges::default();
     loop {
         let (next, stopped, term) = {
             let m = metrics.borrow_and_update();
+            gauges.update(&m);
             (
                 leadership_with(&m, &*client_addr),
                 m.running_state.is_err(),

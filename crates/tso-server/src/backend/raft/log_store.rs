@@ -106,6 +106,11 @@ impl LogStore {
             .or(inner.last_purged)
     }
 
+    /// The last committed log id raft saved here (for the status call).
+    pub fn committed(&self) -> Option<LogId> {
+        self.lock().committed
+    }
+
     /// The incarnation this log was stamped with, if any.
     pub fn incarnation(&self) -> Option<u64> {
         self.lock().incarnation
@@ -121,6 +126,37 @@ impl LogStore {
         let inner = self.lock();
         inner.vote.is_none() && inner.entries.is_empty() && inner.last_purged.is_none()
     }
+}
+
+/// The entries a stopped node's log holds (committed or not, in index order), read without
+/// changing anything (see [`super::record_file::read_only`]). The replay is [`Inner::replay`]'s
+/// for entries: appends, truncations and purges.
+pub(super) fn entries_read_only(dir: &Path) -> Result<Vec<Entry>, RecordFileError> {
+    let path = dir.join(LOG_FILE);
+    let mut entries: BTreeMap<u64, Entry> = BTreeMap::new();
+    for (i, p) in super::record_file::read_only(&path)?.iter().enumerate() {
+        let record: Record = postcard::from_bytes(p).map_err(|_| RecordFileError::Corrupt {
+            path: path.clone(),
+            offset: i as u64,
+        })?;
+        match record {
+            Record::Entry(e) => {
+                entries.insert(e.log_id.index, e);
+            }
+            Record::EntryV1(old) => {
+                let e = entry_from_v1(old);
+                entries.insert(e.log_id.index, e);
+            }
+            Record::Truncate { since } => {
+                entries.split_off(&since);
+            }
+            Record::Purge { upto } => {
+                entries = entries.split_off(&(upto.index + 1));
+            }
+            Record::Vote(_) | Record::Committed(_) | Record::Incarnation(_) => {}
+        }
+    }
+    Ok(entries.into_values().collect())
 }
 
 impl Inner {

@@ -22,7 +22,9 @@ mod peer_identity;
 pub mod piggyback;
 mod record_file;
 mod seam;
+mod seed;
 mod state_machine;
+mod status;
 mod types;
 
 #[cfg(test)]
@@ -57,6 +59,7 @@ pub use network::{Links, PeerService};
 use peer_identity::PeerIdentity;
 pub use record_file::{RecordFileError, unsafe_ack_before_fsync, unsafe_stall_fsync_while_exists};
 use seam::Seam;
+pub use seed::{export_offline, is_raft_dir, seed_dir, seed_fingerprint};
 use state_machine::StateMachine;
 pub use types::NodeAddrs;
 use types::{Command, NodeId, Raft, TypeConfig};
@@ -507,6 +510,7 @@ impl RaftBackend {
         )
         .await
         .map_err(|e| RaftOpenError::Start(e.to_string()))?;
+        let seed = sm.seed();
         let first = config.initial_members.keys().next() == Some(&config.node_id);
         if fresh && first {
             initialize(&raft, config.initial_members.clone()).await?;
@@ -520,6 +524,14 @@ impl RaftBackend {
             ident,
             dir_guard,
         );
+        if let Some(seed) = seed {
+            backend.tasks.push(tokio::spawn(seed::log_seed(
+                raft.clone(),
+                config.node_id,
+                seed,
+                config.timings,
+            )));
+        }
         if joining {
             tracing::info!(
                 node_id = config.node_id,

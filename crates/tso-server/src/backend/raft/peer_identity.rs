@@ -163,10 +163,11 @@ impl PeerIdentity {
             && ours != theirs
         {
             return Some(format!(
-                "the peer was started with another initial members list (--members) than this \
-                 node (digest {theirs:08x}, this node {ours:08x}): every initial member must get \
-                 the same list, ids and addresses; stop the nodes, fix the flags, and start them \
-                 again on empty data directories"
+                "the peer was started with another initial members list (--members), or another \
+                 `tso init --from` seed, than this node (digest {theirs:08x}, this node \
+                 {ours:08x}): every initial member must get the same list, ids and addresses, \
+                 and the same seed; stop the nodes, fix the flags, and start them again on empty \
+                 data directories (seeded again from the same exports)"
             ));
         }
         let peer = peer.or(headers.node)?;

@@ -148,6 +148,28 @@ impl RecordFile {
     }
 }
 
+/// Every intact payload of the file at `path`, in order, without changing anything: no file is
+/// created (a missing file has none), and a torn tail is skipped, not cut off. For offline
+/// readers of a stopped node's directory or of a copy of it (`tso export`), which must never
+/// write to what they read.
+pub fn read_only(path: &Path) -> Result<Vec<Vec<u8>>, RecordFileError> {
+    let bytes = match std::fs::read(path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(source) => {
+            return Err(RecordFileError::Io {
+                path: path.to_owned(),
+                source,
+            });
+        }
+    };
+    let (payloads, _) = parse(&bytes).ok_or_else(|| RecordFileError::Corrupt {
+        path: path.to_owned(),
+        offset: first_bad_offset(&bytes),
+    })?;
+    Ok(payloads)
+}
+
 fn frame_all(payloads: &[Vec<u8>]) -> Vec<u8> {
     let mut buf = Vec::with_capacity(payloads.iter().map(|p| p.len() + HEADER_BYTES).sum());
     for p in payloads {

@@ -29,6 +29,14 @@ use crate::backend::{OracleCommand, OracleState, SeqCounters};
 /// File name of the snapshot inside the raft data directory.
 pub const SNAPSHOT_FILE: &str = "raft-snapshot";
 
+/// File name of the seed `tso init --from` writes into a fresh raft data directory: the
+/// [`OracleState`] the node's state machine starts from while it has no snapshot (see
+/// [`StateMachine::open`] and `seed.rs`). One record, [`SEED_VERSION`] then postcard.
+pub const SEED_FILE: &str = "raft-seed";
+
+/// The first byte of the seed record.
+const SEED_VERSION: u8 = 1;
+
 /// The whole replicated state; a snapshot is this, encoded.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 struct State {
@@ -121,6 +129,8 @@ fn decode_stored(bytes: &[u8]) -> Option<StoredSnapshot> {
 #[derive(Debug)]
 struct Inner {
     state: State,
+    /// The seed this directory was initialized with (`tso init --from`), if any.
+    seed: Option<OracleState>,
     snapshot: Option<StoredSnapshot>,
     file: RecordFile,
     /// Counts snapshots built by this process, to keep snapshot ids unique.
@@ -134,8 +144,13 @@ pub struct StateMachine {
 }
 
 impl StateMachine {
-    /// Opens the state machine in `dir`, starting from the stored snapshot if there is one.
+    /// Opens the state machine in `dir`, starting from the stored snapshot if there is one,
+    /// else from the directory's seed (`tso init --from`), else from nothing. openraft then
+    /// re-applies the log after it; the merge rules only ratchet, so a seed under the log's
+    /// entries is the seed raised by them. A snapshot, once there, was built from (or installed
+    /// from a leader holding) a state that already includes the seed.
     pub fn open(dir: &Path) -> Result<Self, RecordFileError> {
+        let seed = read_seed(dir)?.map(|(seed, _)| seed);
         let path = dir.join(SNAPSHOT_FILE);
         let (file, payloads) = RecordFile::open(&path)?;
         let corrupt = || RecordFileError::Corrupt {
@@ -148,10 +163,14 @@ impl StateMachine {
         };
         let state = match &snapshot {
             Some(s) => decode_state(&s.data).ok_or_else(corrupt)?,
-            None => State::default(),
+            None => State {
+                oracle: seed.clone().unwrap_or_default(),
+                ..State::default()
+            },
         };
         let inner = Inner {
             state,
+            seed,
             snapshot,
             file,
             built_count: 0,
@@ -179,6 +198,11 @@ impl StateMachine {
     pub fn leases(&self) -> (u64, Vec<u8>) {
         let oracle = &self.lock().state.oracle;
         (oracle.lease_term, oracle.leases.clone())
+    }
+
+    /// The seed this directory was initialized with, if any.
+    pub fn seed(&self) -> Option<OracleState> {
+        self.lock().seed.clone()
     }
 
     /// Whether a snapshot is stored.
@@ -289,6 +313,70 @@ pub(super) fn decode_state_for_tests(data: &[u8]) -> Option<(Option<LogId>, u64,
         let oracle = &s.oracle;
         (s.last_applied, oracle.high_water_ms, oracle.sequences.len())
     })
+}
+
+/// Writes `seed` as the seed of the fresh raft data directory `dir`, durably (temporary file,
+/// fsync, rename, directory fsync). The caller checked that `dir` is empty.
+pub fn write_seed(dir: &Path, seed: &OracleState) -> Result<(), RecordFileError> {
+    let mut bytes = vec![SEED_VERSION];
+    bytes.extend(postcard::to_stdvec(seed).expect("an OracleState encodes"));
+    let (mut file, _) = RecordFile::open(&dir.join(SEED_FILE))?;
+    file.rewrite(&[bytes])
+}
+
+/// The seed of `dir` and its fingerprint (the CRC32C of its record), read without changing
+/// anything; `None` when the directory has no seed.
+pub fn read_seed(dir: &Path) -> Result<Option<(OracleState, u32)>, RecordFileError> {
+    let path = dir.join(SEED_FILE);
+    let payloads = super::record_file::read_only(&path)?;
+    let Some(last) = payloads.last() else {
+        return Ok(None);
+    };
+    let corrupt = || RecordFileError::Corrupt {
+        path: path.clone(),
+        offset: 0,
+    };
+    let body = last.strip_prefix(&[SEED_VERSION]).ok_or_else(corrupt)?;
+    let (seed, rest) = postcard::take_from_bytes::<OracleState>(body).map_err(|_| corrupt())?;
+    if !rest.is_empty() {
+        return Err(corrupt());
+    }
+    Ok(Some((seed, crc32c::crc32c(last))))
+}
+
+/// Everything a stopped node's copy of a data directory could have answered from, read without
+/// changing anything: the stored snapshot's state (or the seed, or nothing), then every entry of
+/// its log after the snapshot, committed or not. An entry that was never committed, or was
+/// later truncated on the live cluster, only raises the result: a restore must be above what
+/// was answered, and being further above is safe.
+pub fn read_offline(dir: &Path) -> Result<OracleState, RecordFileError> {
+    let path = dir.join(SNAPSHOT_FILE);
+    let corrupt = || RecordFileError::Corrupt {
+        path: path.clone(),
+        offset: 0,
+    };
+    let mut state = match super::record_file::read_only(&path)?.last() {
+        Some(p) => {
+            let stored = decode_stored(p).ok_or_else(corrupt)?;
+            let mut state = decode_state(&stored.data).ok_or_else(corrupt)?;
+            state.last_applied = stored.meta.last_log_id;
+            state
+        }
+        None => State {
+            oracle: read_seed(dir)?.map(|(seed, _)| seed).unwrap_or_default(),
+            ..State::default()
+        },
+    };
+    for entry in super::log_store::entries_read_only(dir)? {
+        if state
+            .last_applied
+            .is_some_and(|applied| entry.log_id.index <= applied.index)
+        {
+            continue;
+        }
+        apply_one(&mut state, entry);
+    }
+    Ok(state.oracle)
 }
 
 fn apply_one(state: &mut State, entry: Entry) -> Applied {
