@@ -352,6 +352,21 @@ impl Node {
         text
     }
 
+    /// The node's data directory (`--data-dir`).
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.join("data")
+    }
+
+    /// The node's own directory (its data directory, log and files beside them).
+    pub fn node_dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The `tso` binary the node runs.
+    pub fn bin(&self) -> &Path {
+        &self.bin
+    }
+
     /// Deletes the node's data directory (the node must be stopped): the next start is a
     /// fresh node, as on a new disk.
     pub fn wipe_data(&self) -> anyhow::Result<()> {

@@ -102,6 +102,8 @@ pub struct Cluster {
     /// member: each node's `--etcd-endpoints` are its own proxies, so `etcd-cut` cuts one node
     /// off from etcd while its clients still reach it.
     pub(super) etcd_links: Vec<(usize, LinkProxy)>,
+    /// Restores done so far (`restore.rs`): each keeps its exports and old directories apart.
+    pub(super) restores: usize,
 }
 
 /// The loopback proxy of the directed peer link from slot `from` to the peer port `target` of
@@ -202,6 +204,8 @@ impl Cluster {
                 raft: None,
                 stale_vote: None,
                 torn_seed: 0,
+
+                restores: 0,
                 etcd: None,
                 etcd_links: Vec::new(),
             }
@@ -268,6 +272,8 @@ impl Cluster {
             raft: None,
             stale_vote: None,
             torn_seed: 0,
+
+            restores: 0,
             etcd: Some(etcd),
             etcd_links,
         })
@@ -305,6 +311,8 @@ impl Cluster {
             }),
             stale_vote: None,
             torn_seed: 0,
+
+            restores: 0,
             etcd: None,
             etcd_links: Vec::new(),
         };
@@ -424,6 +432,7 @@ impl Cluster {
             Fault::EtcdCut { .. } => self.cut_etcd(at, true)?,
             Fault::Handoff { .. } => return self.terminate(at).await.map(Some),
             Fault::Raise { ahead_ms } => return self.raise(at, ahead_ms).await,
+            Fault::Restore { .. } => return self.restore().await.map(Some),
             Fault::Replace { stop, .. } => return self.stop_to_replace(at, stop).await,
             Fault::Shrink {
                 remove_leader,
@@ -591,6 +600,11 @@ impl Cluster {
             }
             Fault::SlowDisk { .. } => self.disk(at)?.heal(),
             Fault::EtcdCompact { .. } | Fault::EtcdDefrag { .. } | Fault::Raise { .. } => {}
+            Fault::Restore { .. } => {
+                for node in &mut self.nodes {
+                    node.start().await?;
+                }
+            }
             Fault::EtcdKill { .. } | Fault::EtcdQuorum { .. } => {
                 let targets = Self::etcd_targets(fault, at);
                 let etcd = self

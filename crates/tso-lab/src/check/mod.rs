@@ -23,6 +23,7 @@ pub mod lease_keeper;
 pub mod member;
 pub mod options;
 pub mod proxy;
+pub mod restore;
 pub mod schedule;
 pub mod seq;
 pub mod wipe;
@@ -664,6 +665,7 @@ fn restarts_a_process(kind: schedule::FaultKind) -> bool {
     use schedule::FaultKind;
     match kind {
         FaultKind::Kill
+        | FaultKind::Restore
         | FaultKind::Handoff
         | FaultKind::Member
         | FaultKind::Wipe
@@ -1041,6 +1043,9 @@ fn result_json(
         "trust_wiped_control": args.controls.unsafe_trust_wiped,
         "skip_dir_fsync_control": args.controls.unsafe_skip_dir_fsync,
         "ack_before_fsync_control": args.controls.unsafe_ack_before_fsync,
+        "etcd_ignore_lease_control": args.controls.unsafe_etcd_ignore_lease,
+        "etcd_skip_fence_control": args.controls.unsafe_etcd_skip_fence,
+        "raise_in_memory_control": args.controls.unsafe_raise_in_memory,
         "handoff_keep_leader_lease_control": args.controls.unsafe_handoff_keep_leader_lease,
         "ungate_elections_ablation": args.controls.unsafe_ungate_elections,
         "partial_started": findings.partial_started,

@@ -285,6 +285,34 @@ pub(super) fn validate(args: &CheckOptions) -> anyhow::Result<()> {
         args.nodes > 1 || !args.controls.unsafe_ungate_elections,
         "--unsafe-ungate-elections changes raft elections: give --nodes 3"
     );
+    if args.faults.contains(&FaultKind::Restore) {
+        anyhow::ensure!(
+            args.backend != CheckBackend::Etcd,
+            "restore faults seed fresh data directories, and an etcd node keeps none: use them \
+             with --backend raft (the default)"
+        );
+        anyhow::ensure!(
+            !args
+                .faults
+                .iter()
+                .any(|k| matches!(k, FaultKind::Member | FaultKind::Wipe)),
+            "restore faults seed the cluster's first members again: drop the member and wipe \
+             faults"
+        );
+        anyhow::ensure!(
+            !args.fault_disk(),
+            "restore faults move data directories aside, and the fault layer is mounted on them: \
+             drop the disk faults and the power controls"
+        );
+        // A restored node's epochs start again (docs/operations.md, "Disaster recovery"); the
+        // sequence history's epoch order would report that known gap, not D1.
+        anyhow::ensure!(
+            args.workload != Workload::Seq,
+            "restore faults start the epochs again (a restored cluster's first leader has a \
+             lower epoch than the dead one's last: a known gap, docs/operations.md), which the \
+             sequence history's epoch order reports: use --workload ts or lease"
+        );
+    }
     anyhow::ensure!(
         args.workload == Workload::Ts || !args.controls.unsafe_raise_in_memory,
         "the --unsafe-raise-in-memory control breaks timestamps: use it with --workload ts"

@@ -189,6 +189,11 @@ pub enum FaultKind {
     /// `tso admin raise`: raise the leader's high-water to 0 to [`RAISE_AHEAD_MAX_MS`] ahead
     /// of the checker's clock (`RaiseHighWater` on the client port); every backend.
     Raise,
+    /// Disaster recovery as an operator runs it: `kill -9` every node, `tso export` each
+    /// one's data directory, seed fresh directories from all the exports (`tso init --from`),
+    /// start every node on them after up to [`DOWN_MAX_MS`] (file and raft backends, without
+    /// membership changes or disk faults).
+    Restore,
 }
 
 impl FaultKind {
@@ -212,6 +217,7 @@ impl FaultKind {
             FaultKind::EtcdCompact => "etcd-compact",
             FaultKind::EtcdDefrag => "etcd-defrag",
             FaultKind::Raise => "raise",
+            FaultKind::Restore => "restore",
         }
     }
 
@@ -398,6 +404,11 @@ pub enum Fault {
     Raise {
         ahead_ms: u64,
     },
+    /// Kill every node, export, seed fresh directories from the exports, restart after
+    /// `down_ms`.
+    Restore {
+        down_ms: u64,
+    },
 }
 
 impl Fault {
@@ -420,6 +431,7 @@ impl Fault {
             Fault::EtcdKill { down_ms, .. } | Fault::EtcdQuorum { down_ms, .. } => down_ms,
             Fault::EtcdCut { for_ms, .. } => for_ms,
             Fault::EtcdCompact { .. } | Fault::EtcdDefrag { .. } | Fault::Raise { .. } => 0,
+            Fault::Restore { down_ms } => down_ms,
         }
     }
 
@@ -442,6 +454,7 @@ impl Fault {
             Fault::EtcdCompact { .. } => FaultKind::EtcdCompact,
             Fault::EtcdDefrag { .. } => FaultKind::EtcdDefrag,
             Fault::Raise { .. } => FaultKind::Raise,
+            Fault::Restore { .. } => FaultKind::Restore,
         }
     }
 
@@ -463,7 +476,8 @@ impl Fault {
             Fault::Handoff { .. }
             | Fault::Shrink { .. }
             | Fault::StaleVote { .. }
-            | Fault::Raise { .. } => Target::Leader,
+            | Fault::Raise { .. }
+            | Fault::Restore { .. } => Target::Leader,
             Fault::EtcdKill { member, .. }
             | Fault::EtcdCompact { member }
             | Fault::EtcdDefrag { member } => Target::Node(member),
@@ -581,6 +595,10 @@ impl Fault {
             Fault::Raise { ahead_ms } => {
                 format!("raise the leader's high-water to {ahead_ms} ms ahead of the clock")
             }
+            Fault::Restore { down_ms } => format!(
+                "kill -9 every node, export each data directory, seed fresh ones from the \
+                 exports, restart after {down_ms} ms"
+            ),
         }
     }
 }
@@ -895,6 +913,9 @@ fn draw_fault(plan: &Plan, rng: &mut StdRng) -> Fault {
         FaultKind::Raise => Fault::Raise {
             ahead_ms: rng.random_range(0..=RAISE_AHEAD_MAX_MS),
         },
+        FaultKind::Restore => Fault::Restore {
+            down_ms: rng.random_range(0..=DOWN_MAX_MS),
+        },
     }
 }
 
@@ -975,6 +996,7 @@ mod tests {
                     | Fault::EtcdCompact { .. }
                     | Fault::EtcdDefrag { .. } => {}
                     Fault::Raise { ahead_ms } => assert!(ahead_ms <= RAISE_AHEAD_MAX_MS),
+                    Fault::Restore { down_ms } => assert!(down_ms <= DOWN_MAX_MS),
                     Fault::EtcdCut { for_ms, .. } => {
                         assert!((ETCD_CUT_MIN_MS..=ETCD_CUT_MAX_MS).contains(&for_ms))
                     }

@@ -14,6 +14,7 @@ mod check_handoff;
 mod check_lease;
 mod check_member;
 mod check_raise;
+mod check_restore;
 mod check_seq;
 mod check_wipe;
 mod config;
