@@ -1,6 +1,6 @@
 //! `tso check` exercising `tso admin raise` (`RaiseHighWater` on the client port): raises of the
 //! leader's high-water up to 5 s ahead of the clock between kills of the leader come out clean
-//! (every later leader fences above a raise), and the positive control, servers that keep a
+//! on every backend (every later leader fences above a raise), and the positive control, servers that keep a
 //! raise in memory only, is caught when the leader is killed after it (exit 1).
 
 use crate::common;
@@ -33,6 +33,38 @@ fn raises_between_kills_of_the_leader_are_clean() {
         "{:#}",
         result["faults"]
     );
+}
+
+/// The same on the two other backends: one file-backend node (the raise reaches it on its
+/// only port, the client port), and three nodes on etcd.
+#[test]
+fn raises_are_clean_on_the_file_and_etcd_backends() {
+    let _turn = crate::common::topic(module_path!());
+    for backend in [
+        &["--nodes", "1"][..],
+        &["--backend", "etcd", "--nodes", "3"][..],
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut args = vec![
+            "--faults",
+            "kill,raise",
+            "--seed",
+            "5",
+            "--duration",
+            "10s",
+            "--fault-interval",
+            "1s",
+        ];
+        args.extend_from_slice(backend);
+        let (output, result) = tso_check(dir.path(), &args);
+        assert_eq!(output.status.code(), Some(0), "{}", explain(&output));
+        assert_eq!(result["verdict"], "clean", "{result:#}");
+        assert!(
+            result["faults"]["raise"]["applied"].as_u64().unwrap_or(0) >= 2,
+            "{backend:?}: {:#}",
+            result["faults"]
+        );
+    }
 }
 
 #[test]
