@@ -42,7 +42,6 @@ use anyhow::{Context, bail, ensure};
 use serde_json::{Map, Value, json};
 use tso_core::PHYSICAL_MAX_MS;
 use tso_server::backend::OracleState;
-use tso_server::backend::etcd::EtcdTls;
 use tso_server::backend::recover::{self, DirKind};
 
 use crate::cli::{BackendKind, EtcdArgs, ExportArgs, InitArgs};
@@ -118,7 +117,7 @@ fn export_etcd(args: &EtcdArgs) -> anyhow::Result<(Map<String, Value>, OracleSta
         !args.etcd_endpoints.is_empty(),
         "--backend etcd needs --etcd-endpoints (the etcd cluster's client URLs)"
     );
-    let tls = etcd_tls(args)?;
+    let tls = crate::tls::etcd_tls(args)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -142,25 +141,6 @@ fn export_etcd(args: &EtcdArgs) -> anyhow::Result<(Map<String, Value>, OracleSta
     source.insert("etcd_prefix".into(), args.etcd_prefix.clone().into());
     source.insert("etcd_mod_revision".into(), mod_revision.into());
     Ok((source, state))
-}
-
-/// TLS to etcd from the `--etcd-tls-*` flags, as `tso serve` reads them.
-fn etcd_tls(args: &EtcdArgs) -> anyhow::Result<Option<EtcdTls>> {
-    let Some(ca) = &args.etcd_tls_ca else {
-        return Ok(None);
-    };
-    let identity = match (&args.etcd_tls_cert, &args.etcd_tls_key) {
-        (Some(cert), Some(key)) => Some(crate::tls::load_identity(
-            ("--etcd-tls-cert", cert),
-            ("--etcd-tls-key", key),
-        )?),
-        _ => None,
-    };
-    Ok(Some(EtcdTls {
-        ca: crate::tls::load_ca("--etcd-tls-ca", ca)?,
-        identity,
-        server_name: args.etcd_tls_server_name.clone(),
-    }))
 }
 
 /// The export document of `state`, with its checksum.

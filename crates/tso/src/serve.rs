@@ -10,7 +10,7 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tso_server::backend::etcd::{EtcdBackend, EtcdConfig, EtcdTls};
+use tso_server::backend::etcd::{EtcdBackend, EtcdConfig};
 use tso_server::backend::file::{self, FileBackend};
 use tso_server::backend::raft::{HandoffOutcome, RaftBackend};
 use tso_server::backend::{
@@ -400,7 +400,7 @@ async fn serve_etcd(
         node_id,
         client_addr,
         lease_ttl: args.etcd.etcd_lease_ttl,
-        tls: etcd_tls(&args.etcd)?,
+        tls: crate::tls::etcd_tls(&args.etcd)?,
     };
     let backend = Arc::new(
         EtcdBackend::open(config)
@@ -423,26 +423,6 @@ async fn serve_etcd(
     served?;
     tracing::info!("stopped");
     Ok(())
-}
-
-/// TLS to etcd from the `--etcd-tls-*` flags, each file checked now (an error names the flag
-/// and the file).
-fn etcd_tls(args: &crate::cli::EtcdArgs) -> anyhow::Result<Option<EtcdTls>> {
-    let Some(ca) = &args.etcd_tls_ca else {
-        return Ok(None);
-    };
-    let identity = match (&args.etcd_tls_cert, &args.etcd_tls_key) {
-        (Some(cert), Some(key)) => Some(crate::tls::load_identity(
-            ("--etcd-tls-cert", cert),
-            ("--etcd-tls-key", key),
-        )?),
-        _ => None,
-    };
-    Ok(Some(EtcdTls {
-        ca: crate::tls::load_ca("--etcd-tls-ca", ca)?,
-        identity,
-        server_name: args.etcd_tls_server_name.clone(),
-    }))
 }
 
 async fn serve_file(

@@ -30,29 +30,22 @@ fn status_until(endpoints: &str, done: impl Fn(i32, &str) -> bool) -> (i32, Stri
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn status_tells_healthy_degraded_and_down_apart() {
-    let _turn = crate::common::topic(module_path!());
-    let dir = tempfile::tempdir().unwrap();
+/// A started 3-node raft cluster, its endpoints joined by commas, and the index of its leader
+/// once `tso status` says the cluster is healthy (hang guard only); with that output.
+fn healthy_cluster(dir: &std::path::Path) -> ClusterUp {
     let nodes = raft_nodes(3);
     let list = members(&nodes);
-    let mut servers: Vec<Option<Server>> = nodes
+    let servers = nodes
         .iter()
-        .map(|n| Some(n.start(dir.path(), Some(&list))))
+        .map(|n| Some(n.start(dir, Some(&list))))
         .collect();
     let endpoints = nodes
         .iter()
         .map(|n| n.endpoint())
         .collect::<Vec<_>>()
         .join(",");
-
-    // Healthy: one leader, the others follow it, every node answers.
     let (code, out) = status_until(&endpoints, |code, _| code == 0);
     assert_eq!(code, 0, "{out}");
-    assert!(out.contains("healthy: node"), "{out}");
-    assert!(out.contains("3 of 3 node(s) answer"), "{out}");
-    assert_eq!(out.matches(" leader ").count(), 1, "{out}");
-    assert_eq!(out.matches(" follower ").count(), 2, "{out}");
     let leader = nodes
         .iter()
         .position(|n| {
@@ -60,6 +53,40 @@ async fn status_tells_healthy_degraded_and_down_apart() {
                 .any(|l| l.contains(&n.endpoint()) && l.contains(" leader "))
         })
         .expect("a leader row");
+    ClusterUp {
+        nodes,
+        servers,
+        endpoints,
+        leader,
+        out,
+    }
+}
+
+struct ClusterUp {
+    nodes: Vec<common::raft::RaftNode>,
+    servers: Vec<Option<Server>>,
+    endpoints: String,
+    leader: usize,
+    out: String,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_tells_healthy_degraded_and_down_apart() {
+    let _turn = crate::common::topic(module_path!());
+    let dir = tempfile::tempdir().unwrap();
+    let ClusterUp {
+        nodes,
+        mut servers,
+        endpoints,
+        leader,
+        out,
+    } = healthy_cluster(dir.path());
+
+    // Healthy: one leader, the others follow it, every node answers.
+    assert!(out.contains("healthy: node"), "{out}");
+    assert!(out.contains("3 of 3 node(s) answer"), "{out}");
+    assert_eq!(out.matches(" leader ").count(), 1, "{out}");
+    assert_eq!(out.matches(" follower ").count(), 2, "{out}");
 
     // JSON: one document, the same verdict, raft progress of every node.
     let (status, json, _) = run_tso(&["status", "--endpoints", &endpoints, "--json"]);
@@ -103,25 +130,13 @@ async fn status_tells_healthy_degraded_and_down_apart() {
 async fn a_raise_is_durable_and_forward_only() {
     let _turn = crate::common::topic(module_path!());
     let dir = tempfile::tempdir().unwrap();
-    let nodes = raft_nodes(3);
-    let list = members(&nodes);
-    let mut servers: Vec<Option<Server>> = nodes
-        .iter()
-        .map(|n| Some(n.start(dir.path(), Some(&list))))
-        .collect();
-    let endpoints = nodes
-        .iter()
-        .map(|n| n.endpoint())
-        .collect::<Vec<_>>()
-        .join(",");
-    let (_, out) = status_until(&endpoints, |code, _| code == 0);
-    let leader = nodes
-        .iter()
-        .position(|n| {
-            out.lines()
-                .any(|l| l.contains(&n.endpoint()) && l.contains(" leader "))
-        })
-        .expect("a leader row");
+    let ClusterUp {
+        nodes,
+        mut servers,
+        endpoints,
+        leader,
+        ..
+    } = healthy_cluster(dir.path());
     let follower = (leader + 1) % 3;
 
     let now_ms = std::time::SystemTime::now()
