@@ -108,7 +108,23 @@ async fn connect(
 struct Row {
     endpoint: String,
     answer: Result<pb::NodeStatus, String>,
+    /// This machine's clock when the answer arrived (Unix ms).
+    local_ms: u64,
 }
+
+fn local_now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// A node's clock minus this machine's when its answer arrived (ms; within a round trip).
+fn skew_ms(s: &pb::NodeStatus, local_ms: u64) -> i64 {
+    s.clock_unix_ms as i64 - local_ms as i64
+}
+
+/// How far apart two clocks may be before `tso status` mentions it.
+const SKEW_NOTED_MS: i64 = 1000;
 
 async fn ask(tls: Option<&ClientTlsConfig>, endpoint: &str) -> Row {
     let answer = async {
@@ -130,6 +146,7 @@ async fn ask(tls: Option<&ClientTlsConfig>, endpoint: &str) -> Row {
     Row {
         endpoint: endpoint.to_string(),
         answer,
+        local_ms: local_now_ms(),
     }
 }
 
@@ -366,7 +383,7 @@ fn print_table(rows: &[Row]) {
             if leads {
                 format!(
                     "{:+.1} s",
-                    (s.high_water_ms as f64 - s.clock_unix_ms as f64) / 1000.0
+                    (s.high_water_ms as f64 - row.local_ms as f64) / 1000.0
                 )
             } else {
                 dash()
@@ -460,7 +477,7 @@ fn print_json(rows: &[Row], verdict: &Verdict) {
                     },
                 );
                 format!(
-                    "{{\"endpoint\":{},\"reachable\":true,\"node_id\":{},\"backend\":{},\"role\":{},\"epoch\":{},\"leader_endpoint\":{},\"leader_epoch\":{},\"serving_since_unix_ms\":{},\"high_water_ms\":{},\"clock_unix_ms\":{},\"high_water_ahead_ms\":{},\"last_fence_ms\":{},\"leaderless_ms\":{},\"failure\":{},\"stamping_leases\":{},\"sequence_keys\":{},\"version\":{},\"raft\":{}}}",
+                    "{{\"endpoint\":{},\"reachable\":true,\"node_id\":{},\"backend\":{},\"role\":{},\"epoch\":{},\"leader_endpoint\":{},\"leader_epoch\":{},\"serving_since_unix_ms\":{},\"high_water_ms\":{},\"clock_unix_ms\":{},\"clock_skew_ms\":{},\"high_water_ahead_ms\":{},\"last_fence_ms\":{},\"leaderless_ms\":{},\"failure\":{},\"stamping_leases\":{},\"sequence_keys\":{},\"version\":{},\"raft\":{}}}",
                     json_string(&row.endpoint),
                     s.node_id,
                     json_string(&s.backend),
@@ -471,7 +488,8 @@ fn print_json(rows: &[Row], verdict: &Verdict) {
                     s.serving_since_unix_ms,
                     s.high_water_ms,
                     s.clock_unix_ms,
-                    if s.role == pb::Role::Leader as i32 { s.high_water_ms as i64 - s.clock_unix_ms as i64 } else { 0 },
+                    skew_ms(s, row.local_ms),
+                    if s.role == pb::Role::Leader as i32 { s.high_water_ms as i64 - row.local_ms as i64 } else { 0 },
                     s.last_fence_ms,
                     s.leaderless_ms,
                     json_string(&s.failure),
@@ -511,6 +529,19 @@ pub fn status(args: StatusArgs) -> anyhow::Result<u8> {
         print_json(&rows, &verdict);
     } else {
         print_table(&rows);
+        for row in &rows {
+            if let Ok(s) = &row.answer {
+                let skew = skew_ms(s, row.local_ms);
+                if skew.abs() > SKEW_NOTED_MS {
+                    println!(
+                        "note: the clock of {} is {} {} this machine's",
+                        node_name(s, &row.endpoint),
+                        seconds(skew.unsigned_abs()),
+                        if skew > 0 { "ahead of" } else { "behind" }
+                    );
+                }
+            }
+        }
         match verdict.code {
             HEALTHY => println!("healthy: {}", verdict.summary),
             DEGRADED => println!(
@@ -621,6 +652,7 @@ mod tests {
         Row {
             endpoint: endpoint.into(),
             answer: answer.map_err(str::to_string),
+            local_ms: 0,
         }
     }
 

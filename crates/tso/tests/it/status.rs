@@ -221,3 +221,32 @@ async fn a_raise_is_durable_and_forward_only() {
     assert!(after > again, "{after} after {again}");
     assert!(after >> 18 > target);
 }
+
+/// One file-backend node whose clock runs 5 s ahead (the test-only offset file): healthy, its
+/// row says so in the JSON (`clock_skew_ms`), and the table adds a note in words.
+#[test]
+fn status_notes_a_node_clock_far_from_this_machines() {
+    let _turn = crate::common::topic(module_path!());
+    let dir = tempfile::tempdir().unwrap();
+    let offset = dir.path().join("offset");
+    std::fs::write(&offset, "5000").unwrap();
+    let server = Server::start(
+        &dir.path().join("data"),
+        &["--unsafe-clock-offset-file", offset.to_str().unwrap()],
+    );
+    let (code, out) = status_until(&server.addr, |code, _| code == 0);
+    // The skew is measured when the answer arrives, so it is 5 s less a round trip.
+    let note = format!("note: the clock of the node at {} is ", server.addr);
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with(&note) && l.ends_with(" s ahead of this machine's")),
+        "{out}"
+    );
+    assert_eq!(code, 0, "{out}");
+    let (status, json, _) = run_tso(&["status", "--endpoints", &server.addr, "--json"]);
+    assert_eq!(status.code(), Some(0), "{json}");
+    let doc: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let skew = doc["nodes"][0]["clock_skew_ms"].as_i64().unwrap();
+    assert!((4_000..6_000).contains(&skew), "{doc:#}");
+    assert_eq!(doc["nodes"][0]["backend"], "file", "{doc:#}");
+}
