@@ -14,7 +14,8 @@ pub const SEQ_WRITES: &str = "tso_seq_writes_total";
 pub const SEQ_WRITE_CALLS: &str = "tso_seq_write_calls";
 
 /// Registers every counter at zero, so dashboards and alerts see a 0, not a missing series.
-pub fn register() {
+/// Registers every metric at its zero; `leases_max` is the cap on held stamping leases.
+pub fn register(leases_max: usize) {
     for name in [EXTENSIONS, EXHAUSTED_WAITS] {
         metrics::counter!(name).increment(0);
     }
@@ -29,7 +30,7 @@ pub fn register() {
         metrics::counter!(FENCES, "outcome" => outcome).increment(0);
     }
     metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
-    metrics::gauge!(LEASES_MAX).set(crate::stamping::LEASES_MAX as f64);
+    metrics::gauge!(LEASES_MAX).set(leases_max as f64);
     serving(false);
 }
 
@@ -118,9 +119,9 @@ pub const LEASES_HELD: &str = "tso_stamping_leases_held";
 pub const LEASES_MAX: &str = "tso_stamping_leases_max";
 
 /// A new term serves: the caps its writers enforce.
-pub fn term_started(seq_keys_max: usize) {
+pub fn term_started(seq_keys_max: usize, leases_max: usize) {
     metrics::gauge!(SEQ_KEYS_MAX).set(seq_keys_max as f64);
-    metrics::gauge!(LEASES_MAX).set(crate::stamping::LEASES_MAX as f64);
+    metrics::gauge!(LEASES_MAX).set(leases_max as f64);
 }
 
 /// The serving term's sequence keys after one of its writes.

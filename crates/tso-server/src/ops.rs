@@ -12,20 +12,7 @@ use tso_proto::tso::ops_v1::ops_server::{Ops, OpsServer};
 use crate::oracle::Shared;
 use crate::service::status_of;
 
-/// The switch of [`unsafe_raise_in_memory`].
-static RAISE_IN_MEMORY: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-
-/// FOR THE CHECKER'S POSITIVE CONTROL ONLY: from now on a raise moves the leader's window in
-/// memory and writes nothing, so the next leader fences below timestamps answered after it.
-/// For the whole process.
-pub fn unsafe_raise_in_memory() {
-    RAISE_IN_MEMORY.store(true, std::sync::atomic::Ordering::Relaxed);
-}
-
-/// Whether [`unsafe_raise_in_memory`] was called.
-pub(crate) fn raises_in_memory() -> bool {
-    RAISE_IN_MEMORY.load(std::sync::atomic::Ordering::Relaxed)
-}
+pub use crate::oracle::unsafe_raise_in_memory;
 
 /// The ceiling of a raise when the request names none: a raise further ahead of the leader's
 /// clock than this is taken for a typo.

@@ -114,6 +114,21 @@ impl Config {
     }
 }
 
+/// The switch of [`unsafe_raise_in_memory`].
+static RAISE_IN_MEMORY: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// FOR THE CHECKER'S POSITIVE CONTROL ONLY: from now on a raise moves the leader's window in
+/// memory and writes nothing, so the next leader fences below timestamps answered after it.
+/// For the whole process.
+pub fn unsafe_raise_in_memory() {
+    RAISE_IN_MEMORY.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Whether [`unsafe_raise_in_memory`] was called.
+fn raises_in_memory() -> bool {
+    RAISE_IN_MEMORY.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// The serving state, observable by embedders and operators.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ServingState {
@@ -490,7 +505,7 @@ impl Shared {
             window.high_water_ms(),
             self.clock.now_ms(),
         );
-        metrics::term_started(self.config.seq_keys_max);
+        metrics::term_started(self.config.seq_keys_max, crate::stamping::LEASES_MAX);
         state.mode = Mode::Serving(Term {
             id,
             epoch,
@@ -583,7 +598,7 @@ impl Shared {
         let cmd = crate::backend::OracleCommand::AdvanceHighWater {
             at_least_ms: target_ms,
         };
-        let stored = if crate::ops::raises_in_memory() {
+        let stored = if raises_in_memory() {
             crate::backend::Stored {
                 high_water_ms: target_ms,
             }

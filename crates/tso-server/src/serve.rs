@@ -74,7 +74,7 @@ impl OracleGuard {
         config: Config,
         clock: Arc<dyn Clock>,
     ) -> OracleGuard {
-        crate::metrics::register();
+        crate::metrics::register(crate::stamping::LEASES_MAX);
         let shared = Arc::new(Shared::new(backend, config, clock));
         let shutdown = CancellationToken::new();
         let watch_task = tokio::spawn(leadership_watch::run(Arc::clone(&shared), shutdown.clone()));

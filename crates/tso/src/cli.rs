@@ -267,6 +267,28 @@ pub struct EtcdArgs {
     pub etcd_tls_server_name: Option<String>,
 }
 
+impl EtcdArgs {
+    /// TLS to etcd from the `--etcd-tls-*` flags (`tso serve`, `tso export`), each file checked
+    /// now (an error names the flag and the file); `None` without `--etcd-tls-ca`.
+    pub fn tls(&self) -> anyhow::Result<Option<tso_server::backend::etcd::EtcdTls>> {
+        let Some(ca) = &self.etcd_tls_ca else {
+            return Ok(None);
+        };
+        let identity = match (&self.etcd_tls_cert, &self.etcd_tls_key) {
+            (Some(cert), Some(key)) => Some(crate::tls::load_identity(
+                ("--etcd-tls-cert", cert),
+                ("--etcd-tls-key", key),
+            )?),
+            _ => None,
+        };
+        Ok(Some(tso_server::backend::etcd::EtcdTls {
+            ca: crate::tls::load_ca("--etcd-tls-ca", ca)?,
+            identity,
+            server_name: self.etcd_tls_server_name.clone(),
+        }))
+    }
+}
+
 /// Flags of `--backend raft`.
 #[derive(Debug, Args)]
 pub struct ClusterArgs {

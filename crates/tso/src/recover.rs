@@ -117,7 +117,7 @@ fn export_etcd(args: &EtcdArgs) -> anyhow::Result<(Map<String, Value>, OracleSta
         !args.etcd_endpoints.is_empty(),
         "--backend etcd needs --etcd-endpoints (the etcd cluster's client URLs)"
     );
-    let tls = crate::tls::etcd_tls(args)?;
+    let tls = args.tls()?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -400,7 +400,7 @@ async fn serve_etcd(
         node_id,
         client_addr,
         lease_ttl: args.etcd.etcd_lease_ttl,
-        tls: crate::tls::etcd_tls(&args.etcd)?,
+        tls: args.etcd.tls()?,
     };
     let backend = Arc::new(
         EtcdBackend::open(config)

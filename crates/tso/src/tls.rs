@@ -238,28 +238,6 @@ fn read(flag: &str, path: &Path) -> anyhow::Result<Vec<u8>> {
     std::fs::read(path).with_context(|| format!("{flag} {}: cannot read the file", path.display()))
 }
 
-/// TLS to etcd from the `--etcd-tls-*` flags (`tso serve`, `tso export`), each file checked
-/// now (an error names the flag and the file).
-pub fn etcd_tls(
-    args: &crate::cli::EtcdArgs,
-) -> anyhow::Result<Option<tso_server::backend::etcd::EtcdTls>> {
-    let Some(ca) = &args.etcd_tls_ca else {
-        return Ok(None);
-    };
-    let identity = match (&args.etcd_tls_cert, &args.etcd_tls_key) {
-        (Some(cert), Some(key)) => Some(load_identity(
-            ("--etcd-tls-cert", cert),
-            ("--etcd-tls-key", key),
-        )?),
-        _ => None,
-    };
-    Ok(Some(tso_server::backend::etcd::EtcdTls {
-        ca: load_ca("--etcd-tls-ca", ca)?,
-        identity,
-        server_name: args.etcd_tls_server_name.clone(),
-    }))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
