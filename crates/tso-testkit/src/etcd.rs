@@ -1,7 +1,6 @@
 //! A real single-member etcd (Debian's `etcd-server`, 3.4) for the etcd backend's tests: its
 //! own temporary data directory and free loopback ports, killed on drop.
 
-use std::net::TcpListener;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -126,9 +125,4 @@ impl Drop for EtcdProcess {
     }
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free loopback port")
-        .port()
-}
+use crate::ports::free_port;

@@ -7,6 +7,7 @@
 //! first, with [`topic`]. The etcd backend's tests share a real etcd process ([`etcd`]).
 
 pub mod etcd;
+pub mod ports;
 
 /// Whose turn it is: the topic (test module) whose tests are running, and how many of them.
 struct Turn {

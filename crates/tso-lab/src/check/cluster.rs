@@ -795,13 +795,35 @@ fn handoff_outcome(stopped: Stopped, log: &str) -> Applied {
 
 /// `count` distinct free loopback ports (bound then released: another process could take one
 /// in between, which makes the node's start fail with a clear error).
+///
+/// Picked below the kernel's ephemeral range: a port from `bind(0)` comes from that range, which
+/// every outgoing connection (a client, a proxy, etcd's peers) also draws from, so one could take
+/// it before the server started on it binds it. Picked at random (other runs pick too), each
+/// checked free by a bind held until all are picked, so they are distinct.
 pub(super) fn free_ports(count: usize) -> anyhow::Result<Vec<SocketAddr>> {
-    let listeners = (0..count)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
-        .collect::<Result<Vec<_>, _>>()
-        .context("picking free loopback ports")?;
-    listeners
-        .iter()
+    use rand::Rng;
+    const LOW: u16 = 10_000;
+    let high = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
+        .filter(|&low| low > LOW + 1_000)
+        .unwrap_or(32_768);
+    let mut rng = rand::rng();
+    let mut held = Vec::with_capacity(count);
+    for _ in 0..count * 1_000 {
+        if held.len() == count {
+            break;
+        }
+        let port = rng.random_range(LOW..high);
+        if let Ok(listener) = std::net::TcpListener::bind(("127.0.0.1", port)) {
+            held.push(listener);
+        }
+    }
+    anyhow::ensure!(
+        held.len() == count,
+        "no {count} free loopback ports between {LOW} and {high}"
+    );
+    held.iter()
         .map(|l| l.local_addr().context("reading a picked port"))
         .collect()
 }

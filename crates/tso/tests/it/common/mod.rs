@@ -22,14 +22,9 @@ use tso_proto::v1::tso_service_client::TsoServiceClient;
 /// Hang guard for waits on processes; never what a test asserts on.
 pub const HANG_GUARD: Duration = Duration::from_secs(60);
 
-/// A port that was free on 127.0.0.1 a moment ago (bound, then released).
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+/// A port that was free on 127.0.0.1 a moment ago, below the ephemeral range (see
+/// `tso_testkit::ports`).
+pub use tso_testkit::ports::free_port;
 
 pub fn tso_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_tso"))
